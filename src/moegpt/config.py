@@ -1,0 +1,428 @@
+"""Recipe configuration: frozen dataclasses, TOML files, dotted command-line overrides.
+
+A recipe is one TOML file with the sections ``[model]``, ``[data]``, ``[train]``, ``[parallel]``
+and ``[serve]``; every key is a field declared below with its documentation. Every value is
+checked when the config is built (type, range, and the rules that tie fields together), and a
+bad one raises :class:`ConfigError` with a single line naming the dotted field and the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from moegpt.errors import ConfigError
+
+
+def _doc(default: Any, help: str) -> Any:
+    """A dataclass field with its documentation attached (shown by `moegpt config show`)."""
+    return field(default=default, metadata={"help": help})
+
+
+class _Section:
+    """Behaviour shared by the config sections: type checks and one-line errors."""
+
+    SECTION: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = _check_type(self._name(f.name), getattr(self, f.name), hints[f.name])
+            object.__setattr__(self, f.name, value)
+        self.validate()
+
+    def validate(self) -> None:
+        """Rules between fields of this section; overridden by sections that have them."""
+
+    def _name(self, field_name: str) -> str:
+        return f"{self.SECTION}.{field_name}"
+
+    def _fail(self, field_name: str, reason: str) -> typing.NoReturn:
+        raise ConfigError(f"{self._name(field_name)}: {reason}")
+
+    def _positive(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if value <= 0:
+                self._fail(name, f"must be positive, got {value}")
+
+    def _non_negative(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if value < 0:
+                self._fail(name, f"must be >= 0, got {value}")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}[tp]
+
+
+def _check_type(name: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` (ints widened to float where a float is declared) or raise."""
+    if typing.get_origin(tp) is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a field declared with an unsupported type is a programming error
+        raise TypeError(f"{name}: unsupported config field type {tp!r}")
+    raise ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    """The transformer: sizes, attention, Mixture-of-Experts and positions."""
+
+    SECTION: ClassVar[str] = "model"
+
+    vocab_size: int = _doc(4096, "number of token ids (the tokenizer's vocabulary size)")
+    d_model: int = _doc(256, "width of the residual stream")
+    n_layers: int = _doc(4, "number of transformer blocks")
+    n_heads: int = _doc(4, "query heads; head_dim = d_model / n_heads")
+    n_kv_heads: int = _doc(1, "key/value heads: 1 = multi-query attention (GPT-4), n_heads = MHA")
+    ffn_hidden: int = _doc(1024, "hidden size of the dense feed-forward layers")
+    activation: Literal["swiglu", "gelu"] = _doc(
+        "swiglu", "feed-forward activation: swiglu (3 matrices) or gelu (2 matrices)"
+    )
+    n_experts: int = _doc(8, "experts per MoE layer; 0 makes every layer dense")
+    top_k: int = _doc(2, "experts each token is routed to")
+    expert_hidden: int = _doc(0, "hidden size of each expert; 0 = ffn_hidden")
+    first_k_dense: int = _doc(0, "the first k layers use a dense feed-forward instead of MoE")
+    capacity_factor: float = _doc(
+        0.0, "expert capacity as a multiple of the balanced load; 0 = dropless (no token dropped)"
+    )
+    aux_loss_coef: float = _doc(0.01, "weight of the switch load-balancing loss (1.0 at balance)")
+    z_loss_coef: float = _doc(0.001, "weight of the router z-loss (mean squared logsumexp)")
+    max_seq_len: int = _doc(2048, "longest sequence the model is built for (context length)")
+    rope_theta: float = _doc(10000.0, "rotary embedding base")
+    rope_scaling: Literal["none"] = _doc("none", "rotary scaling for long context")
+    norm_eps: float = _doc(1e-5, "RMSNorm epsilon")
+    tie_embeddings: bool = _doc(False, "share the token embedding with the output head")
+    init_std: float = _doc(0.02, "standard deviation of the initial weights")
+
+    def validate(self) -> None:
+        self._positive("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads")
+        self._positive("ffn_hidden", "max_seq_len", "rope_theta", "norm_eps", "init_std")
+        self._non_negative("n_experts", "expert_hidden", "first_k_dense", "capacity_factor")
+        self._non_negative("aux_loss_coef", "z_loss_coef")
+        if self.d_model % self.n_heads:
+            self._fail("d_model", f"{self.d_model} is not divisible by model.n_heads ({self.n_heads})")
+        if self.n_heads % self.n_kv_heads:
+            self._fail(
+                "n_heads", f"{self.n_heads} is not divisible by model.n_kv_heads ({self.n_kv_heads})"
+            )
+        if self.head_dim % 2:
+            self._fail("d_model", f"head_dim = d_model / n_heads = {self.head_dim} must be even (RoPE)")
+        if self.n_experts:
+            if self.top_k < 1:
+                self._fail("top_k", f"must be at least 1 with experts, got {self.top_k}")
+            if self.top_k > self.n_experts:
+                self._fail("top_k", f"{self.top_k} exceeds model.n_experts ({self.n_experts})")
+        if self.first_k_dense > self.n_layers:
+            self._fail("first_k_dense", f"{self.first_k_dense} exceeds model.n_layers ({self.n_layers})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def expert_hidden_size(self) -> int:
+        return self.expert_hidden or self.ffn_hidden
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.n_experts > 0 and layer >= self.first_k_dense
+
+    @property
+    def n_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.n_layers))
+
+    def kv_cache_bytes_per_token(self, bytes_per_element: int = 2, n_kv_heads: int | None = None) -> int:
+        """Bytes of K and V cached per token over all layers (bf16 by default).
+
+        ``n_kv_heads`` overrides the model's value, e.g. ``n_heads`` for the MHA equivalent.
+        """
+        heads = self.n_kv_heads if n_kv_heads is None else n_kv_heads
+        return 2 * self.n_layers * heads * self.head_dim * bytes_per_element
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    """Where the training tokens come from."""
+
+    SECTION: ClassVar[str] = "data"
+
+    seq_len: int = _doc(256, "tokens per training sequence (<= model.max_seq_len)")
+    tokenizer: str = _doc("", "path to a tokenizer.json; empty = the one `moegpt prepare` trains")
+    data_dir: str = _doc("data/tiny", "folder of prepared token shards")
+
+    def validate(self) -> None:
+        self._positive("seq_len")
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Section):
+    """Optimisation and the training loop."""
+
+    SECTION: ClassVar[str] = "train"
+
+    steps: int = _doc(1000, "optimizer steps to run")
+    global_batch_size: int = _doc(16, "sequences per optimizer step, over all data-parallel ranks")
+    micro_batch_size: int = _doc(8, "sequences per forward/backward on one rank")
+    lr: float = _doc(3e-4, "peak learning rate")
+    min_lr_ratio: float = _doc(0.1, "final learning rate as a fraction of the peak")
+    lr_schedule: Literal["cosine", "constant", "wsd"] = _doc("cosine", "decay after warm-up")
+    warmup_steps: int = _doc(100, "linear warm-up steps")
+    weight_decay: float = _doc(0.1, "AdamW weight decay (not applied to norms and biases)")
+    beta1: float = _doc(0.9, "AdamW beta1")
+    beta2: float = _doc(0.95, "AdamW beta2")
+    grad_clip: float = _doc(1.0, "clip the global gradient norm to this; 0 = off")
+    dtype: Literal["float32", "bfloat16"] = _doc(
+        "float32", "compute dtype (bf16 autocast on GPU; keep float32 on CPU, where bf16 is slow)"
+    )
+    activation_checkpointing: bool = _doc(False, "recompute block activations in backward")
+    compile: bool = _doc(False, "torch.compile each transformer block")
+    seed: int = _doc(0, "random seed for initialisation and data order")
+    log_every: int = _doc(10, "steps between log lines")
+    eval_every: int = _doc(200, "steps between held-out evaluations; 0 = never")
+    checkpoint_every: int = _doc(500, "steps between checkpoints; 0 = only at the end")
+
+    def validate(self) -> None:
+        self._positive("steps", "global_batch_size", "micro_batch_size", "lr", "log_every")
+        self._non_negative("warmup_steps", "weight_decay", "grad_clip", "eval_every")
+        self._non_negative("checkpoint_every", "seed")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            self._fail("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                self._fail(name, f"must be in [0, 1), got {getattr(self, name)}")
+        if self.global_batch_size % self.micro_batch_size:
+            self._fail(
+                "global_batch_size",
+                f"{self.global_batch_size} is not a multiple of train.micro_batch_size "
+                f"({self.micro_batch_size})",
+            )
+
+
+@dataclass(frozen=True)
+class ParallelConfig(_Section):
+    """How a run is laid out over ranks (applied from outside the model)."""
+
+    SECTION: ClassVar[str] = "parallel"
+
+    dp_replicate: int = _doc(1, "data-parallel replicas (DDP-style)")
+    dp_shard: int = _doc(1, "data-parallel ranks that shard parameters (FSDP2)")
+    zero1: bool = _doc(False, "shard optimizer states only (ZeRO stage 1)")
+    tp: int = _doc(1, "tensor-parallel degree (divides model.n_heads)")
+    pp: int = _doc(1, "pipeline stages")
+    pp_microbatches: int = _doc(1, "micro-batches per pipeline step")
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = _doc("1f1b", "pipeline schedule")
+    ep: int = _doc(1, "expert-parallel degree (divides model.n_experts)")
+
+    def validate(self) -> None:
+        self._positive("dp_replicate", "dp_shard", "tp", "pp", "pp_microbatches", "ep")
+
+    @property
+    def world_size(self) -> int:
+        """Ranks the layout needs; EP shares ranks with the data/tensor dimensions."""
+        return self.dp_replicate * self.dp_shard * self.tp * self.pp
+
+
+@dataclass(frozen=True)
+class ServeConfig(_Section):
+    """The inference engine and HTTP server."""
+
+    SECTION: ClassVar[str] = "serve"
+
+    block_size: int = _doc(16, "tokens per paged KV-cache block")
+    num_kv_blocks: int = _doc(0, "KV-cache blocks to allocate; 0 = size from free memory")
+    max_batch_size: int = _doc(64, "most sequences decoded in one step")
+    max_tokens_per_step: int = _doc(2048, "token budget of one engine step (prefill chunks + decodes)")
+    host: str = _doc("127.0.0.1", "address the HTTP server binds")
+    port: int = _doc(8000, "port the HTTP server listens on")
+
+    def validate(self) -> None:
+        self._positive("block_size", "max_batch_size", "max_tokens_per_step")
+        self._non_negative("num_kv_blocks")
+        if not 0 < self.port < 65536:
+            self._fail("port", f"must be in 1..65535, got {self.port}")
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "parallel": ParallelConfig,
+    "serve": ServeConfig,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole recipe: one instance of each section, checked against each other."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    def __post_init__(self) -> None:
+        m, p = self.model, self.parallel
+        if self.data.seq_len > m.max_seq_len:
+            raise ConfigError(
+                f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len ({m.max_seq_len})"
+            )
+        if m.n_heads % p.tp:
+            raise ConfigError(f"parallel.tp: {p.tp} does not divide model.n_heads ({m.n_heads})")
+        if m.n_experts == 0 and p.ep > 1:
+            raise ConfigError(f"parallel.ep: {p.ep} needs experts, but model.n_experts is 0")
+        if m.n_experts and m.n_experts % p.ep:
+            raise ConfigError(f"parallel.ep: {p.ep} does not divide model.n_experts ({m.n_experts})")
+        if p.pp > m.n_layers:
+            raise ConfigError(f"parallel.pp: {p.pp} stages exceed model.n_layers ({m.n_layers})")
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Config:
+        sections = {}
+        for name, values in raw.items():
+            if name not in SECTIONS:
+                raise ConfigError(f"{name}: unknown section{_suggest(name, SECTIONS)}")
+            if not isinstance(values, Mapping):
+                raise ConfigError(f"{name}: expected a table of settings, got {values!r}")
+            sections[name] = section_from_dict(SECTIONS[name], values)
+        return cls(**sections)
+
+
+def section_from_dict(cls: type[_Section], values: Mapping[str, Any]) -> Any:
+    """Build one section, rejecting keys it does not declare."""
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"{cls.SECTION}.{key}: unknown key{_suggest(key, known, cls.SECTION)}")
+    return cls(**values)
+
+
+def _suggest(key: str, choices: typing.Iterable[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1)
+    if not close:
+        return ""
+    return f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)"
+
+
+def parse_overrides(args: Sequence[str]) -> dict[str, str]:
+    """Read ``--section.field value`` and ``--section.field=value`` pairs into a dict."""
+    overrides: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"{arg}: expected a dotted override such as --model.n_layers 4")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"--{key}: missing value")
+            i += 1
+            value = args[i]
+        overrides[key] = value
+        i += 1
+    return overrides
+
+
+def _parse_text(name: str, text: str, tp: Any) -> Any:
+    """Turn a command-line string into the field's type; a bad string fails with the field name."""
+    if tp is bool:
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+    elif tp is int:
+        try:
+            return int(text)
+        except ValueError:
+            pass
+    elif tp is float:
+        try:
+            return float(text)
+        except ValueError:
+            pass
+    else:  # str and Literal: the section's own check validates the choice
+        return text
+    raise ConfigError(f"{name}: expected {_type_name(tp)}, got {text!r}")
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, str]) -> dict[str, Any]:
+    """Merge typed command-line overrides into a raw recipe dict (which is left unchanged)."""
+    merged = {name: dict(values) for name, values in raw.items() if isinstance(values, Mapping)}
+    merged.update({k: v for k, v in raw.items() if not isinstance(v, Mapping)})
+    for dotted, text in overrides.items():
+        section, _, key = dotted.partition(".")
+        if section not in SECTIONS:
+            raise ConfigError(f"{section}: unknown section{_suggest(section, SECTIONS)}")
+        cls = SECTIONS[section]
+        hints = typing.get_type_hints(cls)
+        if key not in hints or key == "SECTION":
+            known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+            raise ConfigError(f"{dotted}: unknown key{_suggest(key, known, section)}")
+        merged.setdefault(section, {})[key] = _parse_text(dotted, text, hints[key])
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] | Mapping[str, str] = ()) -> Config:
+    """Load a recipe TOML (or the built-in defaults when ``path`` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    if not isinstance(overrides, Mapping):
+        overrides = parse_overrides(overrides)
+    return Config.from_dict(apply_overrides(raw, overrides))
+
+
+def to_toml(config: Config, with_help: bool = True) -> str:
+    """Write a config as TOML that :func:`load_config` reads back to an equal config."""
+    lines: list[str] = []
+    for name, cls in SECTIONS.items():
+        section = getattr(config, name)
+        lines.append(f"[{name}]")
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            value = getattr(section, f.name)
+            text = _toml_value(value)
+            comment = f"  # {f.metadata['help']}" if with_help else ""
+            lines.append(f"{f.name} = {text}{comment}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)

@@ -1,0 +1,67 @@
+"""Grouped-query attention on ``scaled_dot_product_attention``; n_kv_heads = 1 is MQA."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moegpt.config import ModelConfig
+from moegpt.model.rope import apply_rope
+
+
+class KVCacheLike(Protocol):
+    """What attention needs from a cache (see :class:`moegpt.model.kv_cache.KVCache`)."""
+
+    seq_len: int
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
+
+    def advance(self, new_tokens: int) -> None: ...
+
+
+class Attention(nn.Module):
+    """Causal self-attention with ``n_heads`` query heads sharing ``n_kv_heads`` K/V heads."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = config.head_dim
+        self.wq = nn.Linear(config.d_model, config.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * self.head_dim, config.d_model, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCacheLike | None = None,
+    ) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        mask = None
+        if cache is not None:
+            k, v, mask = cache.update(self.layer_idx, k, v)
+        # A cache returns an explicit mask once it holds earlier tokens; without one the plain
+        # causal mask applies (SDPA's is_causal aligns to the top-left, right only from token 0).
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))

@@ -1,0 +1,81 @@
+"""A contiguous key/value cache for prefill and incremental decoding.
+
+The model never owns a cache: callers pass one in. Anything with the same ``seq_len`` /
+``update`` / ``advance`` methods works, which is how the serving engine plugs in its paged cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moegpt.config import ModelConfig
+
+
+def causal_mask(new_tokens: int, past_tokens: int, device: torch.device) -> torch.Tensor:
+    """Boolean (new, past + new) mask: query i sees keys 0 .. past + i."""
+    query_pos = torch.arange(new_tokens, device=device).unsqueeze(1) + past_tokens
+    key_pos = torch.arange(past_tokens + new_tokens, device=device).unsqueeze(0)
+    return key_pos <= query_pos
+
+
+class KVCache:
+    """Keys and values of every layer for a batch of sequences that advance together.
+
+    Shapes are (layers, batch, kv_heads, max_len, head_dim): with multi-query attention the
+    kv_heads axis is 1, which is the whole point of MQA for serving.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        max_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.seq_len = 0
+
+    @classmethod
+    def for_model(
+        cls,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> KVCache:
+        return cls(
+            config.n_layers,
+            batch_size,
+            max_len or config.max_seq_len,
+            config.n_kv_heads,
+            config.head_dim,
+            dtype,
+            device,
+        )
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store this step's (batch, kv_heads, new, head_dim) keys/values for ``layer``.
+
+        Returns all keys and values so far and the boolean attention mask for the new queries.
+        """
+        new = k.shape[2]
+        end = self.seq_len + new
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {self.seq_len} + {new} tokens exceed max_len {self.max_len}")
+        self.k[layer, :, :, self.seq_len : end] = k
+        self.v[layer, :, :, self.seq_len : end] = v
+        mask = causal_mask(new, self.seq_len, k.device)
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end], mask
+
+    def advance(self, new_tokens: int) -> None:
+        """Called by the model once every layer has stored ``new_tokens`` tokens."""
+        self.seq_len += new_tokens

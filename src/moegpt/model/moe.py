@@ -1,0 +1,172 @@
+"""Mixture-of-Experts feed-forward: a top-k router, sort-based dispatch, grouped-GEMM experts.
+
+Dispatch never loops over tokens: routed (token, expert) slots are sorted by expert so each
+expert's tokens are one contiguous slice, all experts run as one grouped matrix multiply over
+those slices, and the results are scattered back and summed with the router weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moegpt.config import ModelConfig
+from moegpt.model.feed_forward import gated_activation
+
+
+@dataclass
+class MoEStats:
+    """What one MoE layer reports per forward (tensors; only the losses carry gradients)."""
+
+    tokens_per_expert: torch.Tensor  # (n_experts,) routed slots per expert, before dropping
+    dropped_fraction: torch.Tensor  # () share of routed slots dropped by the capacity limit
+    load_balance_loss: torch.Tensor  # () E * sum_e f_e * P_e; 1.0 when perfectly balanced
+    z_loss: torch.Tensor  # () mean over tokens of logsumexp(router logits)^2
+    aux_loss: torch.Tensor  # () the two losses weighted by their coefficients
+
+
+class Router(nn.Module):
+    """Learned top-k gate: fp32 logits, softmax over experts, top-k, renormalised weights."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.top_k = config.top_k
+        self.gate = nn.Linear(config.d_model, config.n_experts, bias=False)
+
+    def forward(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return logits and probabilities (N, E), then weights and expert ids (N, k); fp32."""
+        # Routing decisions are sensitive to rounding: keep the gate in fp32 even under autocast.
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.gate.weight.float())
+        probs = logits.softmax(dim=-1)
+        weights, expert_ids = probs.topk(self.top_k, dim=-1)
+        return logits, probs, weights / weights.sum(dim=-1, keepdim=True), expert_ids
+
+
+def grouped_linear(
+    x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, counts_list: list[int] | None
+) -> torch.Tensor:
+    """Rows of ``x`` sorted by group times each group's ``weight[e].T`` ((E, out, in) weights).
+
+    With ``counts_list`` the groups run as a loop over experts (fast on CPU, where grouped_mm is
+    slow); without it as one ``torch._grouped_mm`` with int32 end offsets.
+    """
+    if counts_list is None:
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+    chunks = x.split(counts_list)
+    return torch.cat([chunk @ weight[e].T for e, chunk in enumerate(chunks)])
+
+
+class GroupedExperts(nn.Module):
+    """``n_experts`` feed-forward networks stored as 3-D weights (expert, out, in).
+
+    ``use_grouped_mm`` None picks the grouped GEMM on CUDA in bf16, where it is fast, and the
+    per-expert loop elsewhere; True or False forces one (tests compare the two).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        n, d, h = config.n_experts, config.d_model, config.expert_hidden_size
+        self.activation = config.activation
+        self.w1 = nn.Parameter(torch.empty(n, h, d))
+        if config.activation == "swiglu":
+            self.w3 = nn.Parameter(torch.empty(n, h, d))
+        self.w2 = nn.Parameter(torch.empty(n, d, h))
+        self.use_grouped_mm: bool | None = None
+
+    def _wants_grouped_mm(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
+        if self.use_grouped_mm is not None:
+            return self.use_grouped_mm
+        # The CUDA kernel wants bf16 and 16-byte aligned rows.
+        return x.is_cuda and dtype == torch.bfloat16 and self.w1.shape[1] % 8 == 0 == x.shape[1] % 8
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """``x``: (slots, d_model) sorted by expert; ``counts``: (n_experts,) slots per expert."""
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        grouped = self._wants_grouped_mm(x, dtype)
+        # The loop needs split sizes on the host (one sync); its matmuls follow autocast by
+        # themselves, while grouped_mm is not an autocast op and gets its dtype here.
+        counts_list = None if grouped else counts.tolist()
+
+        def cast(t: torch.Tensor) -> torch.Tensor:
+            return t.to(dtype) if grouped else t
+
+        x = cast(x)
+        hidden = gated_activation(
+            self.activation,
+            lambda name: grouped_linear(x, cast(getattr(self, name)), counts, counts_list),
+        )
+        return grouped_linear(cast(hidden), cast(self.w2), counts, counts_list)
+
+
+class MoE(nn.Module):
+    """Routed feed-forward layer; dropless unless ``capacity_factor`` > 0."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_experts = config.n_experts
+        self.top_k = config.top_k
+        self.capacity_factor = config.capacity_factor
+        self.aux_loss_coef = config.aux_loss_coef
+        self.z_loss_coef = config.z_loss_coef
+        self.router = Router(config)
+        self.experts = GroupedExperts(config)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        n_tokens, k = x.shape[0], self.top_k
+        logits, probs, weights, expert_ids = self.router(x)
+
+        flat_ids = expert_ids.reshape(-1)  # slot s belongs to token s // k
+        counts = torch.bincount(flat_ids, minlength=self.n_experts)
+        order = torch.argsort(flat_ids, stable=True)  # slots grouped by expert, token order kept
+        kept = counts
+        if self.capacity_factor > 0:
+            order, kept = self._drop_over_capacity(order, flat_ids, counts, n_tokens)
+
+        expert_out = self.experts(x[order // k], kept)
+        # Combine in fp32: put each kept slot's weighted output back in slot order, sum over k.
+        slots = expert_out.new_zeros(n_tokens * k, shape[-1], dtype=torch.float32)
+        slots[order] = expert_out.float() * weights.reshape(-1)[order].unsqueeze(-1)
+        out = slots.view(n_tokens, k, -1).sum(dim=1).to(x.dtype)
+        return out.view(shape), self._stats(logits, probs, counts, kept, n_tokens)
+
+    def _drop_over_capacity(
+        self, order: torch.Tensor, flat_ids: torch.Tensor, counts: torch.Tensor, n_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep each expert's first ``capacity`` slots in token order; drop the rest."""
+        capacity = math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts)
+        group_start = torch.cumsum(counts, dim=0) - counts
+        sorted_ids = flat_ids[order]
+        rank_in_group = torch.arange(order.numel(), device=order.device) - group_start[sorted_ids]
+        return order[rank_in_group < capacity], counts.clamp(max=capacity)
+
+    def _stats(
+        self,
+        logits: torch.Tensor,
+        probs: torch.Tensor,
+        counts: torch.Tensor,
+        kept: torch.Tensor,
+        n_tokens: int,
+    ) -> MoEStats:
+        slots = n_tokens * self.top_k
+        routed_fraction = counts.float() / slots  # f_e: no gradient (counts are discrete)
+        mean_prob = probs.mean(dim=0)  # P_e: the gradient path
+        load_balance = self.n_experts * (routed_fraction * mean_prob).sum()
+        z_loss = torch.logsumexp(logits, dim=-1).square().mean()
+        return MoEStats(
+            tokens_per_expert=counts.detach(),
+            dropped_fraction=1.0 - kept.sum().float() / slots,
+            load_balance_loss=load_balance,
+            z_loss=z_loss,
+            aux_loss=self.aux_loss_coef * load_balance + self.z_loss_coef * z_loss,
+        )

@@ -1,0 +1,154 @@
+"""The decoder-only language model: embeddings, pre-norm blocks (attention + dense or MoE FFN),
+final norm and output head. Plain PyTorch: parallelism is applied from outside."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moegpt.config import ModelConfig
+from moegpt.model.attention import Attention, KVCacheLike
+from moegpt.model.feed_forward import FeedForward
+from moegpt.model.moe import GroupedExperts, MoE, MoEStats
+from moegpt.model.rope import rope_cos_sin
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 and cast back before the gain (as Llama does)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attention = Attention(config, layer_idx)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.ffn: MoE | FeedForward = (
+            MoE(config) if config.is_moe_layer(layer_idx) else FeedForward(config, config.ffn_hidden)
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCacheLike | None = None,
+    ) -> tuple[torch.Tensor, MoEStats | None]:
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache)
+        if isinstance(self.ffn, MoE):
+            out, stats = self.ffn(self.ffn_norm(x))
+            return x + out, stats
+        return x + self.ffn(self.ffn_norm(x)), None
+
+
+@dataclass
+class ModelOutput:
+    """Logits, plus the MoE auxiliary loss to add to the LM loss and per-layer router stats."""
+
+    logits: torch.Tensor
+    aux_loss: torch.Tensor
+    moe_stats: list[MoEStats] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    total: int  # every parameter (a tied embedding counted once)
+    active: int  # those one token's forward uses: all but the (E - k) experts it skips
+    embedding: int  # token embedding plus an untied output head
+
+
+class Transformer(nn.Module):
+    """GPT-style decoder with grouped-query attention and optional Mixture-of-Experts layers."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
+        # A dict keyed by layer index keeps parameter names stable when pipeline stages drop
+        # some layers (torchtitan does the same).
+        self.layers = nn.ModuleDict(
+            {str(i): TransformerBlock(config, i) for i in range(config.n_layers)}
+        )
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.output = (
+            None
+            if config.tie_embeddings
+            else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        )
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights; projections into the residual scaled by 1/sqrt(2L)."""
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(param)
+            elif name.endswith(("wo.weight", "w2.weight", ".w2")):
+                nn.init.normal_(param, std=residual_std)
+            else:
+                nn.init.normal_(param, std=std)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCacheLike | None = None,
+    ) -> ModelOutput:
+        """Logits for ``tokens`` (batch, seq).
+
+        ``positions`` (seq,) or (batch, seq) default to the cache's length onward (0 without a
+        cache). With a cache, this step's keys and values are stored and the cache advanced.
+        """
+        seq = tokens.shape[1]
+        if positions is None:
+            start = cache.seq_len if cache is not None else 0
+            positions = torch.arange(start, start + seq, device=tokens.device)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+
+        h = self.tok_embeddings(tokens)
+        stats: list[MoEStats] = []
+        for block in self.layers.values():
+            h, layer_stats = block(h, cos, sin, cache)
+            if layer_stats is not None:
+                stats.append(layer_stats)
+        if cache is not None:
+            cache.advance(seq)
+        h = self.norm(h)
+        logits = F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
+        # Averaged over MoE layers so the coefficients do not need retuning with depth.
+        aux_loss = (
+            torch.stack([s.aux_loss for s in stats]).mean() if stats else logits.new_zeros(())
+        )
+        return ModelOutput(logits=logits, aux_loss=aux_loss, moe_stats=stats)
+
+    def num_params(self) -> ParamCount:
+        """Total, active-per-token and embedding parameter counts (works on the meta device)."""
+        total = active = 0
+        for module in self.modules():
+            own = sum(p.numel() for p in module.parameters(recurse=False))
+            total += own
+            if isinstance(module, GroupedExperts):
+                active += own * self.config.top_k // self.config.n_experts
+            else:
+                active += own
+        embedding = self.tok_embeddings.weight.numel()
+        if self.output is not None:
+            embedding += self.output.weight.numel()
+        return ParamCount(total=total, active=active, embedding=embedding)
+
