@@ -139,16 +139,18 @@ class Transformer(nn.Module):
 
     def num_params(self) -> ParamCount:
         """Total, active-per-token and embedding parameter counts (works on the meta device)."""
-        total = active = 0
-        for module in self.modules():
-            own = sum(p.numel() for p in module.parameters(recurse=False))
-            total += own
-            if isinstance(module, GroupedExperts):
-                active += own * self.config.top_k // self.config.n_experts
-            else:
-                active += own
+        total, active = count_parameters(self, self.config)
         embedding = self.tok_embeddings.weight.numel()
         if self.output is not None:
             embedding += self.output.weight.numel()
         return ParamCount(total=total, active=active, embedding=embedding)
 
+
+def count_parameters(module: nn.Module, config: ModelConfig) -> tuple[int, int]:
+    """(total, active) parameters of any part of the model: a token uses top_k of n_experts."""
+    total = active = 0
+    for sub in module.modules():
+        own = sum(p.numel() for p in sub.parameters(recurse=False))
+        total += own
+        active += own * config.top_k // config.n_experts if isinstance(sub, GroupedExperts) else own
+    return total, active
