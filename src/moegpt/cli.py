@@ -21,7 +21,9 @@ OVERRIDES_HELP = (
 
 def _add_config_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", metavar="TOML", help="recipe file (e.g. configs/tiny.toml); default: built-in defaults"
+        "--config",
+        metavar="TOML",
+        help="recipe file (e.g. configs/tiny.toml); default: the built-in defaults",
     )
 
 

@@ -124,20 +124,22 @@ class ModelConfig(_Section):
         self._non_negative("n_experts", "expert_hidden", "first_k_dense", "capacity_factor")
         self._non_negative("aux_loss_coef", "z_loss_coef")
         if self.d_model % self.n_heads:
-            self._fail("d_model", f"{self.d_model} is not divisible by model.n_heads ({self.n_heads})")
-        if self.n_heads % self.n_kv_heads:
             self._fail(
-                "n_heads", f"{self.n_heads} is not divisible by model.n_kv_heads ({self.n_kv_heads})"
+                "d_model", f"{self.d_model} is not divisible by model.n_heads ({self.n_heads})"
             )
+        if self.n_heads % self.n_kv_heads:
+            kv = self.n_kv_heads
+            self._fail("n_heads", f"{self.n_heads} is not divisible by model.n_kv_heads ({kv})")
         if self.head_dim % 2:
-            self._fail("d_model", f"head_dim = d_model / n_heads = {self.head_dim} must be even (RoPE)")
+            self._fail("d_model", f"head_dim (d_model / n_heads = {self.head_dim}) must be even")
         if self.n_experts:
             if self.top_k < 1:
                 self._fail("top_k", f"must be at least 1 with experts, got {self.top_k}")
             if self.top_k > self.n_experts:
                 self._fail("top_k", f"{self.top_k} exceeds model.n_experts ({self.n_experts})")
         if self.first_k_dense > self.n_layers:
-            self._fail("first_k_dense", f"{self.first_k_dense} exceeds model.n_layers ({self.n_layers})")
+            k, n = self.first_k_dense, self.n_layers
+            self._fail("first_k_dense", f"{k} exceeds model.n_layers ({n})")
 
     @property
     def head_dim(self) -> int:
@@ -154,7 +156,9 @@ class ModelConfig(_Section):
     def n_moe_layers(self) -> int:
         return sum(self.is_moe_layer(i) for i in range(self.n_layers))
 
-    def kv_cache_bytes_per_token(self, bytes_per_element: int = 2, n_kv_heads: int | None = None) -> int:
+    def kv_cache_bytes_per_token(
+        self, bytes_per_element: int = 2, n_kv_heads: int | None = None
+    ) -> int:
         """Bytes of K and V cached per token over all layers (bf16 by default).
 
         ``n_kv_heads`` overrides the model's value, e.g. ``n_heads`` for the MHA equivalent.
@@ -254,7 +258,7 @@ class ServeConfig(_Section):
     block_size: int = _doc(16, "tokens per paged KV-cache block")
     num_kv_blocks: int = _doc(0, "KV-cache blocks to allocate; 0 = size from free memory")
     max_batch_size: int = _doc(64, "most sequences decoded in one step")
-    max_tokens_per_step: int = _doc(2048, "token budget of one engine step (prefill chunks + decodes)")
+    max_tokens_per_step: int = _doc(2048, "tokens one engine step may process (prefill + decode)")
     host: str = _doc("127.0.0.1", "address the HTTP server binds")
     port: int = _doc(8000, "port the HTTP server listens on")
 
@@ -295,7 +299,8 @@ class Config:
         if m.n_experts == 0 and p.ep > 1:
             raise ConfigError(f"parallel.ep: {p.ep} needs experts, but model.n_experts is 0")
         if m.n_experts and m.n_experts % p.ep:
-            raise ConfigError(f"parallel.ep: {p.ep} does not divide model.n_experts ({m.n_experts})")
+            experts = m.n_experts
+            raise ConfigError(f"parallel.ep: {p.ep} does not divide model.n_experts ({experts})")
         if p.pp > m.n_layers:
             raise ConfigError(f"parallel.pp: {p.pp} stages exceed model.n_layers ({m.n_layers})")
 
@@ -319,7 +324,8 @@ def section_from_dict(cls: type[_Section], values: Mapping[str, Any]) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for key in values:
         if key not in known:
-            raise ConfigError(f"{cls.SECTION}.{key}: unknown key{_suggest(key, known, cls.SECTION)}")
+            hint = _suggest(key, known, cls.SECTION)
+            raise ConfigError(f"{cls.SECTION}.{key}: unknown key{hint}")
     return cls(**values)
 
 
@@ -389,7 +395,9 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, str]) -> dic
     return merged
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] | Mapping[str, str] = ()) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] | Mapping[str, str] = ()
+) -> Config:
     """Load a recipe TOML (or the built-in defaults when ``path`` is None) and apply overrides."""
     raw: dict[str, Any] = {}
     if path is not None:

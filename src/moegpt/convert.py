@@ -7,7 +7,6 @@ or sharded; pickled ``pytorch_model.bin`` files are refused.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from contextlib import ExitStack
@@ -24,8 +23,8 @@ from moegpt.errors import ConfigError, UserError
 from moegpt.weights import (
     CONFIG_FILE,
     FORMAT,
-    FORMAT_VERSION,
     WEIGHTS_FILE,
+    checkpoint_meta,
     load_model_config,
     read_json,
     write_folder_atomically,
@@ -88,7 +87,7 @@ class SafetensorsFolder:
         elif (folder / WEIGHTS_FILE).is_file():
             files, weight_map = [WEIGHTS_FILE], {}
         elif any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
-            raise UserError(f"{folder}: only safetensors weights are read (pickled .bin/.pt refused)")
+            raise UserError(f"{folder}: only safetensors weights are read (pickles are refused)")
         else:
             raise UserError(f"{folder}: no model.safetensors or model.safetensors.index.json")
         self._handles = {}
@@ -218,7 +217,9 @@ def _global_tensors(
     return out
 
 
-def _layer_as_moegpt(src: SafetensorsFolder, config: ModelConfig, i: int) -> dict[str, torch.Tensor]:
+def _layer_as_moegpt(
+    src: SafetensorsFolder, config: ModelConfig, i: int
+) -> dict[str, torch.Tensor]:
     hf, ours = f"model.layers.{i}.", f"layers.{i}."
     names = _LAYER_NAMES if config.is_moe_layer(i) else _LAYER_NAMES | _DENSE_FFN_NAMES
     out = {ours + mine: src.get(hf + theirs) for mine, theirs in names.items()}
@@ -228,7 +229,9 @@ def _layer_as_moegpt(src: SafetensorsFolder, config: ModelConfig, i: int) -> dic
     if legacy + "gate.weight" in src:  # the layout Mixtral checkpoints are saved in
         out[ours + "ffn.router.gate.weight"] = src.get(legacy + "gate.weight")
         for name in EXPERT_WEIGHTS:
-            experts = [src.get(f"{legacy}experts.{e}.{name}.weight") for e in range(config.n_experts)]
+            experts = [
+                src.get(f"{legacy}experts.{e}.{name}.weight") for e in range(config.n_experts)
+            ]
             out[ours + f"ffn.experts.{name}"] = torch.stack(experts)
     else:  # the fused layout newer transformers versions hold in memory
         out[ours + "ffn.router.gate.weight"] = src.get(fused + "gate.weight")
@@ -253,7 +256,9 @@ def _layer_as_hf(src: SafetensorsFolder, config: ModelConfig, i: int) -> dict[st
     return out
 
 
-def convert(src: str | Path, dst: str | Path, to: Format | None = None, overwrite: bool = False) -> Path:
+def convert(
+    src: str | Path, dst: str | Path, to: Format | None = None, overwrite: bool = False
+) -> Path:
     """Convert the checkpoint folder ``src`` into ``dst``.
 
     ``to`` defaults to moegpt for a Hugging Face source, and for a moegpt source to mixtral if
@@ -267,7 +272,8 @@ def convert(src: str | Path, dst: str | Path, to: Format | None = None, overwrit
         config = load_model_config(src)
         to = to or ("mixtral" if config.n_moe_layers else "llama")
     else:
-        config = model_config_from_hf(read_json(src / CONFIG_FILE), source_format, src / CONFIG_FILE)
+        hf_config = read_json(src / CONFIG_FILE)
+        config = model_config_from_hf(hf_config, source_format, src / CONFIG_FILE)
         to = to or "moegpt"
     if (source_format == "moegpt") == (to == "moegpt"):
         raise UserError(f"--to {to}: {src} is already a {source_format} folder")
@@ -277,11 +283,7 @@ def convert(src: str | Path, dst: str | Path, to: Format | None = None, overwrit
             tensors = SafetensorsFolder(src, stack)
             if to == "moegpt":
                 state, layer_fn = _global_tensors(tensors, config, False), _layer_as_moegpt
-                meta = {
-                    "format": FORMAT,
-                    "format_version": FORMAT_VERSION,
-                    "model": dataclasses.asdict(config),
-                }
+                meta = checkpoint_meta(config)
             else:
                 state, layer_fn = _global_tensors(tensors, config, True), _layer_as_hf
                 meta = hf_config_from_model(config, to, tensors.dtype_name())

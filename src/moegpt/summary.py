@@ -87,5 +87,3 @@ def summary_lines(summary: ModelSummary) -> list[str]:
         f"KV cache per token (bf16): {summary.kv_bytes_per_token:,} bytes; "
         f"{summary.kv_bytes_per_token_mha:,} with full multi-head attention ({ratio:g}x more)",
     ]
-
-

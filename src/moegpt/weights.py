@@ -52,10 +52,15 @@ def write_folder_atomically(
     return dst
 
 
+def checkpoint_meta(config: ModelConfig) -> dict[str, Any]:
+    """The contents of a moegpt folder's config.json."""
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "model": dataclasses.asdict(config)}
+
+
 def save_model(model: Transformer, path: str | Path, overwrite: bool = False) -> Path:
     """Save ``model`` as a moegpt checkpoint folder."""
     state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": dataclasses.asdict(model.config)}
+    meta = checkpoint_meta(model.config)
 
     def write(folder: Path) -> None:
         save_file(state, folder / WEIGHTS_FILE, metadata={"format": FORMAT})
@@ -82,10 +87,11 @@ def load_model_config(path: str | Path) -> ModelConfig:
     config_path = Path(path) / CONFIG_FILE
     meta = read_json(config_path)
     if meta.get("format") != FORMAT:
-        hint = " (a Hugging Face folder? run `moegpt convert` first)" if "model_type" in meta else ""
+        hint = " (Hugging Face? run `moegpt convert` first)" if "model_type" in meta else ""
         raise UserError(f"{config_path}: not a moegpt checkpoint config{hint}")
     if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise UserError(f"{config_path}: format_version {meta['format_version']} is newer than this moegpt")
+        version = meta["format_version"]
+        raise UserError(f"{config_path}: format_version {version} is newer than this moegpt reads")
     try:
         return section_from_dict(ModelConfig, meta.get("model", {}))
     except ConfigError as e:

@@ -11,9 +11,7 @@ from torch import nn
 from moegpt.config import ModelConfig
 
 
-def gated_activation(
-    activation: str, project_in: Callable[[str], torch.Tensor]
-) -> torch.Tensor:
+def gated_activation(activation: str, project_in: Callable[[str], torch.Tensor]) -> torch.Tensor:
     """The hidden activation of a feed-forward layer.
 
     ``project_in(name)`` applies the input projection ``name`` ("w1" gate, "w3" up): SwiGLU is

@@ -70,7 +70,9 @@ class KVCache:
         new = k.shape[2]
         end = self.seq_len + new
         if end > self.max_len:
-            raise ValueError(f"KV cache full: {self.seq_len} + {new} tokens exceed max_len {self.max_len}")
+            raise ValueError(
+                f"KV cache full: {self.seq_len} + {new} tokens exceed max_len {self.max_len}"
+            )
         self.k[layer, :, :, self.seq_len : end] = k
         self.v[layer, :, :, self.seq_len : end] = v
         mask = causal_mask(new, self.seq_len, k.device)

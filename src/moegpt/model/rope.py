@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 
 
-def rope_inverse_frequencies(head_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
+def rope_inverse_frequencies(
+    head_dim: int, theta: float, device: torch.device | None = None
+) -> torch.Tensor:
     """theta^(-2i/d) for i in [0, d/2): one rotation speed per channel pair, in float32."""
     exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
     return theta**-exponents

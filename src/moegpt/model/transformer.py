@@ -37,9 +37,11 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.d_model, config.norm_eps)
         self.attention = Attention(config, layer_idx)
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.ffn: MoE | FeedForward = (
-            MoE(config) if config.is_moe_layer(layer_idx) else FeedForward(config, config.ffn_hidden)
-        )
+        self.ffn: MoE | FeedForward
+        if config.is_moe_layer(layer_idx):
+            self.ffn = MoE(config)
+        else:
+            self.ffn = FeedForward(config, config.ffn_hidden)
 
     def forward(
         self,

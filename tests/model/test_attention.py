@@ -1,0 +1,109 @@
+"""Attention and the whole model: GQA/MQA = explicit MHA, causality, KV-cache decoding."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moegpt.model import KVCache, Transformer
+from moegpt.model.attention import Attention
+from moegpt.model.rope import apply_rope, rope_cos_sin
+from tests.conftest import small_config
+
+
+def explicit_mha(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Multi-head attention written out: K/V heads repeated for their query groups."""
+    b, t, _ = x.shape
+    h, hkv, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    q = (x @ attn.wq.weight.T).view(b, t, h, d).transpose(1, 2)
+    k = (x @ attn.wk.weight.T).view(b, t, hkv, d).transpose(1, 2)
+    v = (x @ attn.wv.weight.T).view(b, t, hkv, d).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k = k.repeat_interleave(h // hkv, dim=1)
+    v = v.repeat_interleave(h // hkv, dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(d)
+    future = torch.ones(t, t, dtype=torch.bool).triu(1)
+    weights = scores.masked_fill(future, float("-inf")).softmax(-1)
+    out = (weights @ v).transpose(1, 2).reshape(b, t, h * d)
+    return out @ attn.wo.weight.T
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 2, 4])
+def test_grouped_query_attention_equals_explicit_multi_head(n_kv_heads: int) -> None:
+    attn = Attention(small_config(n_heads=4, n_kv_heads=n_kv_heads), layer_idx=0)
+    x = torch.randn(2, 9, 32)
+    cos, sin = rope_cos_sin(torch.arange(9), 8, 10000.0)
+    torch.testing.assert_close(attn(x, cos, sin), explicit_mha(attn, x, cos, sin))
+
+
+def test_rope_is_identity_at_zero_and_relative() -> None:
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def rotated(x, pos):
+        cos, sin = rope_cos_sin(torch.tensor([pos]), 16, 10000.0)
+        return apply_rope(x, cos, sin)
+
+    torch.testing.assert_close(rotated(q, 0), q)
+    dots = [(rotated(q, m) * rotated(k, m - 3)).sum().item() for m in (3, 10, 50)]
+    assert dots == pytest.approx([dots[0]] * 3, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"n_kv_heads": 2}, {"n_experts": 0}, {"first_k_dense": 1, "tie_embeddings": True}],
+)
+def test_model_is_causal(overrides: dict) -> None:
+    model = Transformer(small_config(**overrides)).eval()
+    tokens = torch.randint(0, 97, (2, 16))
+    changed = tokens.clone()
+    changed[:, 9] = (changed[:, 9] + 1) % 97
+    with torch.no_grad():
+        a, b = model(tokens).logits, model(changed).logits
+    # Not bitwise: the expert matmuls see differently sized token groups (BLAS blocking).
+    torch.testing.assert_close(a[:, :9], b[:, :9], rtol=0, atol=1e-6)
+    assert (a[:, 9:] - b[:, 9:]).abs().amax(dim=-1).min() > 1e-4
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 2])
+@pytest.mark.parametrize("chunks", [[16], [5, 1, 1, 1, 8], [1] * 16, [7, 9]])
+def test_cached_decoding_gives_full_forward_logits(n_kv_heads: int, chunks: list[int]) -> None:
+    config = small_config(n_kv_heads=n_kv_heads)
+    model = Transformer(config).eval()
+    tokens = torch.randint(0, 97, (3, 16))
+    cache = KVCache.for_model(config, batch_size=3, max_len=20)
+    pieces, start = [], 0
+    with torch.no_grad():
+        full = model(tokens).logits
+        for n in chunks:
+            pieces.append(model(tokens[:, start : start + n], cache=cache).logits)
+            start += n
+    assert cache.seq_len == 16
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_overflow_is_an_error() -> None:
+    config = small_config()
+    cache = KVCache.for_model(config, batch_size=1, max_len=4)
+    with pytest.raises(ValueError, match="KV cache full"):
+        Transformer(config)(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+
+
+def test_explicit_positions_match_the_default() -> None:
+    model = Transformer(small_config()).eval()
+    tokens = torch.randint(0, 97, (2, 6))
+    with torch.no_grad():
+        default = model(tokens).logits
+        explicit = model(tokens, positions=torch.arange(6).expand(2, 6)).logits
+    torch.testing.assert_close(default, explicit)
+
+
+def test_aux_loss_is_the_mean_over_moe_layers() -> None:
+    model = Transformer(small_config(n_layers=3, first_k_dense=1))
+    out = model(torch.randint(0, 97, (2, 8)))
+    assert len(out.moe_stats) == 2
+    expected = (out.moe_stats[0].aux_loss + out.moe_stats[1].aux_loss) / 2
+    torch.testing.assert_close(out.aux_loss, expected)
+    dense = Transformer(small_config(n_experts=0))(torch.randint(0, 97, (1, 4)))
+    assert dense.moe_stats == [] and dense.aux_loss.item() == 0.0

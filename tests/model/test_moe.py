@@ -1,0 +1,144 @@
+"""The MoE layer against a naive per-token reference, in outputs and gradients (fp32)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moegpt.model.moe import MoE
+from tests.conftest import small_config
+
+
+def reference_moe(moe: MoE, x: torch.Tensor, capacity: int | None = None) -> torch.Tensor:
+    """Every token through its top-k experts one at a time, weighted; drops past ``capacity``
+    slots per expert in token order."""
+    gate = moe.router.gate.weight
+    experts = moe.experts
+    flat = x.reshape(-1, x.shape[-1])
+    used = [0] * moe.n_experts
+    rows = []
+    for token in flat:
+        probs = torch.softmax(token @ gate.T, dim=-1)
+        top_p, top_e = probs.topk(moe.top_k)
+        top_p = top_p / top_p.sum()
+        out = torch.zeros_like(token)
+        for p, e in zip(top_p, top_e.tolist(), strict=True):
+            if capacity is not None:
+                if used[e] >= capacity:
+                    continue
+                used[e] += 1
+            if experts.activation == "swiglu":
+                hidden = F.silu(experts.w1[e] @ token) * (experts.w3[e] @ token)
+            else:
+                hidden = F.gelu(experts.w1[e] @ token)
+            out = out + p * (experts.w2[e] @ hidden)
+        rows.append(out)
+    return torch.stack(rows).view_as(x)
+
+
+def _grads(moe: MoE, x: torch.Tensor, out: torch.Tensor, upstream: torch.Tensor) -> list:
+    return torch.autograd.grad(out, [x, *moe.parameters()], upstream, allow_unused=True)
+
+
+@pytest.mark.parametrize(
+    ("seed", "batch", "seq", "experts", "top_k", "activation"),
+    [
+        (0, 2, 5, 4, 2, "swiglu"),
+        (1, 1, 13, 8, 2, "swiglu"),
+        (2, 3, 4, 16, 4, "swiglu"),
+        (3, 2, 7, 4, 1, "gelu"),
+        (4, 1, 3, 8, 2, "gelu"),  # 6 routed slots over 8 experts: some experts get nothing
+    ],
+)
+def test_moe_matches_per_token_reference(seed, batch, seq, experts, top_k, activation) -> None:
+    torch.manual_seed(seed)
+    moe = MoE(small_config(n_experts=experts, top_k=top_k, activation=activation))
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(batch, seq, 32, requires_grad=True)
+    upstream = torch.randn(batch, seq, 32)
+
+    out, stats = moe(x)
+    expected = reference_moe(moe, x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(_grads(moe, x, out, upstream), _grads(moe, x, expected, upstream), strict=True):
+        if want is None:  # e.g. an expert no token reached: no gradient path in the reference
+            assert got is None or torch.count_nonzero(got) == 0
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert int(stats.tokens_per_expert.sum()) == batch * seq * top_k
+    if seed == 4:
+        assert (stats.tokens_per_expert == 0).any()
+
+
+def test_experts_with_no_tokens_get_zero_gradient() -> None:
+    moe = MoE(small_config(n_experts=8, top_k=1))
+    x = torch.randn(1, 2, 32)
+    out, stats = moe(x)
+    out.square().sum().backward()
+    idle = stats.tokens_per_expert == 0
+    assert idle.sum() >= 6
+    assert torch.count_nonzero(moe.experts.w1.grad[idle]) == 0
+    assert torch.count_nonzero(moe.experts.w2.grad[idle]) == 0
+
+
+def test_grouped_mm_path_equals_loop_path() -> None:
+    moe = MoE(small_config(n_experts=8, top_k=2))
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    upstream = torch.randn(2, 9, 32)
+    results = []
+    for grouped in (False, True):
+        moe.experts.use_grouped_mm = grouped
+        out, _ = moe(x)
+        results.append((out, _grads(moe, x, out, upstream)))
+    (loop_out, loop_grads), (gmm_out, gmm_grads) = results
+    torch.testing.assert_close(gmm_out, loop_out, rtol=1e-5, atol=1e-6)
+    for a, b in zip(gmm_grads, loop_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.0, 1.25])
+def test_capacity_factor_drops_over_capacity_in_token_order(capacity_factor: float) -> None:
+    torch.manual_seed(7)
+    moe = MoE(small_config(n_experts=4, top_k=2, capacity_factor=capacity_factor))
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 11, 32)
+    out, stats = moe(x)
+    slots = 2 * 11 * 2
+    capacity = math.ceil(capacity_factor * slots / 4)
+    torch.testing.assert_close(out, reference_moe(moe, x, capacity), rtol=1e-5, atol=1e-5)
+    kept = stats.tokens_per_expert.clamp(max=capacity).sum().item()
+    assert stats.dropped_fraction.item() == pytest.approx(1 - kept / slots)
+
+
+def test_dropless_drops_nothing() -> None:
+    moe = MoE(small_config())
+    _, stats = moe(torch.randn(3, 8, 32))
+    assert stats.dropped_fraction.item() == 0.0
+
+
+def test_aux_losses_closed_form_for_a_uniform_router() -> None:
+    """A zero gate gives uniform probabilities: balance loss E * sum_e f_e / E = 1, z = ln(E)^2."""
+    moe = MoE(small_config(n_experts=8, top_k=2, aux_loss_coef=0.5, z_loss_coef=0.25))
+    torch.nn.init.zeros_(moe.router.gate.weight)
+    _, stats = moe(torch.randn(2, 6, 32))
+    assert stats.load_balance_loss.item() == pytest.approx(1.0, rel=1e-6)
+    assert stats.z_loss.item() == pytest.approx(math.log(8) ** 2, rel=1e-6)
+    assert stats.aux_loss.item() == pytest.approx(0.5 + 0.25 * math.log(8) ** 2, rel=1e-6)
+
+
+def test_balance_loss_matches_switch_formula_and_trains_the_router() -> None:
+    moe = MoE(small_config(n_experts=4, top_k=2))
+    x = torch.randn(4, 5, 32)
+    _, stats = moe(x)
+    logits = x.reshape(-1, 32) @ moe.router.gate.weight.T
+    probs = logits.softmax(-1)
+    counts = torch.bincount(probs.topk(2).indices.reshape(-1), minlength=4).float()
+    expected = 4 * ((counts / counts.sum()) * probs.mean(0)).sum()
+    assert stats.load_balance_loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    stats.aux_loss.backward()
+    assert moe.router.gate.weight.grad.abs().sum() > 0

@@ -1,0 +1,153 @@
+"""Config loading: every validation rule gives one line naming the field; overrides are typed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moegpt.config import Config, load_config, parse_overrides, to_toml
+from moegpt.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.toml"  # 6 heads, 1 KV head, 8 experts top-2, 4 layers
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"model.n_layers": "0"}, "model.n_layers: must be positive, got 0"),
+        ({"model.vocab_size": "-3"}, "model.vocab_size: must be positive, got -3"),
+        ({"model.d_model": "100"}, "model.d_model: 100 is not divisible by model.n_heads (6)"),
+        ({"model.n_kv_heads": "4"}, "model.n_heads: 6 is not divisible by model.n_kv_heads (4)"),
+        ({"model.d_model": "18"}, "model.d_model: head_dim (d_model / n_heads = 3) must be even"),
+        ({"model.top_k": "9"}, "model.top_k: 9 exceeds model.n_experts (8)"),
+        ({"model.top_k": "0"}, "model.top_k: must be at least 1 with experts, got 0"),
+        ({"model.n_experts": "-1"}, "model.n_experts: must be >= 0, got -1"),
+        ({"model.first_k_dense": "5"}, "model.first_k_dense: 5 exceeds model.n_layers (4)"),
+        ({"model.capacity_factor": "-1"}, "model.capacity_factor: must be >= 0, got -1.0"),
+        ({"model.norm_eps": "0"}, "model.norm_eps: must be positive, got 0.0"),
+        (
+            {"model.activation": "relu"},
+            "model.activation: expected one of 'swiglu', 'gelu', got 'relu' (str)",
+        ),
+        ({"model.n_layers": "four"}, "model.n_layers: expected an integer, got 'four'"),
+        ({"model.tie_embeddings": "maybe"}, "model.tie_embeddings: expected a boolean, got 'maybe'"),
+        ({"train.lr": "fast"}, "train.lr: expected a number, got 'fast'"),
+        ({"train.lr": "0"}, "train.lr: must be positive, got 0.0"),
+        ({"train.beta2": "1"}, "train.beta2: must be in [0, 1), got 1.0"),
+        ({"train.min_lr_ratio": "2"}, "train.min_lr_ratio: must be in [0, 1], got 2.0"),
+        (
+            {"train.global_batch_size": "10"},
+            "train.global_batch_size: 10 is not a multiple of train.micro_batch_size (8)",
+        ),
+        ({"serve.port": "70000"}, "serve.port: must be in 1..65535, got 70000"),
+        ({"serve.block_size": "0"}, "serve.block_size: must be positive, got 0"),
+        ({"data.seq_len": "1024"}, "data.seq_len: 1024 exceeds model.max_seq_len (512)"),
+        ({"parallel.tp": "4"}, "parallel.tp: 4 does not divide model.n_heads (6)"),
+        ({"parallel.ep": "3"}, "parallel.ep: 3 does not divide model.n_experts (8)"),
+        (
+            {"parallel.ep": "2", "model.n_experts": "0"},
+            "parallel.ep: 2 needs experts, but model.n_experts is 0",
+        ),
+        ({"parallel.pp": "5"}, "parallel.pp: 5 stages exceed model.n_layers (4)"),
+        ({"parallel.pp_schedule": "zb"}, "parallel.pp_schedule: expected one of 'gpipe', "),
+        ({"model.n_layer": "3"}, "model.n_layer: unknown key (did you mean model.n_layers?)"),
+        ({"modle.n_layers": "3"}, "modle: unknown section (did you mean model?)"),
+    ],
+)
+def test_each_rule_names_field_and_reason(overrides: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(TINY, overrides)
+    text = str(info.value)
+    assert text.startswith(message), text
+    assert "\n" not in text
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[model]\nn_layers = '4'\n", "model.n_layers: expected an integer, got '4' (str)"),
+        ("[model]\nn_layers = true\n", "model.n_layers: expected an integer, got True (bool)"),
+        ("[model]\nrope_theta = 'x'\n", "model.rope_theta: expected a number, got 'x' (str)"),
+        ("[train]\ncompile = 1\n", "train.compile: expected a boolean, got 1 (int)"),
+        ("[model]\nheads = 4\n", "model.heads: unknown key (did you mean model.n_heads?)"),
+        ("[trian]\nlr = 1.0\n", "trian: unknown section (did you mean train?)"),
+        ("model = 3\n", "model: expected a table of settings, got 3"),
+    ],
+)
+def test_toml_values_are_type_checked(tmp_path: Path, toml: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(message), info.value
+
+
+def test_file_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="missing.toml: config file not found"):
+        load_config(tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[model\n")
+    with pytest.raises(ConfigError, match="broken.toml: not valid TOML"):
+        load_config(broken)
+
+
+def test_overrides_are_typed_and_win_over_the_file() -> None:
+    config = load_config(
+        TINY,
+        ["--model.n_layers", "2", "--train.lr=3e-4", "--model.tie_embeddings", "yes",
+         "--data.tokenizer", "tok.json"],
+    )
+    assert config.model.n_layers == 2
+    assert config.train.lr == 3e-4
+    assert config.model.tie_embeddings is True
+    assert config.data.tokenizer == "tok.json"
+    assert config.model.d_model == 192  # from the file
+
+
+def test_override_syntax_errors() -> None:
+    with pytest.raises(ConfigError, match="^--model.n_layers: missing value$"):
+        parse_overrides(["--model.n_layers"])
+    with pytest.raises(ConfigError, match="^n_layers: expected a dotted override"):
+        parse_overrides(["n_layers", "3"])
+
+
+def test_int_is_accepted_where_a_float_is_declared(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[train]\nlr = 1\n")
+    assert load_config(path).train.lr == 1.0
+
+
+@pytest.mark.parametrize("name", ["tiny", "small-moe", "gpt4-1.8t"])
+def test_shipped_recipes_load_and_round_trip_through_toml(tmp_path: Path, name: str) -> None:
+    config = load_config(ROOT / "configs" / f"{name}.toml")
+    path = tmp_path / "again.toml"
+    path.write_text(to_toml(config))
+    assert load_config(path) == config
+
+
+def test_gpt4_recipe_is_the_seed_model() -> None:
+    m = load_config(ROOT / "configs" / "gpt4-1.8t.toml").model
+    assert (m.n_layers, m.d_model, m.n_heads, m.n_kv_heads, m.head_dim) == (120, 15360, 120, 1, 128)
+    assert (m.n_experts, m.top_k) == (16, 2)
+
+
+def test_configs_are_frozen() -> None:
+    config = Config()
+    with pytest.raises(AttributeError):
+        config.model.n_layers = 3  # type: ignore[misc]
+
+
+def test_cli_reports_config_errors_in_one_line_with_status_2() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "moegpt.cli", "model", "summary", "--config", str(TINY),
+         "--model.top_k", "9"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "moegpt: error: model.top_k: 9 exceeds model.n_experts (8)"
+    assert "Traceback" not in result.stderr
