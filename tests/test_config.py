@@ -34,7 +34,10 @@ TINY = ROOT / "configs" / "tiny.toml"  # 6 heads, 1 KV head, 8 experts top-2, 4 
             "model.activation: expected one of 'swiglu', 'gelu', got 'relu' (str)",
         ),
         ({"model.n_layers": "four"}, "model.n_layers: expected an integer, got 'four'"),
-        ({"model.tie_embeddings": "maybe"}, "model.tie_embeddings: expected a boolean, got 'maybe'"),
+        (
+            {"model.tie_embeddings": "maybe"},
+            "model.tie_embeddings: expected a boolean, got 'maybe'",
+        ),
         ({"train.lr": "fast"}, "train.lr: expected a number, got 'fast'"),
         ({"train.lr": "0"}, "train.lr: must be positive, got 0.0"),
         ({"train.beta2": "1"}, "train.beta2: must be in [0, 1), got 1.0"),
@@ -98,8 +101,15 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
 def test_overrides_are_typed_and_win_over_the_file() -> None:
     config = load_config(
         TINY,
-        ["--model.n_layers", "2", "--train.lr=3e-4", "--model.tie_embeddings", "yes",
-         "--data.tokenizer", "tok.json"],
+        [
+            "--model.n_layers",
+            "2",
+            "--train.lr=3e-4",
+            "--model.tie_embeddings",
+            "yes",
+            "--data.tokenizer",
+            "tok.json",
+        ],
     )
     assert config.model.n_layers == 2
     assert config.train.lr == 3e-4
@@ -143,8 +153,17 @@ def test_configs_are_frozen() -> None:
 
 def test_cli_reports_config_errors_in_one_line_with_status_2() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "moegpt.cli", "model", "summary", "--config", str(TINY),
-         "--model.top_k", "9"],
+        [
+            sys.executable,
+            "-m",
+            "moegpt.cli",
+            "model",
+            "summary",
+            "--config",
+            str(TINY),
+            "--model.top_k",
+            "9",
+        ],
         capture_output=True,
         text=True,
     )

@@ -64,7 +64,9 @@ def test_moe_matches_per_token_reference(seed, batch, seq, experts, top_k, activ
     out, stats = moe(x)
     expected = reference_moe(moe, x)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    for got, want in zip(_grads(moe, x, out, upstream), _grads(moe, x, expected, upstream), strict=True):
+    for got, want in zip(
+        _grads(moe, x, out, upstream), _grads(moe, x, expected, upstream), strict=True
+    ):
         if want is None:  # e.g. an expert no token reached: no gradient path in the reference
             assert got is None or torch.count_nonzero(got) == 0
         else:

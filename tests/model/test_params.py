@@ -9,8 +9,9 @@ from moegpt.model import Transformer
 from tests.conftest import small_config
 
 
-def closed_form(v, d, layers, heads, kv_heads, ffn, experts, top_k, expert_ffn, dense_layers,
-                matrices, tied):
+def closed_form(
+    v, d, layers, heads, kv_heads, ffn, experts, top_k, expert_ffn, dense_layers, matrices, tied
+):
     head_dim = d // heads
     attention = d * heads * head_dim * 2 + d * kv_heads * head_dim * 2
     norms = 2 * d
@@ -31,8 +32,7 @@ def closed_form(v, d, layers, heads, kv_heads, ffn, experts, top_k, expert_ffn, 
         dict(n_experts=0, n_kv_heads=4),  # dense multi-head
         dict(n_experts=0, n_kv_heads=1, tie_embeddings=True),  # dense MQA, tied
         dict(n_experts=4, top_k=2, n_kv_heads=1),  # MoE MQA
-        dict(n_experts=8, top_k=2, n_kv_heads=2, expert_hidden=24, first_k_dense=1,
-             n_layers=3),
+        dict(n_experts=8, top_k=2, n_kv_heads=2, expert_hidden=24, first_k_dense=1, n_layers=3),
         dict(n_experts=16, top_k=1, activation="gelu", n_kv_heads=1),
     ],
 )
@@ -40,9 +40,18 @@ def test_num_params_matches_closed_form(kw: dict) -> None:
     c = small_config(**kw)
     dense_layers = c.n_layers if c.n_experts == 0 else c.first_k_dense
     total, active, embedding = closed_form(
-        c.vocab_size, c.d_model, c.n_layers, c.n_heads, c.n_kv_heads, c.ffn_hidden, c.n_experts,
-        c.top_k, c.expert_hidden or c.ffn_hidden, dense_layers,
-        3 if c.activation == "swiglu" else 2, c.tie_embeddings,
+        c.vocab_size,
+        c.d_model,
+        c.n_layers,
+        c.n_heads,
+        c.n_kv_heads,
+        c.ffn_hidden,
+        c.n_experts,
+        c.top_k,
+        c.expert_hidden or c.ffn_hidden,
+        dense_layers,
+        3 if c.activation == "swiglu" else 2,
+        c.tie_embeddings,
     )
     counted = Transformer(c).num_params()
     assert (counted.total, counted.active, counted.embedding) == (total, active, embedding)

@@ -79,6 +79,8 @@ class GroupedExperts(nn.Module):
         if config.activation == "swiglu":
             self.w3 = nn.Parameter(torch.empty(n, h, d))
         self.w2 = nn.Parameter(torch.empty(n, d, h))
+        for weight in self.parameters():  # the Transformer re-initialises with depth scaling
+            nn.init.normal_(weight, std=config.init_std)
         self.use_grouped_mm: bool | None = None
 
     def _wants_grouped_mm(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
