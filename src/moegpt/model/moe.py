@@ -87,7 +87,8 @@ class GroupedExperts(nn.Module):
         if self.use_grouped_mm is not None:
             return self.use_grouped_mm
         # The CUDA kernel wants bf16 and 16-byte aligned rows.
-        return x.is_cuda and dtype == torch.bfloat16 and self.w1.shape[1] % 8 == 0 == x.shape[1] % 8
+        aligned = self.w1.shape[1] % 8 == 0 and x.shape[1] % 8 == 0
+        return x.is_cuda and dtype == torch.bfloat16 and aligned
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """``x``: (slots, d_model) sorted by expert; ``counts``: (n_experts,) slots per expert."""
