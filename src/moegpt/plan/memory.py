@@ -1,0 +1,228 @@
+"""Training memory per GPU for a parallel layout, and the pipeline bubble.
+
+Model states follow the ZeRO paper (Rajbhandari et al. 2019): with mixed precision a parameter
+costs 2 bytes (bf16 weight) + 2 (bf16 gradient) + 12 (fp32 master copy, Adam m and v) = 16;
+stage 1 shards the 12, stage 2 also the gradients, stage 3 (= FSDP) also the weights, over the
+data-parallel ranks. moegpt's own training (FSDP2, torchtitan-style) keeps fp32 weights and
+gradients and bf16 compute copies: 4 + 4 + 8 bytes.
+
+Activations are what moegpt's modules save for backward, per token and layer, in bytes
+(bf16 = 2, fp32 = 4), with tensor parallelism assumed to use sequence parallelism so that all
+of a layer's activations split over the TP ranks (Korthikanti et al. 2022).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moegpt.config import ModelConfig
+from moegpt.errors import UserError
+from moegpt.plan.params import ffn_params, param_breakdown
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """Bytes per parameter of the model states."""
+
+    weights: int
+    grads: int
+    optimizer: int
+
+
+STATE_PRECISIONS = {
+    "fsdp-fp32-master": StateBytes(weights=4, grads=4, optimizer=8),  # moegpt / torchtitan
+    "mixed": StateBytes(weights=2, grads=2, optimizer=12),  # Megatron / ZeRO paper
+}
+
+
+@dataclass(frozen=True)
+class TrainLayout:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    ep: int = 1
+    zero_stage: int = 0  # 0 none, 1 optimizer, 2 + gradients, 3 + weights (FSDP)
+    micro_batch: int = 1  # sequences per micro-batch
+    seq_len: int = 2048
+    pp_microbatches: int = 1
+    pp_schedule: str = "1f1b"
+    recompute: bool = False
+    states: str = "fsdp-fp32-master"
+
+    def validate(self, c: ModelConfig) -> None:
+        for name in ("tp", "pp", "dp", "ep", "micro_batch", "seq_len", "pp_microbatches"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')}: must be positive, got {getattr(self, name)}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise UserError(f"--zero: stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if c.n_heads % self.tp:
+            raise UserError(f"--tp: {self.tp} does not divide model.n_heads ({c.n_heads})")
+        if self.pp > c.n_layers:
+            raise UserError(f"--pp: {self.pp} stages exceed model.n_layers ({c.n_layers})")
+        if self.ep > 1 and (not c.n_experts or c.n_experts % self.ep or self.dp % self.ep):
+            raise UserError(
+                f"--ep: {self.ep} must divide model.n_experts ({c.n_experts}) and the "
+                f"data-parallel degree ({self.dp}) it is drawn from"
+            )
+        if self.states not in STATE_PRECISIONS:
+            raise UserError(f"--states: unknown {self.states!r} (known: {', '.join(STATE_PRECISIONS)})")
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+def bubble_fraction(stages: int, microbatches: int, virtual_stages: int = 1) -> float:
+    """Idle share of a pipeline step: (p - 1) / (v*m + p - 1) (GPipe/1F1B have v = 1)."""
+    return (stages - 1) / (virtual_stages * microbatches + stages - 1)
+
+
+def kv_heads_per_rank(c: ModelConfig, tp: int) -> int:
+    """K/V heads each TP rank holds: split when they divide, else replicated (MQA on TP8)."""
+    return c.n_kv_heads // tp if c.n_kv_heads % tp == 0 else c.n_kv_heads
+
+
+def attention_params_per_rank(c: ModelConfig, tp: int) -> float:
+    q_and_o = 2 * c.d_model * c.n_heads * c.head_dim / tp
+    return q_and_o + 2 * c.d_model * kv_heads_per_rank(c, tp) * c.head_dim
+
+
+@dataclass(frozen=True)
+class StageParams:
+    """Parameters one GPU of a pipeline stage holds before any ZeRO sharding."""
+
+    shared: float  # replicated over data-parallel ranks
+    experts: float  # replicated over dp / ep ranks
+    layers: int
+
+
+def stage_params(c: ModelConfig, layout: TrainLayout) -> list[StageParams]:
+    """Per-GPU parameters of each pipeline stage (layers split as evenly as possible)."""
+    tp, pp = layout.tp, layout.pp
+    p = param_breakdown(c)
+    base, extra = divmod(c.n_layers, pp)
+    stages, first_layer = [], 0
+    for s in range(pp):
+        n = base + (1 if s < extra else 0)
+        layers = range(first_layer, first_layer + n)
+        first_layer += n
+        shared = n * (attention_params_per_rank(c, tp) + 2 * c.d_model)
+        moe = sum(c.is_moe_layer(i) for i in layers)
+        shared += moe * c.d_model * c.n_experts + (n - moe) * ffn_params(c, c.ffn_hidden) / tp
+        experts = moe * c.n_experts * p.expert_per_layer / (tp * layout.ep)
+        table = c.vocab_size * c.d_model / tp  # vocabulary-parallel embedding / head
+        if s == 0:
+            shared += table
+        if s == pp - 1:
+            shared += c.d_model + (table if not c.tie_embeddings or pp > 1 else 0)
+        stages.append(StageParams(shared=shared, experts=experts, layers=n))
+    return stages
+
+
+def activation_bytes_per_token_layer(c: ModelConfig, moe: bool) -> float:
+    """Bytes one token leaves saved for backward in one layer (bf16 compute, no recompute).
+
+    Attention: the norm's fp32 input and bf16 output (6d); RoPE's fp32 copies of q and k (8 per
+    element) and their bf16 results, v, the SDPA output and its copy for wo (14 per query-head
+    channel, 12 per KV channel), the fp32 log-sum-exp (4 per head). Feed-forward: the norm (6d),
+    and per routed slot the gathered input (2d), four F-sized bf16 tensors of SwiGLU
+    (8F; GELU keeps two: 4F) and the fp32 output weighted in the combine (4d); MoE adds the
+    router's fp32 input (4d).
+    """
+    d, f = c.d_model, c.expert_hidden_size if moe else c.ffn_hidden
+    q_channels, kv_channels = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    attention = 6 * d + 14 * q_channels + 12 * kv_channels + 4 * c.n_heads
+    hidden = (8 if c.activation == "swiglu" else 4) * f
+    if moe:
+        return attention + 6 * d + 4 * d + c.top_k * (2 * d + hidden + 4 * d)
+    return attention + 6 * d + hidden
+
+
+# bf16 logits kept by the caller, the fp32 log-softmax saved by cross-entropy, and two fp32
+# gradients (of the log-softmax and of its input) alive together at the start of backward.
+LOGIT_BYTES = 2 + 4 + 4 + 4
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+    logits: float
+    gathered_weights: float  # ZeRO-3/FSDP: bf16 copies of the layers being computed
+    hbm_bytes: float
+    bubble: float
+
+    @property
+    def total(self) -> float:
+        return (
+            self.weights
+            + self.grads
+            + self.optimizer
+            + self.activations
+            + self.logits
+            + self.gathered_weights
+        )
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.hbm_bytes
+
+
+def training_memory(c: ModelConfig, layout: TrainLayout, hbm_bytes: float) -> MemoryEstimate:
+    """Peak memory of the most loaded GPU (the first or the last pipeline stage)."""
+    layout.validate(c)
+    state = STATE_PRECISIONS[layout.states]
+    dp, expert_dp = layout.dp, layout.dp // layout.ep
+    z = layout.zero_stage
+
+    def sharded(params: StageParams, bytes_per: int, from_stage: int) -> float:
+        if z < from_stage:
+            return bytes_per * (params.shared + params.experts)
+        return bytes_per * (params.shared / dp + params.experts / expert_dp)
+
+    micro_tokens = layout.micro_batch * layout.seq_len
+    if layout.pp == 1:
+        in_flight = 1
+    elif layout.pp_schedule == "gpipe":
+        in_flight = layout.pp_microbatches
+    else:  # 1F1B: the first stage holds up to p micro-batches before its first backward
+        in_flight = min(layout.pp, layout.pp_microbatches)
+
+    estimates = []
+    stages = stage_params(c, layout)
+    for s, params in enumerate(stages):
+        first = sum(st.layers for st in stages[:s])
+        per_layer = [
+            activation_bytes_per_token_layer(c, c.is_moe_layer(i))
+            for i in range(first, first + params.layers)
+        ]
+        if layout.recompute:  # keep each block's bf16 input; recompute one block at a time
+            per_token = 2 * c.d_model * params.layers + max(per_layer, default=0)
+        else:
+            per_token = sum(per_layer)
+        activations = per_token * micro_tokens * in_flight / layout.tp
+        last = s == layout.pp - 1
+        logits = LOGIT_BYTES * micro_tokens * c.vocab_size / layout.tp if last else 0.0
+        gathered = 0.0
+        if z == 3 and params.layers:
+            # Two layers' unsharded bf16 weights in flight (the current one and the prefetch).
+            gathered = 2 * 2 * (params.shared + params.experts) / params.layers
+        estimates.append(
+            MemoryEstimate(
+                weights=sharded(params, state.weights, 3),
+                grads=sharded(params, state.grads, 2),
+                optimizer=sharded(params, state.optimizer, 1),
+                activations=activations,
+                logits=logits,
+                gathered_weights=gathered,
+                hbm_bytes=hbm_bytes,
+                bubble=bubble_fraction(
+                    layout.pp,
+                    layout.pp_microbatches,
+                    2 if layout.pp_schedule == "interleaved_1f1b" else 1,
+                ),
+            )
+        )
+    return max(estimates, key=lambda e: e.total)
