@@ -255,6 +255,8 @@ class ServeConfig(_Section):
 
     SECTION: ClassVar[str] = "serve"
 
+    tp: int = _doc(1, "tensor-parallel degree of the serving engine (divides model.n_heads)")
+    pp: int = _doc(1, "pipeline stages of the serving cluster (used by `moegpt plan`)")
     block_size: int = _doc(16, "tokens per paged KV-cache block")
     num_kv_blocks: int = _doc(0, "KV-cache blocks to allocate; 0 = size from free memory")
     max_batch_size: int = _doc(64, "most sequences decoded in one step")
@@ -263,7 +265,7 @@ class ServeConfig(_Section):
     port: int = _doc(8000, "port the HTTP server listens on")
 
     def validate(self) -> None:
-        self._positive("block_size", "max_batch_size", "max_tokens_per_step")
+        self._positive("tp", "pp", "block_size", "max_batch_size", "max_tokens_per_step")
         self._non_negative("num_kv_blocks")
         if not 0 < self.port < 65536:
             self._fail("port", f"must be in 1..65535, got {self.port}")
@@ -303,6 +305,10 @@ class Config:
             raise ConfigError(f"parallel.ep: {p.ep} does not divide model.n_experts ({experts})")
         if p.pp > m.n_layers:
             raise ConfigError(f"parallel.pp: {p.pp} stages exceed model.n_layers ({m.n_layers})")
+        if m.n_heads % self.serve.tp:
+            raise ConfigError(f"serve.tp: {self.serve.tp} does not divide model.n_heads ({m.n_heads})")
+        if self.serve.pp > m.n_layers:
+            raise ConfigError(f"serve.pp: {self.serve.pp} stages exceed model.n_layers ({m.n_layers})")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}

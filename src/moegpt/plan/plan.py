@@ -1,0 +1,189 @@
+"""Assemble a plan: every figure for one config, cluster and serving layout, as plain data.
+
+The returned dict is the `moegpt plan --json` schema (documented in the README); the table
+renderer reads the same dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from moegpt.config import Config
+from moegpt.errors import UserError
+from moegpt.plan.flops import token_flops, training_token_flops
+from moegpt.plan.hardware import Hardware, get_hardware
+from moegpt.plan.inference import ServeLayout, decode, kv_fit
+from moegpt.plan.memory import TrainLayout, training_memory
+from moegpt.plan.params import param_breakdown
+from moegpt.plan.training import tokens_per_expert, training_time
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """What `moegpt plan` takes besides the config; None means "from the config"."""
+
+    gpu: str = "h100-sxm"
+    gpus: int | None = None
+    mfu: float = 0.4
+    days: float | None = None
+    tokens: float | None = None
+    precision: str = "bf16"
+    zero: int | None = None
+    recompute: bool | None = None
+    states: str = "fsdp-fp32-master"
+    peak_tflops: float | None = None
+    hbm_gb: float | None = None
+    hbm_tbps: float | None = None
+    price: float | None = None
+    infer_gpu: str | None = None
+    infer_tp: int | None = None
+    infer_pp: int | None = None
+    infer_batch: int | None = None
+    context: int | None = None
+    infer_precision: str = "bf16"
+    infer_mfu: float = 1.0
+    infer_mbu: float = 1.0
+    reserve: float = 0.1
+
+
+def hardware(name: str, opts: PlanOptions, option: str) -> Hardware:
+    def scaled(value: float | None, unit: float) -> float | None:
+        return None if value is None else value * unit
+
+    return get_hardware(
+        name,
+        option,
+        peak_bf16_flops=scaled(opts.peak_tflops, 1e12),
+        hbm_bytes=scaled(opts.hbm_gb, 1e9),
+        hbm_bandwidth=scaled(opts.hbm_tbps, 1e12),
+        price_per_hour=opts.price,
+    )
+
+
+def train_layout(config: Config, opts: PlanOptions) -> tuple[TrainLayout, int]:
+    """The training layout and GPU count: dp = gpus / (tp x pp)."""
+    par, train = config.parallel, config.train
+    gpus = par.world_size if opts.gpus is None else opts.gpus
+    if gpus < 1:
+        raise UserError(f"--gpus: must be positive, got {gpus}")
+    model_parallel = par.tp * par.pp
+    if gpus % model_parallel:
+        raise UserError(
+            f"--gpus: {gpus} is not a multiple of parallel.tp x parallel.pp = {model_parallel}"
+        )
+    zero = opts.zero
+    if zero is None:
+        zero = 3 if par.dp_shard > 1 else 1 if par.zero1 else 0
+    layout = TrainLayout(
+        tp=par.tp,
+        pp=par.pp,
+        dp=gpus // model_parallel,
+        ep=par.ep,
+        zero_stage=zero,
+        micro_batch=train.micro_batch_size,
+        seq_len=config.data.seq_len,
+        pp_microbatches=par.pp_microbatches,
+        pp_schedule=par.pp_schedule,
+        recompute=train.activation_checkpointing if opts.recompute is None else opts.recompute,
+        states=opts.states,
+    )
+    return layout, gpus
+
+
+def serve_layout(config: Config, opts: PlanOptions) -> ServeLayout:
+    fp8 = opts.infer_precision == "fp8"
+    return ServeLayout(
+        tp=config.serve.tp if opts.infer_tp is None else opts.infer_tp,
+        pp=config.serve.pp if opts.infer_pp is None else opts.infer_pp,
+        precision=opts.infer_precision,
+        kv_bytes=1 if fp8 else 2,
+        reserve=opts.reserve,
+        mfu=opts.infer_mfu,
+        mbu=opts.infer_mbu,
+    )
+
+
+def build_plan(config: Config, opts: PlanOptions) -> dict[str, Any]:
+    m = config.model
+    seq = config.data.seq_len
+    p = param_breakdown(m)
+    fwd = token_flops(m, seq)
+    train_flops = training_token_flops(m, seq)
+    batch_tokens = config.train.global_batch_size * seq
+    tokens = opts.tokens if opts.tokens is not None else config.train.steps * batch_tokens
+    if tokens <= 0:
+        raise UserError(f"--tokens: must be positive, got {tokens}")
+
+    hw = hardware(opts.gpu, opts, "--gpu")
+    layout, gpus = train_layout(config, opts)
+    total_flops = train_flops.training * tokens
+    time = training_time(total_flops, hw, gpus, opts.mfu, opts.days, opts.precision)
+    memory = training_memory(m, layout, hw.hbm_bytes)
+
+    infer_hw = hardware(opts.infer_gpu or opts.gpu, opts, "--infer-gpu")
+    serve = serve_layout(config, opts)
+    serve.validate(m)
+    context = opts.context or m.max_seq_len
+    fit = kv_fit(m, infer_hw, serve, context)
+    fit_mha = kv_fit(m, infer_hw, serve, context, n_kv_heads=m.n_heads)
+    batch = opts.infer_batch or max(fit.max_batch, 1)
+    roofline = decode(m, infer_hw, serve, batch, context)
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "inputs": {
+            "model": dataclasses.asdict(m),
+            "train_gpu": dataclasses.asdict(hw),
+            "infer_gpu": dataclasses.asdict(infer_hw),
+            "train_layout": dataclasses.asdict(layout),
+            "serve_layout": dataclasses.asdict(serve),
+            "tokens": tokens,
+            "gpus": gpus,
+            "seq_len": seq,
+            "context": context,
+        },
+        "parameters": {
+            "total": p.total,
+            "active": p.active,
+            "embedding": p.embedding,
+            "attention": p.attention,
+            "experts": p.experts,
+            "router": p.router,
+            "dense_ffn": p.dense_ffn,
+            "norms": p.norms,
+            "per_expert": p.expert_per_layer * m.n_moe_layers,
+        },
+        "flops": {
+            "forward_per_token": fwd.forward,
+            "forward_matmul_per_token": fwd.matmul,
+            "forward_attention_per_token": fwd.attention,
+            "training_per_token": train_flops.training,
+            "training_total": total_flops,
+            "dense_equivalent_forward_per_token": fwd.dense_equivalent_forward,
+        },
+        "training": {
+            "gpus": gpus,
+            "mfu": time.mfu,
+            "days": time.days,
+            "gpu_hours": time.gpu_hours,
+            "cost": time.cost(hw.price_per_hour),
+            "batch_tokens": batch_tokens,
+            "tokens_per_expert_per_batch": tokens_per_expert(batch_tokens, m.top_k, m.n_experts),
+        },
+        "memory": {**dataclasses.asdict(memory), "total": memory.total, "fits": memory.fits},
+        "kv_cache": {
+            "bytes_per_token": m.kv_cache_bytes_per_token(serve.kv_bytes),
+            "bytes_per_token_mha": m.kv_cache_bytes_per_token(serve.kv_bytes, m.n_heads),
+            "per_sequence": fit.kv_per_sequence,
+            "per_sequence_mha": fit_mha.kv_per_sequence,
+            "weights_per_gpu": fit.weights_per_gpu,
+            "free_per_gpu": fit.free_per_gpu,
+            "max_batch": fit.max_batch,
+            "max_batch_mha": fit_mha.max_batch,
+        },
+        "inference": dataclasses.asdict(roofline),
+    }
