@@ -29,6 +29,23 @@ TINY = ROOT / "configs" / "tiny.toml"  # 6 heads, 1 KV head, 8 experts top-2, 4 
         ({"model.first_k_dense": "5"}, "model.first_k_dense: 5 exceeds model.n_layers (4)"),
         ({"model.capacity_factor": "-1"}, "model.capacity_factor: must be >= 0, got -1.0"),
         ({"model.norm_eps": "0"}, "model.norm_eps: must be positive, got 0.0"),
+        ({"model.norm_eps": "nan"}, "model.norm_eps: must be a finite number, got nan"),
+        ({"model.capacity_factor": "inf"}, "model.capacity_factor: must be a finite number"),
+        ({"model.aux_loss_coef": "-0.1"}, "model.aux_loss_coef: must be >= 0, got -0.1"),
+        ({"model.z_loss_coef": "-1"}, "model.z_loss_coef: must be >= 0, got -1.0"),
+        ({"model.expert_hidden": "-8"}, "model.expert_hidden: must be >= 0, got -8"),
+        ({"model.max_seq_len": "0"}, "model.max_seq_len: must be positive, got 0"),
+        ({"model.rope_theta": "-1"}, "model.rope_theta: must be positive, got -1.0"),
+        ({"model.init_std": "0"}, "model.init_std: must be positive, got 0.0"),
+        ({"model.ffn_hidden": "0"}, "model.ffn_hidden: must be positive, got 0"),
+        ({"train.warmup_steps": "-1"}, "train.warmup_steps: must be >= 0, got -1"),
+        ({"train.beta1": "-0.5"}, "train.beta1: must be in [0, 1), got -0.5"),
+        ({"train.steps": "0"}, "train.steps: must be positive, got 0"),
+        ({"parallel.dp_shard": "0"}, "parallel.dp_shard: must be positive, got 0"),
+        ({"parallel.tp": "-2"}, "parallel.tp: must be positive, got -2"),
+        ({"serve.max_batch_size": "0"}, "serve.max_batch_size: must be positive, got 0"),
+        ({"serve.num_kv_blocks": "-1"}, "serve.num_kv_blocks: must be >= 0, got -1"),
+        ({"data.seq_len": "0"}, "data.seq_len: must be positive, got 0"),
         (
             {"model.activation": "relu"},
             "model.activation: expected one of 'swiglu', 'gelu', got 'relu' (str)",
@@ -91,11 +108,21 @@ def test_toml_values_are_type_checked(tmp_path: Path, toml: str, message: str) -
     assert str(info.value).startswith(message), info.value
 
 
+def test_strings_with_control_characters_round_trip(tmp_path: Path) -> None:
+    config = load_config(None, {"data.tokenizer": 'odd "name"\n\tpath\\x'})
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(config))
+    assert load_config(path) == config
+
+
 def test_file_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="missing.toml: config file not found"):
         load_config(tmp_path / "missing.toml")
     broken = tmp_path / "broken.toml"
     broken.write_text("[model\n")
+    with pytest.raises(ConfigError, match="broken.toml: not valid TOML"):
+        load_config(broken)
+    broken.write_bytes(b"[model]\nn_layers = 2 # \xff\xfe\n")
     with pytest.raises(ConfigError, match="broken.toml: not valid TOML"):
         load_config(broken)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import moegpt
 from moegpt.cli import main
@@ -151,3 +151,63 @@ def test_existing_destination_is_kept_unless_forced(tmp_path: Path, capsys) -> N
     assert main(["convert", str(tmp_path / "hf"), str(dst), "--force"]) == 0
     assert not (dst / "keep.txt").exists()
     assert moegpt.load(dst).config.n_experts == 0
+
+
+def _logits_match(reference: torch.nn.Module, ours: Path, atol: float) -> None:
+    tokens = torch.randint(0, 101, (2, 11))
+    model = moegpt.load(ours)
+    with torch.no_grad():
+        expected = reference(tokens).logits.float()
+        got = model(tokens).logits.float()
+    torch.testing.assert_close(got, expected, rtol=0, atol=atol)
+
+
+def test_sharded_checkpoints_are_read(tmp_path: Path) -> None:
+    reference = hf_mixtral(1)
+    reference.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 0
+    _logits_match(reference, tmp_path / "ours", atol=1e-4)
+
+
+def test_fused_expert_layout_is_read(tmp_path: Path) -> None:
+    """Newer transformers hold Mixtral experts fused (gate_up_proj, down_proj): accept both."""
+    reference = hf_mixtral(2)
+    reference.save_pretrained(tmp_path / "hf")
+    legacy = load_file(tmp_path / "hf" / "model.safetensors")
+    fused = {}
+    for name, tensor in legacy.items():
+        if ".experts." not in name:
+            fused[name.replace(".block_sparse_moe.", ".mlp.")] = tensor
+    for layer in range(SHAPE["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}.block_sparse_moe.experts"
+        w = {
+            n: torch.stack([legacy[f"{prefix}.{e}.{n}.weight"] for e in range(4)])
+            for n in ("w1", "w2", "w3")
+        }
+        fused[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.cat([w["w1"], w["w3"]], 1)
+        fused[f"model.layers.{layer}.mlp.experts.down_proj"] = w["w2"]
+    save_file(fused, tmp_path / "hf" / "model.safetensors")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 0
+    _logits_match(reference, tmp_path / "ours", atol=1e-4)
+
+
+def test_bf16_checkpoints_keep_their_dtype(tmp_path: Path) -> None:
+    reference = hf_llama(1, tied=False).to(torch.bfloat16)
+    reference.save_pretrained(tmp_path / "hf")
+    main(["convert", str(tmp_path / "hf"), str(tmp_path / "ours")])
+    assert {p.dtype for p in moegpt.load(tmp_path / "ours").parameters()} == {torch.bfloat16}
+    main(["convert", str(tmp_path / "ours"), str(tmp_path / "back")])
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    original = load_file(tmp_path / "hf" / "model.safetensors")
+    again = load_file(tmp_path / "back" / "model.safetensors")
+    assert all(torch.equal(t, again[n]) for n, t in original.items())
+
+
+def test_incomplete_hf_config_is_named(tmp_path: Path, capsys) -> None:
+    hf_llama(1, tied=False).save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    del config["num_attention_heads"]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 2
+    assert "num_attention_heads is missing or not an integer" in capsys.readouterr().err

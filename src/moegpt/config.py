@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import math
 import tomllib
 import typing
 from collections.abc import Mapping, Sequence
@@ -78,6 +80,8 @@ def _check_type(name: str, value: Any, tp: Any) -> Any:
             return value
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{name}: must be a finite number, got {value}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -106,8 +110,11 @@ class ModelConfig(_Section):
     top_k: int = _doc(2, "experts each token is routed to")
     expert_hidden: int = _doc(0, "hidden size of each expert; 0 = ffn_hidden")
     first_k_dense: int = _doc(0, "the first k layers use a dense feed-forward instead of MoE")
+    router_renormalize: bool = _doc(
+        True, "scale the top-k weights to sum to 1 (Mixtral); turn off for top-1 (Switch)"
+    )
     capacity_factor: float = _doc(
-        0.0, "expert capacity as a multiple of the balanced load; 0 = dropless (no token dropped)"
+        0.0, "training-time expert capacity as a multiple of the balanced load; 0 = dropless"
     )
     aux_loss_coef: float = _doc(0.01, "weight of the switch load-balancing loss (1.0 at balance)")
     z_loss_coef: float = _doc(0.001, "weight of the router z-loss (mean squared logsumexp)")
@@ -306,9 +313,13 @@ class Config:
         if p.pp > m.n_layers:
             raise ConfigError(f"parallel.pp: {p.pp} stages exceed model.n_layers ({m.n_layers})")
         if m.n_heads % self.serve.tp:
-            raise ConfigError(f"serve.tp: {self.serve.tp} does not divide model.n_heads ({m.n_heads})")
+            raise ConfigError(
+                f"serve.tp: {self.serve.tp} does not divide model.n_heads ({m.n_heads})"
+            )
         if self.serve.pp > m.n_layers:
-            raise ConfigError(f"serve.pp: {self.serve.pp} stages exceed model.n_layers ({m.n_layers})")
+            raise ConfigError(
+                f"serve.pp: {self.serve.pp} stages exceed model.n_layers ({m.n_layers})"
+            )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
@@ -411,8 +422,8 @@ def load_config(
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid TOML ({e})") from None
     if not isinstance(overrides, Mapping):
         overrides = parse_overrides(overrides)
@@ -438,5 +449,5 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
     return repr(value)

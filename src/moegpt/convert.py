@@ -122,6 +122,13 @@ def _rope_theta(hf: dict[str, Any], where: Path) -> float:
 
 def model_config_from_hf(hf: dict[str, Any], arch: str, where: Path) -> ModelConfig:
     """The moegpt model config equal to a Hugging Face Mixtral or Llama config."""
+    required = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"]
+    required += ["intermediate_size"]
+    if arch == "mixtral":
+        required += ["num_local_experts", "num_experts_per_tok"]
+    for key in required:
+        if not isinstance(hf.get(key), int):
+            raise UserError(f"{where}: {key} is missing or not an integer")
     hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
     unsupported = {
         "hidden_act": hf.get("hidden_act", "silu") != "silu",

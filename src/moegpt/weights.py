@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -31,14 +32,21 @@ WEIGHTS_FILE = "model.safetensors"
 def write_folder_atomically(
     dst: str | Path, write: Callable[[Path], None], overwrite: bool = False
 ) -> Path:
-    """Run ``write(tmp_dir)`` and move the result to ``dst`` only if it succeeds."""
+    """Run ``write(tmp_dir)`` beside ``dst`` and move the result into place only if it succeeds.
+
+    Files are fsynced before the rename, so a crash leaves either the old folder or the new
+    one, never a half-written checkpoint under the destination's name.
+    """
     dst = Path(dst)
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
+    if dst.exists() and not dst.is_dir():
+        raise UserError(f"{dst}: exists and is not a folder")
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
         raise UserError(f"{dst}: already exists and is not empty (pass --force to replace it)")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     try:
         write(tmp)
+        _make_durable(tmp)
         if dst.exists():
             old = dst.with_name(f".{dst.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -47,9 +55,29 @@ def write_folder_atomically(
             shutil.rmtree(old)
         else:
             tmp.rename(dst)
+        _fsync(dst.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dst
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_durable(folder: Path) -> None:
+    """fsync every file and give the folder the permissions a plain mkdir would have had
+    (mkdtemp creates it private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        _fsync(path)
+    _fsync(folder)
 
 
 def checkpoint_meta(config: ModelConfig) -> dict[str, Any]:

@@ -52,7 +52,13 @@ def test_rope_is_identity_at_zero_and_relative() -> None:
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"n_kv_heads": 2}, {"n_experts": 0}, {"first_k_dense": 1, "tie_embeddings": True}],
+    [
+        {},
+        {"n_kv_heads": 2},
+        {"n_experts": 0},
+        {"first_k_dense": 1, "tie_embeddings": True},
+        {"capacity_factor": 0.5},  # capacity drops only in training: inference stays causal
+    ],
 )
 def test_model_is_causal(overrides: dict) -> None:
     model = Transformer(small_config(**overrides)).eval()
@@ -66,13 +72,15 @@ def test_model_is_causal(overrides: dict) -> None:
     assert (a[:, 9:] - b[:, 9:]).abs().amax(dim=-1).min() > 1e-4
 
 
-@pytest.mark.parametrize("n_kv_heads", [1, 2])
+@pytest.mark.parametrize(
+    "overrides", [{"n_kv_heads": 1}, {"n_kv_heads": 2, "capacity_factor": 1.0}]
+)
 @pytest.mark.parametrize("chunks", [[16], [5, 1, 1, 1, 8], [1] * 16, [7, 9]])
-def test_cached_decoding_gives_full_forward_logits(n_kv_heads: int, chunks: list[int]) -> None:
-    config = small_config(n_kv_heads=n_kv_heads)
+def test_cached_decoding_gives_full_forward_logits(overrides: dict, chunks: list[int]) -> None:
+    config = small_config(**overrides)
     model = Transformer(config).eval()
     tokens = torch.randint(0, 97, (3, 16))
-    cache = KVCache.for_model(config, batch_size=3, max_len=20)
+    cache = KVCache.for_model(model, batch_size=3, max_len=20)
     pieces, start = [], 0
     with torch.no_grad():
         full = model(tokens).logits
@@ -83,11 +91,30 @@ def test_cached_decoding_gives_full_forward_logits(n_kv_heads: int, chunks: list
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
-def test_cache_overflow_is_an_error() -> None:
-    config = small_config()
-    cache = KVCache.for_model(config, batch_size=1, max_len=4)
+def test_cache_misuse_is_an_error() -> None:
+    model = Transformer(small_config())
+    cache = KVCache.for_model(model, batch_size=1, max_len=4)
     with pytest.raises(ValueError, match="KV cache full"):
-        Transformer(config)(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+        model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match=r"holds \(batch, kv_heads\) = \(1, 1\), got \(2, 1\)"):
+        model(torch.zeros(2, 1, dtype=torch.long), cache=cache)
+
+
+def test_cache_follows_the_model_dtype() -> None:
+    model = Transformer(small_config()).to(torch.bfloat16).eval()
+    cache = KVCache.for_model(model, batch_size=1, max_len=8)
+    assert cache.k.dtype == torch.bfloat16
+    with torch.no_grad():
+        model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+        model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+    assert cache.seq_len == 4
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0)])
+def test_empty_batches_give_empty_logits(shape: tuple[int, int]) -> None:
+    out = Transformer(small_config())(torch.zeros(shape, dtype=torch.long))
+    assert out.logits.shape == (*shape, 97)
+    assert torch.isfinite(out.aux_loss)
 
 
 def test_explicit_positions_match_the_default() -> None:

@@ -144,3 +144,36 @@ def test_balance_loss_matches_switch_formula_and_trains_the_router() -> None:
     assert stats.load_balance_loss.item() == pytest.approx(expected.item(), rel=1e-6)
     stats.aux_loss.backward()
     assert moe.router.gate.weight.grad.abs().sum() > 0
+
+
+def test_grouped_mm_path_in_bf16_agrees_with_the_loop() -> None:
+    moe = MoE(small_config(n_experts=8, top_k=2)).to(torch.bfloat16)
+    x = torch.randn(2, 9, 32, dtype=torch.bfloat16)
+    outs = []
+    for grouped in (False, True):
+        moe.experts.use_grouped_mm = grouped
+        outs.append(moe(x)[0].float())
+    torch.testing.assert_close(outs[1], outs[0], rtol=2e-2, atol=2e-2)
+
+
+def test_capacity_applies_only_in_training() -> None:
+    moe = MoE(small_config(n_experts=4, top_k=2, capacity_factor=0.5))
+    x = torch.randn(2, 11, 32)
+    moe.eval()
+    out, stats = moe(x)
+    assert stats.dropped_fraction.item() == 0.0
+    torch.testing.assert_close(out, reference_moe(moe, x), rtol=1e-5, atol=1e-5)
+    moe.train()
+    assert moe(x)[1].dropped_fraction.item() > 0
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_top1_router_learns_from_the_output_only_without_renormalisation(renormalize) -> None:
+    moe = MoE(small_config(top_k=1, router_renormalize=renormalize))
+    out, _ = moe(torch.randn(2, 5, 32))
+    out.square().sum().backward()
+    grad = moe.router.gate.weight.grad.abs().max().item()
+    if renormalize:  # every weight is 1.0: the LM loss cannot move the router
+        assert grad < 1e-6
+    else:
+        assert grad > 1e-3

@@ -12,6 +12,13 @@ from moegpt.config import ModelConfig
 from moegpt.model.rope import apply_rope
 
 
+def causal_mask(new_tokens: int, past_tokens: int, device: torch.device) -> torch.Tensor:
+    """Boolean (new, past + new) mask: query i sees keys 0 .. past + i."""
+    query_pos = torch.arange(new_tokens, device=device).unsqueeze(1) + past_tokens
+    key_pos = torch.arange(past_tokens + new_tokens, device=device).unsqueeze(0)
+    return key_pos <= query_pos
+
+
 class KVCacheLike(Protocol):
     """What attention needs from a cache (see :class:`moegpt.model.kv_cache.KVCache`)."""
 
@@ -19,7 +26,7 @@ class KVCacheLike(Protocol):
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def advance(self, new_tokens: int) -> None: ...
 
@@ -51,17 +58,19 @@ class Attention(nn.Module):
         v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        mask = None
         if cache is not None:
-            k, v, mask = cache.update(self.layer_idx, k, v)
-        # A cache returns an explicit mask once it holds earlier tokens; without one the plain
-        # causal mask applies (SDPA's is_causal aligns to the top-left, right only from token 0).
+            k, v = cache.update(self.layer_idx, k, v)
+        past = k.shape[2] - seq
+        # SDPA's is_causal aligns the mask to the top-left, which is right only without a
+        # prefix; one new token sees the whole prefix (no mask, so fused kernels apply); a
+        # chunk after a prefix needs the offset mask.
+        mask = causal_mask(seq, past, x.device) if past and seq > 1 else None
         out = F.scaled_dot_product_attention(
             q,
             k,
             v,
             attn_mask=mask,
-            is_causal=mask is None,
+            is_causal=past == 0 and seq > 1,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
-        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+        return self.wo(out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))

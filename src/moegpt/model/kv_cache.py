@@ -6,16 +6,12 @@ The model never owns a cache: callers pass one in. Anything with the same ``seq_
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from moegpt.config import ModelConfig
-
-
-def causal_mask(new_tokens: int, past_tokens: int, device: torch.device) -> torch.Tensor:
-    """Boolean (new, past + new) mask: query i sees keys 0 .. past + i."""
-    query_pos = torch.arange(new_tokens, device=device).unsqueeze(1) + past_tokens
-    key_pos = torch.arange(past_tokens + new_tokens, device=device).unsqueeze(0)
-    return key_pos <= query_pos
+if TYPE_CHECKING:
+    from moegpt.model.transformer import Transformer
 
 
 class KVCache:
@@ -44,39 +40,42 @@ class KVCache:
     @classmethod
     def for_model(
         cls,
-        config: ModelConfig,
+        model: Transformer,
         batch_size: int,
         max_len: int | None = None,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
     ) -> KVCache:
+        """A cache shaped for ``model``, on its device and (by default) in its dtype."""
+        config, weight = model.config, model.tok_embeddings.weight
         return cls(
             config.n_layers,
             batch_size,
             max_len or config.max_seq_len,
             config.n_kv_heads,
             config.head_dim,
-            dtype,
-            device,
+            dtype or weight.dtype,
+            weight.device,
         )
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Store this step's (batch, kv_heads, new, head_dim) keys/values for ``layer``.
-
-        Returns all keys and values so far and the boolean attention mask for the new queries.
-        """
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's (batch, kv_heads, new, head_dim) keys/values for ``layer``;
+        return all keys and values so far (every new query sees the whole prefix)."""
         new = k.shape[2]
         end = self.seq_len + new
+        if k.shape[:2] != self.k.shape[1:3]:
+            raise ValueError(
+                f"KV cache holds (batch, kv_heads) = {tuple(self.k.shape[1:3])}, "
+                f"got {tuple(k.shape[:2])}"
+            )
         if end > self.max_len:
             raise ValueError(
                 f"KV cache full: {self.seq_len} + {new} tokens exceed max_len {self.max_len}"
             )
         self.k[layer, :, :, self.seq_len : end] = k
         self.v[layer, :, :, self.seq_len : end] = v
-        mask = causal_mask(new, self.seq_len, k.device)
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end], mask
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def advance(self, new_tokens: int) -> None:
         """Called by the model once every layer has stored ``new_tokens`` tokens."""

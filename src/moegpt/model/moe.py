@@ -30,11 +30,14 @@ class MoEStats:
 
 
 class Router(nn.Module):
-    """Learned top-k gate: fp32 logits, softmax over experts, top-k, renormalised weights."""
+    """Learned top-k gate: fp32 logits, softmax over experts, top-k, weights renormalised to
+    sum to 1 (Mixtral) unless ``router_renormalize`` is off (Switch-style top-1 keeps the raw
+    probability, the only path by which the LM loss trains a top-1 router)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.top_k = config.top_k
+        self.renormalize = config.router_renormalize
         self.gate = nn.Linear(config.d_model, config.n_experts, bias=False)
 
     def forward(
@@ -46,7 +49,9 @@ class Router(nn.Module):
             logits = F.linear(x.float(), self.gate.weight.float())
         probs = logits.softmax(dim=-1)
         weights, expert_ids = probs.topk(self.top_k, dim=-1)
-        return logits, probs, weights / weights.sum(dim=-1, keepdim=True), expert_ids
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, probs, weights, expert_ids
 
 
 def grouped_linear(
@@ -129,29 +134,43 @@ class MoE(nn.Module):
         n_tokens, k = x.shape[0], self.top_k
         logits, probs, weights, expert_ids = self.router(x)
 
+        # Static shapes and no host sync on this path, so torch.compile sees one graph.
         flat_ids = expert_ids.reshape(-1)  # slot s belongs to token s // k
-        counts = torch.bincount(flat_ids, minlength=self.n_experts)
+        counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device)
+        counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
         order = torch.argsort(flat_ids, stable=True)  # slots grouped by expert, token order kept
-        kept = counts
-        if self.capacity_factor > 0:
-            order, kept = self._drop_over_capacity(order, flat_ids, counts, n_tokens)
+        if self.capacity_factor > 0 and self.training:
+            expert_out, kept = self._run_with_capacity(x, order, flat_ids, counts)
+        else:  # dropless; also at inference, where dropping would couple a batch's requests
+            expert_out, kept = self.experts(x[order // k], counts), counts
 
-        expert_out = self.experts(x[order // k], kept)
-        # Combine in fp32: put each kept slot's weighted output back in slot order, sum over k.
+        # Combine in fp32: put each slot's weighted output back in slot order, sum over k.
         slots = expert_out.new_zeros(n_tokens * k, shape[-1], dtype=torch.float32)
         slots[order] = expert_out.float() * weights.reshape(-1)[order].unsqueeze(-1)
-        out = slots.view(n_tokens, k, -1).sum(dim=1).to(x.dtype)
+        out = slots.view(n_tokens, k, shape[-1]).sum(dim=1).to(x.dtype)
         return out.view(shape), self._stats(logits, probs, counts, kept, n_tokens)
 
-    def _drop_over_capacity(
-        self, order: torch.Tensor, flat_ids: torch.Tensor, counts: torch.Tensor, n_tokens: int
+    def _run_with_capacity(
+        self, x: torch.Tensor, order: torch.Tensor, flat_ids: torch.Tensor, counts: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keep each expert's first ``capacity`` slots in token order; drop the rest."""
-        capacity = math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts)
-        group_start = torch.cumsum(counts, dim=0) - counts
+        """Experts over a fixed (experts x capacity) buffer: each expert keeps its first
+        ``capacity`` slots in token order; the rest go to a discarded row and come back as 0.
+
+        Returns the expert output per sorted slot and the kept slots per expert.
+        """
+        n_slots = order.numel()
+        capacity = math.ceil(self.capacity_factor * n_slots / self.n_experts)
         sorted_ids = flat_ids[order]
-        rank_in_group = torch.arange(order.numel(), device=order.device) - group_start[sorted_ids]
-        return order[rank_in_group < capacity], counts.clamp(max=capacity)
+        group_start = torch.cumsum(counts, dim=0) - counts
+        rank = torch.arange(n_slots, device=x.device) - group_start[sorted_ids]
+        trash = self.n_experts * capacity
+        dest = torch.where(rank < capacity, sorted_ids * capacity + rank, trash)
+        buffer = x.new_zeros(trash + 1, x.shape[-1])
+        buffer[dest] = x[order // self.top_k]
+        full = torch.full_like(counts, capacity)
+        out = self.experts(buffer[:trash], full)
+        out = torch.cat([out, out.new_zeros(1, out.shape[-1])])
+        return out[dest], counts.clamp(max=capacity)
 
     def _stats(
         self,
@@ -161,11 +180,11 @@ class MoE(nn.Module):
         kept: torch.Tensor,
         n_tokens: int,
     ) -> MoEStats:
-        slots = n_tokens * self.top_k
+        slots = max(n_tokens * self.top_k, 1)  # an empty batch reports zeros, not NaN
         routed_fraction = counts.float() / slots  # f_e: no gradient (counts are discrete)
-        mean_prob = probs.mean(dim=0)  # P_e: the gradient path
+        mean_prob = probs.sum(dim=0) / max(n_tokens, 1)  # P_e: the gradient path
         load_balance = self.n_experts * (routed_fraction * mean_prob).sum()
-        z_loss = torch.logsumexp(logits, dim=-1).square().mean()
+        z_loss = torch.logsumexp(logits, dim=-1).square().sum() / max(n_tokens, 1)
         return MoEStats(
             tokens_per_expert=counts.detach(),
             dropped_fraction=1.0 - kept.sum().float() / slots,

@@ -150,7 +150,12 @@ def decode(
 
 
 def batch_for_cost(
-    c: ModelConfig, hw: Hardware, layout: ServeLayout, context: int, target: float, limit: int = 1 << 20
+    c: ModelConfig,
+    hw: Hardware,
+    layout: ServeLayout,
+    context: int,
+    target: float,
+    limit: int = 1 << 20,
 ) -> int | None:
     """Smallest batch whose decode cost per 1k tokens is at most ``target`` (None: never)."""
     if decode(c, hw, layout, limit, context).cost_per_1k_tokens > target:

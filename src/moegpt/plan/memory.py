@@ -52,7 +52,9 @@ class TrainLayout:
     def validate(self, c: ModelConfig) -> None:
         for name in ("tp", "pp", "dp", "ep", "micro_batch", "seq_len", "pp_microbatches"):
             if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')}: must be positive, got {getattr(self, name)}")
+                raise UserError(
+                    f"--{name.replace('_', '-')}: must be positive, got {getattr(self, name)}"
+                )
         if self.zero_stage not in (0, 1, 2, 3):
             raise UserError(f"--zero: stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if c.n_heads % self.tp:
@@ -65,7 +67,9 @@ class TrainLayout:
                 f"data-parallel degree ({self.dp}) it is drawn from"
             )
         if self.states not in STATE_PRECISIONS:
-            raise UserError(f"--states: unknown {self.states!r} (known: {', '.join(STATE_PRECISIONS)})")
+            raise UserError(
+                f"--states: unknown {self.states!r} (known: {', '.join(STATE_PRECISIONS)})"
+            )
 
     @property
     def gpus(self) -> int:

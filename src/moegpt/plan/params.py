@@ -22,7 +22,12 @@ class ParamBreakdown:
     @property
     def total(self) -> int:
         return (
-            self.embedding + self.attention + self.experts + self.router + self.dense_ffn + self.norms
+            self.embedding
+            + self.attention
+            + self.experts
+            + self.router
+            + self.dense_ffn
+            + self.norms
         )
 
     @property

@@ -65,41 +65,91 @@ def seed_comparison(config: Config) -> dict[str, Any]:
     slow = training_time(six_nd, a100, SEED["a100_count"], mfu=low_mfu)
     fast = training_time(six_nd, a100, SEED["a100_count"], mfu=high_mfu)
     h100_run = training_time(six_nd, h100, SEED["h100_count"], days=SEED["h100_days"])
-    h100_fp8 = training_time(six_nd, h100, SEED["h100_count"], days=SEED["h100_days"], precision="fp8")
+    h100_fp8 = training_time(
+        six_nd, h100, SEED["h100_count"], days=SEED["h100_days"], precision="fp8"
+    )
     seed_days_at_cost = SEED["a100_cost"] / a100.price_per_hour / SEED["a100_count"] / 24
     node_params = p.total / SERVE.pp
 
     rows = [
-        _row("total parameters", SEED["total_params"], p.total, "params",
-             "another source says 1.76T; the preset's shape (SPEC.md §1) gives "
-             f"{p.experts / m.n_experts / 1e9:.0f}B per expert and {p.attention / 1e9:.0f}B attention"),
-        _row("active parameters per token", SEED["active_params"], p.active, "params",
-             f"{m.top_k} of {m.n_experts} experts plus everything shared (embeddings included)"),
-        _row("forward FLOP per token", SEED["forward_flops"], fwd.matmul, "FLOP",
-             "the seed writes '560 TFLOPs': its own numbers give 2 x 280B = 5.6e11 FLOP; "
-             f"attention at {seq} context adds {token_flops(m, seq).attention:.2e} on top"),
-        _row(f"training FLOPs, {SEED['tokens']:.0e} tokens", SEED["training_flops"], six_nd, "FLOP",
-             f"6·N·D with N = active multiplying parameters; counting causal attention at {seq} "
-             f"gives {with_attention:.3e}"),
-        _row(f"days on {SEED['a100_count']:,} A100 at {low_mfu:.0%} MFU", SEED["a100_days"][1],
-             slow.days, "days", "the seed's range is 90-100 days for 32-36% MFU"),
-        _row(f"days on {SEED['a100_count']:,} A100 at {high_mfu:.0%} MFU", SEED["a100_days"][0],
-             fast.days, "days", "the fast end of the same range"),
-        _row(f"cost at ${a100.price_per_hour:g}/A100-hour ({low_mfu:.0%} MFU)", SEED["a100_cost"],
-             slow.cost(a100.price_per_hour), "$",
-             f"$63M is {seed_days_at_cost:.0f} days of {SEED['a100_count']:,} GPUs, a little "
-             "beyond the seed's 90-100 days: restarts after failures and the batch ramp-up "
-             "plausibly account for the gap"),
-        _row(f"cost of {SEED['h100_count']:,} H100 x {SEED['h100_days']} days at "
-             f"${h100.price_per_hour:g}/hour", SEED["h100_cost"], h100_run.cost(h100.price_per_hour),
-             "$", f"these inputs imply {h100_run.mfu:.0%} MFU of the bf16 peak "
-             f"({h100_fp8.mfu:.0%} of fp8): the seed's 55 days needs fp8 or a far better MFU "
-             "than its A100 run"),
-        _row("tokens per expert per batch", SEED["tokens_per_expert"],
-             tokens_per_expert(SEED["batch_tokens"], m.top_k, m.n_experts), "tokens",
-             f"{SEED['batch_tokens']:.0e}-token batch x {m.top_k} / {m.n_experts} experts"),
-        _row("parameters per 8-GPU inference node", SEED["node_params"], node_params, "params",
-             f"{p.total / 1e12:.2f}T over {SERVE.pp} pipeline stages of {SERVE.tp} GPUs"),
+        _row(
+            "total parameters",
+            SEED["total_params"],
+            p.total,
+            "params",
+            "another source says 1.76T; the preset's shape (SPEC.md §1) gives "
+            f"{p.experts / m.n_experts / 1e9:.0f}B per expert, {p.attention / 1e9:.0f}B attention",
+        ),
+        _row(
+            "active parameters per token",
+            SEED["active_params"],
+            p.active,
+            "params",
+            f"{m.top_k} of {m.n_experts} experts plus everything shared (embeddings included)",
+        ),
+        _row(
+            "forward FLOP per token",
+            SEED["forward_flops"],
+            fwd.matmul,
+            "FLOP",
+            "the seed writes '560 TFLOPs': its own numbers give 2 x 280B = 5.6e11 FLOP; "
+            f"attention at {seq} context adds {token_flops(m, seq).attention:.2e} on top",
+        ),
+        _row(
+            f"training FLOPs, {SEED['tokens']:.0e} tokens",
+            SEED["training_flops"],
+            six_nd,
+            "FLOP",
+            f"6·N·D with N = active multiplying parameters; counting causal attention at {seq} "
+            f"gives {with_attention:.3e}",
+        ),
+        _row(
+            f"days on {SEED['a100_count']:,} A100 at {low_mfu:.0%} MFU",
+            SEED["a100_days"][1],
+            slow.days,
+            "days",
+            "the seed's range is 90-100 days for 32-36% MFU",
+        ),
+        _row(
+            f"days on {SEED['a100_count']:,} A100 at {high_mfu:.0%} MFU",
+            SEED["a100_days"][0],
+            fast.days,
+            "days",
+            "the fast end of the same range",
+        ),
+        _row(
+            f"cost at ${a100.price_per_hour:g}/A100-hour ({low_mfu:.0%} MFU)",
+            SEED["a100_cost"],
+            slow.cost(a100.price_per_hour),
+            "$",
+            f"$63M is {seed_days_at_cost:.0f} days of {SEED['a100_count']:,} GPUs, a little "
+            "beyond the seed's 90-100 days: restarts after failures and the batch ramp-up "
+            "plausibly account for the gap",
+        ),
+        _row(
+            f"cost of {SEED['h100_count']:,} H100 x {SEED['h100_days']} days at "
+            f"${h100.price_per_hour:g}/hour",
+            SEED["h100_cost"],
+            h100_run.cost(h100.price_per_hour),
+            "$",
+            f"these inputs imply {h100_run.mfu:.0%} MFU of the bf16 peak "
+            f"({h100_fp8.mfu:.0%} of fp8): the seed's 55 days needs fp8 or a far better MFU "
+            "than its A100 run",
+        ),
+        _row(
+            "tokens per expert per batch",
+            SEED["tokens_per_expert"],
+            tokens_per_expert(SEED["batch_tokens"], m.top_k, m.n_experts),
+            "tokens",
+            f"{SEED['batch_tokens']:.0e}-token batch x {m.top_k} / {m.n_experts} experts",
+        ),
+        _row(
+            "parameters per 8-GPU inference node",
+            SEED["node_params"],
+            node_params,
+            "params",
+            f"{p.total / 1e12:.2f}T over {SERVE.pp} pipeline stages of {SERVE.tp} GPUs",
+        ),
     ]
 
     train_memory = []
@@ -107,15 +157,31 @@ def seed_comparison(config: Config) -> dict[str, Any]:
         hw = PRESETS[hw_name]
         for ep, recompute in ((1, False), (1, True), (m.n_experts or 1, True)):
             layout = TrainLayout(
-                tp=TRAIN_TP, pp=TRAIN_PP, dp=SEED["a100_count"] // (TRAIN_TP * TRAIN_PP), ep=ep, zero_stage=1, micro_batch=1,
-                seq_len=seq, pp_microbatches=64, recompute=recompute, states="mixed",
+                tp=TRAIN_TP,
+                pp=TRAIN_PP,
+                dp=SEED["a100_count"] // (TRAIN_TP * TRAIN_PP),
+                ep=ep,
+                zero_stage=1,
+                micro_batch=1,
+                seq_len=seq,
+                pp_microbatches=64,
+                recompute=recompute,
+                states="mixed",
             )
             est = training_memory(m, layout, hw.hbm_bytes)
-            train_memory.append({
-                "gpu": hw_name, "ep": ep, "recompute": recompute, "total": est.total,
-                "weights": est.weights, "grads": est.grads, "optimizer": est.optimizer,
-                "activations": est.activations, "fits": est.fits,
-            })
+            train_memory.append(
+                {
+                    "gpu": hw_name,
+                    "ep": ep,
+                    "recompute": recompute,
+                    "total": est.total,
+                    "weights": est.weights,
+                    "grads": est.grads,
+                    "optimizer": est.optimizer,
+                    "activations": est.activations,
+                    "fits": est.fits,
+                }
+            )
 
     kv_rows = []
     for hw_name in ("a100-40g", "a100-80g", "h100-sxm"):
@@ -123,12 +189,18 @@ def seed_comparison(config: Config) -> dict[str, Any]:
         for context in (8192, 32768):
             mqa = kv_fit(m, hw, SERVE, context)
             mha = kv_fit(m, hw, SERVE, context, n_kv_heads=m.n_heads)
-            kv_rows.append({
-                "gpu": hw_name, "context": context,
-                "per_sequence_mqa": mqa.kv_per_sequence, "per_sequence_mha": mha.kv_per_sequence,
-                "weights_per_gpu": mqa.weights_per_gpu, "free_per_gpu": mqa.free_per_gpu,
-                "max_batch_mqa": mqa.max_batch, "max_batch_mha": mha.max_batch,
-            })
+            kv_rows.append(
+                {
+                    "gpu": hw_name,
+                    "context": context,
+                    "per_sequence_mqa": mqa.kv_per_sequence,
+                    "per_sequence_mha": mha.kv_per_sequence,
+                    "weights_per_gpu": mqa.weights_per_gpu,
+                    "free_per_gpu": mqa.free_per_gpu,
+                    "max_batch_mqa": mqa.max_batch,
+                    "max_batch_mha": mha.max_batch,
+                }
+            )
 
     cost_rows = []
     for hw, precision, target in (
@@ -137,17 +209,25 @@ def seed_comparison(config: Config) -> dict[str, Any]:
         (h100, "bf16", SEED["cost_per_1k_h100"]),
         (h100, "fp8", SEED["cost_per_1k_h100"]),
     ):
-        layout = ServeLayout(tp=8, pp=16, precision=precision, kv_bytes=1 if precision == "fp8" else 2)
+        layout = ServeLayout(
+            tp=8, pp=16, precision=precision, kv_bytes=1 if precision == "fp8" else 2
+        )
         fit = kv_fit(m, hw, layout, 8192)
         at_max = decode(m, hw, layout, max(fit.max_batch, 1), 8192)
         needed = batch_for_cost(m, hw, layout, 8192, target)
-        cost_rows.append({
-            "gpu": hw.name, "precision": precision, "seed_cost_per_1k": target,
-            "max_batch": fit.max_batch, "cost_at_max_batch": at_max.cost_per_1k_tokens,
-            "tokens_per_second_at_max_batch": at_max.tokens_per_second, "bound": at_max.bound,
-            "batch_for_seed_cost": needed,
-            "reachable": needed is not None and needed <= fit.max_batch,
-        })
+        cost_rows.append(
+            {
+                "gpu": hw.name,
+                "precision": precision,
+                "seed_cost_per_1k": target,
+                "max_batch": fit.max_batch,
+                "cost_at_max_batch": at_max.cost_per_1k_tokens,
+                "tokens_per_second_at_max_batch": at_max.tokens_per_second,
+                "bound": at_max.bound,
+                "batch_for_seed_cost": needed,
+                "reachable": needed is not None and needed <= fit.max_batch,
+            }
+        )
 
     return {
         "figures": rows,
@@ -158,8 +238,8 @@ def seed_comparison(config: Config) -> dict[str, Any]:
         "assumptions": {
             "serve_reserve": SERVE.reserve,
             "roofline_utilisation": "ideal: 100% of peak FLOP/s and bandwidth",
-            "train_layout": f"TP{TRAIN_TP} x PP{TRAIN_PP}, ZeRO-1, micro-batch 1, 64 micro-batches, "
-            "bf16 weights/grads + fp32 master and Adam (16 bytes per parameter)",
+            "train_layout": f"TP{TRAIN_TP} x PP{TRAIN_PP}, ZeRO-1, micro-batch 1, "
+            "64 micro-batches, bf16 weights/grads + fp32 master and Adam (16 bytes/parameter)",
         },
     }
 
@@ -179,7 +259,8 @@ def _claims(kv_rows, train_memory, cost_rows, n_heads: int) -> list[dict[str, st
         if not fitting:
             return "no tried variant fits"
         best = min(fitting, key=lambda r: r["total"])
-        return f"fits with ep={best['ep']}, recompute={best['recompute']} ({best['total'] / 1e9:.0f} GB)"
+        gb = best["total"] / 1e9
+        return f"fits with ep={best['ep']}, recompute={best['recompute']} ({gb:.0f} GB)"
 
     return [
         {
@@ -187,8 +268,8 @@ def _claims(kv_rows, train_memory, cost_rows, n_heads: int) -> list[dict[str, st
             "verdict": "holds only without MQA" if a100_32k["max_batch_mqa"] else "holds",
             "evidence": (
                 f"TP8 x PP16 leaves {a100_32k['free_per_gpu'] / 1e9:.1f} GB per GPU after bf16 "
-                f"weights and a {SERVE.reserve:.0%} reserve: {a100_32k['max_batch_mqa']} sequences of 32k fit "
-                f"with MQA, {a100_32k['max_batch_mha']} with {n_heads}-head MHA. The claim holds "
+                f"weights and a {SERVE.reserve:.0%} reserve: {a100_32k['max_batch_mqa']} sequences "
+                f"of 32k fit with MQA, {a100_32k['max_batch_mha']} with {n_heads}-head MHA. The claim holds "
                 "for multi-head attention, for fewer pipeline stages, or for a batch large "
                 "enough to be efficient (see the cost rows), not for a single MQA sequence."
             ),
@@ -210,7 +291,8 @@ def _claims(kv_rows, train_memory, cost_rows, n_heads: int) -> list[dict[str, st
         },
         {
             "claim": "~$0.0049 (A100) and ~$0.0021 (H100) per 1k tokens, a 2.3x ratio",
-            "verdict": "reachable on " + (", ".join(reachable) if reachable else "none of the rows"),
+            "verdict": "reachable on "
+            + (", ".join(reachable) if reachable else "none of the rows"),
             "evidence": (
                 f"seed ratio {ratio:.2f}x. Ideal roofline at 8k: A100-40GB reaches "
                 f"${a100_cost['cost_at_max_batch']:.4f} at its largest batch "
