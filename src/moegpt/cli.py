@@ -55,6 +55,83 @@ def cmd_convert(args: argparse.Namespace) -> None:
     stderr.print(f"wrote {dst}", highlight=False)
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from moegpt.plan.plan import PlanOptions, build_plan
+    from moegpt.plan.render import plan_tables, seed_tables
+    from moegpt.plan.seeds import seed_comparison
+
+    config = _load(args)
+    fields = {f.name for f in dataclasses.fields(PlanOptions)}
+    opts = PlanOptions(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    plan = build_plan(config, opts)
+    if args.against_seeds:
+        plan["seed_comparison"] = seed_comparison(config)
+    if args.json:
+        print(json.dumps(plan, indent=2))
+        return
+    tables = plan_tables(plan) + (
+        seed_tables(plan["seed_comparison"]) if args.against_seeds else []
+    )
+    for table in tables:
+        stdout.print(table)
+        stdout.print()
+
+
+def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    from moegpt.plan.hardware import PRESETS
+    from moegpt.plan.memory import STATE_PRECISIONS
+
+    gpus = ", ".join(PRESETS)
+    train = parser.add_argument_group("training cluster")
+    train.add_argument("--gpu", help=f"training GPU preset ({gpus}); default h100-sxm")
+    train.add_argument("--gpus", type=int, help="GPU count (default: the layout's world size)")
+    train.add_argument("--mfu", type=float, help="model FLOPs utilisation (default 0.4)")
+    train.add_argument("--days", type=float, help="instead of --mfu: the MFU this duration implies")
+    train.add_argument("--tokens", type=float, help="token budget (default: steps x batch x seq)")
+    train.add_argument("--precision", choices=("bf16", "fp8"), help="peak used for MFU")
+    train.add_argument("--zero", type=int, help="ZeRO stage 0-3 (default from [parallel])")
+    recompute = train.add_mutually_exclusive_group()
+    recompute.add_argument(
+        "--recompute", action="store_true", default=None, help="activation recomputation on"
+    )
+    recompute.add_argument(
+        "--no-recompute",
+        dest="recompute",
+        action="store_false",
+        help="activation recomputation off",
+    )
+    train.add_argument(
+        "--states",
+        choices=tuple(STATE_PRECISIONS),
+        help="bytes per parameter of weights/grads/optimizer",
+    )
+    hw = parser.add_argument_group("hardware overrides (applied to both presets)")
+    hw.add_argument("--peak-tflops", type=float, help="dense bf16 peak, TFLOP/s")
+    hw.add_argument("--hbm-gb", type=float, help="device memory, GB")
+    hw.add_argument("--hbm-tbps", type=float, help="memory bandwidth, TB/s")
+    hw.add_argument("--price", type=float, help="dollars per GPU-hour")
+    serve = parser.add_argument_group("inference cluster")
+    serve.add_argument("--infer-gpu", help="serving GPU preset (default: --gpu)")
+    serve.add_argument("--infer-tp", type=int, help="tensor parallel (default serve.tp)")
+    serve.add_argument("--infer-pp", type=int, help="pipeline stages (default serve.pp)")
+    serve.add_argument(
+        "--infer-batch", type=int, help="sequences in flight (default: most that fit)"
+    )
+    serve.add_argument(
+        "--context", type=int, help="tokens per sequence (default model.max_seq_len)"
+    )
+    serve.add_argument("--infer-precision", choices=("bf16", "fp8"), help="weights and compute")
+    serve.add_argument("--infer-mfu", type=float, help="share of peak FLOP/s reached (default 1)")
+    serve.add_argument("--infer-mbu", type=float, help="share of bandwidth reached (default 1)")
+    serve.add_argument("--reserve", type=float, help="share of memory kept free (default 0.1)")
+    parser.add_argument(
+        "--against-seeds",
+        action="store_true",
+        help="print GPT-4's published figures beside the computed ones",
+    )
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moegpt",
@@ -90,6 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_argument(show)
     show.add_argument("--bare", action="store_true", help="omit the field comments")
     show.set_defaults(func=cmd_config_show, takes_overrides=True)
+
+    plan = verbs.add_parser(
+        "plan",
+        help="parameters, FLOPs, training time/cost/memory, KV cache and serving cost of a config",
+        description="Plan a model on paper: parameter counts by component, FLOPs per token, "
+        "training days, GPU-hours and cost, memory per GPU for the [parallel] layout, KV-cache "
+        "sizes and a decode roofline with its cost per 1k tokens. Everything is derived from "
+        "the config and GPU presets; --against-seeds compares with GPT-4's leaked figures.",
+        epilog=OVERRIDES_HELP,
+    )
+    _add_config_argument(plan)
+    _add_plan_arguments(plan)
+    plan.set_defaults(func=cmd_plan, takes_overrides=True)
 
     conv = verbs.add_parser(
         "convert",

@@ -28,3 +28,15 @@ def progress(items: Iterable[T], description: str, total: int | None = None) -> 
     )
     with Progress(*columns, console=stderr, transient=True, disable=not sys.stderr.isatty()) as bar:
         yield from bar.track(items, total=total, description=description)
+
+
+def human(n: float, unit: str = "") -> str:
+    """1234567 -> '1.23M' with decimal prefixes; counts use B for billions, units G.
+    Beyond the tera range, scientific notation (2.15e25)."""
+    if abs(n) >= 1e15:
+        mantissa, exponent = f"{n:.3g}".split("e")
+        return f"{mantissa}e{int(exponent)}{' ' + unit if unit else ''}"
+    for scale, prefix in ((1e12, "T"), (1e9, "G" if unit else "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{prefix}{unit}"
+    return f"{n:.3g}{unit}"

@@ -12,6 +12,7 @@ import torch
 from rich.table import Table
 
 from moegpt.config import ModelConfig
+from moegpt.console import human
 from moegpt.model import ParamCount, Transformer
 from moegpt.model.transformer import count_parameters
 
@@ -58,14 +59,6 @@ def summarize(config: ModelConfig) -> ModelSummary:
         kv_bytes_per_token=config.kv_cache_bytes_per_token(2),
         kv_bytes_per_token_mha=config.kv_cache_bytes_per_token(2, n_kv_heads=config.n_heads),
     )
-
-
-def human(n: float, unit: str = "") -> str:
-    """1234567 -> '1.23M' (decimal prefixes), for tables."""
-    for scale, prefix in ((1e12, "T"), (1e9, "B" if not unit else "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{prefix}{unit}"
-    return f"{n:g}{unit}"
 
 
 def summary_table(summary: ModelSummary) -> Table:
