@@ -13,7 +13,8 @@ T = TypeVar("T")
 
 # Status and progress go to stderr so stdout stays clean for results (tables, --json).
 stderr = Console(stderr=True)
-stdout = Console()
+# Wide when piped (files, pagers, CI logs): the planner's tables have long notes.
+stdout = Console(width=None if sys.stdout.isatty() else 140)
 
 
 def progress(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:

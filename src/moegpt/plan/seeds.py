@@ -8,6 +8,7 @@ seed is a leak, not ground truth).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from moegpt.config import Config
@@ -40,6 +41,9 @@ SEED = {
 }
 TRAIN_TP, TRAIN_PP = 8, 15
 SERVE = ServeLayout(tp=8, pp=16)
+# Every sequence at the full 8k window, and at 2k: a typical prompt plus answer, which is
+# closer to the average context a serving cluster holds.
+COST_CONTEXTS = (8192, 2048)
 
 
 def _row(figure: str, seed: float, computed: float, unit: str, note: str) -> dict[str, Any]:
@@ -209,32 +213,41 @@ def seed_comparison(config: Config) -> dict[str, Any]:
         (h100, "bf16", SEED["cost_per_1k_h100"]),
         (h100, "fp8", SEED["cost_per_1k_h100"]),
     ):
-        layout = ServeLayout(
-            tp=8, pp=16, precision=precision, kv_bytes=1 if precision == "fp8" else 2
+        layout = dataclasses.replace(
+            SERVE, precision=precision, kv_bytes=1 if precision == "fp8" else 2
         )
-        fit = kv_fit(m, hw, layout, 8192)
-        at_max = decode(m, hw, layout, max(fit.max_batch, 1), 8192)
-        needed = batch_for_cost(m, hw, layout, 8192, target)
-        cost_rows.append(
-            {
-                "gpu": hw.name,
-                "precision": precision,
-                "seed_cost_per_1k": target,
-                "max_batch": fit.max_batch,
-                "cost_at_max_batch": at_max.cost_per_1k_tokens,
-                "tokens_per_second_at_max_batch": at_max.tokens_per_second,
-                "bound": at_max.bound,
-                "batch_for_seed_cost": needed,
-                "reachable": needed is not None and needed <= fit.max_batch,
-            }
-        )
+        for context in COST_CONTEXTS:
+            fit = kv_fit(m, hw, layout, context)
+            at_max = decode(m, hw, layout, max(fit.max_batch, 1), context)
+            needed = batch_for_cost(m, hw, layout, context, target)
+            cost_rows.append(
+                {
+                    "gpu": hw.name,
+                    "precision": precision,
+                    "context": context,
+                    "seed_cost_per_1k": target,
+                    "max_batch": fit.max_batch,
+                    "cost_at_max_batch": at_max.cost_per_1k_tokens,
+                    "tokens_per_second_at_max_batch": at_max.tokens_per_second,
+                    "bound": at_max.bound,
+                    "batch_for_seed_cost": needed,
+                    "reachable": needed is not None and needed <= fit.max_batch,
+                }
+            )
+
+    fewer_stages = ServeLayout(tp=SERVE.tp, pp=SERVE.pp // 2, reserve=SERVE.reserve)
+    context_32k = {
+        "pp": fewer_stages.pp,
+        "max_batch": kv_fit(m, a100, fewer_stages, 32768).max_batch,
+        "weights_per_gpu": kv_fit(m, a100, fewer_stages, 32768).weights_per_gpu,
+    }
 
     return {
         "figures": rows,
         "training_memory": train_memory,
         "kv_cache": kv_rows,
         "inference_cost": cost_rows,
-        "claims": _claims(kv_rows, train_memory, cost_rows, m.n_heads),
+        "claims": _claims(kv_rows, train_memory, cost_rows, context_32k, m.n_heads),
         "assumptions": {
             "serve_reserve": SERVE.reserve,
             "roofline_utilisation": "ideal: 100% of peak FLOP/s and bandwidth",
@@ -244,65 +257,79 @@ def seed_comparison(config: Config) -> dict[str, Any]:
     }
 
 
-def _claims(kv_rows, train_memory, cost_rows, n_heads: int) -> list[dict[str, str]]:
+def _claims(
+    kv_rows: list[dict],
+    train_memory: list[dict],
+    cost_rows: list[dict],
+    context_32k: dict,
+    n_heads: int,
+) -> list[dict[str, str]]:
     """The seed's qualitative claims, each with the verdict the numbers above give."""
     a100_32k = next(r for r in kv_rows if r["gpu"] == "a100-40g" and r["context"] == 32768)
     a100_8k = next(r for r in kv_rows if r["gpu"] == "a100-40g" and r["context"] == 8192)
-    fits_40 = [r for r in train_memory if r["gpu"] == "a100-40g" and r["fits"]]
-    fits_80 = [r for r in train_memory if r["gpu"] == "a100-80g" and r["fits"]]
-    a100_cost, a100_80_cost, h100_bf16, h100_fp8 = cost_rows
-    ratio = a100_cost["seed_cost_per_1k"] / h100_bf16["seed_cost_per_1k"]
+    a100_8k_cost = next(r for r in cost_rows if r["gpu"] == "a100-40g" and r["context"] == 8192)
+    fitting = [r for r in train_memory if r["fits"]]
+    seed_ratio = SEED["cost_per_1k_a100"] / SEED["cost_per_1k_h100"]
     bandwidth_ratio = PRESETS["h100-sxm"].hbm_bandwidth / PRESETS["a100-40g"].hbm_bandwidth
-    reachable = [f"{r['gpu']} {r['precision']}" for r in cost_rows if r["reachable"]]
-
-    def describe(fitting: list[dict]) -> str:
-        if not fitting:
-            return "no tried variant fits"
-        best = min(fitting, key=lambda r: r["total"])
-        gb = best["total"] / 1e9
-        return f"fits with ep={best['ep']}, recompute={best['recompute']} ({gb:.0f} GB)"
-
+    reachable = [
+        f"{r['gpu']} {r['precision']} at {r['context']} context (batch {r['batch_for_seed_cost']})"
+        for r in cost_rows
+        if r["reachable"]
+    ]
+    at_max = "; ".join(
+        f"{r['gpu']} {r['precision']} {r['context']}: ${r['cost_at_max_batch']:.4f} at "
+        f"batch {r['max_batch']}"
+        for r in cost_rows
+    )
     return [
         {
             "claim": "32k context does not fit on 40GB A100s",
             "verdict": "holds only without MQA" if a100_32k["max_batch_mqa"] else "holds",
             "evidence": (
                 f"TP8 x PP16 leaves {a100_32k['free_per_gpu'] / 1e9:.1f} GB per GPU after bf16 "
-                f"weights and a {SERVE.reserve:.0%} reserve: {a100_32k['max_batch_mqa']} sequences "
-                f"of 32k fit with MQA, {a100_32k['max_batch_mha']} with {n_heads}-head MHA. The claim holds "
-                "for multi-head attention, for fewer pipeline stages, or for a batch large "
-                "enough to be efficient (see the cost rows), not for a single MQA sequence."
+                f"weights and a {SERVE.reserve:.0%} reserve: {a100_32k['max_batch_mqa']} "
+                f"sequences of 32k fit with MQA, {a100_32k['max_batch_mha']} with {n_heads}-head "
+                f"MHA. With PP{context_32k['pp']} the weights alone take "
+                f"{context_32k['weights_per_gpu'] / 1e9:.0f} GB per GPU "
+                f"({context_32k['max_batch']} sequences fit)."
             ),
         },
         {
             "claim": "8k context caps the batch size",
-            "verdict": "holds" if not a100_cost["reachable"] else "does not hold",
+            "verdict": "holds" if not a100_8k_cost["reachable"] else "does not hold",
             "evidence": (
                 f"on A100-40GB at 8k at most {a100_8k['max_batch_mqa']} sequences fit per "
-                f"128-GPU cluster; the seed's ${a100_cost['seed_cost_per_1k']} per 1k tokens "
-                f"needs {a100_cost['batch_for_seed_cost']} in flight (decode is memory-bound "
-                "until the batch amortises the weight reads)"
+                "128-GPU cluster; decode is memory-bound (each micro-batch re-reads its stage's "
+                f"weights) and reaching the seed's ${a100_8k_cost['seed_cost_per_1k']} per 1k "
+                f"tokens needs {a100_8k_cost['batch_for_seed_cost'] or 'an unbounded number of'} "
+                "sequences in flight"
             ),
         },
         {
             "claim": "training on A100s with TP8 x PP15 and ZeRO-1",
-            "verdict": "holds on 80GB with expert parallelism" if fits_80 else "does not fit",
-            "evidence": f"A100-40GB: {describe(fits_40)}; A100-80GB: {describe(fits_80)}",
+            "verdict": "fits only as "
+            + (
+                ", ".join(
+                    f"{r['gpu']} with EP{r['ep']}, recompute {'on' if r['recompute'] else 'off'}"
+                    for r in fitting
+                )
+                or "none of the variants tried"
+            ),
+            "evidence": (
+                "without expert parallelism each GPU holds 1/120 of all 1.8T parameters in bf16 "
+                "weights and gradients; EP over the data-parallel ranks divides the experts, and "
+                "recomputation the 15 in-flight micro-batches' activations"
+            ),
         },
         {
-            "claim": "~$0.0049 (A100) and ~$0.0021 (H100) per 1k tokens, a 2.3x ratio",
-            "verdict": "reachable on "
-            + (", ".join(reachable) if reachable else "none of the rows"),
+            "claim": f"~${SEED['cost_per_1k_a100']} (A100) and ~${SEED['cost_per_1k_h100']} "
+            f"(H100) per 1k tokens, {seed_ratio:.2f}x apart",
+            "verdict": "reachable on " + ("; ".join(reachable) or "none of the rows"),
             "evidence": (
-                f"seed ratio {ratio:.2f}x. Ideal roofline at 8k: A100-40GB reaches "
-                f"${a100_cost['cost_at_max_batch']:.4f} at its largest batch "
-                f"({a100_cost['max_batch']}), A100-80GB ${a100_80_cost['cost_at_max_batch']:.4f} "
-                f"({a100_80_cost['max_batch']}); H100 bf16 ${h100_bf16['cost_at_max_batch']:.4f}, "
-                f"H100 fp8 ${h100_fp8['cost_at_max_batch']:.4f} ({h100_fp8['max_batch']}). "
-                f"Memory-bound at equal batch, H100 bf16 is only {bandwidth_ratio:.2f}x faster "
-                "(the bandwidth ratio) for twice the price; fp8 weights halve the bytes read and "
-                "double the KV capacity, which is what brings the H100 cost down by the seed's "
-                "ratio."
+                f"ideal roofline, TP8 x PP16, largest batch that fits: {at_max}. Memory-bound at "
+                f"equal batch, H100 bf16 is only {bandwidth_ratio:.2f}x faster (the bandwidth "
+                "ratio) for twice the price; fp8 halves the bytes read and doubles the KV "
+                "capacity, which is what brings the H100 cost down by the seed's ratio"
             ),
         },
     ]

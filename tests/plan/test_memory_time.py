@@ -1,0 +1,127 @@
+"""Training time and memory against closed forms: the ZeRO paper, the pipeline bubble."""
+
+from __future__ import annotations
+
+import pytest
+
+from moegpt.config import ModelConfig
+from moegpt.errors import UserError
+from moegpt.plan.hardware import PRESETS, get_hardware
+from moegpt.plan.memory import (
+    TrainLayout,
+    activation_bytes_per_token_layer,
+    bubble_fraction,
+    stage_params,
+    training_memory,
+)
+from moegpt.plan.params import param_breakdown
+from moegpt.plan.training import tokens_per_expert, training_time
+
+DENSE = ModelConfig(vocab_size=1000, d_model=64, n_layers=4, n_heads=4, n_kv_heads=4,
+                    ffn_hidden=256, n_experts=0)
+MOE = ModelConfig(vocab_size=1000, d_model=64, n_layers=4, n_heads=4, n_kv_heads=1,
+                  ffn_hidden=256, n_experts=8, top_k=2)
+
+
+def zero_paper(psi: float, nd: int, stage: int, k: int = 12) -> float:
+    """Rajbhandari et al. 2019, figure 1: model-state bytes per GPU for each ZeRO stage."""
+    return {
+        0: (2 + 2 + k) * psi,
+        1: 2 * psi + 2 * psi + k * psi / nd,
+        2: 2 * psi + (2 + k) * psi / nd,
+        3: (2 + 2 + k) * psi / nd,
+    }[stage]
+
+
+def test_zero_closed_form_reproduces_the_papers_example() -> None:
+    # 7.5B parameters on 64 GPUs: 120 GB, 31.4 GB, 16.6 GB, 1.9 GB
+    figures = [zero_paper(7.5e9, 64, s) / 1e9 for s in range(4)]
+    assert figures == pytest.approx([120, 31.4, 16.6, 1.875], abs=0.05)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("dp", [1, 8, 64])
+def test_model_states_follow_zero(stage: int, dp: int) -> None:
+    layout = TrainLayout(dp=dp, zero_stage=stage, states="mixed", seq_len=16)
+    est = training_memory(DENSE, layout, 80e9)
+    psi = param_breakdown(DENSE).total
+    assert est.weights + est.grads + est.optimizer == pytest.approx(zero_paper(psi, dp, stage))
+
+
+def test_expert_parallel_divides_experts_only() -> None:
+    p = param_breakdown(MOE)
+    one = stage_params(MOE, TrainLayout(dp=8))[0]
+    ep = stage_params(MOE, TrainLayout(dp=8, ep=4))[0]
+    assert one.experts == p.experts and ep.experts == p.experts / 4
+    assert one.shared == ep.shared == p.total - p.experts
+
+
+def test_tensor_parallel_keeps_the_single_kv_head_whole() -> None:
+    p = param_breakdown(MOE)
+    tp2 = stage_params(MOE, TrainLayout(tp=2))[0]
+    kv = MOE.n_layers * 2 * MOE.d_model * MOE.head_dim  # one K and one V head, replicated
+    norms_and_router = p.norms + p.router
+    assert tp2.shared == pytest.approx(
+        (p.total - p.experts - kv - norms_and_router) / 2 + kv + norms_and_router
+    )
+
+
+def test_pipeline_puts_embedding_first_and_head_last() -> None:
+    stages = stage_params(DENSE, TrainLayout(pp=2))
+    table, d = DENSE.vocab_size * DENSE.d_model, DENSE.d_model
+    layer = param_breakdown(DENSE).attention / 4 + 3 * d * 256 + 2 * d
+    assert stages[0].shared == 2 * layer + table  # input embedding
+    assert stages[1].shared == 2 * layer + table + d  # output head and final norm
+    assert [s.layers for s in stages] == [2, 2]
+    assert sum(s.shared for s in stages) == param_breakdown(DENSE).total
+
+
+@pytest.mark.parametrize(("p", "m", "v", "expected"), [(4, 8, 1, 3 / 11), (8, 8, 1, 7 / 15),
+                                                       (4, 8, 2, 3 / 19), (1, 4, 1, 0.0)])
+def test_bubble_is_p_minus_1_over_m_plus_p_minus_1(p, m, v, expected) -> None:
+    assert bubble_fraction(p, m, v) == pytest.approx(expected)
+
+
+def test_activations_by_hand_and_recompute() -> None:
+    d, f, k = 64, 256, 2
+    attention = 6 * d + 14 * 64 + 12 * 16 + 4 * 4  # 4 query heads, 1 KV head of 16
+    assert activation_bytes_per_token_layer(MOE, moe=True) == attention + 10 * d + k * (6 * d + 8 * f)
+    assert activation_bytes_per_token_layer(MOE, moe=False) == attention + 6 * d + 8 * f
+    full = training_memory(MOE, TrainLayout(micro_batch=2, seq_len=32), 80e9)
+    assert full.activations == 4 * activation_bytes_per_token_layer(MOE, True) * 64
+    saved = training_memory(MOE, TrainLayout(micro_batch=2, seq_len=32, recompute=True), 80e9)
+    assert saved.activations == (4 * 2 * d + activation_bytes_per_token_layer(MOE, True)) * 64
+    assert saved.logits == full.logits == 14 * 64 * 1000
+
+
+def test_1f1b_holds_p_microbatches_gpipe_all() -> None:
+    base = dict(pp=4, pp_microbatches=16, seq_len=8)
+    f1b = training_memory(DENSE, TrainLayout(**base), 80e9)
+    gpipe = training_memory(DENSE, TrainLayout(**base, pp_schedule="gpipe"), 80e9)
+    assert gpipe.activations == 4 * f1b.activations
+
+
+def test_training_time_and_its_reverse() -> None:
+    a100 = PRESETS["a100-40g"]
+    est = training_time(2.15e25, a100, 25_000, mfu=0.34)
+    assert est.seconds == pytest.approx(2.15e25 / (25_000 * 312e12 * 0.34))
+    assert est.days == pytest.approx(93.8, abs=0.05)
+    assert est.cost(1.0) == pytest.approx(25_000 * est.seconds / 3600)
+    back = training_time(2.15e25, a100, 25_000, days=est.days)
+    assert back.mfu == pytest.approx(0.34)
+    assert tokens_per_expert(60e6, 2, 16) == 7.5e6
+
+
+def test_bad_inputs_name_the_option() -> None:
+    with pytest.raises(UserError, match="^--gpus: must be positive"):
+        training_time(1e20, PRESETS["h100-sxm"], -4, mfu=0.4)
+    with pytest.raises(UserError, match=r"^--mfu: must be in \(0, 1\]"):
+        training_time(1e20, PRESETS["h100-sxm"], 8, mfu=1.5)
+    with pytest.raises(UserError, match="^--gpu: unknown hardware 'v100'"):
+        get_hardware("v100")
+    with pytest.raises(UserError, match="^--tp: 3 does not divide model.n_heads"):
+        training_memory(MOE, TrainLayout(tp=3), 80e9)
+    with pytest.raises(UserError, match="^--ep: 3 must divide model.n_experts"):
+        training_memory(MOE, TrainLayout(ep=3, dp=3), 80e9)
+    with pytest.raises(UserError, match="^--precision fp8: a100-40g has no fp8"):
+        PRESETS["a100-40g"].peak_flops("fp8")
