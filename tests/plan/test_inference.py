@@ -20,8 +20,9 @@ from moegpt.plan.params import param_breakdown
 
 # A toy GPU with round numbers: 1 TFLOP/s, 10 GB, 100 GB/s, $3.6 an hour ($0.001 a second).
 TOY = Hardware("toy", 1e12, 2e12, 10e9, 100e9, 10e9, 3.6)
-DENSE = ModelConfig(vocab_size=1000, d_model=1024, n_layers=8, n_heads=8, n_kv_heads=1,
-                    ffn_hidden=4096, n_experts=0)
+DENSE = ModelConfig(
+    vocab_size=1000, d_model=1024, n_layers=8, n_heads=8, n_kv_heads=1, ffn_hidden=4096, n_experts=0
+)
 
 
 def test_kv_fit_by_hand() -> None:

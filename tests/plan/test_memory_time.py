@@ -17,10 +17,19 @@ from moegpt.plan.memory import (
 from moegpt.plan.params import param_breakdown
 from moegpt.plan.training import tokens_per_expert, training_time
 
-DENSE = ModelConfig(vocab_size=1000, d_model=64, n_layers=4, n_heads=4, n_kv_heads=4,
-                    ffn_hidden=256, n_experts=0)
-MOE = ModelConfig(vocab_size=1000, d_model=64, n_layers=4, n_heads=4, n_kv_heads=1,
-                  ffn_hidden=256, n_experts=8, top_k=2)
+DENSE = ModelConfig(
+    vocab_size=1000, d_model=64, n_layers=4, n_heads=4, n_kv_heads=4, ffn_hidden=256, n_experts=0
+)
+MOE = ModelConfig(
+    vocab_size=1000,
+    d_model=64,
+    n_layers=4,
+    n_heads=4,
+    n_kv_heads=1,
+    ffn_hidden=256,
+    n_experts=8,
+    top_k=2,
+)
 
 
 def zero_paper(psi: float, nd: int, stage: int, k: int = 12) -> float:
@@ -76,8 +85,10 @@ def test_pipeline_puts_embedding_first_and_head_last() -> None:
     assert sum(s.shared for s in stages) == param_breakdown(DENSE).total
 
 
-@pytest.mark.parametrize(("p", "m", "v", "expected"), [(4, 8, 1, 3 / 11), (8, 8, 1, 7 / 15),
-                                                       (4, 8, 2, 3 / 19), (1, 4, 1, 0.0)])
+@pytest.mark.parametrize(
+    ("p", "m", "v", "expected"),
+    [(4, 8, 1, 3 / 11), (8, 8, 1, 7 / 15), (4, 8, 2, 3 / 19), (1, 4, 1, 0.0)],
+)
 def test_bubble_is_p_minus_1_over_m_plus_p_minus_1(p, m, v, expected) -> None:
     assert bubble_fraction(p, m, v) == pytest.approx(expected)
 
@@ -85,7 +96,9 @@ def test_bubble_is_p_minus_1_over_m_plus_p_minus_1(p, m, v, expected) -> None:
 def test_activations_by_hand_and_recompute() -> None:
     d, f, k = 64, 256, 2
     attention = 6 * d + 14 * 64 + 12 * 16 + 4 * 4  # 4 query heads, 1 KV head of 16
-    assert activation_bytes_per_token_layer(MOE, moe=True) == attention + 10 * d + k * (6 * d + 8 * f)
+    assert activation_bytes_per_token_layer(MOE, moe=True) == attention + 10 * d + k * (
+        6 * d + 8 * f
+    )
     assert activation_bytes_per_token_layer(MOE, moe=False) == attention + 6 * d + 8 * f
     full = training_memory(MOE, TrainLayout(micro_batch=2, seq_len=32), 80e9)
     assert full.activations == 4 * activation_bytes_per_token_layer(MOE, True) * 64

@@ -65,8 +65,18 @@ def test_planner_counts_equal_random_models(seed: int) -> None:
 
 def test_breakdown_by_component_by_hand() -> None:
     # 2 layers, d 8, 2 heads of 4, 1 KV head, vocab 10, 4 SwiGLU experts of 6, top-2, layer 0 dense
-    c = ModelConfig(vocab_size=10, d_model=8, n_layers=2, n_heads=2, n_kv_heads=1,
-                    ffn_hidden=5, n_experts=4, top_k=2, expert_hidden=6, first_k_dense=1)
+    c = ModelConfig(
+        vocab_size=10,
+        d_model=8,
+        n_layers=2,
+        n_heads=2,
+        n_kv_heads=1,
+        ffn_hidden=5,
+        n_experts=4,
+        top_k=2,
+        expert_hidden=6,
+        first_k_dense=1,
+    )
     p = param_breakdown(c)
     assert p.embedding == 2 * 10 * 8
     assert p.attention == 2 * (8 * 8 * 2 + 8 * 4 * 2)
@@ -78,13 +88,24 @@ def test_breakdown_by_component_by_hand() -> None:
 
 
 def test_flops_by_hand() -> None:
-    c = ModelConfig(vocab_size=10, d_model=8, n_layers=2, n_heads=2, n_kv_heads=1,
-                    ffn_hidden=5, n_experts=4, top_k=2, expert_hidden=6, first_k_dense=1)
+    c = ModelConfig(
+        vocab_size=10,
+        d_model=8,
+        n_layers=2,
+        n_heads=2,
+        n_kv_heads=1,
+        ffn_hidden=5,
+        n_experts=4,
+        top_k=2,
+        expert_hidden=6,
+        first_k_dense=1,
+    )
     matmul_params = (
         10 * 8  # output head (the input table is a lookup)
         + 2 * (8 * 8 * 2 + 8 * 4 * 2)  # attention
         + 3 * 8 * 5  # dense layer
-        + 8 * 4 + 2 * 3 * 8 * 6  # router + the 2 experts a token uses
+        + 8 * 4
+        + 2 * 3 * 8 * 6  # router + the 2 experts a token uses
     )
     f = token_flops(c, attended_positions=100)
     assert f.matmul == 2 * matmul_params

@@ -47,7 +47,4 @@ def get_hardware(name: str, option: str = "--gpu", **overrides: float | None) ->
     if name not in PRESETS:
         raise UserError(f"{option}: unknown hardware {name!r} (known: {', '.join(PRESETS)})")
     changes = {k: v for k, v in overrides.items() if v is not None}
-    for key, value in changes.items():
-        if value <= 0 and key != "peak_fp8_flops":
-            raise UserError(f"--{key.replace('_', '-')}: must be positive, got {value}")
     return dataclasses.replace(PRESETS[name], **changes)

@@ -51,9 +51,15 @@ class PlanOptions:
 
 
 def hardware(name: str, opts: PlanOptions, option: str) -> Hardware:
+    """A preset with the command line's hardware overrides (TFLOP/s, GB, TB/s, $) applied."""
+
     def scaled(value: float | None, unit: float) -> float | None:
         return None if value is None else value * unit
 
+    for flag in ("peak_tflops", "hbm_gb", "hbm_tbps", "price"):
+        value = getattr(opts, flag)
+        if value is not None and value <= 0:
+            raise UserError(f"--{flag.replace('_', '-')}: must be positive, got {value}")
     return get_hardware(
         name,
         option,

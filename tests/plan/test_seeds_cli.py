@@ -1,0 +1,152 @@
+"""`moegpt plan` on the seed's model: the published figures within 5%, the claims evaluated,
+and one-line errors for impossible inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from moegpt.cli import main
+from moegpt.config import load_config
+from moegpt.plan.seeds import seed_comparison
+
+ROOT = Path(__file__).resolve().parents[2]
+GPT4 = str(ROOT / "configs" / "gpt4-1.8t.toml")
+
+
+@pytest.fixture(scope="module")
+def seeds() -> dict:
+    return seed_comparison(load_config(GPT4))
+
+
+def figure(seeds: dict, prefix: str) -> dict:
+    return next(r for r in seeds["figures"] if r["figure"].startswith(prefix))
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        "total parameters",
+        "active parameters per token",
+        "forward FLOP per token",
+        "training FLOPs",
+        "days on 25,000 A100 at 32%",
+        "days on 25,000 A100 at 36%",
+        "cost at $1/A100-hour",
+        "cost of 8,192 H100",
+        "tokens per expert per batch",
+    ],
+)
+def test_seed_figures_within_five_percent(seeds: dict, prefix: str) -> None:
+    row = figure(seeds, prefix)
+    assert 0.95 <= row["ratio"] <= 1.05, row
+    assert row["note"]
+
+
+def test_seed_figures_by_first_principles(seeds: dict) -> None:
+    # 6 * N * D with N = 286.7B active minus the 1.54B lookup table and the norms
+    assert figure(seeds, "training FLOPs")["computed"] == pytest.approx(
+        3 * 2 * 285.16e9 * 13e12, rel=1e-3
+    )
+    assert figure(seeds, "tokens per expert")["computed"] == 60e6 * 2 / 16
+    assert figure(seeds, "cost of 8,192 H100")["computed"] == pytest.approx(8192 * 55 * 24 * 2)
+    assert "58% MFU" in figure(seeds, "cost of 8,192 H100")["note"]
+
+
+def test_kv_cache_shows_why_mqa_matters(seeds: dict) -> None:
+    rows = {(r["gpu"], r["context"]): r for r in seeds["kv_cache"]}
+    for row in rows.values():
+        assert row["per_sequence_mha"] == 120 * row["per_sequence_mqa"]
+        assert row["max_batch_mqa"] > row["max_batch_mha"]
+    # 2 (K, V) x 120 layers x 128 x 2 bytes = 61,440 bytes per token
+    assert rows[("a100-40g", 8192)]["per_sequence_mqa"] == 61_440 * 8192
+    assert rows[("a100-40g", 32768)]["max_batch_mha"] <= 1
+    assert rows[("a100-80g", 32768)]["max_batch_mqa"] > rows[("a100-40g", 32768)]["max_batch_mqa"]
+
+
+def test_claims_are_evaluated_not_asserted(seeds: dict) -> None:
+    claims = {c["claim"][:12]: c for c in seeds["claims"]}
+    assert claims["32k context "]["verdict"] == "holds only without MQA"
+    assert claims["8k context c"]["verdict"] == "holds"
+    assert "EP16" in claims["training on "]["verdict"]
+    cost = seeds["inference_cost"]
+    h100_fp8 = [r for r in cost if r["gpu"] == "h100-sxm" and r["precision"] == "fp8"]
+    h100_bf16 = [r for r in cost if r["gpu"] == "h100-sxm" and r["precision"] == "bf16"]
+    assert any(r["reachable"] for r in h100_fp8)
+    assert not any(r["reachable"] and r["context"] == 8192 for r in h100_bf16)
+
+
+def test_plan_json_schema(capsys) -> None:
+    assert main(["plan", "--config", GPT4, "--json", "--against-seeds"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert list(plan) == [
+        "schema_version",
+        "inputs",
+        "parameters",
+        "flops",
+        "training",
+        "memory",
+        "kv_cache",
+        "inference",
+        "seed_comparison",
+    ]
+    assert plan["parameters"]["total"] == 1_872_147_993_600
+    assert plan["training"]["tokens_per_expert_per_batch"] == pytest.approx(7.5e6, rel=1e-3)
+
+
+def test_plan_reverse_mfu_from_days(capsys) -> None:
+    assert (
+        main(
+            [
+                "plan",
+                "--config",
+                GPT4,
+                "--gpu",
+                "h100-sxm",
+                "--gpus",
+                "8160",
+                "--days",
+                "55",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    plan = json.loads(capsys.readouterr().out)
+    expected = plan["flops"]["training_total"] / (8160 * 989e12 * 55 * 86400)
+    assert plan["training"]["mfu"] == pytest.approx(expected)
+
+
+def test_plan_tables_render(capsys) -> None:
+    assert main(["plan", "--config", str(ROOT / "configs/tiny.toml"), "--gpu", "a100-80g"]) == 0
+    out = capsys.readouterr().out
+    for title in ("Parameters", "FLOPs", "Training on", "Memory per GPU", "KV cache", "Decode"):
+        assert title in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--gpus", "-8"], "--gpus: must be positive, got -8"),
+        (["--gpus", "100"], "--gpus: 100 is not a multiple of parallel.tp x parallel.pp = 120"),
+        (["--gpu", "v100"], "--gpu: unknown hardware 'v100'"),
+        (["--infer-gpu", "tpu"], "--infer-gpu: unknown hardware 'tpu'"),
+        (["--parallel.tp", "7"], "parallel.tp: 7 does not divide model.n_heads (120)"),
+        (["--infer-tp", "7"], "--infer-tp: 7 does not divide model.n_heads (120)"),
+        (["--mfu", "0"], "--mfu: must be in (0, 1], got 0.0"),
+        (["--zero", "5"], "--zero: stage must be 0, 1, 2 or 3, got 5"),
+        (
+            ["--precision", "fp8", "--gpu", "a100-40g", "--gpus", "120"],
+            "--precision fp8: a100-40g has no fp8 tensor cores",
+        ),
+        (["--hbm-gb", "-1"], "--hbm-gb: must be positive, got -1.0"),
+        (["--tokens", "0"], "--tokens: must be positive, got 0.0"),
+    ],
+)
+def test_impossible_inputs_get_one_line(argv: list[str], message: str, capsys) -> None:
+    assert main(["plan", "--config", GPT4, *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"moegpt: error: {message}"), err
+    assert "\n" not in err
