@@ -9,11 +9,24 @@ from rich.table import Table
 
 from moegpt.console import human
 
+TEXT_COLUMNS = {
+    "figure",
+    "component",
+    "part",
+    "gpu",
+    "precision",
+    "claim",
+    "verdict",
+    "evidence",
+    "why they differ",
+}
+
 
 def _table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> Table:
     table = Table(title=title, title_justify="left", show_edge=False)
-    for i, column in enumerate(columns):
-        table.add_column(column, justify="left" if i == 0 else "right", overflow="fold")
+    for column in columns:
+        justify = "left" if column in TEXT_COLUMNS else "right"
+        table.add_column(column, justify=justify, overflow="fold")
     for row in rows:
         table.add_row(*(str(cell) for cell in row))
     return table
@@ -167,10 +180,11 @@ def seed_tables(seeds: dict[str, Any]) -> list[Table]:
         ],
     )
     cost = _table(
-        "Inference cost at 8k context (ideal roofline, TP8 x PP16)",
+        "Inference cost (ideal roofline, TP8 x PP16)",
         (
             "gpu",
             "precision",
+            "context",
             "largest batch",
             "tokens/s",
             "$/1k at that batch",
@@ -182,6 +196,7 @@ def seed_tables(seeds: dict[str, Any]) -> list[Table]:
             (
                 r["gpu"],
                 r["precision"],
+                r["context"],
                 r["max_batch"],
                 human(r["tokens_per_second_at_max_batch"]),
                 f"{r['cost_at_max_batch']:.4f}",

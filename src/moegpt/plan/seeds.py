@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any
 
 from moegpt.config import Config
+from moegpt.console import human
 from moegpt.plan.flops import token_flops, training_token_flops
 from moegpt.plan.hardware import PRESETS
 from moegpt.plan.inference import ServeLayout, batch_for_cost, decode, kv_fit
@@ -100,7 +101,7 @@ def seed_comparison(config: Config) -> dict[str, Any]:
             f"attention at {seq} context adds {token_flops(m, seq).attention:.2e} on top",
         ),
         _row(
-            f"training FLOPs, {SEED['tokens']:.0e} tokens",
+            f"training FLOPs, {human(SEED['tokens'])} tokens",
             SEED["training_flops"],
             six_nd,
             "FLOP",
@@ -145,7 +146,7 @@ def seed_comparison(config: Config) -> dict[str, Any]:
             SEED["tokens_per_expert"],
             tokens_per_expert(SEED["batch_tokens"], m.top_k, m.n_experts),
             "tokens",
-            f"{SEED['batch_tokens']:.0e}-token batch x {m.top_k} / {m.n_experts} experts",
+            f"{human(SEED['batch_tokens'])}-token batch x {m.top_k} / {m.n_experts} experts",
         ),
         _row(
             "parameters per 8-GPU inference node",
@@ -270,7 +271,12 @@ def _claims(
     a100_8k_cost = next(r for r in cost_rows if r["gpu"] == "a100-40g" and r["context"] == 8192)
     fitting = [r for r in train_memory if r["fits"]]
     seed_ratio = SEED["cost_per_1k_a100"] / SEED["cost_per_1k_h100"]
-    bandwidth_ratio = PRESETS["h100-sxm"].hbm_bandwidth / PRESETS["a100-40g"].hbm_bandwidth
+    a100, h100 = PRESETS["a100-40g"], PRESETS["h100-sxm"]
+    bandwidth_ratio = h100.hbm_bandwidth / a100.hbm_bandwidth
+    price_ratio = h100.price_per_hour / a100.price_per_hour
+    # Memory-bound at equal batch, cost per token scales with price / (bandwidth / bytes).
+    bf16_ratio = bandwidth_ratio / price_ratio
+    fp8_ratio = bandwidth_ratio * 2 / price_ratio
     reachable = [
         f"{r['gpu']} {r['precision']} at {r['context']} context (batch {r['batch_for_seed_cost']})"
         for r in cost_rows
@@ -327,9 +333,11 @@ def _claims(
             "verdict": "reachable on " + ("; ".join(reachable) or "none of the rows"),
             "evidence": (
                 f"ideal roofline, TP8 x PP16, largest batch that fits: {at_max}. Memory-bound at "
-                f"equal batch, H100 bf16 is only {bandwidth_ratio:.2f}x faster (the bandwidth "
-                "ratio) for twice the price; fp8 halves the bytes read and doubles the KV "
-                "capacity, which is what brings the H100 cost down by the seed's ratio"
+                f"equal batch an H100 reads {bandwidth_ratio:.2f}x faster at {price_ratio:g}x the "
+                f"price, so per token it is {bf16_ratio:.2f}x cheaper in bf16 and "
+                f"{fp8_ratio:.2f}x cheaper with fp8 weights and KV, against the seed's "
+                f"{seed_ratio:.2f}x: the seed's ratio follows from the hardware only if the H100 "
+                "serves in fp8"
             ),
         },
     ]
