@@ -143,6 +143,12 @@ def test_plan_tables_render(capsys) -> None:
         ),
         (["--hbm-gb", "-1"], "--hbm-gb: must be positive, got -1.0"),
         (["--tokens", "0"], "--tokens: must be positive, got 0.0"),
+        (["--context", "-5"], "--context: must be positive, got -5"),
+        (["--infer-batch", "0"], "--infer-batch: must be positive, got 0"),
+        (
+            ["--infer-precision", "fp8", "--infer-gpu", "a100-80g"],
+            "--infer-precision fp8: a100-80g has no fp8 tensor cores",
+        ),
     ],
 )
 def test_impossible_inputs_get_one_line(argv: list[str], message: str, capsys) -> None:

@@ -22,10 +22,10 @@ class Hardware:
     nvlink_bandwidth: float  # bytes/s per GPU, one direction
     price_per_hour: float  # dollars per GPU-hour
 
-    def peak_flops(self, precision: str) -> float:
+    def peak_flops(self, precision: str, option: str = "--precision") -> float:
         if precision == "fp8":
             if not self.peak_fp8_flops:
-                raise UserError(f"--precision fp8: {self.name} has no fp8 tensor cores")
+                raise UserError(f"{option} fp8: {self.name} has no fp8 tensor cores")
             return self.peak_fp8_flops
         return self.peak_bf16_flops
 

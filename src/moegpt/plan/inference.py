@@ -133,7 +133,7 @@ def decode(
     kv_token_gpu = _kv_bytes_per_token_on_gpu(c, layout, stage.layers)
     bytes_gpu = touched * layout.weight_bytes + micro * context * kv_token_gpu
     flops_gpu = micro * flops.forward / layout.gpus
-    compute_time = flops_gpu / (hw.peak_flops(layout.precision) * layout.mfu)
+    compute_time = flops_gpu / (hw.peak_flops(layout.precision, "--infer-precision") * layout.mfu)
     memory_time = bytes_gpu / (hw.hbm_bandwidth * layout.mbu)
     round_time = slots * max(compute_time, memory_time)
     tokens_per_second = batch / round_time

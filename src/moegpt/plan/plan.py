@@ -133,10 +133,12 @@ def build_plan(config: Config, opts: PlanOptions) -> dict[str, Any]:
     infer_hw = hardware(opts.infer_gpu or opts.gpu, opts, "--infer-gpu")
     serve = serve_layout(config, opts)
     serve.validate(m)
-    context = opts.context or m.max_seq_len
+    context = m.max_seq_len if opts.context is None else opts.context
+    if context < 1:
+        raise UserError(f"--context: must be positive, got {context}")
     fit = kv_fit(m, infer_hw, serve, context)
     fit_mha = kv_fit(m, infer_hw, serve, context, n_kv_heads=m.n_heads)
-    batch = opts.infer_batch or max(fit.max_batch, 1)
+    batch = max(fit.max_batch, 1) if opts.infer_batch is None else opts.infer_batch
     roofline = decode(m, infer_hw, serve, batch, context)
 
     return {
