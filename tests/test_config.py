@@ -199,3 +199,74 @@ def test_cli_reports_config_errors_in_one_line_with_status_2() -> None:
     assert result.returncode == 2
     assert result.stderr.strip() == "moegpt: error: model.top_k: 9 exceeds model.n_experts (8)"
     assert "Traceback" not in result.stderr
+
+
+def test_sources_are_an_array_of_tables(tmp_path: Path) -> None:
+    path = tmp_path / "mix.toml"
+    path.write_text(
+        '[[data.sources]]\nname = "a"\npath = "a/*.txt"\nepochs = 3\n'
+        '[[data.sources]]\nname = "b"\nkind = "code"\npath = "b.jsonl"\nweight = 2\n'
+    )
+    config = load_config(path, ["--data.sources.1.epochs", "5"])
+    assert [(s.name, s.kind, s.epochs, s.weight) for s in config.data.sources] == [
+        ("a", "text", 3, 0.0),
+        ("b", "code", 5, 2.0),
+    ]
+    again = tmp_path / "again.toml"
+    again.write_text(to_toml(config))
+    assert load_config(again) == config
+
+
+def test_default_sources_are_stdlib_code_four_times_and_text_twice() -> None:
+    sources = load_config(None).data.sources
+    assert [(s.name, s.path, s.epochs) for s in sources] == [
+        ("code", "stdlib:code", 4),
+        ("text", "stdlib:text", 2),
+    ]
+    assert load_config(None, ["--data.sources.0.epochs", "1"]).data.sources[0].epochs == 1
+
+
+@pytest.mark.parametrize(
+    ("toml", "overrides", "message"),
+    [
+        (
+            '[[data.sources]]\nname = "a"\npath = "x"\nepochs = 0\n',
+            [],
+            "data.sources[0].epochs: must be positive, got 0",
+        ),
+        (
+            '[[data.sources]]\nname = "a"\npath = "x"\n[[data.sources]]\nname = "b"\npath = ""\n',
+            [],
+            "data.sources[1].path: must name files, a folder or a built-in corpus",
+        ),
+        (
+            '[[data.sources]]\nname = "a b"\npath = "x"\n',
+            [],
+            "data.sources[0].name: must be non-empty letters, digits, - or _, got 'a b'",
+        ),
+        (
+            '[[data.sources]]\nname = "a"\npath = "x"\nepoch = 2\n',
+            [],
+            "data.sources[0].epoch: unknown key (did you mean data.sources.epochs?)",
+        ),
+        (
+            '[[data.sources]]\nname = "a"\npath = "x"\n[[data.sources]]\nname = "a"\npath = "y"\n',
+            [],
+            "data.sources: source name 'a' is used twice",
+        ),
+        (
+            '[[data.sources]]\nname = "a"\npath = "x"\nval_fraction = 1.0\n',
+            [],
+            "data.sources[0].val_fraction: must be in [0, 1), got 1.0",
+        ),
+        ("[data]\nsources = 3\n", [], "data.sources: expected a list of tables, got 3"),
+        ("", ["--data.sources.7.epochs", "2"], "data.sources.7.epochs: no such entry (2 in "),
+        ("", ["--data.sources.0.epoch", "2"], "data.sources.0.epoch: unknown key"),
+    ],
+)
+def test_source_errors_name_the_entry(tmp_path: Path, toml, overrides, message) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    assert str(info.value).startswith(message), info.value

@@ -64,6 +64,8 @@ class _Section:
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        return "a list of tables"
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}[tp]
 
 
@@ -86,9 +88,25 @@ def _check_type(name: str, value: Any, tp: Any) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+    elif typing.get_origin(tp) is tuple:  # tuple[Section, ...]: a TOML array of tables
+        if isinstance(value, list | tuple):
+            item_cls = typing.get_args(tp)[0]
+            return tuple(_section_item(name, i, item_cls, item) for i, item in enumerate(value))
     else:  # pragma: no cover - a field declared with an unsupported type is a programming error
         raise TypeError(f"{name}: unsupported config field type {tp!r}")
     raise ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _section_item(name: str, index: int, cls: type[_Section], item: Any) -> Any:
+    """One table of an array of tables, its errors named ``name[index].field``."""
+    if isinstance(item, cls):
+        return item
+    if not isinstance(item, Mapping):
+        raise ConfigError(f"{name}[{index}]: expected a table, got {item!r}")
+    try:
+        return section_from_dict(cls, item)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace(f"{cls.SECTION}.", f"{name}[{index}].", 1)) from None
 
 
 @dataclass(frozen=True)
@@ -174,18 +192,79 @@ class ModelConfig(_Section):
         return 2 * self.n_layers * heads * self.head_dim * bytes_per_element
 
 
+BUILTIN_CORPORA = (
+    "stdlib:code",
+    "stdlib:text",
+    "debian:wordnet",
+    "debian:python-doc",
+    "debian:gcide",
+)
+
+
+@dataclass(frozen=True)
+class SourceConfig(_Section):
+    """One data source of the mixture (a ``[[data.sources]]`` table)."""
+
+    SECTION: ClassVar[str] = "data.sources"
+
+    name: str = _doc("", "unique name: used in reports, shard folders and eval metrics")
+    kind: Literal["text", "code", "chat"] = _doc("text", "what the documents are")
+    path: str = _doc(
+        "",
+        "files, a glob, a folder, or a built-in corpus: " + ", ".join(BUILTIN_CORPORA),
+    )
+    format: Literal["auto", "text", "jsonl"] = _doc(
+        "auto", "auto: *.jsonl files are JSON lines, other files one document each"
+    )
+    text_field: str = _doc("text", "the JSONL field that holds a document's text")
+    epochs: int = _doc(1, "times each training token of this source is seen over a full run")
+    weight: float = _doc(
+        0.0, "interleaving weight; 0 = proportional to epochs x tokens (sources end together)"
+    )
+    val_fraction: float = _doc(0.01, "share of the documents held out for validation")
+
+    def validate(self) -> None:
+        if not self.name or not all(ch.isalnum() or ch in "-_" for ch in self.name):
+            self._fail("name", f"must be non-empty letters, digits, - or _, got {self.name!r}")
+        if not self.path:
+            self._fail("path", "must name files, a folder or a built-in corpus")
+        self._positive("epochs")
+        self._non_negative("weight")
+        if not 0.0 <= self.val_fraction < 1.0:
+            self._fail("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+
+
+DEFAULT_SOURCES = (
+    SourceConfig(name="code", kind="code", path="stdlib:code", epochs=4),
+    SourceConfig(name="text", kind="text", path="stdlib:text", epochs=2),
+)
+
+
 @dataclass(frozen=True)
 class DataConfig(_Section):
-    """Where the training tokens come from."""
+    """Where the training tokens come from and how they are mixed."""
 
     SECTION: ClassVar[str] = "data"
 
     seq_len: int = _doc(256, "tokens per training sequence (<= model.max_seq_len)")
     tokenizer: str = _doc("", "path to a tokenizer.json; empty = the one `moegpt prepare` trains")
     data_dir: str = _doc("data/tiny", "folder of prepared token shards")
+    seed: int = _doc(1234, "seed of the document order (independent of the model's)")
+    document_mask: bool = _doc(False, "attention does not cross document boundaries")
+    workers: int = _doc(0, "tokenizer worker processes for `moegpt prepare`; 0 = one per core")
+    sources: tuple[SourceConfig, ...] = _doc(
+        DEFAULT_SOURCES, "the mixture: [[data.sources]] tables (default: stdlib code x4, text x2)"
+    )
 
     def validate(self) -> None:
         self._positive("seq_len")
+        self._non_negative("seed", "workers")
+        if not self.sources:
+            self._fail("sources", "at least one source is needed")
+        names = [s.name for s in self.sources]
+        for name in names:
+            if names.count(name) > 1:
+                self._fail("sources", f"source name {name!r} is used twice")
 
 
 @dataclass(frozen=True)
@@ -405,11 +484,36 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, str]) -> dic
             raise ConfigError(f"{section}: unknown section{_suggest(section, SECTIONS)}")
         cls = SECTIONS[section]
         hints = typing.get_type_hints(cls)
+        if "." in key:  # e.g. data.sources.0.epochs: a field of one table in an array
+            _override_item(merged.setdefault(section, {}), cls, dotted, text)
+            continue
         if key not in hints or key == "SECTION":
             known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
             raise ConfigError(f"{dotted}: unknown key{_suggest(key, known, section)}")
         merged.setdefault(section, {})[key] = _parse_text(dotted, text, hints[key])
     return merged
+
+
+def _override_item(section: dict[str, Any], cls: type[_Section], dotted: str, text: str) -> None:
+    _, array, index, key = (dotted.split(".", 3) + ["", "", ""])[:4]
+    tp = typing.get_type_hints(cls).get(array)
+    if typing.get_origin(tp) is not tuple:
+        raise ConfigError(f"{dotted}: unknown key")
+    items = section.get(array)
+    if items is None:  # start from the defaults so one field can change
+        items = [dataclasses.asdict(item) for item in getattr(cls(), array)]
+    items = [
+        dict(item) if isinstance(item, Mapping) else dataclasses.asdict(item) for item in items
+    ]
+    if not index.isdigit() or int(index) >= len(items):
+        raise ConfigError(f"{dotted}: no such entry ({len(items)} in {cls.SECTION}.{array})")
+    item_cls = typing.get_args(tp)[0]
+    item_hints = typing.get_type_hints(item_cls)
+    if key not in item_hints or key == "SECTION":
+        known = [f.name for f in dataclasses.fields(item_cls)]
+        raise ConfigError(f"{dotted}: unknown key{_suggest(key, known, dotted.rsplit('.', 1)[0])}")
+    items[int(index)][key] = _parse_text(dotted, text, item_hints[key])
+    section[array] = items
 
 
 def load_config(
@@ -433,16 +537,25 @@ def load_config(
 def to_toml(config: Config, with_help: bool = True) -> str:
     """Write a config as TOML that :func:`load_config` reads back to an equal config."""
     lines: list[str] = []
-    for name, cls in SECTIONS.items():
-        section = getattr(config, name)
-        lines.append(f"[{name}]")
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-            value = getattr(section, f.name)
-            text = _toml_value(value)
-            comment = f"  # {f.metadata['help']}" if with_help else ""
-            lines.append(f"{f.name} = {text}{comment}")
-        lines.append("")
+    for name in SECTIONS:
+        lines += _toml_table(f"[{name}]", getattr(config, name), with_help)
     return "\n".join(lines)
+
+
+def _toml_table(header: str, section: Any, with_help: bool) -> list[str]:
+    """One table's lines, then its arrays of tables (which TOML wants after the keys)."""
+    lines, arrays = [header], []
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        comment = f"  # {f.metadata['help']}" if with_help else ""
+        if isinstance(value, tuple):
+            if with_help:
+                arrays.append(f"# {f.name}:{comment[3:]}")
+            for item in value:
+                arrays += _toml_table(f"[[{section.SECTION}.{f.name}]]", item, with_help)
+        else:
+            lines.append(f"{f.name} = {_toml_value(value)}{comment}")
+    return [*lines, "", *arrays]
 
 
 def _toml_value(value: Any) -> str:
