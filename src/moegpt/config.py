@@ -495,7 +495,7 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, str]) -> dic
 
 
 def _override_item(section: dict[str, Any], cls: type[_Section], dotted: str, text: str) -> None:
-    _, array, index, key = (dotted.split(".", 3) + ["", "", ""])[:4]
+    _, array, index, key = [*dotted.split(".", 3), "", "", ""][:4]
     tp = typing.get_type_hints(cls).get(array)
     if typing.get_origin(tp) is not tuple:
         raise ConfigError(f"{dotted}: unknown key")
