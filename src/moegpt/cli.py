@@ -77,6 +77,38 @@ def cmd_plan(args: argparse.Namespace) -> None:
         stdout.print()
 
 
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from moegpt.data.prepare import prepare
+
+    config = _load(args)
+    manifest = prepare(config)
+    tokens = sum(s["splits"]["train"]["tokens"] for s in manifest["sources"].values())
+    stderr.print(
+        f"{config.data.data_dir}: {len(manifest['sources'])} sources, {tokens:,} training tokens, "
+        f"tokenizer of {manifest['tokenizer']['vocab_size']:,} ids",
+        highlight=False,
+    )
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> None:
+    from moegpt.data.inspect import inspect_data, inspect_table
+
+    report = inspect_data(_load(args), samples=args.samples)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    stdout.print(inspect_table(report))
+    run = report["run"]
+    stdout.print(
+        f"a run of {run['steps']:,} steps reads {run['sequences']:,} sequences "
+        f"({run['mixture_fraction']:.1%} of the planned mixture)",
+        highlight=False,
+    )
+    for i, sample in enumerate(report["samples"]):
+        stdout.rule(f"sample {i}")
+        stdout.print(sample, markup=False, highlight=False)
+
+
 def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     from moegpt.plan.hardware import PRESETS
     from moegpt.plan.memory import STATE_PRECISIONS
@@ -180,6 +212,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_argument(plan)
     _add_plan_arguments(plan)
     plan.set_defaults(func=cmd_plan, takes_overrides=True)
+
+    prep = verbs.add_parser(
+        "prepare",
+        help="train or load the tokenizer and write token shards for the recipe's sources",
+        description="Tokenize every [[data.sources]] entry into data.data_dir: a byte-level BPE "
+        "is trained on the training split unless data.tokenizer names one, documents are "
+        "tokenized by worker processes and written as memory-mappable shards with a manifest. "
+        "Re-running does only what changed.",
+        epilog=OVERRIDES_HELP,
+    )
+    _add_config_argument(prep)
+    prep.set_defaults(func=cmd_prepare, takes_overrides=True)
+
+    data = verbs.add_parser("data", help="inspect prepared data", description="Prepared data.")
+    data_verbs = data.add_subparsers(dest="data_verb", metavar="ACTION", required=True)
+    inspect = data_verbs.add_parser(
+        "inspect",
+        help="sources, tokens, epochs and shares of the mixture, with decoded samples",
+        description="Verify the shards and print, per source, documents and tokens (training / "
+        "validation), epochs, planned tokens and share of the mixture, how much of it the "
+        "configured run reads, and a few decoded training sequences.",
+        epilog=OVERRIDES_HELP,
+    )
+    _add_config_argument(inspect)
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.add_argument("--samples", type=int, default=2, help="decoded sequences to show")
+    inspect.set_defaults(func=cmd_data_inspect, takes_overrides=True)
 
     conv = verbs.add_parser(
         "convert",

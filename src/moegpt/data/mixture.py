@@ -1,0 +1,257 @@
+"""The training mixture: exact per-source epochs, packed sequences, rank sharding, resume.
+
+The whole run is planned up front as one stream of documents. Each source contributes its
+training documents ``epochs`` times, freshly shuffled every epoch; the sources are merged by
+weighted fair queueing on tokens (a document is placed by the share of its source's planned
+tokens it completes), so with the default weights every source is spread evenly over the run
+and all of them end together. Every document is followed by end-of-text, and the stream is cut
+into windows of ``seq_len + 1`` tokens overlapping by one (inputs and shifted labels), so each
+stream token is trained on exactly once. Sequence ``g`` is a pure function of the plan, which
+makes sharding (ranks take disjoint, contiguous parts of each global batch) and resuming (the
+state is the number of sequences all ranks consumed) exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moegpt.config import DataConfig, SourceConfig
+from moegpt.data.shards import SplitTokens, open_split, read_manifest
+from moegpt.errors import UserError
+
+IGNORE_INDEX = -100  # label of padding: cross-entropy skips it
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """Which document sits where in the run's token stream."""
+
+    doc_source: np.ndarray  # int32: source of the k-th document of the stream
+    doc_index: np.ndarray  # int64: its index in that source's split
+    doc_start: np.ndarray  # int64: its first token's position in the stream
+    length: int  # tokens in the stream, end-of-text included
+
+
+def _epoch_order(n_docs: int, epochs: int, seed: int, name: str, shuffle: bool) -> np.ndarray:
+    if not shuffle:
+        return np.tile(np.arange(n_docs), epochs)
+    orders = [
+        np.random.default_rng([seed, zlib.crc32(name.encode()), epoch]).permutation(n_docs)
+        for epoch in range(epochs)
+    ]
+    return np.concatenate(orders) if orders else np.zeros(0, np.int64)
+
+
+def plan_stream(
+    splits: list[SplitTokens],
+    epochs: list[int],
+    weights: list[float],
+    seed: int,
+    shuffle: bool = True,
+) -> StreamPlan:
+    """Merge the sources' epoch-shuffled document orders into one stream."""
+    sources, indices, finish = [], [], []
+    for s, (split, n_epochs, weight) in enumerate(zip(splits, epochs, weights, strict=True)):
+        order = _epoch_order(split.documents, n_epochs, seed, split.name, shuffle)
+        sizes = split.doc_lengths[order] + 1  # + end-of-text
+        planned = float(sizes.sum()) or 1.0
+        share = weight if weight > 0 else planned  # default: sources finish together
+        finish.append(np.cumsum(sizes) / share)
+        sources.append(np.full(len(order), s, dtype=np.int32))
+        indices.append(order)
+    doc_source = np.concatenate(sources) if sources else np.zeros(0, np.int32)
+    doc_index = np.concatenate(indices) if indices else np.zeros(0, np.int64)
+    merged = np.lexsort((doc_source, np.concatenate(finish))) if finish else np.zeros(0, np.int64)
+    doc_source, doc_index = doc_source[merged], doc_index[merged]
+    sizes = _sizes(splits, doc_source, doc_index)
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    return StreamPlan(doc_source, doc_index, starts[:-1], int(starts[-1]))
+
+
+def _sizes(splits: list[SplitTokens], doc_source: np.ndarray, doc_index: np.ndarray) -> np.ndarray:
+    """Tokens of each stream document, its end-of-text included."""
+    sizes = np.empty(len(doc_source), dtype=np.int64)
+    for s, split in enumerate(splits):
+        mask = doc_source == s
+        sizes[mask] = split.doc_lengths[doc_index[mask]] + 1
+    return sizes
+
+
+class Mixture:
+    """Packed sequences of one split of the prepared data, in the planned order."""
+
+    def __init__(
+        self,
+        splits: list[SplitTokens],
+        sources: list[SourceConfig],
+        seq_len: int,
+        eos_id: int,
+        seed: int,
+        shuffle: bool = True,
+        epochs: list[int] | None = None,
+        identity: str = "",
+    ) -> None:
+        self.splits = splits
+        self.sources = sources
+        self.seq_len = seq_len
+        self.eos_id = eos_id
+        self.epochs = epochs or [s.epochs for s in sources]
+        self.plan = plan_stream(splits, self.epochs, [s.weight for s in sources], seed, shuffle)
+        # Windows of seq_len + 1 tokens overlapping by one: the last may be short (padded).
+        self.n_sequences = max(0, -(-(self.plan.length - 1) // seq_len))
+        self.fingerprint = hashlib.sha256(
+            json.dumps(
+                [
+                    identity,
+                    seq_len,
+                    seed,
+                    shuffle,
+                    self.epochs,
+                    [(s.name, s.weight) for s in sources],
+                ]
+            ).encode()
+        ).hexdigest()[:16]
+
+    @classmethod
+    def open(
+        cls,
+        data: DataConfig,
+        split: str = "train",
+        source: str | None = None,
+        verify: bool = True,
+    ) -> Mixture:
+        """The training mixture, or (``split="val"``) one source's held-out documents once."""
+        data_dir = Path(data.data_dir)
+        manifest = read_manifest(data_dir)
+        chosen = [s for s in data.sources if source is None or s.name == source]
+        if not chosen:
+            raise UserError(f"{source}: no such source in data.sources")
+        for i, s in enumerate(data.sources):
+            if s in chosen and s.name not in manifest["sources"]:
+                raise UserError(
+                    f"data.sources[{i}] {s.name!r}: not prepared in {data_dir} "
+                    "(run `moegpt prepare --config ...`)"
+                )
+        splits = [open_split(data_dir, manifest, s.name, split, verify) for s in chosen]
+        identity = json.dumps([manifest["sources"][s.name]["splits"][split] for s in chosen])
+        validation = split != "train"
+        return cls(
+            splits,
+            chosen,
+            data.seq_len,
+            manifest["tokenizer"]["eos_id"],
+            data.seed,
+            shuffle=not validation,
+            epochs=[1] * len(chosen) if validation else None,
+            identity=identity,
+        )
+
+    def tokens_of(self, k: int) -> np.ndarray:
+        """The k-th stream document's tokens (without its end-of-text)."""
+        return self.splits[self.plan.doc_source[k]].document(int(self.plan.doc_index[k]))
+
+    def sequence(self, g: int) -> dict[str, np.ndarray]:
+        """Sequence ``g``: inputs, labels (-100 on padding), positions and document ids
+        restarting at every document, for a block-diagonal mask."""
+        if not 0 <= g < self.n_sequences:
+            raise IndexError(f"sequence {g} outside 0..{self.n_sequences - 1}")
+        start = g * self.seq_len
+        end = min(start + self.seq_len + 1, self.plan.length)
+        starts = self.plan.doc_start
+        first = int(np.searchsorted(starts, start, side="right")) - 1
+        last = int(np.searchsorted(starts, end, side="left"))
+        pieces, positions, documents = [], [], []
+        for k in range(first, last):
+            doc = np.append(self.tokens_of(k), self.eos_id)
+            lo = max(start - starts[k], 0)
+            hi = min(end - starts[k], len(doc))
+            pieces.append(doc[lo:hi])
+            positions.append(np.arange(lo, hi))
+            documents.append(np.full(hi - lo, k - first))
+        window = np.concatenate(pieces).astype(np.int64)
+        pos = np.concatenate(positions)
+        doc_ids = np.concatenate(documents)
+        pad = self.seq_len + 1 - len(window)
+        labels = window[1:].copy()
+        if pad:
+            window = np.concatenate([window, np.full(pad, self.eos_id)])
+            labels = np.concatenate([labels, np.full(pad, IGNORE_INDEX)])
+            pos = np.concatenate([pos, np.zeros(pad, np.int64)])
+            doc_ids = np.concatenate([doc_ids, np.full(pad, doc_ids[-1] + 1)])
+        return {
+            "input_ids": window[: self.seq_len],
+            "labels": labels[: self.seq_len],
+            "positions": pos[: self.seq_len],
+            "document_ids": doc_ids[: self.seq_len],
+        }
+
+    def planned_tokens(self) -> list[int]:
+        """Training tokens each source contributes over the run (epochs x its tokens + EOS)."""
+        return [
+            int(e * (split.tokens + split.documents))
+            for split, e in zip(self.splits, self.epochs, strict=True)
+        ]
+
+
+class MixtureLoader:
+    """Batches of one data-parallel rank; resumable from ``state_dict()``.
+
+    Each global batch is ``batch_size x world_size`` consecutive sequences; rank r takes the
+    r-th contiguous part. The state is the number of sequences all ranks consumed, so a run
+    saved at one data-parallel degree resumes at another with nothing lost or repeated.
+    """
+
+    def __init__(
+        self,
+        mixture: Mixture,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        document_mask: bool = False,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of {world_size}")
+        self.mixture = mixture
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.document_mask = document_mask
+        self.consumed = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"consumed": self.consumed, "mixture": self.mixture.fingerprint}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("mixture") != self.mixture.fingerprint:
+            raise UserError(
+                "data loader state comes from a different mixture (sources, epochs, weights, "
+                "seed, seq_len or shards changed since the checkpoint)"
+            )
+        self.consumed = int(state["consumed"])
+
+    def _rank_slice(self, global_count: int) -> range:
+        base, extra = divmod(global_count, self.world_size)
+        first = self.consumed + self.rank * base + min(self.rank, extra)
+        return range(first, first + base + (self.rank < extra))
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        total = self.mixture.n_sequences
+        while self.consumed < total:
+            global_count = min(self.batch_size * self.world_size, total - self.consumed)
+            rows = [self.mixture.sequence(g) for g in self._rank_slice(global_count)]
+            self.consumed += global_count
+            keys = ("input_ids", "labels", "positions", "document_ids")
+            if not self.document_mask:
+                keys = keys[:2]
+            yield (
+                {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in keys} if rows else {}
+            )

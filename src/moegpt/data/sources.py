@@ -1,0 +1,260 @@
+"""Where documents come from: files, globs, folders, JSONL, and built-in corpora.
+
+Built-in corpora need no download:
+
+- ``stdlib:code``: every ``.py`` file of the running interpreter's standard library, minus
+  test folders and installed packages (~12 MB on CPython 3.11); one document per file.
+- ``stdlib:text``: English prose from the same installation: the pydoc topic pages
+  (``pydoc_data``, ~0.5 MB) and each module's docstrings (module, classes, functions; read with
+  ``ast``, never imported); one document per topic or module.
+- ``debian:wordnet`` (package ``wordnet-base``): WordNet 3.0 glosses, one document per synset
+  group of a few hundred glosses; ``debian:python-doc`` (``python3.11-doc``): the reST sources
+  of the Python documentation, one document per page; ``debian:gcide`` (``dict-gcide``): the
+  Collaborative International Dictionary of English with its markup stripped, one document
+  per entry. A missing package is reported with the ``apt-get install`` line that provides it.
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import gzip
+import hashlib
+import json
+import re
+import sys
+import sysconfig
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from moegpt.config import SourceConfig
+from moegpt.errors import UserError
+
+TEST_FOLDERS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A source's documents and a fingerprint that changes whenever they may have."""
+
+    documents: list[str]
+    fingerprint: str
+    files: int
+    bytes: int
+
+
+def _stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_python_files() -> list[Path]:
+    root = _stdlib_root()
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        if not TEST_FOLDERS.intersection(path.relative_to(root).parts[:-1]):
+            files.append(path)
+    return files
+
+
+def _files_fingerprint(files: list[Path], extra: str = "") -> str:
+    digest = hashlib.sha256(extra.encode())
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _read_text(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def _corpus(documents: list[str], files: list[Path], extra: str = "") -> Corpus:
+    documents = [d for d in documents if d.strip()]
+    return Corpus(
+        documents=documents,
+        fingerprint=_files_fingerprint(files, extra),
+        files=len(files),
+        bytes=sum(len(d.encode("utf-8")) for d in documents),
+    )
+
+
+def stdlib_code() -> Corpus:
+    files = stdlib_python_files()
+    return _corpus([_read_text(p) for p in files], files, "stdlib:code")
+
+
+def module_docstrings(source: str) -> str:
+    """A module's docstrings (module, then classes and functions in order), or ''."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return ""
+    nodes = [tree] + [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+    ]
+    parts = []
+    for node in nodes:
+        doc = ast.get_docstring(node)
+        if doc and len(doc.split()) >= 3:  # skip one-word placeholders
+            parts.append(doc)
+    return "\n\n".join(parts)
+
+
+def stdlib_text() -> Corpus:
+    from pydoc_data import topics as pydoc_topics
+
+    files = stdlib_python_files()
+    topics = [pydoc_topics.topics[key] for key in sorted(pydoc_topics.topics)]
+    docstrings = [module_docstrings(_read_text(p)) for p in files]
+    topics_file = Path(pydoc_topics.__file__)
+    return _corpus(topics + docstrings, [topics_file, *files], "stdlib:text")
+
+
+def _require(path: Path, package: str) -> None:
+    if not path.exists():
+        raise UserError(
+            f"{path}: not found; the source needs the Debian package {package}: "
+            f"sudo apt-get install {package}"
+        )
+
+
+WORDNET_DIR = Path("/usr/share/wordnet")
+PYTHON_DOC_DIR = Path(
+    f"/usr/share/doc/python{sys.version_info.major}.{sys.version_info.minor}/html/_sources"
+)
+GCIDE_DICT = Path("/usr/share/dictd/gcide.dict.dz")
+
+
+def wordnet_glosses(lines: list[str], group: int = 200) -> list[str]:
+    """Glosses from WordNet ``data.*`` lines ('offset ... | gloss'), ``group`` per document."""
+    glosses = []
+    for line in lines:
+        if line.startswith("  ") or "|" not in line:
+            continue  # the licence header is indented
+        words = line.split(" ")
+        lemma = words[4].replace("_", " ") if len(words) > 4 else ""
+        glosses.append(f"{lemma}: {line.split('|', 1)[1].strip()}")
+    return ["\n".join(glosses[i : i + group]) for i in range(0, len(glosses), group)]
+
+
+def debian_wordnet() -> Corpus:
+    _require(WORDNET_DIR, "wordnet-base")
+    files = [WORDNET_DIR / f"data.{pos}" for pos in ("noun", "verb", "adj", "adv")]
+    documents = []
+    for path in files:
+        _require(path, "wordnet-base")
+        documents += wordnet_glosses(_read_text(path).splitlines())
+    return _corpus(documents, files, "debian:wordnet")
+
+
+def debian_python_doc() -> Corpus:
+    package = f"python{sys.version_info.major}.{sys.version_info.minor}-doc"
+    _require(PYTHON_DOC_DIR, package)
+    files = sorted(PYTHON_DOC_DIR.rglob("*.rst.txt"))
+    return _corpus([_read_text(p) for p in files], files, "debian:python-doc")
+
+
+_GCIDE_TAG = re.compile(r"\[(?:[^\]]*(?:Webster|WordNet|PJC|Century|Wyclif|Chaucer)[^\]]*)\]")
+_GCIDE_PRONUNCIATION = re.compile(r"\\[^\\\n]*\\")
+_BASE64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+def _dictd_number(text: str) -> int:
+    value = 0
+    for ch in text:
+        value = value * 64 + _BASE64.index(ch)
+    return value
+
+
+def strip_gcide_markup(entry: str) -> str:
+    """Drop source tags ([1913 Webster]), pronunciations (\\Word\\) and cross-reference braces."""
+    text = _GCIDE_TAG.sub("", entry)
+    text = _GCIDE_PRONUNCIATION.sub("", text)
+    text = text.replace("{", "").replace("}", "")
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text)]
+    return "\n\n".join(p for p in paragraphs if p)
+
+
+def gcide_entries(data: bytes, index_lines: list[str]) -> list[str]:
+    """Entries of a dictd database, each once, in file order, markup stripped."""
+    spans = set()
+    for line in index_lines:
+        fields = line.split("\t")
+        if len(fields) == 3 and not fields[0].startswith("00-database"):
+            spans.add((_dictd_number(fields[1]), _dictd_number(fields[2])))
+    return [
+        strip_gcide_markup(data[start : start + length].decode("utf-8", errors="replace"))
+        for start, length in sorted(spans)
+    ]
+
+
+def debian_gcide() -> Corpus:
+    index = GCIDE_DICT.with_name("gcide.index")
+    _require(GCIDE_DICT, "dict-gcide")
+    _require(index, "dict-gcide")
+    with gzip.open(GCIDE_DICT, "rb") as f:  # dictzip is gzip-compatible
+        data = f.read()
+    documents = gcide_entries(data, _read_text(index).splitlines())
+    return _corpus(documents, [GCIDE_DICT, index], "debian:gcide")
+
+
+BUILTINS: dict[str, Callable[[], Corpus]] = {
+    "stdlib:code": stdlib_code,
+    "stdlib:text": stdlib_text,
+    "debian:wordnet": debian_wordnet,
+    "debian:python-doc": debian_python_doc,
+    "debian:gcide": debian_gcide,
+}
+
+
+def _expand(pattern: str, where: str) -> list[Path]:
+    path = Path(pattern)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    elif any(ch in pattern for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+    else:
+        files = [path] if path.is_file() else []
+    if not files:
+        raise UserError(f"{where}: {pattern!r} matches no files")
+    return files
+
+
+def _jsonl_documents(path: Path, field: str, where: str) -> Iterator[str]:
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            text = record.get(field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise UserError(f"{path}:{number}: no string field {field!r} ({where}.text_field)")
+            yield text
+
+
+def load_corpus(source: SourceConfig, index: int) -> Corpus:
+    """All documents of a source; a missing file or package is a one-line error."""
+    where = f"data.sources[{index}].path"
+    if source.path in BUILTINS:
+        return BUILTINS[source.path]()
+    if (
+        ":" in source.path
+        and not Path(source.path).exists()
+        and source.path.split(":")[0] in ("stdlib", "debian")
+    ):
+        raise UserError(f"{where}: unknown built-in corpus {source.path!r} ({', '.join(BUILTINS)})")
+    files = _expand(source.path, where)
+    documents: list[str] = []
+    for path in files:
+        jsonl = source.format == "jsonl" or (source.format == "auto" and path.suffix == ".jsonl")
+        if jsonl:
+            documents += _jsonl_documents(path, source.text_field, f"data.sources[{index}]")
+        else:
+            documents.append(_read_text(path))
+    return _corpus(documents, files, f"{source.format}:{source.text_field}")
