@@ -134,3 +134,17 @@ def test_aux_loss_is_the_mean_over_moe_layers() -> None:
     torch.testing.assert_close(out.aux_loss, expected)
     dense = Transformer(small_config(n_experts=0))(torch.randint(0, 97, (1, 4)))
     assert dense.moe_stats == [] and dense.aux_loss.item() == 0.0
+
+
+def test_document_mask_makes_packed_documents_independent() -> None:
+    model = Transformer(small_config()).eval()
+    first, second = torch.randint(0, 97, (1, 5)), torch.randint(0, 97, (1, 7))
+    packed = torch.cat([first, second], dim=1)
+    document_ids = torch.tensor([[0] * 5 + [1] * 7])
+    positions = torch.cat([torch.arange(5), torch.arange(7)]).unsqueeze(0)
+    with torch.no_grad():
+        together = model(packed, positions=positions, document_ids=document_ids).logits
+        alone = model(second).logits
+        leaky = model(packed).logits
+    torch.testing.assert_close(together[:, 5:], alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(leaky[:, 5:], alone, atol=1e-3)

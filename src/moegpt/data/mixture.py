@@ -99,7 +99,9 @@ class Mixture:
         shuffle: bool = True,
         epochs: list[int] | None = None,
         identity: str = "",
+        data_dir: str = "",
     ) -> None:
+        self.data_dir = data_dir
         self.splits = splits
         self.sources = sources
         self.seq_len = seq_len
@@ -153,6 +155,7 @@ class Mixture:
             shuffle=not validation,
             epochs=[1] * len(chosen) if validation else None,
             identity=identity,
+            data_dir=str(data_dir),
         )
 
     def tokens_of(self, k: int) -> np.ndarray:

@@ -233,7 +233,8 @@ def prepare(
         }
         log(
             f"source {source.name!r}: {len(ids):,} documents, "
-            f"{splits['train']['tokens']:,} training and {splits['val']['tokens']:,} validation tokens"
+            f"{splits['train']['tokens']:,} training and "
+            f"{splits['val']['tokens']:,} validation tokens"
         )
     manifest = {
         "tokenizer": {
@@ -245,8 +246,9 @@ def prepare(
         "dtype": dtype.name,
         "sources": sources,
     }
-    write_manifest(data_dir, manifest)
-    _remove_unreferenced(data_dir, sources)
+    if {k: previous.get(k) for k in manifest} != manifest:  # nothing changed: touch nothing
+        write_manifest(data_dir, manifest)
+        _remove_unreferenced(data_dir, sources)
     return read_manifest(data_dir)
 
 

@@ -19,6 +19,14 @@ def causal_mask(new_tokens: int, past_tokens: int, device: torch.device) -> torc
     return key_pos <= query_pos
 
 
+def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, seq, seq) boolean mask: causal, and only within the same document."""
+    seq = document_ids.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
+    same = document_ids.unsqueeze(2) == document_ids.unsqueeze(1)
+    return (causal & same).unsqueeze(1)
+
+
 class KVCacheLike(Protocol):
     """What attention needs from a cache (see :class:`moegpt.model.kv_cache.KVCache`)."""
 
@@ -51,7 +59,10 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         cache: KVCacheLike | None = None,
+        document_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``document_mask`` (batch, 1, seq, seq) replaces the causal mask for packed
+        sequences whose documents must not attend to each other."""
         batch, seq, _ = x.shape
         q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -64,13 +75,13 @@ class Attention(nn.Module):
         # SDPA's is_causal aligns the mask to the top-left, which is right only without a
         # prefix; one new token sees the whole prefix (no mask, so fused kernels apply); a
         # chunk after a prefix needs the offset mask.
-        mask = causal_mask(seq, past, x.device) if past and seq > 1 else None
+        mask = causal_mask(seq, past, x.device) if past and seq > 1 else document_mask
         out = F.scaled_dot_product_attention(
             q,
             k,
             v,
             attn_mask=mask,
-            is_causal=past == 0 and seq > 1,
+            is_causal=mask is None and past == 0 and seq > 1,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
         return self.wo(out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moegpt.config import ModelConfig
-from moegpt.model.attention import Attention, KVCacheLike
+from moegpt.model.attention import Attention, KVCacheLike, document_causal_mask
 from moegpt.model.feed_forward import FeedForward
 from moegpt.model.moe import GroupedExperts, MoE, MoEStats
 from moegpt.model.rope import rope_cos_sin
@@ -49,8 +49,9 @@ class TransformerBlock(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         cache: KVCacheLike | None = None,
+        document_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoEStats | None]:
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache)
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, document_mask)
         if isinstance(self.ffn, MoE):
             out, stats = self.ffn(self.ffn_norm(x))
             return x + out, stats
@@ -111,22 +112,28 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         positions: torch.Tensor | None = None,
         cache: KVCacheLike | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Logits for ``tokens`` (batch, seq).
 
         ``positions`` (seq,) or (batch, seq) default to the cache's length onward (0 without a
         cache). With a cache, this step's keys and values are stored and the cache advanced.
+        ``document_ids`` (batch, seq) keep packed documents from attending to each other
+        (pass positions that restart per document with them).
         """
+        if document_ids is not None and cache is not None:
+            raise ValueError("document_ids are for packed training sequences, not cached decoding")
         seq = tokens.shape[1]
         if positions is None:
             start = cache.seq_len if cache is not None else 0
             positions = torch.arange(start, start + seq, device=tokens.device)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
 
+        mask = None if document_ids is None else document_causal_mask(document_ids)
         h = self.tok_embeddings(tokens)
         stats: list[MoEStats] = []
         for block in self.layers.values():
-            h, layer_stats = block(h, cos, sin, cache)
+            h, layer_stats = block(h, cos, sin, cache, mask)
             if layer_stats is not None:
                 stats.append(layer_stats)
         if cache is not None:

@@ -1,0 +1,182 @@
+"""The mixture: exact epochs, rank sharding, resume, validation split, document masks."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moegpt.data.mixture import IGNORE_INDEX, Mixture, MixtureLoader
+from moegpt.data.prepare import prepare
+from moegpt.data.tokenizer import load_tokenizer
+from moegpt.errors import UserError
+from tests.data.conftest import make_config
+
+
+@pytest.fixture
+def prepared(corpus: Path):
+    config = make_config(corpus)
+    prepare(config, log=lambda m: None)
+    return config
+
+
+def stream_documents(mixture: Mixture, batches) -> list[str]:
+    """Rebuild the text stream from batches (inputs cover the stream once) and split it into
+    documents at end-of-text."""
+    tokenizer = load_tokenizer(Path(mixture.data_dir) / "tokenizer.json")
+    ids = torch.cat([b["input_ids"].flatten() for b in batches]).tolist()
+    ids = ids[: mixture.plan.length - 1] + [mixture.eos_id]
+    docs, current = [], []
+    for token in ids:
+        if token == mixture.eos_id:
+            docs.append(tokenizer.decode(current))
+            current = []
+        else:
+            current.append(token)
+    return docs
+
+
+def test_every_document_is_seen_exactly_epochs_times(prepared) -> None:
+    mixture = Mixture.open(prepared.data)
+    docs = stream_documents(mixture, list(MixtureLoader(mixture, batch_size=5)))
+    counts = Counter(docs)
+    train_a = {d for d in counts if d.startswith("[a-")}
+    train_b = {d for d in counts if d.startswith("[b-")}
+    assert len(train_a) == 21 and len(train_b) == 15  # 10% of each held out
+    assert all(counts[d] == 4 for d in train_a)
+    assert all(counts[d] == 2 for d in train_b)
+    assert len(docs) == 21 * 4 + 15 * 2
+
+
+def test_each_epoch_is_shuffled_differently(prepared) -> None:
+    mixture = Mixture.open(prepared.data)
+    a_order = [
+        int(i)
+        for s, i in zip(mixture.plan.doc_source, mixture.plan.doc_index, strict=True)
+        if s == 0
+    ]
+    epochs = [a_order[k * 21 : (k + 1) * 21] for k in range(4)]
+    assert all(sorted(e) == list(range(21)) for e in epochs)
+    assert len({tuple(e) for e in epochs}) == 4
+
+
+def test_default_weights_spread_sources_over_the_run(prepared) -> None:
+    mixture = Mixture.open(prepared.data)
+    sources = mixture.plan.doc_source
+    half = len(sources) // 2
+    share_first = np.mean(sources[:half] == 1)
+    share_second = np.mean(sources[half:] == 1)
+    assert abs(share_first - share_second) < 0.1
+
+
+def test_explicit_weights_front_load_the_heavier_source(corpus: Path) -> None:
+    config = make_config(corpus, "--data.sources.0.weight", "1", "--data.sources.1.weight", "9")
+    prepare(config, log=lambda m: None)
+    sources = Mixture.open(config.data).plan.doc_source
+    first_quarter = sources[: len(sources) // 4]
+    assert np.mean(first_quarter == 1) > 0.6  # b first, though it has fewer planned tokens
+    assert Counter(sources.tolist()) == {0: 21 * 4, 1: 15 * 2}  # epochs still exact
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_ranks_together_yield_the_single_rank_sequences(prepared, world: int) -> None:
+    mixture = Mixture.open(prepared.data)
+    single = [tuple(row.tolist()) for b in MixtureLoader(mixture, 6) for row in b["input_ids"]]
+    sharded = []
+    for rank in range(world):
+        for batch in MixtureLoader(mixture, 6 // world or 1, rank=rank, world_size=world):
+            if batch:
+                sharded += [tuple(row.tolist()) for row in batch["input_ids"]]
+    assert Counter(sharded) == Counter(single)
+    assert len(single) == mixture.n_sequences
+
+
+def _take(loader: MixtureLoader, n: int) -> list[torch.Tensor]:
+    out = []
+    for batch in loader:
+        out.append(batch["input_ids"])
+        if len(out) == n:
+            break
+    return out
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 7])
+def test_resume_continues_with_the_next_sequence(prepared, k: int) -> None:
+    mixture = Mixture.open(prepared.data)
+    never_stopped = [b["input_ids"] for b in MixtureLoader(mixture, 4)]
+    first = MixtureLoader(mixture, 4)
+    head = _take(first, k)
+    state = first.state_dict()
+    resumed = MixtureLoader(Mixture.open(prepared.data), 4)
+    resumed.load_state_dict(state)
+    tail = [b["input_ids"] for b in resumed]
+    assert len(head) + len(tail) == len(never_stopped)
+    for got, want in zip(head + tail, never_stopped, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_resume_at_another_data_parallel_degree(prepared) -> None:
+    mixture = Mixture.open(prepared.data)
+    everything = Counter(
+        tuple(r.tolist()) for b in MixtureLoader(mixture, 4) for r in b["input_ids"]
+    )
+    ranks = [MixtureLoader(mixture, 2, rank=r, world_size=2) for r in range(2)]
+    seen = Counter()
+    for loader in ranks:
+        for batch in _take(loader, 3):
+            seen.update(tuple(r.tolist()) for r in batch)
+    resumed = MixtureLoader(mixture, 4)  # one rank now
+    resumed.load_state_dict(ranks[0].state_dict())
+    seen.update(tuple(r.tolist()) for b in resumed for r in b["input_ids"])
+    assert seen == everything
+
+
+def test_state_from_another_mixture_is_refused(prepared, corpus: Path) -> None:
+    loader = MixtureLoader(Mixture.open(prepared.data), 4)
+    other = make_config(corpus, "--data.seed", "7")
+    with pytest.raises(UserError, match="data loader state comes from a different mixture"):
+        MixtureLoader(Mixture.open(other.data), 4).load_state_dict(loader.state_dict())
+
+
+def test_same_seed_same_order_other_seed_other_order(prepared, corpus: Path) -> None:
+    a = Mixture.open(prepared.data).plan.doc_index
+    b = Mixture.open(prepared.data).plan.doc_index
+    c = Mixture.open(make_config(corpus, "--data.seed", "99").data).plan.doc_index
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_validation_split_is_each_held_out_document_once(prepared) -> None:
+    train = Mixture.open(prepared.data)
+    train_docs = set(stream_documents(train, list(MixtureLoader(train, 8))))
+    for source, held in (("a", 2), ("b", 2)):
+        val = Mixture.open(prepared.data, split="val", source=source)
+        docs = stream_documents(val, list(MixtureLoader(val, 8)))
+        assert len(docs) == held and len(set(docs)) == held
+        assert not set(docs) & train_docs
+
+
+def test_sequences_pack_labels_and_document_positions(prepared) -> None:
+    mixture = Mixture.open(prepared.data)
+    for g in (0, 1, mixture.n_sequences - 1):
+        seq = mixture.sequence(g)
+        nxt = mixture.sequence(g + 1) if g + 1 < mixture.n_sequences else None
+        if nxt is not None:  # labels are the inputs shifted by one, across the window edge
+            assert seq["labels"][-1] == nxt["input_ids"][0]
+        assert np.array_equal(
+            seq["labels"][:-1][seq["labels"][:-1] != IGNORE_INDEX],
+            seq["input_ids"][1:][seq["labels"][:-1] != IGNORE_INDEX],
+        )
+        starts = np.flatnonzero(seq["positions"] == 0)
+        ends = np.flatnonzero(seq["input_ids"] == mixture.eos_id)
+        assert set(starts[starts > 0]) <= set(ends + 1)  # a document starts after an end-of-text
+        assert np.all(np.diff(seq["document_ids"]) >= 0)
+    last = mixture.sequence(mixture.n_sequences - 1)
+    assert (last["labels"] == IGNORE_INDEX).sum() == 16 * mixture.n_sequences - (
+        mixture.plan.length - 1
+    )
+    batch = next(iter(MixtureLoader(mixture, 2, document_mask=True)))
+    assert set(batch) == {"input_ids", "labels", "positions", "document_ids"}
+    assert batch["input_ids"].dtype == torch.long

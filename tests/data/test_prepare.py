@@ -1,0 +1,145 @@
+"""`moegpt prepare`: shards and manifest, idempotence, change detection, corruption errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moegpt.data.mixture import Mixture
+from moegpt.data.prepare import prepare, split_documents
+from moegpt.data.shards import read_manifest
+from moegpt.data.tokenizer import load_tokenizer
+from moegpt.errors import UserError
+from tests.data.conftest import document, make_config
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def test_prepare_writes_shards_that_decode_back_to_the_documents(corpus: Path) -> None:
+    config = make_config(corpus)
+    manifest = prepare(config, log=lambda m: None)
+    prepared = corpus / "prepared"
+    tokenizer = load_tokenizer(prepared / "tokenizer.json")
+    assert manifest["dtype"] == "uint16"
+    a = manifest["sources"]["a"]["splits"]
+    assert a["train"]["documents"] + a["val"]["documents"] == 23
+    assert a["val"]["documents"] == 2  # round(0.1 * 23)
+    train = Mixture.open(config.data).splits[0]
+    texts = {tokenizer.decode(train.document(i).tolist()) for i in range(train.documents)}
+    assert texts <= {document("a", i) for i in range(23)} and len(texts) == 21
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_worker_count_does_not_change_the_shards(corpus: Path, workers: int) -> None:
+    config = make_config(corpus, "--data.workers", str(workers))
+    manifest = prepare(config, log=lambda m: None)
+    shards = manifest["sources"]["b"]["splits"]["train"]["shards"]
+    reference = make_config(corpus, "--data.workers", "1", "--data.data_dir", str(corpus / "ref"))
+    expected = prepare(reference, log=lambda m: None)["sources"]["b"]["splits"]["train"]["shards"]
+    assert [s["tokens_sha256"] for s in shards] == [s["tokens_sha256"] for s in expected]
+
+
+def test_rerun_is_a_no_op_and_changes_are_detected(corpus: Path) -> None:
+    config = make_config(corpus)
+    prepare(config, log=lambda m: None)
+    before = _files(corpus / "prepared")
+    messages: list[str] = []
+    prepare(config, log=messages.append)
+    assert _files(corpus / "prepared") == before
+    assert "source 'a': up to date" in messages and "source 'b': up to date" in messages
+
+    (corpus / "a" / "005.txt").write_text(document("a", 5) + " now longer")
+    os.utime(corpus / "a" / "005.txt", ns=(1, 1))  # a different mtime even on coarse clocks
+    messages.clear()
+    prepare(config, log=messages.append)
+    assert "source 'b': up to date" in messages
+    assert not any(m.startswith("source 'a': up to date") for m in messages)
+    # the old shard files of 'a' were replaced, not left behind
+    assert len(list((corpus / "prepared" / "a").glob("*.bin"))) == 4
+
+
+def test_a_changed_tokenizer_reprepares_everything(corpus: Path) -> None:
+    prepare(make_config(corpus), log=lambda m: None)
+    messages: list[str] = []
+    prepare(make_config(corpus, "--model.vocab_size", "300"), log=messages.append)
+    assert not any("up to date" in m for m in messages)
+    assert read_manifest(corpus / "prepared")["tokenizer"]["vocab_size"] <= 300
+
+
+def test_validation_documents_never_enter_training() -> None:
+    train, val = split_documents(50, 0.2, seed=3, name="x")
+    assert len(val) == 10 and not set(train) & set(val) and len(train) + len(val) == 50
+    again_train, again_val = split_documents(50, 0.2, seed=3, name="x")
+    assert np.array_equal(val, again_val)
+    assert split_documents(1, 0.5, 0, "x")[1].size == 0  # a lone document stays in training
+
+
+def _shard(corpus: Path, kind: str) -> Path:
+    return next((corpus / "prepared" / "a").glob(f"train-*.{kind}.bin"))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[:-2]), "bytes, the manifest says"),
+        (lambda p: p.write_bytes(b"\x01\x00" + p.read_bytes()[2:]), "checksum differs"),
+        (lambda p: p.unlink(), "shard file missing"),
+    ],
+)
+def test_damaged_shards_are_named_in_one_line(corpus: Path, damage, message: str) -> None:
+    config = make_config(corpus)
+    prepare(config, log=lambda m: None)
+    path = _shard(corpus, "tokens")
+    damage(path)
+    untouched = {p: p.read_bytes() for p in (corpus / "prepared").rglob("*.bin")}
+    with pytest.raises(UserError) as info:
+        Mixture.open(config.data)
+    assert str(info.value).startswith(f"{path}: ") and message in str(info.value)
+    assert "\n" not in str(info.value)
+    assert {p: p.read_bytes() for p in (corpus / "prepared").rglob("*.bin")} == untouched
+
+
+def test_a_shard_from_another_tokenizer_is_refused(corpus: Path) -> None:
+    config = make_config(corpus)
+    prepare(config, log=lambda m: None)
+    other = make_config(corpus, "--model.vocab_size", "300", "--data.data_dir", str(corpus / "o"))
+    prepare(other, log=lambda m: None)
+    mine = _shard(corpus, "tokens")
+    theirs = next((corpus / "o" / "a").glob("train-*.tokens.bin"))
+    shutil.copy(theirs, mine)
+    with pytest.raises(UserError, match=f"^{mine}: "):
+        Mixture.open(config.data)
+
+
+def test_a_failed_prepare_keeps_the_previous_data(corpus: Path) -> None:
+    config = make_config(corpus)
+    prepare(config, log=lambda m: None)
+    before = {p: p.read_bytes() for p in (corpus / "prepared").rglob("*") if p.is_file()}
+    with (corpus / "b.jsonl").open("a") as f:
+        f.write("{not json\n")
+    with pytest.raises(UserError, match=r"b.jsonl:18: not valid JSON"):
+        prepare(config, log=lambda m: None)
+    after = {p: p.read_bytes() for p in (corpus / "prepared").rglob("*") if p.is_file()}
+    assert after == before
+    Mixture.open(config.data)  # still loads
+
+
+def test_unprepared_sources_and_missing_manifest(corpus: Path, tmp_path: Path) -> None:
+    config = make_config(corpus)
+    with pytest.raises(UserError, match="manifest.json: not found; run `moegpt prepare"):
+        Mixture.open(config.data)
+    prepare(config, log=lambda m: None)
+    manifest = json.loads((corpus / "prepared" / "manifest.json").read_text())
+    del manifest["sources"]["b"]
+    (corpus / "prepared" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=r"data.sources\[1\] 'b': not prepared"):
+        Mixture.open(config.data)
