@@ -28,7 +28,7 @@ def stream_documents(mixture: Mixture, batches) -> list[str]:
     documents at end-of-text."""
     tokenizer = load_tokenizer(Path(mixture.data_dir) / "tokenizer.json")
     ids = torch.cat([b["input_ids"].flatten() for b in batches]).tolist()
-    ids = ids[: mixture.plan.length - 1] + [mixture.eos_id]
+    ids = [*ids[: mixture.plan.length - 1], mixture.eos_id]
     docs, current = [], []
     for token in ids:
         if token == mixture.eos_id:

@@ -78,7 +78,7 @@ def test_a_changed_tokenizer_reprepares_everything(corpus: Path) -> None:
 def test_validation_documents_never_enter_training() -> None:
     train, val = split_documents(50, 0.2, seed=3, name="x")
     assert len(val) == 10 and not set(train) & set(val) and len(train) + len(val) == 50
-    again_train, again_val = split_documents(50, 0.2, seed=3, name="x")
+    _again_train, again_val = split_documents(50, 0.2, seed=3, name="x")
     assert np.array_equal(val, again_val)
     assert split_documents(1, 0.5, 0, "x")[1].size == 0  # a lone document stays in training
 

@@ -75,13 +75,17 @@ def test_wordnet_and_gcide_parsers() -> None:
     lines = [
         "  1 This software and database is being provided to you, the LICENSEE",
         "00001740 03 n 01 entity 0 003 ~ 00001930 n 0000 | that which is perceived to exist  ",
-        "00001930 03 n 01 physical_entity 0 007 @ 00001740 n 0000 | an entity that has physical existence  ",
+        "00001930 03 n 01 physical_entity 0 007 @ 00001740 n 0000 | "
+        "an entity that has physical existence  ",
     ]
     assert wordnet_glosses(lines) == [
         "entity: that which is perceived to exist\n"
         "physical entity: an entity that has physical existence"
     ]
-    entry = 'Spearwood \\Spear"wood`\\, n. (Bot.)\n   An Australian tree ({Acacia}),\n   used for spears.\n   [1913 Webster]\n'
+    entry = (
+        'Spearwood \\Spear"wood`\\, n. (Bot.)\n   An Australian tree ({Acacia}),\n'
+        "   used for spears.\n   [1913 Webster]\n"
+    )
     data = b"header" + entry.encode()
     # dictd numbers are base64 digits: offset 6 = "G", length = len(entry)
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"

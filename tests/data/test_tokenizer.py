@@ -42,7 +42,7 @@ def tokenizer():
 
 @pytest.mark.parametrize("seed", range(4))
 def test_round_trip_is_lossless(tokenizer, seed: int) -> None:
-    texts = random_strings(seed) + ["", " ", "\n\n\t", "<|endoftext|> inside", "日本語 😀 ﷺ"]
+    texts = [*random_strings(seed), "", " ", "\n\n\t", "<|endoftext|> inside", "日本語 😀 ﷺ"]
     for text, ids in zip(texts, encode_documents(tokenizer, texts), strict=True):
         assert tokenizer.decode(ids, skip_special_tokens=False) == text
 
