@@ -15,7 +15,7 @@ from moegpt.errors import UserError
 
 def test_folders_globs_and_jsonl(corpus: Path) -> None:
     folder = load_corpus(SourceConfig(name="a", path=str(corpus / "a")), 0)
-    assert len(folder.documents) == 23 and folder.files == 23
+    assert len(folder.documents) == 23 and len(folder.files) == 23
     glob = load_corpus(SourceConfig(name="a", path=str(corpus / "a" / "00*.txt")), 0)
     assert len(glob.documents) == 10
     jsonl = load_corpus(SourceConfig(name="b", path=str(corpus / "b.jsonl")), 1)
@@ -36,10 +36,10 @@ def test_bad_sources_are_one_line_errors(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "ok"}) + "\n{oops\n")
     with pytest.raises(UserError, match=r"bad.jsonl:2: not valid JSON"):
-        load_corpus(SourceConfig(name="x", path=str(bad)), 0)
+        _ = load_corpus(SourceConfig(name="x", path=str(bad)), 0).documents
     bad.write_text(json.dumps({"body": "no text field"}) + "\n")
     with pytest.raises(UserError, match=r"bad.jsonl:1: no string field 'text'"):
-        load_corpus(SourceConfig(name="x", path=str(bad)), 0)
+        _ = load_corpus(SourceConfig(name="x", path=str(bad)), 0).documents
     with pytest.raises(UserError, match="unknown built-in corpus 'stdlib:docs'"):
         load_corpus(SourceConfig(name="x", path="stdlib:docs"), 0)
 

@@ -46,9 +46,10 @@ CHUNK_BYTES = 1 << 20  # text handed to a worker at a time
 _worker_tokenizer = None
 
 
-def _worker_init(path: str) -> None:
+def _worker_init(path: str, in_pool: bool = True) -> None:
     global _worker_tokenizer
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    if in_pool:  # one process per core already: no threads inside each
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_tokenizer = load_tokenizer(path)
 
 
@@ -73,7 +74,7 @@ def tokenize(
     """Token ids of every document, computed by ``workers`` processes with a progress bar."""
     chunks = _chunks(documents)
     if workers <= 1:
-        _worker_init(str(tokenizer_path))
+        _worker_init(str(tokenizer_path), in_pool=False)
         results = map(_worker_encode, chunks)
         return [ids for chunk in progress(results, label, len(chunks)) for ids in chunk]
     with ProcessPoolExecutor(
@@ -177,7 +178,7 @@ def prepare(
 
     corpora = []
     for i, source in enumerate(data.sources):
-        log(f"reading source {source.name!r} ({source.path})")
+        log(f"checking source {source.name!r} ({source.path})")
         corpora.append((source, load_corpus(source, i)))
 
     tokenizer_path = _tokenizer_for(config, data_dir, corpora, log)
@@ -227,7 +228,7 @@ def prepare(
             "fingerprint": corpus.fingerprint,
             "settings": settings,
             "tokenizer_sha256": tok_sha,
-            "files": corpus.files,
+            "files": len(corpus.files),
             "bytes": corpus.bytes,
             "splits": splits,
         }

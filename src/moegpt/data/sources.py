@@ -25,7 +25,6 @@ import re
 import sys
 import sysconfig
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from moegpt.config import SourceConfig
@@ -34,14 +33,26 @@ from moegpt.errors import UserError
 TEST_FOLDERS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
 
-@dataclass(frozen=True)
 class Corpus:
-    """A source's documents and a fingerprint that changes whenever they may have."""
+    """A source's files, a fingerprint that changes whenever they may have (from names, sizes
+    and modification times, so checking costs no reading), and the documents, read on first
+    use."""
 
-    documents: list[str]
-    fingerprint: str
-    files: int
-    bytes: int
+    def __init__(self, files: list[Path], read: Callable[[], list[str]], extra: str = "") -> None:
+        self.files = files
+        self.fingerprint = _files_fingerprint(files, extra)
+        self._read = read
+        self._documents: list[str] | None = None
+
+    @property
+    def documents(self) -> list[str]:
+        if self._documents is None:
+            self._documents = [d for d in self._read() if d.strip()]
+        return self._documents
+
+    @property
+    def bytes(self) -> int:
+        return sum(len(d.encode("utf-8")) for d in self.documents)
 
 
 def _stdlib_root() -> Path:
@@ -69,19 +80,9 @@ def _read_text(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 
 
-def _corpus(documents: list[str], files: list[Path], extra: str = "") -> Corpus:
-    documents = [d for d in documents if d.strip()]
-    return Corpus(
-        documents=documents,
-        fingerprint=_files_fingerprint(files, extra),
-        files=len(files),
-        bytes=sum(len(d.encode("utf-8")) for d in documents),
-    )
-
-
 def stdlib_code() -> Corpus:
     files = stdlib_python_files()
-    return _corpus([_read_text(p) for p in files], files, "stdlib:code")
+    return Corpus(files, lambda: [_read_text(p) for p in files], "stdlib:code")
 
 
 def module_docstrings(source: str) -> str:
@@ -107,10 +108,12 @@ def stdlib_text() -> Corpus:
     from pydoc_data import topics as pydoc_topics
 
     files = stdlib_python_files()
-    topics = [pydoc_topics.topics[key] for key in sorted(pydoc_topics.topics)]
-    docstrings = [module_docstrings(_read_text(p)) for p in files]
-    topics_file = Path(pydoc_topics.__file__)
-    return _corpus(topics + docstrings, [topics_file, *files], "stdlib:text")
+
+    def read() -> list[str]:
+        topics = [pydoc_topics.topics[key] for key in sorted(pydoc_topics.topics)]
+        return topics + [module_docstrings(_read_text(p)) for p in files]
+
+    return Corpus([Path(pydoc_topics.__file__), *files], read, "stdlib:text")
 
 
 def _require(path: Path, package: str) -> None:
@@ -143,18 +146,20 @@ def wordnet_glosses(lines: list[str], group: int = 200) -> list[str]:
 def debian_wordnet() -> Corpus:
     _require(WORDNET_DIR, "wordnet-base")
     files = [WORDNET_DIR / f"data.{pos}" for pos in ("noun", "verb", "adj", "adv")]
-    documents = []
     for path in files:
         _require(path, "wordnet-base")
-        documents += wordnet_glosses(_read_text(path).splitlines())
-    return _corpus(documents, files, "debian:wordnet")
+    return Corpus(
+        files,
+        lambda: [doc for p in files for doc in wordnet_glosses(_read_text(p).splitlines())],
+        "debian:wordnet",
+    )
 
 
 def debian_python_doc() -> Corpus:
     package = f"python{sys.version_info.major}.{sys.version_info.minor}-doc"
     _require(PYTHON_DOC_DIR, package)
     files = sorted(PYTHON_DOC_DIR.rglob("*.rst.txt"))
-    return _corpus([_read_text(p) for p in files], files, "debian:python-doc")
+    return Corpus(files, lambda: [_read_text(p) for p in files], "debian:python-doc")
 
 
 _GCIDE_TAG = re.compile(r"\[(?:[^\]]*(?:Webster|WordNet|PJC|Century|Wyclif|Chaucer)[^\]]*)\]")
@@ -195,10 +200,12 @@ def debian_gcide() -> Corpus:
     index = GCIDE_DICT.with_name("gcide.index")
     _require(GCIDE_DICT, "dict-gcide")
     _require(index, "dict-gcide")
-    with gzip.open(GCIDE_DICT, "rb") as f:  # dictzip is gzip-compatible
-        data = f.read()
-    documents = gcide_entries(data, _read_text(index).splitlines())
-    return _corpus(documents, [GCIDE_DICT, index], "debian:gcide")
+
+    def read() -> list[str]:
+        with gzip.open(GCIDE_DICT, "rb") as f:  # dictzip is gzip-compatible
+            return gcide_entries(f.read(), _read_text(index).splitlines())
+
+    return Corpus([GCIDE_DICT, index], read, "debian:gcide")
 
 
 BUILTINS: dict[str, Callable[[], Corpus]] = {
@@ -250,11 +257,17 @@ def load_corpus(source: SourceConfig, index: int) -> Corpus:
     ):
         raise UserError(f"{where}: unknown built-in corpus {source.path!r} ({', '.join(BUILTINS)})")
     files = _expand(source.path, where)
-    documents: list[str] = []
-    for path in files:
-        jsonl = source.format == "jsonl" or (source.format == "auto" and path.suffix == ".jsonl")
-        if jsonl:
-            documents += _jsonl_documents(path, source.text_field, f"data.sources[{index}]")
-        else:
-            documents.append(_read_text(path))
-    return _corpus(documents, files, f"{source.format}:{source.text_field}")
+
+    def read() -> list[str]:
+        documents: list[str] = []
+        for path in files:
+            jsonl = source.format == "jsonl" or (
+                source.format == "auto" and path.suffix == ".jsonl"
+            )
+            if jsonl:
+                documents += _jsonl_documents(path, source.text_field, f"data.sources[{index}]")
+            else:
+                documents.append(_read_text(path))
+        return documents
+
+    return Corpus(files, read, f"{source.format}:{source.text_field}")
