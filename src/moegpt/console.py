@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 T = TypeVar("T")
 
 # Status and progress go to stderr so stdout stays clean for results (tables, --json).
-stderr = Console(stderr=True)
+stderr = Console(stderr=True, soft_wrap=True)  # status lines never wrap mid-word
 # Wide when piped (files, pagers, CI logs): the planner's tables have long notes.
 stdout = Console(width=None if sys.stdout.isatty() else 140)
 

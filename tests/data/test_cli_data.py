@@ -1,0 +1,32 @@
+"""`moegpt prepare` and `moegpt data inspect` from the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from moegpt.cli import main
+from tests.data.conftest import make_config
+
+
+def test_prepare_then_inspect_json(corpus: Path, capsys) -> None:
+    make_config(corpus)  # writes recipe.toml
+    recipe = str(corpus / "recipe.toml")
+    assert main(["prepare", "--config", recipe]) == 0
+    assert "2 sources" in capsys.readouterr().err
+    assert main(["data", "inspect", "--config", recipe, "--json", "--samples", "3"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {r["source"]: r for r in report["sources"]}
+    assert rows["a"]["epochs"] == 4 and rows["b"]["epochs"] == 2
+    for r in rows.values():  # planned = epochs x (tokens + one end-of-text per document)
+        assert r["planned_tokens"] == r["epochs"] * (r["train_tokens"] + r["train_documents"])
+    assert abs(sum(r["share"] for r in rows.values()) - 1) < 1e-9
+    assert report["planned_tokens"] == report["stream_tokens"]
+    assert len(report["samples"]) == 3 and report["samples"][0].startswith("[")
+
+
+def test_inspect_before_prepare_is_one_line(corpus: Path, capsys) -> None:
+    make_config(corpus)
+    assert main(["data", "inspect", "--config", str(corpus / "recipe.toml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("run `moegpt prepare --config ...` first") and "\n" not in err
