@@ -7,6 +7,7 @@ import dataclasses
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from moegpt import __version__
 from moegpt.config import Config, load_config, to_toml
@@ -107,6 +108,68 @@ def cmd_data_inspect(args: argparse.Namespace) -> None:
     for i, sample in enumerate(report["samples"]):
         stdout.rule(f"sample {i}")
         stdout.print(sample, markup=False, highlight=False)
+
+
+def _run_dir(args: argparse.Namespace) -> Path:
+    if args.run_dir:
+        return Path(args.run_dir)
+    return Path("runs") / (Path(args.config).stem if args.config else "default")
+
+
+def cmd_train(args: argparse.Namespace) -> int | None:
+    from moegpt.train.schedule import batch_phases, build_schedule
+
+    config = _load(args)
+    run_dir = _run_dir(args)
+    if args.max_restarts:
+        from moegpt.train.supervisor import supervise
+
+        child = ["train", "--run-dir", str(run_dir), "--resume", "auto", *args.overrides]
+        if args.config:
+            child += ["--config", args.config]
+        return supervise(child, args.max_restarts, stderr.print)
+    schedule = build_schedule(config.train)
+    if args.dry_run:
+        seq = config.data.seq_len
+        stdout.print(
+            f"{schedule.steps:,} steps, {schedule.total_sequences:,} sequences, "
+            f"{schedule.total_sequences * seq:,} tokens of {seq}",
+            highlight=False,
+        )
+        for phase in batch_phases(schedule):
+            stdout.print(
+                f"steps {phase.first_step}-{phase.last_step}: batch {phase.batch_size} "
+                f"({phase.sequences:,} sequences), lr {schedule.lr(phase.first_step):.2e} -> "
+                f"{schedule.lr(phase.last_step):.2e}",
+                highlight=False,
+            )
+        return None
+    from moegpt.train.trainer import Trainer
+
+    trainer = Trainer(config, run_dir)
+    trainer.run(resume=args.resume == "auto")
+    stderr.print(f"finished: {run_dir}", highlight=False)
+    return None
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from moegpt.train.export import export
+
+    export(Path(args.run_dir), Path(args.out_dir), overwrite=args.force)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from moegpt.train.report import write_report
+
+    for path in write_report(Path(args.run_dir)):
+        stderr.print(f"wrote {path}", highlight=False)
+    print((Path(args.run_dir) / "summary.txt").read_text(), end="")
+
+
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    from moegpt.quickstart import quickstart
+
+    quickstart(_load(args), Path(args.run_dir), steps=args.steps)
 
 
 def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
@@ -240,6 +303,69 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--samples", type=int, default=2, help="decoded sequences to show")
     inspect.set_defaults(func=cmd_data_inspect, takes_overrides=True)
 
+    train = verbs.add_parser(
+        "train",
+        help="train a recipe, resuming from its newest checkpoint",
+        description="Train the recipe's model on its prepared data (run `moegpt prepare` "
+        "first). Writes metrics.jsonl and checkpoints into the run directory and resumes from "
+        "the newest complete checkpoint there.",
+        epilog=OVERRIDES_HELP,
+    )
+    _add_config_argument(train)
+    train.add_argument("--run-dir", help="run directory (default: runs/<config name>)")
+    train.add_argument(
+        "--resume",
+        choices=("auto", "never"),
+        default="auto",
+        help="auto: continue from the newest complete checkpoint (default)",
+    )
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the batch-size and learning-rate schedule, do not train",
+    )
+    train.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="relaunch after a crash up to N times (resuming each time)",
+    )
+    train.set_defaults(func=cmd_train, takes_overrides=True)
+
+    export = verbs.add_parser(
+        "export",
+        help="write a serving checkpoint from a run's newest checkpoint",
+        description="Write model.safetensors, config.json and tokenizer.json from the newest "
+        "complete checkpoint of RUN_DIR into OUT_DIR (loadable by moegpt.load, convertible "
+        "with `moegpt convert`).",
+    )
+    export.add_argument("run_dir")
+    export.add_argument("out_dir")
+    export.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
+    export.set_defaults(func=cmd_export, takes_overrides=False)
+
+    report = verbs.add_parser(
+        "report",
+        help="plot a run's metrics (PNG) and summarise it",
+        description="Write loss.png, eval_loss.png, throughput.png, expert_load.png and "
+        "summary.txt into RUN_DIR from its metrics.jsonl.",
+    )
+    report.add_argument("run_dir")
+    report.set_defaults(func=cmd_report, takes_overrides=False)
+
+    quick = verbs.add_parser(
+        "quickstart",
+        help="prepare the bundled corpus, train the tiny model on CPU, evaluate, export, sample",
+        description="The end-to-end tour on a fresh machine: prepare the default corpus, "
+        "train configs/tiny.toml (or --config) with a progress bar, evaluate on held-out text, "
+        "export a serving checkpoint and print a few samples.",
+        epilog=OVERRIDES_HELP,
+    )
+    _add_config_argument(quick)
+    quick.add_argument("--run-dir", default="runs/quickstart", help="default: runs/quickstart")
+    quick.add_argument("--steps", type=int, help="override train.steps")
+    quick.set_defaults(func=cmd_quickstart, takes_overrides=True)
+
     conv = verbs.add_parser(
         "convert",
         help="convert checkpoints between moegpt and Hugging Face Mixtral/Llama",
@@ -266,11 +392,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
     try:
-        args.func(args)
+        code = args.func(args)
     except UserError as e:
         print(f"moegpt: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:
+        print("moegpt: interrupted", file=sys.stderr)
+        return 130
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -280,6 +280,10 @@ class TrainConfig(_Section):
     min_lr_ratio: float = _doc(0.1, "final learning rate as a fraction of the peak")
     lr_schedule: Literal["cosine", "constant", "wsd"] = _doc("cosine", "decay after warm-up")
     warmup_steps: int = _doc(100, "linear warm-up steps")
+    wsd_decay_fraction: float = _doc(0.2, "wsd: final share of the run spent decaying")
+    ramp_start_batch: int = _doc(0, "batch-size ramp-up: first global batch (sequences); 0 = off")
+    ramp_increment: int = _doc(0, "batch-size ramp-up: sequences added at each increase")
+    ramp_samples: int = _doc(0, "batch-size ramp-up: sequences consumed while ramping")
     weight_decay: float = _doc(0.1, "AdamW weight decay (not applied to norms and biases)")
     beta1: float = _doc(0.9, "AdamW beta1")
     beta2: float = _doc(0.95, "AdamW beta2")
@@ -292,12 +296,16 @@ class TrainConfig(_Section):
     seed: int = _doc(0, "random seed for initialisation and data order")
     log_every: int = _doc(10, "steps between log lines")
     eval_every: int = _doc(200, "steps between held-out evaluations; 0 = never")
-    checkpoint_every: int = _doc(500, "steps between checkpoints; 0 = only at the end")
+    eval_batches: int = _doc(0, "batches per source per evaluation; 0 = the whole held-out split")
 
     def validate(self) -> None:
         self._positive("steps", "global_batch_size", "micro_batch_size", "lr", "log_every")
-        self._non_negative("warmup_steps", "weight_decay", "grad_clip", "eval_every")
-        self._non_negative("checkpoint_every", "seed")
+        self._non_negative("warmup_steps", "weight_decay", "grad_clip", "eval_every", "seed")
+        self._non_negative("ramp_start_batch", "ramp_increment", "ramp_samples", "eval_batches")
+        if not 0.0 < self.wsd_decay_fraction <= 1.0:
+            self._fail("wsd_decay_fraction", f"must be in (0, 1], got {self.wsd_decay_fraction}")
+        if self.ramp_start_batch:
+            self._validate_ramp()
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             self._fail("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         for name in ("beta1", "beta2"):
@@ -309,6 +317,34 @@ class TrainConfig(_Section):
                 f"{self.global_batch_size} is not a multiple of train.micro_batch_size "
                 f"({self.micro_batch_size})",
             )
+
+    def _validate_ramp(self) -> None:
+        start, step, final = self.ramp_start_batch, self.ramp_increment, self.global_batch_size
+        if start >= final:
+            self._fail(
+                "ramp_start_batch", f"{start} must be below train.global_batch_size ({final})"
+            )
+        if step <= 0 or (final - start) % step:
+            self._fail("ramp_increment", f"{step} must divide global_batch_size - ramp_start_batch")
+        for name in ("ramp_start_batch", "ramp_increment"):
+            if getattr(self, name) % self.micro_batch_size:
+                self._fail(
+                    name, f"must be a multiple of train.micro_batch_size ({self.micro_batch_size})"
+                )
+        self._positive("ramp_samples")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig(_Section):
+    """When checkpoints are written and how many are kept."""
+
+    SECTION: ClassVar[str] = "checkpoint"
+
+    every: int = _doc(500, "steps between checkpoints; 0 = only at the end")
+    keep: int = _doc(3, "newest complete checkpoints to keep; 0 = all")
+
+    def validate(self) -> None:
+        self._non_negative("every", "keep")
 
 
 @dataclass(frozen=True)
@@ -361,6 +397,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "model": ModelConfig,
     "data": DataConfig,
     "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
     "parallel": ParallelConfig,
     "serve": ServeConfig,
 }
@@ -373,6 +410,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 

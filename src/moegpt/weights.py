@@ -85,14 +85,22 @@ def checkpoint_meta(config: ModelConfig) -> dict[str, Any]:
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "model": dataclasses.asdict(config)}
 
 
-def save_model(model: Transformer, path: str | Path, overwrite: bool = False) -> Path:
-    """Save ``model`` as a moegpt checkpoint folder."""
+def save_model(
+    model: Transformer,
+    path: str | Path,
+    overwrite: bool = False,
+    extra_files: dict[str, Path] | None = None,
+) -> Path:
+    """Save ``model`` as a moegpt checkpoint folder, with ``extra_files`` (name -> source
+    file, e.g. the tokenizer) copied in by the same atomic write."""
     state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     meta = checkpoint_meta(model.config)
 
     def write(folder: Path) -> None:
         save_file(state, folder / WEIGHTS_FILE, metadata={"format": FORMAT})
         (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        for name, source in (extra_files or {}).items():
+            shutil.copyfile(source, folder / name)
 
     return write_folder_atomically(path, write, overwrite)
 

@@ -1,0 +1,163 @@
+"""Training checkpoints that survive being killed at any moment.
+
+A checkpoint is a folder ``step-00000100`` holding the model and optimizer as a
+``torch.distributed.checkpoint`` (so later runs can load it at another parallel layout), the
+trainer's own state as JSON, and ``manifest.json`` listing every file with its size and
+sha256. It is written under a temporary name, the manifest is written last, everything is
+fsynced, and one rename makes it visible: a kill during a save leaves the previous
+checkpoints untouched, and a folder without a valid manifest is never resumed from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+# One process without a process group is a supported DCP mode; its warning is noise here.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
+
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer.json"
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    step: int
+    path: Path
+
+
+class CheckpointManager:
+    """Saves, finds and prunes the checkpoints of one run directory."""
+
+    def __init__(self, folder: Path, keep: int = 0, log: Callable[[str], None] = print) -> None:
+        self.folder = folder
+        self.keep = keep
+        self.log = log
+
+    def save(self, step: int, tensors: dict[str, Any], trainer_state: dict[str, Any]) -> Path:
+        """Write checkpoint ``step`` atomically; prune old ones past ``keep``."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        final = self.folder / f"step-{step:08d}"
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=self.folder))
+        try:
+            dcp.save(tensors, checkpoint_id=str(tmp))
+            (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+            files = sorted(p for p in tmp.rglob("*") if p.is_file())
+            manifest = {
+                "step": step,
+                "files": {
+                    str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                    for p in files
+                },
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            for path in [*files, tmp / MANIFEST]:
+                _fsync(path)
+            _fsync(tmp)
+            if final.exists():  # a checkpoint of this step from an earlier attempt
+                shutil.rmtree(final)
+            tmp.rename(final)
+            _fsync(self.folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._prune()
+        return final
+
+    def _complete(self) -> list[Checkpoint]:
+        found = []
+        for path in self.folder.iterdir() if self.folder.is_dir() else ():
+            match = STEP_DIR.match(path.name)
+            if match and (path / MANIFEST).is_file():
+                found.append(Checkpoint(int(match.group(1)), path))
+        return sorted(found, key=lambda c: c.step, reverse=True)
+
+    def _prune(self) -> None:
+        if self.keep:
+            for old in self._complete()[self.keep :]:
+                shutil.rmtree(old.path, ignore_errors=True)
+
+    def remove_partial(self) -> None:
+        """Delete folders a killed save left behind (never a complete checkpoint)."""
+        if not self.folder.is_dir():
+            return
+        for path in self.folder.iterdir():
+            if path.name.startswith(".step-") or (
+                STEP_DIR.match(path.name) and not (path / MANIFEST).is_file()
+            ):
+                shutil.rmtree(path, ignore_errors=True)
+
+    def verify(self, checkpoint: Checkpoint) -> str | None:
+        """None if every file matches the manifest, else what is wrong."""
+        try:
+            manifest = json.loads((checkpoint.path / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            return f"unreadable manifest ({e})"
+        for name, expected in manifest.get("files", {}).items():
+            path = checkpoint.path / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
+                return f"{name} does not match its checksum"
+        return None
+
+    def latest(self) -> Checkpoint | None:
+        """The newest checkpoint whose files all match their manifest; corrupt ones are
+        reported and skipped."""
+        for checkpoint in self._complete():
+            problem = self.verify(checkpoint)
+            if problem is None:
+                return checkpoint
+            self.log(f"checkpoint {checkpoint.path} is damaged ({problem}); trying an older one")
+        return None
+
+    @staticmethod
+    def load(checkpoint: Checkpoint, tensors: dict[str, Any]) -> dict[str, Any]:
+        """Load tensors in place (DCP) and return the trainer state."""
+        dcp.load(tensors, checkpoint_id=str(checkpoint.path))
+        return json.loads((checkpoint.path / TRAINER_STATE).read_text())
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"cuda{i}"] = s
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(
+            [state[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in state]
+        )

@@ -1,0 +1,49 @@
+"""`moegpt export RUN_DIR OUT_DIR`: a serving checkpoint from a run's newest checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from moegpt.config import load_config
+from moegpt.console import stderr
+from moegpt.data.shards import read_manifest
+from moegpt.errors import UserError
+from moegpt.model import Transformer
+from moegpt.train.checkpoint import CheckpointManager
+from moegpt.train.trainer import RUN_CONFIG
+from moegpt.weights import save_model
+
+
+def load_run_model(run_dir: Path) -> tuple[Transformer, int]:
+    """The model of a run's newest complete checkpoint, on CPU, and its step."""
+    config_path = run_dir / RUN_CONFIG
+    if not config_path.is_file():
+        raise UserError(f"{run_dir}: not a training run directory (no {RUN_CONFIG})")
+    config = load_config(config_path)
+    checkpoint = CheckpointManager(
+        run_dir / "checkpoints", log=lambda m: stderr.print(m, highlight=False)
+    ).latest()
+    if checkpoint is None:
+        raise UserError(f"{run_dir}: no complete checkpoint to export")
+    model = Transformer(config.model)
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(checkpoint.path))  # in place; only the model is read
+    model.load_state_dict(state["model"])
+    return model.eval(), checkpoint.step
+
+
+def export(run_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
+    """Write ``model.safetensors``, ``config.json`` and ``tokenizer.json`` to ``out_dir``."""
+    model, step = load_run_model(run_dir)
+    config = load_config(run_dir / RUN_CONFIG)
+    data_dir = Path(config.data.data_dir)
+    tokenizer = data_dir / read_manifest(data_dir)["tokenizer"]["file"]
+    if not tokenizer.is_file():
+        raise UserError(f"{tokenizer}: the run's tokenizer is missing")
+    with torch.no_grad():
+        path = save_model(model, out_dir, overwrite, extra_files={"tokenizer.json": tokenizer})
+    stderr.print(f"exported step {step} of {run_dir} to {path}", highlight=False)
+    return path

@@ -1,0 +1,25 @@
+"""`moegpt train --max-restarts N`: relaunch the training process after a crash.
+
+The child resumes from the newest complete checkpoint each time, so a crash costs at most the
+steps since that checkpoint. A usage error (exit status 2) is not retried.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+
+
+def supervise(child_argv: Sequence[str], max_restarts: int, log: Callable[[str], None]) -> int:
+    """Run ``moegpt <child_argv>`` until it succeeds or ``max_restarts`` relaunches fail."""
+    command = [sys.executable, "-m", "moegpt.cli", *child_argv]
+    attempt = 0
+    while True:
+        code = subprocess.call(command)
+        if code in (0, 2) or attempt >= max_restarts:
+            if code not in (0, 2):
+                log(f"training failed with status {code} after {attempt} restarts; giving up")
+            return code
+        attempt += 1
+        log(f"training exited with status {code}; restart {attempt} of {max_restarts}")

@@ -1,0 +1,201 @@
+"""The trainer: loss falls, checkpoints are atomic and verified, resume is bit-exact even after
+SIGKILL at random moments, export/report work."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import moegpt
+from moegpt.cli import main
+from moegpt.train.checkpoint import CheckpointManager
+from moegpt.train.export import load_run_model
+from moegpt.train.metrics import read_metrics
+from moegpt.train.supervisor import supervise
+from moegpt.train.trainer import Trainer
+from tests.train.conftest import make_config, recipe
+
+
+def test_loss_falls(tmp_path: Path, prepared: Path) -> None:
+    config = make_config(tmp_path, prepared, steps=40)
+    trainer = Trainer(config, tmp_path / "run", log=lambda m: None)
+    trainer.run(progress=False)
+    losses = [e["loss"] for e in read_metrics(tmp_path / "run") if e["kind"] == "train"]
+    start, end = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    # Observed: ~6.2 -> ~4.3 nats; ln(512) = 6.24 is the uniform start.
+    assert start > 5.8 and end < start - 1.0, (start, end)
+
+
+def test_resume_in_process_is_bit_exact(tmp_path: Path, prepared: Path) -> None:
+    config = make_config(tmp_path, prepared, steps=12)
+    straight = Trainer(config, tmp_path / "a", log=lambda m: None)
+    straight.run(progress=False)
+    partial = make_config(tmp_path, prepared, steps=12)
+    first = Trainer(partial, tmp_path / "b", log=lambda m: None)
+    batches = iter(first.loader)
+    for _ in range(6):
+        first.train_step(batches)
+    first.save()  # as a checkpoint at step 6 would
+    second = Trainer(partial, tmp_path / "b", log=lambda m: None)
+    second.run(progress=False)
+    a, b = straight.model.state_dict(), second.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _launch(recipe_path: Path, run_dir: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "moegpt.cli", "train", "--config", str(recipe_path),
+         "--run-dir", str(run_dir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _steps_logged(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return path.read_text().count("\n") if path.is_file() else 0
+
+
+def train_with_kills(recipe_path: Path, run_dir: Path, kills: int, seed: int) -> int:
+    """Run to completion, SIGKILLing the trainer ``kills`` times at random moments after it
+    has made progress (checkpoint saves included); return the kills that landed."""
+    rng = random.Random(seed)
+    landed = 0
+    while True:
+        process = _launch(recipe_path, run_dir)
+        if landed < kills:
+            before = _steps_logged(run_dir)
+            while process.poll() is None and _steps_logged(run_dir) <= before:
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.6))
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                landed += 1
+                continue
+        assert process.wait(timeout=300) == 0
+        return landed
+
+
+def test_sigkill_at_random_moments_ends_bit_identical(tmp_path: Path, prepared: Path) -> None:
+    path = recipe(tmp_path, prepared, steps=36)
+    reference = tmp_path / "reference"
+    assert _launch(path, reference).wait(timeout=300) == 0
+    killed = tmp_path / "killed"
+    assert train_with_kills(path, killed, kills=3, seed=1) == 3
+
+    want, _ = load_run_model(reference)
+    got, step = load_run_model(killed)
+    assert step == 36
+    a, b = want.state_dict(), got.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    stream = [(e["step"], e["data_sha256"]) for e in read_metrics(reference) if e["kind"] == "train"]
+    again = [(e["step"], e["data_sha256"]) for e in read_metrics(killed) if e["kind"] == "train"]
+    assert again == stream and len(stream) == 36
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path: Path, prepared: Path) -> None:
+    config = make_config(tmp_path, prepared, steps=9)
+    Trainer(config, tmp_path / "run", log=lambda m: None).run(progress=False)
+    folder = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["step-00000006", "step-00000009"]  # keep 2
+    shard = next((folder / "step-00000009").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-7] + b"garbage")
+    (folder / ".step-00000012.tmp-x").mkdir()  # what a kill during a save leaves
+    messages: list[str] = []
+    trainer = Trainer(config, tmp_path / "run", log=messages.append)
+    assert trainer.resume() and trainer.step == 6
+    assert any("step-00000009 is damaged" in m for m in messages)
+    assert not (folder / ".step-00000012.tmp-x").exists()
+
+
+def test_a_run_directory_refuses_another_model(tmp_path: Path, prepared: Path) -> None:
+    Trainer(make_config(tmp_path, prepared, steps=3), tmp_path / "run", log=lambda m: None).run(
+        progress=False
+    )
+    other = make_config(tmp_path, prepared, "--model.n_layers", "3", steps=3)
+    with pytest.raises(moegpt.errors.UserError, match=r"different \[model\] section"):
+        Trainer(other, tmp_path / "run", log=lambda m: None).run(progress=False)
+
+
+def test_export_loads_and_converts(tmp_path: Path, prepared: Path, capsys) -> None:
+    path = recipe(tmp_path, prepared, steps=6)
+    assert main(["train", "--config", str(path), "--run-dir", str(tmp_path / "run")]) == 0
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    exported = moegpt.load(tmp_path / "out")
+    trained, _ = load_run_model(tmp_path / "run")
+    tokens = torch.randint(0, 512, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(exported(tokens).logits, trained(tokens).logits)
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+    assert main(["convert", str(tmp_path / "out"), str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "mixtral"
+
+
+def test_report_writes_plots_and_summary(tmp_path: Path, prepared: Path, capsys) -> None:
+    path = recipe(tmp_path, prepared, steps=6, eval_every=3, eval_batches=2)
+    main(["train", "--config", str(path), "--run-dir", str(tmp_path / "run")])
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "run")]) == 0
+    for name in ("loss.png", "eval_loss.png", "throughput.png", "expert_load.png"):
+        assert (tmp_path / "run" / name).read_bytes()[:4] == b"\x89PNG"
+    out = capsys.readouterr().out
+    assert "steps: 6" in out and "held-out loss at step 6" in out and "MFU n/a" in out
+
+
+def test_dry_run_prints_the_ramp(tmp_path: Path, prepared: Path, capsys) -> None:
+    path = recipe(tmp_path, prepared, steps=10, global_batch_size=8, ramp_start_batch=2,
+                  ramp_increment=2, ramp_samples=24)
+    assert main(["train", "--config", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "steps 0-2: batch 2" in out and "batch 8" in out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_ramp_run_consumes_the_planned_batches(tmp_path: Path, prepared: Path) -> None:
+    config = make_config(tmp_path, prepared, steps=10, global_batch_size=8, ramp_start_batch=2,
+                         ramp_increment=2, ramp_samples=24)
+    trainer = Trainer(config, tmp_path / "run", log=lambda m: None)
+    trainer.run(progress=False)
+    events = [e for e in read_metrics(tmp_path / "run") if e["kind"] == "train"]
+    assert [e["batch_size"] for e in events] == trainer.schedule.batch_sizes.tolist()
+    assert sum(e["tokens"] for e in events) == trainer.schedule.total_sequences * 32
+    assert trainer.loader.consumed == trainer.schedule.total_sequences
+
+
+def test_supervisor_relaunches_until_success(monkeypatch) -> None:
+    codes = iter([137, 1, 0])
+    calls: list[list[str]] = []
+    monkeypatch.setattr("subprocess.call", lambda cmd: calls.append(cmd) or next(codes))
+    messages: list[str] = []
+    assert supervise(["train"], max_restarts=3, log=messages.append) == 0
+    assert len(calls) == 3 and len(messages) == 2
+    codes = iter([137, 137, 137])
+    assert supervise(["train"], max_restarts=1, log=messages.append) == 137
+    codes = iter([2])
+    assert supervise(["train"], max_restarts=5, log=messages.append) == 2  # usage errors stop
+
+
+def test_running_out_of_data_is_caught_before_training(tmp_path: Path, prepared: Path) -> None:
+    config = make_config(tmp_path, prepared, steps=100000)
+    with pytest.raises(moegpt.errors.UserError, match="train.steps: the run needs"):
+        Trainer(config, tmp_path / "run", log=lambda m: None)
+
+
+def test_checkpoint_manager_prunes_to_keep(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, keep=2, log=lambda m: None)
+    for step in (1, 2, 3):
+        manager.save(step, {"x": torch.tensor([step])}, {"step": step})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000002", "step-00000003"]
+    latest = manager.latest()
+    tensors = {"x": torch.tensor([0])}
+    assert manager.load(latest, tensors) == {"step": 3} and tensors["x"].item() == 3
