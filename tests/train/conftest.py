@@ -3,6 +3,7 @@ recipes for models that train in seconds on CPU."""
 
 from __future__ import annotations
 
+import json
 import sysconfig
 from pathlib import Path
 
@@ -17,11 +18,17 @@ STDLIB = Path(sysconfig.get_paths()["stdlib"])
 def recipe(root: Path, data_dir: Path, **train: object) -> Path:
     """A 2-layer, 4-expert MQA model on the prepared corpus; ``train`` overrides [train]."""
     settings = {
-        "steps": 30, "global_batch_size": 4, "micro_batch_size": 2, "lr": 3e-3,
-        "warmup_steps": 3, "log_every": 5, "eval_every": 0, "seed": 0, **train,
+        "steps": 30,
+        "global_batch_size": 4,
+        "micro_batch_size": 2,
+        "lr": 3e-3,
+        "warmup_steps": 3,
+        "log_every": 5,
+        "eval_every": 0,
+        "seed": 0,
+        **train,
     }
-    lines = "\n".join(f"{k} = {v!r}".replace("'", '"').replace("True", "true").replace("False", "false")
-                      for k, v in settings.items())
+    lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.items())
     path = root / "recipe.toml"
     path.write_text(
         "[model]\nvocab_size = 512\nd_model = 32\nn_layers = 2\nn_heads = 4\nn_kv_heads = 1\n"

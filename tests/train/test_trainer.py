@@ -4,12 +4,6 @@ SIGKILL at random moments, export/report work."""
 from __future__ import annotations
 
 import json
-import os
-import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +13,8 @@ import moegpt
 from moegpt.cli import main
 from moegpt.train.checkpoint import CheckpointManager
 from moegpt.train.export import load_run_model
-from moegpt.train.metrics import read_metrics
+from moegpt.train.faults import launch_training, train_with_kills
+from moegpt.train.metrics import data_stream, read_metrics
 from moegpt.train.supervisor import supervise
 from moegpt.train.trainer import Trainer
 from tests.train.conftest import make_config, recipe
@@ -51,45 +46,10 @@ def test_resume_in_process_is_bit_exact(tmp_path: Path, prepared: Path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _launch(recipe_path: Path, run_dir: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "moegpt.cli", "train", "--config", str(recipe_path),
-         "--run-dir", str(run_dir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def _steps_logged(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    return path.read_text().count("\n") if path.is_file() else 0
-
-
-def train_with_kills(recipe_path: Path, run_dir: Path, kills: int, seed: int) -> int:
-    """Run to completion, SIGKILLing the trainer ``kills`` times at random moments after it
-    has made progress (checkpoint saves included); return the kills that landed."""
-    rng = random.Random(seed)
-    landed = 0
-    while True:
-        process = _launch(recipe_path, run_dir)
-        if landed < kills:
-            before = _steps_logged(run_dir)
-            while process.poll() is None and _steps_logged(run_dir) <= before:
-                time.sleep(0.02)
-            time.sleep(rng.uniform(0.0, 0.6))
-            if process.poll() is None:
-                process.send_signal(signal.SIGKILL)
-                process.wait()
-                landed += 1
-                continue
-        assert process.wait(timeout=300) == 0
-        return landed
-
-
 def test_sigkill_at_random_moments_ends_bit_identical(tmp_path: Path, prepared: Path) -> None:
     path = recipe(tmp_path, prepared, steps=36)
     reference = tmp_path / "reference"
-    assert _launch(path, reference).wait(timeout=300) == 0
+    assert launch_training(path, reference).wait(timeout=300) == 0
     killed = tmp_path / "killed"
     assert train_with_kills(path, killed, kills=3, seed=1) == 3
 
@@ -98,12 +58,13 @@ def test_sigkill_at_random_moments_ends_bit_identical(tmp_path: Path, prepared: 
     assert step == 36
     a, b = want.state_dict(), got.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    stream = [(e["step"], e["data_sha256"]) for e in read_metrics(reference) if e["kind"] == "train"]
-    again = [(e["step"], e["data_sha256"]) for e in read_metrics(killed) if e["kind"] == "train"]
-    assert again == stream and len(stream) == 36
+    assert data_stream(killed) == data_stream(reference)
+    assert len(data_stream(reference)) == 36
 
 
-def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path: Path, prepared: Path) -> None:
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(
+    tmp_path: Path, prepared: Path
+) -> None:
     config = make_config(tmp_path, prepared, steps=9)
     Trainer(config, tmp_path / "run", log=lambda m: None).run(progress=False)
     folder = tmp_path / "run" / "checkpoints"
@@ -153,8 +114,15 @@ def test_report_writes_plots_and_summary(tmp_path: Path, prepared: Path, capsys)
 
 
 def test_dry_run_prints_the_ramp(tmp_path: Path, prepared: Path, capsys) -> None:
-    path = recipe(tmp_path, prepared, steps=10, global_batch_size=8, ramp_start_batch=2,
-                  ramp_increment=2, ramp_samples=24)
+    path = recipe(
+        tmp_path,
+        prepared,
+        steps=10,
+        global_batch_size=8,
+        ramp_start_batch=2,
+        ramp_increment=2,
+        ramp_samples=24,
+    )
     assert main(["train", "--config", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "steps 0-2: batch 2" in out and "batch 8" in out
@@ -162,8 +130,15 @@ def test_dry_run_prints_the_ramp(tmp_path: Path, prepared: Path, capsys) -> None
 
 
 def test_ramp_run_consumes_the_planned_batches(tmp_path: Path, prepared: Path) -> None:
-    config = make_config(tmp_path, prepared, steps=10, global_batch_size=8, ramp_start_batch=2,
-                         ramp_increment=2, ramp_samples=24)
+    config = make_config(
+        tmp_path,
+        prepared,
+        steps=10,
+        global_batch_size=8,
+        ramp_start_batch=2,
+        ramp_increment=2,
+        ramp_samples=24,
+    )
     trainer = Trainer(config, tmp_path / "run", log=lambda m: None)
     trainer.run(progress=False)
     events = [e for e in read_metrics(tmp_path / "run") if e["kind"] == "train"]

@@ -84,3 +84,9 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     for event in events:
         latest[(event["kind"], event["step"])] = event
     return sorted(latest.values(), key=lambda e: (e["step"], e["kind"]))
+
+
+def data_stream(run_dir: Path) -> list[tuple[int, str]]:
+    """(step, hash of the step's token ids) for every step the run finally kept: two runs
+    consumed the same data exactly when these lists are equal."""
+    return [(e["step"], e["data_sha256"]) for e in read_metrics(run_dir) if e["kind"] == "train"]

@@ -22,7 +22,8 @@ def summary(events: list[dict[str, Any]]) -> str:
     first, last = train[0], train[-1]
     lines = [
         f"steps: {last['step']}, tokens: {sum(e['tokens'] for e in train):,}",
-        f"loss: {first['loss']:.4f} at step {first['step']} -> {last['loss']:.4f} at {last['step']}",
+        f"loss: {first['loss']:.4f} at step {first['step']} -> "
+        f"{last['loss']:.4f} at step {last['step']}",
         f"throughput: {last['tokens_per_second']:,.0f} tokens/s, "
         f"{last['flops_per_second'] / 1e12:.2f} TFLOP/s, "
         + ("MFU n/a (no known peak)" if last.get("mfu") is None else f"MFU {last['mfu']:.1%}"),
