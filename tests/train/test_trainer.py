@@ -21,13 +21,13 @@ from tests.train.conftest import make_config, recipe
 
 
 def test_loss_falls(tmp_path: Path, prepared: Path) -> None:
-    config = make_config(tmp_path, prepared, steps=40)
+    config = make_config(tmp_path, prepared, steps=80, global_batch_size=8, log_every=100)
     trainer = Trainer(config, tmp_path / "run", log=lambda m: None)
     trainer.run(progress=False)
     losses = [e["loss"] for e in read_metrics(tmp_path / "run") if e["kind"] == "train"]
-    start, end = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    # Observed: ~6.2 -> ~4.3 nats; ln(512) = 6.24 is the uniform start.
-    assert start > 5.8 and end < start - 1.0, (start, end)
+    start, end = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
+    # Observed over seeds 0-2: 6.23 -> 5.40 (last 10 steps); ln(512) = 6.24 is the uniform start.
+    assert start > 6.0 and end < start - 0.6, (start, end)
 
 
 def test_resume_in_process_is_bit_exact(tmp_path: Path, prepared: Path) -> None:
@@ -125,7 +125,7 @@ def test_dry_run_prints_the_ramp(tmp_path: Path, prepared: Path, capsys) -> None
     )
     assert main(["train", "--config", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "steps 0-2: batch 2" in out and "batch 8" in out
+    assert "steps 0-3: batch 2 (8 sequences)" in out and "steps 8-9: batch 8" in out
     assert not (tmp_path / "runs").exists()
 
 
