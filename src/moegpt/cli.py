@@ -58,7 +58,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> None:
     from moegpt.plan.plan import PlanOptions, build_plan
-    from moegpt.plan.render import plan_tables, seed_tables
+    from moegpt.plan.render import plan_tables, schedule_table, seed_tables
     from moegpt.plan.seeds import seed_comparison
 
     config = _load(args)
@@ -70,9 +70,9 @@ def cmd_plan(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(plan, indent=2))
         return
-    tables = plan_tables(plan) + (
-        seed_tables(plan["seed_comparison"]) if args.against_seeds else []
-    )
+    tables = [*plan_tables(plan), schedule_table(plan)]
+    if args.against_seeds:
+        tables += seed_tables(plan["seed_comparison"])
     for table in tables:
         stdout.print(table)
         stdout.print()

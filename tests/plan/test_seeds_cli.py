@@ -90,6 +90,7 @@ def test_plan_json_schema(capsys) -> None:
         "memory",
         "kv_cache",
         "inference",
+        "batch_schedule",
         "seed_comparison",
     ]
     assert plan["parameters"]["total"] == 1_872_147_993_600

@@ -18,6 +18,7 @@ from moegpt.plan.inference import ServeLayout, decode, kv_fit
 from moegpt.plan.memory import TrainLayout, training_memory
 from moegpt.plan.params import param_breakdown
 from moegpt.plan.training import tokens_per_expert, training_time
+from moegpt.train.schedule import batch_phases, build_schedule
 
 SCHEMA_VERSION = 1
 
@@ -124,6 +125,7 @@ def build_plan(config: Config, opts: PlanOptions) -> dict[str, Any]:
     if tokens <= 0:
         raise UserError(f"--tokens: must be positive, got {tokens}")
 
+    schedule = build_schedule(config.train)
     hw = hardware(opts.gpu, opts, "--gpu")
     layout, gpus = train_layout(config, opts)
     total_flops = train_flops.training * tokens
@@ -194,4 +196,9 @@ def build_plan(config: Config, opts: PlanOptions) -> dict[str, Any]:
             "max_batch_mha": fit_mha.max_batch,
         },
         "inference": dataclasses.asdict(roofline),
+        "batch_schedule": [
+            {**dataclasses.asdict(phase), "tokens": phase.sequences * seq,
+             "lr_start": schedule.lr(phase.first_step), "lr_end": schedule.lr(phase.last_step)}
+            for phase in batch_phases(schedule)
+        ],
     }

@@ -37,7 +37,9 @@ def _gb(n: float) -> str:
 
 
 def _money(n: float) -> str:
-    return f"${human(n)}" if n >= 1e3 else f"${n:.4f}"
+    if n >= 1e3:
+        return f"${human(n)}"
+    return f"${n:.4f}" if n >= 1e-3 else f"${n:.2e}"
 
 
 def plan_tables(plan: dict[str, Any]) -> list[Table]:
@@ -132,6 +134,18 @@ def plan_tables(plan: dict[str, Any]) -> list[Table]:
             ],
         ),
     ]
+
+
+def schedule_table(plan: dict[str, Any]) -> Table:
+    return _table(
+        "Batch-size schedule",
+        ("steps", "batch (sequences)", "tokens", "learning rate"),
+        [
+            (f"{p['first_step']}-{p['last_step']}", p["batch_size"], human(p["tokens"]),
+             f"{p['lr_start']:.2e} -> {p['lr_end']:.2e}")
+            for p in plan["batch_schedule"]
+        ],
+    )
 
 
 def seed_tables(seeds: dict[str, Any]) -> list[Table]:
