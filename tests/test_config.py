@@ -270,3 +270,7 @@ def test_source_errors_name_the_entry(tmp_path: Path, toml, overrides, message) 
     with pytest.raises(ConfigError) as info:
         load_config(path, overrides)
     assert str(info.value).startswith(message), info.value
+
+
+def test_the_built_in_defaults_are_the_tiny_recipe() -> None:
+    assert load_config(None) == load_config(TINY)

@@ -111,16 +111,19 @@ def _section_item(name: str, index: int, cls: type[_Section], item: Any) -> Any:
 
 @dataclass(frozen=True)
 class ModelConfig(_Section):
-    """The transformer: sizes, attention, Mixture-of-Experts and positions."""
+    """The transformer: sizes, attention, Mixture-of-Experts and positions.
+
+    The defaults of every section are the tiny recipe (configs/tiny.toml), so `moegpt
+    quickstart` and any verb run without --config work on a fresh machine."""
 
     SECTION: ClassVar[str] = "model"
 
     vocab_size: int = _doc(4096, "number of token ids (the tokenizer's vocabulary size)")
-    d_model: int = _doc(256, "width of the residual stream")
+    d_model: int = _doc(192, "width of the residual stream")
     n_layers: int = _doc(4, "number of transformer blocks")
-    n_heads: int = _doc(4, "query heads; head_dim = d_model / n_heads")
+    n_heads: int = _doc(6, "query heads; head_dim = d_model / n_heads")
     n_kv_heads: int = _doc(1, "key/value heads: 1 = multi-query attention (GPT-4), n_heads = MHA")
-    ffn_hidden: int = _doc(1024, "hidden size of the dense feed-forward layers")
+    ffn_hidden: int = _doc(512, "hidden size of the dense feed-forward layers")
     activation: Literal["swiglu", "gelu"] = _doc(
         "swiglu", "feed-forward activation: swiglu (3 matrices) or gelu (2 matrices)"
     )
@@ -136,7 +139,7 @@ class ModelConfig(_Section):
     )
     aux_loss_coef: float = _doc(0.01, "weight of the switch load-balancing loss (1.0 at balance)")
     z_loss_coef: float = _doc(0.001, "weight of the router z-loss (mean squared logsumexp)")
-    max_seq_len: int = _doc(2048, "longest sequence the model is built for (context length)")
+    max_seq_len: int = _doc(512, "longest sequence the model is built for (context length)")
     rope_theta: float = _doc(10000.0, "rotary embedding base")
     rope_scaling: Literal["none"] = _doc("none", "rotary scaling for long context")
     norm_eps: float = _doc(1e-5, "RMSNorm epsilon")
@@ -273,13 +276,13 @@ class TrainConfig(_Section):
 
     SECTION: ClassVar[str] = "train"
 
-    steps: int = _doc(1000, "optimizer steps to run")
+    steps: int = _doc(300, "optimizer steps to run")
     global_batch_size: int = _doc(16, "sequences per optimizer step, over all data-parallel ranks")
     micro_batch_size: int = _doc(8, "sequences per forward/backward on one rank")
-    lr: float = _doc(3e-4, "peak learning rate")
+    lr: float = _doc(1e-3, "peak learning rate")
     min_lr_ratio: float = _doc(0.1, "final learning rate as a fraction of the peak")
     lr_schedule: Literal["cosine", "constant", "wsd"] = _doc("cosine", "decay after warm-up")
-    warmup_steps: int = _doc(100, "linear warm-up steps")
+    warmup_steps: int = _doc(30, "linear warm-up steps")
     wsd_decay_fraction: float = _doc(0.2, "wsd: final share of the run spent decaying")
     ramp_start_batch: int = _doc(0, "batch-size ramp-up: first global batch (sequences); 0 = off")
     ramp_increment: int = _doc(0, "batch-size ramp-up: sequences added at each increase")
@@ -295,7 +298,7 @@ class TrainConfig(_Section):
     compile: bool = _doc(False, "torch.compile each transformer block")
     seed: int = _doc(0, "random seed for initialisation and data order")
     log_every: int = _doc(10, "steps between log lines")
-    eval_every: int = _doc(200, "steps between held-out evaluations; 0 = never")
+    eval_every: int = _doc(100, "steps between held-out evaluations; 0 = never")
     eval_batches: int = _doc(0, "batches per source per evaluation; 0 = the whole held-out split")
 
     def validate(self) -> None:
@@ -340,7 +343,7 @@ class CheckpointConfig(_Section):
 
     SECTION: ClassVar[str] = "checkpoint"
 
-    every: int = _doc(500, "steps between checkpoints; 0 = only at the end")
+    every: int = _doc(100, "steps between checkpoints; 0 = only at the end")
     keep: int = _doc(3, "newest complete checkpoints to keep; 0 = all")
 
     def validate(self) -> None:

@@ -197,8 +197,12 @@ def build_plan(config: Config, opts: PlanOptions) -> dict[str, Any]:
         },
         "inference": dataclasses.asdict(roofline),
         "batch_schedule": [
-            {**dataclasses.asdict(phase), "tokens": phase.sequences * seq,
-             "lr_start": schedule.lr(phase.first_step), "lr_end": schedule.lr(phase.last_step)}
+            {
+                **dataclasses.asdict(phase),
+                "tokens": phase.sequences * seq,
+                "lr_start": schedule.lr(phase.first_step),
+                "lr_end": schedule.lr(phase.last_step),
+            }
             for phase in batch_phases(schedule)
         ],
     }

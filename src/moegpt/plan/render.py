@@ -141,8 +141,12 @@ def schedule_table(plan: dict[str, Any]) -> Table:
         "Batch-size schedule",
         ("steps", "batch (sequences)", "tokens", "learning rate"),
         [
-            (f"{p['first_step']}-{p['last_step']}", p["batch_size"], human(p["tokens"]),
-             f"{p['lr_start']:.2e} -> {p['lr_end']:.2e}")
+            (
+                f"{p['first_step']}-{p['last_step']}",
+                p["batch_size"],
+                human(p["tokens"]),
+                f"{p['lr_start']:.2e} -> {p['lr_end']:.2e}",
+            )
             for p in plan["batch_schedule"]
         ],
     )

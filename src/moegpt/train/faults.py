@@ -6,6 +6,7 @@ killed at any moment (saves included) and that resuming is exact.
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import subprocess
@@ -14,10 +15,21 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from moegpt.config import load_config
 
-def _steps_logged(run_dir: Path) -> int:
+
+def _last_step(run_dir: Path) -> int:
+    """The highest step the trainer has logged so far (0 before the first)."""
     path = run_dir / "metrics.jsonl"
-    return path.read_text().count("\n") if path.is_file() else 0
+    if not path.is_file():
+        return 0
+    last = 0
+    for line in path.read_text().splitlines():
+        try:
+            last = max(last, json.loads(line)["step"])
+        except (json.JSONDecodeError, KeyError):  # a line cut by the previous kill
+            continue
+    return last
 
 
 def launch_training(recipe: Path, run_dir: Path, extra: Sequence[str] = ()) -> subprocess.Popen:
@@ -38,21 +50,23 @@ def launch_training(recipe: Path, run_dir: Path, extra: Sequence[str] = ()) -> s
     )
 
 
-def train_with_kills(
-    recipe: Path, run_dir: Path, kills: int, seed: int = 0, max_delay: float = 0.6
-) -> int:
-    """Train to the end, relaunching after each of ``kills`` SIGKILLs delivered a random
-    0..``max_delay`` seconds after the trainer logged new progress; return the kills that
-    landed (a process that finished first is not counted)."""
+def train_with_kills(recipe: Path, run_dir: Path, kills: int, seed: int = 0) -> int:
+    """Train to the end, SIGKILLing the trainer ``kills`` times and relaunching it each time.
+
+    Kill moments are spread over the run: the i-th kill lands a random 0-50 ms after the
+    trainer first logs a randomly drawn target step, i.e. inside a step or a checkpoint save.
+    Returns the kills that landed (a process that finished first is not counted).
+    """
+    steps = load_config(recipe).train.steps
     rng = random.Random(seed)
+    targets = sorted(rng.sample(range(1, steps - 1), min(kills, steps - 2)))
     landed = 0
     while True:
         process = launch_training(recipe, run_dir)
-        if landed < kills:
-            before = _steps_logged(run_dir)
-            while process.poll() is None and _steps_logged(run_dir) <= before:
-                time.sleep(0.02)
-            time.sleep(rng.uniform(0.0, max_delay))
+        if landed < len(targets):
+            while process.poll() is None and _last_step(run_dir) < targets[landed]:
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, 0.05))
             if process.poll() is None:
                 process.send_signal(signal.SIGKILL)
                 process.wait()
