@@ -11,6 +11,7 @@ from moegpt.plan.memory import (
     TrainLayout,
     activation_bytes_per_token_layer,
     bubble_fraction,
+    in_flight_microbatches,
     stage_params,
     training_memory,
 )
@@ -107,11 +108,46 @@ def test_activations_by_hand_and_recompute() -> None:
     assert saved.logits == full.logits == 14 * 64 * 1000
 
 
-def test_1f1b_holds_p_microbatches_gpipe_all() -> None:
-    base = dict(pp=4, pp_microbatches=16, seq_len=8)
-    f1b = training_memory(DENSE, TrainLayout(**base), 80e9)
-    gpipe = training_memory(DENSE, TrainLayout(**base, pp_schedule="gpipe"), 80e9)
-    assert gpipe.activations == 4 * f1b.activations
+@pytest.mark.parametrize(
+    ("schedule", "stage", "expected"),
+    [
+        ("1f1b", 0, 4),
+        ("1f1b", 1, 3),
+        ("1f1b", 3, 1),  # stage s holds min(p - s, m)
+        ("gpipe", 0, 16),
+        ("gpipe", 3, 16),  # all m micro-batches
+        ("interleaved_1f1b", 0, 4 * (1 + 3 / 8)),  # Korthikanti: x (1 + (p-1)/(p v)), v = 2
+    ],
+)
+def test_pipeline_stages_hold_their_in_flight_micro_batches(schedule, stage, expected) -> None:
+    layout = TrainLayout(pp=4, pp_microbatches=16, pp_schedule=schedule)
+    assert in_flight_microbatches(layout, stage) == pytest.approx(expected)
+    assert in_flight_microbatches(TrainLayout(pp=4, pp_microbatches=2), 0) == 2
+
+
+def test_recompute_keeps_inputs_of_every_in_flight_micro_batch_and_one_block() -> None:
+    # GPipe: both stages hold all 8 micro-batches; the last also holds the logits, so it peaks.
+    layout = TrainLayout(
+        pp=2, pp_microbatches=8, pp_schedule="gpipe", micro_batch=1, seq_len=16, recompute=True
+    )
+    est = training_memory(DENSE, layout, 80e9)
+    one_block = activation_bytes_per_token_layer(DENSE, False)
+    assert est.activations == (2 * 64 * 2 * 8 + one_block) * 16  # 2 layers' inputs x 8, 1 block
+    assert est.logits == 14 * 16 * 1000
+
+
+def test_hsdp_shards_over_the_shard_group_only() -> None:
+    psi = param_breakdown(DENSE).total
+    hsdp = training_memory(DENSE, TrainLayout(dp=8, zero_stage=3, shard_group=4, seq_len=8), 80e9)
+    fsdp = training_memory(DENSE, TrainLayout(dp=8, zero_stage=3, seq_len=8), 80e9)
+    assert hsdp.weights == pytest.approx(4 * psi / 4) and fsdp.weights == pytest.approx(4 * psi / 8)
+
+
+def test_gqa_kv_heads_per_tensor_parallel_rank() -> None:
+    from moegpt.plan.memory import kv_heads_per_rank
+
+    gqa = ModelConfig(d_model=64, n_heads=8, n_kv_heads=4, vocab_size=100, n_experts=0)
+    assert [kv_heads_per_rank(gqa, tp) for tp in (1, 2, 4, 8)] == [4, 2, 1, 1]
 
 
 def test_training_time_and_its_reverse() -> None:
@@ -132,9 +168,9 @@ def test_bad_inputs_name_the_option() -> None:
         training_time(1e20, PRESETS["h100-sxm"], 8, mfu=1.5)
     with pytest.raises(UserError, match="^--gpu: unknown hardware 'v100'"):
         get_hardware("v100")
-    with pytest.raises(UserError, match="^--tp: 3 does not divide model.n_heads"):
+    with pytest.raises(UserError, match="^parallel.tp: 3 does not divide model.n_heads"):
         training_memory(MOE, TrainLayout(tp=3), 80e9)
-    with pytest.raises(UserError, match="^--ep: 3 must divide model.n_experts"):
+    with pytest.raises(UserError, match="^parallel.ep: 3 must divide model.n_experts"):
         training_memory(MOE, TrainLayout(ep=3, dp=3), 80e9)
     with pytest.raises(UserError, match="^--precision fp8: a100-40g has no fp8"):
         PRESETS["a100-40g"].peak_flops("fp8")

@@ -16,7 +16,7 @@ from moegpt.plan.params import param_breakdown
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", ["tiny", "small-moe"])
+@pytest.mark.parametrize("name", ["tiny", "small-moe", "debian", "gpt4-1.8t"])
 def test_planner_counts_equal_the_shipped_models(name: str) -> None:
     config = load_config(ROOT / "configs" / f"{name}.toml").model
     device = "cpu" if name == "tiny" else "meta"  # same modules either way; meta saves memory

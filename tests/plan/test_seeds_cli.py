@@ -62,8 +62,25 @@ def test_kv_cache_shows_why_mqa_matters(seeds: dict) -> None:
         assert row["max_batch_mqa"] > row["max_batch_mha"]
     # 2 (K, V) x 120 layers x 128 x 2 bytes = 61,440 bytes per token
     assert rows[("a100-40g", 8192)]["per_sequence_mqa"] == 61_440 * 8192
-    assert rows[("a100-40g", 32768)]["max_batch_mha"] <= 1
+    assert (
+        rows[("a100-40g", 32768)]["max_batch_mha"] < 5 < rows[("a100-40g", 32768)]["max_batch_mqa"]
+    )
     assert rows[("a100-80g", 32768)]["max_batch_mqa"] > rows[("a100-40g", 32768)]["max_batch_mqa"]
+
+
+def test_utilisation_needed_is_the_cost_ratio(seeds: dict) -> None:
+    for row in seeds["inference_cost"]:
+        if row["utilisation_needed"] is not None:
+            assert row["reachable"]
+            assert row["utilisation_needed"] == pytest.approx(
+                row["cost_at_max_batch"] / row["seed_cost_per_1k"]
+            )
+
+
+def test_against_seeds_needs_a_model_the_seed_layouts_fit(capsys) -> None:
+    tiny = str(ROOT / "configs" / "tiny.toml")
+    assert main(["plan", "--config", tiny, "--against-seeds"]) == 2
+    assert "--against-seeds: the seed's layouts" in capsys.readouterr().err
 
 
 def test_claims_are_evaluated_not_asserted(seeds: dict) -> None:
@@ -143,6 +160,9 @@ def test_plan_tables_render(capsys) -> None:
             "--precision fp8: a100-40g has no fp8 tensor cores",
         ),
         (["--hbm-gb", "-1"], "--hbm-gb: must be positive, got -1.0"),
+        (["--hbm-gb", "inf"], "--hbm-gb: must be a finite number, got inf"),
+        (["--tokens", "nan"], "--tokens: must be a finite number, got nan"),
+        (["--context", "40000"], "--context: 40000 exceeds model.max_seq_len (8192)"),
         (["--tokens", "0"], "--tokens: must be positive, got 0.0"),
         (["--context", "-5"], "--context: must be positive, got -5"),
         (["--infer-batch", "0"], "--infer-batch: must be positive, got 0"),

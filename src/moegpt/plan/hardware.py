@@ -30,14 +30,14 @@ class Hardware:
         return self.peak_bf16_flops
 
 
-GB = 1e9
+GIB = 1 << 30  # memory sizes are binary: a "40GB" A100 holds 40 GiB
 PRESETS: dict[str, Hardware] = {
     h.name: h
     for h in (
-        Hardware("a100-40g", 312e12, 0.0, 40 * GB, 1.555e12, 300e9, 1.0),
-        Hardware("a100-80g", 312e12, 0.0, 80 * GB, 2.039e12, 300e9, 1.0),
-        Hardware("h100-sxm", 989e12, 1979e12, 80 * GB, 3.35e12, 450e9, 2.0),
-        Hardware("h200", 989e12, 1979e12, 141 * GB, 4.8e12, 450e9, 2.5),
+        Hardware("a100-40g", 312e12, 0.0, 40 * GIB, 1.555e12, 300e9, 1.0),
+        Hardware("a100-80g", 312e12, 0.0, 80 * GIB, 2.039e12, 300e9, 1.0),
+        Hardware("h100-sxm", 989e12, 1979e12, 80 * GIB, 3.35e12, 450e9, 2.0),
+        Hardware("h200", 989e12, 1979e12, 141 * GIB, 4.8e12, 450e9, 2.5),
     )
 }
 

@@ -48,6 +48,7 @@ class TrainLayout:
     pp_schedule: str = "1f1b"
     recompute: bool = False
     states: str = "fsdp-fp32-master"
+    shard_group: int = 0  # ranks ZeRO shards over (HSDP: dp_shard of dp); 0 = all of dp
 
     def validate(self, c: ModelConfig) -> None:
         for name in ("tp", "pp", "dp", "ep", "micro_batch", "seq_len", "pp_microbatches"):
@@ -58,12 +59,12 @@ class TrainLayout:
         if self.zero_stage not in (0, 1, 2, 3):
             raise UserError(f"--zero: stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if c.n_heads % self.tp:
-            raise UserError(f"--tp: {self.tp} does not divide model.n_heads ({c.n_heads})")
+            raise UserError(f"parallel.tp: {self.tp} does not divide model.n_heads ({c.n_heads})")
         if self.pp > c.n_layers:
-            raise UserError(f"--pp: {self.pp} stages exceed model.n_layers ({c.n_layers})")
+            raise UserError(f"parallel.pp: {self.pp} stages exceed model.n_layers ({c.n_layers})")
         if self.ep > 1 and (not c.n_experts or c.n_experts % self.ep or self.dp % self.ep):
             raise UserError(
-                f"--ep: {self.ep} must divide model.n_experts ({c.n_experts}) and the "
+                f"parallel.ep: {self.ep} must divide model.n_experts ({c.n_experts}) and the "
                 f"data-parallel degree ({self.dp}) it is drawn from"
             )
         if self.states not in STATE_PRECISIONS:
@@ -72,8 +73,11 @@ class TrainLayout:
             )
 
     @property
-    def gpus(self) -> int:
-        return self.tp * self.pp * self.dp
+    def shard_ranks(self) -> int:
+        return self.shard_group or self.dp
+
+
+INTERLEAVED_CHUNKS = 2  # model chunks per rank in the interleaved 1F1B schedule
 
 
 def bubble_fraction(stages: int, microbatches: int, virtual_stages: int = 1) -> float:
@@ -82,8 +86,9 @@ def bubble_fraction(stages: int, microbatches: int, virtual_stages: int = 1) -> 
 
 
 def kv_heads_per_rank(c: ModelConfig, tp: int) -> int:
-    """K/V heads each TP rank holds: split when they divide, else replicated (MQA on TP8)."""
-    return c.n_kv_heads // tp if c.n_kv_heads % tp == 0 else c.n_kv_heads
+    """K/V heads each TP rank holds: an even split when there are at least tp of them, else
+    the one head its query heads share (replicated over tp / n_kv_heads ranks; MQA on TP8)."""
+    return c.n_kv_heads // tp if c.n_kv_heads >= tp else 1
 
 
 def attention_params_per_rank(c: ModelConfig, tp: int) -> float:
@@ -174,41 +179,55 @@ class MemoryEstimate:
         return self.total <= self.hbm_bytes
 
 
+def in_flight_microbatches(layout: TrainLayout, stage: int) -> float:
+    """Micro-batches whose activations a stage holds at its peak: GPipe all m; 1F1B stage s
+    holds min(p - s, m); interleaved 1F1B (v chunks) (1 + (p-1)/(p v)) times that on the
+    first stage (Korthikanti et al. 2022)."""
+    p, m = layout.pp, layout.pp_microbatches
+    if p == 1:
+        return 1
+    if layout.pp_schedule == "gpipe":
+        return m
+    held = min(p - stage, m)
+    if layout.pp_schedule == "interleaved_1f1b":
+        held *= 1 + (p - 1) / (p * INTERLEAVED_CHUNKS)
+    return held
+
+
 def training_memory(c: ModelConfig, layout: TrainLayout, hbm_bytes: float) -> MemoryEstimate:
-    """Peak memory of the most loaded GPU (the first or the last pipeline stage)."""
+    """Peak memory of the most loaded GPU (whichever pipeline stage that is)."""
     layout.validate(c)
     state = STATE_PRECISIONS[layout.states]
-    dp, expert_dp = layout.dp, layout.dp // layout.ep
+    shard = layout.shard_ranks
+    expert_shard = max(shard // layout.ep, 1)
     z = layout.zero_stage
 
     def sharded(params: StageParams, bytes_per: int, from_stage: int) -> float:
         if z < from_stage:
             return bytes_per * (params.shared + params.experts)
-        return bytes_per * (params.shared / dp + params.experts / expert_dp)
+        return bytes_per * (params.shared / shard + params.experts / expert_shard)
 
     micro_tokens = layout.micro_batch * layout.seq_len
-    if layout.pp == 1:
-        in_flight = 1
-    elif layout.pp_schedule == "gpipe":
-        in_flight = layout.pp_microbatches
-    else:  # 1F1B: the first stage holds up to p micro-batches before its first backward
-        in_flight = min(layout.pp, layout.pp_microbatches)
-
+    bubble = bubble_fraction(
+        layout.pp,
+        layout.pp_microbatches,
+        INTERLEAVED_CHUNKS if layout.pp_schedule == "interleaved_1f1b" else 1,
+    )
     estimates = []
-    stages = stage_params(c, layout)
-    for s, params in enumerate(stages):
-        first = sum(st.layers for st in stages[:s])
+    first = 0
+    for s, params in enumerate(stage_params(c, layout)):
         per_layer = [
             activation_bytes_per_token_layer(c, c.is_moe_layer(i))
             for i in range(first, first + params.layers)
         ]
-        if layout.recompute:  # keep each block's bf16 input; recompute one block at a time
-            per_token = 2 * c.d_model * params.layers + max(per_layer, default=0)
+        first += params.layers
+        in_flight = in_flight_microbatches(layout, s)
+        if layout.recompute:  # every in-flight micro-batch keeps only its blocks' bf16
+            # inputs; one block at a time is recomputed for one micro-batch
+            per_token = 2 * c.d_model * params.layers * in_flight + max(per_layer, default=0)
         else:
-            per_token = sum(per_layer)
-        activations = per_token * micro_tokens * in_flight / layout.tp
+            per_token = sum(per_layer) * in_flight
         last = s == layout.pp - 1
-        logits = LOGIT_BYTES * micro_tokens * c.vocab_size / layout.tp if last else 0.0
         gathered = 0.0
         if z == 3 and params.layers:
             # Two layers' unsharded bf16 weights in flight (the current one and the prefetch).
@@ -218,15 +237,11 @@ def training_memory(c: ModelConfig, layout: TrainLayout, hbm_bytes: float) -> Me
                 weights=sharded(params, state.weights, 3),
                 grads=sharded(params, state.grads, 2),
                 optimizer=sharded(params, state.optimizer, 1),
-                activations=activations,
-                logits=logits,
+                activations=per_token * micro_tokens / layout.tp,
+                logits=LOGIT_BYTES * micro_tokens * c.vocab_size / layout.tp if last else 0.0,
                 gathered_weights=gathered,
                 hbm_bytes=hbm_bytes,
-                bubble=bubble_fraction(
-                    layout.pp,
-                    layout.pp_microbatches,
-                    2 if layout.pp_schedule == "interleaved_1f1b" else 1,
-                ),
+                bubble=bubble,
             )
         )
     return max(estimates, key=lambda e: e.total)

@@ -7,6 +7,7 @@ renderer reads the same dict.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,10 +62,11 @@ def hardware(name: str, opts: PlanOptions, option: str) -> Hardware:
         value = getattr(opts, flag)
         if value is not None and value <= 0:
             raise UserError(f"--{flag.replace('_', '-')}: must be positive, got {value}")
+    peak = "peak_fp8_flops" if opts.precision == "fp8" else "peak_bf16_flops"
     return get_hardware(
         name,
         option,
-        peak_bf16_flops=scaled(opts.peak_tflops, 1e12),
+        **{peak: scaled(opts.peak_tflops, 1e12)},
         hbm_bytes=scaled(opts.hbm_gb, 1e9),
         hbm_bandwidth=scaled(opts.hbm_tbps, 1e12),
         price_per_hour=opts.price,
@@ -85,10 +87,13 @@ def train_layout(config: Config, opts: PlanOptions) -> tuple[TrainLayout, int]:
     zero = opts.zero
     if zero is None:
         zero = 3 if par.dp_shard > 1 else 1 if par.zero1 else 0
+    dp = gpus // model_parallel
+    # FSDP shards over dp_shard ranks and replicates over the rest (HSDP); ZeRO-1 over all.
+    shard_group = par.dp_shard if par.dp_shard > 1 and dp % par.dp_shard == 0 else dp
     layout = TrainLayout(
         tp=par.tp,
         pp=par.pp,
-        dp=gpus // model_parallel,
+        dp=dp,
         ep=par.ep,
         zero_stage=zero,
         micro_batch=train.micro_batch_size,
@@ -97,6 +102,7 @@ def train_layout(config: Config, opts: PlanOptions) -> tuple[TrainLayout, int]:
         pp_schedule=par.pp_schedule,
         recompute=train.activation_checkpointing if opts.recompute is None else opts.recompute,
         states=opts.states,
+        shard_group=shard_group,
     )
     return layout, gpus
 
@@ -114,18 +120,26 @@ def serve_layout(config: Config, opts: PlanOptions) -> ServeLayout:
     )
 
 
+def _check_finite(opts: PlanOptions) -> None:
+    for f in dataclasses.fields(opts):
+        value = getattr(opts, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{f.name.replace('_', '-')}: must be a finite number, got {value}")
+
+
 def build_plan(config: Config, opts: PlanOptions) -> dict[str, Any]:
+    _check_finite(opts)
     m = config.model
     seq = config.data.seq_len
     p = param_breakdown(m)
     fwd = token_flops(m, seq)
     train_flops = training_token_flops(m, seq)
     batch_tokens = config.train.global_batch_size * seq
-    tokens = opts.tokens if opts.tokens is not None else config.train.steps * batch_tokens
+    schedule = build_schedule(config.train)  # with a batch ramp, fewer than steps x batch
+    tokens = schedule.total_sequences * seq if opts.tokens is None else opts.tokens
     if tokens <= 0:
         raise UserError(f"--tokens: must be positive, got {tokens}")
 
-    schedule = build_schedule(config.train)
     hw = hardware(opts.gpu, opts, "--gpu")
     layout, gpus = train_layout(config, opts)
     total_flops = train_flops.training * tokens
@@ -138,6 +152,8 @@ def build_plan(config: Config, opts: PlanOptions) -> dict[str, Any]:
     context = m.max_seq_len if opts.context is None else opts.context
     if context < 1:
         raise UserError(f"--context: must be positive, got {context}")
+    if context > m.max_seq_len:
+        raise UserError(f"--context: {context} exceeds model.max_seq_len ({m.max_seq_len})")
     fit = kv_fit(m, infer_hw, serve, context)
     fit_mha = kv_fit(m, infer_hw, serve, context, n_kv_heads=m.n_heads)
     batch = max(fit.max_batch, 1) if opts.infer_batch is None else opts.infer_batch

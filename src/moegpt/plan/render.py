@@ -209,6 +209,7 @@ def seed_tables(seeds: dict[str, Any]) -> list[Table]:
             "seed $/1k",
             "batch for seed $",
             "reachable",
+            "utilisation needed",
         ),
         [
             (
@@ -221,6 +222,7 @@ def seed_tables(seeds: dict[str, Any]) -> list[Table]:
                 r["seed_cost_per_1k"],
                 r["batch_for_seed_cost"] or "never",
                 "yes" if r["reachable"] else "no",
+                "-" if r["utilisation_needed"] is None else f"{r['utilisation_needed']:.0%}",
             )
             for r in seeds["inference_cost"]
         ],
