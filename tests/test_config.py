@@ -204,12 +204,12 @@ def test_cli_reports_config_errors_in_one_line_with_status_2() -> None:
 def test_sources_are_an_array_of_tables(tmp_path: Path) -> None:
     path = tmp_path / "mix.toml"
     path.write_text(
-        '[[data.sources]]\nname = "a"\npath = "a/*.txt"\nepochs = 3\n'
+        '[[data.sources]]\nname = "a"\npath = "a/*.txt"\nepochs = 3\nweight = 1\n'
         '[[data.sources]]\nname = "b"\nkind = "code"\npath = "b.jsonl"\nweight = 2\n'
     )
     config = load_config(path, ["--data.sources.1.epochs", "5"])
     assert [(s.name, s.kind, s.epochs, s.weight) for s in config.data.sources] == [
-        ("a", "text", 3, 0.0),
+        ("a", "text", 3, 1.0),
         ("b", "code", 5, 2.0),
     ]
     again = tmp_path / "again.toml"
@@ -260,6 +260,12 @@ def test_default_sources_are_stdlib_code_four_times_and_text_twice() -> None:
             "data.sources[0].val_fraction: must be in [0, 1), got 1.0",
         ),
         ("[data]\nsources = 3\n", [], "data.sources: expected a list of tables, got 3"),
+        (
+            '[[data.sources]]\nname = "a"\npath = "x"\nweight = 2\n'
+            '[[data.sources]]\nname = "b"\npath = "y"\n',
+            [],
+            "data.sources: give every source a weight, or none",
+        ),
         ("", ["--data.sources.7.epochs", "2"], "data.sources.7.epochs: no such entry (2 in "),
         ("", ["--data.sources.0.epoch", "2"], "data.sources.0.epoch: unknown key"),
     ],

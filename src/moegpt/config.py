@@ -268,6 +268,9 @@ class DataConfig(_Section):
         for name in names:
             if names.count(name) > 1:
                 self._fail("sources", f"source name {name!r} is used twice")
+        weighted = [s.weight > 0 for s in self.sources]
+        if any(weighted) and not all(weighted):
+            self._fail("sources", "give every source a weight, or none (0 = by planned tokens)")
 
 
 @dataclass(frozen=True)

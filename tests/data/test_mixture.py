@@ -23,11 +23,17 @@ def prepared(corpus: Path):
     return config
 
 
-def stream_documents(mixture: Mixture, batches) -> list[str]:
-    """Rebuild the text stream from batches (inputs cover the stream once) and split it into
-    documents at end-of-text."""
-    tokenizer = load_tokenizer(Path(mixture.data_dir) / "tokenizer.json")
-    ids = torch.cat([b["input_ids"].flatten() for b in batches]).tolist()
+def stream_documents(mixture: Mixture, batches, data_dir: str) -> list[str]:
+    """Rebuild the text stream from batches (inputs cover the stream once; padding rows, whose
+    labels are all ignored, dropped) and split it into documents at end-of-text."""
+    tokenizer = load_tokenizer(Path(data_dir) / "tokenizer.json")
+    rows = [
+        r
+        for b in batches
+        for r, lab in zip(b["input_ids"], b["labels"], strict=True)
+        if (lab != IGNORE_INDEX).any()
+    ]
+    ids = torch.cat(rows).tolist()
     ids = [*ids[: mixture.plan.length - 1], mixture.eos_id]
     docs, current = [], []
     for token in ids:
@@ -41,14 +47,16 @@ def stream_documents(mixture: Mixture, batches) -> list[str]:
 
 def test_every_document_is_seen_exactly_epochs_times(prepared) -> None:
     mixture = Mixture.open(prepared.data)
-    docs = stream_documents(mixture, list(MixtureLoader(mixture, batch_size=5)))
+    docs = stream_documents(mixture, list(MixtureLoader(mixture, batch_size=5)), DATA(prepared))
     counts = Counter(docs)
     train_a = {d for d in counts if d.startswith("[a-")}
     train_b = {d for d in counts if d.startswith("[b-")}
-    assert len(train_a) == 21 and len(train_b) == 15  # 10% of each held out
+    n_a, n_b = (split.documents for split in mixture.splits)
+    assert (len(train_a), len(train_b)) == (n_a, n_b)
+    assert 23 - n_a >= 1 and 17 - n_b >= 1  # some of each held out
     assert all(counts[d] == 4 for d in train_a)
     assert all(counts[d] == 2 for d in train_b)
-    assert len(docs) == 21 * 4 + 15 * 2
+    assert len(docs) == n_a * 4 + n_b * 2
 
 
 def test_each_epoch_is_shuffled_differently(prepared) -> None:
@@ -58,8 +66,9 @@ def test_each_epoch_is_shuffled_differently(prepared) -> None:
         for s, i in zip(mixture.plan.doc_source, mixture.plan.doc_index, strict=True)
         if s == 0
     ]
-    epochs = [a_order[k * 21 : (k + 1) * 21] for k in range(4)]
-    assert all(sorted(e) == list(range(21)) for e in epochs)
+    n = mixture.splits[0].documents
+    epochs = [a_order[k * n : (k + 1) * n] for k in range(4)]
+    assert all(sorted(e) == list(range(n)) for e in epochs)
     assert len({tuple(e) for e in epochs}) == 4
 
 
@@ -75,23 +84,38 @@ def test_default_weights_spread_sources_over_the_run(prepared) -> None:
 def test_explicit_weights_front_load_the_heavier_source(corpus: Path) -> None:
     config = make_config(corpus, "--data.sources.0.weight", "1", "--data.sources.1.weight", "9")
     prepare(config, log=lambda m: None)
-    sources = Mixture.open(config.data).plan.doc_source
+    mixture = Mixture.open(config.data)
+    sources = mixture.plan.doc_source
     first_quarter = sources[: len(sources) // 4]
     assert np.mean(first_quarter == 1) > 0.6  # b first, though it has fewer planned tokens
-    assert Counter(sources.tolist()) == {0: 21 * 4, 1: 15 * 2}  # epochs still exact
+    n_a, n_b = (split.documents for split in mixture.splits)
+    assert Counter(sources.tolist()) == {0: n_a * 4, 1: n_b * 2}  # epochs still exact
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_ranks_together_yield_the_single_rank_sequences(prepared, world: int) -> None:
     mixture = Mixture.open(prepared.data)
-    single = [tuple(row.tolist()) for b in MixtureLoader(mixture, 6) for row in b["input_ids"]]
-    sharded = []
-    for rank in range(world):
-        for batch in MixtureLoader(mixture, 6 // world or 1, rank=rank, world_size=world):
-            if batch:
-                sharded += [tuple(row.tolist()) for row in batch["input_ids"]]
+    single = real_rows(MixtureLoader(mixture, 6))
+    per_rank = [list(MixtureLoader(mixture, 2, rank=r, world_size=world)) for r in range(world)]
+    assert len({len(batches) for batches in per_rank}) == 1  # ranks stay in step
+    assert all(b["input_ids"].shape == (2, 16) for batches in per_rank for b in batches)
+    sharded = [row for batches in per_rank for row in real_rows(batches)]
     assert Counter(sharded) == Counter(single)
     assert len(single) == mixture.n_sequences
+
+
+def real_rows(batches) -> list[tuple[int, ...]]:
+    """Sequences of the batches, without the all-ignored padding rows."""
+    return [
+        tuple(r.tolist())
+        for b in batches
+        for r, lab in zip(b["input_ids"], b["labels"], strict=True)
+        if (lab != IGNORE_INDEX).any()
+    ]
+
+
+def DATA(config) -> str:
+    return config.data.data_dir
 
 
 def _take(loader: MixtureLoader, n: int) -> list[torch.Tensor]:
@@ -136,7 +160,7 @@ def test_resume_at_another_data_parallel_degree(prepared) -> None:
 
 def test_state_from_another_mixture_is_refused(prepared, corpus: Path) -> None:
     loader = MixtureLoader(Mixture.open(prepared.data), 4)
-    other = make_config(corpus, "--data.seed", "7")
+    other = make_config(corpus, "--data.sources.0.epochs", "5")
     with pytest.raises(UserError, match="data loader state comes from a different mixture"):
         MixtureLoader(Mixture.open(other.data), 4).load_state_dict(loader.state_dict())
 
@@ -144,17 +168,22 @@ def test_state_from_another_mixture_is_refused(prepared, corpus: Path) -> None:
 def test_same_seed_same_order_other_seed_other_order(prepared, corpus: Path) -> None:
     a = Mixture.open(prepared.data).plan.doc_index
     b = Mixture.open(prepared.data).plan.doc_index
-    c = Mixture.open(make_config(corpus, "--data.seed", "99").data).plan.doc_index
+    other = make_config(corpus, "--data.seed", "99", "--data.data_dir", str(corpus / "seed99"))
+    prepare(other, log=lambda m: None)
+    c = Mixture.open(other.data).plan.doc_index
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+    with pytest.raises(UserError, match="was prepared with other settings"):
+        Mixture.open(make_config(corpus, "--data.seed", "99").data)
 
 
 def test_validation_split_is_each_held_out_document_once(prepared) -> None:
     train = Mixture.open(prepared.data)
-    train_docs = set(stream_documents(train, list(MixtureLoader(train, 8))))
-    for source, held in (("a", 2), ("b", 2)):
+    train_docs = set(stream_documents(train, list(MixtureLoader(train, 8)), DATA(prepared)))
+    for source in ("a", "b"):
         val = Mixture.open(prepared.data, split="val", source=source)
-        docs = stream_documents(val, list(MixtureLoader(val, 8)))
-        assert len(docs) == held and len(set(docs)) == held
+        docs = stream_documents(val, list(MixtureLoader(val, 8)), DATA(prepared))
+        held = val.splits[0].documents
+        assert held >= 1 and len(docs) == held and len(set(docs)) == held
         assert not set(docs) & train_docs
 
 
@@ -172,6 +201,7 @@ def test_sequences_pack_labels_and_document_positions(prepared) -> None:
         starts = np.flatnonzero(seq["positions"] == 0)
         ends = np.flatnonzero(seq["input_ids"] == mixture.eos_id)
         assert set(starts[starts > 0]) <= set(ends + 1)  # a document starts after an end-of-text
+        assert seq["positions"].max() < 16  # positions restart at the window, never beyond it
         assert np.all(np.diff(seq["document_ids"]) >= 0)
     last = mixture.sequence(mixture.n_sequences - 1)
     assert (last["labels"] == IGNORE_INDEX).sum() == 16 * mixture.n_sequences - (

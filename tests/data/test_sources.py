@@ -53,6 +53,21 @@ def test_missing_debian_package_names_the_apt_line(monkeypatch, tmp_path: Path) 
         load_corpus(SourceConfig(name="g", path="debian:gcide"), 0)
 
 
+def test_hidden_folders_are_skipped(tmp_path: Path) -> None:
+    (tmp_path / "src" / ".git").mkdir(parents=True)
+    (tmp_path / "src" / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    (tmp_path / "src" / "a.txt").write_text("a document")
+    corpus = load_corpus(SourceConfig(name="x", path=str(tmp_path / "src")), 0)
+    assert corpus.documents == ["a document"]
+
+
+def test_code_and_its_docstrings_share_keys() -> None:
+    code = load_corpus(SourceConfig(name="c", path="stdlib:code"), 0)
+    text = load_corpus(SourceConfig(name="t", path="stdlib:text"), 1)
+    shared = set(code.keys) & set(text.keys)
+    assert len(shared) > 300 and all(k.startswith("stdlib/") for k in shared)
+
+
 def test_stdlib_code_skips_test_folders() -> None:
     files = sources.stdlib_python_files()
     assert len(files) > 300
@@ -92,5 +107,5 @@ def test_wordnet_and_gcide_parsers() -> None:
     length = alphabet[len(entry) // 64] + alphabet[len(entry) % 64]
     index = ["00-database-url\tA\tB", f"Spearwood\tG\t{length}", f"spearwood\tG\t{length}"]
     assert gcide_entries(data, index) == [
-        "Spearwood , n. (Bot.) An Australian tree (Acacia), used for spears."
+        (6, "Spearwood , n. (Bot.) An Australian tree (Acacia), used for spears.")
     ]

@@ -26,6 +26,7 @@ import torch
 
 from moegpt.config import DataConfig, SourceConfig
 from moegpt.data.shards import SplitTokens, open_split, read_manifest
+from moegpt.data.tokenizer import tokenizer_hash
 from moegpt.errors import UserError
 
 IGNORE_INDEX = -100  # label of padding: cross-entropy skips it
@@ -86,6 +87,31 @@ def _sizes(splits: list[SplitTokens], doc_source: np.ndarray, doc_index: np.ndar
     return sizes
 
 
+def _check_prepared_for(
+    data: DataConfig, manifest: dict[str, Any], data_dir: Path, chosen: list[SourceConfig]
+) -> None:
+    """The shards must come from this recipe's sources, settings and tokenizer."""
+    from moegpt.data.prepare import source_settings  # prepare imports this module's siblings
+
+    rerun = "(run `moegpt prepare --config ...`)"
+    exclude_below = max(s.val_fraction for s in data.sources)
+    for i, s in enumerate(data.sources):
+        if s not in chosen:
+            continue
+        entry = manifest["sources"].get(s.name)
+        if entry is None:
+            raise UserError(f"data.sources[{i}] {s.name!r}: not prepared in {data_dir} {rerun}")
+        if entry.get("settings") != source_settings(s, data.seed, exclude_below):
+            raise UserError(
+                f"data.sources[{i}] {s.name!r}: {data_dir} was prepared with other settings "
+                f"for it {rerun}"
+            )
+    if data.tokenizer:
+        given = Path(data.tokenizer)
+        if given.is_file() and tokenizer_hash(given) != manifest["tokenizer"]["sha256"]:
+            raise UserError(f"data.tokenizer: {given} is not the tokenizer the shards used {rerun}")
+
+
 class Mixture:
     """Packed sequences of one split of the prepared data, in the planned order."""
 
@@ -99,9 +125,7 @@ class Mixture:
         shuffle: bool = True,
         epochs: list[int] | None = None,
         identity: str = "",
-        data_dir: str = "",
     ) -> None:
-        self.data_dir = data_dir
         self.splits = splits
         self.sources = sources
         self.seq_len = seq_len
@@ -137,12 +161,7 @@ class Mixture:
         chosen = [s for s in data.sources if source is None or s.name == source]
         if not chosen:
             raise UserError(f"{source}: no such source in data.sources")
-        for i, s in enumerate(data.sources):
-            if s in chosen and s.name not in manifest["sources"]:
-                raise UserError(
-                    f"data.sources[{i}] {s.name!r}: not prepared in {data_dir} "
-                    "(run `moegpt prepare --config ...`)"
-                )
+        _check_prepared_for(data, manifest, data_dir, chosen)
         splits = [open_split(data_dir, manifest, s.name, split, verify) for s in chosen]
         identity = json.dumps([manifest["sources"][s.name]["splits"][split] for s in chosen])
         validation = split != "train"
@@ -155,7 +174,6 @@ class Mixture:
             shuffle=not validation,
             epochs=[1] * len(chosen) if validation else None,
             identity=identity,
-            data_dir=str(data_dir),
         )
 
     def tokens_of(self, k: int) -> np.ndarray:
@@ -174,11 +192,16 @@ class Mixture:
         last = int(np.searchsorted(starts, end, side="left"))
         pieces, positions, documents = [], [], []
         for k in range(first, last):
-            doc = np.append(self.tokens_of(k), self.eos_id)
+            tokens = self.tokens_of(k)  # a memory map: slice before copying anything
             lo = max(start - starts[k], 0)
-            hi = min(end - starts[k], len(doc))
-            pieces.append(doc[lo:hi])
-            positions.append(np.arange(lo, hi))
+            hi = min(end - starts[k], len(tokens) + 1)  # + its end-of-text
+            piece = tokens[lo : min(hi, len(tokens))]
+            if hi > len(tokens):
+                piece = np.append(piece, self.eos_id)
+            pieces.append(piece)
+            # Positions restart at each document and at the window's start, so a long
+            # document never shows the model positions beyond seq_len.
+            positions.append(np.arange(hi - lo))
             documents.append(np.full(hi - lo, k - first))
         window = np.concatenate(pieces).astype(np.int64)
         pos = np.concatenate(positions)
@@ -223,6 +246,8 @@ class MixtureLoader:
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of {world_size}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.mixture = mixture
         self.batch_size = batch_size
         self.rank = rank
@@ -246,15 +271,26 @@ class MixtureLoader:
         first = self.consumed + self.rank * base + min(self.rank, extra)
         return range(first, first + base + (self.rank < extra))
 
+    def _padding_row(self) -> dict[str, np.ndarray]:
+        """A row that trains on nothing (all labels ignored), to even out the last batch."""
+        n = self.mixture.seq_len
+        return {
+            "input_ids": np.full(n, self.mixture.eos_id, dtype=np.int64),
+            "labels": np.full(n, IGNORE_INDEX, dtype=np.int64),
+            "positions": np.arange(n),
+            "document_ids": np.zeros(n, dtype=np.int64),
+        }
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches of exactly ``batch_size`` rows on every rank; at the end of the stream the
+        missing rows are padding whose labels are all ignored, so ranks stay in step."""
         total = self.mixture.n_sequences
         while self.consumed < total:
             global_count = min(self.batch_size * self.world_size, total - self.consumed)
             rows = [self.mixture.sequence(g) for g in self._rank_slice(global_count)]
+            rows += [self._padding_row()] * (self.batch_size - len(rows))
             self.consumed += global_count
             keys = ("input_ids", "labels", "positions", "document_ids")
             if not self.document_mask:
                 keys = keys[:2]
-            yield (
-                {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in keys} if rows else {}
-            )
+            yield {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in keys}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import zlib
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
@@ -84,41 +83,79 @@ def tokenize(
         return [ids for chunk in progress(results, label, len(chunks)) for ids in chunk]
 
 
-def split_documents(n: int, fraction: float, seed: int, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(train, validation) document indices: a seeded draw of ``fraction`` of them for
-    validation (at least one when there are two or more), the rest for training, both sorted."""
-    if fraction <= 0 or n < 2:
-        return np.arange(n), np.zeros(0, dtype=np.int64)
-    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    held = min(max(1, round(fraction * n)), n - 1)
-    order = rng.permutation(n)
-    return np.sort(order[held:]), np.sort(order[:held])
+def held_out_score(key: str, seed: int) -> float:
+    """A document's uniform [0, 1) draw for the validation split, from its key alone."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def _settings(source: SourceConfig, seed: int) -> dict[str, Any]:
-    """What shapes a source's shards besides its files."""
-    return {**asdict(source), "seed": seed, "epochs": None, "weight": None}
+def split_documents(
+    keys: list[str], fraction: float, exclude_below: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) document indices.
+
+    A document is held out when its key's score is below ``fraction`` and trained on only when
+    its score is at least ``exclude_below`` (the largest fraction of any source): documents
+    sharing a key across sources, like a stdlib file's code and its docstrings, are held out
+    together, so no source's validation text ever appears in another's training data. A
+    source of two or more documents keeps at least one for validation when asked for any.
+    """
+    scores = np.array([held_out_score(k, seed) for k in keys])
+    val = np.flatnonzero(scores < fraction)
+    if fraction > 0 and not len(val) and len(keys) >= 2:
+        val = np.array([int(scores.argmin())])
+    train_mask = scores >= exclude_below
+    train_mask[val] = False
+    return np.flatnonzero(train_mask), val
+
+
+def source_settings(source: SourceConfig, seed: int, exclude_below: float) -> dict[str, Any]:
+    """What shapes a source's shards besides its files (epochs and weight only steer the
+    mixture, so changing them re-tokenizes nothing)."""
+    shaping = {k: v for k, v in asdict(source).items() if k not in ("epochs", "weight")}
+    return {**shaping, "seed": seed, "exclude_below": exclude_below}
 
 
 def _up_to_date(
-    entry: dict | None, fingerprint: str, settings: dict, tok_sha: str, folder: Path
+    entry: dict | None, fingerprint: str, settings: dict, tok_sha: str, folder: Path, itemsize: int
 ) -> bool:
-    if (
-        not entry
-        or entry.get("fingerprint") != fingerprint
-        or entry.get("tokenizer_sha256") != tok_sha
+    """Same inputs, same settings, and every shard file present at its recorded size."""
+    if not entry or (entry.get("fingerprint"), entry.get("tokenizer_sha256")) != (
+        fingerprint,
+        tok_sha,
     ):
         return False
     if entry.get("settings") != settings:
         return False
     for split in entry["splits"].values():
         for shard in split["shards"]:
-            if (
-                not (folder / shard["tokens_file"]).is_file()
-                or not (folder / shard["docs_file"]).is_file()
-            ):
-                return False
+            sizes = {
+                shard["tokens_file"]: shard["tokens"] * itemsize,
+                shard["docs_file"]: (shard["documents"] + 1) * 8,
+            }
+            for name, size in sizes.items():
+                path = folder / name
+                if not path.is_file() or path.stat().st_size != size:
+                    return False
     return True
+
+
+def _write_split(folder: Path, prefix: str, docs: list[np.ndarray], dtype: np.dtype) -> dict:
+    """Shards of at most SHARD_TOKENS tokens (at least one, possibly empty)."""
+    shards, current, count = [], [], 0
+    for doc in docs:
+        current.append(doc)
+        count += len(doc)
+        if count >= SHARD_TOKENS:
+            shards.append(write_shard(folder, f"{prefix}-{len(shards):05d}", current, dtype))
+            current, count = [], 0
+    if current or not shards:
+        shards.append(write_shard(folder, f"{prefix}-{len(shards):05d}", current, dtype))
+    return {
+        "documents": len(docs),
+        "tokens": int(sum(len(d) for d in docs)),
+        "shards": shards,
+    }
 
 
 def _tokenizer_for(
@@ -128,19 +165,25 @@ def _tokenizer_for(
     log: Callable[[str], None],
 ) -> Path:
     """The tokenizer file to use: the configured one, or one trained on the training splits."""
-    if config.data.tokenizer:
-        path = Path(config.data.tokenizer)
-        tokenizer = load_tokenizer(path)
+    path = data_dir / TOKENIZER
+    if config.data.tokenizer:  # copied in, so the prepared folder is self-contained
+        given = Path(config.data.tokenizer)
+        tokenizer = load_tokenizer(given)
         if tokenizer.get_vocab_size() > config.model.vocab_size:
             raise UserError(
-                f"{path}: {tokenizer.get_vocab_size()} tokens exceed model.vocab_size "
+                f"{given}: {tokenizer.get_vocab_size()} tokens exceed model.vocab_size "
                 f"({config.model.vocab_size})"
             )
+        if not path.is_file() or tokenizer_hash(path) != tokenizer_hash(given):
+            write_atomically(path, given.read_bytes())
+        (data_dir / ".tokenizer-recipe").unlink(missing_ok=True)
         return path
-    path = data_dir / TOKENIZER
+    shaping = [
+        {k: v for k, v in asdict(s).items() if k not in ("epochs", "weight")}
+        for s in config.data.sources
+    ]
     recipe = hashlib.sha256(
-        repr([(asdict(s), config.data.seed) for s in config.data.sources]).encode()
-        + str(config.model.vocab_size).encode()
+        repr((shaping, config.data.seed, config.model.vocab_size)).encode()
     ).hexdigest()
     stamp = data_dir / ".tokenizer-recipe"
     recipe += _corpora_fingerprint(corpora)
@@ -148,11 +191,13 @@ def _tokenizer_for(
         return path
     log(f"training a {config.model.vocab_size}-token byte-level BPE on the recipe's training split")
     texts = []
+    exclude_below = max(s.val_fraction for s in config.data.sources)
     for source, corpus in corpora:
         train, _ = split_documents(
-            len(corpus.documents), source.val_fraction, config.data.seed, source.name
+            corpus.keys, source.val_fraction, exclude_below, config.data.seed
         )
-        texts += [corpus.documents[i] for i in train]
+        documents = corpus.documents
+        texts += [documents[i] for i in train]
     tokenizer = train_tokenizer(texts, config.model.vocab_size)
     write_atomically(path, tokenizer.to_str().encode())
     write_atomically(stamp, recipe.encode())
@@ -169,12 +214,16 @@ def prepare(
     """Bring ``config.data.data_dir`` up to date with the recipe; return the manifest."""
     data = config.data
     data_dir = Path(data.data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise UserError(f"data.data_dir: {data_dir} exists and is not a folder")
     data_dir.mkdir(parents=True, exist_ok=True)
+    _remove_temporary_files(data_dir)
     try:
         previous = read_manifest(data_dir) if (data_dir / MANIFEST).is_file() else {}
     except UserError:
         previous = {}  # unreadable: rebuild everything rather than trust it
     workers = data.workers or os.cpu_count() or 1
+    exclude_below = max(s.val_fraction for s in data.sources)
 
     corpora = []
     for i, source in enumerate(data.sources):
@@ -185,51 +234,37 @@ def prepare(
     tok_sha = tokenizer_hash(tokenizer_path)
     tokenizer = load_tokenizer(tokenizer_path)
     dtype = token_dtype(tokenizer.get_vocab_size())
-    old_sources = (
-        previous.get("sources", {})
-        if previous.get("tokenizer", {}).get("sha256") == tok_sha
-        else {}
-    )
+    same_tokenizer = previous.get("tokenizer", {}).get("sha256") == tok_sha
+    old_sources = previous.get("sources", {}) if same_tokenizer else {}
 
     sources: dict[str, Any] = {}
-    for source, corpus in corpora:
+    for i, (source, corpus) in enumerate(corpora):
         folder = data_dir / source.name
-        settings = _settings(source, data.seed)
+        settings = source_settings(source, data.seed, exclude_below)
         entry = old_sources.get(source.name)
-        if _up_to_date(entry, corpus.fingerprint, settings, tok_sha, folder):
+        if _up_to_date(entry, corpus.fingerprint, settings, tok_sha, folder, dtype.itemsize):
             log(f"source {source.name!r}: up to date")
             sources[source.name] = entry
             continue
-        ids = tokenize(corpus.documents, tokenizer_path, workers, f"tokenizing {source.name}")
-        train, val = split_documents(len(ids), source.val_fraction, data.seed, source.name)
-        stem = corpus.fingerprint[:8] + tok_sha[:8]
-        splits = {}
-        for split, indices in (("train", train), ("val", val)):
-            shards, current, count = [], [], 0
-            for index in indices:
-                current.append(ids[index])
-                count += len(ids[index])
-                if count >= SHARD_TOKENS:
-                    shards.append(
-                        write_shard(folder, f"{split}-{stem}-{len(shards):05d}", current, dtype)
-                    )
-                    current, count = [], 0
-            if current or not shards:
-                shards.append(
-                    write_shard(folder, f"{split}-{stem}-{len(shards):05d}", current, dtype)
-                )
-            splits[split] = {
-                "documents": len(indices),
-                "tokens": int(sum(len(ids[j]) for j in indices)),
-                "shards": shards,
-            }
+        documents = corpus.documents
+        if not documents:
+            raise UserError(f"data.sources[{i}] {source.name!r}: no documents in {source.path}")
+        ids = tokenize(documents, tokenizer_path, workers, f"tokenizing {source.name}")
+        train, val = split_documents(corpus.keys, source.val_fraction, exclude_below, data.seed)
+        # New inputs or settings give new file names: the old shards stay readable until the
+        # new manifest replaces the old one.
+        stem = hashlib.sha256(f"{corpus.fingerprint}{settings}{tok_sha}".encode()).hexdigest()
+        splits = {
+            split: _write_split(folder, f"{split}-{stem[:16]}", [ids[j] for j in indices], dtype)
+            for split, indices in (("train", train), ("val", val))
+        }
         sources[source.name] = {
             "kind": source.kind,
             "fingerprint": corpus.fingerprint,
             "settings": settings,
             "tokenizer_sha256": tok_sha,
             "files": len(corpus.files),
-            "bytes": corpus.bytes,
+            "bytes": sum(len(d.encode("utf-8")) for d in documents),
             "splits": splits,
         }
         log(
@@ -239,7 +274,7 @@ def prepare(
         )
     manifest = {
         "tokenizer": {
-            "file": os.path.relpath(tokenizer_path.resolve(), data_dir.resolve()),
+            "file": TOKENIZER,
             "sha256": tok_sha,
             "vocab_size": tokenizer.get_vocab_size(),
             "eos_id": tokenizer.token_to_id(END_OF_TEXT),
@@ -247,10 +282,17 @@ def prepare(
         "dtype": dtype.name,
         "sources": sources,
     }
-    if {k: previous.get(k) for k in manifest} != manifest:  # nothing changed: touch nothing
+    if {k: previous.get(k) for k in manifest} != manifest:  # only when something changed
         write_manifest(data_dir, manifest)
         _remove_unreferenced(data_dir, sources)
     return read_manifest(data_dir)
+
+
+def _remove_temporary_files(data_dir: Path) -> None:
+    """Remove what a killed run left half-written (temporary names start with a dot)."""
+    for pattern in (".*.bin.*", f".{MANIFEST}.*", f".{TOKENIZER}.*", "*/.*.bin.*"):
+        for path in data_dir.glob(pattern):
+            path.unlink(missing_ok=True)
 
 
 def _remove_unreferenced(data_dir: Path, sources: dict[str, Any]) -> None:

@@ -83,8 +83,20 @@ def read_manifest(data_dir: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    if not isinstance(manifest, dict) or (manifest.get("format"), manifest.get("version")) != (
+        FORMAT,
+        VERSION,
+    ):
         raise UserError(f"{path}: not a moegpt shard manifest (format {FORMAT} v{VERSION})")
+    try:
+        np.dtype(manifest["dtype"])
+        {manifest["tokenizer"][k] for k in ("file", "sha256", "vocab_size", "eos_id")}
+        for entry in manifest["sources"].values():
+            for split in ("train", "val"):
+                for shard in entry["splits"][split]["shards"]:
+                    {shard[k] for k in ("tokens_file", "docs_file", "tokens", "documents")}
+    except (KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{path}: incomplete manifest ({type(e).__name__}: {e})") from None
     return manifest
 
 

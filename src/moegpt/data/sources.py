@@ -33,26 +33,38 @@ from moegpt.errors import UserError
 TEST_FOLDERS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
 
+# Part of every fingerprint: bump when the way documents are extracted changes, so shards
+# made by the old extraction are rebuilt.
+EXTRACTION_VERSION = "1"
+
+
 class Corpus:
     """A source's files, a fingerprint that changes whenever they may have (from names, sizes
-    and modification times, so checking costs no reading), and the documents, read on first
-    use."""
+    and modification times, so checking costs no reading), and its documents, read on first
+    use, each with a key naming where it came from (a file, a line, a topic)."""
 
-    def __init__(self, files: list[Path], read: Callable[[], list[str]], extra: str = "") -> None:
+    def __init__(
+        self, files: list[Path], read: Callable[[], list[tuple[str, str]]], extra: str = ""
+    ) -> None:
         self.files = files
-        self.fingerprint = _files_fingerprint(files, extra)
+        self.fingerprint = _files_fingerprint(files, f"{EXTRACTION_VERSION}:{extra}")
         self._read = read
-        self._documents: list[str] | None = None
+        self._entries: list[tuple[str, str]] | None = None
+
+    def _loaded(self) -> list[tuple[str, str]]:
+        if self._entries is None:
+            self._entries = [(key, text) for key, text in self._read() if text.strip()]
+        return self._entries
 
     @property
     def documents(self) -> list[str]:
-        if self._documents is None:
-            self._documents = [d for d in self._read() if d.strip()]
-        return self._documents
+        return [text for _, text in self._loaded()]
 
     @property
-    def bytes(self) -> int:
-        return sum(len(d.encode("utf-8")) for d in self.documents)
+    def keys(self) -> list[str]:
+        """Where each document comes from. Sources built from the same files share keys
+        (stdlib:code and stdlib:text), which is how their held-out sets stay consistent."""
+        return [key for key, _ in self._loaded()]
 
 
 def _stdlib_root() -> Path:
@@ -80,9 +92,13 @@ def _read_text(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 
 
+def _stdlib_key(path: Path) -> str:
+    return f"stdlib/{path.relative_to(_stdlib_root())}"
+
+
 def stdlib_code() -> Corpus:
     files = stdlib_python_files()
-    return Corpus(files, lambda: [_read_text(p) for p in files], "stdlib:code")
+    return Corpus(files, lambda: [(_stdlib_key(p), _read_text(p)) for p in files], "stdlib:code")
 
 
 def module_docstrings(source: str) -> str:
@@ -109,9 +125,9 @@ def stdlib_text() -> Corpus:
 
     files = stdlib_python_files()
 
-    def read() -> list[str]:
-        topics = [pydoc_topics.topics[key] for key in sorted(pydoc_topics.topics)]
-        return topics + [module_docstrings(_read_text(p)) for p in files]
+    def read() -> list[tuple[str, str]]:
+        topics = [(f"pydoc/{key}", pydoc_topics.topics[key]) for key in sorted(pydoc_topics.topics)]
+        return topics + [(_stdlib_key(p), module_docstrings(_read_text(p))) for p in files]
 
     return Corpus([Path(pydoc_topics.__file__), *files], read, "stdlib:text")
 
@@ -150,7 +166,11 @@ def debian_wordnet() -> Corpus:
         _require(path, "wordnet-base")
     return Corpus(
         files,
-        lambda: [doc for p in files for doc in wordnet_glosses(_read_text(p).splitlines())],
+        lambda: [
+            (f"wordnet/{p.name}/{i}", doc)
+            for p in files
+            for i, doc in enumerate(wordnet_glosses(_read_text(p).splitlines()))
+        ],
         "debian:wordnet",
     )
 
@@ -159,7 +179,11 @@ def debian_python_doc() -> Corpus:
     package = f"python{sys.version_info.major}.{sys.version_info.minor}-doc"
     _require(PYTHON_DOC_DIR, package)
     files = sorted(PYTHON_DOC_DIR.rglob("*.rst.txt"))
-    return Corpus(files, lambda: [_read_text(p) for p in files], "debian:python-doc")
+    return Corpus(
+        files,
+        lambda: [(f"python-doc/{p.relative_to(PYTHON_DOC_DIR)}", _read_text(p)) for p in files],
+        "debian:python-doc",
+    )
 
 
 _GCIDE_TAG = re.compile(r"\[(?:[^\]]*(?:Webster|WordNet|PJC|Century|Wyclif|Chaucer)[^\]]*)\]")
@@ -183,15 +207,15 @@ def strip_gcide_markup(entry: str) -> str:
     return "\n\n".join(p for p in paragraphs if p)
 
 
-def gcide_entries(data: bytes, index_lines: list[str]) -> list[str]:
-    """Entries of a dictd database, each once, in file order, markup stripped."""
+def gcide_entries(data: bytes, index_lines: list[str]) -> list[tuple[int, str]]:
+    """(offset, entry) of a dictd database, each entry once, in file order, markup stripped."""
     spans = set()
     for line in index_lines:
         fields = line.split("\t")
         if len(fields) == 3 and not fields[0].startswith("00-database"):
             spans.add((_dictd_number(fields[1]), _dictd_number(fields[2])))
     return [
-        strip_gcide_markup(data[start : start + length].decode("utf-8", errors="replace"))
+        (start, strip_gcide_markup(data[start : start + length].decode("utf-8", errors="replace")))
         for start, length in sorted(spans)
     ]
 
@@ -201,9 +225,10 @@ def debian_gcide() -> Corpus:
     _require(GCIDE_DICT, "dict-gcide")
     _require(index, "dict-gcide")
 
-    def read() -> list[str]:
+    def read() -> list[tuple[str, str]]:
         with gzip.open(GCIDE_DICT, "rb") as f:  # dictzip is gzip-compatible
-            return gcide_entries(f.read(), _read_text(index).splitlines())
+            entries = gcide_entries(f.read(), _read_text(index).splitlines())
+        return [(f"gcide/{offset}", text) for offset, text in entries]
 
     return Corpus([GCIDE_DICT, index], read, "debian:gcide")
 
@@ -220,7 +245,11 @@ BUILTINS: dict[str, Callable[[], Corpus]] = {
 def _expand(pattern: str, where: str) -> list[Path]:
     path = Path(pattern)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
     elif any(ch in pattern for ch in "*?["):
         files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
     else:
@@ -230,7 +259,7 @@ def _expand(pattern: str, where: str) -> list[Path]:
     return files
 
 
-def _jsonl_documents(path: Path, field: str, where: str) -> Iterator[str]:
+def _jsonl_documents(path: Path, field: str, where: str) -> Iterator[tuple[str, str]]:
     with path.open(encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -242,7 +271,7 @@ def _jsonl_documents(path: Path, field: str, where: str) -> Iterator[str]:
             text = record.get(field) if isinstance(record, dict) else None
             if not isinstance(text, str):
                 raise UserError(f"{path}:{number}: no string field {field!r} ({where}.text_field)")
-            yield text
+            yield f"{path}:{number}", text
 
 
 def load_corpus(source: SourceConfig, index: int) -> Corpus:
@@ -258,8 +287,8 @@ def load_corpus(source: SourceConfig, index: int) -> Corpus:
         raise UserError(f"{where}: unknown built-in corpus {source.path!r} ({', '.join(BUILTINS)})")
     files = _expand(source.path, where)
 
-    def read() -> list[str]:
-        documents: list[str] = []
+    def read() -> list[tuple[str, str]]:
+        documents: list[tuple[str, str]] = []
         for path in files:
             jsonl = source.format == "jsonl" or (
                 source.format == "auto" and path.suffix == ".jsonl"
@@ -267,7 +296,7 @@ def load_corpus(source: SourceConfig, index: int) -> Corpus:
             if jsonl:
                 documents += _jsonl_documents(path, source.text_field, f"data.sources[{index}]")
             else:
-                documents.append(_read_text(path))
+                documents.append((str(path), _read_text(path)))
         return documents
 
     return Corpus(files, read, f"{source.format}:{source.text_field}")
