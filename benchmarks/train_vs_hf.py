@@ -168,9 +168,8 @@ def main() -> None:
             f"{r['tflops']:8.2f} {mfu:>7}"
         )
     if len(results) == 2:
-        print(
-            f"moegpt / HF tokens/s: {results[0]['tokens_per_second'] / results[1]['tokens_per_second']:.2f}x"
-        )
+        speedup = results[0]["tokens_per_second"] / results[1]["tokens_per_second"]
+        print(f"moegpt / HF tokens/s: {speedup:.2f}x")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"train_vs_hf-{Path(args.config).stem}-{device.type}.json"
