@@ -15,8 +15,8 @@ import numpy as np
 
 from moegpt.config import Config
 from moegpt.console import stdout
-from moegpt.data.mixture import Mixture
 from moegpt.data.prepare import prepare
+from moegpt.data.shards import SplitTokens
 from moegpt.data.tokenizer import END_OF_TEXT, load_tokenizer
 from moegpt.generate import generate
 from moegpt.train.export import export
@@ -26,13 +26,13 @@ from moegpt.weights import load
 PROMPTS = ("def fibonacci(n):\n", "import os\n\nclass ", "The ")
 
 
-def unigram_entropy(mixture: Mixture, vocab_size: int) -> float:
-    """Entropy (nats/token) of the training stream's token frequencies: the loss of a model
+def unigram_entropy(splits: list[SplitTokens], vocab_size: int) -> float:
+    """Entropy (nats/token) of the token frequencies of ``splits``: the loss of the best model
     that ignores context."""
     counts = np.zeros(vocab_size, dtype=np.int64)
-    for split, epochs in zip(mixture.splits, mixture.epochs, strict=True):
+    for split in splits:
         for tokens, _ in split.shards:
-            counts += epochs * np.bincount(np.asarray(tokens), minlength=vocab_size)[:vocab_size]
+            counts += np.bincount(np.asarray(tokens), minlength=vocab_size)[:vocab_size]
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 
@@ -65,4 +65,4 @@ def quickstart(config: Config, run_dir: Path, steps: int | None = None) -> dict[
         ids = generate(model, tokenizer.encode(prompt).ids, 60, seed=i, stop_id=stop)
         stdout.print(prompt + tokenizer.decode(ids), markup=False, highlight=False)
         stdout.rule(style="dim")
-    return {**scores, "unigram_entropy": entropy}
+    return scores
