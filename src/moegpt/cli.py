@@ -121,7 +121,11 @@ def cmd_train(args: argparse.Namespace) -> int | None:
 
     config = _load(args)
     run_dir = _run_dir(args)
-    if args.max_restarts:
+    if args.max_restarts < 0:
+        raise UserError(f"--max-restarts: must be >= 0, got {args.max_restarts}")
+    if args.max_restarts and args.resume == "never":
+        raise UserError("--max-restarts: restarts resume from checkpoints; drop --resume never")
+    if args.max_restarts and not args.dry_run:
         from moegpt.train.supervisor import supervise
 
         child = ["train", "--run-dir", str(run_dir), "--resume", "auto", *args.overrides]

@@ -47,14 +47,16 @@ def quickstart(config: Config, run_dir: Path, steps: int | None = None) -> dict[
     trainer.run()
     stdout.rule("3. evaluate on held-out documents")
     scores = trainer.evaluate()
-    entropy = unigram_entropy(trainer.mixture, config.model.vocab_size)
-    for source in config.data.sources:
+    vocab = config.model.vocab_size
+    for source, split in zip(config.data.sources, trainer.mixture.splits, strict=True):
         loss = scores[f"{source.name}/loss"]
+        entropy = unigram_entropy([split], vocab)
+        scores[f"{source.name}/unigram_entropy"] = entropy
         stdout.print(
-            f"{source.name}: held-out loss {loss:.3f} nats/token (perplexity {math.exp(loss):.1f})",
+            f"{source.name}: held-out loss {loss:.3f} nats/token (perplexity {math.exp(loss):.1f}) "
+            f"against a unigram entropy of {entropy:.3f} (perplexity {math.exp(entropy):.1f})",
             highlight=False,
         )
-    stdout.print(f"unigram entropy of the corpus: {entropy:.3f} nats/token", highlight=False)
     stdout.rule("4. export a serving checkpoint")
     out = export(run_dir, run_dir / "export", overwrite=True)
     stdout.rule("5. samples")

@@ -142,9 +142,56 @@ def test_ramp_run_consumes_the_planned_batches(tmp_path: Path, prepared: Path) -
     trainer = Trainer(config, tmp_path / "run", log=lambda m: None)
     trainer.run(progress=False)
     events = [e for e in read_metrics(tmp_path / "run") if e["kind"] == "train"]
-    assert [e["batch_size"] for e in events] == trainer.schedule.batch_sizes.tolist()
-    assert sum(e["tokens"] for e in events) == trainer.schedule.total_sequences * 32
-    assert trainer.loader.consumed == trainer.schedule.total_sequences
+    # 2 -> 8 in steps of 2 over 24 sequences: one increase per 8 sequences
+    expected = [2, 2, 2, 2, 4, 4, 6, 6, 8, 8]
+    assert [e["batch_size"] for e in events] == expected
+    assert sum(e["tokens"] for e in events) == sum(expected) * 32  # tokens the plan promises
+    assert trainer.loader.consumed == sum(expected)
+
+
+def test_train_flag_combinations(tmp_path: Path, prepared: Path, monkeypatch, capsys) -> None:
+    path = recipe(tmp_path, prepared, steps=3)
+    run = ["train", "--config", str(path), "--run-dir", str(tmp_path / "run")]
+    assert main([*run, "--max-restarts", "-1"]) == 2
+    assert main([*run, "--max-restarts", "2", "--resume", "never"]) == 2
+    calls: list[list[str]] = []
+    monkeypatch.setattr("subprocess.call", lambda cmd: calls.append(cmd) or 0)
+    assert main([*run, "--max-restarts", "2", "--dry-run"]) == 0  # prints, never launches
+    assert calls == [] and not (tmp_path / "run").exists()
+    assert main([*run, "--max-restarts", "2", "--train.lr", "0.002"]) == 0
+    (child,) = calls
+    assert child[1:4] == ["-m", "moegpt.cli", "train"]
+    assert "--train.lr" in child and "0.002" in child and "--config" in child
+    assert child[child.index("--resume") + 1] == "auto"
+    assert child[child.index("--run-dir") + 1] == str(tmp_path / "run")
+
+
+def test_an_existing_run_is_never_silently_replaced(tmp_path: Path, prepared: Path) -> None:
+    Trainer(make_config(tmp_path, prepared, steps=6), tmp_path / "run", log=lambda m: None).run(
+        progress=False
+    )
+    again = Trainer(make_config(tmp_path, prepared, steps=6), tmp_path / "run", log=print)
+    with pytest.raises(moegpt.errors.UserError, match="holds checkpoints of an earlier run"):
+        again.run(resume=False, progress=False)
+    shorter = Trainer(make_config(tmp_path, prepared, steps=4), tmp_path / "run", log=print)
+    with pytest.raises(moegpt.errors.UserError, match="does not fit this config's schedule"):
+        shorter.run(progress=False)
+    bigger = make_config(tmp_path, prepared, steps=6, global_batch_size=8)
+    with pytest.raises(moegpt.errors.UserError, match="does not fit this config's schedule"):
+        Trainer(bigger, tmp_path / "run", log=print).run(progress=False)
+
+
+def test_quickstart_runs_end_to_end(tmp_path: Path, prepared: Path, capsys) -> None:
+    from moegpt.quickstart import quickstart
+
+    config = make_config(tmp_path, prepared, steps=4, eval_batches=2)
+    scores = quickstart(config, tmp_path / "qs")
+    out = capsys.readouterr().out
+    for source in ("code", "text"):
+        assert scores[f"{source}/loss"] > 0 and scores[f"{source}/unigram_entropy"] > 0
+    assert out.count("against a unigram entropy") == 2
+    assert (tmp_path / "qs" / "export" / "model.safetensors").is_file()
+    assert "5. samples" in out and "def fibonacci(n):" in out
 
 
 def test_supervisor_relaunches_until_success(monkeypatch) -> None:

@@ -83,9 +83,15 @@ class CheckpointManager:
             for path in [*files, tmp / MANIFEST]:
                 _fsync(path)
             _fsync(tmp)
-            if final.exists():  # a checkpoint of this step from an earlier attempt
-                shutil.rmtree(final)
-            tmp.rename(final)
+            if final.exists():  # a checkpoint of this step from an earlier attempt: set it
+                # aside first, so some complete copy exists at every moment
+                old = final.with_name(f".{final.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                final.rename(old)
+                tmp.rename(final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(final)
             _fsync(self.folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -18,18 +18,27 @@ from pathlib import Path
 from moegpt.config import load_config
 
 
-def _last_step(run_dir: Path) -> int:
-    """The highest step the trainer has logged so far (0 before the first)."""
+def _metrics_size(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return path.stat().st_size if path.is_file() else 0
+
+
+def _last_step_since(run_dir: Path, offset: int) -> int:
+    """The highest step logged after byte ``offset`` of metrics.jsonl (0 if none yet): what
+    the current attempt has done, not what earlier ones logged."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return 0
-    last = 0
-    for line in path.read_text().splitlines():
+    with path.open("rb") as f:
+        f.seek(offset)
+        lines = f.read().decode(errors="replace").splitlines()
+    steps = []
+    for line in lines:
         try:
-            last = max(last, json.loads(line)["step"])
-        except (json.JSONDecodeError, KeyError):  # a line cut by the previous kill
+            steps.append(json.loads(line)["step"])
+        except (json.JSONDecodeError, KeyError):  # a line cut by a kill
             continue
-    return last
+    return max(steps, default=0)
 
 
 def launch_training(recipe: Path, run_dir: Path, extra: Sequence[str] = ()) -> subprocess.Popen:
@@ -62,9 +71,10 @@ def train_with_kills(recipe: Path, run_dir: Path, kills: int, seed: int = 0) -> 
     targets = sorted(rng.sample(range(1, steps - 1), min(kills, steps - 2)))
     landed = 0
     while True:
+        offset = _metrics_size(run_dir)
         process = launch_training(recipe, run_dir)
         if landed < len(targets):
-            while process.poll() is None and _last_step(run_dir) < targets[landed]:
+            while process.poll() is None and _last_step_since(run_dir, offset) < targets[landed]:
                 time.sleep(0.005)
             time.sleep(rng.uniform(0.0, 0.05))
             if process.poll() is None:

@@ -12,7 +12,16 @@ import torch
 from moegpt.model.moe import MoEStats
 
 # Dense bf16 peaks, the usual MFU denominator (datasheet figures), by device-name fragment.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+# Checked in order, so the more specific names come first.
+PEAK_BF16_FLOPS = {
+    "H100 PCIe": 756e12,
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "A10": 125e12,
+}
 
 
 def device_peak_flops(device: torch.device) -> float | None:

@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from moegpt.config import Config, load_config, to_toml
 from moegpt.console import stderr
 from moegpt.data.mixture import IGNORE_INDEX, Mixture, MixtureLoader
+from moegpt.data.shards import write_atomically
 from moegpt.errors import UserError
 from moegpt.model import Transformer
 from moegpt.plan.flops import training_token_flops
@@ -105,6 +106,7 @@ class Trainer:
         self.flops_per_token = training_token_flops(config.model, config.data.seq_len).training
         self.peak_flops = device_peak_flops(self.device)
         self._validation: dict[str, Mixture] = {}
+        self._last_stats: list = []
 
     # -- state ---------------------------------------------------------------------------
     def _tensor_state(self) -> dict[str, Any]:
@@ -136,6 +138,14 @@ class Trainer:
         set_rng_state(tensors["rng"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.loader.load_state_dict(state["loader"])
+        if self.step > self.schedule.steps or (
+            self.loader.consumed != self.schedule.consumed_before[self.step]
+        ):
+            raise UserError(
+                f"{checkpoint.path}: step {self.step} with {self.loader.consumed:,} sequences "
+                "consumed does not fit this config's schedule (train.steps, batch sizes or the "
+                "ramp changed); keep them, or train into a new --run-dir"
+            )
         self.log(f"resuming from {checkpoint.path} (step {self.step})")
         return True
 
@@ -163,31 +173,41 @@ class Trainer:
         lr = self.schedule.lr(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss_sum, aux_sum, digest = 0.0, 0.0, hashlib.sha256()
+        # Sums stay on the device: one host sync per step, when the metrics are read.
+        # The LM loss is the exact mean over the step's label tokens; the auxiliary loss is
+        # the mean of the micro-batches' (each balances its own micro-batch, as in Megatron).
+        loss_sum = aux_sum = torch.zeros((), device=self.device)
+        digest = hashlib.sha256()
         for batch in micro:
             digest.update(batch["input_ids"].numpy().tobytes())
             lm, out = self._forward(batch)
             loss = lm / max(label_tokens, 1) + out.aux_loss / micro_steps
             loss.backward()
-            loss_sum += lm.item()
-            aux_sum += out.aux_loss.item() / micro_steps
+            loss_sum = loss_sum + lm.detach()
+            aux_sum = aux_sum + out.aux_loss.detach() / micro_steps
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), train.grad_clip if train.grad_clip > 0 else math.inf
         )
-        self.optimizer.step()
+        loss_value, aux_value, norm = torch.stack([loss_sum, aux_sum, grad_norm]).tolist()
+        skipped = not math.isfinite(norm)
+        if skipped:  # a non-finite gradient would poison the weights and every checkpoint
+            self.log(f"step {self.step + 1}: non-finite gradient norm; update skipped")
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         tokens = sum(b["input_ids"].numel() for b in micro)
         self.tokens_seen += tokens
         self.step += 1
+        self._last_stats = out.moe_stats
         return {
-            "loss": loss_sum / max(label_tokens, 1),
-            "aux_loss": aux_sum,
+            "loss": loss_value / max(label_tokens, 1),
+            "aux_loss": aux_value,
             "lr": lr,
             "batch_size": self.schedule.batch_size(self.step - 1),
-            "grad_norm": grad_norm.item(),
+            "grad_norm": norm,
+            "skipped": skipped,
             "tokens": tokens,
             "data_sha256": digest.hexdigest()[:16],
-            **router_health(out.moe_stats),
         }
 
     @torch.no_grad()
@@ -202,7 +222,11 @@ class Trainer:
                 mixture = Mixture.open(self.config.data, split="val", source=source.name)
                 self._validation[source.name] = mixture
             total, count = 0.0, 0
-            loader = MixtureLoader(mixture, self.config.train.micro_batch_size)
+            loader = MixtureLoader(
+                mixture,
+                self.config.train.micro_batch_size,
+                document_mask=self.config.data.document_mask,
+            )
             for i, batch in enumerate(loader):
                 if limit and i >= limit:
                     break
@@ -230,6 +254,11 @@ class Trainer:
         _write_run_config(self.run_dir, self.config)
         if resume:
             self.resume()
+        elif self.checkpoints.latest() is not None:
+            raise UserError(
+                f"{self.run_dir}: holds checkpoints of an earlier run; resume it (--resume auto) "
+                "or train into a new --run-dir"
+            )
         train, every = self.config.train, self.config.checkpoint.every
         metrics = MetricsWriter(self.run_dir)
         batches = iter(self.loader)
@@ -244,17 +273,29 @@ class Trainer:
                     window_tokens += last["tokens"]
                     elapsed = time.perf_counter() - window_start
                     last |= self.throughput(window_tokens, elapsed)
+                    final = self.step == self.schedule.steps
+                    logging = self.step % train.log_every == 0 or final
+                    if logging:
+                        last |= router_health(self._last_stats)
                     metrics.write("train", self.step, last)
-                    bar.update(task, advance=1, description=f"loss {last['loss']:.3f}")
-                    if self.step % train.log_every == 0 or self.step == self.schedule.steps:
+                    bar.update(
+                        task,
+                        advance=1,
+                        description=f"loss {last['loss']:.3f} "
+                        f"{last['tokens_per_second']:,.0f} tok/s",
+                    )
+                    if logging:
                         bar.console.print(_log_line(self.step, self.schedule.steps, last))
                         window_tokens, window_start = 0, time.perf_counter()
-                    if train.eval_every and self.step % train.eval_every == 0:
+                    if train.eval_every and (self.step % train.eval_every == 0 or final):
                         scores = self.evaluate()
                         metrics.write("eval", self.step, scores)
                         bar.console.print(_eval_line(self.step, scores), highlight=False)
-                    if (every and self.step % every == 0) or self.step == self.schedule.steps:
+                    if (every and self.step % every == 0) or final:
                         self.save()
+                    if logging or final or (every and self.step % every == 0):
+                        # evaluation and saving are not training time
+                        window_tokens, window_start = 0, time.perf_counter()
         finally:
             metrics.close()
         return last
@@ -272,7 +313,7 @@ def _write_run_config(run_dir: Path, config: Config) -> None:
                     f"{path}: the run directory holds a run with a different [{section}] "
                     "section; use a new --run-dir or the same config"
                 )
-    path.write_text(to_toml(config, with_help=False))
+    write_atomically(path, to_toml(config, with_help=False).encode())
 
 
 def _progress(total: int, done: int, enabled: bool) -> Any:
