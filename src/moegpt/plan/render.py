@@ -68,10 +68,10 @@ def plan_tables(plan: dict[str, Any]) -> list[Table]:
             f"FLOPs (sequence {inputs['seq_len']})",
             ("figure", "FLOP"),
             [
-                ("forward per token", human(f["forward_per_token"])),
+                ("forward per token (full context)", human(f["forward_per_token"])),
                 ("  of which matmuls (2 x active)", human(f["forward_matmul_per_token"])),
                 ("  of which attention", human(f["forward_attention_per_token"])),
-                ("training per token (3 x forward)", human(f["training_per_token"])),
+                ("training per token (3 x forward, causal half)", human(f["training_per_token"])),
                 (f"training total, {human(inputs['tokens'])} tokens", human(f["training_total"])),
                 (
                     "dense-equivalent forward per token",

@@ -207,6 +207,7 @@ class Trainer:
             "grad_norm": norm,
             "skipped": skipped,
             "tokens": tokens,
+            "tokens_seen": self.tokens_seen,
             "data_sha256": digest.hexdigest()[:16],
         }
 
