@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from moegpt.config import ModelConfig, section_from_dict
 from moegpt.errors import ConfigError, UserError
+from moegpt.fileio import fsync_path
 from moegpt.model import Transformer
 
 FORMAT = "moegpt"
@@ -55,18 +56,10 @@ def write_folder_atomically(
             shutil.rmtree(old)
         else:
             tmp.rename(dst)
-        _fsync(dst.parent)
+        fsync_path(dst.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dst
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _make_durable(folder: Path) -> None:
@@ -76,8 +69,8 @@ def _make_durable(folder: Path) -> None:
     os.umask(umask)
     folder.chmod(0o777 & ~umask)
     for path in folder.iterdir():
-        _fsync(path)
-    _fsync(folder)
+        fsync_path(path)
+    fsync_path(folder)
 
 
 def checkpoint_meta(config: ModelConfig) -> dict[str, Any]:

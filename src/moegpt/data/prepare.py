@@ -25,7 +25,6 @@ from moegpt.data.shards import (
     TOKENIZER,
     read_manifest,
     token_dtype,
-    write_atomically,
     write_manifest,
     write_shard,
 )
@@ -38,6 +37,7 @@ from moegpt.data.tokenizer import (
     train_tokenizer,
 )
 from moegpt.errors import UserError
+from moegpt.fileio import write_atomically
 
 SHARD_TOKENS = 1 << 28  # tokens per shard file: 512 MB of uint16
 CHUNK_BYTES = 1 << 20  # text handed to a worker at a time

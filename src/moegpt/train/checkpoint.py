@@ -10,9 +10,7 @@ checkpoints untouched, and a folder without a valid manifest is never resumed fr
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -25,28 +23,14 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 
+from moegpt.fileio import fsync_path, sha256_file
+
 # One process without a process group is a supported DCP mode; its warning is noise here.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer.json"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -75,14 +59,14 @@ class CheckpointManager:
             manifest = {
                 "step": step,
                 "files": {
-                    str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                    str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                     for p in files
                 },
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
             for path in [*files, tmp / MANIFEST]:
-                _fsync(path)
-            _fsync(tmp)
+                fsync_path(path)
+            fsync_path(tmp)
             if final.exists():  # a checkpoint of this step from an earlier attempt: set it
                 # aside first, so some complete copy exists at every moment
                 old = final.with_name(f".{final.name}.old")
@@ -92,7 +76,7 @@ class CheckpointManager:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 tmp.rename(final)
-            _fsync(self.folder)
+            fsync_path(self.folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -132,7 +116,7 @@ class CheckpointManager:
             path = checkpoint.path / name
             if not path.is_file():
                 return f"{name} is missing"
-            if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
+            if path.stat().st_size != expected["bytes"] or sha256_file(path) != expected["sha256"]:
                 return f"{name} does not match its checksum"
         return None
 

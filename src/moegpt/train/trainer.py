@@ -24,8 +24,8 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from moegpt.config import Config, load_config, to_toml
 from moegpt.console import stderr
 from moegpt.data.mixture import IGNORE_INDEX, Mixture, MixtureLoader
-from moegpt.data.shards import write_atomically
 from moegpt.errors import UserError
+from moegpt.fileio import write_atomically
 from moegpt.model import Transformer
 from moegpt.plan.flops import training_token_flops
 from moegpt.train.checkpoint import CheckpointManager, rng_state, set_rng_state
