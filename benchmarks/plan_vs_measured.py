@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from moegpt.config import load_config
 from moegpt.model import Transformer
@@ -50,6 +50,45 @@ def grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     if len(out_shape) == 3:
         return 2 * out_shape[1] * out_shape[2] * a_shape[-1]
     return 2 * out_shape[0] * out_shape[1] * a_shape[-1]
+
+
+def _expand_kv(query_shape, key_shape, value_shape):
+    """Key/value shapes with the query's head count: grouped-query attention broadcasts
+    the K/V heads, and older flop counters (torch < 2.13) reject unequal head counts."""
+    heads = query_shape[1]
+    return (
+        (key_shape[0], heads, *key_shape[2:]),
+        (value_shape[0], heads, *value_shape[2:]),
+    )
+
+
+def sdpa_gqa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, *_expand_kv(query_shape, key_shape, value_shape))
+
+
+def sdpa_gqa_backward_flops(
+    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+) -> int:
+    return sdpa_backward_flop_count(
+        grad_out_shape, query_shape, *_expand_kv(query_shape, key_shape, value_shape)
+    )
+
+
+SDPA_FLOPS = {
+    op: sdpa_gqa_flops
+    for op in (
+        aten._scaled_dot_product_efficient_attention,
+        aten._scaled_dot_product_flash_attention,
+        aten._scaled_dot_product_cudnn_attention,
+    )
+} | {
+    op: sdpa_gqa_backward_flops
+    for op in (
+        aten._scaled_dot_product_efficient_attention_backward,
+        aten._scaled_dot_product_flash_attention_backward,
+        aten._scaled_dot_product_cudnn_attention_backward,
+    )
+}
 
 
 def free_port() -> int:
@@ -100,7 +139,9 @@ def run_case(config, device, micro_batch: int, seq_len: int, recompute: bool, st
         timings.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if cuda else None
 
-    counter = FlopCounterMode(display=False, custom_mapping={aten._grouped_mm: grouped_mm_flops})
+    counter = FlopCounterMode(
+        display=False, custom_mapping={aten._grouped_mm: grouped_mm_flops, **SDPA_FLOPS}
+    )
     with counter:
         loss_of(model, tokens).backward()
     optimizer.zero_grad(set_to_none=True)
