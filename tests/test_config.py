@@ -67,12 +67,36 @@ TINY = ROOT / "configs" / "tiny.toml"  # 6 heads, 1 KV head, 8 experts top-2, 4 
         ({"serve.block_size": "0"}, "serve.block_size: must be positive, got 0"),
         ({"data.seq_len": "1024"}, "data.seq_len: 1024 exceeds model.max_seq_len (512)"),
         ({"parallel.tp": "4"}, "parallel.tp: 4 does not divide model.n_heads (6)"),
-        ({"parallel.ep": "3"}, "parallel.ep: 3 does not divide model.n_experts (8)"),
         (
-            {"parallel.ep": "2", "model.n_experts": "0"},
+            {"parallel.ep": "3", "parallel.dp_shard": "3"},
+            "parallel.ep: 3 does not divide model.n_experts (8)",
+        ),
+        ({"parallel.ep": "2"}, "parallel.ep: 2 must divide parallel.dp_shard (1)"),
+        (
+            {"parallel.ep": "2", "parallel.dp_shard": "2", "model.n_experts": "0"},
             "parallel.ep: 2 needs experts, but model.n_experts is 0",
         ),
-        ({"parallel.pp": "5"}, "parallel.pp: 5 stages exceed model.n_layers (4)"),
+        (
+            {"parallel.pp": "5"},
+            "parallel.pp: 5 pipeline stages exceed model.n_layers (4)",
+        ),
+        (
+            {"parallel.pp": "2", "parallel.pp_schedule": "interleaved_1f1b", "model.n_layers": "3"},
+            "parallel.pp: 4 pipeline stages exceed model.n_layers (3)",
+        ),
+        (
+            {"parallel.pp": "2", "model.tie_embeddings": "true"},
+            "parallel.pp: tied embeddings would need the embedding",
+        ),
+        ({"parallel.pp_schedule": "interleaved_1f1b"}, "parallel.pp_schedule: interleaved_1f1b"),
+        (
+            {"parallel.tp": "2", "model.n_kv_heads": "3"},
+            "parallel.tp: 2 does not divide model.n_kv",
+        ),
+        (
+            {"parallel.zero1": "true", "parallel.dp_shard": "2"},
+            "parallel.zero1: shards optimizer states",
+        ),
         ({"serve.tp": "4"}, "serve.tp: 4 does not divide model.n_heads (6)"),
         ({"serve.pp": "9"}, "serve.pp: 9 stages exceed model.n_layers (4)"),
         ({"parallel.pp_schedule": "zb"}, "parallel.pp_schedule: expected one of 'gpipe', "),

@@ -370,11 +370,35 @@ class ParallelConfig(_Section):
 
     def validate(self) -> None:
         self._positive("dp_replicate", "dp_shard", "tp", "pp", "pp_microbatches", "ep")
+        if self.zero1 and self.dp_shard > 1:
+            self._fail(
+                "zero1",
+                "shards optimizer states over dp_replicate ranks with parameters replicated; "
+                "parallel.dp_shard > 1 (FSDP) already shards them: use one or the other",
+            )
+        if self.dp_shard % self.ep:
+            self._fail(
+                "ep",
+                f"{self.ep} must divide parallel.dp_shard ({self.dp_shard}): expert parallelism "
+                "shares the data-parallel ranks that shard parameters",
+            )
+        if self.pp == 1 and self.pp_schedule == "interleaved_1f1b":
+            self._fail("pp_schedule", "interleaved_1f1b needs parallel.pp > 1")
 
     @property
     def world_size(self) -> int:
         """Ranks the layout needs; EP shares ranks with the data/tensor dimensions."""
         return self.dp_replicate * self.dp_shard * self.tp * self.pp
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree: ranks that see different data."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def stages_per_rank(self) -> int:
+        """Model chunks each pipeline rank holds (2 for the interleaved schedule)."""
+        return 2 if self.pp_schedule == "interleaved_1f1b" and self.pp > 1 else 1
 
 
 @dataclass(frozen=True)
@@ -426,15 +450,7 @@ class Config:
             raise ConfigError(
                 f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len ({m.max_seq_len})"
             )
-        if m.n_heads % p.tp:
-            raise ConfigError(f"parallel.tp: {p.tp} does not divide model.n_heads ({m.n_heads})")
-        if m.n_experts == 0 and p.ep > 1:
-            raise ConfigError(f"parallel.ep: {p.ep} needs experts, but model.n_experts is 0")
-        if m.n_experts and m.n_experts % p.ep:
-            experts = m.n_experts
-            raise ConfigError(f"parallel.ep: {p.ep} does not divide model.n_experts ({experts})")
-        if p.pp > m.n_layers:
-            raise ConfigError(f"parallel.pp: {p.pp} stages exceed model.n_layers ({m.n_layers})")
+        _check_parallel(m, p)
         if m.n_heads % self.serve.tp:
             raise ConfigError(
                 f"serve.tp: {self.serve.tp} does not divide model.n_heads ({m.n_heads})"
@@ -457,6 +473,33 @@ class Config:
                 raise ConfigError(f"{name}: expected a table of settings, got {values!r}")
             sections[name] = section_from_dict(SECTIONS[name], values)
         return cls(**sections)
+
+
+def _check_parallel(m: ModelConfig, p: ParallelConfig) -> None:
+    """The layout against the model it splits."""
+    if m.n_heads % p.tp:
+        raise ConfigError(f"parallel.tp: {p.tp} does not divide model.n_heads ({m.n_heads})")
+    if m.n_kv_heads % p.tp and m.n_kv_heads != 1:
+        # MQA's one K/V head is replicated on every TP rank (its query heads all need it);
+        # other counts must split evenly.
+        raise ConfigError(
+            f"parallel.tp: {p.tp} does not divide model.n_kv_heads ({m.n_kv_heads}); only "
+            "multi-query attention (one K/V head) is replicated over tensor-parallel ranks"
+        )
+    if m.n_experts == 0 and p.ep > 1:
+        raise ConfigError(f"parallel.ep: {p.ep} needs experts, but model.n_experts is 0")
+    if m.n_experts and m.n_experts % p.ep:
+        raise ConfigError(f"parallel.ep: {p.ep} does not divide model.n_experts ({m.n_experts})")
+    stages = p.pp * p.stages_per_rank
+    if stages > m.n_layers:
+        raise ConfigError(
+            f"parallel.pp: {stages} pipeline stages exceed model.n_layers ({m.n_layers})"
+        )
+    if p.pp > 1 and m.tie_embeddings:
+        raise ConfigError(
+            "parallel.pp: tied embeddings would need the embedding on the first and the last "
+            "stage; set model.tie_embeddings = false to pipeline this model"
+        )
 
 
 def section_from_dict(cls: type[_Section], values: Mapping[str, Any]) -> Any:

@@ -16,7 +16,8 @@ from tests.conftest import small_config
 def explicit_mha(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Multi-head attention written out: K/V heads repeated for their query groups."""
     b, t, _ = x.shape
-    h, hkv, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    d = attn.head_dim
+    h, hkv = attn.wq.weight.shape[0] // d, attn.wk.weight.shape[0] // d
     q = (x @ attn.wq.weight.T).view(b, t, h, d).transpose(1, 2)
     k = (x @ attn.wk.weight.T).view(b, t, hkv, d).transpose(1, 2)
     v = (x @ attn.wv.weight.T).view(b, t, hkv, d).transpose(1, 2)

@@ -42,7 +42,7 @@ def test_resume_in_process_is_bit_exact(tmp_path: Path, prepared: Path) -> None:
     first.save()  # as a checkpoint at step 6 would
     second = Trainer(partial, tmp_path / "b", log=lambda m: None)
     second.run(progress=False)
-    a, b = straight.model.state_dict(), second.model.state_dict()
+    a, b = straight.parts.models[0].state_dict(), second.parts.models[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -45,13 +45,16 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.n_heads = config.n_heads
-        self.n_kv_heads = config.n_kv_heads
         self.head_dim = config.head_dim
         self.wq = nn.Linear(config.d_model, config.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.d_model, bias=False)
+
+    def _heads(self, projected: torch.Tensor) -> torch.Tensor:
+        """(batch, seq, heads x head_dim) -> (batch, heads, seq, head_dim)."""
+        batch, seq, width = projected.shape
+        return projected.view(batch, seq, width // self.head_dim, self.head_dim).transpose(1, 2)
 
     def forward(
         self,
@@ -64,9 +67,9 @@ class Attention(nn.Module):
         """``document_mask`` (batch, 1, seq, seq) replaces the causal mask for packed
         sequences whose documents must not attend to each other."""
         batch, seq, _ = x.shape
-        q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # Head counts come from the projections' widths, not the config: under tensor
+        # parallelism each rank's wq holds only its share of the heads.
+        q, k, v = (self._heads(proj(x)) for proj in (self.wq, self.wk, self.wv))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if cache is not None:
@@ -82,6 +85,6 @@ class Attention(nn.Module):
             v,
             attn_mask=mask,
             is_causal=mask is None and past == 0 and seq > 1,
-            enable_gqa=self.n_kv_heads != self.n_heads,
+            enable_gqa=k.shape[1] != q.shape[1],
         )
-        return self.wo(out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
+        return self.wo(out.transpose(1, 2).reshape(batch, seq, q.shape[1] * self.head_dim))

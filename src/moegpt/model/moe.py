@@ -88,18 +88,31 @@ class GroupedExperts(nn.Module):
             nn.init.normal_(weight, std=config.init_std)
         self.use_grouped_mm: bool | None = None
 
-    def _wants_grouped_mm(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
+    def _wants_grouped_mm(self, x: torch.Tensor, w1: torch.Tensor, dtype: torch.dtype) -> bool:
         if self.use_grouped_mm is not None:
             return self.use_grouped_mm
         # The CUDA kernel wants bf16 and 16-byte aligned rows.
-        aligned = self.w1.shape[1] % 8 == 0 and x.shape[1] % 8 == 0
+        aligned = w1.shape[1] % 8 == 0 and x.shape[1] % 8 == 0
         return x.is_cuda and dtype == torch.bfloat16 and aligned
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The expert weights by name (w1, w3 for SwiGLU, w2)."""
+        names = ("w1", "w3", "w2") if self.activation == "swiglu" else ("w1", "w2")
+        return {name: getattr(self, name) for name in names}
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """``x``: (slots, d_model) sorted by expert; ``counts``: (n_experts,) slots per expert."""
+        return self.compute(x, counts, self.weights())
+
+    def compute(
+        self, x: torch.Tensor, counts: torch.Tensor, weights: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """The experts' math with explicit weights, so that expert or tensor parallelism can
+        run it on a rank's own experts or hidden slice (weights (E', out', in'), ``counts``
+        (E',))."""
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        grouped = self._wants_grouped_mm(x, dtype)
+        grouped = self._wants_grouped_mm(x, weights["w1"], dtype)
         # The loop needs split sizes on the host (one sync); its matmuls follow autocast by
         # themselves, while grouped_mm is not an autocast op and gets its dtype here.
         counts_list = None if grouped else counts.tolist()
@@ -110,9 +123,9 @@ class GroupedExperts(nn.Module):
         x = cast(x)
         hidden = gated_activation(
             self.activation,
-            lambda name: grouped_linear(x, cast(getattr(self, name)), counts, counts_list),
+            lambda name: grouped_linear(x, cast(weights[name]), counts, counts_list),
         )
-        return grouped_linear(cast(hidden), cast(self.w2), counts, counts_list)
+        return grouped_linear(cast(hidden), cast(weights["w2"]), counts, counts_list)
 
 
 class MoE(nn.Module):

@@ -75,19 +75,24 @@ class ParamCount:
 
 
 class Transformer(nn.Module):
-    """GPT-style decoder with grouped-query attention and optional Mixture-of-Experts layers."""
+    """GPT-style decoder with grouped-query attention and optional Mixture-of-Experts layers.
+
+    A pipeline stage is this model with the parts it does not hold removed: without
+    ``tok_embeddings`` the forward takes hidden states instead of token ids, and without
+    ``norm`` (and the head) it returns hidden states as ``logits``.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(config.vocab_size, config.d_model)
         # A dict keyed by layer index keeps parameter names stable when pipeline stages drop
         # some layers (torchtitan does the same).
         self.layers = nn.ModuleDict(
             {str(i): TransformerBlock(config, i) for i in range(config.n_layers)}
         )
-        self.norm = RMSNorm(config.d_model, config.norm_eps)
-        self.output = (
+        self.norm: RMSNorm | None = RMSNorm(config.d_model, config.norm_eps)
+        self.output: nn.Linear | None = (
             None
             if config.tie_embeddings
             else nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -130,7 +135,7 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
 
         mask = None if document_ids is None else document_causal_mask(document_ids)
-        h = self.tok_embeddings(tokens)
+        h = tokens if self.tok_embeddings is None else self.tok_embeddings(tokens)
         stats: list[MoEStats] = []
         for block in self.layers.values():
             h, layer_stats = block(h, cos, sin, cache, mask)
@@ -138,8 +143,12 @@ class Transformer(nn.Module):
                 stats.append(layer_stats)
         if cache is not None:
             cache.advance(seq)
-        h = self.norm(h)
-        logits = F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
+        if self.norm is None:  # a pipeline stage before the last
+            logits = h
+        elif self.output is None:  # tied embeddings
+            logits = F.linear(self.norm(h), self.tok_embeddings.weight)
+        else:
+            logits = self.output(self.norm(h))
         # Averaged over MoE layers so the coefficients do not need retuning with depth.
         aux_loss = (
             torch.stack([s.aux_loss for s in stats]).mean() if stats else logits.new_zeros(())

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from moegpt.fileio import fsync_path, sha256_file
@@ -31,6 +32,24 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer.json"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (file decisions are made once, on rank 0)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 @dataclass(frozen=True)
@@ -48,12 +67,31 @@ class CheckpointManager:
         self.log = log
 
     def save(self, step: int, tensors: dict[str, Any], trainer_state: dict[str, Any]) -> Path:
-        """Write checkpoint ``step`` atomically; prune old ones past ``keep``."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        """Write checkpoint ``step`` atomically; prune old ones past ``keep``.
+
+        Under torchrun every rank writes its shards into one folder that rank 0 created, and
+        rank 0 alone finishes it (trainer state, manifest, rename) once all have written.
+        """
         final = self.folder / f"step-{step:08d}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=self.folder))
+        tmp = None
+        if is_rank0():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=self.folder))
+        tmp = _from_rank0(tmp)
         try:
             dcp.save(tensors, checkpoint_id=str(tmp))
+        except BaseException:
+            if is_rank0():
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _barrier()
+        if is_rank0():
+            self._finish(step, tmp, final, trainer_state)
+        _barrier()
+        return final
+
+    def _finish(self, step: int, tmp: Path, final: Path, trainer_state: dict[str, Any]) -> None:
+        try:
             (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
             files = sorted(p for p in tmp.rglob("*") if p.is_file())
             manifest = {
@@ -81,7 +119,6 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self._prune()
-        return final
 
     def _complete(self) -> list[Checkpoint]:
         found = []
@@ -98,8 +135,11 @@ class CheckpointManager:
 
     def remove_partial(self) -> None:
         """Delete folders a killed save left behind (never a complete checkpoint)."""
-        if not self.folder.is_dir():
-            return
+        if is_rank0() and self.folder.is_dir():
+            self._remove_partial()
+        _barrier()
+
+    def _remove_partial(self) -> None:
         for path in self.folder.iterdir():
             if path.name.startswith(".step-") or (
                 STEP_DIR.match(path.name) and not (path / MANIFEST).is_file()
@@ -122,7 +162,10 @@ class CheckpointManager:
 
     def latest(self) -> Checkpoint | None:
         """The newest checkpoint whose files all match their manifest; corrupt ones are
-        reported and skipped."""
+        reported and skipped (rank 0 checks; every rank gets its answer)."""
+        return _from_rank0(self._latest() if is_rank0() else None)
+
+    def _latest(self) -> Checkpoint | None:
         for checkpoint in self._complete():
             problem = self.verify(checkpoint)
             if problem is None:

@@ -1,14 +1,15 @@
-"""The training loop: one process (CPU or one GPU) today; the parallel layouts wrap the same
-loop from outside.
+"""The training loop: one process, or one rank of any ``[parallel]`` layout under torchrun.
 
 Every step consumes exactly ``schedule.batch_size(step)`` sequences from the mixture, split
-into micro-batches with gradient accumulation; the loss is the mean over the step's label
-tokens (exact across micro-batches) plus the MoE auxiliary loss. Checkpoints hold everything
-needed to continue bit-for-bit: weights, optimizer, step, data-stream position and RNG.
+over the data-parallel ranks and into micro-batches; the loss is the mean over the step's label
+tokens (exact across micro-batches and ranks: it is divided by the global count and gradients
+are summed) plus the MoE auxiliary loss. Checkpoints hold everything needed to continue
+bit-for-bit, in any layout: weights, optimizer, step, data-stream position and RNG.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
@@ -17,22 +18,34 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.nn.parallel import DistributedDataParallel
 
 from moegpt.config import Config, load_config, to_toml
-from moegpt.console import stderr
+from moegpt.console import human, stderr
 from moegpt.data.mixture import IGNORE_INDEX, Mixture, MixtureLoader
 from moegpt.errors import UserError
 from moegpt.fileio import write_atomically
 from moegpt.model import Transformer
+from moegpt.parallel.apply import ModelParts, clip_grad_norm, parallelize, state_bytes
+from moegpt.parallel.mesh import ParallelDims
+from moegpt.parallel.pipeline import build_schedule as build_pipeline_schedule
 from moegpt.plan.flops import training_token_flops
-from moegpt.train.checkpoint import CheckpointManager, rng_state, set_rng_state
+from moegpt.train.checkpoint import CheckpointManager, is_rank0, rng_state, set_rng_state
 from moegpt.train.metrics import MetricsWriter, device_peak_flops, router_health
-from moegpt.train.schedule import build_schedule
+from moegpt.train.schedule import Schedule, build_schedule
 
 RUN_CONFIG = "config.toml"
+# Optimizer states are saved flattened (one key per parameter and field), so a rank that holds
+# only some parameters' states (ZeRO-1, pipeline stages) saves and loads just those.
+STATE_DICT_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def default_device() -> torch.device:
@@ -40,33 +53,36 @@ def default_device() -> torch.device:
 
 
 def build_optimizer(
-    model: torch.nn.Module, config: Config, device: torch.device
-) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not norms); fused kernels on GPU."""
+    model: torch.nn.Module,
+    config: Config,
+    device: torch.device,
+    zero_group: dist.ProcessGroup | None = None,
+) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not norms); fused kernels on GPU. With
+    ``zero_group`` the states are sharded over its ranks (ZeRO-1)."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     train = config.train
-    return torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": train.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=train.lr,
-        betas=(train.beta1, train.beta2),
-        fused=device.type == "cuda",
-    )
+    groups = [
+        {"params": decay, "weight_decay": train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    options = {"lr": train.lr, "betas": (train.beta1, train.beta2), "fused": device.type == "cuda"}
+    if zero_group is not None:
+        return ZeroRedundancyOptimizer(
+            groups, optimizer_class=torch.optim.AdamW, process_group=zero_group, **options
+        )
+    return torch.optim.AdamW(groups, **options)
+
+
+def _local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer that holds this rank's states (ZeRO-1 wraps one per rank)."""
+    return optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
 
 
 def build_model(config: Config, device: torch.device) -> Transformer:
-    torch.manual_seed(config.train.seed)
-    model = Transformer(config.model).to(device)
-    if config.train.activation_checkpointing:
-        for name, block in list(model.layers.items()):
-            model.layers[name] = checkpoint_wrapper(block)
-    if config.train.compile:
-        for block in model.layers.values():
-            block.compile()
-    return model
+    """The one-process training model (checkpointing and compile as the config asks)."""
+    return parallelize(config, None, device).models[0]
 
 
 def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -76,6 +92,22 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
+def check_batches(schedule: Schedule, config: Config) -> None:
+    """Every step's batch must split evenly into micro-batches on every data-parallel rank
+    (and into whole pipeline rounds)."""
+    p, micro = config.parallel, config.train.micro_batch_size
+    unit = micro * p.dp * (p.pp_microbatches if p.pp > 1 else 1)
+    for size in sorted(set(schedule.batch_sizes.tolist())):
+        if size % unit:
+            what = "micro_batch_size x data-parallel ranks"
+            if p.pp > 1:
+                what += " x parallel.pp_microbatches"
+            raise UserError(
+                f"train.global_batch_size: a batch of {size} sequences does not split into "
+                f"{what} = {unit}; change the batch sizes (and the ramp) or the layout"
+            )
+
+
 class Trainer:
     def __init__(
         self,
@@ -83,35 +115,81 @@ class Trainer:
         run_dir: Path,
         device: torch.device | None = None,
         log: Callable[[str], None] = lambda m: stderr.print(m, highlight=False),
+        dims: ParallelDims | None = None,
     ) -> None:
         self.config = config
         self.run_dir = run_dir
         self.device = device or default_device()
-        self.log = log
+        self.dims = dims
+        self.rank0 = is_rank0()
+        self.log = log if self.rank0 else lambda m: None
         self.schedule = build_schedule(config.train)
+        check_batches(self.schedule, config)
         self.mixture = Mixture.open(config.data)
         if self.schedule.total_sequences > self.mixture.n_sequences:
             raise UserError(
                 f"train.steps: the run needs {self.schedule.total_sequences:,} sequences but the "
                 f"mixture holds {self.mixture.n_sequences:,} (lower train.steps or raise epochs)"
             )
-        self.model = build_model(config, self.device)
-        self.optimizer = build_optimizer(self.model, config, self.device)
+        self.parts: ModelParts = parallelize(config, dims, self.device)
+        p = config.parallel
+        zero_group = dims["dp"].get_group() if dims is not None and p.zero1 else None
+        self.optimizers = [
+            build_optimizer(m, config, self.device, zero_group) for m in self.parts.models
+        ]
+        self.dp_rank, self.dp_size = (dims.dp_rank, dims.dp_size) if dims else (0, 1)
         self.loader = MixtureLoader(
-            self.mixture, config.train.micro_batch_size, document_mask=config.data.document_mask
+            self.mixture,
+            config.train.micro_batch_size,
+            rank=self.dp_rank,
+            world_size=self.dp_size,
+            document_mask=config.data.document_mask,
         )
+        self.pipeline = None
+        self._label_tokens = 1.0  # the pipeline's loss divides by it
+        if self.parts.stages:
+            self.pipeline = build_pipeline_schedule(
+                self.parts.modules,
+                self.parts.stage_ids,
+                p.pp * p.stages_per_rank,
+                p,
+                dims["pp"].get_group(),
+                self.device,
+                lambda logits, labels: lm_loss_sum(logits, labels) / self._label_tokens,
+            )
         self.checkpoints = CheckpointManager(run_dir / "checkpoints", config.checkpoint.keep, log)
         self.step = 0
         self.tokens_seen = 0
         self.flops_per_token = training_token_flops(config.model, config.data.seq_len).training
         self.peak_flops = device_peak_flops(self.device)
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self._validation: dict[str, Mixture] = {}
         self._last_stats: list = []
 
+    # -- collectives ---------------------------------------------------------------------
+    def _sum_over(self, value: torch.Tensor, *dims: str) -> torch.Tensor:
+        """Sum ``value`` over the named mesh dimensions ("dp", "pp") that have > 1 rank."""
+        if self.dims is not None:
+            for name in dims:
+                if self.dims[name].size() > 1:
+                    dist.all_reduce(value, group=self.dims[name].get_group())
+        return value
+
     # -- state ---------------------------------------------------------------------------
-    def _tensor_state(self) -> dict[str, Any]:
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        return {"model": model_state, "optimizer": optim_state, "rng": rng_state()}
+    def _part_states(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        return [
+            get_state_dict(model, _local_optimizer(opt), options=STATE_DICT_OPTIONS)
+            for model, opt in zip(self.parts.models, self.optimizers, strict=True)
+        ]
+
+    def _tensor_state(self) -> tuple[dict[str, Any], list]:
+        parts = self._part_states()
+        model_state: dict[str, Any] = {}
+        optim_state: dict[str, Any] = {}
+        for m, o in parts:
+            model_state |= m
+            optim_state |= o
+        return {"model": model_state, "optimizer": optim_state, "rng": rng_state()}, parts
 
     def save(self) -> Path:
         state = {
@@ -119,7 +197,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "loader": self.loader.state_dict(),
         }
-        return self.checkpoints.save(self.step, self._tensor_state(), state)
+        return self.checkpoints.save(self.step, self._tensor_state()[0], state)
 
     def resume(self) -> bool:
         """Continue from the newest complete checkpoint, if any; say which."""
@@ -127,14 +205,18 @@ class Trainer:
         checkpoint = self.checkpoints.latest()
         if checkpoint is None:
             return False
-        tensors = self._tensor_state()
+        tensors, parts = self._tensor_state()
         state = self.checkpoints.load(checkpoint, tensors)
-        set_state_dict(
-            self.model,
-            self.optimizer,
-            model_state_dict=tensors["model"],
-            optim_state_dict=tensors["optimizer"],
-        )
+        for (model_part, optim_part), model, opt in zip(
+            parts, self.parts.models, self.optimizers, strict=True
+        ):
+            set_state_dict(
+                model,
+                _local_optimizer(opt),
+                model_state_dict={k: tensors["model"][k] for k in model_part},
+                optim_state_dict={k: tensors["optimizer"][k] for k in optim_part},
+                options=STATE_DICT_OPTIONS,
+            )
         set_rng_state(tensors["rng"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.loader.load_state_dict(state["loader"])
@@ -154,53 +236,115 @@ class Trainer:
         bf16 = self.config.train.dtype == "bfloat16" and self.device.type == "cuda"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
 
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
     def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        batch = self._to_device(batch)
         with self._autocast():
-            out = self.model(
+            out = self.parts.modules[0](
                 batch["input_ids"],
                 positions=batch.get("positions"),
                 document_ids=batch.get("document_ids"),
             )
         return lm_loss_sum(out.logits, batch["labels"]), out
 
+    def _no_sync(self, last: bool) -> Any:
+        """DDP (ZeRO-1) must not all-reduce the gradients of a micro-batch that is not the
+        step's last: accumulated gradients would be summed again."""
+        module = self.parts.modules[0]
+        if isinstance(module, DistributedDataParallel) and not last:
+            return module.no_sync()
+        return contextlib.nullcontext()
+
+    def _accumulate(
+        self, micro: list[dict[str, torch.Tensor]], label_tokens: float, micro_steps: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward over this rank's micro-batches; (LM loss sum, aux share)."""
+        loss_sum = aux_sum = torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro):
+            with self._no_sync(last=i == len(micro) - 1):
+                lm, out = self._forward(batch)
+                loss = lm / label_tokens + out.aux_loss / micro_steps
+                loss.backward()
+            loss_sum = loss_sum + lm.detach() / label_tokens
+            aux_sum = aux_sum + out.aux_loss.detach() / micro_steps
+            self._last_stats = out.moe_stats
+        return loss_sum, aux_sum
+
+    def _pipeline_rounds(
+        self, micro: list[dict[str, torch.Tensor]], label_tokens: float, micro_steps: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same through the pipeline, ``pp_microbatches`` micro-batches per round."""
+        assert self.pipeline is not None
+        n_moe = self.parts.stages[0].n_moe_layers
+        for stage in self.parts.stages:
+            stage.aux_weight = 1.0 / (n_moe * micro_steps)
+            stage.aux_total = torch.zeros((), device=self.device)
+        self._label_tokens = label_tokens
+        loss_sum = torch.zeros((), device=self.device)
+        per_round = self.config.parallel.pp_microbatches
+        for r in range(0, len(micro), per_round):
+            losses: list[torch.Tensor] = []
+            self._run_pipeline(micro[r : r + per_round], losses, train=True)
+            loss_sum = loss_sum + sum((x.detach().float() for x in losses), loss_sum.new_zeros(()))
+        aux_sum = sum((s.aux_total for s in self.parts.stages), torch.zeros((), device=self.device))
+        self._last_stats = self.parts.stages[0].last_stats
+        return loss_sum, aux_sum
+
+    def _run_pipeline(
+        self, micro: list[dict[str, torch.Tensor]], losses: list[torch.Tensor], train: bool
+    ) -> None:
+        assert self.pipeline is not None
+        batch = self._to_device({k: torch.cat([b[k] for b in micro]) for k in micro[0]})
+        kwargs = {k: batch[k] for k in ("positions", "document_ids") if k in batch}
+        n_stages = self.config.parallel.pp * self.config.parallel.stages_per_rank
+        args = (batch["input_ids"],) if 0 in self.parts.stage_ids else ()
+        target = batch["labels"] if n_stages - 1 in self.parts.stage_ids else None
+        run = self.pipeline.step if train else self.pipeline.eval
+        with self._autocast():
+            run(*args, target=target, losses=losses, **kwargs)
+
     def train_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, Any]:
-        """One optimizer step over ``schedule.batch_size(step)`` sequences."""
+        """One optimizer step over ``schedule.batch_size(step)`` sequences (all ranks)."""
         train = self.config.train
         micro_steps = self.schedule.batch_size(self.step) // train.micro_batch_size
-        micro = [next(batches) for _ in range(micro_steps)]
-        label_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)
+        micro = [next(batches) for _ in range(micro_steps // self.dp_size)]
+        local_labels = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)
+        label_tokens = self._sum_over(
+            torch.tensor(float(local_labels), device=self.device), "dp"
+        ).item()
+        label_tokens = max(label_tokens, 1.0)
         lr = self.schedule.lr(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        # Sums stay on the device: one host sync per step, when the metrics are read.
-        # The LM loss is the exact mean over the step's label tokens; the auxiliary loss is
-        # the mean of the micro-batches' (each balances its own micro-batch, as in Megatron).
-        loss_sum = aux_sum = torch.zeros((), device=self.device)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
         digest = hashlib.sha256()
         for batch in micro:
             digest.update(batch["input_ids"].numpy().tobytes())
-            lm, out = self._forward(batch)
-            loss = lm / max(label_tokens, 1) + out.aux_loss / micro_steps
-            loss.backward()
-            loss_sum = loss_sum + lm.detach()
-            aux_sum = aux_sum + out.aux_loss.detach() / micro_steps
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), train.grad_clip if train.grad_clip > 0 else math.inf
-        )
-        loss_value, aux_value, norm = torch.stack([loss_sum, aux_sum, grad_norm]).tolist()
+        # The LM loss is the exact mean over the step's label tokens; the auxiliary loss is
+        # the mean of the micro-batches' (each balances its own micro-batch, as in Megatron).
+        step_fn = self._pipeline_rounds if self.pipeline is not None else self._accumulate
+        loss_sum, aux_sum = step_fn(micro, label_tokens, micro_steps)
+        pp_group = self.dims["pp"].get_group() if self.pipeline is not None else None
+        max_norm = train.grad_clip if train.grad_clip > 0 else math.inf
+        grad_norm = clip_grad_norm(self.parts.parameters(), max_norm, pp_group)
+        sums = self._sum_over(torch.stack([loss_sum, aux_sum]).float(), "dp", "pp")
+        # Sums stay on the device until here: one host sync per step.
+        loss_value, aux_value, norm = torch.cat([sums, grad_norm.reshape(1).float()]).tolist()
         skipped = not math.isfinite(norm)
         if skipped:  # a non-finite gradient would poison the weights and every checkpoint
             self.log(f"step {self.step + 1}: non-finite gradient norm; update skipped")
         else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        tokens = sum(b["input_ids"].numel() for b in micro)
+            for opt in self.optimizers:
+                opt.step()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        tokens = sum(b["input_ids"].numel() for b in micro) * self.dp_size
         self.tokens_seen += tokens
         self.step += 1
-        self._last_stats = out.moe_stats
         return {
-            "loss": loss_value / max(label_tokens, 1),
+            "loss": loss_value,
             "aux_loss": aux_value,
             "lr": lr,
             "batch_size": self.schedule.batch_size(self.step - 1),
@@ -213,46 +357,89 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out loss and perplexity per source."""
-        self.model.eval()
+        """Held-out loss and perplexity per source (validation batches split over the
+        data-parallel ranks)."""
+        self.parts.train(False)
         results = {}
         limit = self.config.train.eval_batches
+        p = self.config.parallel
+        rows = self.config.train.micro_batch_size * (p.pp_microbatches if self.pipeline else 1)
+        self._label_tokens = 1.0
         for source in self.config.data.sources:
             mixture = self._validation.get(source.name)
             if mixture is None:
                 mixture = Mixture.open(self.config.data, split="val", source=source.name)
                 self._validation[source.name] = mixture
-            total, count = 0.0, 0
             loader = MixtureLoader(
                 mixture,
-                self.config.train.micro_batch_size,
+                rows,
+                rank=self.dp_rank,
+                world_size=self.dp_size,
                 document_mask=self.config.data.document_mask,
             )
+            sums = torch.zeros(2, device=self.device)  # loss sum, label tokens
             for i, batch in enumerate(loader):
                 if limit and i >= limit:
                     break
-                lm, _ = self._forward(batch)
-                total += lm.item()
-                count += int((batch["labels"] != IGNORE_INDEX).sum())
+                sums[1] += int((batch["labels"] != IGNORE_INDEX).sum())
+                if self.pipeline is not None:
+                    losses: list[torch.Tensor] = []
+                    micro = list(batch_rows(batch, self.config.train.micro_batch_size))
+                    self._run_pipeline(micro, losses, train=False)
+                    sums[0] += sum((x.float() for x in losses), torch.zeros((), device=self.device))
+                else:
+                    sums[0] += self._forward(batch)[0]
+            self._sum_over(sums[:1], "pp")
+            total, count = self._sum_over(sums, "dp").tolist()
             if count:
                 results[f"{source.name}/loss"] = total / count
                 results[f"{source.name}/ppl"] = math.exp(min(total / count, 50))
-        self.model.train()
+        self.parts.train(True)
         return results
 
     def throughput(self, tokens: int, seconds: float) -> dict[str, Any]:
+        """Tokens/s of the whole job; MFU per GPU."""
         tokens_per_second = tokens / seconds if seconds > 0 else 0.0
         flops = tokens_per_second * self.flops_per_token
         values: dict[str, Any] = {"tokens_per_second": tokens_per_second, "flops_per_second": flops}
-        values["mfu"] = flops / self.peak_flops if self.peak_flops else None
+        peak = self.peak_flops * self.world_size if self.peak_flops else None
+        values["mfu"] = flops / peak if peak else None
         if self.device.type == "cuda":
             values["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
         return values
 
+    def rank_memory(self) -> list[dict[str, int]]:
+        """Every rank's parameter, gradient and optimizer bytes (and peak device memory)."""
+        mine: dict[str, int] = state_bytes(
+            self.parts, [_local_optimizer(o) for o in self.optimizers]
+        )
+        if self.device.type == "cuda":
+            mine["peak_allocated"] = torch.cuda.max_memory_allocated(self.device)
+        if not dist.is_initialized():
+            return [mine]
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        return everyone
+
+    def _log_layout(self, metrics: MetricsWriter | None) -> None:
+        """The mesh once, and after the first step each rank's memory."""
+        ranks = self.rank_memory()
+        if metrics is not None:
+            metrics.write("ranks", self.step, {"ranks": ranks})
+        for r, m in enumerate(ranks):
+            line = (
+                f"rank {r}: params {human(m['params'], 'B')}, grads {human(m['grads'], 'B')}, "
+                f"optimizer {human(m['optimizer'], 'B')}"
+            )
+            if "peak_allocated" in m:
+                line += f", peak allocated {human(m['peak_allocated'], 'B')}"
+            self.log(line)
+
     def run(self, resume: bool = True, progress: bool = True) -> dict[str, Any]:
         """Train to the end of the schedule; return the last step's metrics."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        _write_run_config(self.run_dir, self.config)
+        if self.rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _write_run_config(self.run_dir, self.config)
         if resume:
             self.resume()
         elif self.checkpoints.latest() is not None:
@@ -260,17 +447,23 @@ class Trainer:
                 f"{self.run_dir}: holds checkpoints of an earlier run; resume it (--resume auto) "
                 "or train into a new --run-dir"
             )
+        if self.dims is not None:
+            self.log(self.dims.describe())
         train, every = self.config.train, self.config.checkpoint.every
-        metrics = MetricsWriter(self.run_dir)
+        metrics = MetricsWriter(self.run_dir) if self.rank0 else None
         batches = iter(self.loader)
         last: dict[str, Any] = {}
         window_tokens, window_start = 0, time.perf_counter()
-        bar = _progress(self.schedule.steps, self.step, enabled=progress)
+        bar = _progress(self.schedule.steps, self.step, enabled=progress and self.rank0)
+        first_step = True
         try:
             with bar:
                 task = bar.add_task("training", total=self.schedule.steps, completed=self.step)
                 while self.step < self.schedule.steps:
                     last = self.train_step(batches)
+                    if first_step:
+                        self._log_layout(metrics)
+                        first_step = False
                     window_tokens += last["tokens"]
                     elapsed = time.perf_counter() - window_start
                     last |= self.throughput(window_tokens, elapsed)
@@ -278,28 +471,37 @@ class Trainer:
                     logging = self.step % train.log_every == 0 or final
                     if logging:
                         last |= router_health(self._last_stats)
-                    metrics.write("train", self.step, last)
+                    if metrics is not None:
+                        metrics.write("train", self.step, last)
                     bar.update(
                         task,
                         advance=1,
                         description=f"loss {last['loss']:.3f} "
                         f"{last['tokens_per_second']:,.0f} tok/s",
                     )
-                    if logging:
+                    if logging and self.rank0:
                         bar.console.print(_log_line(self.step, self.schedule.steps, last))
-                        window_tokens, window_start = 0, time.perf_counter()
                     if train.eval_every and (self.step % train.eval_every == 0 or final):
                         scores = self.evaluate()
-                        metrics.write("eval", self.step, scores)
-                        bar.console.print(_eval_line(self.step, scores), highlight=False)
+                        if metrics is not None:
+                            metrics.write("eval", self.step, scores)
+                            bar.console.print(_eval_line(self.step, scores), highlight=False)
                     if (every and self.step % every == 0) or final:
                         self.save()
                     if logging or final or (every and self.step % every == 0):
                         # evaluation and saving are not training time
                         window_tokens, window_start = 0, time.perf_counter()
         finally:
-            metrics.close()
+            if metrics is not None:
+                metrics.close()
         return last
+
+
+def batch_rows(batch: dict[str, torch.Tensor], rows: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Split a batch into consecutive pieces of ``rows`` rows."""
+    n = next(iter(batch.values())).shape[0]
+    for start in range(0, n, rows):
+        yield {k: v[start : start + rows] for k, v in batch.items()}
 
 
 def _write_run_config(run_dir: Path, config: Config) -> None:

@@ -1,0 +1,153 @@
+"""Apply a ``[parallel]`` layout to a freshly built model, in torchtitan's order: pipeline
+split, tensor and expert parallelism, activation checkpointing, compile, then data
+parallelism (FSDP2 or DDP for ZeRO-1). The model code itself stays free of parallelism.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.tensor import DTensor
+
+from moegpt.config import Config
+from moegpt.errors import UserError
+from moegpt.model.moe import GroupedExperts
+from moegpt.model.transformer import Transformer
+from moegpt.parallel.data import apply_ddp, apply_fsdp
+from moegpt.parallel.experts import shard_experts
+from moegpt.parallel.mesh import ParallelDims
+from moegpt.parallel.pipeline import StageModule, stage_ids, stage_model
+from moegpt.parallel.tensor import apply_tensor_parallel
+
+
+@dataclass
+class ModelParts:
+    """The model chunks one rank trains (one, or two with the interleaved pipeline)."""
+
+    models: list[Transformer]  # unwrapped chunks: parameters and state dicts come from here
+    modules: list[nn.Module]  # what runs each chunk (a DDP wrapper under ZeRO-1, else the model)
+    stages: list[StageModule] = field(default_factory=list)  # pipeline stages, if any
+    stage_ids: list[int] = field(default_factory=list)
+
+    def parameters(self) -> Iterable[nn.Parameter]:
+        for model in self.models:
+            yield from model.parameters()
+
+    def train(self, mode: bool = True) -> None:
+        for model in self.models:
+            model.train(mode)
+
+
+def _check_supported(config: Config) -> None:
+    p = config.parallel
+    if p.zero1 and (p.tp > 1 or p.ep > 1):
+        raise UserError(
+            "parallel.zero1: the trainer runs ZeRO-1 with data and pipeline parallelism only; "
+            "with tp or ep use parallel.dp_shard (FSDP2)"
+        )
+    if p.zero1 and config.train.compile:
+        raise UserError("train.compile: not supported with parallel.zero1 (DDP) yet")
+
+
+def parallelize(config: Config, dims: ParallelDims | None, device: torch.device) -> ModelParts:
+    """Build the model (same initialisation on every rank and in one process) and lay it out.
+
+    ``dims`` None is one process with no wrappers beyond checkpointing and compile.
+    """
+    _check_supported(config)
+    torch.manual_seed(config.train.seed)
+    full = Transformer(config.model).to(device)
+    p, train = config.parallel, config.train
+    ids = [0]
+    chunks = [full]
+    if dims is not None and p.pp > 1:
+        n_stages = p.pp * p.stages_per_rank
+        ids = stage_ids(p, dims.pp_rank)
+        chunks = [stage_model(full, s, n_stages) for s in ids]
+    for model in chunks:
+        if dims is not None and p.tp > 1:
+            apply_tensor_parallel(model, dims["tp"])
+        if dims is not None and (p.tp > 1 or p.ep > 1):
+            for experts in [m for m in model.modules() if isinstance(m, GroupedExperts)]:
+                shard_experts(experts, dims)
+        if train.activation_checkpointing:
+            for name, block in list(model.layers.items()):
+                model.layers[name] = checkpoint_wrapper(block)
+        if train.compile:
+            for block in model.layers.values():
+                block.compile()
+        if dims is not None and p.dp > 1 and not p.zero1:
+            bf16 = train.dtype == "bfloat16" and device.type == "cuda"
+            mp = MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32
+            )
+            apply_fsdp(model, dims, mp)
+
+    n_moe = sum(config.model.is_moe_layer(i) for i in range(config.model.n_layers))
+    stages = [StageModule(m, n_moe) for m in chunks] if dims is not None and p.pp > 1 else []
+    runnable: list[nn.Module] = list(stages or chunks)
+    if dims is not None and p.zero1 and p.dp > 1:
+        runnable = [apply_ddp(m, dims) for m in runnable]
+    return ModelParts(models=chunks, modules=runnable, stages=stages, stage_ids=ids)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def clip_grad_norm(
+    parameters: Iterable[nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup | None
+) -> torch.Tensor:
+    """Clip gradients by their global norm over every layout at once and return the norm.
+
+    Gradients may be DTensors on different meshes (TP, FSDP, EP) or plain: each group's norm is
+    completed over its own mesh, and pipeline stages add theirs over ``pp_group``.
+    """
+    by_layout: dict[object, list[nn.Parameter]] = defaultdict(list)
+    for p in parameters:
+        if p.grad is not None:
+            g = p.grad
+            by_layout[(g.device_mesh, g.placements) if isinstance(g, DTensor) else None].append(p)
+    first = next(iter(by_layout.values()), None)
+    device = _local(first[0].grad).device if first else torch.device("cpu")
+    total_sq = torch.zeros((), dtype=torch.float32, device=device)
+    for params in by_layout.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        total_sq = total_sq + norm.float().square()
+    if pp_group is not None:
+        dist.all_reduce(total_sq, group=pp_group)
+    total = total_sq.sqrt()
+    if math.isfinite(max_norm):
+        for params in by_layout.values():
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
+def state_bytes(parts: ModelParts, optimizers: Iterable[torch.optim.Optimizer]) -> dict[str, int]:
+    """Bytes this rank holds of parameters, gradients and optimizer states (local shards)."""
+    params = list(parts.parameters())
+    optimizer = 0
+    for opt in optimizers:
+        for state in opt.state.values():
+            optimizer += sum(
+                _local(v).numel() * v.element_size()
+                for k, v in state.items()
+                if torch.is_tensor(v) and k != "step"
+            )
+    return {
+        "params": sum(_local(p).numel() * p.element_size() for p in params),
+        "grads": sum(
+            _local(p.grad).numel() * p.grad.element_size() for p in params if p.grad is not None
+        ),
+        "optimizer": optimizer,
+    }
