@@ -1,11 +1,18 @@
-"""Shared test helpers: small model configs and deterministic CPU settings."""
+"""Shared test helpers: small model configs, deterministic CPU settings, and a small real
+corpus (a few standard-library packages) prepared once per test session with recipes for
+models that train in seconds on CPU."""
 
 from __future__ import annotations
+
+import json
+import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
 
-from moegpt.config import ModelConfig
+from moegpt.config import Config, ModelConfig, load_config
+from moegpt.data.prepare import prepare
 
 
 def small_config(**overrides: object) -> ModelConfig:
@@ -29,3 +36,46 @@ def small_config(**overrides: object) -> ModelConfig:
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)
+
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+def recipe(root: Path, data_dir: Path, **train: object) -> Path:
+    """A 2-layer, 4-expert MQA model on the prepared corpus; ``train`` overrides [train]."""
+    settings = {
+        "steps": 30,
+        "global_batch_size": 4,
+        "micro_batch_size": 2,
+        "lr": 3e-3,
+        "warmup_steps": 3,
+        "log_every": 5,
+        "eval_every": 0,
+        "seed": 0,
+        **train,
+    }
+    lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.items())
+    path = root / "recipe.toml"
+    path.write_text(
+        "[model]\nvocab_size = 512\nd_model = 32\nn_layers = 2\nn_heads = 4\nn_kv_heads = 1\n"
+        "ffn_hidden = 64\nn_experts = 4\ntop_k = 2\nmax_seq_len = 64\n"
+        f'[data]\nseq_len = 32\ndata_dir = "{data_dir}"\nworkers = 1\n'
+        f'[[data.sources]]\nname = "code"\nkind = "code"\npath = "{STDLIB / "json"}"\nepochs = 4\n'
+        "val_fraction = 0.2\n"
+        f'[[data.sources]]\nname = "text"\npath = "{STDLIB / "email"}"\nepochs = 2\n'
+        "val_fraction = 0.1\n"
+        f"[train]\n{lines}\n[checkpoint]\nevery = 3\nkeep = 2\n"
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("prepared")
+    data_dir = root / "data"
+    prepare(load_config(recipe(root, data_dir)), log=lambda m: None)
+    return data_dir
+
+
+def make_config(root: Path, data_dir: Path, *overrides: str, **train: object) -> Config:
+    return load_config(recipe(root, data_dir, **train), list(overrides))

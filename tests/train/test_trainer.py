@@ -17,7 +17,7 @@ from moegpt.train.faults import launch_training, train_with_kills
 from moegpt.train.metrics import data_stream, read_metrics
 from moegpt.train.supervisor import supervise
 from moegpt.train.trainer import Trainer
-from tests.train.conftest import make_config, recipe
+from tests.conftest import make_config, recipe
 
 
 def test_loss_falls(tmp_path: Path, prepared: Path) -> None:

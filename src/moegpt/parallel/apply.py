@@ -48,10 +48,12 @@ class ModelParts:
 
 def _check_supported(config: Config) -> None:
     p = config.parallel
-    if p.zero1 and (p.tp > 1 or p.ep > 1):
+    if p.zero1 and (p.tp > 1 or p.ep > 1 or p.pp > 1):
+        # DDP inside pipeline stages miscounts gradients of several in-flight micro-batches
+        # (measured against one process); FSDP2 has no such problem.
         raise UserError(
-            "parallel.zero1: the trainer runs ZeRO-1 with data and pipeline parallelism only; "
-            "with tp or ep use parallel.dp_shard (FSDP2)"
+            "parallel.zero1: the trainer runs ZeRO-1 with data parallelism only; with tp, pp "
+            "or ep use parallel.dp_shard (FSDP2)"
         )
     if p.zero1 and config.train.compile:
         raise UserError("train.compile: not supported with parallel.zero1 (DDP) yet")

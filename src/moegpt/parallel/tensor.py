@@ -48,6 +48,14 @@ class ReplicatedKV(ParallelStyle):
         return output.to_local(grad_placements=[Partial()])
 
 
+def _shard_like_param(param: nn.Parameter) -> None:
+    """DTensor's embedding backward yields a replicated gradient for a vocabulary-sharded
+    weight: keep only this rank's rows (a local slice, no communication), as the planner and
+    the optimizer expect."""
+    if param.grad is not None and param.grad.placements != param.placements:
+        param.grad = param.grad.redistribute(param.device_mesh, param.placements)
+
+
 def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
     """Split ``model`` (a whole model or a pipeline stage) over ``tp_mesh`` in place.
 
@@ -55,12 +63,16 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
     """
     tp = tp_mesh.size()
     top: dict[str, ParallelStyle] = {}
-    if model.output is not None:  # untied: vocabulary-parallel embedding and head
-        top["output"] = ColwiseParallel(output_layouts=Replicate())
+    if not model.config.tie_embeddings:  # vocabulary-parallel embedding and head (a tied
+        # pair stays replicated: the head reads the embedding's weight directly)
+        if model.output is not None:
+            top["output"] = ColwiseParallel(output_layouts=Replicate())
         if model.tok_embeddings is not None:
             top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate())
     if top:
         parallelize_module(model, tp_mesh, top)
+    if "tok_embeddings" in top:
+        model.tok_embeddings.weight.register_post_accumulate_grad_hook(_shard_like_param)
     kv = ColwiseParallel() if model.config.n_kv_heads % tp == 0 else ReplicatedKV()
     for block in model.layers.values():
         plan: dict[str, ParallelStyle] = {

@@ -119,7 +119,8 @@ def stage_params(c: ModelConfig, layout: TrainLayout) -> list[StageParams]:
         moe = sum(c.is_moe_layer(i) for i in layers)
         shared += moe * c.d_model * c.n_experts + (n - moe) * ffn_params(c, c.ffn_hidden) / tp
         experts = moe * c.n_experts * p.expert_per_layer / (tp * layout.ep)
-        table = c.vocab_size * c.d_model / tp  # vocabulary-parallel embedding / head
+        # vocabulary-parallel embedding and head; a tied pair stays replicated under TP
+        table = c.vocab_size * c.d_model / (1 if c.tie_embeddings else tp)
         if s == 0:
             shared += table
         if s == pp - 1:
@@ -194,18 +195,42 @@ def in_flight_microbatches(layout: TrainLayout, stage: int) -> float:
     return held
 
 
-def training_memory(c: ModelConfig, layout: TrainLayout, hbm_bytes: float) -> MemoryEstimate:
-    """Peak memory of the most loaded GPU (whichever pipeline stage that is)."""
-    layout.validate(c)
+@dataclass(frozen=True)
+class ModelStateBytes:
+    """Bytes of weights, gradients and optimizer states one GPU of a stage holds."""
+
+    weights: float
+    grads: float
+    optimizer: float
+
+
+def model_state_bytes(c: ModelConfig, layout: TrainLayout) -> list[ModelStateBytes]:
+    """Per pipeline stage, what each of its GPUs holds of the model states: ZeRO stage z
+    shards the optimizer (z >= 1), gradients (z >= 2) and weights (z = 3) over the shard
+    group, experts over the part of it outside their expert-parallel group."""
     state = STATE_PRECISIONS[layout.states]
     shard = layout.shard_ranks
     expert_shard = max(shard // layout.ep, 1)
-    z = layout.zero_stage
 
     def sharded(params: StageParams, bytes_per: int, from_stage: int) -> float:
-        if z < from_stage:
+        if layout.zero_stage < from_stage:
             return bytes_per * (params.shared + params.experts)
         return bytes_per * (params.shared / shard + params.experts / expert_shard)
+
+    return [
+        ModelStateBytes(
+            weights=sharded(params, state.weights, 3),
+            grads=sharded(params, state.grads, 2),
+            optimizer=sharded(params, state.optimizer, 1),
+        )
+        for params in stage_params(c, layout)
+    ]
+
+
+def training_memory(c: ModelConfig, layout: TrainLayout, hbm_bytes: float) -> MemoryEstimate:
+    """Peak memory of the most loaded GPU (whichever pipeline stage that is)."""
+    layout.validate(c)
+    z = layout.zero_stage
 
     micro_tokens = layout.micro_batch * layout.seq_len
     bubble = bubble_fraction(
@@ -215,6 +240,7 @@ def training_memory(c: ModelConfig, layout: TrainLayout, hbm_bytes: float) -> Me
     )
     estimates = []
     first = 0
+    states = model_state_bytes(c, layout)
     for s, params in enumerate(stage_params(c, layout)):
         per_layer = [
             activation_bytes_per_token_layer(c, c.is_moe_layer(i))
@@ -234,9 +260,9 @@ def training_memory(c: ModelConfig, layout: TrainLayout, hbm_bytes: float) -> Me
             gathered = 2 * 2 * (params.shared + params.experts) / params.layers
         estimates.append(
             MemoryEstimate(
-                weights=sharded(params, state.weights, 3),
-                grads=sharded(params, state.grads, 2),
-                optimizer=sharded(params, state.optimizer, 1),
+                weights=states[s].weights,
+                grads=states[s].grads,
+                optimizer=states[s].optimizer,
                 activations=per_token * micro_tokens / layout.tp,
                 logits=LOGIT_BYTES * micro_tokens * c.vocab_size / layout.tp if last else 0.0,
                 gathered_weights=gathered,

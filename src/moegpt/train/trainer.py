@@ -317,6 +317,9 @@ class Trainer:
         label_tokens = max(label_tokens, 1.0)
         lr = self.schedule.lr(self.step)
         for opt in self.optimizers:
+            # Gradients live until the next step begins (torchtitan's order), so the state
+            # bytes of a step can be measured after it.
+            opt.zero_grad(set_to_none=True)
             for group in opt.param_groups:
                 group["lr"] = lr
         digest = hashlib.sha256()
@@ -338,8 +341,6 @@ class Trainer:
         else:
             for opt in self.optimizers:
                 opt.step()
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)
         tokens = sum(b["input_ids"].numel() for b in micro) * self.dp_size
         self.tokens_seen += tokens
         self.step += 1

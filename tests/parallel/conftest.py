@@ -1,0 +1,118 @@
+"""Run the parallel layouts once per session: one torchrun job per world size trains every
+layout of that size (and the resharding legs), the reference runs in this process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moegpt.config import Config, load_config
+from tests.conftest import recipe
+from tests.parallel.worker import run_job
+
+STEPS = 5
+# Every layout trains this model: 4 layers (so interleaved 1F1B has 4 stages), MQA, 4 experts,
+# document masks (pipeline stages get positions and document ids as keyword inputs).
+BASE = ["--model.n_layers", "4", "--data.document_mask", "true"]
+PP2 = ["--parallel.pp", "2", "--parallel.pp_microbatches", "2"]
+
+# name -> (ranks, [parallel] overrides)
+LAYOUTS: dict[str, tuple[int, list[str]]] = {
+    "fsdp2": (2, ["--parallel.dp_shard", "2"]),
+    "zero1": (2, ["--parallel.dp_replicate", "2", "--parallel.zero1", "true"]),
+    "tp2": (2, ["--parallel.tp", "2"]),
+    "pp2-gpipe": (2, [*PP2, "--parallel.pp_schedule", "gpipe"]),
+    "pp2-1f1b": (2, [*PP2, "--parallel.pp_schedule", "1f1b"]),
+    "pp2-interleaved": (2, [*PP2, "--parallel.pp_schedule", "interleaved_1f1b"]),
+    "ep2": (2, ["--parallel.dp_shard", "2", "--parallel.ep", "2"]),
+    "hsdp": (4, ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "2"]),
+    "tp2-pp2": (4, ["--parallel.tp", "2", *PP2]),
+    "dp2-ep2": (4, ["--parallel.dp_shard", "4", "--parallel.ep", "2"]),
+    "tp2-ep2": (4, ["--parallel.dp_shard", "2", "--parallel.ep", "2", "--parallel.tp", "2"]),
+}
+# Save at one layout, resume at another: (layout, steps) legs; the last runs in one process.
+RESHARD_LEGS = [("tp2-pp2", 2), ("fsdp4", 2), ("single", 1)]
+EXTRA = {"fsdp4": ["--parallel.dp_shard", "4"], "single": []}
+
+
+@dataclass
+class Result:
+    config: Config
+    losses: list[float]
+    ranks: list[dict[str, int]]
+    params: dict[str, torch.Tensor]
+
+
+def _read(out: Path, config: Config) -> Result:
+    info = json.loads(out.with_suffix(".json").read_text())
+    params = load_file(out.with_suffix(".safetensors"))
+    return Result(config, info["losses"], info["ranks"], params)
+
+
+def overrides(name: str) -> list[str]:
+    return BASE + (LAYOUTS[name][1] if name in LAYOUTS else EXTRA[name])
+
+
+def _job(root: Path, recipe_path: Path, name: str, run: str, steps: int) -> dict[str, Any]:
+    return {
+        "recipe": str(recipe_path),
+        "overrides": overrides(name),
+        "run_dir": str(root / "runs" / run),
+        "steps": steps,
+        "out": str(root / "out" / f"{run}-{name}"),
+    }
+
+
+def _torchrun(ranks: int, jobs: list[dict[str, Any]], root: Path) -> None:
+    jobs_file = root / f"jobs-{ranks}.json"
+    jobs_file.write_text(json.dumps(jobs))
+    worker = Path(__file__).with_name("worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += [f"--nproc-per-node={ranks}", str(worker), str(jobs_file)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode:
+        tail = "\n".join(done.stdout.splitlines()[-20:] + done.stderr.splitlines()[-60:])
+        pytest.fail(f"torchrun with {ranks} ranks failed:\n{tail}")
+
+
+@pytest.fixture(scope="session")
+def layout_runs(tmp_path_factory, prepared: Path) -> dict[str, Result]:
+    """Every layout's 5-step result, the one-process reference ("single") and the resharded
+    chain ("reshard")."""
+    root = tmp_path_factory.mktemp("parallel")
+    (root / "out").mkdir()
+    recipe_path = recipe(root, prepared, steps=STEPS, global_batch_size=8, micro_batch_size=2)
+    by_size: dict[int, list[dict[str, Any]]] = {2: [], 4: []}
+    for name, (ranks, _) in LAYOUTS.items():
+        by_size[ranks].append(_job(root, recipe_path, name, name, STEPS))
+    by_size[4] += [_job(root, recipe_path, n, "reshard", k) for n, k in RESHARD_LEGS[:2]]
+    for ranks, jobs in by_size.items():
+        _torchrun(ranks, jobs, root)
+    run_job(_job(root, recipe_path, "single", "single", STEPS), distributed=False)
+    last, steps = RESHARD_LEGS[-1]
+    run_job(_job(root, recipe_path, last, "reshard", steps), distributed=False)
+    results = {
+        name: _read(root / "out" / f"{name}-{name}", load_config(recipe_path, overrides(name)))
+        for name in [*LAYOUTS, "single"]
+    }
+    legs = [
+        _read(root / "out" / f"reshard-{name}", results["single"].config)
+        for name, _ in RESHARD_LEGS
+    ]
+    results["reshard"] = Result(
+        results["single"].config,
+        [loss for leg in legs for loss in leg.losses],
+        legs[0].ranks,
+        legs[-1].params,
+    )
+    return results
