@@ -117,6 +117,7 @@ def _run_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int | None:
+    from moegpt.parallel.mesh import launched_by_torchrun
     from moegpt.train.schedule import batch_phases, build_schedule
 
     config = _load(args)
@@ -125,12 +126,26 @@ def cmd_train(args: argparse.Namespace) -> int | None:
         raise UserError(f"--max-restarts: must be >= 0, got {args.max_restarts}")
     if args.max_restarts and args.resume == "never":
         raise UserError("--max-restarts: restarts resume from checkpoints; drop --resume never")
-    if args.max_restarts and not args.dry_run:
-        from moegpt.train.supervisor import supervise
-
-        child = ["train", "--run-dir", str(run_dir), "--resume", "auto", *args.overrides]
+    if args.nproc < 0:
+        raise UserError(f"--nproc: must be >= 0, got {args.nproc}")
+    nproc = args.nproc or config.parallel.world_size
+    if nproc != config.parallel.world_size:
+        raise UserError(
+            f"--nproc: {nproc} ranks, but the [parallel] layout needs "
+            f"{config.parallel.world_size} (dp_replicate x dp_shard x tp x pp)"
+        )
+    relaunch = not args.dry_run and not launched_by_torchrun()
+    if relaunch and (nproc > 1 or args.max_restarts):
+        child = ["train", "--run-dir", str(run_dir), *args.overrides]
+        child += ["--resume", "auto" if args.max_restarts else args.resume]
         if args.config:
             child += ["--config", args.config]
+        if nproc > 1:
+            from moegpt.parallel.launch import launch
+
+            return launch(nproc, args.max_restarts, child)
+        from moegpt.train.supervisor import supervise
+
         return supervise(child, args.max_restarts, stderr.print)
     schedule = build_schedule(config.train)
     if args.dry_run:
@@ -148,12 +163,35 @@ def cmd_train(args: argparse.Namespace) -> int | None:
                 highlight=False,
             )
         return None
+    _train(config, run_dir, resume=args.resume == "auto")
+    return None
+
+
+def _train(config: Config, run_dir: Path, resume: bool) -> None:
+    """Train in this process: alone, or as one rank of a torchrun job."""
+    from moegpt.parallel.mesh import (
+        ParallelDims,
+        init_distributed,
+        launched_by_torchrun,
+        local_device,
+    )
     from moegpt.train.trainer import Trainer
 
-    trainer = Trainer(config, run_dir)
-    trainer.run(resume=args.resume == "auto")
-    stderr.print(f"finished: {run_dir}", highlight=False)
-    return None
+    if not launched_by_torchrun():
+        Trainer(config, run_dir).run(resume=resume)
+        stderr.print(f"finished: {run_dir}", highlight=False)
+        return
+    import torch.distributed as dist
+
+    device = local_device()
+    init_distributed(device, config.parallel.timeout_s)
+    try:
+        dims = ParallelDims.build(config.parallel, device)
+        Trainer(config, run_dir, device=device, dims=dims).run(resume=resume)
+        if dist.get_rank() == 0:
+            stderr.print(f"finished: {run_dir}", highlight=False)
+    finally:
+        dist.destroy_process_group()
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -333,6 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="relaunch after a crash up to N times (resuming each time)",
+    )
+    train.add_argument(
+        "--nproc",
+        type=int,
+        default=0,
+        help="ranks to start on this machine through torchrun (default: the [parallel] "
+        "layout's world size; under an outside torchrun this process is one rank)",
     )
     train.set_defaults(func=cmd_train, takes_overrides=True)
 

@@ -367,9 +367,11 @@ class ParallelConfig(_Section):
     pp_microbatches: int = _doc(1, "micro-batches per pipeline step")
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = _doc("1f1b", "pipeline schedule")
     ep: int = _doc(1, "expert-parallel degree (divides model.n_experts)")
+    timeout_s: float = _doc(600.0, "seconds a collective may wait before the job fails")
 
     def validate(self) -> None:
         self._positive("dp_replicate", "dp_shard", "tp", "pp", "pp_microbatches", "ep")
+        self._positive("timeout_s")
         if self.zero1 and self.dp_shard > 1:
             self._fail(
                 "zero1",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -55,7 +54,7 @@ def apply_fsdp(model: Transformer, dims: ParallelDims, mp_policy: MixedPrecision
             module.set_force_sum_reduction_for_comms(True)
 
 
-def _sum_hook(group, bucket):  # noqa: ANN001 - DDP rejects string annotations here
+def _sum_hook(group, bucket):
     """DDP communication hook: sum a gradient bucket over the ranks (DDP's default averages)."""
     work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
     return work.get_future().then(lambda fut: fut.value()[0])

@@ -41,6 +41,25 @@ def _last_step_since(run_dir: Path, offset: int) -> int:
     return max(steps, default=0)
 
 
+def child_pids(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (Linux /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return sorted(children)
+
+
+def wait_for_step(process: subprocess.Popen, run_dir: Path, step: int, offset: int = 0) -> None:
+    """Block until the run logs ``step`` (after byte ``offset`` of its metrics) or exits."""
+    while process.poll() is None and _last_step_since(run_dir, offset) < step:
+        time.sleep(0.01)
+
+
 def launch_training(recipe: Path, run_dir: Path, extra: Sequence[str] = ()) -> subprocess.Popen:
     return subprocess.Popen(
         [
@@ -74,8 +93,7 @@ def train_with_kills(recipe: Path, run_dir: Path, kills: int, seed: int = 0) -> 
         offset = _metrics_size(run_dir)
         process = launch_training(recipe, run_dir)
         if landed < len(targets):
-            while process.poll() is None and _last_step_since(run_dir, offset) < targets[landed]:
-                time.sleep(0.005)
+            wait_for_step(process, run_dir, targets[landed], offset)
             time.sleep(rng.uniform(0.0, 0.05))
             if process.poll() is None:
                 process.send_signal(signal.SIGKILL)

@@ -322,7 +322,7 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             for group in opt.param_groups:
                 group["lr"] = lr
-        digest = hashlib.sha256()
+        digest = hashlib.sha256()  # of this rank's share (all of it in one process)
         for batch in micro:
             digest.update(batch["input_ids"].numpy().tobytes())
         # The LM loss is the exact mean over the step's label tokens; the auxiliary loss is

@@ -1,0 +1,39 @@
+"""`moegpt train --nproc N`: start N ranks on this machine through torchrun."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+
+# Multi-GPU hosts here must keep NVLink multicast (NVLS) off; set for every rank unless the
+# user chose otherwise.
+GPU_ENV_DEFAULTS = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+
+
+def torchrun_command(nproc: int, max_restarts: int, child_argv: Sequence[str]) -> list[str]:
+    """torchrun running ``moegpt <child_argv>`` on ``nproc`` local ranks; after a rank dies
+    every rank is stopped and, up to ``max_restarts`` times, all restart (and resume)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        f"--max-restarts={max_restarts}",
+        "-m",
+        "moegpt.cli",
+        *child_argv,
+    ]
+
+
+def launch(nproc: int, max_restarts: int, child_argv: Sequence[str]) -> int:
+    env = {**GPU_ENV_DEFAULTS, **os.environ}
+    # One BLAS thread pool per rank, sharing the cores (torchrun would force 1 and warn).
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return subprocess.call(torchrun_command(nproc, max_restarts, child_argv), env=env)
