@@ -149,6 +149,9 @@ def cmd_train(args: argparse.Namespace) -> int | None:
         return supervise(child, args.max_restarts, stderr.print)
     schedule = build_schedule(config.train)
     if args.dry_run:
+        from moegpt.train.trainer import check_batches
+
+        check_batches(schedule, config)
         seq = config.data.seq_len
         stdout.print(
             f"{schedule.steps:,} steps, {schedule.total_sequences:,} sequences, "
