@@ -415,12 +415,18 @@ class ServeConfig(_Section):
     num_kv_blocks: int = _doc(0, "KV-cache blocks to allocate; 0 = size from free memory")
     max_batch_size: int = _doc(64, "most sequences decoded in one step")
     max_tokens_per_step: int = _doc(2048, "tokens one engine step may process (prefill + decode)")
+    tpot_ms: float = _doc(
+        0.0, "time-per-output-token target the scheduler sizes steps for; 0 = off"
+    )
+    ttft_ms: float = _doc(
+        0.0, "time-to-first-token target: older prompts may exceed tpot_ms; 0 = off"
+    )
     host: str = _doc("127.0.0.1", "address the HTTP server binds")
     port: int = _doc(8000, "port the HTTP server listens on")
 
     def validate(self) -> None:
         self._positive("tp", "pp", "block_size", "max_batch_size", "max_tokens_per_step")
-        self._non_negative("num_kv_blocks")
+        self._non_negative("num_kv_blocks", "tpot_ms", "ttft_ms")
         if not 0 < self.port < 65536:
             self._fail("port", f"must be in 1..65535, got {self.port}")
 

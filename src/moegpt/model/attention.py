@@ -27,14 +27,39 @@ def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
     return (causal & same).unsqueeze(1)
 
 
+def prefix_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """SDPA of the newest ``q`` (b, h, new, d) over ``k``/``v`` (b, kv_heads, past + new, d),
+    causal unless ``mask`` is given.
+
+    SDPA's is_causal aligns the mask to the top-left, which is right only without a prefix; one
+    new token sees the whole prefix (no mask, so fused kernels apply); a chunk after a prefix
+    needs the offset mask.
+    """
+    new, past = q.shape[2], k.shape[2] - q.shape[2]
+    if mask is None and past and new > 1:
+        mask = causal_mask(new, past, q.device)
+    return F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        is_causal=mask is None and past == 0 and new > 1,
+        enable_gqa=k.shape[1] != q.shape[1],
+    )
+
+
 class KVCacheLike(Protocol):
-    """What attention needs from a cache (see :class:`moegpt.model.kv_cache.KVCache`)."""
+    """What attention needs from a cache: it stores each layer's new keys and values and
+    attends over everything it holds, so a paged cache can use its own layout (see
+    :class:`moegpt.model.kv_cache.KVCache` and :mod:`moegpt.serve.paged`)."""
 
     seq_len: int
 
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor: ...
 
     def advance(self, new_tokens: int) -> None: ...
 
@@ -73,18 +98,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-        past = k.shape[2] - seq
-        # SDPA's is_causal aligns the mask to the top-left, which is right only without a
-        # prefix; one new token sees the whole prefix (no mask, so fused kernels apply); a
-        # chunk after a prefix needs the offset mask.
-        mask = causal_mask(seq, past, x.device) if past and seq > 1 else document_mask
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None and past == 0 and seq > 1,
-            enable_gqa=k.shape[1] != q.shape[1],
-        )
+            out = cache.attend(self.layer_idx, q, k, v)
+        else:
+            out = prefix_attention(q, k, v, document_mask)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, q.shape[1] * self.head_dim))

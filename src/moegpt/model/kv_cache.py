@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from moegpt.model.attention import prefix_attention
+
 if TYPE_CHECKING:
     from moegpt.model.transformer import Transformer
 
@@ -57,11 +59,9 @@ class KVCache:
             weight.device,
         )
 
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's (batch, kv_heads, new, head_dim) keys/values for ``layer``;
-        return all keys and values so far (every new query sees the whole prefix)."""
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store this step's (batch, kv_heads, new, head_dim) keys/values for ``layer`` and
+        attend with ``q`` over the whole prefix."""
         new = k.shape[2]
         end = self.seq_len + new
         if k.shape[:2] != self.k.shape[1:3]:
@@ -75,7 +75,7 @@ class KVCache:
             )
         self.k[layer, :, :, self.seq_len : end] = k
         self.v[layer, :, :, self.seq_len : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return prefix_attention(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end])
 
     def advance(self, new_tokens: int) -> None:
         """Called by the model once every layer has stored ``new_tokens`` tokens."""

@@ -1,0 +1,318 @@
+"""The engine: requests in, tokens out, one scheduler step at a time.
+
+``Engine.step()`` asks the scheduler for a plan, runs it through the model runner, samples a
+token for every sequence whose chunk reached its end, applies stop conditions and frees
+finished sequences' blocks. ``generate()`` runs a batch to completion; ``AsyncEngine`` (in
+:mod:`moegpt.serve.async_engine`) streams.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from moegpt.config import ServeConfig
+from moegpt.errors import UserError
+from moegpt.model import Transformer
+from moegpt.serve.blocks import BlockAllocator, BlockTable
+from moegpt.serve.paged import PagedKVCache, bytes_per_token
+from moegpt.serve.runner import ModelInput, ModelRunner
+from moegpt.serve.sampler import sample
+from moegpt.serve.scheduler import Plan, Scheduler, SchedulerConfig, StepCostModel
+from moegpt.serve.sequence import SamplingParams, Sequence, Status
+
+REFIT_EVERY = 32  # steps between refits of the step-time model from measured steps
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one sequence of a request."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]
+    text: str = ""
+    logprobs: list[dict] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    logprobs: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    preemptions: int = 0
+    bound_misses: Counter = field(default_factory=Counter)  # reason -> steps over target
+    step_seconds: deque = field(default_factory=lambda: deque(maxlen=512))
+    ttft_seconds: deque = field(default_factory=lambda: deque(maxlen=4096))
+    tpot_seconds: deque = field(default_factory=lambda: deque(maxlen=4096))
+
+
+def default_num_blocks(model: Transformer, config: ServeConfig, dtype: torch.dtype) -> int:
+    """Blocks for every sequence at full context on CPU; on a GPU, 90% of the free memory."""
+    block_bytes = bytes_per_token(model.config, dtype) * config.block_size
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(int(free * 0.9) // block_bytes, 1)
+    per_sequence = -(-model.config.max_seq_len // config.block_size)
+    return config.max_batch_size * per_sequence
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Any = None,
+        config: ServeConfig | None = None,
+        eos_id: int | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config or ServeConfig()
+        self.eos_id = eos_id
+        self.device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        blocks = self.config.num_kv_blocks or default_num_blocks(model, self.config, dtype)
+        self.allocator = BlockAllocator(blocks, self.config.block_size)
+        cache = PagedKVCache(model.config, blocks, self.config.block_size, dtype, self.device)
+        self.runner = ModelRunner(model, cache, self.device)
+        tpot = self.config.tpot_ms / 1e3 if self.config.tpot_ms else None
+        ttft = self.config.ttft_ms / 1e3 if self.config.ttft_ms else None
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                self.config.max_batch_size, self.config.max_tokens_per_step, tpot, ttft
+            ),
+            self.allocator,
+        )
+        self.stats = EngineStats()
+        self._cost_samples: deque[tuple[int, int, float]] = deque(maxlen=256)
+        self._seq_ids = itertools.count()
+        self._requests: dict[str, list[Sequence]] = {}
+        self._seed_rng = torch.Generator().manual_seed(0)
+
+    # -- requests --------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise UserError("prompt: text needs a tokenizer; pass token ids")
+            return self.tokenizer.encode(prompt).ids
+        return list(prompt)
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        params = params or SamplingParams()
+        ids = self.encode(prompt)
+        limit = self.model.config.max_seq_len
+        if not ids:
+            raise UserError("prompt: empty")
+        if len(ids) >= limit:
+            raise UserError(f"prompt: {len(ids)} tokens leave no room in the {limit}-token context")
+        if any(not 0 <= t < self.model.config.vocab_size for t in ids):
+            raise UserError(f"prompt: token ids must be in 0..{self.model.config.vocab_size - 1}")
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._requests:
+            raise UserError(f"request_id: {request_id!r} is already running")
+        seq = self._sequence(request_id, 0, ids, params)
+        self._requests[request_id] = [seq]
+        self.scheduler.add(seq)
+        return request_id
+
+    def _sequence(
+        self, request_id: str, index: int, prompt: list[int], params: SamplingParams
+    ) -> Sequence:
+        generator = None
+        if not params.greedy:
+            seed = params.seed
+            if seed is None:
+                seed = int(torch.randint(2**62, (), generator=self._seed_rng))
+            generator = torch.Generator(device=self.device).manual_seed(seed + index)
+        return Sequence(
+            next(self._seq_ids),
+            request_id,
+            index,
+            prompt,
+            params,
+            BlockTable(self.allocator),
+            generator,
+        )
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request at any point; its blocks are freed at once."""
+        self.scheduler.abort(request_id)
+        self._requests.pop(request_id, None)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the step --------------------------------------------------------------------------
+    def _model_input(self, plan: Plan) -> tuple[ModelInput, list[Sequence]]:
+        inp = ModelInput(copies=plan.copies)
+        sampling: list[Sequence] = []
+        for chunk in plan.chunks:
+            seq, end = chunk.seq, chunk.start + chunk.length
+            offset = len(inp.tokens)
+            inp.tokens += seq.tokens[chunk.start : end]
+            inp.positions += list(range(chunk.start, end))
+            inp.sequences.append((offset, chunk.length, chunk.start, seq.table.slots(0, end)))
+            if end == len(seq.tokens):  # the chunk reaches the end: a token can be sampled
+                inp.logits_rows.append(offset + chunk.length - 1)
+                sampling.append(seq)
+        return inp, sampling
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        self.stats.preemptions += len(plan.preempted)
+        if not plan.chunks:
+            return []
+        inp, sampling = self._model_input(plan)
+        start = time.perf_counter()
+        logits = self.runner.execute(inp)
+        for chunk in plan.chunks:
+            chunk.seq.computed = chunk.start + chunk.length
+        outputs = []
+        for seq, row in zip(sampling, logits, strict=True):
+            outputs += self._advance(seq, row)
+        elapsed = time.perf_counter() - start
+        self._account(plan, elapsed)
+        return outputs
+
+    def _advance(self, seq: Sequence, logits: torch.Tensor) -> list[RequestOutput]:
+        """Sample ``seq``'s next token (n tokens and a fork after an n > 1 prompt)."""
+        if seq.params.n > 1 and not seq.output and len(self._requests[seq.request_id]) == 1:
+            children = [self._fork(seq, i) for i in range(1, seq.params.n)]
+            return [o for s in [seq, *children] for o in self._append(s, logits)]
+        return self._append(seq, logits)
+
+    def _fork(self, parent: Sequence, index: int) -> Sequence:
+        child = self._sequence(parent.request_id, index, parent.prompt, parent.params)
+        child.table = parent.table.fork()
+        child.computed = parent.computed
+        child.arrival = parent.arrival
+        self._requests[parent.request_id].append(child)
+        self.scheduler.fork(parent, child)
+        return child
+
+    def _append(self, seq: Sequence, logits: torch.Tensor) -> list[RequestOutput]:
+        now = time.perf_counter()
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            self.stats.ttft_seconds.append(now - seq.arrival)
+        drawn = sample(logits, seq.params, seq.generator)
+        params = seq.params
+        stop_token = drawn.token in params.stop_token_ids or (
+            drawn.token == self.eos_id and not params.ignore_eos
+        )
+        reason = None
+        if stop_token:
+            reason = "stop"
+        else:
+            seq.output.append(drawn.token)
+            if drawn.logprob is not None:
+                seq.logprobs.append(
+                    {"token": drawn.token, "logprob": drawn.logprob, "top": drawn.top}
+                )
+            self.stats.generated_tokens += 1
+            if (
+                len(seq.output) >= params.max_tokens
+                or len(seq.tokens) >= self.model.config.max_seq_len
+            ):
+                reason = "length"
+        if self.tokenizer is not None:
+            seq.text = self.tokenizer.decode(seq.output)
+            if params.stop:
+                hits = [i for i in (seq.text.find(s) for s in params.stop) if i >= 0]
+                if hits:
+                    seq.text = seq.text[: min(hits)]
+                    reason = "stop"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            if len(seq.output) > 1:
+                self.stats.tpot_seconds.append((now - seq.first_token_at) / (len(seq.output) - 1))
+        return [self._emit(seq)]
+
+    def _emit(self, seq: Sequence) -> RequestOutput:
+        """The tokens and text not yet streamed; text that could still become a stop string
+        (or an incomplete character) is held back until the next token decides."""
+        finished = seq.status is Status.FINISHED
+        text_end = len(seq.text)
+        if not finished:
+            hold = max((len(s) - 1 for s in seq.params.stop), default=0)
+            text_end = max(len(seq.text) - hold, seq.sent_text)
+            while text_end > seq.sent_text and seq.text[text_end - 1] == "\ufffd":
+                text_end -= 1
+        out = RequestOutput(
+            seq.request_id,
+            seq.index,
+            seq.output[seq.sent_tokens :],
+            seq.text[seq.sent_text : text_end],
+            seq.logprobs[seq.sent_tokens :],
+            finished,
+            seq.finish_reason,
+            len(seq.prompt),
+            len(seq.output),
+        )
+        seq.sent_tokens, seq.sent_text = len(seq.output), text_end
+        if finished and all(s.status is Status.FINISHED for s in self._requests[seq.request_id]):
+            del self._requests[seq.request_id]
+        return out
+
+    def _account(self, plan: Plan, elapsed: float) -> None:
+        stats = self.stats
+        stats.steps += 1
+        stats.step_seconds.append(elapsed)
+        stats.prompt_tokens += sum(c.length for c in plan.chunks if c.start < len(c.seq.prompt))
+        keys = sum(c.length * (c.start + c.length) for c in plan.chunks)
+        self._cost_samples.append((plan.tokens, keys, elapsed))
+        target = self.scheduler.config.tpot_s
+        if target is not None and elapsed > target:
+            if plan.over_bound:
+                stats.bound_misses[plan.over_bound] += 1
+            elif plan.predicted_s is not None and plan.predicted_s <= target:
+                stats.bound_misses["step-time model underestimated"] += 1
+            else:
+                stats.bound_misses["no step-time model yet"] += 1
+        if target is not None and stats.steps % REFIT_EVERY == 0 and len(self._cost_samples) > 8:
+            self.scheduler.cost = StepCostModel.fit(list(self._cost_samples))
+
+    # -- whole batches ---------------------------------------------------------------------
+    def generate(
+        self, prompts: list[str] | list[list[int]], params: SamplingParams | None = None
+    ) -> list[list[Completion]]:
+        """Run ``prompts`` to completion (continuously batched); n completions each."""
+        ids = [self.add_request(p, params) for p in prompts]
+        results: dict[str, dict[int, Completion]] = {i: {} for i in ids}
+        while self.has_work():
+            for out in self.step():
+                if out.request_id not in results:
+                    continue
+                done = results[out.request_id].setdefault(out.index, Completion([], "", None))
+                done.token_ids += out.token_ids
+                done.text += out.text
+                done.logprobs += out.logprobs
+                done.finish_reason = out.finish_reason
+        return [[results[i][k] for k in sorted(results[i])] for i in ids]
+
+    def kv_usage(self) -> tuple[int, int]:
+        return self.allocator.used, self.allocator.num_blocks

@@ -1,0 +1,94 @@
+"""Requests and the sequences the scheduler moves between waiting, running and finished."""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from moegpt.errors import UserError
+from moegpt.serve.blocks import BlockTable
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens (OpenAI's names): temperature 0 is greedy; ``top_k`` 0 and
+    ``top_p`` 1 are off; ``seed`` makes sampling reproducible; ``logprobs`` N returns each
+    chosen token's log-probability and the N most likely alternatives."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
+            (
+                "temperature",
+                math.isfinite(self.temperature) and self.temperature >= 0,
+                "must be a finite number >= 0",
+            ),
+            ("top_k", self.top_k >= 0, "must be >= 0 (0 = off)"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("n", self.n >= 1, "must be >= 1"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in 0..20"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise UserError(f"{name}: {why}, got {getattr(self, name)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    """One stream of tokens: a prompt and what was generated after it."""
+
+    seq_id: int
+    request_id: str
+    index: int  # which of the request's n samples
+    prompt: list[int]
+    params: SamplingParams
+    table: BlockTable
+    generator: torch.Generator | None = None
+    output: list[int] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+    computed: int = 0  # tokens whose keys and values are in the cache
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    text: str = ""  # detokenised output (when the engine has a tokenizer)
+    sent_text: int = 0  # characters already streamed
+    sent_tokens: int = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def pending(self) -> int:
+        """Tokens still to run through the model before the next token can be sampled."""
+        return len(self.prompt) + len(self.output) - self.computed
+
+    @property
+    def prefilling(self) -> bool:
+        return self.computed < len(self.prompt)
