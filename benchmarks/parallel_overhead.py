@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.tensor import DTensor
 from train_vs_hf import time_steps
 
 from moegpt.config import load_config
@@ -40,12 +41,32 @@ def wrap(variant: str, model: torch.nn.Module, dims: ParallelDims, bf16: bool) -
         apply_tensor_parallel(model, dims["tp"])
 
 
+class _Params:
+    """A stand-in for a module: ``build_optimizer`` only reads ``parameters()``."""
+
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        self.params = params
+
+    def parameters(self):
+        return iter(self.params)
+
+
+def build_optimizers(model, config, device) -> list[torch.optim.Optimizer]:
+    """The trainer's AdamW, one per kind of parameter: TP at world size 1 leaves norms, the
+    router and the experts plain beside DTensor attention, and the fused kernel refuses a
+    mixed list (plain and FSDP2 models get one optimizer, as in the trainer)."""
+    params = list(model.parameters())
+    kinds = [[p for p in params if isinstance(p, DTensor)]]
+    kinds.append([p for p in params if not isinstance(p, DTensor)])
+    return [build_optimizer(_Params(ps), config, device) for ps in kinds if ps]
+
+
 def step_times(variant, config, dims, tokens, device, args) -> list[float]:
     cuda = device.type == "cuda"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
     model = build_model(config, device)
     wrap(variant, model, dims, cuda)
-    optimizer = build_optimizer(model, config, device)
+    optimizers = build_optimizers(model, config, device)
 
     def step() -> None:
         with autocast:
@@ -53,8 +74,9 @@ def step_times(variant, config, dims, tokens, device, args) -> list[float]:
             loss = F.cross_entropy(out.logits.float().flatten(0, 1), tokens[:, 1:].flatten())
         (loss + out.aux_loss).backward()
         clip_grad_norm(model.parameters(), config.train.grad_clip, None)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     return time_steps(step, args.steps, args.warmup, device)
 
