@@ -77,18 +77,32 @@ TINY = ROOT / "configs" / "tiny.toml"  # 6 heads, 1 KV head, 8 experts top-2, 4 
             "parallel.ep: 2 needs experts, but model.n_experts is 0",
         ),
         (
-            {"parallel.pp": "5"},
+            {"parallel.pp": "5", "parallel.pp_schedule": "gpipe"},
             "parallel.pp: 5 pipeline stages exceed model.n_layers (4)",
         ),
         (
-            {"parallel.pp": "2", "parallel.pp_schedule": "interleaved_1f1b", "model.n_layers": "3"},
+            {
+                "parallel.pp": "2",
+                "parallel.pp_microbatches": "2",
+                "parallel.pp_schedule": "interleaved_1f1b",
+                "model.n_layers": "3",
+            },
             "parallel.pp: 4 pipeline stages exceed model.n_layers (3)",
         ),
         (
-            {"parallel.pp": "2", "model.tie_embeddings": "true"},
+            {"parallel.pp": "2", "parallel.pp_microbatches": "2", "model.tie_embeddings": "true"},
             "parallel.pp: tied embeddings would need the embedding",
         ),
         ({"parallel.pp_schedule": "interleaved_1f1b"}, "parallel.pp_schedule: interleaved_1f1b"),
+        ({"parallel.pp": "2"}, "parallel.pp_microbatches: 1f1b needs at least one micro-batch"),
+        (
+            {
+                "parallel.pp": "2",
+                "parallel.pp_microbatches": "3",
+                "parallel.pp_schedule": "interleaved_1f1b",
+            },
+            "parallel.pp_microbatches: interleaved_1f1b runs micro-batches in rounds",
+        ),
         (
             {"parallel.tp": "2", "model.n_kv_heads": "3"},
             "parallel.tp: 2 does not divide model.n_kv",

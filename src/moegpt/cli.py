@@ -134,6 +134,9 @@ def cmd_train(args: argparse.Namespace) -> int | None:
             f"--nproc: {nproc} ranks, but the [parallel] layout needs "
             f"{config.parallel.world_size} (dp_replicate x dp_shard x tp x pp)"
         )
+    from moegpt.parallel.apply import check_supported
+
+    check_supported(config)  # before any rank starts
     relaunch = not args.dry_run and not launched_by_torchrun()
     if relaunch and (nproc > 1 or args.max_restarts):
         child = ["train", "--run-dir", str(run_dir), *args.overrides]

@@ -366,7 +366,7 @@ class ParallelConfig(_Section):
     pp: int = _doc(1, "pipeline stages")
     pp_microbatches: int = _doc(1, "micro-batches per pipeline step")
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = _doc("1f1b", "pipeline schedule")
-    ep: int = _doc(1, "expert-parallel degree (divides model.n_experts)")
+    ep: int = _doc(1, "expert-parallel degree (divides model.n_experts and dp_shard)")
     timeout_s: float = _doc(600.0, "seconds a collective may wait before the job fails")
 
     def validate(self) -> None:
@@ -386,10 +386,22 @@ class ParallelConfig(_Section):
             )
         if self.pp == 1 and self.pp_schedule == "interleaved_1f1b":
             self._fail("pp_schedule", "interleaved_1f1b needs parallel.pp > 1")
+        if self.pp > 1 and self.pp_schedule != "gpipe" and self.pp_microbatches < self.pp:
+            self._fail(
+                "pp_microbatches",
+                f"{self.pp_schedule} needs at least one micro-batch per stage "
+                f"(parallel.pp = {self.pp}), got {self.pp_microbatches}",
+            )
+        if self.pp_schedule == "interleaved_1f1b" and self.pp_microbatches % self.pp:
+            self._fail(
+                "pp_microbatches",
+                f"interleaved_1f1b runs micro-batches in rounds of parallel.pp = {self.pp}; "
+                f"got {self.pp_microbatches}",
+            )
 
     @property
     def world_size(self) -> int:
-        """Ranks the layout needs; EP shares ranks with the data/tensor dimensions."""
+        """Ranks the layout needs; EP borrows its ranks from dp_shard."""
         return self.dp_replicate * self.dp_shard * self.tp * self.pp
 
     @property

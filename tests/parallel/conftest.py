@@ -22,7 +22,7 @@ from tests.parallel.worker import run_job
 STEPS = 5
 # Every layout trains this model: 4 layers (so interleaved 1F1B has 4 stages), MQA, 4 experts,
 # document masks (pipeline stages get positions and document ids as keyword inputs).
-BASE = ["--model.n_layers", "4", "--data.document_mask", "true"]
+BASE = ["--model.n_layers", "4", "--data.document_mask", "true", "--train.eval_batches", "4"]
 PP2 = ["--parallel.pp", "2", "--parallel.pp_microbatches", "2"]
 
 # name -> (ranks, [parallel] overrides)
@@ -38,9 +38,13 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
     "tp2-pp2": (4, ["--parallel.tp", "2", *PP2]),
     "dp2-ep2": (4, ["--parallel.dp_shard", "4", "--parallel.ep", "2"]),
     "tp2-ep2": (4, ["--parallel.dp_shard", "2", "--parallel.ep", "2", "--parallel.tp", "2"]),
+    "pp2-fsdp2": (4, ["--parallel.dp_shard", "2", *PP2]),
 }
 # Save at one layout, resume at another: (layout, steps) legs; the last runs in one process.
-RESHARD_LEGS = [("tp2-pp2", 2), ("fsdp4", 2), ("single", 1)]
+RESHARD_CHAINS = {
+    "reshard": [("tp2-pp2", 2), ("fsdp4", 2), ("single", 1)],
+    "reshard-ep-zero1": [("ep2", 2), ("zero1", 2), ("single", 1)],
+}
 EXTRA = {"fsdp4": ["--parallel.dp_shard", "4"], "single": []}
 
 
@@ -50,12 +54,13 @@ class Result:
     losses: list[float]
     ranks: list[dict[str, int]]
     params: dict[str, torch.Tensor]
+    eval: dict[str, float]
 
 
 def _read(out: Path, config: Config) -> Result:
     info = json.loads(out.with_suffix(".json").read_text())
     params = load_file(out.with_suffix(".safetensors"))
-    return Result(config, info["losses"], info["ranks"], params)
+    return Result(config, info["losses"], info["ranks"], params, info["eval"])
 
 
 def overrides(name: str) -> list[str]:
@@ -95,24 +100,29 @@ def layout_runs(tmp_path_factory, prepared: Path) -> dict[str, Result]:
     by_size: dict[int, list[dict[str, Any]]] = {2: [], 4: []}
     for name, (ranks, _) in LAYOUTS.items():
         by_size[ranks].append(_job(root, recipe_path, name, name, STEPS))
-    by_size[4] += [_job(root, recipe_path, n, "reshard", k) for n, k in RESHARD_LEGS[:2]]
+    for chain, legs in RESHARD_CHAINS.items():
+        for name, steps in legs[:-1]:
+            ranks = LAYOUTS[name][0] if name in LAYOUTS else 4
+            by_size[ranks].append(_job(root, recipe_path, name, chain, steps))
     for ranks, jobs in by_size.items():
         _torchrun(ranks, jobs, root)
     run_job(_job(root, recipe_path, "single", "single", STEPS), distributed=False)
-    last, steps = RESHARD_LEGS[-1]
-    run_job(_job(root, recipe_path, last, "reshard", steps), distributed=False)
+    for chain, legs in RESHARD_CHAINS.items():
+        last, steps = legs[-1]
+        run_job(_job(root, recipe_path, last, chain, steps), distributed=False)
     results = {
         name: _read(root / "out" / f"{name}-{name}", load_config(recipe_path, overrides(name)))
         for name in [*LAYOUTS, "single"]
     }
-    legs = [
-        _read(root / "out" / f"reshard-{name}", results["single"].config)
-        for name, _ in RESHARD_LEGS
-    ]
-    results["reshard"] = Result(
-        results["single"].config,
-        [loss for leg in legs for loss in leg.losses],
-        legs[0].ranks,
-        legs[-1].params,
-    )
+    for chain, legs in RESHARD_CHAINS.items():
+        parts = [
+            _read(root / "out" / f"{chain}-{name}", results["single"].config) for name, _ in legs
+        ]
+        results[chain] = Result(
+            results["single"].config,
+            [loss for leg in parts for loss in leg.losses],
+            parts[0].ranks,
+            parts[-1].params,
+            parts[-1].eval,
+        )
     return results

@@ -27,6 +27,9 @@ def assert_matches(result: Result, reference: Result) -> None:
     for got, want in zip(result.losses, reference.losses, strict=True):
         assert got == pytest.approx(want, rel=1e-5)
     assert relative_norm_difference(result.params, reference.params) < 1e-4
+    assert result.eval.keys() == reference.eval.keys() and reference.eval
+    for key, value in reference.eval.items():
+        assert result.eval[key] == pytest.approx(value, rel=1e-5), key
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -43,10 +46,13 @@ def test_training_moves_the_parameters(layout_runs: dict[str, Result]) -> None:
 
 
 def test_checkpoint_reshards_between_layouts(layout_runs: dict[str, Result]) -> None:
-    """TP2 x PP2 for 2 steps -> FSDP over 4 ranks for 2 -> one process for 1: the same losses
-    and weights as never stopping (one process, and TP2 x PP2 throughout)."""
+    """TP2 x PP2 for 2 steps -> FSDP over 4 ranks for 2 -> one process for 1, and EP2 -> ZeRO-1
+    -> one process: the same losses and weights as never stopping (one process, and the first
+    layout throughout)."""
     assert_matches(layout_runs["reshard"], layout_runs["single"])
     assert_matches(layout_runs["reshard"], layout_runs["tp2-pp2"])
+    assert_matches(layout_runs["reshard-ep-zero1"], layout_runs["single"])
+    assert_matches(layout_runs["reshard-ep-zero1"], layout_runs["ep2"])
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

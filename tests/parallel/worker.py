@@ -40,7 +40,8 @@ def full_parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 
 def run_job(job: dict[str, Any], distributed: bool) -> None:
-    """Resume ``run_dir``, train ``steps`` steps, save; write ``out``.json/.safetensors."""
+    """Resume ``run_dir``, train ``steps`` steps, save, evaluate; write ``out``.json and
+    .safetensors."""
     config = load_config(Path(job["recipe"]), job["overrides"])
     device = torch.device("cpu")
     dims = ParallelDims.build(config.parallel, device) if distributed else None
@@ -50,10 +51,12 @@ def run_job(job: dict[str, Any], distributed: bool) -> None:
     losses = [trainer.train_step(batches)["loss"] for _ in range(job["steps"])]
     memory = trainer.rank_memory()
     trainer.save()
+    scores = trainer.evaluate()
     params = full_parameters(trainer)
     if trainer.rank0:
         out = Path(job["out"])
-        out.with_suffix(".json").write_text(json.dumps({"losses": losses, "ranks": memory}))
+        record = {"losses": losses, "ranks": memory, "eval": scores}
+        out.with_suffix(".json").write_text(json.dumps(record))
         save_file({k: v.contiguous() for k, v in params.items()}, out.with_suffix(".safetensors"))
 
 

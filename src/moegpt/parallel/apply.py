@@ -46,7 +46,8 @@ class ModelParts:
             model.train(mode)
 
 
-def _check_supported(config: Config) -> None:
+def check_supported(config: Config) -> None:
+    """Layouts the config allows (and the planner plans) but the trainer cannot run yet."""
     p = config.parallel
     if p.zero1 and (p.tp > 1 or p.ep > 1 or p.pp > 1):
         # DDP inside pipeline stages miscounts gradients of several in-flight micro-batches
@@ -64,7 +65,7 @@ def parallelize(config: Config, dims: ParallelDims | None, device: torch.device)
 
     ``dims`` None is one process with no wrappers beyond checkpointing and compile.
     """
-    _check_supported(config)
+    check_supported(config)
     torch.manual_seed(config.train.seed)
     full = Transformer(config.model).to(device)
     p, train = config.parallel, config.train

@@ -32,9 +32,12 @@ class ReplicatedKV(ParallelStyle):
     declared partial so that the weight's and the input's gradients are summed over ranks."""
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        return distribute_module(
+        module = distribute_module(
             module, device_mesh, input_fn=self._prepare_input, output_fn=self._prepare_output
         )
+        for param in module.parameters():  # sum the partial gradient once, not per reader
+            param.register_post_accumulate_grad_hook(_shard_like_param)
+        return module
 
     @staticmethod
     def _prepare_input(module: nn.Module, inputs: Any, mesh: DeviceMesh) -> Any:
@@ -49,9 +52,9 @@ class ReplicatedKV(ParallelStyle):
 
 
 def _shard_like_param(param: nn.Parameter) -> None:
-    """DTensor's embedding backward yields a replicated gradient for a vocabulary-sharded
-    weight: keep only this rank's rows (a local slice, no communication), as the planner and
-    the optimizer expect."""
+    """Give a gradient its parameter's layout: DTensor's embedding backward yields a
+    replicated gradient for a vocabulary-sharded weight (keep this rank's rows, no
+    communication), and replicated K/V weights get partial gradients (sum them once)."""
     if param.grad is not None and param.grad.placements != param.placements:
         param.grad = param.grad.redistribute(param.device_mesh, param.placements)
 

@@ -38,7 +38,7 @@ def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _from_rank0(value: Any) -> Any:
+def from_rank0(value: Any) -> Any:
     """Rank 0's ``value`` on every rank (file decisions are made once, on rank 0)."""
     if not dist.is_initialized():
         return value
@@ -77,7 +77,7 @@ class CheckpointManager:
         if is_rank0():
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=self.folder))
-        tmp = _from_rank0(tmp)
+        tmp = from_rank0(tmp)
         try:
             dcp.save(tensors, checkpoint_id=str(tmp))
         except BaseException:
@@ -163,7 +163,7 @@ class CheckpointManager:
     def latest(self) -> Checkpoint | None:
         """The newest checkpoint whose files all match their manifest; corrupt ones are
         reported and skipped (rank 0 checks; every rank gets its answer)."""
-        return _from_rank0(self._latest() if is_rank0() else None)
+        return from_rank0(self._latest() if is_rank0() else None)
 
     def _latest(self) -> Checkpoint | None:
         for checkpoint in self._complete():
@@ -181,16 +181,14 @@ class CheckpointManager:
 
 
 def rng_state() -> dict[str, torch.Tensor]:
+    """The CPU generator and this process's GPU generator (no other GPU is touched)."""
     state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            state[f"cuda{i}"] = s
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["cpu"])
-    if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(
-            [state[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in state]
-        )
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

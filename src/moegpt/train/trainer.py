@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from moegpt.config import Config, load_config, to_toml
@@ -38,7 +39,13 @@ from moegpt.parallel.apply import ModelParts, clip_grad_norm, parallelize, state
 from moegpt.parallel.mesh import ParallelDims
 from moegpt.parallel.pipeline import build_schedule as build_pipeline_schedule
 from moegpt.plan.flops import training_token_flops
-from moegpt.train.checkpoint import CheckpointManager, is_rank0, rng_state, set_rng_state
+from moegpt.train.checkpoint import (
+    CheckpointManager,
+    from_rank0,
+    is_rank0,
+    rng_state,
+    set_rng_state,
+)
 from moegpt.train.metrics import MetricsWriter, device_peak_flops, router_health
 from moegpt.train.schedule import Schedule, build_schedule
 
@@ -60,13 +67,18 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only (not norms); fused kernels on GPU. With
     ``zero_group`` the states are sharded over its ranks (ZeRO-1)."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
     train = config.train
-    groups = [
-        {"params": decay, "weight_decay": train.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    groups = []
+    # Fused and foreach kernels cannot mix DTensors (TP/EP/FSDP shards) with plain tensors
+    # (replicated norms and routers), so each kind gets its own group.
+    for distributed in (False, True):
+        params = [p for p in model.parameters() if isinstance(p, DTensor) == distributed]
+        for decayed in (True, False):
+            chosen = [p for p in params if (p.ndim >= 2) == decayed]
+            if chosen:
+                groups.append(
+                    {"params": chosen, "weight_decay": train.weight_decay if decayed else 0.0}
+                )
     options = {"lr": train.lr, "betas": (train.beta1, train.beta2), "fused": device.type == "cuda"}
     if zero_group is not None:
         return ZeroRedundancyOptimizer(
@@ -333,7 +345,7 @@ class Trainer:
         max_norm = train.grad_clip if train.grad_clip > 0 else math.inf
         grad_norm = clip_grad_norm(self.parts.parameters(), max_norm, pp_group)
         sums = self._sum_over(torch.stack([loss_sum, aux_sum]).float(), "dp", "pp")
-        # Sums stay on the device until here: one host sync per step.
+        # Sums stay on the device until here: one host sync besides the label count.
         loss_value, aux_value, norm = torch.cat([sums, grad_norm.reshape(1).float()]).tolist()
         skipped = not math.isfinite(norm)
         if skipped:  # a non-finite gradient would poison the weights and every checkpoint
@@ -358,8 +370,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out loss and perplexity per source (validation batches split over the
-        data-parallel ranks)."""
+        """Held-out loss and perplexity per source: the first ``eval_batches`` micro-batches
+        of each source (all of them if 0), split over the data-parallel ranks."""
         self.parts.train(False)
         results = {}
         limit = self.config.train.eval_batches
@@ -379,8 +391,10 @@ class Trainer:
                 document_mask=self.config.data.document_mask,
             )
             sums = torch.zeros(2, device=self.device)  # loss sum, label tokens
-            for i, batch in enumerate(loader):
-                if limit and i >= limit:
+            for batch in loader:
+                # about the same sequences at every layout: count the whole job's batches
+                started_at = loader.consumed - rows * self.dp_size
+                if limit and started_at >= limit * self.config.train.micro_batch_size:
                     break
                 sums[1] += int((batch["labels"] != IGNORE_INDEX).sum())
                 if self.pipeline is not None:
@@ -438,9 +452,16 @@ class Trainer:
 
     def run(self, resume: bool = True, progress: bool = True) -> dict[str, Any]:
         """Train to the end of the schedule; return the last step's metrics."""
+        problem = None
         if self.rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            _write_run_config(self.run_dir, self.config)
+            try:
+                _write_run_config(self.run_dir, self.config)
+            except UserError as e:
+                problem = str(e)
+        problem = from_rank0(problem)  # every rank stops, none waits in a collective
+        if problem is not None:
+            raise UserError(problem)
         if resume:
             self.resume()
         elif self.checkpoints.latest() is not None:
