@@ -200,6 +200,62 @@ def _train(config: Config, run_dir: Path, resume: bool) -> None:
         dist.destroy_process_group()
 
 
+def cmd_generate(args: argparse.Namespace) -> None:
+    from moegpt.serve.engine import Engine
+    from moegpt.serve.sequence import SamplingParams
+
+    serve = dataclasses.replace(
+        _load(args).serve,
+        **{k: v for k, v in vars(args).items() if k in SERVE_FLAGS and v is not None},
+    )
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        n=args.n,
+        stop=tuple(args.stop or ()),
+        logprobs=args.logprobs,
+    )
+    engine = Engine.from_folder(args.model_dir, serve)
+    prompts = args.prompt or [sys.stdin.read()]
+    ids = [engine.add_request(p, params) for p in prompts]
+    streaming = len(prompts) == 1 and args.n == 1
+    if streaming:
+        stdout.print(prompts[0], end="", markup=False, highlight=False)
+    texts: dict[tuple[str, int], str] = {}
+    reasons: dict[tuple[str, int], str | None] = {}
+    with stderr.status("generating") as status:
+        while engine.has_work():
+            for out in engine.step():
+                key = (out.request_id, out.index)
+                piece = out.text if engine.tokenizer else " ".join(map(str, out.token_ids)) + " "
+                texts[key] = texts.get(key, "") + piece
+                reasons[key] = out.finish_reason
+                if streaming:
+                    stdout.print(piece, end="", markup=False, highlight=False)
+            used, total = engine.kv_usage()
+            status.update(f"generating: {engine.stats.generated_tokens} tokens, KV {used}/{total}")
+    if streaming:
+        stdout.print()
+    for request, prompt in zip(ids, prompts, strict=True):
+        for index in range(args.n if not streaming else 0):
+            stdout.rule(f"prompt {ids.index(request) + 1}, sample {index + 1}", style="dim")
+            stdout.print(prompt + texts.get((request, index), ""), markup=False, highlight=False)
+    stats = engine.stats
+    seconds = sum(stats.step_seconds)
+    stderr.print(
+        f"{stats.generated_tokens} tokens in {stats.steps} steps, "
+        f"{stats.generated_tokens / seconds if seconds else 0:,.1f} tokens/s; finish reasons: "
+        + ", ".join(sorted({str(r) for r in reasons.values()})),
+        highlight=False,
+    )
+
+
+SERVE_FLAGS = ("block_size", "num_kv_blocks", "max_batch_size", "max_tokens_per_step", "tpot_ms")
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from moegpt.train.export import export
 
@@ -386,6 +442,29 @@ def build_parser() -> argparse.ArgumentParser:
         "layout's world size; under an outside torchrun this process is one rank)",
     )
     train.set_defaults(func=cmd_train, takes_overrides=True)
+
+    gen = verbs.add_parser(
+        "generate",
+        help="generate text from an exported model with the serving engine",
+        description="Continue each --prompt (or standard input) with the continuous-batching "
+        "engine over MODEL_DIR (an exported folder: model.safetensors, config.json, "
+        "tokenizer.json). One prompt streams to the terminal as it is generated.",
+    )
+    gen.add_argument("model_dir", metavar="MODEL_DIR")
+    _add_config_argument(gen)
+    gen.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    gen.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (64)")
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (0.8)")
+    gen.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest (0 = off)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    gen.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    gen.add_argument("--n", type=int, default=1, help="samples per prompt (share its KV blocks)")
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--logprobs", type=int, help="log-probabilities of N alternatives")
+    for flag in SERVE_FLAGS:
+        kind = float if flag == "tpot_ms" else int
+        gen.add_argument(f"--{flag.replace('_', '-')}", type=kind, help=f"serve.{flag}")
+    gen.set_defaults(func=cmd_generate, takes_overrides=True)
 
     export = verbs.add_parser(
         "export",

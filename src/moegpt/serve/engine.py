@@ -13,6 +13,7 @@ import time
 import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -107,6 +108,25 @@ class Engine:
         self._seq_ids = itertools.count()
         self._requests: dict[str, list[Sequence]] = {}
         self._seed_rng = torch.Generator().manual_seed(0)
+
+    @classmethod
+    def from_folder(
+        cls,
+        path: str | Path,
+        config: ServeConfig | None = None,
+        device: torch.device | str | None = None,
+    ) -> Engine:
+        """An engine over an exported model folder (its tokenizer.json, when present, gives
+        text in and out and the end-of-text token that stops generation)."""
+        from moegpt.data.tokenizer import END_OF_TEXT, load_tokenizer
+        from moegpt.weights import load
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = load(path, device=device)
+        tokenizer_path = Path(path) / "tokenizer.json"
+        tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path.is_file() else None
+        eos = tokenizer.token_to_id(END_OF_TEXT) if tokenizer is not None else None
+        return cls(model, tokenizer, config, eos_id=eos)
 
     # -- requests --------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
