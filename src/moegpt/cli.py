@@ -8,11 +8,15 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moegpt import __version__
 from moegpt.config import Config, load_config, to_toml
 from moegpt.console import stderr, stdout
 from moegpt.errors import UserError
+
+if TYPE_CHECKING:
+    from moegpt.serve.engine import Engine
 
 OVERRIDES_HELP = (
     "Any config field can be overridden after the options in dotted form, e.g. "
@@ -200,14 +204,42 @@ def _train(config: Config, run_dir: Path, resume: bool) -> None:
         dist.destroy_process_group()
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
+def cmd_generate(args: argparse.Namespace) -> int | None:
+    from moegpt.parallel.mesh import launched_by_torchrun
     from moegpt.serve.engine import Engine
-    from moegpt.serve.sequence import SamplingParams
 
     serve = dataclasses.replace(
         _load(args).serve,
         **{k: v for k, v in vars(args).items() if k in SERVE_FLAGS and v is not None},
     )
+    serve.validate()
+    if serve.tp == 1:
+        _generate(Engine.from_folder(args.model_dir, serve), args)
+        return None
+    if not launched_by_torchrun():
+        from moegpt.parallel.launch import launch
+
+        if not args.prompt:
+            raise UserError("--prompt: a tensor-parallel run takes its prompts as flags")
+        return launch(serve.tp, 0, args.argv)
+    import torch.distributed as dist
+
+    from moegpt.serve.tensor_parallel import open_tensor_parallel
+
+    try:
+        engine = open_tensor_parallel(args.model_dir, serve)
+        if engine is not None:  # rank 0; the followers return once it closes
+            with engine:
+                _generate(engine, args)
+    finally:
+        dist.destroy_process_group()
+    return None
+
+
+def _generate(engine: Engine, args: argparse.Namespace) -> None:
+    """Stream one prompt to the terminal, or print each prompt's samples when done."""
+    from moegpt.serve.sequence import SamplingParams
+
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -218,7 +250,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
         stop=tuple(args.stop or ()),
         logprobs=args.logprobs,
     )
-    engine = Engine.from_folder(args.model_dir, serve)
     prompts = args.prompt or [sys.stdin.read()]
     ids = [engine.add_request(p, params) for p in prompts]
     streaming = len(prompts) == 1 and args.n == 1
@@ -253,7 +284,25 @@ def cmd_generate(args: argparse.Namespace) -> None:
     )
 
 
-SERVE_FLAGS = ("block_size", "num_kv_blocks", "max_batch_size", "max_tokens_per_step", "tpot_ms")
+SERVE_FLAGS = (
+    "tp",
+    "block_size",
+    "num_kv_blocks",
+    "max_batch_size",
+    "max_tokens_per_step",
+    "tpot_ms",
+    "ttft_ms",
+)
+
+
+def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per engine knob of [serve], documented from the config's own field help."""
+    from moegpt.config import ServeConfig
+
+    docs = {f.name: f.metadata["help"] for f in dataclasses.fields(ServeConfig)}
+    for flag in SERVE_FLAGS:
+        kind = float if flag.endswith("_ms") else int
+        parser.add_argument(f"--{flag.replace('_', '-')}", type=kind, help=docs[flag])
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -461,9 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--n", type=int, default=1, help="samples per prompt (share its KV blocks)")
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--logprobs", type=int, help="log-probabilities of N alternatives")
-    for flag in SERVE_FLAGS:
-        kind = float if flag == "tpot_ms" else int
-        gen.add_argument(f"--{flag.replace('_', '-')}", type=kind, help=f"serve.{flag}")
+    _add_serve_flags(gen)
     gen.set_defaults(func=cmd_generate, takes_overrides=True)
 
     export = verbs.add_parser(
@@ -525,6 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra and not args.takes_overrides:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # to relaunch under torchrun
     try:
         code = args.func(args)
     except UserError as e:

@@ -470,7 +470,7 @@ class Config:
             raise ConfigError(
                 f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len ({m.max_seq_len})"
             )
-        _check_parallel(m, p)
+        check_parallel(m, p)
         if m.n_heads % self.serve.tp:
             raise ConfigError(
                 f"serve.tp: {self.serve.tp} does not divide model.n_heads ({m.n_heads})"
@@ -495,7 +495,7 @@ class Config:
         return cls(**sections)
 
 
-def _check_parallel(m: ModelConfig, p: ParallelConfig) -> None:
+def check_parallel(m: ModelConfig, p: ParallelConfig) -> None:
     """The layout against the model it splits."""
     if m.n_heads % p.tp:
         raise ConfigError(f"parallel.tp: {p.tp} does not divide model.n_heads ({m.n_heads})")

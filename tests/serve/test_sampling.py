@@ -116,6 +116,15 @@ def test_prompts_are_checked(model: Transformer) -> None:
         engine.add_request("hello")
 
 
+def test_a_sequence_longer_than_the_cache_stops_at_its_capacity(model: Transformer) -> None:
+    engine = Engine(model, config=ServeConfig(block_size=4, num_kv_blocks=5))  # 20 tokens
+    with pytest.raises(UserError, match="^prompt: 20 tokens leave no room in the 20-token KV"):
+        engine.add_request([1] * 20)
+    done = engine.generate([[1] * 6], SamplingParams(max_tokens=30, temperature=0))[0][0]
+    assert done.finish_reason == "length" and len(done.token_ids) == 14
+    assert engine.allocator.used == 0
+
+
 def test_generate_cli_streams_tokens(tmp_path: Path, model: Transformer, capsys) -> None:
     save_model(model, tmp_path / "m")
     stdin_free = ["generate", str(tmp_path / "m"), "--prompt", "x"]

@@ -17,16 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from moegpt.config import ServeConfig
 from moegpt.errors import UserError
 from moegpt.model import Transformer
 from moegpt.serve.blocks import BlockAllocator, BlockTable
-from moegpt.serve.paged import PagedKVCache, bytes_per_token
-from moegpt.serve.runner import ModelInput, ModelRunner
+from moegpt.serve.runner import ModelInput, ModelRunner, build_runner
 from moegpt.serve.sampler import sample
 from moegpt.serve.scheduler import Plan, Scheduler, SchedulerConfig, StepCostModel
 from moegpt.serve.sequence import SamplingParams, Sequence, Status
+from moegpt.serve.tensor_parallel import TensorParallelRunner
 
 REFIT_EVERY = 32  # steps between refits of the step-time model from measured steps
 
@@ -66,15 +67,16 @@ class EngineStats:
     tpot_seconds: deque = field(default_factory=lambda: deque(maxlen=4096))
 
 
-def default_num_blocks(model: Transformer, config: ServeConfig, dtype: torch.dtype) -> int:
-    """Blocks for every sequence at full context on CPU; on a GPU, 90% of the free memory."""
-    block_bytes = bytes_per_token(model.config, dtype) * config.block_size
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return max(int(free * 0.9) // block_bytes, 1)
-    per_sequence = -(-model.config.max_seq_len // config.block_size)
-    return config.max_batch_size * per_sequence
+def folder_tokenizer(path: str | Path) -> tuple[Any, int | None]:
+    """The tokenizer of an exported model folder and its end-of-text id (None, None without
+    a tokenizer.json: token ids in and out)."""
+    from moegpt.data.tokenizer import END_OF_TEXT, load_tokenizer
+
+    tokenizer_path = Path(path) / "tokenizer.json"
+    if not tokenizer_path.is_file():
+        return None, None
+    tokenizer = load_tokenizer(tokenizer_path)
+    return tokenizer, tokenizer.token_to_id(END_OF_TEXT)
 
 
 class Engine:
@@ -84,17 +86,24 @@ class Engine:
         tokenizer: Any = None,
         config: ServeConfig | None = None,
         eos_id: int | None = None,
+        tp_group: dist.ProcessGroup | None = None,
     ) -> None:
+        """``tp_group``: ``model`` is this rank's tensor-parallel shard and the group's other
+        ranks run :func:`moegpt.serve.tensor_parallel.follow` (see ``open_tensor_parallel``)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = config or ServeConfig()
         self.eos_id = eos_id
         self.device = next(model.parameters()).device
-        dtype = next(model.parameters()).dtype
-        blocks = self.config.num_kv_blocks or default_num_blocks(model, self.config, dtype)
-        self.allocator = BlockAllocator(blocks, self.config.block_size)
-        cache = PagedKVCache(model.config, blocks, self.config.block_size, dtype, self.device)
-        self.runner = ModelRunner(model, cache, self.device)
+        runner = build_runner(model, self.config, tp_group)
+        self.allocator = BlockAllocator(runner.cache.num_blocks, self.config.block_size)
+        # A sequence must fit the cache alone (else preempting it could never make room).
+        self.max_context = min(
+            model.config.max_seq_len, self.allocator.num_blocks * self.config.block_size
+        )
+        self.runner: ModelRunner | TensorParallelRunner = (
+            runner if tp_group is None else TensorParallelRunner(runner, tp_group)
+        )
         tpot = self.config.tpot_ms / 1e3 if self.config.tpot_ms else None
         ttft = self.config.ttft_ms / 1e3 if self.config.ttft_ms else None
         self.scheduler = Scheduler(
@@ -117,16 +126,26 @@ class Engine:
         device: torch.device | str | None = None,
     ) -> Engine:
         """An engine over an exported model folder (its tokenizer.json, when present, gives
-        text in and out and the end-of-text token that stops generation)."""
-        from moegpt.data.tokenizer import END_OF_TEXT, load_tokenizer
+        text in and out and the end-of-text token that stops generation). For
+        ``config.tp > 1`` use :func:`moegpt.serve.tensor_parallel.open_tensor_parallel`."""
         from moegpt.weights import load
 
+        if config is not None and config.tp > 1:
+            raise UserError("serve.tp: a tensor-parallel engine opens with open_tensor_parallel")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = load(path, device=device)
-        tokenizer_path = Path(path) / "tokenizer.json"
-        tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path.is_file() else None
-        eos = tokenizer.token_to_id(END_OF_TEXT) if tokenizer is not None else None
-        return cls(model, tokenizer, config, eos_id=eos)
+        tokenizer, eos_id = folder_tokenizer(path)
+        return cls(load(path, device=device), tokenizer, config, eos_id=eos_id)
+
+    def close(self) -> None:
+        """Release tensor-parallel followers (nothing to do for one process)."""
+        if isinstance(self.runner, TensorParallelRunner):
+            self.runner.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- requests --------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -144,11 +163,12 @@ class Engine:
     ) -> str:
         params = params or SamplingParams()
         ids = self.encode(prompt)
-        limit = self.model.config.max_seq_len
+        limit = self.max_context
         if not ids:
             raise UserError("prompt: empty")
         if len(ids) >= limit:
-            raise UserError(f"prompt: {len(ids)} tokens leave no room in the {limit}-token context")
+            what = "context" if limit == self.model.config.max_seq_len else "KV cache"
+            raise UserError(f"prompt: {len(ids)} tokens leave no room in the {limit}-token {what}")
         if any(not 0 <= t < self.model.config.vocab_size for t in ids):
             raise UserError(f"prompt: token ids must be in 0..{self.model.config.vocab_size - 1}")
         request_id = request_id or uuid.uuid4().hex
@@ -254,10 +274,7 @@ class Engine:
                     {"token": drawn.token, "logprob": drawn.logprob, "top": drawn.top}
                 )
             self.stats.generated_tokens += 1
-            if (
-                len(seq.output) >= params.max_tokens
-                or len(seq.tokens) >= self.model.config.max_seq_len
-            ):
+            if len(seq.output) >= params.max_tokens or len(seq.tokens) >= self.max_context:
                 reason = "length"
         if self.tokenizer is not None:
             seq.text = self.tokenizer.decode(seq.output)

@@ -20,9 +20,15 @@ from moegpt.config import ModelConfig
 from moegpt.model.attention import prefix_attention
 
 
+def kv_heads_per_rank(config: ModelConfig, tp: int = 1) -> int:
+    """K/V heads one tensor-parallel rank caches: its share when they split evenly, else all
+    of them (multi-query attention's one head is replicated)."""
+    return config.n_kv_heads // tp if config.n_kv_heads % tp == 0 else config.n_kv_heads
+
+
 def bytes_per_token(config: ModelConfig, dtype: torch.dtype, tp: int = 1) -> int:
-    """KV-cache bytes of one token on one rank (K/V heads split over TP where they can be)."""
-    heads = config.n_kv_heads // tp if config.n_kv_heads % tp == 0 else config.n_kv_heads
+    """KV-cache bytes of one token on one rank."""
+    heads = kv_heads_per_rank(config, tp)
     return 2 * config.n_layers * heads * config.head_dim * torch.finfo(dtype).bits // 8
 
 
@@ -34,11 +40,11 @@ class PagedKVCache:
         block_size: int,
         dtype: torch.dtype,
         device: torch.device,
-        kv_heads: int | None = None,
+        tp: int = 1,
     ) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
-        heads = kv_heads or config.n_kv_heads
+        heads = kv_heads_per_rank(config, tp)
         shape = (config.n_layers, num_blocks * block_size, heads, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)

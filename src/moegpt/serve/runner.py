@@ -9,9 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
+from moegpt.config import ServeConfig
 from moegpt.model import Transformer
-from moegpt.serve.paged import PagedKVCache, PagedStep, SequenceSlice
+from moegpt.serve.paged import PagedKVCache, PagedStep, SequenceSlice, bytes_per_token
 
 
 @dataclass
@@ -45,3 +47,31 @@ class ModelRunner:
         positions = torch.tensor([inp.positions], device=device)
         out = self.model(tokens, positions=positions, cache=PagedStep(self.cache, slices))
         return out.logits[0, inp.logits_rows].float()
+
+
+def default_num_blocks(model: Transformer, config: ServeConfig, dtype: torch.dtype) -> int:
+    """Blocks for every sequence at full context on CPU; on a GPU, 90% of the free memory."""
+    block_bytes = bytes_per_token(model.config, dtype, config.tp) * config.block_size
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(int(free * 0.9) // block_bytes, 1)
+    per_sequence = -(-model.config.max_seq_len // config.block_size)
+    return config.max_batch_size * per_sequence
+
+
+def build_runner(
+    model: Transformer, config: ServeConfig, tp_group: dist.ProcessGroup | None = None
+) -> ModelRunner:
+    """A runner over a new paged cache of ``config.num_kv_blocks`` blocks (or as many as fit);
+    tensor-parallel ranks agree on the smallest count."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    blocks = config.num_kv_blocks or default_num_blocks(model, config, dtype)
+    if tp_group is not None:
+        agreed = torch.tensor([blocks], device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=tp_group)
+        blocks = int(agreed)
+    tp = dist.get_world_size(tp_group) if tp_group is not None else 1
+    cache = PagedKVCache(model.config, blocks, config.block_size, dtype, device, tp=tp)
+    return ModelRunner(model, cache, device)

@@ -1,0 +1,146 @@
+"""Tensor-parallel serving: one process per device under torchrun, the model split with the
+training code's tensor-parallel plan.
+
+Rank 0 runs the whole engine (scheduler, block manager, sampler); every step it broadcasts the
+step's :class:`ModelInput` (flattened to one integer tensor, no pickles) to the other ranks,
+and all ranks run the same forward, whose collectives join their shards. The followers keep
+their own paged cache of their K/V heads (all of them, with multi-query attention) at the
+slots rank 0 assigns, and never look at the logits. ``close()`` on rank 0 releases them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from moegpt.config import ConfigError, ParallelConfig, ServeConfig, check_parallel
+from moegpt.errors import UserError
+from moegpt.model import Transformer
+from moegpt.model.moe import GroupedExperts
+from moegpt.parallel.experts import shard_experts
+from moegpt.parallel.mesh import (
+    ParallelDims,
+    init_distributed,
+    launched_by_torchrun,
+    local_device,
+)
+from moegpt.parallel.tensor import apply_tensor_parallel
+from moegpt.serve.runner import ModelInput, ModelRunner, build_runner
+
+if TYPE_CHECKING:
+    from moegpt.serve.engine import Engine
+
+_STOP = -1  # a length that tells followers to leave their loop
+
+
+def pack(inp: ModelInput) -> torch.Tensor:
+    """``inp`` as one int64 tensor: four counts, then each field."""
+    flat = [len(inp.tokens), len(inp.sequences), len(inp.copies), len(inp.logits_rows)]
+    flat += inp.tokens + inp.positions
+    for offset, new, past, slots in inp.sequences:
+        flat += [offset, new, past, len(slots), *slots]
+    for source, dest in inp.copies:
+        flat += [source, dest]
+    flat += inp.logits_rows
+    return torch.tensor(flat, dtype=torch.int64)
+
+
+def unpack(packed: torch.Tensor) -> ModelInput:
+    flat = packed.tolist()
+    n_tokens, n_seqs, n_copies, n_rows = flat[:4]
+    at = 4
+    tokens, positions = flat[at : at + n_tokens], flat[at + n_tokens : at + 2 * n_tokens]
+    at += 2 * n_tokens
+    sequences = []
+    for _ in range(n_seqs):
+        offset, new, past, n_slots = flat[at : at + 4]
+        sequences.append((offset, new, past, flat[at + 4 : at + 4 + n_slots]))
+        at += 4 + n_slots
+    copies = [(flat[at + 2 * i], flat[at + 2 * i + 1]) for i in range(n_copies)]
+    at += 2 * n_copies
+    return ModelInput(tokens, positions, sequences, copies, flat[at : at + n_rows])
+
+
+class TensorParallelRunner:
+    """Rank 0's runner: sends each step to the followers, then runs its own shard."""
+
+    def __init__(self, runner: ModelRunner, group: dist.ProcessGroup) -> None:
+        self.runner = runner
+        self.cache = runner.cache
+        self.group = group
+        self._closed = False
+
+    def _send(self, packed: torch.Tensor) -> None:
+        device = self.runner.device
+        length = torch.tensor([packed.numel()], dtype=torch.int64, device=device)
+        dist.broadcast(length, group_src=0, group=self.group)
+        if packed.numel():
+            dist.broadcast(packed.to(device), group_src=0, group=self.group)
+
+    def execute(self, inp: ModelInput) -> torch.Tensor:
+        self._send(pack(inp))
+        return self.runner.execute(inp)
+
+    def close(self) -> None:
+        """Release the followers (once)."""
+        if not self._closed:
+            self._closed = True
+            length = torch.tensor([_STOP], dtype=torch.int64, device=self.runner.device)
+            dist.broadcast(length, group_src=0, group=self.group)
+
+
+def follow(runner: ModelRunner, group: dist.ProcessGroup) -> int:
+    """A follower's loop: run every step rank 0 sends until it closes; returns the steps run."""
+    device = runner.device
+    steps = 0
+    while True:
+        length = torch.empty(1, dtype=torch.int64, device=device)
+        dist.broadcast(length, group_src=0, group=group)
+        if int(length) == _STOP:
+            return steps
+        packed = torch.empty(int(length), dtype=torch.int64, device=device)
+        dist.broadcast(packed, group_src=0, group=group)
+        runner.execute(unpack(packed.cpu()))
+        steps += 1
+
+
+def load_sharded(
+    path: str | Path, tp: int, device: torch.device, timeout_s: float
+) -> tuple[Transformer, dist.ProcessGroup]:
+    """This rank's shard of the exported model at ``path``: weights are read to host memory
+    and each tensor is split onto ``device`` in turn, so a device holds its shard (and one
+    tensor in flight), not the whole model."""
+    from moegpt.weights import load
+
+    if not launched_by_torchrun():
+        raise UserError(f"serve.tp: {tp} ranks need torchrun (moegpt generate --tp starts it)")
+    init_distributed(device, timeout_s)
+    model = load(path, device="cpu")
+    layout = ParallelConfig(tp=tp)
+    try:
+        check_parallel(model.config, layout)
+    except ConfigError as e:
+        raise UserError(str(e).replace("parallel.tp", "serve.tp")) from None
+    dims = ParallelDims.build(layout, device)
+    apply_tensor_parallel(model, dims["tp"])
+    for experts in [m for m in model.modules() if isinstance(m, GroupedExperts)]:
+        shard_experts(experts, dims)
+    return model.to(device).eval(), dims["tp"].get_group()
+
+
+def open_tensor_parallel(
+    path: str | Path, config: ServeConfig, timeout_s: float = 600.0
+) -> Engine | None:
+    """Every rank of a torchrun job calls this. Rank 0 gets the engine over its shard; the
+    other ranks follow its steps and get None once rank 0 closes the engine."""
+    from moegpt.serve.engine import Engine, folder_tokenizer
+
+    model, group = load_sharded(path, config.tp, local_device(), timeout_s)
+    if dist.get_rank() == 0:
+        tokenizer, eos_id = folder_tokenizer(path)
+        return Engine(model, tokenizer, config, eos_id, tp_group=group)
+    follow(build_runner(model, config, group), group)
+    return None
