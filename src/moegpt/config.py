@@ -433,6 +433,9 @@ class ServeConfig(_Section):
     ttft_ms: float = _doc(
         0.0, "time-to-first-token target: older prompts may exceed tpot_ms; 0 = off"
     )
+    calibrate: bool = _doc(
+        True, "time synthetic steps at start-up to fit the step-time model the targets use"
+    )
     host: str = _doc("127.0.0.1", "address the HTTP server binds")
     port: int = _doc(8000, "port the HTTP server listens on")
 

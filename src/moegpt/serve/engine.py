@@ -23,6 +23,7 @@ from moegpt.config import ServeConfig
 from moegpt.errors import UserError
 from moegpt.model import Transformer
 from moegpt.serve.blocks import BlockAllocator, BlockTable
+from moegpt.serve.calibrate import calibrate
 from moegpt.serve.runner import ModelInput, ModelRunner, build_runner
 from moegpt.serve.sampler import sample
 from moegpt.serve.scheduler import Plan, Scheduler, SchedulerConfig, StepCostModel
@@ -113,7 +114,14 @@ class Engine:
             self.allocator,
         )
         self.stats = EngineStats()
+        # Step-time samples: the start-up calibration's span every shape; recent steps track
+        # the machine as it runs. Both feed each refit.
+        self._calibration: list[tuple[int, int, float]] = []
         self._cost_samples: deque[tuple[int, int, float]] = deque(maxlen=256)
+        if (tpot or ttft) and self.config.calibrate:
+            self.scheduler.cost, self._calibration = calibrate(
+                self.runner, self.allocator, self.scheduler.config, self.max_context
+            )
         self._seq_ids = itertools.count()
         self._requests: dict[str, list[Sequence]] = {}
         self._seed_rng = torch.Generator().manual_seed(0)
@@ -331,7 +339,7 @@ class Engine:
             else:
                 stats.bound_misses["no step-time model yet"] += 1
         if target is not None and stats.steps % REFIT_EVERY == 0 and len(self._cost_samples) > 8:
-            self.scheduler.cost = StepCostModel.fit(list(self._cost_samples))
+            self.scheduler.cost = StepCostModel.fit(self._calibration + list(self._cost_samples))
 
     # -- whole batches ---------------------------------------------------------------------
     def generate(

@@ -1,0 +1,93 @@
+"""Start-up calibration of the step-time model: time synthetic steps that span the shapes the
+scheduler will choose between (decode batches of 1 to ``max_batch_size`` over short and long
+contexts, prefill chunks up to ``max_tokens_per_step``) and fit :class:`StepCostModel` to
+them, so the latency bound holds from the first request instead of after a refit."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import torch
+
+from moegpt.serve.blocks import BlockAllocator, BlockTable
+from moegpt.serve.runner import ModelInput, ModelRunner
+from moegpt.serve.scheduler import SchedulerConfig, StepCostModel
+from moegpt.serve.tensor_parallel import TensorParallelRunner
+
+Sample = tuple[int, int, float]  # (tokens, attention keys, seconds) of one step
+
+
+def _powers_of_two(limit: int) -> list[int]:
+    values, v = [], 1
+    while v < limit:
+        values.append(v)
+        v *= 2
+    return [*values, limit]
+
+
+def step_shapes(
+    config: SchedulerConfig, max_context: int, capacity: int
+) -> Iterator[list[tuple[int, int]]]:
+    """Synthetic steps as lists of (tokens already cached, new tokens) per sequence, each
+    fitting ``capacity`` cached tokens."""
+    contexts = sorted({min(64, max_context // 4), max_context // 2})
+    for batch in _powers_of_two(config.max_batch_size):
+        for context in contexts:
+            if batch * (context + 1) <= capacity:
+                yield [(context, 1)] * batch
+    for chunk in _powers_of_two(min(config.max_tokens_per_step, max_context - 1)):
+        if chunk >= 16 and chunk <= capacity:
+            yield [(0, chunk)]
+
+
+def _synthetic_input(shape: list[tuple[int, int]], tables: list[BlockTable]) -> ModelInput:
+    inp = ModelInput()
+    for (past, new), table in zip(shape, tables, strict=True):
+        inp.sequences.append((len(inp.tokens), new, past, table.slots(0, past + new)))
+        inp.tokens += [0] * new
+        inp.positions += list(range(past, past + new))
+        inp.logits_rows.append(len(inp.tokens) - 1)
+    return inp
+
+
+def measure(
+    runner: ModelRunner | TensorParallelRunner,
+    allocator: BlockAllocator,
+    config: SchedulerConfig,
+    max_context: int,
+    repeats: int = 2,
+) -> list[Sample]:
+    """Time each synthetic step (the fastest of ``repeats`` runs after a warm-up) in cache
+    blocks borrowed from ``allocator`` and returned before this returns."""
+    capacity = allocator.free * allocator.block_size
+    samples = []
+    for shape in step_shapes(config, max_context, capacity):
+        tables = [BlockTable(allocator) for _ in shape]
+        try:
+            for (past, new), table in zip(shape, tables, strict=True):
+                table.grow(0, past + new)
+            inp = _synthetic_input(shape, tables)
+            runner.execute(inp)  # warm-up
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                runner.execute(inp).sum().item()  # .item() waits for the device
+                best = min(best, time.perf_counter() - start)
+        finally:
+            for table in tables:
+                table.free()
+        keys = sum(new * (past + new) for past, new in shape)
+        samples.append((len(inp.tokens), keys, best))
+    return samples
+
+
+@torch.no_grad()
+def calibrate(
+    runner: ModelRunner | TensorParallelRunner,
+    allocator: BlockAllocator,
+    config: SchedulerConfig,
+    max_context: int,
+) -> tuple[StepCostModel, list[Sample]]:
+    samples = measure(runner, allocator, config, max_context)
+    return StepCostModel.fit(samples), samples

@@ -1,0 +1,60 @@
+"""Start-up calibration: the synthetic steps span the scheduler's choices within the cache,
+the fit recovers a known step-time law, and the engine gets its model with every block free."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from moegpt.config import ServeConfig
+from moegpt.model import Transformer
+from moegpt.serve.blocks import BlockAllocator
+from moegpt.serve.calibrate import calibrate, step_shapes
+from moegpt.serve.engine import Engine
+from moegpt.serve.runner import ModelInput
+from moegpt.serve.scheduler import SchedulerConfig
+from tests.conftest import small_config
+
+
+def test_shapes_span_batches_and_chunks_within_the_cache() -> None:
+    config = SchedulerConfig(max_batch_size=48, max_tokens_per_step=512)
+    shapes = list(step_shapes(config, max_context=1024, capacity=4096))
+    decode_batches = {len(s) for s in shapes if s[0][1] == 1}
+    chunks = {s[0][1] for s in shapes if len(s) == 1 and s[0][0] == 0}
+    assert decode_batches == {1, 2, 4, 8, 16, 32, 48}
+    assert chunks == {16, 32, 64, 128, 256, 512}
+    assert all(sum(past + new for past, new in s) <= 4096 for s in shapes)
+
+
+class SleepingRunner:
+    """Takes 2 ms + 0.2 ms per token + 2 us per attention key, like a step-time law."""
+
+    def execute(self, inp: ModelInput) -> torch.Tensor:
+        keys = sum(new * (past + new) for _, new, past, _ in inp.sequences)
+        time.sleep(0.002 + 0.0002 * len(inp.tokens) + 2e-6 * keys)
+        return torch.zeros(len(inp.logits_rows))
+
+
+def test_fit_recovers_a_known_step_time_law() -> None:
+    allocator = BlockAllocator(256, 16)
+    config = SchedulerConfig(max_batch_size=32, max_tokens_per_step=256)
+    model, samples = calibrate(SleepingRunner(), allocator, config, max_context=512)
+    assert len(samples) >= 10 and allocator.used == 0
+    # sleep() overshoots a little and at random: coefficients within 25%
+    assert abs(model.per_token - 2e-4) < 0.25 * 2e-4
+    assert abs(model.per_key - 2e-6) < 0.25 * 2e-6
+    for tokens, keys, seconds in samples:
+        assert abs(model.predict(tokens, keys) - seconds) < 0.25 * seconds + 1e-3
+
+
+def test_engine_calibrates_when_a_latency_target_is_set() -> None:
+    model = Transformer(small_config(max_seq_len=64)).eval()
+    plain = Engine(model, config=ServeConfig(num_kv_blocks=32, tpot_ms=0))
+    assert plain.scheduler.cost is None
+    engine = Engine(model, config=ServeConfig(num_kv_blocks=32, tpot_ms=50, max_batch_size=8))
+    cost = engine.scheduler.cost
+    assert cost is not None and cost.predict(8, 8 * 33) > 0
+    assert engine.allocator.used == 0
+    off = Engine(model, config=ServeConfig(num_kv_blocks=32, tpot_ms=50, calibrate=False))
+    assert off.scheduler.cost is None
