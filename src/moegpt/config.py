@@ -433,6 +433,11 @@ class ServeConfig(_Section):
     ttft_ms: float = _doc(
         0.0, "time-to-first-token target: older prompts may exceed tpot_ms; 0 = off"
     )
+    decode_attention: Literal["auto", "per_sequence", "padded"] = _doc(
+        "auto",
+        "per_sequence (batch-invariant: greedy output independent of the batch), padded "
+        "(one SDPA call for all decodes), auto (per_sequence on CPU, padded on GPU)",
+    )
     calibrate: bool = _doc(
         True, "time synthetic steps at start-up to fit the step-time model the targets use"
     )

@@ -79,6 +79,17 @@ def test_batched_greedy_equals_alone(model: Transformer, serve: dict) -> None:
         assert engine.stats.preemptions > 0  # the case really preempts
 
 
+def test_padded_decode_attention_agrees(model: Transformer) -> None:
+    """The GPU fast path (all decodes in one padded SDPA call) attends to the same keys: in
+    fp32 its rounding differences leave every greedy token of this batch unchanged."""
+    engine = Engine(model, config=ServeConfig(num_kv_blocks=256, decode_attention="padded"))
+    assert not engine.runner.batch_invariant
+    requests = mixed_requests(32, model.config.vocab_size, seed=4)
+    got = run_with_arrivals(engine, requests, seed=5)
+    for (prompt, n), tokens in zip(requests, got.values(), strict=True):
+        assert tokens == reference_greedy(model, prompt, n)
+
+
 def test_no_block_leaks_after_cancellations_and_preemptions(model: Transformer) -> None:
     engine = Engine(model, config=ServeConfig(block_size=4, num_kv_blocks=40, max_batch_size=16))
     rng = random.Random(3)

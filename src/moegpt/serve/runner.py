@@ -27,10 +27,17 @@ class ModelInput:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, cache: PagedKVCache, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: Transformer,
+        cache: PagedKVCache,
+        device: torch.device,
+        batch_invariant: bool = True,
+    ) -> None:
         self.model = model
         self.cache = cache
         self.device = device
+        self.batch_invariant = batch_invariant
 
     @torch.no_grad()
     def execute(self, inp: ModelInput) -> torch.Tensor:
@@ -45,7 +52,8 @@ class ModelRunner:
         ]
         tokens = torch.tensor([inp.tokens], device=device)
         positions = torch.tensor([inp.positions], device=device)
-        out = self.model(tokens, positions=positions, cache=PagedStep(self.cache, slices))
+        step = PagedStep(self.cache, slices, self.batch_invariant)
+        out = self.model(tokens, positions=positions, cache=step)
         return out.logits[0, inp.logits_rows].float()
 
 
@@ -74,4 +82,7 @@ def build_runner(
         blocks = int(agreed)
     tp = dist.get_world_size(tp_group) if tp_group is not None else 1
     cache = PagedKVCache(model.config, blocks, config.block_size, dtype, device, tp=tp)
-    return ModelRunner(model, cache, device)
+    mode = config.decode_attention
+    if mode == "auto":
+        mode = "padded" if device.type == "cuda" else "per_sequence"
+    return ModelRunner(model, cache, device, batch_invariant=mode == "per_sequence")
