@@ -28,11 +28,12 @@ def test_shapes_span_batches_and_chunks_within_the_cache() -> None:
 
 
 class SleepingRunner:
-    """Takes 2 ms + 0.2 ms per token + 2 us per attention key, like a step-time law."""
+    """Takes 2 ms + 0.2 ms per token + 2 us per attention key + 0.5 ms per sequence."""
 
     def execute(self, inp: ModelInput) -> torch.Tensor:
         keys = sum(new * (past + new) for _, new, past, _ in inp.sequences)
-        time.sleep(0.002 + 0.0002 * len(inp.tokens) + 2e-6 * keys)
+        seqs = len(inp.sequences)
+        time.sleep(0.002 + 0.0002 * len(inp.tokens) + 2e-6 * keys + 5e-4 * seqs)
         return torch.zeros(len(inp.logits_rows))
 
 
@@ -44,8 +45,9 @@ def test_fit_recovers_a_known_step_time_law() -> None:
     # sleep() overshoots a little and at random: coefficients within 25%
     assert abs(model.per_token - 2e-4) < 0.25 * 2e-4
     assert abs(model.per_key - 2e-6) < 0.25 * 2e-6
-    for tokens, keys, seconds in samples:
-        assert abs(model.predict(tokens, keys) - seconds) < 0.25 * seconds + 1e-3
+    assert abs(model.per_sequence - 5e-4) < 0.25 * 5e-4
+    for tokens, keys, seqs, seconds in samples:
+        assert abs(model.predict(tokens, keys, seqs) - seconds) < 0.25 * seconds + 1e-3
 
 
 def test_engine_calibrates_when_a_latency_target_is_set() -> None:
@@ -54,7 +56,7 @@ def test_engine_calibrates_when_a_latency_target_is_set() -> None:
     assert plain.scheduler.cost is None
     engine = Engine(model, config=ServeConfig(num_kv_blocks=32, tpot_ms=50, max_batch_size=8))
     cost = engine.scheduler.cost
-    assert cost is not None and cost.predict(8, 8 * 33) > 0
+    assert cost is not None and cost.predict(8, 8 * 33, 8) > 0
     assert engine.allocator.used == 0
     off = Engine(model, config=ServeConfig(num_kv_blocks=32, tpot_ms=50, calibrate=False))
     assert off.scheduler.cost is None

@@ -100,6 +100,16 @@ def test_latency_bound_sizes_the_batch() -> None:
     assert list(s.waiting) == seqs[4:]  # without a TTFT target, newcomers wait
 
 
+def test_latency_bound_counts_per_sequence_cost() -> None:
+    # 1 ms per step, 0.5 ms per token and 0.5 ms per sequence: a 5 ms target fits 4 decodes
+    cost = StepCostModel(base=1e-3, per_token=5e-4, per_key=0.0, per_sequence=5e-4)
+    s = Scheduler(SchedulerConfig(tpot_s=5e-3), BlockAllocator(64, 4), cost)
+    for i in range(6):
+        make(s, i, 1)
+    plan = run(s)
+    assert len(plan.chunks) == 4 and plan.predicted_s <= 5e-3
+
+
 def test_latency_bound_shrinks_a_prefill_chunk() -> None:
     cost = StepCostModel(base=0.0, per_token=1e-3, per_key=0.0)
     s = Scheduler(SchedulerConfig(tpot_s=10e-3), BlockAllocator(64, 4), cost)
@@ -127,10 +137,17 @@ def test_late_prompt_jumps_the_bound_for_its_first_token() -> None:
 
 
 def test_cost_model_fit_recovers_coefficients() -> None:
-    truth = StepCostModel(2e-3, 5e-5, 1e-8)
-    samples = [(t, k, truth.predict(t, k)) for t in (1, 8, 64, 512) for k in (10, 1000, 99999)]
+    truth = StepCostModel(2e-3, 5e-5, 1e-8, 3e-4)
+    samples = [
+        (t, k, n, truth.predict(t, k, n))
+        for t in (1, 8, 64, 512)
+        for k in (10, 1000, 99999)
+        for n in (1, 7)
+    ]
     fitted = StepCostModel.fit(samples)
     for got, want in zip(
-        (fitted.base, fitted.per_token, fitted.per_key), (2e-3, 5e-5, 1e-8), strict=True
+        (fitted.base, fitted.per_token, fitted.per_key, fitted.per_sequence),
+        (2e-3, 5e-5, 1e-8, 3e-4),
+        strict=True,
     ):
         assert abs(got - want) <= 1e-6 * max(want, 1e-3)

@@ -12,10 +12,12 @@ import torch
 
 from moegpt.serve.blocks import BlockAllocator, BlockTable
 from moegpt.serve.runner import ModelInput, ModelRunner
-from moegpt.serve.scheduler import SchedulerConfig, StepCostModel
+from moegpt.serve.sampler import sample
+from moegpt.serve.scheduler import Sample, SchedulerConfig, StepCostModel
+from moegpt.serve.sequence import SamplingParams
 from moegpt.serve.tensor_parallel import TensorParallelRunner
 
-Sample = tuple[int, int, float]  # (tokens, attention keys, seconds) of one step
+GREEDY = SamplingParams(temperature=0)
 
 
 def _powers_of_two(limit: int) -> list[int]:
@@ -51,6 +53,13 @@ def _synthetic_input(shape: list[tuple[int, int]], tables: list[BlockTable]) -> 
     return inp
 
 
+def _run_and_sample(runner: ModelRunner | TensorParallelRunner, inp: ModelInput) -> None:
+    """The forward and a greedy draw per sequence: what an engine step costs besides its
+    bookkeeping (the draw also waits for the device)."""
+    for row in runner.execute(inp):
+        sample(row, GREEDY, None)
+
+
 def measure(
     runner: ModelRunner | TensorParallelRunner,
     allocator: BlockAllocator,
@@ -68,17 +77,17 @@ def measure(
             for (past, new), table in zip(shape, tables, strict=True):
                 table.grow(0, past + new)
             inp = _synthetic_input(shape, tables)
-            runner.execute(inp)  # warm-up
+            _run_and_sample(runner, inp)  # warm-up
             best = float("inf")
             for _ in range(repeats):
                 start = time.perf_counter()
-                runner.execute(inp).sum().item()  # .item() waits for the device
+                _run_and_sample(runner, inp)
                 best = min(best, time.perf_counter() - start)
         finally:
             for table in tables:
                 table.free()
         keys = sum(new * (past + new) for past, new in shape)
-        samples.append((len(inp.tokens), keys, best))
+        samples.append((len(inp.tokens), keys, len(shape), best))
     return samples
 
 

@@ -26,7 +26,7 @@ from moegpt.serve.blocks import BlockAllocator, BlockTable
 from moegpt.serve.calibrate import calibrate
 from moegpt.serve.runner import ModelInput, ModelRunner, build_runner
 from moegpt.serve.sampler import sample
-from moegpt.serve.scheduler import Plan, Scheduler, SchedulerConfig, StepCostModel
+from moegpt.serve.scheduler import Plan, Sample, Scheduler, SchedulerConfig, StepCostModel
 from moegpt.serve.sequence import SamplingParams, Sequence, Status
 from moegpt.serve.tensor_parallel import TensorParallelRunner
 
@@ -116,8 +116,8 @@ class Engine:
         self.stats = EngineStats()
         # Step-time samples: the start-up calibration's span every shape; recent steps track
         # the machine as it runs. Both feed each refit.
-        self._calibration: list[tuple[int, int, float]] = []
-        self._cost_samples: deque[tuple[int, int, float]] = deque(maxlen=256)
+        self._calibration: list[Sample] = []
+        self._cost_samples: deque[Sample] = deque(maxlen=256)
         if (tpot or ttft) and self.config.calibrate:
             self.scheduler.cost, self._calibration = calibrate(
                 self.runner, self.allocator, self.scheduler.config, self.max_context
@@ -230,12 +230,12 @@ class Engine:
         return inp, sampling
 
     def step(self) -> list[RequestOutput]:
+        start = time.perf_counter()  # the latency bound covers the whole step
         plan = self.scheduler.schedule()
         self.stats.preemptions += len(plan.preempted)
         if not plan.chunks:
             return []
         inp, sampling = self._model_input(plan)
-        start = time.perf_counter()
         logits = self.runner.execute(inp)
         for chunk in plan.chunks:
             chunk.seq.computed = chunk.start + chunk.length
@@ -329,8 +329,10 @@ class Engine:
         stats.step_seconds.append(elapsed)
         stats.prompt_tokens += sum(c.length for c in plan.chunks if c.start < len(c.seq.prompt))
         keys = sum(c.length * (c.start + c.length) for c in plan.chunks)
-        self._cost_samples.append((plan.tokens, keys, elapsed))
+        self._cost_samples.append((plan.tokens, keys, len(plan.chunks), elapsed))
         target = self.scheduler.config.tpot_s
+        if target is not None:
+            self._adjust_headroom(plan, elapsed, target)
         if target is not None and elapsed > target:
             if plan.over_bound:
                 stats.bound_misses[plan.over_bound] += 1
@@ -340,6 +342,17 @@ class Engine:
                 stats.bound_misses["no step-time model yet"] += 1
         if target is not None and stats.steps % REFIT_EVERY == 0 and len(self._cost_samples) > 8:
             self.scheduler.cost = StepCostModel.fit(self._calibration + list(self._cost_samples))
+
+    def _adjust_headroom(self, plan: Plan, elapsed: float, target: float) -> None:
+        """Plan steps tighter after one the model let run over (5% each), relax slowly
+        (0.5% a step) while steps land under the target."""
+        scheduler = self.scheduler
+        if plan.over_bound or plan.predicted_s is None:
+            return
+        if elapsed > target:
+            scheduler.headroom = max(0.5, scheduler.headroom * 0.95)
+        else:
+            scheduler.headroom = min(1.0, scheduler.headroom * 1.005)
 
     # -- whole batches ---------------------------------------------------------------------
     def generate(

@@ -22,25 +22,43 @@ import numpy as np
 from moegpt.serve.blocks import BlockAllocator
 from moegpt.serve.sequence import Sequence, Status
 
+# One measured step: (tokens, attention keys, sequences, seconds).
+Sample = tuple[int, int, int, float]
+
 
 @dataclass
 class StepCostModel:
     """Predicted step seconds = base + per_token x tokens + per_key x attention keys read
-    (sum over sequences of new tokens x their context)."""
+    (sum over sequences of new tokens x their context) + per_sequence x sequences (the
+    per-sequence attention calls and bookkeeping)."""
 
     base: float
     per_token: float
     per_key: float
+    per_sequence: float = 0.0
 
-    def predict(self, tokens: int, keys: int) -> float:
-        return self.base + self.per_token * tokens + self.per_key * keys
+    def predict(self, tokens: int, keys: int, sequences: int) -> float:
+        return (
+            self.base
+            + self.per_token * tokens
+            + self.per_key * keys
+            + self.per_sequence * sequences
+        )
 
     @classmethod
-    def fit(cls, samples: list[tuple[int, int, float]]) -> StepCostModel:
-        """Least squares over measured (tokens, keys, seconds); coefficients kept >= 0."""
-        a = np.array([[1.0, t, k] for t, k, _ in samples])
-        y = np.array([s for _, _, s in samples])
-        coef = np.linalg.lstsq(a, y, rcond=None)[0].clip(min=0.0)
+    def fit(cls, samples: list[Sample]) -> StepCostModel:
+        """Non-negative least squares over measured steps (a coefficient that comes out
+        negative is dropped and the rest refitted)."""
+        a = np.array([[1.0, t, k, n] for t, k, n, _ in samples])
+        y = np.array([s for *_, s in samples])
+        active = list(range(4))
+        coef = np.zeros(4)
+        while active:
+            solution = np.linalg.lstsq(a[:, active], y, rcond=None)[0]
+            if (solution >= 0).all():
+                coef[active] = solution
+                break
+            active.pop(int(np.argmin(solution)))
         return cls(*map(float, coef))
 
 
@@ -90,6 +108,9 @@ class Scheduler:
         self.config = config
         self.allocator = allocator
         self.cost = cost
+        # The share of the latency target steps are planned to: below 1 when the step-time
+        # model's errors would otherwise push about half the full-size steps over the target.
+        self.headroom = 1.0
         self.clock = clock
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -135,7 +156,12 @@ class Scheduler:
         target, cost = self.config.tpot_s, self.cost
         if target is None or cost is None:
             return n
-        while n > 0 and cost.predict(plan.tokens + n, keys + _keys(seq.computed, n)) > target:
+        target *= self.headroom
+        sequences = len(plan.chunks) + 1
+        while (
+            n > 0
+            and cost.predict(plan.tokens + n, keys + _keys(seq.computed, n), sequences) > target
+        ):
             n = n // 2 if n > 1 else 0
         return n
 
@@ -202,5 +228,5 @@ class Scheduler:
             plan.chunks.append(Chunk(seq, seq.computed, n))
             keys += _keys(seq.computed, n)
         if self.cost is not None:
-            plan.predicted_s = self.cost.predict(plan.tokens, keys)
+            plan.predicted_s = self.cost.predict(plan.tokens, keys, len(plan.chunks))
         return plan
