@@ -25,7 +25,7 @@ from moegpt.model import Transformer
 from moegpt.serve.blocks import BlockAllocator, BlockTable
 from moegpt.serve.calibrate import calibrate
 from moegpt.serve.runner import ModelInput, ModelRunner, build_runner
-from moegpt.serve.sampler import sample
+from moegpt.serve.sampler import Sampled, sample
 from moegpt.serve.scheduler import Plan, Sample, Scheduler, SchedulerConfig, StepCostModel
 from moegpt.serve.sequence import SamplingParams, Sequence, Status
 from moegpt.serve.tensor_parallel import TensorParallelRunner
@@ -240,18 +240,21 @@ class Engine:
         for chunk in plan.chunks:
             chunk.seq.computed = chunk.start + chunk.length
         outputs = []
-        for seq, row in zip(sampling, logits, strict=True):
-            outputs += self._advance(seq, row)
+        # Greedy rows need only their argmax: one reduction and one device-to-host copy for
+        # the whole batch instead of a few small kernels and a sync per sequence.
+        argmax = logits.argmax(dim=-1).tolist() if len(sampling) else []
+        for seq, row, best in zip(sampling, logits, argmax, strict=True):
+            outputs += self._advance(seq, row, best)
         elapsed = time.perf_counter() - start
         self._account(plan, elapsed)
         return outputs
 
-    def _advance(self, seq: Sequence, logits: torch.Tensor) -> list[RequestOutput]:
+    def _advance(self, seq: Sequence, logits: torch.Tensor, argmax: int) -> list[RequestOutput]:
         """Sample ``seq``'s next token (n tokens and a fork after an n > 1 prompt)."""
         if seq.params.n > 1 and not seq.output and len(self._requests[seq.request_id]) == 1:
             children = [self._fork(seq, i) for i in range(1, seq.params.n)]
-            return [o for s in [seq, *children] for o in self._append(s, logits)]
-        return self._append(seq, logits)
+            return [o for s in [seq, *children] for o in self._append(s, logits, argmax)]
+        return self._append(seq, logits, argmax)
 
     def _fork(self, parent: Sequence, index: int) -> Sequence:
         child = self._sequence(parent.request_id, index, parent.prompt, parent.params)
@@ -262,12 +265,15 @@ class Engine:
         self.scheduler.fork(parent, child)
         return child
 
-    def _append(self, seq: Sequence, logits: torch.Tensor) -> list[RequestOutput]:
+    def _append(self, seq: Sequence, logits: torch.Tensor, argmax: int) -> list[RequestOutput]:
         now = time.perf_counter()
         if seq.first_token_at is None:
             seq.first_token_at = now
             self.stats.ttft_seconds.append(now - seq.arrival)
-        drawn = sample(logits, seq.params, seq.generator)
+        if seq.params.greedy and seq.params.logprobs is None:
+            drawn = Sampled(argmax)
+        else:
+            drawn = sample(logits, seq.params, seq.generator)
         params = seq.params
         stop_token = drawn.token in params.stop_token_ids or (
             drawn.token == self.eos_id and not params.ignore_eos

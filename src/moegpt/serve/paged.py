@@ -62,73 +62,84 @@ class PagedKVCache:
 @dataclass
 class SequenceSlice:
     """One sequence's share of a step: its tokens ``past .. past + new`` sit at rows
-    ``offset .. offset + new`` of the packed batch and at cache ``slots``."""
+    ``offset .. offset + new`` of the packed batch, and the cache slots of all its
+    ``past + new`` tokens at ``start ..`` of the step's flat slot list."""
 
     offset: int
     new: int
     past: int
-    slots: torch.Tensor  # (past + new,) cache slots of every token so far
+    start: int
 
 
-class _PaddedDecodes:
-    """The step's one-token sequences as one padded batch: a (batch, longest) slot index
-    (padding reads slot 0) and a mask of each row's real keys."""
+@dataclass
+class DecodeBatch:
+    """The step's one-token sequences, attended as one padded batch (device tensors)."""
 
-    def __init__(self, sequences: list[SequenceSlice]) -> None:
-        device = sequences[0].slots.device
-        self.rows = torch.tensor([s.offset for s in sequences], device=device)
-        self.slots = torch.nn.utils.rnn.pad_sequence([s.slots for s in sequences], batch_first=True)
-        lengths = torch.tensor([len(s.slots) for s in sequences], device=device)
-        longest = self.slots.shape[1]
-        self.mask = torch.arange(longest, device=device) < lengths.unsqueeze(1)
+    rows: torch.Tensor  # (batch,) their rows in the packed batch
+    starts: torch.Tensor  # (batch,) where each one's slots begin in the flat slot list
+    lengths: torch.Tensor  # (batch,) keys each one attends to
+    longest: int
 
-    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor
+    ) -> torch.Tensor:
         """``q`` (1, heads, tokens, d) -> (batch, heads, d) for the decode rows. Each K/V
         head's query heads become the query positions of one SDPA row, so multi-query
-        attention reads its one K/V head once per sequence, not once per query head."""
+        attention reads its one K/V head once per sequence, not once per query head.
+        Padding reads slot 0 and is masked out."""
         heads, d = q.shape[1], q.shape[3]
         kv_heads = keys.shape[1]
         batch = self.rows.numel()
+        span = torch.arange(self.longest, device=q.device)
+        mask = span < self.lengths.unsqueeze(1)
+        index = slots[(self.starts.unsqueeze(1) + span).clamp(max=slots.numel() - 1)]
+        index = index.masked_fill(~mask, 0)
         q = q[0, :, self.rows].transpose(0, 1)  # (batch, heads, d)
         q = q.reshape(batch, kv_heads, heads // kv_heads, d)
-        k = keys[self.slots].transpose(1, 2).to(q.dtype)  # (batch, kv_heads, longest, d)
-        v = values[self.slots].transpose(1, 2).to(q.dtype)
-        mask = self.mask[:, None, None, :]
-        out = prefix_attention(q, k, v, mask)  # (batch, kv_heads, heads / kv_heads, d)
+        k = keys[index].transpose(1, 2).to(q.dtype)  # (batch, kv_heads, longest, d)
+        v = values[index].transpose(1, 2).to(q.dtype)
+        out = prefix_attention(q, k, v, mask[:, None, None, :])
         return out.reshape(batch, heads, d)
 
 
 class PagedStep:
     """What the model sees as its cache for one packed forward (``KVCacheLike``).
 
-    Chunks of several tokens attend per sequence. One-token (decode) sequences do too when
-    ``batch_invariant``, so no reduction depends on the batch and greedy decoding equals
-    decoding alone bit for bit; otherwise they attend as one padded batch (one SDPA call for
-    all of them, the fast path on a GPU, equal up to rounding).
+    ``sequences`` attend one by one (a chunk, or with ``decodes`` None also every one-token
+    decode: no reduction then depends on the batch, so greedy decoding equals decoding alone
+    bit for bit); ``decodes`` attend as one padded batch (one SDPA call for all of them, the
+    fast path on a GPU, equal up to rounding).
     """
 
     def __init__(
-        self, cache: PagedKVCache, sequences: list[SequenceSlice], batch_invariant: bool = True
+        self,
+        cache: PagedKVCache,
+        slots: torch.Tensor,
+        new_slots: torch.Tensor,
+        sequences: list[SequenceSlice],
+        decodes: DecodeBatch | None = None,
     ) -> None:
         self.cache = cache
         self.seq_len = 0  # positions are always given explicitly
-        self._new_slots = torch.cat([s.slots[s.past :] for s in sequences])
-        decodes = [] if batch_invariant else [s for s in sequences if s.new == 1]
-        self._decodes = _PaddedDecodes(decodes) if len(decodes) > 1 else None
-        self.sequences = [s for s in sequences if self._decodes is None or s.new > 1]
+        self.slots = slots
+        self.new_slots = new_slots
+        self.sequences = sequences
+        self.decodes = decodes
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``q`` (1, heads, tokens, d) and ``k``/``v`` (1, kv_heads, tokens, d) of the packed
         batch: store the new keys/values, then attend."""
         keys, values = self.cache.k[layer], self.cache.v[layer]
-        keys[self._new_slots] = k[0].transpose(0, 1).to(keys.dtype)
-        values[self._new_slots] = v[0].transpose(0, 1).to(values.dtype)
+        keys[self.new_slots] = k[0].transpose(0, 1).to(keys.dtype)
+        values[self.new_slots] = v[0].transpose(0, 1).to(values.dtype)
         out = torch.empty_like(q)
-        if self._decodes is not None:
-            out[0, :, self._decodes.rows] = self._decodes.attend(q, keys, values).transpose(0, 1)
+        if self.decodes is not None:
+            decoded = self.decodes.attend(q, keys, values, self.slots)
+            out[0, :, self.decodes.rows] = decoded.transpose(0, 1)
         for s in self.sequences:
-            sk = keys[s.slots].transpose(0, 1).unsqueeze(0).to(q.dtype)
-            sv = values[s.slots].transpose(0, 1).unsqueeze(0).to(q.dtype)
+            slots = self.slots[s.start : s.start + s.past + s.new]
+            sk = keys[slots].transpose(0, 1).unsqueeze(0).to(q.dtype)
+            sv = values[slots].transpose(0, 1).unsqueeze(0).to(q.dtype)
             rows = slice(s.offset, s.offset + s.new)
             out[:, :, rows] = prefix_attention(q[:, :, rows], sk, sv)
         return out

@@ -13,7 +13,13 @@ import torch.distributed as dist
 
 from moegpt.config import ServeConfig
 from moegpt.model import Transformer
-from moegpt.serve.paged import PagedKVCache, PagedStep, SequenceSlice, bytes_per_token
+from moegpt.serve.paged import (
+    DecodeBatch,
+    PagedKVCache,
+    PagedStep,
+    SequenceSlice,
+    bytes_per_token,
+)
 
 
 @dataclass
@@ -45,16 +51,31 @@ class ModelRunner:
         self.cache.copy_blocks(inp.copies)
         if not inp.tokens:
             return torch.empty(0)
-        device = self.device
-        slices = [
-            SequenceSlice(offset, new, past, torch.tensor(slots, device=device))
-            for offset, new, past, slots in inp.sequences
-        ]
-        tokens = torch.tensor([inp.tokens], device=device)
-        positions = torch.tensor([inp.positions], device=device)
-        step = PagedStep(self.cache, slices, self.batch_invariant)
-        out = self.model(tokens, positions=positions, cache=step)
-        return out.logits[0, inp.logits_rows].float()
+        padded = not self.batch_invariant and sum(new == 1 for _, new, _, _ in inp.sequences) > 1
+        slots: list[int] = []
+        new_slots: list[int] = []
+        singles: list[SequenceSlice] = []
+        decodes: list[list[int]] = [[], [], []]  # rows, starts, lengths
+        for offset, new, past, seq_slots in inp.sequences:
+            if padded and new == 1:
+                for column, value in zip(decodes, (offset, len(slots), past + 1), strict=True):
+                    column.append(value)
+            else:
+                singles.append(SequenceSlice(offset, new, past, len(slots)))
+            new_slots += seq_slots[past:]
+            slots += seq_slots
+        # Everything the step needs on the device travels as one host-to-device copy.
+        parts = [inp.tokens, inp.positions, new_slots, slots, inp.logits_rows, *decodes]
+        flat = torch.tensor([v for part in parts for v in part]).to(self.device, non_blocking=True)
+        tokens, positions, new_at, slots_at, logits_rows, rows, starts, lengths = flat.split(
+            [len(part) for part in parts]
+        )
+        batch = None
+        if padded:
+            batch = DecodeBatch(rows, starts, lengths, max(decodes[2]))
+        step = PagedStep(self.cache, slots_at, new_at, singles, batch)
+        out = self.model(tokens[None], positions=positions[None], cache=step)
+        return out.logits[0, logits_rows].float()
 
 
 def default_num_blocks(model: Transformer, config: ServeConfig, dtype: torch.dtype) -> int:

@@ -90,6 +90,7 @@ class TensorParallelRunner:
             self._closed = True
             length = torch.tensor([_STOP], dtype=torch.int64, device=self.runner.device)
             dist.broadcast(length, group_src=0, group=self.group)
+            dist.barrier(group=self.group)  # nobody tears the group down while a peer reads
 
 
 def follow(runner: ModelRunner, group: dist.ProcessGroup) -> int:
@@ -100,6 +101,7 @@ def follow(runner: ModelRunner, group: dist.ProcessGroup) -> int:
         length = torch.empty(1, dtype=torch.int64, device=device)
         dist.broadcast(length, group_src=0, group=group)
         if int(length) == _STOP:
+            dist.barrier(group=group)
             return steps
         packed = torch.empty(int(length), dtype=torch.int64, device=device)
         dist.broadcast(packed, group_src=0, group=group)
