@@ -182,6 +182,35 @@ def invariance(engine: Engine, model: Transformer, prompts: list[list[int]], n: 
     }
 
 
+def profile_steps(engine: Engine, prompts: list[list[int]], output_len: int, path: Path) -> None:
+    """Kernel and host-op tables of decode steps at batch 1 and at len(prompts) requests."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if engine.device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    tables = []
+    for batch in (prompts[:1], prompts):
+        for prompt in batch:
+            engine.add_request(prompt, params)
+        while any(s.computed < len(s.prompt) for s in engine.scheduler.running) or (
+            engine.scheduler.waiting
+        ):
+            engine.step()  # prefill everything first: the profile sees decode steps only
+        with profile(activities=activities) as prof:
+            for _ in range(5):
+                engine.step()
+        for key in ("self_cpu_time_total", "self_cuda_time_total"):
+            if key == "self_cuda_time_total" and len(activities) == 1:
+                continue
+            table = prof.key_averages().table(sort_by=key, row_limit=25)
+            tables.append(f"## {len(batch)} requests, 5 decode steps, by {key}\n{table}")
+        for rid in list(engine._requests):
+            engine.abort(rid)
+    path.write_text("\n\n".join(tables))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -194,6 +223,7 @@ def main() -> None:
     parser.add_argument("--match-requests", type=int, default=32)
     parser.add_argument("--tpot-ms", type=float, help="latency target (default 2x batch-1 step)")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="save profiler tables of steps")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
 
@@ -227,6 +257,11 @@ def main() -> None:
     )
     result["batch1"] = one
 
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        path = out / f"serve_profile-{Path(args.config).stem}-{device.type}.txt"
+        profile_steps(engine, prompts, args.output_len, path)
     result["engine"] = [run_engine(engine, prompts[:c], args.output_len) for c in concurrency]
     mix = torch.Generator().manual_seed(1)
     lengths = torch.randint(8, args.prompt_len + 1, (args.match_requests,), generator=mix)
@@ -287,8 +322,6 @@ def main() -> None:
         f"p99 {b['tpot_p99_ms']:.2f} ms, step p99 "
         f"{b['step_p99_ms']:.2f} ms, {over}/{b['steps']} steps over ({b['bound_misses']})"
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / f"serve_vs_hf-{Path(args.config).stem}-{device.type}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")

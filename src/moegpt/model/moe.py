@@ -141,7 +141,8 @@ class MoE(nn.Module):
         self.router = Router(config)
         self.experts = GroupedExperts(config)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats | None]:
+        """The layer's output and its router statistics (None under inference mode)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         n_tokens, k = x.shape[0], self.top_k
@@ -161,6 +162,8 @@ class MoE(nn.Module):
         slots = expert_out.new_zeros(n_tokens * k, shape[-1], dtype=torch.float32)
         slots[order] = expert_out.float() * weights.reshape(-1)[order].unsqueeze(-1)
         out = slots.view(n_tokens, k, shape[-1]).sum(dim=1).to(x.dtype)
+        if torch.is_inference_mode_enabled():  # serving: no losses, a few dozen fewer kernels
+            return out.view(shape), None
         return out.view(shape), self._stats(logits, probs, counts, kept, n_tokens)
 
     def _run_with_capacity(

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moegpt.config import ServeConfig
 from moegpt.model import Transformer
@@ -32,6 +33,11 @@ class ModelInput:
     logits_rows: list[int] = field(default_factory=list)  # packed rows to return logits of
 
 
+# cuDNN attention builds a plan for every new shape and mask, milliseconds of host time per
+# call when each step's decode batch has a new longest context; the other kernels need none.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -45,7 +51,7 @@ class ModelRunner:
         self.device = device
         self.batch_invariant = batch_invariant
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def execute(self, inp: ModelInput) -> torch.Tensor:
         """Logits (len(logits_rows), vocab) in fp32."""
         self.cache.copy_blocks(inp.copies)
@@ -74,7 +80,8 @@ class ModelRunner:
         if padded:
             batch = DecodeBatch(rows, starts, lengths, max(decodes[2]))
         step = PagedStep(self.cache, slots_at, new_at, singles, batch)
-        out = self.model(tokens[None], positions=positions[None], cache=step)
+        with sdpa_kernel(SDPA_BACKENDS):
+            out = self.model(tokens[None], positions=positions[None], cache=step)
         return out.logits[0, logits_rows].float()
 
 
