@@ -441,12 +441,27 @@ class ServeConfig(_Section):
     calibrate: bool = _doc(
         True, "time synthetic steps at start-up to fit the step-time model the targets use"
     )
+    draft: str = _doc("", "draft model folder for speculative decoding (same tokenizer)")
+    ngram: bool = _doc(False, "speculate with prompt lookup (n-grams) when there is no draft")
+    speculation: Literal["off", "fixed", "adaptive"] = _doc(
+        "adaptive",
+        "with a draft or ngram: fixed proposes spec_tokens every step; adaptive picks 0.."
+        "spec_tokens per sequence from its acceptance rate and the step-time model",
+    )
+    spec_tokens: int = _doc(4, "most tokens proposed per sequence and step")
+    ngram_max: int = _doc(3, "longest n-gram prompt lookup matches")
+    ngram_min: int = _doc(1, "shortest n-gram prompt lookup matches")
     host: str = _doc("127.0.0.1", "address the HTTP server binds")
     port: int = _doc(8000, "port the HTTP server listens on")
 
     def validate(self) -> None:
         self._positive("tp", "pp", "block_size", "max_batch_size", "max_tokens_per_step")
         self._non_negative("num_kv_blocks", "tpot_ms", "ttft_ms")
+        self._positive("spec_tokens", "ngram_min")
+        if self.ngram_max < self.ngram_min:
+            self._fail("ngram_max", f"must be >= ngram_min ({self.ngram_min})")
+        if self.draft and self.ngram:
+            self._fail("ngram", "choose one proposer: a draft model or n-grams")
         if not 0 < self.port < 65536:
             self._fail("port", f"must be in 1..65535, got {self.port}")
 

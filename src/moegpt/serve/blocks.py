@@ -95,6 +95,14 @@ class BlockTable:
             self.blocks.append(self.allocator.allocate())
         return copies
 
+    def truncate(self, tokens: int) -> None:
+        """Release the blocks past the first ``tokens`` tokens (rejected speculative tokens'
+        room)."""
+        keep = self.allocator.blocks_for(tokens)
+        for block in self.blocks[keep:]:
+            self.allocator.release(block)
+        del self.blocks[keep:]
+
     def fork(self) -> BlockTable:
         other = BlockTable(self.allocator)
         other.blocks = [self.allocator.share(b) for b in self.blocks]

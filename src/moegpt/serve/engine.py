@@ -25,9 +25,24 @@ from moegpt.model import Transformer
 from moegpt.serve.blocks import BlockAllocator, BlockTable
 from moegpt.serve.calibrate import calibrate
 from moegpt.serve.runner import ModelInput, ModelRunner, build_runner
-from moegpt.serve.sampler import Sampled, sample
-from moegpt.serve.scheduler import Plan, Sample, Scheduler, SchedulerConfig, StepCostModel
+from moegpt.serve.sampler import Sampled, sample, with_logprobs
+from moegpt.serve.scheduler import (
+    Chunk,
+    Plan,
+    Sample,
+    Scheduler,
+    SchedulerConfig,
+    StepCostModel,
+)
 from moegpt.serve.sequence import SamplingParams, Sequence, Status
+from moegpt.serve.speculative import (
+    DraftProposer,
+    NgramProposer,
+    Proposal,
+    SpecStats,
+    Speculator,
+    check_draft,
+)
 from moegpt.serve.tensor_parallel import TensorParallelRunner
 
 REFIT_EVERY = 32  # steps between refits of the step-time model from measured steps
@@ -66,6 +81,14 @@ class EngineStats:
     step_seconds: deque = field(default_factory=lambda: deque(maxlen=512))
     ttft_seconds: deque = field(default_factory=lambda: deque(maxlen=4096))
     tpot_seconds: deque = field(default_factory=lambda: deque(maxlen=4096))
+    spec: SpecStats = field(default_factory=SpecStats)
+    propose_seconds: float = 0.0  # time in the proposer (the draft model's forwards)
+    busy_seconds: float = 0.0  # time in steps
+
+    @property
+    def propose_share(self) -> float:
+        """The share of step time spent proposing tokens."""
+        return self.propose_seconds / self.busy_seconds if self.busy_seconds else 0.0
 
 
 def folder_tokenizer(path: str | Path) -> tuple[Any, int | None]:
@@ -88,9 +111,12 @@ class Engine:
         config: ServeConfig | None = None,
         eos_id: int | None = None,
         tp_group: dist.ProcessGroup | None = None,
+        draft: Transformer | None = None,
     ) -> None:
         """``tp_group``: ``model`` is this rank's tensor-parallel shard and the group's other
-        ranks run :func:`moegpt.serve.tensor_parallel.follow` (see ``open_tensor_parallel``)."""
+        ranks run :func:`moegpt.serve.tensor_parallel.follow` (see ``open_tensor_parallel``).
+        ``draft``: a smaller model proposing tokens for speculative decoding (``config.ngram``
+        proposes from n-grams instead)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = config or ServeConfig()
@@ -118,13 +144,25 @@ class Engine:
         # the machine as it runs. Both feed each refit.
         self._calibration: list[Sample] = []
         self._cost_samples: deque[Sample] = deque(maxlen=256)
-        if (tpot or ttft) and self.config.calibrate:
+        self.speculator = self._speculator(draft)
+        adaptive = self.speculator is not None and self.config.speculation == "adaptive"
+        if (tpot or ttft or adaptive) and self.config.calibrate:
             self.scheduler.cost, self._calibration = calibrate(
                 self.runner, self.allocator, self.scheduler.config, self.max_context
             )
         self._seq_ids = itertools.count()
         self._requests: dict[str, list[Sequence]] = {}
         self._seed_rng = torch.Generator().manual_seed(0)
+
+    def _speculator(self, draft: Transformer | None) -> Speculator | None:
+        config = self.config
+        if draft is not None:
+            check_draft(self.model, draft)
+            proposer = DraftProposer(draft, config, self.allocator.num_blocks)
+            return Speculator(proposer, config, draft.config.max_seq_len)
+        if config.ngram:
+            return Speculator(NgramProposer(config.ngram_max, config.ngram_min), config)
+        return None
 
     @classmethod
     def from_folder(
@@ -142,7 +180,11 @@ class Engine:
             raise UserError("serve.tp: a tensor-parallel engine opens with open_tensor_parallel")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         tokenizer, eos_id = folder_tokenizer(path)
-        return cls(load(path, device=device), tokenizer, config, eos_id=eos_id)
+        model = load(path, device=device)
+        draft = None
+        if config is not None and config.draft:
+            draft = load(config.draft, device=device, dtype=next(model.parameters()).dtype)
+        return cls(model, tokenizer, config, eos_id=eos_id, draft=draft)
 
     def close(self) -> None:
         """Release tensor-parallel followers (nothing to do for one process)."""
@@ -215,93 +257,127 @@ class Engine:
         return self.scheduler.has_work()
 
     # -- the step --------------------------------------------------------------------------
-    def _model_input(self, plan: Plan) -> tuple[ModelInput, list[Sequence]]:
+    def _model_input(
+        self, plan: Plan, proposals: dict[int, Proposal]
+    ) -> tuple[ModelInput, list[tuple[Chunk, int]]]:
+        """The step's packed input, and the chunks that reach their sequence's end with how
+        many logits rows each gets (1, or 1 + k to verify k proposed tokens)."""
         inp = ModelInput(copies=plan.copies)
-        sampling: list[Sequence] = []
+        sampling: list[tuple[Chunk, int]] = []
         for chunk in plan.chunks:
             seq, end = chunk.seq, chunk.start + chunk.length
+            proposed = proposals[seq.seq_id].tokens if seq.seq_id in proposals else []
             offset = len(inp.tokens)
-            inp.tokens += seq.tokens[chunk.start : end]
+            inp.tokens += seq.tokens[chunk.start : end - len(proposed)] + proposed
             inp.positions += list(range(chunk.start, end))
             inp.sequences.append((offset, chunk.length, chunk.start, seq.table.slots(0, end)))
-            if end == len(seq.tokens):  # the chunk reaches the end: a token can be sampled
-                inp.logits_rows.append(offset + chunk.length - 1)
-                sampling.append(seq)
+            if end - len(proposed) == len(seq.tokens):  # reaches the end: tokens can be drawn
+                rows = 1 + len(proposed)
+                inp.logits_rows += range(offset + chunk.length - rows, offset + chunk.length)
+                sampling.append((chunk, rows))
         return inp, sampling
 
     def step(self) -> list[RequestOutput]:
         start = time.perf_counter()  # the latency bound covers the whole step
+        spec = self.speculator
+        if spec is not None:
+            spec.plan_lookahead(self.scheduler.running, self.scheduler.cost, self.max_context)
         plan = self.scheduler.schedule()
         self.stats.preemptions += len(plan.preempted)
         if not plan.chunks:
             return []
-        inp, sampling = self._model_input(plan)
+        proposals = {}
+        if spec is not None:
+            proposing = time.perf_counter()
+            proposals = spec.propose(plan.chunks, plan.copies)
+            self.stats.propose_seconds += time.perf_counter() - proposing
+        inp, sampling = self._model_input(plan, proposals)
         logits = self.runner.execute(inp)
         for chunk in plan.chunks:
             chunk.seq.computed = chunk.start + chunk.length
-        outputs = []
         # Greedy rows need only their argmax: one reduction and one device-to-host copy for
         # the whole batch instead of a few small kernels and a sync per sequence.
-        argmax = logits.argmax(dim=-1).tolist() if len(sampling) else []
-        for seq, row, best in zip(sampling, logits, argmax, strict=True):
-            outputs += self._advance(seq, row, best)
+        argmax = logits.argmax(dim=-1).tolist() if sampling else []
+        outputs, row = [], 0
+        for chunk, count in sampling:
+            seq, rows, best = chunk.seq, logits[row : row + count], argmax[row : row + count]
+            row += count
+            if seq.seq_id not in proposals:
+                outputs += self._advance(seq, rows[0], best[0])
+                continue
+            assert spec is not None
+            tokens = spec.accept(seq, rows, best, proposals[seq.seq_id], self.stats.spec)
+            # The cache keeps the last token and the accepted proposals; the rest rolls back.
+            seq.computed = chunk.start + len(tokens)
+            seq.table.truncate(len(seq.tokens) + len(tokens))
+            alternatives = seq.params.logprobs
+            drawn = [
+                with_logprobs(r, t, alternatives)
+                for r, t in zip(rows[: len(tokens)], tokens, strict=True)
+            ]
+            outputs.append(self._append(seq, drawn))
         elapsed = time.perf_counter() - start
         self._account(plan, elapsed)
         return outputs
 
     def _advance(self, seq: Sequence, logits: torch.Tensor, argmax: int) -> list[RequestOutput]:
-        """Sample ``seq``'s next token (n tokens and a fork after an n > 1 prompt)."""
+        """Draw ``seq``'s next token (n tokens and a fork after an n > 1 prompt)."""
+        family = [seq]
         if seq.params.n > 1 and not seq.output and len(self._requests[seq.request_id]) == 1:
-            children = [self._fork(seq, i) for i in range(1, seq.params.n)]
-            return [o for s in [seq, *children] for o in self._append(s, logits, argmax)]
-        return self._append(seq, logits, argmax)
+            family += [self._fork(seq, i) for i in range(1, seq.params.n)]
+        return [self._append(s, [self._draw(s, logits, argmax)]) for s in family]
+
+    def _draw(self, seq: Sequence, logits: torch.Tensor, argmax: int) -> Sampled:
+        if seq.params.greedy and seq.params.logprobs is None:
+            return Sampled(argmax)
+        return sample(logits, seq.params, seq.generator)
 
     def _fork(self, parent: Sequence, index: int) -> Sequence:
         child = self._sequence(parent.request_id, index, parent.prompt, parent.params)
         child.table = parent.table.fork()
-        child.computed = parent.computed
+        child.computed, child.draft_computed = parent.computed, parent.draft_computed
         child.arrival = parent.arrival
         self._requests[parent.request_id].append(child)
         self.scheduler.fork(parent, child)
         return child
 
-    def _append(self, seq: Sequence, logits: torch.Tensor, argmax: int) -> list[RequestOutput]:
+    def _append(self, seq: Sequence, drawn: list[Sampled]) -> RequestOutput:
+        """Append drawn tokens until one ends the sequence; the output to stream."""
         now = time.perf_counter()
         if seq.first_token_at is None:
             seq.first_token_at = now
             self.stats.ttft_seconds.append(now - seq.arrival)
-        if seq.params.greedy and seq.params.logprobs is None:
-            drawn = Sampled(argmax)
-        else:
-            drawn = sample(logits, seq.params, seq.generator)
-        params = seq.params
-        stop_token = drawn.token in params.stop_token_ids or (
-            drawn.token == self.eos_id and not params.ignore_eos
-        )
         reason = None
-        if stop_token:
-            reason = "stop"
-        else:
-            seq.output.append(drawn.token)
-            if drawn.logprob is not None:
-                seq.logprobs.append(
-                    {"token": drawn.token, "logprob": drawn.logprob, "top": drawn.top}
-                )
-            self.stats.generated_tokens += 1
-            if len(seq.output) >= params.max_tokens or len(seq.tokens) >= self.max_context:
-                reason = "length"
-        if self.tokenizer is not None:
-            seq.text = self.tokenizer.decode(seq.output)
-            if params.stop:
-                hits = [i for i in (seq.text.find(s) for s in params.stop) if i >= 0]
-                if hits:
-                    seq.text = seq.text[: min(hits)]
-                    reason = "stop"
+        for token in drawn:
+            reason = self._push(seq, token)
+            if reason is not None:
+                break
         if reason is not None:
             self.scheduler.finish(seq, reason)
             if len(seq.output) > 1:
                 self.stats.tpot_seconds.append((now - seq.first_token_at) / (len(seq.output) - 1))
-        return [self._emit(seq)]
+        return self._emit(seq)
+
+    def _push(self, seq: Sequence, drawn: Sampled) -> str | None:
+        """Append one token; the finish reason if it ends the sequence."""
+        params = seq.params
+        if drawn.token in params.stop_token_ids or (
+            drawn.token == self.eos_id and not params.ignore_eos
+        ):
+            return "stop"
+        seq.output.append(drawn.token)
+        if drawn.logprob is not None:
+            seq.logprobs.append({"token": drawn.token, "logprob": drawn.logprob, "top": drawn.top})
+        self.stats.generated_tokens += 1
+        if self.tokenizer is not None:
+            seq.text = self.tokenizer.decode(seq.output)
+            hits = [i for i in (seq.text.find(s) for s in params.stop) if i >= 0]
+            if hits:
+                seq.text = seq.text[: min(hits)]
+                return "stop"
+        if len(seq.output) >= params.max_tokens or len(seq.tokens) >= self.max_context:
+            return "length"
+        return None
 
     def _emit(self, seq: Sequence) -> RequestOutput:
         """The tokens and text not yet streamed; text that could still become a stop string
@@ -333,6 +409,7 @@ class Engine:
         stats = self.stats
         stats.steps += 1
         stats.step_seconds.append(elapsed)
+        stats.busy_seconds += elapsed
         stats.prompt_tokens += sum(c.length for c in plan.chunks if c.start < len(c.seq.prompt))
         keys = sum(c.length * (c.start + c.length) for c in plan.chunks)
         self._cost_samples.append((plan.tokens, keys, len(plan.chunks), elapsed))

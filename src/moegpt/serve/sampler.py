@@ -48,11 +48,17 @@ def sample(
         token = int(probs.argmax())
     else:
         token = int(torch.multinomial(probs, 1, generator=generator))
-    if params.logprobs is None:
+    return with_logprobs(logits, token, params.logprobs)
+
+
+def with_logprobs(logits: torch.Tensor, token: int, alternatives: int | None) -> Sampled:
+    """``token`` with its log-probability under the raw model distribution and the
+    ``alternatives`` most likely tokens' (None: no log-probabilities asked for)."""
+    if alternatives is None:
         return Sampled(token)
     logprobs = logits.float().log_softmax(dim=-1)
-    top = logprobs.topk(params.logprobs) if params.logprobs else None
-    alternatives = (
+    top = logprobs.topk(alternatives) if alternatives else None
+    pairs = (
         list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else []
     )
-    return Sampled(token, float(logprobs[token]), alternatives)
+    return Sampled(token, float(logprobs[token]), pairs)

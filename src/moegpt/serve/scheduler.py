@@ -145,7 +145,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         seq.table.free()
-        seq.computed = 0
+        seq.computed = seq.draft_computed = 0
         seq.status = Status.WAITING
         self.running.remove(seq)
         self.waiting.appendleft(seq)  # first to come back
@@ -179,7 +179,9 @@ class Scheduler:
             plan.limited_by = "batch size"
             return 0
         room = self.config.max_tokens_per_step - plan.tokens
-        n = min(seq.pending, room)
+        # A decode may also verify the tokens proposed for it (speculative decoding); they
+        # are the first thing the token budget and the latency bound cut.
+        n = min(seq.pending + (seq.lookahead if seq.pending == 1 else 0), room)
         if n <= 0:
             plan.limited_by = "token budget"
             return 0

@@ -29,6 +29,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    speculate: bool = True  # may the engine speculate for this request (when it can)
 
     def __post_init__(self) -> None:
         checks = [
@@ -72,6 +73,11 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
     computed: int = 0  # tokens whose keys and values are in the cache
+    draft_computed: int = 0  # the same in the draft model's cache
+    lookahead: int = 0  # tokens the engine wants to propose for this sequence this step
+    # decayed counts of proposed tokens tested and accepted: the acceptance-rate estimate
+    spec_tested: float = 0.0
+    spec_accepted: float = 0.0
     status: Status = Status.WAITING
     finish_reason: str | None = None
     arrival: float = field(default_factory=time.perf_counter)

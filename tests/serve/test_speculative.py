@@ -1,0 +1,229 @@
+"""Speculative decoding: greedy output is the target's token for token (draft model and
+n-grams, alone and in a batch with non-speculating requests); sampled output follows the
+target's distribution (a chi-square test that a wrong acceptance rule fails); the caches hold
+exactly the accepted tokens' keys and values; nothing leaks."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from moegpt.config import ServeConfig
+from moegpt.errors import UserError
+from moegpt.model import KVCache, Transformer
+from moegpt.serve.engine import Engine
+from moegpt.serve.sequence import SamplingParams
+from moegpt.serve.speculative import NgramProposer, Proposal, verify
+from tests.conftest import small_config
+from tests.serve.test_engine import mixed_requests, reference_greedy
+
+# chi-square 0.1% tails by degrees of freedom
+CHI2_999 = {5: 20.52, 7: 24.32}
+
+
+def chi_square(counts: torch.Tensor, expected_probs: torch.Tensor) -> float:
+    expected = expected_probs * counts.sum()
+    mask = expected > 0
+    assert counts[~mask].sum() == 0, "a token the target never draws was emitted"
+    return float(((counts[mask] - expected[mask]) ** 2 / expected[mask]).sum())
+
+
+def broken_verify(target, argmax, proposal, generator):
+    """The rule the seed suspects: accept any draft the target does not rule out."""
+    out = []
+    for i, token in enumerate(proposal.tokens):
+        if target[i][token] <= 0:
+            return [*out, int(torch.multinomial(target[i], 1, generator=generator))], i
+        out.append(token)
+    k = len(proposal.tokens)
+    return [*out, int(torch.multinomial(target[k], 1, generator=generator))], k
+
+
+def emitted_counts(rule, trials: int = 20000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position-0 and position-1 emitted tokens over many verifications of k = 2 drafts
+    drawn from p against fixed target rows q (independent of the prefix, so each emitted
+    position must follow its own row)."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.tensor(
+        [[0.4, 0.3, 0.1, 0.1, 0.05, 0.05], [0.1, 0.1, 0.5, 0.1, 0.1, 0.1], [1 / 6] * 6]
+    )
+    p = torch.tensor([[0.1, 0.1, 0.2, 0.2, 0.2, 0.2], [0.3, 0.3, 0.1, 0.1, 0.1, 0.1]])
+    first, second = torch.zeros(6), torch.zeros(6)
+    for _ in range(trials):
+        drafts = [int(torch.multinomial(p[i], 1, generator=gen)) for i in range(2)]
+        tokens, _ = rule(q, [0, 0, 0], Proposal(drafts, p), gen)
+        first[tokens[0]] += 1
+        if len(tokens) > 1:
+            second[tokens[1]] += 1
+    return first, second, q
+
+
+def test_acceptance_rule_keeps_the_target_distribution_and_a_wrong_rule_fails() -> None:
+    first, second, q = emitted_counts(verify)
+    assert chi_square(first, q[0]) < CHI2_999[5]
+    assert chi_square(second, q[1]) < CHI2_999[5]
+    bad_first, _, _ = emitted_counts(broken_verify)
+    assert chi_square(bad_first, q[0]) > 10 * CHI2_999[5]
+
+
+def test_point_mass_proposals_and_greedy_verification() -> None:
+    gen = torch.Generator().manual_seed(1)
+    q = torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.0, 0.5], [0.0, 0.0, 1.0]])
+    # an n-gram proposal (point mass): token 1 has q = 1, always kept; token 1 then has q = 0
+    tokens, accepted = verify(q, [1, 0, 2], Proposal([1, 1]), gen)
+    assert accepted == 1 and tokens[0] == 1 and tokens[1] in (0, 2)
+    assert verify(None, [1, 0, 2], Proposal([1, 0]), None) == ([1, 0, 2], 2)
+    assert verify(None, [1, 0, 2], Proposal([1, 2]), None) == ([1, 0], 1)
+
+
+def test_ngram_lookup_prefers_the_longest_latest_match() -> None:
+    ngram = NgramProposer(max_n=3, min_n=1)
+    assert ngram._lookup([1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3], 3) == [7, 5, 1]
+    assert ngram._lookup([4, 8, 6, 4], 2) == [8, 6]
+    assert ngram._lookup([1, 2, 3], 2) == []
+
+
+@pytest.fixture(scope="module")
+def target() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(small_config(max_seq_len=128)).eval()
+
+
+@pytest.fixture(scope="module")
+def stranger() -> Transformer:
+    """A draft that knows nothing of the target: most proposals are rejected."""
+    torch.manual_seed(1)
+    return Transformer(small_config(max_seq_len=128, n_layers=1, d_model=16, n_heads=2)).eval()
+
+
+def run_batch(engine: Engine, requests, speculate_every: int, seed: int) -> list[list[int]]:
+    """Greedy requests arriving at random steps; every ``speculate_every``-th may not
+    speculate."""
+    rng = random.Random(seed)
+    pending = list(enumerate(requests))
+    got: dict[str, list[int]] = {}
+    order = []
+    while pending or engine.has_work():
+        for _ in range(rng.randint(0, 3)):
+            if pending:
+                i, (prompt, n) = pending.pop(0)
+                speculate = i % speculate_every != 0
+                params = SamplingParams(max_tokens=n, temperature=0, speculate=speculate)
+                order.append(engine.add_request(prompt, params))
+                got[order[-1]] = []
+        for out in engine.step():
+            got[out.request_id] += out.token_ids
+    return [got[r] for r in order]
+
+
+@pytest.mark.parametrize("proposer", ["self", "stranger", "ngram"])
+@pytest.mark.parametrize("mode", ["fixed", "adaptive"])
+def test_greedy_speculation_is_the_targets_greedy_output(
+    target: Transformer, stranger: Transformer, proposer: str, mode: str
+) -> None:
+    serve = ServeConfig(
+        num_kv_blocks=256, block_size=4, ngram=proposer == "ngram", speculation=mode
+    )
+    draft = {"self": target, "stranger": stranger}.get(proposer)
+    engine = Engine(target, config=serve, draft=draft)
+    # repetitive prompts give the n-gram proposer something to find
+    requests = [(p * 2, n + 8) for p, n in mixed_requests(16, 97, seed=7)]
+    got = run_batch(engine, requests, speculate_every=4, seed=8)
+    for (prompt, n), tokens in zip(requests, got, strict=True):
+        assert tokens == reference_greedy(target, prompt, n)
+    spec = engine.stats.spec
+    assert spec.proposed > 0 and engine.allocator.used == 0
+    if proposer == "self":  # the target as its own draft: everything is accepted
+        assert spec.acceptance_rate == 1.0
+    assert len(spec.proposed_at) >= 1 and spec.accepted_at[0] <= spec.proposed_at[0]
+
+
+@torch.no_grad()
+def cached_keys(model: Transformer, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each layer's keys and values of ``tokens`` from a plain contiguous-cache prefill."""
+    cache = KVCache.for_model(model, 1, max_len=len(tokens))
+    model(torch.tensor([tokens]), cache=cache)
+    return cache.k[:, 0].transpose(1, 2), cache.v[:, 0].transpose(1, 2)  # (L, T, kv, d)
+
+
+def test_rollback_leaves_exactly_the_accepted_tokens_in_both_caches(
+    target: Transformer, stranger: Transformer
+) -> None:
+    engine = Engine(
+        target,
+        config=ServeConfig(num_kv_blocks=128, block_size=4, speculation="fixed"),
+        draft=stranger,
+    )
+    for prompt, _ in mixed_requests(6, 97, seed=9):
+        engine.add_request(prompt, SamplingParams(max_tokens=60, temperature=1.0, seed=3))
+    for _ in range(12):
+        engine.step()
+    assert engine.stats.spec.accepted < engine.stats.spec.proposed  # there were rejections
+    draft_cache = engine.speculator.proposer.runner.cache
+    for seq in engine.scheduler.running:
+        for model, cache, n in (
+            (target, engine.runner.cache, seq.computed),
+            (stranger, draft_cache, seq.draft_computed),
+        ):
+            slots = torch.tensor(seq.table.slots(0, n))
+            k, v = cached_keys(model, seq.tokens[:n])
+            torch.testing.assert_close(cache.k[:, slots], k, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(cache.v[:, slots], v, rtol=1e-5, atol=1e-5)
+
+
+def test_no_block_leaks_when_cancelling_mid_speculation(
+    target: Transformer, stranger: Transformer
+) -> None:
+    engine = Engine(
+        target,
+        config=ServeConfig(num_kv_blocks=40, block_size=4, max_batch_size=8, speculation="fixed"),
+        draft=stranger,
+    )
+    rng = random.Random(4)
+    live: list[str] = []
+    for added in range(300):
+        prompt = [rng.randrange(97) for _ in range(rng.randint(1, 20))]
+        params = SamplingParams(max_tokens=rng.randint(1, 24), seed=added, n=rng.choice([1, 2]))
+        live.append(engine.add_request(prompt, params))
+        if rng.random() < 0.3:
+            engine.abort(live.pop(rng.randrange(len(live))))
+        engine.step()
+    while engine.has_work():
+        engine.step()
+    assert engine.stats.spec.proposed > 0 and engine.stats.preemptions > 0
+    assert engine.allocator.used == 0
+
+
+def test_sampled_speculation_follows_the_target_distribution() -> None:
+    """Third-token marginals of a batch (each request its own seed), with a random draft,
+    against the target's exact marginal (enumerated over the first two tokens)."""
+    torch.manual_seed(2)
+    # Large weights make peaked distributions, so target and draft disagree clearly.
+    target = Transformer(small_config(vocab_size=8, max_seq_len=32, init_std=0.6)).eval()
+    draft = Transformer(small_config(vocab_size=8, max_seq_len=32, init_std=0.6)).eval()
+    prompt = [1, 2, 3]
+    engine = Engine(
+        target,
+        config=ServeConfig(num_kv_blocks=2048, max_batch_size=256, speculation="fixed"),
+        draft=draft,
+    )
+    outs = engine.generate([prompt] * 3000, SamplingParams(max_tokens=3, temperature=1.0))
+    counts = torch.zeros(8)
+    for (completion,) in outs:
+        counts[completion.token_ids[2]] += 1
+    assert engine.stats.spec.proposed > 1000
+    with torch.no_grad():
+        first = target(torch.tensor([prompt])).logits[0, -1].softmax(-1)
+        seconds = target(torch.tensor([[*prompt, t] for t in range(8)])).logits[:, -1].softmax(-1)
+        pairs = [[*prompt, a, b] for a in range(8) for b in range(8)]
+        thirds = target(torch.tensor(pairs)).logits[:, -1].softmax(-1).view(8, 8, 8)
+    exact = torch.einsum("a,ab,abc->c", first, seconds, thirds)
+    assert chi_square(counts, exact) < CHI2_999[7]
+
+
+def test_a_draft_with_another_vocabulary_is_refused(target: Transformer) -> None:
+    other = Transformer(small_config(vocab_size=50)).eval()
+    with pytest.raises(UserError, match="^serve.draft: vocabulary of 50 tokens"):
+        Engine(target, config=ServeConfig(num_kv_blocks=16), draft=other)
