@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -282,6 +283,14 @@ def _generate(engine: Engine, args: argparse.Namespace) -> None:
         + ", ".join(sorted({str(r) for r in reasons.values()})),
         highlight=False,
     )
+    spec = stats.spec
+    if spec.proposed:
+        stderr.print(
+            f"speculation: {spec.acceptance_rate:.0%} of {spec.proposed} proposed tokens "
+            f"accepted, {spec.mean_accepted:.2f} per verification, "
+            f"{stats.propose_share:.0%} of step time proposing",
+            highlight=False,
+        )
 
 
 SERVE_FLAGS = (
@@ -292,6 +301,11 @@ SERVE_FLAGS = (
     "max_tokens_per_step",
     "tpot_ms",
     "ttft_ms",
+    "decode_attention",
+    "draft",
+    "ngram",
+    "speculation",
+    "spec_tokens",
 )
 
 
@@ -299,10 +313,17 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per engine knob of [serve], documented from the config's own field help."""
     from moegpt.config import ServeConfig
 
-    docs = {f.name: f.metadata["help"] for f in dataclasses.fields(ServeConfig)}
+    fields = {f.name: f for f in dataclasses.fields(ServeConfig)}
+    defaults = ServeConfig()
     for flag in SERVE_FLAGS:
-        kind = float if flag.endswith("_ms") else int
-        parser.add_argument(f"--{flag.replace('_', '-')}", type=kind, help=docs[flag])
+        name, doc = f"--{flag.replace('_', '-')}", fields[flag].metadata["help"]
+        default = getattr(defaults, flag)
+        choices = typing.get_args(typing.get_type_hints(ServeConfig)[flag]) or None
+        if isinstance(default, bool):
+            parser.add_argument(name, action="store_true", default=None, help=doc)
+        else:
+            kind = str if choices else type(default)
+            parser.add_argument(name, type=kind, choices=choices, help=doc)
 
 
 def cmd_export(args: argparse.Namespace) -> None:

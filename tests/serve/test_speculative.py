@@ -227,3 +227,16 @@ def test_a_draft_with_another_vocabulary_is_refused(target: Transformer) -> None
     other = Transformer(small_config(vocab_size=50)).eval()
     with pytest.raises(UserError, match="^serve.draft: vocabulary of 50 tokens"):
         Engine(target, config=ServeConfig(num_kv_blocks=16), draft=other)
+
+
+def test_generate_cli_checks_the_proposer_flags(tmp_path, target: Transformer, capsys) -> None:
+    from moegpt.cli import main
+    from moegpt.weights import save_model
+
+    save_model(target, tmp_path / "m")
+    both = ["generate", str(tmp_path / "m"), "--prompt", "x", "--ngram", "--draft", "d"]
+    assert main(both) == 2
+    assert "serve.ngram: choose one proposer" in capsys.readouterr().err
+    missing = ["generate", str(tmp_path / "m"), "--prompt", "x", "--draft", str(tmp_path / "d")]
+    assert main(missing) == 2
+    assert "checkpoint folder not found" in capsys.readouterr().err

@@ -103,6 +103,22 @@ def folder_tokenizer(path: str | Path) -> tuple[Any, int | None]:
     return tokenizer, tokenizer.token_to_id(END_OF_TEXT)
 
 
+def load_draft(
+    target_path: str | Path, config: ServeConfig, target: Transformer
+) -> Transformer | None:
+    """``config.draft``'s model on the target's device and in its dtype (None without one);
+    its tokenizer, when both folders have one, must be the target's."""
+    from moegpt.weights import load
+
+    if not config.draft:
+        return None
+    mine, theirs = Path(target_path) / "tokenizer.json", Path(config.draft) / "tokenizer.json"
+    if mine.is_file() and theirs.is_file() and mine.read_bytes() != theirs.read_bytes():
+        raise UserError(f"serve.draft: {theirs} differs from the target's tokenizer")
+    parameter = next(target.parameters())
+    return load(config.draft, device=parameter.device, dtype=parameter.dtype)
+
+
 class Engine:
     def __init__(
         self,
@@ -181,9 +197,7 @@ class Engine:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         tokenizer, eos_id = folder_tokenizer(path)
         model = load(path, device=device)
-        draft = None
-        if config is not None and config.draft:
-            draft = load(config.draft, device=device, dtype=next(model.parameters()).dtype)
+        draft = load_draft(path, config, model) if config is not None else None
         return cls(model, tokenizer, config, eos_id=eos_id, draft=draft)
 
     def close(self) -> None:

@@ -216,6 +216,7 @@ class Speculator:
         self.max_k = config.spec_tokens
         self.draft_max_len = draft_max_len
         self.draft_seconds_per_token = 0.0  # measured cost of proposing, per proposed token
+        self.verify_seconds = 0.0  # measured host time of one sequence's verification
 
     def acceptance(self, seq: Sequence) -> float:
         return (seq.spec_accepted + PRIOR_ACCEPTED) / (seq.spec_tested + PRIOR_TESTED)
@@ -257,12 +258,15 @@ class Speculator:
         alpha = self.acceptance(seq)
         context = len(seq.tokens)
         share = cost.predict(batch, batch * context, batch) / batch
+        # Speculating at all costs a verification and an attention call of its own (the
+        # sequence leaves the padded decode batch); each proposed token adds its compute.
+        fixed = self.verify_seconds + cost.per_sequence
         extra = cost.per_token + cost.per_key * context + self.draft_seconds_per_token
         best_k, best = 0, 1.0 / share
         expected = 1.0
         for k in range(1, limit + 1):
             expected += alpha**k  # E[tokens] = 1 + alpha + ... + alpha^k
-            goodput = expected / (share + k * extra)
+            goodput = expected / (share + fixed + k * extra)
             if goodput > best:
                 best_k, best = k, goodput
         return best_k
@@ -298,9 +302,11 @@ class Speculator:
     ) -> list[int]:
         """Verify ``proposal`` against the target's ``rows`` (k + 1, vocab); the tokens to
         append. Rolls the draft cache back to the accepted prefix."""
+        start = time.perf_counter()
         params = seq.params
         target = None if params.greedy else torch.stack([distribution(r, params) for r in rows])
         tokens, accepted = verify(target, argmax, proposal, seq.generator)
+        self.verify_seconds += 0.2 * (time.perf_counter() - start - self.verify_seconds)
         k = len(proposal.tokens)
         stats.record(k, accepted)
         tested = accepted + (accepted < k)

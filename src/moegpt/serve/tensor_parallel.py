@@ -138,11 +138,12 @@ def open_tensor_parallel(
 ) -> Engine | None:
     """Every rank of a torchrun job calls this. Rank 0 gets the engine over its shard; the
     other ranks follow its steps and get None once rank 0 closes the engine."""
-    from moegpt.serve.engine import Engine, folder_tokenizer
+    from moegpt.serve.engine import Engine, folder_tokenizer, load_draft
 
     model, group = load_sharded(path, config.tp, local_device(), timeout_s)
-    if dist.get_rank() == 0:
+    if dist.get_rank() == 0:  # the draft, if any, runs on rank 0 alone
         tokenizer, eos_id = folder_tokenizer(path)
-        return Engine(model, tokenizer, config, eos_id, tp_group=group)
+        draft = load_draft(path, config, model)
+        return Engine(model, tokenizer, config, eos_id, tp_group=group, draft=draft)
     follow(build_runner(model, config, group), group)
     return None
