@@ -15,7 +15,7 @@ from moegpt.errors import UserError
 from moegpt.model import KVCache, Transformer
 from moegpt.serve.engine import Engine
 from moegpt.serve.sequence import SamplingParams
-from moegpt.serve.speculative import NgramProposer, Proposal, verify
+from moegpt.serve.speculative import NgramProposer, Proposal, SpeculationGate, verify
 from tests.conftest import small_config
 from tests.serve.test_engine import mixed_requests, reference_greedy
 
@@ -134,10 +134,11 @@ def test_greedy_speculation_is_the_targets_greedy_output(
     for (prompt, n), tokens in zip(requests, got, strict=True):
         assert tokens == reference_greedy(target, prompt, n)
     spec = engine.stats.spec
-    assert spec.proposed > 0 and engine.allocator.used == 0
-    if proposer == "self":  # the target as its own draft: everything is accepted
+    assert engine.allocator.used == 0
+    if mode == "fixed":  # adaptive may find speculating not worth it on this machine
+        assert spec.proposed > 0 and spec.accepted_at[0] <= spec.proposed_at[0]
+    if proposer == "self" and spec.proposed:  # the target as its own draft: all accepted
         assert spec.acceptance_rate == 1.0
-    assert len(spec.proposed_at) >= 1 and spec.accepted_at[0] <= spec.proposed_at[0]
 
 
 @torch.no_grad()
@@ -240,3 +241,18 @@ def test_generate_cli_checks_the_proposer_flags(tmp_path, target: Transformer, c
     missing = ["generate", str(tmp_path / "m"), "--prompt", "x", "--draft", str(tmp_path / "d")]
     assert main(missing) == 2
     assert "checkpoint folder not found" in capsys.readouterr().err
+
+
+def test_gate_settles_on_the_faster_mode_per_load_level_and_probes() -> None:
+    gate = SpeculationGate()
+    level = SpeculationGate.bucket(48)
+    assert not gate.allows(level)  # nothing measured: run plain first
+    gate.record(level, False, 1e-3)
+    assert gate.allows(level)  # then try speculating
+    gate.record(level, True, 2e-3)  # slower at this load
+    decisions = [gate.allows(level) for _ in range(32)]
+    assert decisions.count(True) == 2  # only the periodic probes speculate
+    gate.record(SpeculationGate.bucket(1), False, 5e-3)
+    gate.record(SpeculationGate.bucket(1), True, 2e-3)  # at batch 1 it pays
+    assert [gate.allows(1) for _ in range(15)].count(False) == 0
+    assert gate.allows(None)  # steps with prefill are not gated

@@ -331,6 +331,8 @@ class Engine:
             ]
             outputs.append(self._append(seq, drawn))
         elapsed = time.perf_counter() - start
+        if spec is not None:
+            spec.observe(elapsed, sum(len(o.token_ids) for o in outputs))
         self._account(plan, elapsed)
         return outputs
 

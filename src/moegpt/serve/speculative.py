@@ -202,6 +202,43 @@ class SpecStats:
 PRIOR_TESTED, PRIOR_ACCEPTED, DECAY = 2.0, 1.0, 0.8
 
 
+class SpeculationGate:
+    """A measured check on the per-sequence choices: for each load level (decode batch size,
+    by powers of two) it keeps the step seconds per generated token of steps that speculated
+    and of steps that did not, and lets a level speculate only while that is the faster
+    (probing the other side every ``PROBE_EVERY`` steps so neither figure goes stale). So a
+    loaded server whose step-time model misjudges speculation still ends up at the faster
+    mode."""
+
+    PROBE_EVERY = 16
+    SMOOTHING = 0.2
+
+    def __init__(self) -> None:
+        self.seconds_per_token: dict[tuple[int, bool], float] = {}
+        self._steps: dict[int, int] = {}
+
+    @staticmethod
+    def bucket(batch: int) -> int:
+        return batch.bit_length()
+
+    def allows(self, bucket: int | None) -> bool:
+        if bucket is None:
+            return True
+        step = self._steps[bucket] = self._steps.get(bucket, 0) + 1
+        spec, plain = (self.seconds_per_token.get((bucket, s)) for s in (True, False))
+        if plain is None or spec is None:  # measure both sides first
+            return plain is not None
+        faster = spec <= plain
+        return faster != (step % self.PROBE_EVERY == 0)  # probe the other side now and then
+
+    def record(self, bucket: int, speculated: bool, seconds_per_token: float) -> None:
+        key = (bucket, speculated)
+        old = self.seconds_per_token.get(key)
+        self.seconds_per_token[key] = (
+            seconds_per_token if old is None else old + self.SMOOTHING * (seconds_per_token - old)
+        )
+
+
 class Speculator:
     """Chooses each sequence's lookahead, runs the proposer, verifies the target's rows."""
 
@@ -217,6 +254,9 @@ class Speculator:
         self.draft_max_len = draft_max_len
         self.draft_seconds_per_token = 0.0  # measured cost of proposing, per proposed token
         self.verify_seconds = 0.0  # measured host time of one sequence's verification
+        self.gate = SpeculationGate()
+        self._bucket: int | None = None  # this step's load level, when it is pure decode
+        self._speculating = False
 
     def acceptance(self, seq: Sequence) -> float:
         return (seq.spec_accepted + PRIOR_ACCEPTED) / (seq.spec_tested + PRIOR_TESTED)
@@ -228,7 +268,11 @@ class Speculator:
         decoding = [s for s in running if s.pending == 1]
         for seq in running:
             seq.lookahead = 0
+        self._bucket = SpeculationGate.bucket(len(decoding)) if decoding == running else None
+        self._speculating = False
         if self.mode == "off":
+            return
+        if self.mode == "adaptive" and not self.gate.allows(self._bucket):
             return
         for seq in decoding:
             if not seq.params.speculate:
@@ -246,9 +290,15 @@ class Speculator:
                 seq.lookahead = limit
             else:
                 seq.lookahead = self._best_k(seq, limit, cost, len(decoding))
+            self._speculating |= seq.lookahead > 0
             if seq.lookahead == 0:  # not testing: let the estimate drift back to the prior
                 seq.spec_tested *= DECAY
                 seq.spec_accepted *= DECAY
+
+    def observe(self, seconds: float, tokens: int) -> None:
+        """Feed the gate a finished step (only pure decode steps count)."""
+        if self._bucket is not None and tokens:
+            self.gate.record(self._bucket, self._speculating, seconds / tokens)
 
     def _best_k(self, seq: Sequence, limit: int, cost: StepCostModel, batch: int) -> int:
         """The lookahead with the most expected tokens per second of step time this sequence
