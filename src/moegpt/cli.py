@@ -7,12 +7,12 @@ import dataclasses
 import json
 import sys
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moegpt import __version__
-from moegpt.config import Config, load_config, to_toml
+from moegpt.config import Config, ServeConfig, load_config, to_toml
 from moegpt.console import stderr, stdout
 from moegpt.errors import UserError
 
@@ -205,23 +205,29 @@ def _train(config: Config, run_dir: Path, resume: bool) -> None:
         dist.destroy_process_group()
 
 
-def cmd_generate(args: argparse.Namespace) -> int | None:
-    from moegpt.parallel.mesh import launched_by_torchrun
-    from moegpt.serve.engine import Engine
-
+def _serve_config(args: argparse.Namespace) -> ServeConfig:
     serve = dataclasses.replace(
         _load(args).serve,
         **{k: v for k, v in vars(args).items() if k in SERVE_FLAGS and v is not None},
     )
     serve.validate()
+    return serve
+
+
+def _with_engine(
+    args: argparse.Namespace, serve: ServeConfig, work: Callable[[Engine], None]
+) -> int | None:
+    """Run ``work`` on an engine over MODEL_DIR: in this process, or with ``serve.tp`` > 1 on
+    rank 0 of a torchrun job (started here unless this already is one)."""
+    from moegpt.parallel.mesh import launched_by_torchrun
+    from moegpt.serve.engine import Engine
+
     if serve.tp == 1:
-        _generate(Engine.from_folder(args.model_dir, serve), args)
+        work(Engine.from_folder(args.model_dir, serve))
         return None
     if not launched_by_torchrun():
         from moegpt.parallel.launch import launch
 
-        if not args.prompt:
-            raise UserError("--prompt: a tensor-parallel run takes its prompts as flags")
         return launch(serve.tp, 0, args.argv)
     import torch.distributed as dist
 
@@ -231,10 +237,42 @@ def cmd_generate(args: argparse.Namespace) -> int | None:
         engine = open_tensor_parallel(args.model_dir, serve)
         if engine is not None:  # rank 0; the followers return once it closes
             with engine:
-                _generate(engine, args)
+                work(engine)
     finally:
         dist.destroy_process_group()
     return None
+
+
+def cmd_generate(args: argparse.Namespace) -> int | None:
+    serve = _serve_config(args)
+    if serve.tp > 1 and not args.prompt:
+        raise UserError("--prompt: a tensor-parallel run takes its prompts as flags")
+    return _with_engine(args, serve, lambda engine: _generate(engine, args))
+
+
+def cmd_serve(args: argparse.Namespace) -> int | None:
+    import os
+
+    serve = _serve_config(args)
+    host, port = args.host or serve.host, args.port or serve.port
+    if not 0 < port < 65536:
+        raise UserError(f"--port: must be in 1..65535, got {port}")
+    api_key = args.api_key or os.environ.get("MOEGPT_API_KEY") or None
+    name = args.served_model_name or Path(args.model_dir).resolve().name
+
+    def run(engine: Engine) -> None:
+        from moegpt.serve.async_engine import AsyncEngine
+        from moegpt.serve.server import serve as serve_http
+
+        total = engine.allocator.num_blocks
+        stderr.print(
+            f"serving {name} on http://{host}:{port} ({total} KV blocks of "
+            f"{serve.block_size} tokens{', API key required' if api_key else ''})",
+            highlight=False,
+        )
+        serve_http(AsyncEngine(engine), name, host, port, api_key)
+
+    return _with_engine(args, serve, run)
 
 
 def _generate(engine: Engine, args: argparse.Namespace) -> None:
@@ -533,6 +571,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--logprobs", type=int, help="log-probabilities of N alternatives")
     _add_serve_flags(gen)
     gen.set_defaults(func=cmd_generate, takes_overrides=True)
+
+    srv = verbs.add_parser(
+        "serve",
+        help="serve an exported model over an OpenAI-compatible HTTP API",
+        description="Serve MODEL_DIR (an exported folder) at /v1/completions, "
+        "/v1/chat/completions and /v1/models, with /health and Prometheus /metrics. Binds "
+        "127.0.0.1 unless --host says otherwise; SIGTERM lets running requests finish (up to "
+        "30 s) and cancels the rest.",
+    )
+    srv.add_argument("model_dir", metavar="MODEL_DIR")
+    _add_config_argument(srv)
+    srv.add_argument("--host", help="address to bind (default serve.host, 127.0.0.1)")
+    srv.add_argument("--port", type=int, help="port (default serve.port, 8000)")
+    srv.add_argument(
+        "--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or MOEGPT_API_KEY)"
+    )
+    srv.add_argument("--served-model-name", help="the model id clients use (the folder name)")
+    _add_serve_flags(srv)
+    srv.set_defaults(func=cmd_serve, takes_overrides=True)
 
     export = verbs.add_parser(
         "export",

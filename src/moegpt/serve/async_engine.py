@@ -42,7 +42,8 @@ class AsyncEngine:
                 out = await queue.get()
                 if isinstance(out, BaseException):
                     raise out
-                remaining -= out.finished
+                # a shutdown ends the whole request, however many samples were left
+                remaining = 0 if out.finish_reason == "abort" else remaining - out.finished
                 yield out
         finally:
             if remaining:  # the consumer left early: cancel and free the blocks
@@ -53,14 +54,25 @@ class AsyncEngine:
         with self._lock:
             self.engine.abort(request_id)
 
+    def metrics(self) -> str:
+        """The Prometheus page of the engine's state."""
+        from moegpt.serve.metrics import engine_metrics
+
+        with self._lock:
+            return engine_metrics(self.engine)
+
     def shutdown(self) -> None:
-        """Stop stepping; requests still running are cancelled."""
+        """Stop stepping; requests still running are cancelled, and their streams end with
+        finish reason "abort"."""
         self._stopping = True
         self._wake.set()
         self._thread.join()
         with self._lock:
-            for rid in list(self._streams):
-                self.engine.abort(rid)
+            for rid, (loop, queue) in list(self._streams.items()):
+                sequences = self.engine.abort(rid)
+                for index in sequences[:1] or [0]:
+                    ended = RequestOutput(rid, index, [], finished=True, finish_reason="abort")
+                    loop.call_soon_threadsafe(queue.put_nowait, ended)
 
     def _run(self) -> None:
         while not self._stopping:

@@ -24,6 +24,7 @@ from moegpt.errors import UserError
 from moegpt.model import Transformer
 from moegpt.serve.blocks import BlockAllocator, BlockTable
 from moegpt.serve.calibrate import calibrate
+from moegpt.serve.metrics import Histogram, ThroughputMeter
 from moegpt.serve.runner import ModelInput, ModelRunner, build_runner
 from moegpt.serve.sampler import Sampled, sample, with_logprobs
 from moegpt.serve.scheduler import (
@@ -81,6 +82,9 @@ class EngineStats:
     step_seconds: deque = field(default_factory=lambda: deque(maxlen=512))
     ttft_seconds: deque = field(default_factory=lambda: deque(maxlen=4096))
     tpot_seconds: deque = field(default_factory=lambda: deque(maxlen=4096))
+    ttft_hist: Histogram = field(default_factory=Histogram)
+    tpot_hist: Histogram = field(default_factory=Histogram)
+    throughput: ThroughputMeter = field(default_factory=ThroughputMeter)
     spec: SpecStats = field(default_factory=SpecStats)
     propose_seconds: float = 0.0  # time in the proposer (the draft model's forwards)
     busy_seconds: float = 0.0  # time in steps
@@ -262,10 +266,12 @@ class Engine:
             generator,
         )
 
-    def abort(self, request_id: str) -> None:
-        """Cancel a request at any point; its blocks are freed at once."""
-        self.scheduler.abort(request_id)
+    def abort(self, request_id: str) -> list[int]:
+        """Cancel a request at any point; its blocks are freed at once. Returns the sample
+        indices that were still unfinished."""
+        cancelled = self.scheduler.abort(request_id)
         self._requests.pop(request_id, None)
+        return [seq.index for seq in cancelled]
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -331,8 +337,10 @@ class Engine:
             ]
             outputs.append(self._append(seq, drawn))
         elapsed = time.perf_counter() - start
+        generated = sum(len(o.token_ids) for o in outputs)
+        self.stats.throughput.add(generated)
         if spec is not None:
-            spec.observe(elapsed, sum(len(o.token_ids) for o in outputs))
+            spec.observe(elapsed, generated)
         self._account(plan, elapsed)
         return outputs
 
@@ -363,6 +371,7 @@ class Engine:
         if seq.first_token_at is None:
             seq.first_token_at = now
             self.stats.ttft_seconds.append(now - seq.arrival)
+            self.stats.ttft_hist.observe(now - seq.arrival)
         reason = None
         for token in drawn:
             reason = self._push(seq, token)
@@ -371,7 +380,9 @@ class Engine:
         if reason is not None:
             self.scheduler.finish(seq, reason)
             if len(seq.output) > 1:
-                self.stats.tpot_seconds.append((now - seq.first_token_at) / (len(seq.output) - 1))
+                tpot = (now - seq.first_token_at) / (len(seq.output) - 1)
+                self.stats.tpot_seconds.append(tpot)
+                self.stats.tpot_hist.observe(tpot)
         return self._emit(seq)
 
     def _push(self, seq: Sequence, drawn: Sampled) -> str | None:
