@@ -9,15 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-
-from moegpt.data.tokenizer import train_tokenizer
-from moegpt.model import Transformer
 from moegpt.serve.runner import ModelInput
 from moegpt.serve.tensor_parallel import pack, unpack
-from moegpt.weights import save_model
-from tests.conftest import small_config
 
 PROMPTS = ["def parse(text):", "import os\nimport sys", "class Engine:\n    def step(self)"]
 
@@ -34,27 +27,6 @@ def test_step_input_round_trips() -> None:
     assert unpack(pack(ModelInput(copies=[(1, 2)]))) == ModelInput(copies=[(1, 2)])
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tp-model")
-    source = Path(torch.__file__).with_name("functional.py").read_text()
-    tokenizer = train_tokenizer([source], vocab_size=384)
-    tokenizer.save(str(root / "tokenizer.json"))
-    torch.manual_seed(0)
-    # MQA (the one K/V head replicated over TP), a dense first layer and MoE layers (experts'
-    # hidden units split), an untied vocabulary-parallel embedding and head.
-    config = small_config(
-        vocab_size=tokenizer.get_vocab_size(),
-        n_layers=3,
-        first_k_dense=1,
-        max_seq_len=128,
-        tie_embeddings=False,
-    )
-    return save_model(
-        Transformer(config), root / "model", extra_files={"tokenizer.json": root / "tokenizer.json"}
-    )
-
-
 def _generate(model_dir: Path, *flags: str) -> str:
     command = [sys.executable, "-m", "moegpt.cli", "generate", str(model_dir)]
     for prompt in PROMPTS:
@@ -68,7 +40,7 @@ def _generate(model_dir: Path, *flags: str) -> str:
     return done.stdout
 
 
-def test_tp2_greedy_equals_one_process(model_dir: Path) -> None:
-    alone = _generate(model_dir)
+def test_tp2_greedy_equals_one_process(text_model: Path) -> None:
+    alone = _generate(text_model)
     assert all(prompt in alone for prompt in PROMPTS)
-    assert _generate(model_dir, "--tp", "2") == alone
+    assert _generate(text_model, "--tp", "2") == alone

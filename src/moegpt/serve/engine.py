@@ -231,6 +231,17 @@ class Engine:
     ) -> str:
         params = params or SamplingParams()
         ids = self.encode(prompt)
+        self.check_prompt(ids)
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._requests:
+            raise UserError(f"request_id: {request_id!r} is already running")
+        seq = self._sequence(request_id, 0, ids, params)
+        self._requests[request_id] = [seq]
+        self.scheduler.add(seq)
+        return request_id
+
+    def check_prompt(self, ids: list[int]) -> None:
+        """A prompt the engine can run: known tokens, room left to generate."""
         limit = self.max_context
         if not ids:
             raise UserError("prompt: empty")
@@ -239,13 +250,6 @@ class Engine:
             raise UserError(f"prompt: {len(ids)} tokens leave no room in the {limit}-token {what}")
         if any(not 0 <= t < self.model.config.vocab_size for t in ids):
             raise UserError(f"prompt: token ids must be in 0..{self.model.config.vocab_size - 1}")
-        request_id = request_id or uuid.uuid4().hex
-        if request_id in self._requests:
-            raise UserError(f"request_id: {request_id!r} is already running")
-        seq = self._sequence(request_id, 0, ids, params)
-        self._requests[request_id] = [seq]
-        self.scheduler.add(seq)
-        return request_id
 
     def _sequence(
         self, request_id: str, index: int, prompt: list[int], params: SamplingParams

@@ -123,8 +123,10 @@ class OpenAIServer:
         try:
             if isinstance(req, CompletionRequest):
                 ids = self.engine.engine.encode(req.prompt)
+                self.engine.engine.check_prompt(ids)
                 return ids, self.sampling(req, ids, req.max_tokens, req.logprobs)
             ids = self.engine.engine.encode(self.chat_prompt(req))
+            self.engine.engine.check_prompt(ids)
             logprobs = (req.top_logprobs or 0) if req.logprobs else None
             max_tokens = req.max_completion_tokens or req.max_tokens
             return ids, self.sampling(req, ids, max_tokens, logprobs)
