@@ -40,7 +40,7 @@ class Sample:
     name: str
     kind: str  # gauge | counter
     help: str
-    value: float
+    value: float | dict[str, float]  # a dict: one series per value of the label ``reason``
 
 
 class ThroughputMeter:
@@ -68,7 +68,11 @@ class ThroughputMeter:
 def render(samples: list[Sample], histograms: dict[str, tuple[str, Histogram]]) -> str:
     lines = []
     for s in samples:
-        lines += [f"# HELP {s.name} {s.help}", f"# TYPE {s.name} {s.kind}", f"{s.name} {s.value}"]
+        lines += [f"# HELP {s.name} {s.help}", f"# TYPE {s.name} {s.kind}"]
+        if isinstance(s.value, dict):
+            lines += [f'{s.name}{{reason="{k}"}} {v}' for k, v in sorted(s.value.items())]
+        else:
+            lines.append(f"{s.name} {s.value}")
     for name, (help_text, hist) in histograms.items():
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram", *hist.lines(name)]
     return "\n".join(lines) + "\n"
@@ -83,7 +87,7 @@ def engine_metrics(engine: Engine) -> str:
     def gauge(name: str, help_text: str, value: float) -> Sample:
         return Sample(f"moegpt_{name}", "gauge", help_text, value)
 
-    def counter(name: str, help_text: str, value: float) -> Sample:
+    def counter(name: str, help_text: str, value: float | dict[str, float]) -> Sample:
         return Sample(f"moegpt_{name}_total", "counter", help_text, value)
 
     samples = [
@@ -102,8 +106,8 @@ def engine_metrics(engine: Engine) -> str:
         counter("preemptions", "sequences preempted for KV-cache room", stats.preemptions),
         counter(
             "latency_bound_misses",
-            "steps over the time-per-output-token target",
-            sum(stats.bound_misses.values()),
+            "steps over the time-per-output-token target, by why",
+            dict(stats.bound_misses),
         ),
         counter("spec_proposed_tokens", "speculative tokens proposed", spec.proposed),
         counter("spec_accepted_tokens", "speculative tokens accepted", spec.accepted),
