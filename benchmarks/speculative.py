@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sysconfig
 import time
 from pathlib import Path
@@ -78,6 +79,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--concurrency", default="1,4,16,64")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per load level (median)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
 
@@ -135,10 +137,15 @@ def main() -> None:
     load = []
     for c in [int(c) for c in args.concurrency.split(",")]:
         batch = [mixed[i % len(mixed)] for i in range(c)]
-        row = {"concurrency": c}
-        for name in ("none", "ngram adaptive", "draft adaptive"):
-            r = run(engines[name], batch, args.tokens)
-            row[name] = r["tokens_per_second"]
+        row: dict = {"concurrency": c}
+        names = ("none", "ngram adaptive", "draft adaptive")
+        # Interleaved repeats, median: CPU timings here vary by +-15% from run to run.
+        speeds: dict[str, list[float]] = {name: [] for name in names}
+        for _ in range(args.repeats):
+            for name in names:
+                speeds[name].append(run(engines[name], batch, args.tokens)["tokens_per_second"])
+        for name in names:
+            row[name] = statistics.median(speeds[name])
         row["draft/none"] = row["draft adaptive"] / row["none"]
         row["ngram/none"] = row["ngram adaptive"] / row["none"]
         load.append(row)
