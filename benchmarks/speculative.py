@@ -95,8 +95,15 @@ def main() -> None:
     }
     engines = {}
     for name, serve in methods.items():
+        # Room for 64 sequences at full length; five engines share the device.
+        blocks = 64 * -(-(args.prompt_len + args.tokens + 8) // serve.block_size)
         serve = ServeConfig(
-            **{**serve.__dict__, "decode_attention": "padded", "max_batch_size": 64}
+            **{
+                **serve.__dict__,
+                "decode_attention": "padded",
+                "max_batch_size": 64,
+                "num_kv_blocks": blocks,
+            }
         )
         engine = Engine.from_folder(args.target, serve, device=device)
         engine.model.to(dtype)

@@ -25,6 +25,7 @@ from moegpt.model import Transformer
 from moegpt.serve.blocks import BlockAllocator, BlockTable
 from moegpt.serve.calibrate import calibrate
 from moegpt.serve.metrics import Histogram, ThroughputMeter
+from moegpt.serve.paged import bytes_per_token
 from moegpt.serve.runner import ModelInput, ModelRunner, build_runner
 from moegpt.serve.sampler import Sampled, sample, with_logprobs
 from moegpt.serve.scheduler import (
@@ -107,6 +108,10 @@ def folder_tokenizer(path: str | Path) -> tuple[Any, int | None]:
     return tokenizer, tokenizer.token_to_id(END_OF_TEXT)
 
 
+def _dtype(model: Transformer) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
 def load_draft(
     target_path: str | Path, config: ServeConfig, target: Transformer
 ) -> Transformer | None:
@@ -142,7 +147,8 @@ class Engine:
         self.config = config or ServeConfig()
         self.eos_id = eos_id
         self.device = next(model.parameters()).device
-        runner = build_runner(model, self.config, tp_group)
+        draft_bytes = 0 if draft is None else bytes_per_token(draft.config, _dtype(draft))
+        runner = build_runner(model, self.config, tp_group, draft_bytes)
         self.allocator = BlockAllocator(runner.cache.num_blocks, self.config.block_size)
         # A sequence must fit the cache alone (else preempting it could never make room).
         self.max_context = min(

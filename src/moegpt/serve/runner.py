@@ -85,9 +85,14 @@ class ModelRunner:
         return out.logits[0, logits_rows].float()
 
 
-def default_num_blocks(model: Transformer, config: ServeConfig, dtype: torch.dtype) -> int:
-    """Blocks for every sequence at full context on CPU; on a GPU, 90% of the free memory."""
-    block_bytes = bytes_per_token(model.config, dtype, config.tp) * config.block_size
+def default_num_blocks(
+    model: Transformer, config: ServeConfig, dtype: torch.dtype, extra_token_bytes: int = 0
+) -> int:
+    """Blocks for every sequence at full context on CPU; on a GPU, 90% of the free memory,
+    shared with ``extra_token_bytes`` per token of another cache on the same block tables
+    (a draft model's)."""
+    token_bytes = bytes_per_token(model.config, dtype, config.tp) + extra_token_bytes
+    block_bytes = token_bytes * config.block_size
     device = next(model.parameters()).device
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -97,13 +102,16 @@ def default_num_blocks(model: Transformer, config: ServeConfig, dtype: torch.dty
 
 
 def build_runner(
-    model: Transformer, config: ServeConfig, tp_group: dist.ProcessGroup | None = None
+    model: Transformer,
+    config: ServeConfig,
+    tp_group: dist.ProcessGroup | None = None,
+    extra_token_bytes: int = 0,
 ) -> ModelRunner:
     """A runner over a new paged cache of ``config.num_kv_blocks`` blocks (or as many as fit);
     tensor-parallel ranks agree on the smallest count."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    blocks = config.num_kv_blocks or default_num_blocks(model, config, dtype)
+    blocks = config.num_kv_blocks or default_num_blocks(model, config, dtype, extra_token_bytes)
     if tp_group is not None:
         agreed = torch.tensor([blocks], device=device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=tp_group)
