@@ -205,12 +205,13 @@ PRIOR_TESTED, PRIOR_ACCEPTED, DECAY = 2.0, 1.0, 0.8
 class SpeculationGate:
     """A measured check on the per-sequence choices: for each load level (decode batch size,
     by powers of two) it keeps the step seconds per generated token of steps that speculated
-    and of steps that did not, and lets a level speculate only while that is the faster
-    (probing the other side every ``PROBE_EVERY`` steps so neither figure goes stale). So a
-    loaded server whose step-time model misjudges speculation still ends up at the faster
-    mode."""
+    and of steps that did not, and lets a level speculate only while that is clearly the
+    faster (by ``MARGIN``, so noise does not flip it), probing the other side every
+    ``PROBE_EVERY`` steps so neither figure goes stale. So a loaded server whose step-time
+    model misjudges speculation still ends up at the faster mode."""
 
-    PROBE_EVERY = 16
+    PROBE_EVERY = 64
+    MARGIN = 0.95
     SMOOTHING = 0.2
 
     def __init__(self) -> None:
@@ -228,7 +229,7 @@ class SpeculationGate:
         spec, plain = (self.seconds_per_token.get((bucket, s)) for s in (True, False))
         if plain is None or spec is None:  # measure both sides first
             return plain is not None
-        faster = spec <= plain
+        faster = spec <= self.MARGIN * plain
         return faster != (step % self.PROBE_EVERY == 0)  # probe the other side now and then
 
     def record(self, bucket: int, speculated: bool, seconds_per_token: float) -> None:
