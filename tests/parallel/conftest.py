@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from moegpt.config import Config, load_config
+from moegpt.parallel.jobs import run_job
 from tests.conftest import recipe
-from tests.parallel.worker import run_job
 
 STEPS = 5
 # Every layout trains this model: 4 layers (so interleaved 1F1B has 4 stages), MQA, 4 experts,
@@ -80,9 +80,8 @@ def _job(root: Path, recipe_path: Path, name: str, run: str, steps: int) -> dict
 def _torchrun(ranks: int, jobs: list[dict[str, Any]], root: Path) -> None:
     jobs_file = root / f"jobs-{ranks}.json"
     jobs_file.write_text(json.dumps(jobs))
-    worker = Path(__file__).with_name("worker.py")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += [f"--nproc-per-node={ranks}", str(worker), str(jobs_file)]
+    command += [f"--nproc-per-node={ranks}", "-m", "moegpt.parallel.jobs", str(jobs_file)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     if done.returncode:

@@ -1,0 +1,104 @@
+"""Train several layouts in one torchrun job (one process-group start for all of them), or
+one in-process: what the parallel tests and `benchmarks/multi_gpu.py` compare. Each job
+resumes its run directory, trains a few steps, saves, and rank 0 writes the losses, each
+rank's state bytes (and peak device memory), the step times, the all-to-all share of a
+profiled step when asked, and the full final parameters.
+
+    torchrun --nproc-per-node N -m moegpt.parallel.jobs JOBS.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from moegpt.config import load_config
+from moegpt.parallel.mesh import ParallelDims, init_distributed, local_device
+from moegpt.train.trainer import Trainer
+
+
+def full_parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Every parameter of the model as whole tensors, on rank 0 (and in one process)."""
+    state: dict[str, torch.Tensor] = {}
+    for model in trainer.parts.models:
+        part = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        state |= {k: v.detach().cpu().clone() for k, v in part.items()}
+    if not dist.is_initialized():
+        return state
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, state)
+    merged: dict[str, torch.Tensor] = {}
+    for part in everyone:
+        merged |= part
+    return merged
+
+
+def run_job(job: dict[str, Any], distributed: bool) -> None:
+    """Resume ``run_dir``, train ``steps`` steps, save, evaluate; write ``out``.json and
+    .safetensors."""
+    config = load_config(Path(job["recipe"]), job["overrides"])
+    device = local_device()
+    dims = ParallelDims.build(config.parallel, device) if distributed else None
+    trainer = Trainer(config, Path(job["run_dir"]), device=device, log=lambda m: None, dims=dims)
+    trainer.resume()
+    batches = iter(trainer.loader)
+    steps = [_timed_step(trainer, batches) for _ in range(job["steps"])]
+    losses = [s["loss"] for s in steps]
+    memory = trainer.rank_memory()
+    share = all_to_all_share(trainer, batches) if job.get("profile") else None
+    trainer.save()
+    scores = trainer.evaluate()
+    params = full_parameters(trainer)
+    if trainer.rank0:
+        out = Path(job["out"])
+        record = {"losses": losses, "ranks": memory, "eval": scores, "all_to_all_share": share}
+        record["tokens_per_second"] = [s.get("tokens_per_second") for s in steps]
+        record["mfu"] = [s.get("mfu") for s in steps]
+        out.with_suffix(".json").write_text(json.dumps(record))
+        save_file({k: v.contiguous() for k, v in params.items()}, out.with_suffix(".safetensors"))
+
+
+def _timed_step(trainer: Trainer, batches: Any) -> dict[str, Any]:
+    """One training step with its tokens/s and MFU (the trainer's own accounting)."""
+    start = time.perf_counter()
+    out = trainer.train_step(batches)
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize(trainer.device)
+    return out | trainer.throughput(out["tokens"], time.perf_counter() - start)
+
+
+def all_to_all_share(trainer: Trainer, batches: Any) -> float:
+    """The share of one profiled training step's time spent in all-to-all exchanges (expert
+    parallelism's dispatch and combine), by the profiler's device time (host time on CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = trainer.device.type == "cuda"
+    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        trainer.train_step(batches)
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    total = sum(getattr(e, attr) for e in events)
+    exchange = sum(getattr(e, attr) for e in events if "alltoall" in e.key.lower().replace("_", ""))
+    return exchange / total if total else 0.0
+
+
+def main(jobs_file: str) -> None:
+    init_distributed(local_device(), timeout_s=300)
+    for job in json.loads(Path(jobs_file).read_text()):
+        run_job(job, distributed=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
