@@ -288,6 +288,7 @@ def _generate(engine: Engine, args: argparse.Namespace) -> None:
         n=args.n,
         stop=tuple(args.stop or ()),
         logprobs=args.logprobs,
+        ignore_eos=args.ignore_eos,
     )
     prompts = args.prompt or [sys.stdin.read()]
     ids = [engine.add_request(p, params) for p in prompts]
@@ -569,6 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--n", type=int, default=1, help="samples per prompt (share its KV blocks)")
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--logprobs", type=int, help="log-probabilities of N alternatives")
+    gen.add_argument(
+        "--ignore-eos", action="store_true", help="keep going past end-of-text (benchmarks)"
+    )
     _add_serve_flags(gen)
     gen.set_defaults(func=cmd_generate, takes_overrides=True)
 

@@ -1,0 +1,327 @@
+"""The parallel layouts on several GPUs of one host (NCCL), in one call:
+
+1. correctness: FSDP2, ZeRO-1, TP, PP (1F1B, interleaved), EP and TP x EP train `--steps`
+   steps of a 4-layer MQA MoE on the prepared tiny corpus, in fp32 and bf16; losses and
+   final parameters against the one-GPU run (fp32: losses within 1e-5 relative, parameters
+   within 1e-4 in relative norm; bf16: against the spread of two one-GPU runs);
+2. planner agreement: each rank's parameter, gradient and optimizer bytes, and its peak
+   memory, against `moegpt plan`'s per-GPU figures for the same layout;
+3. scaling: tokens/s and MFU of `--scaling-config` at 1, 2, 4, 8 GPUs (FSDP2 with expert
+   parallelism over the same ranks), weak (batch grows with the GPUs) and strong (fixed
+   global batch) scaling efficiency, and the all-to-all share of a profiled EP step;
+4. serving: decode tokens/s of `moegpt generate --tp N` for N = 1, 2, 4, 8 on a random
+   `--serving-config` model.
+
+Multi-GPU hosts keep NVLink multicast off (NCCL_NVLS_ENABLE=0 and friends, set here for every
+child). Every phase is one or a few torchrun jobs, so the whole script fits ten minutes on
+eight H200s. On a machine without GPUs it runs the same phases on gloo CPU ranks at tiny
+shapes, to prove the script.
+
+    python benchmarks/multi_gpu.py --out benchmarks/results                 # all GPUs
+    python benchmarks/multi_gpu.py --ranks 2 --phases correctness,planner \\
+        --scaling-config configs/tiny.toml --serving-config configs/tiny.toml --out /tmp/mg
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from moegpt.config import load_config
+from moegpt.data.tokenizer import load_tokenizer
+from moegpt.parallel.jobs import run_job
+from moegpt.parallel.launch import GPU_ENV_DEFAULTS
+from moegpt.plan.memory import model_state_bytes, training_memory
+from moegpt.plan.plan import PlanOptions, train_layout
+
+BASE = ["--model.n_layers", "4", "--data.document_mask", "true", "--train.eval_batches", "2"]
+BASE += ["--train.micro_batch_size", "2"]
+PP = ["--parallel.pp", "2", "--parallel.pp_microbatches", "4"]
+
+
+def base(ranks: int) -> list[str]:
+    """The correctness model and a batch every layout splits evenly (4 sequences a rank)."""
+    return [*BASE, "--train.global_batch_size", str(4 * ranks)]
+
+
+def layouts(ranks: int) -> dict[str, list[str]]:
+    """The correctness layouts on ``ranks`` GPUs (TP and PP take 2, the rest the data
+    dimension)."""
+    dp = ["--parallel.dp_shard", str(ranks // 2)] if ranks > 2 else []
+    out = {
+        "fsdp2": ["--parallel.dp_shard", str(ranks)],
+        "zero1": ["--parallel.dp_replicate", str(ranks), "--parallel.zero1", "true"],
+        "tp2": ["--parallel.tp", "2", *dp],
+        "pp2-1f1b": [*PP, "--parallel.pp_schedule", "1f1b", *dp],
+        "pp2-interleaved": [*PP, "--parallel.pp_schedule", "interleaved_1f1b", *dp],
+        "ep": ["--parallel.dp_shard", str(ranks), "--parallel.ep", str(min(ranks, 4))],
+    }
+    if ranks >= 4:
+        out["tp2-ep2"] = ["--parallel.dp_shard", str(ranks // 2), "--parallel.ep", "2"]
+        out["tp2-ep2"] += ["--parallel.tp", "2"]
+    return out
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, **GPU_ENV_DEFAULTS, "PYTHONPATH": str(Path.cwd() / "src")}
+
+
+def torchrun(ranks: int, jobs: list[dict[str, Any]], root: Path, name: str) -> None:
+    jobs_file = root / f"{name}.json"
+    jobs_file.write_text(json.dumps(jobs))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += [f"--nproc-per-node={ranks}", "-m", "moegpt.parallel.jobs", str(jobs_file)]
+    done = subprocess.run(command, env=env(), capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{name} failed:\n{done.stderr[-4000:]}")
+
+
+def job(recipe: Path, root: Path, name: str, overrides: list[str], steps: int, **extra) -> dict:
+    return {
+        "recipe": str(recipe),
+        "overrides": overrides,
+        "run_dir": str(root / "runs" / name),
+        "steps": steps,
+        "out": str(root / "out" / name),
+        **extra,
+    }
+
+
+def read(root: Path, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    out = root / "out" / name
+    return json.loads(out.with_suffix(".json").read_text()), load_file(
+        out.with_suffix(".safetensors")
+    )
+
+
+def compare(a: tuple[dict, dict], b: tuple[dict, dict]) -> dict[str, float]:
+    losses = max(abs(x - y) / abs(y) for x, y in zip(a[0]["losses"], b[0]["losses"], strict=True))
+    diff = sum(float((a[1][k].float() - b[1][k].float()).norm() ** 2) for k in b[1])
+    norm = sum(float(b[1][k].float().norm() ** 2) for k in b[1])
+    return {"loss_rel": losses, "param_rel_norm": math.sqrt(diff / norm)}
+
+
+def correctness(args, recipe: Path, root: Path, cuda: bool) -> dict[str, Any]:
+    """Every layout against one process, per dtype; plus the planner comparison's inputs."""
+    dtypes = ["float32", "bfloat16"] if cuda else ["float32"]
+    report: dict[str, Any] = {}
+    for dtype in dtypes:
+        extra = ["--train.dtype", dtype]
+        runs = {n: base(args.ranks) + o + extra for n, o in layouts(args.ranks).items()}
+        torchrun(
+            args.ranks,
+            [job(recipe, root, f"{dtype}-{n}", o, args.steps) for n, o in runs.items()],
+            root,
+            f"correctness-{dtype}",
+        )
+        for repeat in ("single", "single-again"):
+            single = job(recipe, root, f"{dtype}-{repeat}", base(args.ranks) + extra, args.steps)
+            run_job(single, distributed=False)
+        single = read(root, f"{dtype}-single")
+        spread = compare(read(root, f"{dtype}-single-again"), single)
+        rows = {}
+        for name, overrides in runs.items():
+            result = read(root, f"{dtype}-{name}")
+            row = compare(result, single)
+            if dtype == "float32":
+                row["pass"] = row["loss_rel"] <= 1e-5 and row["param_rel_norm"] <= 1e-4
+            else:  # bf16: within the one-GPU run-to-run spread, or fp32's bounds if none
+                row["pass"] = (
+                    row["loss_rel"] <= max(spread["loss_rel"], 1e-5) * 2
+                    and row["param_rel_norm"] <= max(spread["param_rel_norm"], 1e-4) * 2
+                )
+            row["planner"] = planner_agreement(recipe, overrides, result[0]["ranks"], cuda)
+            rows[name] = row
+        report[dtype] = {"one_gpu_spread": spread, "layouts": rows}
+    return report
+
+
+def planner_agreement(recipe: Path, overrides: list[str], ranks: list[dict], cuda: bool) -> dict:
+    """Measured state bytes (and peak memory on GPU) of the most loaded rank against the
+    plan for the same layout."""
+    config = load_config(recipe, overrides)
+    layout, _ = train_layout(config, PlanOptions())
+    stages = model_state_bytes(config.model, layout)
+    planned = max(s.weights + s.grads + s.optimizer for s in stages)
+    measured = max(r["params"] + r["grads"] + r["optimizer"] for r in ranks)
+    out = {"state_bytes_measured": measured, "state_bytes_planned": planned}
+    out["state_error"] = measured / planned - 1
+    if cuda:
+        peak = max(r.get("peak_allocated", 0) for r in ranks)
+        plan = training_memory(config.model, layout, 80e9).total
+        out |= {"peak_measured": peak, "peak_planned": plan, "peak_error": peak / plan - 1}
+    return out
+
+
+def scaling(args, root: Path, sizes: list[int]) -> list[dict[str, Any]]:
+    """Weak and strong scaling of the scaling config (FSDP2 + EP over the same ranks)."""
+    config = load_config(args.scaling_config)
+    micro = config.train.micro_batch_size
+    top = max(sizes)
+    rows = []
+    for n in sizes:
+        ep = min(n, config.model.n_experts) if config.model.n_experts else 1
+        layout = ["--parallel.dp_shard", str(n), "--parallel.ep", str(ep)] if n > 1 else []
+        common = [*layout, "--train.compile", "false", "--train.warmup_steps", "1"]
+        weak = [*common, "--train.global_batch_size", str(n * micro)]
+        strong = [*common, "--train.global_batch_size", str(top * micro)]
+        jobs = [
+            job(
+                Path(args.scaling_config),
+                root,
+                f"weak-{n}",
+                weak,
+                args.scaling_steps,
+                profile=n > 1,
+            ),
+            job(Path(args.scaling_config), root, f"strong-{n}", strong, args.scaling_steps),
+        ]
+        if n == 1:
+            for j in jobs:
+                run_job(j, distributed=False)
+        else:
+            torchrun(n, jobs, root, f"scaling-{n}")
+        row: dict[str, Any] = {"gpus": n, "layout": " ".join(layout) or "one GPU"}
+        for kind in ("weak", "strong"):
+            record, _ = read(root, f"{kind}-{n}")
+            settled = record["tokens_per_second"][args.scaling_steps // 2 :]
+            row[f"{kind}_tokens_per_second"] = sorted(settled)[len(settled) // 2]
+            mfu = [m for m in record["mfu"][args.scaling_steps // 2 :] if m is not None]
+            row[f"{kind}_mfu"] = sorted(mfu)[len(mfu) // 2] if mfu else None
+            if kind == "weak":
+                row["all_to_all_share"] = record.get("all_to_all_share")
+        rows.append(row)
+    base = rows[0]
+    for row in rows:
+        n = row["gpus"]
+        row["weak_efficiency"] = row["weak_tokens_per_second"] / (
+            n * base["weak_tokens_per_second"]
+        )
+        row["strong_efficiency"] = row["strong_tokens_per_second"] / (
+            n * base["strong_tokens_per_second"]
+        )
+    return rows
+
+
+def serving(args, root: Path, sizes: list[int]) -> list[dict[str, Any]]:
+    """Decode tokens/s of `moegpt generate --tp N` (batch 1 and a batch of 32 prompts)."""
+    from moegpt.model import Transformer
+    from moegpt.weights import save_model
+
+    # The prepared corpus's tokenizer gives the CLI text in and out (its vocabulary replaces
+    # the config's).
+    tokenizer = Path(load_config(args.recipe).data.data_dir) / "tokenizer.json"
+    vocab = load_tokenizer(tokenizer).get_vocab_size()
+    config = load_config(args.serving_config, ["--model.vocab_size", str(vocab)])
+    torch.manual_seed(0)
+    model = Transformer(config.model).to(torch.bfloat16 if args.device == "cuda" else torch.float32)
+    folder = save_model(model, root / "serving-model", extra_files={"tokenizer.json": tokenizer})
+    del model
+    rows = []
+    for n in sizes:
+        if config.model.n_heads % n:
+            continue
+        row: dict[str, Any] = {"tp": n}
+        for batch in (1, 32):
+            command = [sys.executable, "-m", "moegpt.cli", "generate", str(folder)]
+            for i in range(batch):
+                command += ["--prompt", f"def function_{i}(x, y):\n    return"]
+            command += ["--max-tokens", "64", "--temperature", "0", "--ignore-eos", "--tp", str(n)]
+            done = subprocess.run(command, env=env(), capture_output=True, text=True)
+            if done.returncode:
+                sys.exit(f"serving at tp {n} failed:\n{done.stderr[-3000:]}")
+            rate = re.search(r"([\d,.]+) tokens/s", done.stderr)
+            row[f"batch{batch}_tokens_per_second"] = float(rate.group(1).replace(",", ""))
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    gpus = torch.cuda.device_count()
+    parser.add_argument("--ranks", type=int, default=gpus or 2, help="GPUs (or CPU ranks)")
+    parser.add_argument("--phases", default="correctness,scaling,serving")
+    parser.add_argument("--recipe", default="configs/tiny.toml", help="correctness model")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--scaling-config", default="configs/small-moe.toml")
+    parser.add_argument("--scaling-steps", type=int, default=12)
+    parser.add_argument("--serving-config", default="configs/small-moe.toml")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    args.device = "cuda" if gpus else "cpu"
+    cuda = args.device == "cuda"
+    phases = set(args.phases.split(","))
+    sizes = [n for n in (1, 2, 4, 8) if n <= args.ranks]
+    result: dict[str, Any] = {"ranks": args.ranks, "device": args.device}
+    if cuda:
+        result["gpu"] = torch.cuda.get_device_name(0)
+    started = time.perf_counter()
+    data = Path(load_config(args.recipe).data.data_dir)
+    if not (data / "manifest.json").is_file():  # the correctness runs train on it
+        subprocess.run(
+            [sys.executable, "-m", "moegpt.cli", "prepare", "--config", args.recipe],
+            env=env(),
+            check=True,
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "out").mkdir()
+        if "correctness" in phases:
+            result["correctness"] = correctness(args, Path(args.recipe), root, cuda)
+            for dtype, part in result["correctness"].items():
+                print(f"correctness, {dtype} (one-GPU spread {part['one_gpu_spread']}):")
+                for name, row in part["layouts"].items():
+                    plan = row["planner"]
+                    print(
+                        f"  {name:<16} losses {row['loss_rel']:.1e}  params "
+                        f"{row['param_rel_norm']:.1e}  {'ok' if row['pass'] else 'FAIL'}  "
+                        f"state bytes vs plan {plan['state_error']:+.1%}"
+                        + (
+                            f", peak vs plan {plan['peak_error']:+.1%}"
+                            if "peak_error" in plan
+                            else ""
+                        )
+                    )
+        if "scaling" in phases:
+            result["scaling"] = scaling(args, root, sizes)
+            print("scaling (weak: batch per GPU fixed; strong: global batch fixed):")
+            for r in result["scaling"]:
+                mfu = f"{r['weak_mfu']:.1%}" if r["weak_mfu"] else "n/a"
+                share = r["all_to_all_share"]
+                print(
+                    f"  {r['gpus']} GPUs: weak {r['weak_tokens_per_second']:,.0f} tok/s "
+                    f"({r['weak_efficiency']:.0%}, MFU {mfu}), strong "
+                    f"{r['strong_tokens_per_second']:,.0f} tok/s ({r['strong_efficiency']:.0%})"
+                    + (f", all-to-all {share:.1%} of the step" if share is not None else "")
+                )
+        if "serving" in phases:
+            result["serving"] = serving(args, root, sizes)
+            for r in result["serving"]:
+                print(
+                    f"  serving tp {r['tp']}: batch 1 {r['batch1_tokens_per_second']:,.1f} "
+                    f"tok/s, batch 32 {r['batch32_tokens_per_second']:,.1f} tok/s"
+                )
+    result["seconds"] = time.perf_counter() - started
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"multi_gpu-{args.device}-{args.ranks}.json"
+    path.write_text(json.dumps(result, indent=2, default=str))
+    print(f"wrote {path} ({result['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
