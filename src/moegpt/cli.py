@@ -254,7 +254,8 @@ def cmd_serve(args: argparse.Namespace) -> int | None:
     import os
 
     serve = _serve_config(args)
-    host, port = args.host or serve.host, args.port or serve.port
+    host = args.host or serve.host
+    port = args.port if args.port is not None else serve.port
     if not 0 < port < 65536:
         raise UserError(f"--port: must be in 1..65535, got {port}")
     api_key = args.api_key or os.environ.get("MOEGPT_API_KEY") or None

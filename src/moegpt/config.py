@@ -446,7 +446,8 @@ class ServeConfig(_Section):
     speculation: Literal["off", "fixed", "adaptive"] = _doc(
         "adaptive",
         "with a draft or ngram: fixed proposes spec_tokens every step; adaptive picks 0.."
-        "spec_tokens per sequence from its acceptance rate and the step-time model",
+        "spec_tokens per sequence from its acceptance rate and the step-time model (needs "
+        "calibrate; without it adaptive proposes like fixed, still gated by measured speed)",
     )
     spec_tokens: int = _doc(4, "most tokens proposed per sequence and step")
     ngram_max: int = _doc(3, "longest n-gram prompt lookup matches")

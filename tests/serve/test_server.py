@@ -6,6 +6,7 @@ keys, and a graceful SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -148,6 +149,8 @@ BAD = [
     ("n 1000", {"model": MODEL, "prompt": "x", "n": 1000}, 400, "n"),
     ("no prompt", {"model": MODEL}, 400, "prompt"),
     ("token out of range", {"model": MODEL, "prompt": [1, 10**6]}, 400, "prompt"),
+    ("seed too large", {"model": MODEL, "prompt": "x", "seed": 2**64, "stream": True}, 400, "seed"),
+    ("empty stop", {"model": MODEL, "prompt": "x", "stop": [""]}, 400, "stop"),
 ]
 
 
@@ -172,6 +175,14 @@ def test_bad_chat_requests(server: Server) -> None:
     for body, param in [
         ({"model": MODEL, "messages": []}, "messages"),
         ({"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, "messages"),
+        (
+            {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "x"}],
+                "max_completion_tokens": 0,
+            },
+            "max_completion_tokens",
+        ),
     ]:
         r = httpx.post(url, json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param
@@ -213,27 +224,33 @@ def test_disconnecting_clients_free_their_blocks(server: Server) -> None:
         limits = httpx.Limits(max_connections=256)
         async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as http:
 
-            async def one(i: int) -> int:
+            async def one(i: int) -> tuple[int, int]:
+                """Data lines received, and the tokens the server generated for us."""
                 body = {"model": MODEL, "prompt": PROMPTS[i % 50], "max_tokens": 60}
-                body["stream"] = True
+                body |= {"stream": True, "stream_options": {"include_usage": True}}
                 async with http.stream("POST", "/v1/completions", json=body) as r:
-                    lines = 0
+                    lines, tokens = 0, 0
                     async for line in r.aiter_lines():
                         lines += line.startswith("data:")
+                        if line.startswith("data: {") and '"usage"' in line:
+                            tokens = json.loads(line[6:])["usage"]["completion_tokens"]
                         if i % 2 and lines == 2:
                             break  # hang up mid-stream
-                    return lines
+                    return lines, tokens
 
             return await asyncio.gather(*(one(i) for i in range(200)))
 
     before = server.metrics()["moegpt_generation_tokens_total"]
-    lines = asyncio.run(run())
+    results = asyncio.run(run())
+    lines = [n for n, _ in results]
     assert all(n == 2 for n in lines[1::2]) and all(n > 2 for n in lines[0::2])
     metrics = server.wait_idle()
     assert metrics["moegpt_kv_blocks_used"] == 0 and metrics["moegpt_requests_running"] == 0
-    # the 100 that stayed generated 60 tokens each; the 100 that left were cut off early
+    # the 100 that stayed got all their tokens; the 100 that left were cut off early (up to
+    # 60 tokens each otherwise)
+    stayed = sum(tokens for _, tokens in results[0::2])
     generated = metrics["moegpt_generation_tokens_total"] - before
-    assert 100 * 60 <= generated < 100 * 60 + 100 * 30
+    assert stayed <= generated < stayed + 100 * 20
 
 
 def test_api_key_and_graceful_sigterm(text_model: Path) -> None:

@@ -1,46 +1,66 @@
 """Streaming on asyncio: the engine steps in a background thread, and each request's outputs
-reach its coroutine through a queue. A consumer that stops early (a client that hung up)
-aborts its request, which frees its KV blocks at once."""
+reach its coroutine through a queue. New requests and cancellations travel to that thread
+through a mailbox it empties between steps, so the event loop never waits for a step. A
+consumer that stops early (a client that hung up) cancels its request, which frees its KV
+blocks before the next step."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import uuid
+from collections import deque
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from moegpt.serve.engine import Engine, RequestOutput
 from moegpt.serve.sequence import SamplingParams
 
 
+@dataclass
+class _Submission:
+    request_id: str
+    ids: list[int]
+    params: SamplingParams
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._lock = threading.Lock()  # the engine is not thread-safe: one user at a time
         self._wake = threading.Event()
         self._stopping = False
+        self._mailbox: deque[_Submission | str] = deque()  # submissions; request ids to abort
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._thread = threading.Thread(target=self._run, name="moegpt-engine", daemon=True)
         self._thread.start()
 
-    async def stream(
+    def stream(
         self,
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as the engine produces them, until all ``n`` samples end.
-        Bad prompts or parameters raise before anything is queued."""
+        Call from a coroutine. A bad prompt raises here, before anything is queued."""
         params = params or SamplingParams()
+        ids = self.engine.encode(prompt)
+        self.engine.check_prompt(ids)
+        rid = request_id or uuid.uuid4().hex
         queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            rid = self.engine.add_request(prompt, params, request_id)
-            self._streams[rid] = (asyncio.get_running_loop(), queue)
+        self._streams[rid] = (asyncio.get_running_loop(), queue)
+        self._mailbox.append(_Submission(rid, ids, params))
         self._wake.set()
-        remaining = params.n
+        return self._follow(rid, queue, params.n)
+
+    async def _follow(
+        self, rid: str, queue: asyncio.Queue, samples: int
+    ) -> AsyncIterator[RequestOutput]:
+        remaining = samples
         try:
             while remaining:
                 out = await queue.get()
                 if isinstance(out, BaseException):
+                    remaining = 0
                     raise out
                 # a shutdown ends the whole request, however many samples were left
                 remaining = 0 if out.finish_reason == "abort" else remaining - out.finished
@@ -51,15 +71,15 @@ class AsyncEngine:
             self._streams.pop(rid, None)
 
     def abort(self, request_id: str) -> None:
-        with self._lock:
-            self.engine.abort(request_id)
+        self._mailbox.append(request_id)
+        self._wake.set()
 
     def metrics(self) -> str:
-        """The Prometheus page of the engine's state."""
+        """The Prometheus page of the engine's state (counters read between or during steps:
+        each value is consistent, the page as a whole need not be)."""
         from moegpt.serve.metrics import engine_metrics
 
-        with self._lock:
-            return engine_metrics(self.engine)
+        return engine_metrics(self.engine)
 
     def shutdown(self) -> None:
         """Stop stepping; requests still running are cancelled, and their streams end with
@@ -67,30 +87,44 @@ class AsyncEngine:
         self._stopping = True
         self._wake.set()
         self._thread.join()
-        with self._lock:
-            for rid, (loop, queue) in list(self._streams.items()):
-                sequences = self.engine.abort(rid)
-                for index in sequences[:1] or [0]:
-                    ended = RequestOutput(rid, index, [], finished=True, finish_reason="abort")
-                    loop.call_soon_threadsafe(queue.put_nowait, ended)
+        self._drain_mailbox()
+        for rid, (loop, queue) in list(self._streams.items()):
+            self.engine.abort(rid)
+            ended = RequestOutput(rid, 0, [], finished=True, finish_reason="abort")
+            loop.call_soon_threadsafe(queue.put_nowait, ended)
+
+    def _drain_mailbox(self) -> None:
+        while self._mailbox:
+            item = self._mailbox.popleft()
+            if isinstance(item, str):
+                self.engine.abort(item)
+                continue
+            try:
+                self.engine.add_request(item.ids, item.params, item.request_id)
+            except Exception as e:  # e.g. a request id already running: that stream fails
+                self._deliver(item.request_id, e)
+
+    def _deliver(self, rid: str, item: RequestOutput | BaseException) -> None:
+        target = self._streams.get(rid)
+        if target is not None:
+            loop, queue = target
+            loop.call_soon_threadsafe(queue.put_nowait, item)
 
     def _run(self) -> None:
         while not self._stopping:
-            with self._lock:
-                busy = self.engine.has_work()
-                try:
-                    outputs = self.engine.step() if busy else []
-                    failure = None
-                except Exception as e:  # delivered to every waiting stream
-                    outputs, failure = [], e
-            if failure is not None:
-                for loop, queue in list(self._streams.values()):
-                    loop.call_soon_threadsafe(queue.put_nowait, failure)
-            for out in outputs:
-                target = self._streams.get(out.request_id)
-                if target is not None:
-                    loop, queue = target
-                    loop.call_soon_threadsafe(queue.put_nowait, out)
-            if not busy:
+            self._drain_mailbox()
+            if not self.engine.has_work():
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:
+                # A failed step leaves its requests in an unknown state: end them all with
+                # the error (rather than failing again on every later step).
+                for rid in list(self._streams):
+                    self.engine.abort(rid)
+                    self._deliver(rid, e)
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)

@@ -350,7 +350,7 @@ class Engine:
         generated = sum(len(o.token_ids) for o in outputs)
         self.stats.throughput.add(generated)
         if spec is not None:
-            spec.observe(elapsed, generated)
+            spec.observe(plan.chunks, proposals, elapsed, generated)
         self._account(plan, elapsed)
         return outputs
 
@@ -447,7 +447,9 @@ class Engine:
         stats.steps += 1
         stats.step_seconds.append(elapsed)
         stats.busy_seconds += elapsed
-        stats.prompt_tokens += sum(c.length for c in plan.chunks if c.start < len(c.seq.prompt))
+        stats.prompt_tokens += sum(
+            max(min(c.start + c.length, len(c.seq.prompt)) - c.start, 0) for c in plan.chunks
+        )
         keys = sum(c.length * (c.start + c.length) for c in plan.chunks)
         self._cost_samples.append((plan.tokens, keys, len(plan.chunks), elapsed))
         target = self.scheduler.config.tpot_s

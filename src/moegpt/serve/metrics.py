@@ -36,7 +36,7 @@ class Histogram:
 
 
 @dataclass
-class Sample:
+class Metric:
     name: str
     kind: str  # gauge | counter
     help: str
@@ -56,18 +56,19 @@ class ThroughputMeter:
         self._trim(now)
 
     def rate(self, now: float | None = None) -> float:
+        """Safe to call from another thread than ``add``'s: it reads a snapshot."""
         now = time.monotonic() if now is None else now
-        self._trim(now)
-        return sum(t for _, t in self._events) / self.window_s
+        recent = [t for at, t in list(self._events) if at >= now - self.window_s]
+        return sum(recent) / self.window_s
 
     def _trim(self, now: float) -> None:
         while self._events and self._events[0][0] < now - self.window_s:
             self._events.popleft()
 
 
-def render(samples: list[Sample], histograms: dict[str, tuple[str, Histogram]]) -> str:
+def render(metrics: list[Metric], histograms: dict[str, tuple[str, Histogram]]) -> str:
     lines = []
-    for s in samples:
+    for s in metrics:
         lines += [f"# HELP {s.name} {s.help}", f"# TYPE {s.name} {s.kind}"]
         if isinstance(s.value, dict):
             lines += [f'{s.name}{{reason="{k}"}} {v}' for k, v in sorted(s.value.items())]
@@ -84,11 +85,11 @@ def engine_metrics(engine: Engine) -> str:
     used, total = engine.kv_usage()
     spec = stats.spec
 
-    def gauge(name: str, help_text: str, value: float) -> Sample:
-        return Sample(f"moegpt_{name}", "gauge", help_text, value)
+    def gauge(name: str, help_text: str, value: float) -> Metric:
+        return Metric(f"moegpt_{name}", "gauge", help_text, value)
 
-    def counter(name: str, help_text: str, value: float | dict[str, float]) -> Sample:
-        return Sample(f"moegpt_{name}_total", "counter", help_text, value)
+    def counter(name: str, help_text: str, value: float | dict[str, float]) -> Metric:
+        return Metric(f"moegpt_{name}_total", "counter", help_text, value)
 
     samples = [
         gauge("requests_running", "sequences in the running batch", len(scheduler.running)),

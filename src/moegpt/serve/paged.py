@@ -5,9 +5,11 @@ slot ``kv_heads x head_dim``: with multi-query attention a slot is one head, so 
 ``2 x layers x head_dim x bytes`` (:func:`bytes_per_token`), ``n_heads`` times less than
 multi-head attention.
 
-Attention runs per sequence: its slots are gathered and SDPA attends over exactly its own
-keys, so a sequence's numbers never depend on what else is in the batch (the linear layers
-are row-wise), which makes batched greedy decoding token-for-token equal to decoding alone.
+In the batch-invariant mode attention runs per sequence: its slots are gathered and SDPA
+attends over exactly its own keys, so a sequence's numbers never depend on what else is in
+the batch (the linear layers are row-wise), which makes batched greedy decoding on CPU in fp32
+token-for-token equal to decoding alone. The padded mode (the GPU default) attends to all
+decoding sequences in one call instead, equal up to rounding.
 """
 
 from __future__ import annotations

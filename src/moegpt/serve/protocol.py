@@ -11,6 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field
 MAX_N = 16  # samples per request
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -23,6 +27,7 @@ class _Request(BaseModel):
     stream: bool = False
     stop: str | list[str] | None = None
     seed: int | None = None
+    stream_options: StreamOptions | None = None
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -30,14 +35,9 @@ class _Request(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
 class CompletionRequest(_Request):
     prompt: str | list[int]
     logprobs: int | None = Field(None, ge=0, le=5)
-    stream_options: StreamOptions | None = None
 
 
 class ChatMessage(BaseModel):
@@ -52,7 +52,6 @@ class ChatRequest(_Request):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     max_completion_tokens: int | None = None
-    stream_options: StreamOptions | None = None
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:

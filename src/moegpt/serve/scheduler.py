@@ -205,6 +205,9 @@ class Scheduler:
             if n == 0:
                 break
             needed = seq.table.extra_blocks(seq.computed, seq.computed + n)
+            if needed > self.allocator.free and n > seq.pending:
+                n = seq.pending  # speculative room never costs another sequence its blocks
+                needed = seq.table.extra_blocks(seq.computed, seq.computed + n)
             while needed > self.allocator.free and seq.status is Status.RUNNING:
                 victim = self.running[-1]
                 self._preempt(victim)

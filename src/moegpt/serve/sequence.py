@@ -12,12 +12,16 @@ import torch
 from moegpt.errors import UserError
 from moegpt.serve.blocks import BlockTable
 
+SEED_LIMIT = 2**63 - 1024
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens (OpenAI's names): temperature 0 is greedy; ``top_k`` 0 and
-    ``top_p`` 1 are off; ``seed`` makes sampling reproducible; ``logprobs`` N returns each
-    chosen token's log-probability and the N most likely alternatives."""
+    ``top_p`` 1 are off; ``seed`` makes sampling reproducible (with speculation, only with a
+    fixed lookahead: adaptive lookahead depends on measured step times, and the proposals
+    draw from the same generator); ``logprobs`` N returns each chosen token's log-probability
+    and the N most likely alternatives."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -43,6 +47,13 @@ class SamplingParams:
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("n", self.n >= 1, "must be >= 1"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in 0..20"),
+            # sample i of a request draws with seed + i: keep every one a valid 64-bit seed
+            (
+                "seed",
+                self.seed is None or 0 <= self.seed < SEED_LIMIT,
+                f"must be in 0..{SEED_LIMIT - 1}",
+            ),
+            ("stop", all(self.stop), "stop strings must not be empty"),
         ]
         for name, ok, why in checks:
             if not ok:

@@ -86,22 +86,21 @@ class OpenAIServer:
         return "".join(turns) + "<|im_start|>assistant\n"
 
     def sampling(
-        self, req: _Request, ids: list[int], max_tokens: int | None, logprobs: int | None
+        self,
+        req: _Request,
+        ids: list[int],
+        max_tokens: int | None,
+        logprobs: int | None,
+        field_name: str = "max_tokens",
     ) -> SamplingParams:
+        """The engine's parameters for ``req`` (its prompt already checked to fit)."""
         room = self.engine.engine.max_context - len(ids)
-        if room <= 0:
-            raise APIError(
-                400,
-                f"prompt: {len(ids)} tokens leave no room in the "
-                f"{self.engine.engine.max_context}-token context",
-                "prompt" if isinstance(req, CompletionRequest) else "messages",
-            )
         if max_tokens is not None and not 0 < max_tokens <= room:
             raise APIError(
                 400,
-                f"max_tokens: must be in 1..{room} (the context left after a "
+                f"{field_name}: must be in 1..{room} (the context left after a "
                 f"{len(ids)}-token prompt), got {max_tokens}",
-                "max_tokens",
+                field_name,
             )
         default = DEFAULT_COMPLETION_TOKENS if isinstance(req, CompletionRequest) else room
         stop_ids = (self.chat_ids[1],) if isinstance(req, ChatRequest) and self.chat_ids else ()
@@ -128,8 +127,11 @@ class OpenAIServer:
             ids = self.engine.engine.encode(self.chat_prompt(req))
             self.engine.engine.check_prompt(ids)
             logprobs = (req.top_logprobs or 0) if req.logprobs else None
-            max_tokens = req.max_completion_tokens or req.max_tokens
-            return ids, self.sampling(req, ids, max_tokens, logprobs)
+            if req.max_completion_tokens is not None:
+                return ids, self.sampling(
+                    req, ids, req.max_completion_tokens, logprobs, "max_completion_tokens"
+                )
+            return ids, self.sampling(req, ids, req.max_tokens, logprobs)
         except UserError as e:
             raise _user_error(e, param) from None
 
@@ -166,9 +168,11 @@ class OpenAIServer:
             ]
         }
 
-    async def collect(self, ids: list[int], params: SamplingParams, rid: str) -> list[Choice]:
+    async def collect(
+        self, outputs: AsyncIterator[RequestOutput], params: SamplingParams
+    ) -> list[Choice]:
         choices = {i: Choice(i) for i in range(params.n)}
-        async with aclosing(self.engine.stream(ids, params, rid)) as stream:
+        async with aclosing(outputs) as stream:
             async for out in stream:
                 choice = choices[out.index]
                 choice.text += out.text
@@ -193,7 +197,7 @@ class OpenAIServer:
                     "logprobs": self.completion_logprobs(c.logprobs, 0)
                     if req.logprobs is not None
                     else None,
-                    "finish_reason": _reason(c.finish_reason),
+                    "finish_reason": c.finish_reason,
                 }
                 for c in choices
             ],
@@ -213,7 +217,7 @@ class OpenAIServer:
                     "index": c.index,
                     "message": {"role": "assistant", "content": c.text},
                     "logprobs": self.chat_logprobs(c.logprobs) if req.logprobs else None,
-                    "finish_reason": _reason(c.finish_reason),
+                    "finish_reason": c.finish_reason,
                 }
                 for c in choices
             ],
@@ -221,9 +225,15 @@ class OpenAIServer:
         }
 
     async def stream_events(
-        self, req: CompletionRequest | ChatRequest, ids: list[int], params: SamplingParams, rid: str
+        self,
+        req: CompletionRequest | ChatRequest,
+        outputs: AsyncIterator[RequestOutput],
+        prompt_len: int,
+        params: SamplingParams,
+        rid: str,
     ) -> AsyncIterator[str]:
-        """Server-sent events in OpenAI's chunk format; leaving early cancels the request."""
+        """Server-sent events in OpenAI's chunk format; leaving early cancels the request. An
+        engine failure midway ends the stream with an error event and ``[DONE]``."""
         chat = isinstance(req, ChatRequest)
         kind = "chat.completion.chunk" if chat else "text_completion"
         created = int(time.time())
@@ -244,18 +254,23 @@ class OpenAIServer:
                     for i in range(params.n)
                 ]
             )
-        async with aclosing(self.engine.stream(ids, params, rid)) as stream:
-            async for out in stream:
-                generated += len(out.token_ids)
-                yield event([self._chunk(req, out, text_seen)])
-        if req.stream_options is not None and req.stream_options.include_usage:
-            yield event([], _usage(len(ids), generated))
+        try:
+            async with aclosing(outputs) as stream:
+                async for out in stream:
+                    generated += len(out.token_ids)
+                    yield event([self._chunk(req, out, text_seen)])
+        except Exception as e:  # the engine failed: say so in the stream's own terms
+            failure = error_body(f"internal error: {type(e).__name__}: {e}", "server_error")
+            yield f"data: {json.dumps(failure)}\n\n"
+        else:
+            if req.stream_options is not None and req.stream_options.include_usage:
+                yield event([], _usage(prompt_len, generated))
         yield "data: [DONE]\n\n"
 
     def _chunk(
         self, req: CompletionRequest | ChatRequest, out: RequestOutput, text_seen: dict[int, int]
     ) -> dict[str, Any]:
-        reason = _reason(out.finish_reason) if out.finished else None
+        reason = out.finish_reason if out.finished else None
         if isinstance(req, ChatRequest):
             chunk: dict[str, Any] = {"index": out.index, "delta": {"content": out.text}}
             chunk["logprobs"] = self.chat_logprobs(out.logprobs) if req.logprobs else None
@@ -269,10 +284,6 @@ class OpenAIServer:
         text_seen[out.index] += len(out.text)
         chunk["finish_reason"] = reason
         return chunk
-
-
-def _reason(reason: str | None) -> str | None:
-    return "stop" if reason == "abort" else reason
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
@@ -301,9 +312,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
     def error(
         status: int, message: str, param: str | None = None, code: str | None = None
     ) -> JSONResponse:
-        kind = {401: "authentication_error", 404: "not_found_error"}.get(
-            status, "invalid_request_error" if status < 500 else "server_error"
-        )
+        kind = "authentication_error" if status == 401 else "invalid_request_error"
+        kind = kind if status < 500 else "server_error"
         return JSONResponse(error_body(message, kind, param, code), status_code=status)
 
     @app.exception_handler(APIError)
@@ -351,12 +361,15 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
     ) -> Response:
         ids, params = server.prepare(req)
         rid = f"{prefix}-{uuid.uuid4().hex}"
+        try:  # queued now, so a bad request fails before any response is started
+            outputs = engine.stream(ids, params, rid)
+        except UserError as e:
+            raise _user_error(e, "prompt") from None
         if req.stream:
-            return StreamingResponse(
-                server.stream_events(req, ids, params, rid), media_type="text/event-stream"
-            )
+            events = server.stream_events(req, outputs, len(ids), params, rid)
+            return StreamingResponse(events, media_type="text/event-stream")
         # A non-streaming client that hangs up cancels its request too.
-        work = asyncio.ensure_future(server.collect(ids, params, rid))
+        work = asyncio.ensure_future(server.collect(outputs, params))
         watch = asyncio.ensure_future(_until_disconnected(request))
         await asyncio.wait([work, watch], return_when=asyncio.FIRST_COMPLETED)
         watch.cancel()

@@ -157,7 +157,8 @@ def _with_blocks(config: ServeConfig, num_blocks: int) -> ServeConfig:
 
 
 def check_draft(target: Transformer, draft: Transformer) -> None:
-    """The draft must speak the target's vocabulary."""
+    """The draft must have the target's vocabulary size (the folders' tokenizers are compared
+    by :func:`moegpt.serve.engine.load_draft`)."""
     if draft.config.vocab_size != target.config.vocab_size:
         raise UserError(
             f"serve.draft: vocabulary of {draft.config.vocab_size} tokens, the target has "
@@ -256,8 +257,6 @@ class Speculator:
         self.draft_seconds_per_token = 0.0  # measured cost of proposing, per proposed token
         self.verify_seconds = 0.0  # measured host time of one sequence's verification
         self.gate = SpeculationGate()
-        self._bucket: int | None = None  # this step's load level, when it is pure decode
-        self._speculating = False
 
     def acceptance(self, seq: Sequence) -> float:
         return (seq.spec_accepted + PRIOR_ACCEPTED) / (seq.spec_tested + PRIOR_TESTED)
@@ -269,11 +268,10 @@ class Speculator:
         decoding = [s for s in running if s.pending == 1]
         for seq in running:
             seq.lookahead = 0
-        self._bucket = SpeculationGate.bucket(len(decoding)) if decoding == running else None
-        self._speculating = False
         if self.mode == "off":
             return
-        if self.mode == "adaptive" and not self.gate.allows(self._bucket):
+        level = SpeculationGate.bucket(len(decoding)) if decoding == running else None
+        if self.mode == "adaptive" and not self.gate.allows(level):
             return
         for seq in decoding:
             if not seq.params.speculate:
@@ -291,15 +289,17 @@ class Speculator:
                 seq.lookahead = limit
             else:
                 seq.lookahead = self._best_k(seq, limit, cost, len(decoding))
-            self._speculating |= seq.lookahead > 0
             if seq.lookahead == 0:  # not testing: let the estimate drift back to the prior
                 seq.spec_tested *= DECAY
                 seq.spec_accepted *= DECAY
 
-    def observe(self, seconds: float, tokens: int) -> None:
-        """Feed the gate a finished step (only pure decode steps count)."""
-        if self._bucket is not None and tokens:
-            self.gate.record(self._bucket, self._speculating, seconds / tokens)
+    def observe(
+        self, chunks: list[Chunk], proposals: dict[int, Proposal], seconds: float, tokens: int
+    ) -> None:
+        """Feed the gate a finished step: pure decode steps count, as speculative when some
+        sequence verified proposed tokens."""
+        if tokens and all(c.length == 1 or c.seq.seq_id in proposals for c in chunks):
+            self.gate.record(SpeculationGate.bucket(len(chunks)), bool(proposals), seconds / tokens)
 
     def _best_k(self, seq: Sequence, limit: int, cost: StepCostModel, batch: int) -> int:
         """The lookahead with the most expected tokens per second of step time this sequence
@@ -340,6 +340,8 @@ class Speculator:
             if chunk.seq.pending == 1 and chunk.length > 1:
                 proposal = proposals[len(by_seq)]
                 chunk.length = 1 + len(proposal.tokens)
+                # give back the blocks reserved for proposals that did not come
+                chunk.seq.table.truncate(chunk.start + chunk.length)
                 by_seq[chunk.seq.seq_id] = proposal
         return {sid: p for sid, p in by_seq.items() if p.tokens}
 
