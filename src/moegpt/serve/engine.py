@@ -276,12 +276,10 @@ class Engine:
             generator,
         )
 
-    def abort(self, request_id: str) -> list[int]:
-        """Cancel a request at any point; its blocks are freed at once. Returns the sample
-        indices that were still unfinished."""
-        cancelled = self.scheduler.abort(request_id)
+    def abort(self, request_id: str) -> None:
+        """Cancel a request at any point; its blocks are freed at once."""
+        self.scheduler.abort(request_id)
         self._requests.pop(request_id, None)
-        return [seq.index for seq in cancelled]
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
