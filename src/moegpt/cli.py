@@ -223,7 +223,9 @@ def _with_engine(
     from moegpt.serve.engine import Engine
 
     if serve.tp == 1:
-        work(Engine.from_folder(args.model_dir, serve))
+        with stderr.status(f"loading {args.model_dir} (and calibrating the step-time model)"):
+            engine = Engine.from_folder(args.model_dir, serve)
+        work(engine)
         return None
     if not launched_by_torchrun():
         from moegpt.parallel.launch import launch
