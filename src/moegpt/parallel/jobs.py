@@ -97,6 +97,8 @@ def main(jobs_file: str) -> None:
     init_distributed(local_device(), timeout_s=300)
     for job in json.loads(Path(jobs_file).read_text()):
         run_job(job, distributed=True)
+    # Rank 0 may still be writing results: tearing gloo down under it can abort a peer.
+    dist.barrier()
     dist.destroy_process_group()
 
 
