@@ -199,6 +199,7 @@ def _train(config: Config, run_dir: Path, resume: bool) -> None:
     try:
         dims = ParallelDims.build(config.parallel, device)
         Trainer(config, run_dir, device=device, dims=dims).run(resume=resume)
+        dist.barrier()  # no rank tears the group down while another still finishes
         if dist.get_rank() == 0:
             stderr.print(f"finished: {run_dir}", highlight=False)
     finally:
