@@ -270,13 +270,10 @@ def main() -> None:
     if cuda:
         result["gpu"] = torch.cuda.get_device_name(0)
     started = time.perf_counter()
-    data = Path(load_config(args.recipe).data.data_dir)
-    if not (data / "manifest.json").is_file():  # the correctness runs train on it
-        subprocess.run(
-            [sys.executable, "-m", "moegpt.cli", "prepare", "--config", args.recipe],
-            env=env(),
-            check=True,
-        )
+    for recipe in {args.recipe, args.scaling_config}:  # the corpora the training runs read
+        if not (Path(load_config(recipe).data.data_dir) / "manifest.json").is_file():
+            prepare = [sys.executable, "-m", "moegpt.cli", "prepare", "--config", recipe]
+            subprocess.run(prepare, env=env(), check=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "out").mkdir()
