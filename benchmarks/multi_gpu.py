@@ -17,7 +17,7 @@ child). Every phase is one or a few torchrun jobs, so the whole script fits ten 
 eight H200s. On a machine without GPUs it runs the same phases on gloo CPU ranks at tiny
 shapes, to prove the script.
 
-    python benchmarks/multi_gpu.py --out benchmarks/results                 # all GPUs
+    PYTHONPATH=src python benchmarks/multi_gpu.py --out benchmarks/results   # all GPUs
     python benchmarks/multi_gpu.py --ranks 2 --phases correctness,planner \\
         --scaling-config configs/tiny.toml --serving-config configs/tiny.toml --out /tmp/mg
 """
@@ -51,9 +51,10 @@ BASE += ["--train.micro_batch_size", "2"]
 PP = ["--parallel.pp", "2", "--parallel.pp_microbatches", "4"]
 
 
-def base(ranks: int) -> list[str]:
-    """The correctness model and a batch every layout splits evenly (4 sequences a rank)."""
-    return [*BASE, "--train.global_batch_size", str(4 * ranks)]
+def base(ranks: int, steps: int) -> list[str]:
+    """The correctness model, a batch every layout splits evenly (4 sequences a rank), and a
+    schedule as long as the run."""
+    return [*BASE, "--train.global_batch_size", str(4 * ranks), "--train.steps", str(steps)]
 
 
 def layouts(ranks: int) -> dict[str, list[str]]:
@@ -119,7 +120,7 @@ def correctness(args, recipe: Path, root: Path, cuda: bool) -> dict[str, Any]:
     report: dict[str, Any] = {}
     for dtype in dtypes:
         extra = ["--train.dtype", dtype]
-        runs = {n: base(args.ranks) + o + extra for n, o in layouts(args.ranks).items()}
+        runs = {n: base(args.ranks, args.steps) + o + extra for n, o in layouts(args.ranks).items()}
         torchrun(
             args.ranks,
             [job(recipe, root, f"{dtype}-{n}", o, args.steps) for n, o in runs.items()],
@@ -127,7 +128,9 @@ def correctness(args, recipe: Path, root: Path, cuda: bool) -> dict[str, Any]:
             f"correctness-{dtype}",
         )
         for repeat in ("single", "single-again"):
-            single = job(recipe, root, f"{dtype}-{repeat}", base(args.ranks) + extra, args.steps)
+            single = job(
+                recipe, root, f"{dtype}-{repeat}", base(args.ranks, args.steps) + extra, args.steps
+            )
             run_job(single, distributed=False)
         single = read(root, f"{dtype}-single")
         spread = compare(read(root, f"{dtype}-single-again"), single)
@@ -175,6 +178,7 @@ def scaling(args, root: Path, sizes: list[int]) -> list[dict[str, Any]]:
         ep = min(n, config.model.n_experts) if config.model.n_experts else 1
         layout = ["--parallel.dp_shard", str(n), "--parallel.ep", str(ep)] if n > 1 else []
         common = [*layout, "--train.compile", "false", "--train.warmup_steps", "1"]
+        common += ["--train.steps", str(args.scaling_steps + 1)]  # the run is this short
         weak = [*common, "--train.global_batch_size", str(n * micro)]
         strong = [*common, "--train.global_batch_size", str(top * micro)]
         jobs = [
