@@ -12,7 +12,7 @@ import pytest
 from moegpt.config import load_config
 from moegpt.data.mixture import Mixture
 from moegpt.data.prepare import prepare
-from moegpt.data.shards import read_manifest, write_shard
+from moegpt.data.shards import read_manifest, write_manifest, write_shard
 from moegpt.data.tokenizer import load_tokenizer
 from moegpt.errors import UserError
 from tests.data.conftest import document, make_config
@@ -159,7 +159,7 @@ def test_unprepared_sources_and_missing_manifest(corpus: Path, tmp_path: Path) -
     prepare(config, log=lambda m: None)
     manifest = json.loads((corpus / "prepared" / "manifest.json").read_text())
     del manifest["sources"]["b"]
-    (corpus / "prepared" / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(corpus / "prepared", manifest)  # sealed: a consistent manifest without b
     with pytest.raises(UserError, match=r"data.sources\[1\] 'b': not prepared"):
         Mixture.open(config.data)
 
@@ -170,8 +170,8 @@ def test_bad_folders_and_manifests_are_one_line(corpus: Path, tmp_path: Path) ->
     path = corpus / "prepared" / "manifest.json"
     manifest = json.loads(path.read_text())
     del manifest["dtype"]
-    path.write_text(json.dumps(manifest))
-    with pytest.raises(UserError, match="manifest.json: incomplete manifest"):
+    write_manifest(corpus / "prepared", manifest)  # sealed, so the field check is what fails
+    with pytest.raises(UserError, match="manifest.json: field dtype is missing"):
         Mixture.open(config.data)
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(UserError, match="data.data_dir: .* exists and is not a folder"):

@@ -23,6 +23,7 @@ from moegpt.console import progress, stderr
 from moegpt.data.shards import (
     MANIFEST,
     TOKENIZER,
+    VERSION,
     read_manifest,
     token_dtype,
     write_manifest,
@@ -158,14 +159,23 @@ def _write_split(folder: Path, prefix: str, docs: list[np.ndarray], dtype: np.dt
     }
 
 
+# A new tokenizer is staged under a temporary name and moved into place just before the
+# manifest that records it, so an interrupted run leaves the previous tokenizer with its shards.
+STAGED_TOKENIZER = f".{TOKENIZER}.next"
+RECIPE_STAMP = ".tokenizer-recipe"
+
+
 def _tokenizer_for(
     config: Config,
     data_dir: Path,
     corpora: list[tuple[SourceConfig, Corpus]],
     log: Callable[[str], None],
-) -> Path:
-    """The tokenizer file to use: the configured one, or one trained on the training splits."""
+) -> tuple[Path, str | None]:
+    """The tokenizer file to use: the configured one, or one trained on the training splits;
+    and the recipe stamp to record once it is in place (None for a configured one). A new
+    tokenizer is returned at its staged path: see :func:`_commit_tokenizer`."""
     path = data_dir / TOKENIZER
+    staged = data_dir / STAGED_TOKENIZER
     if config.data.tokenizer:  # copied in, so the prepared folder is self-contained
         given = Path(config.data.tokenizer)
         tokenizer = load_tokenizer(given)
@@ -174,10 +184,10 @@ def _tokenizer_for(
                 f"{given}: {tokenizer.get_vocab_size()} tokens exceed model.vocab_size "
                 f"({config.model.vocab_size})"
             )
-        if not path.is_file() or tokenizer_hash(path) != tokenizer_hash(given):
-            write_atomically(path, given.read_bytes())
-        (data_dir / ".tokenizer-recipe").unlink(missing_ok=True)
-        return path
+        if path.is_file() and tokenizer_hash(path) == tokenizer_hash(given):
+            return path, None
+        write_atomically(staged, given.read_bytes())
+        return staged, None
     shaping = [
         {k: v for k, v in asdict(s).items() if k not in ("epochs", "weight")}
         for s in config.data.sources
@@ -185,10 +195,10 @@ def _tokenizer_for(
     recipe = hashlib.sha256(
         repr((shaping, config.data.seed, config.model.vocab_size)).encode()
     ).hexdigest()
-    stamp = data_dir / ".tokenizer-recipe"
+    stamp = data_dir / RECIPE_STAMP
     recipe += _corpora_fingerprint(corpora)
     if path.is_file() and stamp.is_file() and stamp.read_text() == recipe:
-        return path
+        return path, recipe
     log(f"training a {config.model.vocab_size}-token byte-level BPE on the recipe's training split")
     texts = []
     exclude_below = max(s.val_fraction for s in config.data.sources)
@@ -199,9 +209,19 @@ def _tokenizer_for(
         documents = corpus.documents
         texts += [documents[i] for i in train]
     tokenizer = train_tokenizer(texts, config.model.vocab_size)
-    write_atomically(path, tokenizer.to_str().encode())
-    write_atomically(stamp, recipe.encode())
-    return path
+    write_atomically(staged, tokenizer.to_str().encode())
+    return staged, recipe
+
+
+def _commit_tokenizer(data_dir: Path, tokenizer_path: Path, recipe: str | None) -> None:
+    """Move a staged tokenizer into place and record (or forget) its recipe."""
+    if tokenizer_path != data_dir / TOKENIZER:
+        os.replace(tokenizer_path, data_dir / TOKENIZER)
+    stamp = data_dir / RECIPE_STAMP
+    if recipe is None:
+        stamp.unlink(missing_ok=True)
+    elif not stamp.is_file() or stamp.read_text() != recipe:
+        write_atomically(stamp, recipe.encode())
 
 
 def _corpora_fingerprint(corpora: list[tuple[SourceConfig, Corpus]]) -> str:
@@ -218,10 +238,12 @@ def prepare(
         raise UserError(f"data.data_dir: {data_dir} exists and is not a folder")
     data_dir.mkdir(parents=True, exist_ok=True)
     _remove_temporary_files(data_dir)
-    try:
-        previous = read_manifest(data_dir) if (data_dir / MANIFEST).is_file() else {}
+    try:  # a v1 manifest (no checksum) is upgraded: its shards are reused when up to date
+        previous = (
+            read_manifest(data_dir, old_versions=True) if (data_dir / MANIFEST).is_file() else {}
+        )
     except UserError:
-        previous = {}  # unreadable: rebuild everything rather than trust it
+        previous = {}  # unreadable, edited or inconsistent: rebuild everything, trust nothing
     workers = data.workers or os.cpu_count() or 1
     exclude_below = max(s.val_fraction for s in data.sources)
 
@@ -230,7 +252,7 @@ def prepare(
         log(f"checking source {source.name!r} ({source.path})")
         corpora.append((source, load_corpus(source, i)))
 
-    tokenizer_path = _tokenizer_for(config, data_dir, corpora, log)
+    tokenizer_path, recipe = _tokenizer_for(config, data_dir, corpora, log)
     tok_sha = tokenizer_hash(tokenizer_path)
     tokenizer = load_tokenizer(tokenizer_path)
     dtype = token_dtype(tokenizer.get_vocab_size())
@@ -282,7 +304,9 @@ def prepare(
         "dtype": dtype.name,
         "sources": sources,
     }
-    if {k: previous.get(k) for k in manifest} != manifest:  # only when something changed
+    _commit_tokenizer(data_dir, tokenizer_path, recipe)
+    changed = {k: previous.get(k) for k in manifest} != manifest
+    if changed or previous.get("version") != VERSION:  # only when something changed
         write_manifest(data_dir, manifest)
         _remove_unreferenced(data_dir, sources)
     return read_manifest(data_dir)
@@ -290,7 +314,8 @@ def prepare(
 
 def _remove_temporary_files(data_dir: Path) -> None:
     """Remove what a killed run left half-written (temporary names start with a dot)."""
-    for pattern in (".*.bin.*", f".{MANIFEST}.*", f".{TOKENIZER}.*", "*/.*.bin.*"):
+    patterns = (".*.bin.*", f".{MANIFEST}.*", f".{TOKENIZER}.*", f"..{TOKENIZER}.*", "*/.*.bin.*")
+    for pattern in patterns:
         for path in data_dir.glob(pattern):
             path.unlink(missing_ok=True)
 

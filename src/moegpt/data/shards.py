@@ -24,7 +24,7 @@ from moegpt.fileio import sha256_file, write_atomically
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 FORMAT = "moegpt-shards"
-VERSION = 1
+VERSION = 2  # v2: the manifest carries a checksum of its contents
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -50,33 +50,145 @@ def write_shard(
     return entry
 
 
-def read_manifest(data_dir: Path) -> dict[str, Any]:
+RERUN = "re-run `moegpt prepare --config ...`"
+
+
+def manifest_checksum(manifest: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON (sorted keys, no spaces) of everything but the checksum."""
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _dotted(keys: tuple[str | int, ...]) -> str:
+    return "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in keys).lstrip(".")
+
+
+def _field(path: Path, obj: Any, keys: tuple[str | int, ...], kind: type) -> Any:
+    """``obj[k0][k1]...`` (str keys index objects, int keys lists), which must be of
+    ``kind``: a one-line error naming the field otherwise."""
+    value = obj
+    for key in keys:
+        if isinstance(key, int):  # only ever an index the caller took from the list itself
+            found = isinstance(value, list) and 0 <= key < len(value)
+        else:
+            found = isinstance(value, dict) and key in value
+        if not found:
+            raise UserError(f"{path}: field {_dotted(keys)} is missing ({RERUN})")
+        value = value[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise UserError(f"{path}: field {_dotted(keys)} = {value!r} has the wrong type ({RERUN})")
+    return value
+
+
+def _plain_name(path: Path, dotted: str, name: str) -> None:
+    """A file or folder name that stays inside its folder: no separators, no ``..``."""
+    if name in ("", ".", "..") or "/" in name or "\\" in name:
+        raise UserError(f"{path}: field {dotted} = {name!r} is not a plain file name")
+
+
+def tokenizer_file(data_dir: Path, manifest: dict[str, Any]) -> Path:
+    """The manifest's tokenizer file, which must lie inside ``data_dir``: a relative path
+    without ``..`` that does not resolve (through symlinks) out of the folder."""
+    where = data_dir / MANIFEST
+    name = _field(where, manifest, ("tokenizer", "file"), str)
+    relative = Path(name)
+    if not name or relative.is_absolute() or ".." in relative.parts:
+        raise UserError(
+            f"{where}: field tokenizer.file = {name!r} must be a path inside {data_dir}"
+        )
+    path = data_dir / relative
+    if not path.resolve().is_relative_to(data_dir.resolve()):
+        raise UserError(f"{where}: field tokenizer.file = {name!r} resolves outside {data_dir}")
+    return path
+
+
+def _check_tokenizer(data_dir: Path, manifest: dict[str, Any]) -> None:
+    """The tokenizer file is the one the shards were made with, and the manifest's eos_id,
+    vocab_size and dtype are what it implies."""
+    from moegpt.data.tokenizer import END_OF_TEXT, load_tokenizer, tokenizer_hash
+
+    where = data_dir / MANIFEST
+    path = tokenizer_file(data_dir, manifest)
+    if not path.is_file():
+        raise UserError(f"{path}: tokenizer file missing ({RERUN})")
+    if tokenizer_hash(path) != manifest["tokenizer"]["sha256"]:
+        raise UserError(
+            f"{path}: sha256 differs from {MANIFEST}'s tokenizer.sha256 (edited or replaced "
+            f"since the shards were made; {RERUN})"
+        )
+    tokenizer = load_tokenizer(path)
+    vocab, eos = tokenizer.get_vocab_size(), tokenizer.token_to_id(END_OF_TEXT)
+    if manifest["tokenizer"]["vocab_size"] != vocab:
+        given = manifest["tokenizer"]["vocab_size"]
+        raise UserError(f"{where}: field tokenizer.vocab_size = {given}, {path} has {vocab} ids")
+    if manifest["tokenizer"]["eos_id"] != eos:
+        given = manifest["tokenizer"]["eos_id"]
+        raise UserError(
+            f"{where}: field tokenizer.eos_id = {given} is not {path}'s {END_OF_TEXT} id ({eos})"
+        )
+    if manifest["dtype"] != token_dtype(vocab).name:
+        expected = token_dtype(vocab).name
+        raise UserError(
+            f"{where}: field dtype = {manifest['dtype']!r}, a {vocab}-id vocabulary is stored "
+            f"as {expected!r}"
+        )
+
+
+def _check_fields(path: Path, manifest: dict[str, Any]) -> None:
+    """Every field readers use is present, of its type, and names files inside the folder."""
+    _field(path, manifest, ("dtype",), str)
+    for key, kind in (("file", str), ("sha256", str), ("vocab_size", int), ("eos_id", int)):
+        _field(path, manifest, ("tokenizer", key), kind)
+    for name in _field(path, manifest, ("sources",), dict):
+        _plain_name(path, f"sources.{name}", name)
+        for split in ("train", "val"):
+            shards = ("sources", name, "splits", split, "shards")
+            for k in range(len(_field(path, manifest, shards, list))):
+                for key in ("tokens_file", "docs_file", "tokens_sha256", "docs_sha256"):
+                    value = _field(path, manifest, (*shards, k, key), str)
+                    if key.endswith("_file"):
+                        _plain_name(path, _dotted((*shards, k, key)), value)
+                for key in ("tokens", "documents"):
+                    if _field(path, manifest, (*shards, k, key), int) < 0:
+                        raise UserError(f"{path}: field {_dotted((*shards, k, key))} is negative")
+
+
+def read_manifest(data_dir: Path, old_versions: bool = False) -> dict[str, Any]:
+    """The folder's manifest, verified: its checksum, its fields, and the tokenizer file it
+    names (inside ``data_dir``, with the recorded sha256, eos_id, vocab_size and dtype).
+    ``old_versions`` lets `moegpt prepare` read a v1 manifest (no checksum) to upgrade it."""
     path = data_dir / MANIFEST
     if not path.is_file():
         raise UserError(f"{path}: not found; run `moegpt prepare --config ...` first")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or (manifest.get("format"), manifest.get("version")) != (
-        FORMAT,
-        VERSION,
-    ):
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}; {RERUN})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UserError(f"{path}: not a moegpt shard manifest (format {FORMAT} v{VERSION})")
-    try:
-        np.dtype(manifest["dtype"])
-        {manifest["tokenizer"][k] for k in ("file", "sha256", "vocab_size", "eos_id")}
-        for entry in manifest["sources"].values():
-            for split in ("train", "val"):
-                for shard in entry["splits"][split]["shards"]:
-                    {shard[k] for k in ("tokens_file", "docs_file", "tokens", "documents")}
-    except (KeyError, TypeError, AttributeError) as e:
-        raise UserError(f"{path}: incomplete manifest ({type(e).__name__}: {e})") from None
+    version = manifest.get("version")
+    if type(version) is not int or not 1 <= version <= VERSION:
+        raise UserError(f"{path}: format version {version!r} is not one this moegpt reads")
+    if version < VERSION and not old_versions:
+        raise UserError(
+            f"{path}: format v{version} predates manifest checksums; {RERUN} to upgrade it "
+            "(shards that are up to date are kept)"
+        )
+    if version == VERSION:
+        if "checksum" not in manifest:
+            raise UserError(f"{path}: field checksum is missing ({RERUN})")
+        if manifest["checksum"] != manifest_checksum(manifest):
+            raise UserError(f"{path}: checksum does not match its contents (edited?; {RERUN})")
+    _check_fields(path, manifest)
+    _check_tokenizer(data_dir, manifest)
     return manifest
 
 
 def write_manifest(data_dir: Path, manifest: dict[str, Any]) -> None:
-    manifest = {"format": FORMAT, "version": VERSION, **manifest}
+    body = {k: v for k, v in manifest.items() if k not in ("format", "version", "checksum")}
+    manifest = {"format": FORMAT, "version": VERSION, **body}
+    manifest["checksum"] = manifest_checksum(manifest)
     write_atomically(data_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
 
 
