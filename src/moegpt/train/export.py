@@ -9,7 +9,7 @@ import torch.distributed.checkpoint as dcp
 
 from moegpt.config import load_config
 from moegpt.console import stderr
-from moegpt.data.shards import read_manifest
+from moegpt.data.shards import read_manifest, tokenizer_file
 from moegpt.errors import UserError
 from moegpt.model import Transformer
 from moegpt.train.checkpoint import CheckpointManager
@@ -40,7 +40,7 @@ def export(run_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
     model, step = load_run_model(run_dir)
     config = load_config(run_dir / RUN_CONFIG)
     data_dir = Path(config.data.data_dir)
-    tokenizer = data_dir / read_manifest(data_dir)["tokenizer"]["file"]
+    tokenizer = tokenizer_file(data_dir, read_manifest(data_dir))  # inside data_dir
     if not tokenizer.is_file():
         raise UserError(f"{tokenizer}: the run's tokenizer is missing")
     with torch.no_grad():
