@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from moegpt.config import load_config
 from moegpt.console import stderr
 from moegpt.data.shards import read_manifest, tokenizer_file
 from moegpt.errors import UserError
 from moegpt.model import Transformer
+from moegpt.train import safe_dcp
 from moegpt.train.checkpoint import CheckpointManager
 from moegpt.train.trainer import RUN_CONFIG
 from moegpt.weights import save_model
@@ -30,7 +30,7 @@ def load_run_model(run_dir: Path) -> tuple[Transformer, int]:
         raise UserError(f"{run_dir}: no complete checkpoint to export")
     model = Transformer(config.model)
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(checkpoint.path))  # in place; only the model is read
+    safe_dcp.load(state, checkpoint.path)  # in place; only the model is read
     model.load_state_dict(state["model"])
     return model.eval(), checkpoint.step
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from moegpt.fileio import write_atomically
 from moegpt.model.moe import MoEStats
 
 # Dense bf16 peaks, the usual MFU denominator (datasheet figures), by device-name fragment.
@@ -52,16 +53,23 @@ def router_health(stats: list[MoEStats]) -> dict[str, float]:
 
 class MetricsWriter:
     """Appends one JSON object per event to ``metrics.jsonl`` (flushed, so a kill loses at
-    most the line being written) and mirrors numbers to TensorBoard if available."""
+    most the line being written) and mirrors numbers to TensorBoard if available.
 
-    def __init__(self, run_dir: Path) -> None:
+    A run that starts at ``start_step`` (a resume) trains the steps after it again, so their
+    rows from the earlier attempt are dropped first, in both places.
+    """
+
+    def __init__(self, run_dir: Path, start_step: int = 0) -> None:
         self.path = run_dir / "metrics.jsonl"
+        _truncate(self.path, start_step)
         self._file = self.path.open("a", buffering=1)
         self._tensorboard = None
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+            self._tensorboard = SummaryWriter(
+                str(run_dir / "tensorboard"), purge_step=start_step + 1
+            )
         except ImportError:  # tensorboard is optional
             pass
 
@@ -76,6 +84,21 @@ class MetricsWriter:
         self._file.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
+
+
+def _truncate(path: Path, last_step: int) -> None:
+    """Keep the rows of steps up to ``last_step`` (and drop a line cut by a kill)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if event.get("step", 0) <= last_step:
+            kept.append(line + "\n")
+    write_atomically(path, "".join(kept).encode())
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

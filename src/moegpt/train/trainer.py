@@ -212,10 +212,17 @@ class Trainer:
         return self.checkpoints.save(self.step, self._tensor_state()[0], state)
 
     def resume(self) -> bool:
-        """Continue from the newest complete checkpoint, if any; say which."""
-        self.checkpoints.remove_partial()
+        """Continue from the newest complete checkpoint, if any; say which. Refuses to start
+        over when checkpoints exist but every one is damaged: that would discard the run."""
+        self.checkpoints.clean_up()
         checkpoint = self.checkpoints.latest()
         if checkpoint is None:
+            if damaged := self.checkpoints.set_aside():
+                raise UserError(
+                    f"{self.checkpoints.folder}: no usable checkpoint ({len(damaged)} damaged, "
+                    f"set aside in {self.checkpoints.damaged_folder}); pass --resume never to "
+                    "train from step 0, or put a good checkpoint back"
+                )
             return False
         tensors, parts = self._tensor_state()
         state = self.checkpoints.load(checkpoint, tensors)
@@ -469,10 +476,12 @@ class Trainer:
                 f"{self.run_dir}: holds checkpoints of an earlier run; resume it (--resume auto) "
                 "or train into a new --run-dir"
             )
+        else:
+            self.checkpoints.write_off_damaged()
         if self.dims is not None:
             self.log(self.dims.describe())
         train, every = self.config.train, self.config.checkpoint.every
-        metrics = MetricsWriter(self.run_dir) if self.rank0 else None
+        metrics = MetricsWriter(self.run_dir, self.step) if self.rank0 else None
         batches = iter(self.loader)
         last: dict[str, Any] = {}
         window_tokens, window_start = 0, time.perf_counter()
