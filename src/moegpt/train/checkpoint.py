@@ -5,7 +5,8 @@ A checkpoint is a folder ``step-00000100`` holding the model and optimizer as a
 trainer's own state as JSON, and ``manifest.json`` listing every file with its size and
 sha256. It is written under a temporary name, the manifest is written last, everything is
 fsynced, and one rename makes it visible: a kill during a save leaves the previous
-checkpoints untouched, and a folder without a valid manifest is never resumed from.
+checkpoints untouched, and a folder without a valid manifest is never resumed from. Damaged
+checkpoints are moved to ``damaged/``; loading never unpickles anything (``safe_dcp``).
 """
 
 from __future__ import annotations
