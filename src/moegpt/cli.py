@@ -263,6 +263,10 @@ def cmd_serve(args: argparse.Namespace) -> int | None:
         raise UserError(f"--port: must be in 1..65535, got {port}")
     api_key = args.api_key or os.environ.get("MOEGPT_API_KEY") or None
     name = args.served_model_name or Path(args.model_dir).resolve().name
+    flags = {k: getattr(args, k) for k in ("max_body_bytes", "max_waiting")}
+    serve = dataclasses.replace(serve, **{k: v for k, v in flags.items() if v is not None})
+    serve.validate()
+    limits = {"max_body_bytes": serve.max_body_bytes, "max_waiting": serve.max_waiting}
 
     def run(engine: Engine) -> None:
         from moegpt.serve.async_engine import AsyncEngine
@@ -274,13 +278,14 @@ def cmd_serve(args: argparse.Namespace) -> int | None:
             f"{serve.block_size} tokens{', API key required' if api_key else ''})",
             highlight=False,
         )
-        serve_http(AsyncEngine(engine), name, host, port, api_key)
+        serve_http(AsyncEngine(engine), name, host, port, api_key, **limits)
 
     return _with_engine(args, serve, run)
 
 
 def _generate(engine: Engine, args: argparse.Namespace) -> None:
     """Stream one prompt to the terminal, or print each prompt's samples when done."""
+    from moegpt.serve.prompts import PlainEncoder
     from moegpt.serve.sequence import SamplingParams
 
     params = SamplingParams(
@@ -295,7 +300,9 @@ def _generate(engine: Engine, args: argparse.Namespace) -> None:
         ignore_eos=args.ignore_eos,
     )
     prompts = args.prompt or [sys.stdin.read()]
-    ids = [engine.add_request(p, params) for p in prompts]
+    # Special-token strings in a prompt are text, as in /v1/completions and the training data.
+    encoded = PlainEncoder(engine.tokenizer).encode(prompts) if engine.tokenizer else prompts
+    ids = [engine.add_request(p, params) for p in encoded]
     streaming = len(prompts) == 1 and args.n == 1
     if streaming:
         stdout.print(prompts[0], end="", markup=False, highlight=False)
@@ -593,7 +600,20 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", help="address to bind (default serve.host, 127.0.0.1)")
     srv.add_argument("--port", type=int, help="port (default serve.port, 8000)")
     srv.add_argument(
-        "--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or MOEGPT_API_KEY)"
+        "--api-key",
+        help="require 'Authorization: Bearer KEY' on every path but /health and /metrics "
+        "(/v1, /docs, /redoc, /openapi.json); or MOEGPT_API_KEY",
+    )
+    srv.add_argument(
+        "--max-body-bytes",
+        type=int,
+        help="largest request body read; larger ones get 413 (default serve.max_body_bytes, 8 MiB)",
+    )
+    srv.add_argument(
+        "--max-waiting",
+        type=int,
+        help="requests that may wait for the engine (being read, tokenized, queued or "
+        "preempted); more get 503 with Retry-After (default serve.max_waiting, 256; 0 = no limit)",
     )
     srv.add_argument("--served-model-name", help="the model id clients use (the folder name)")
     _add_serve_flags(srv)

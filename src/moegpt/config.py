@@ -454,10 +454,19 @@ class ServeConfig(_Section):
     ngram_min: int = _doc(1, "shortest n-gram prompt lookup matches")
     host: str = _doc("127.0.0.1", "address the HTTP server binds")
     port: int = _doc(8000, "port the HTTP server listens on")
+    max_body_bytes: int = _doc(
+        8 * 2**20, "largest HTTP request body the server reads; larger ones get 413"
+    )
+    max_waiting: int = _doc(
+        256,
+        "requests that may wait for the engine (being read, tokenized, queued or preempted); "
+        "more get 503 with Retry-After; 0 = no limit",
+    )
 
     def validate(self) -> None:
         self._positive("tp", "pp", "block_size", "max_batch_size", "max_tokens_per_step")
-        self._non_negative("num_kv_blocks", "tpot_ms", "ttft_ms")
+        self._non_negative("num_kv_blocks", "tpot_ms", "ttft_ms", "max_waiting")
+        self._positive("max_body_bytes")
         self._positive("spec_tokens", "ngram_min")
         if self.ngram_max < self.ngram_min:
             self._fail("ngram_max", f"must be >= ngram_min ({self.ngram_min})")

@@ -31,6 +31,10 @@ class AsyncEngine:
         self._stopping = False
         self._mailbox: deque[_Submission | str] = deque()  # submissions; request ids to abort
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        # Submissions posted and taken in by the engine: one writer each (the event loop, the
+        # engine thread), so reading their difference needs no lock.
+        self._posted = 0
+        self._taken = 0
         self._thread = threading.Thread(target=self._run, name="moegpt-engine", daemon=True)
         self._thread.start()
 
@@ -48,6 +52,7 @@ class AsyncEngine:
         rid = request_id or uuid.uuid4().hex
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (asyncio.get_running_loop(), queue)
+        self._posted += 1  # before the append: the engine thread may take it at once
         self._mailbox.append(_Submission(rid, ids, params))
         self._wake.set()
         return self._follow(rid, queue, params.n)
@@ -73,6 +78,12 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._mailbox.append(request_id)
         self._wake.set()
+
+    def waiting(self) -> int:
+        """Requests not yet running: still in the mailbox or in the scheduler's waiting queue
+        (preempted sequences included). Read from any thread; one moving from the mailbox to
+        the queue may be counted twice for an instant, never missed."""
+        return self._posted - self._taken + len(self.engine.scheduler.waiting)
 
     def metrics(self) -> str:
         """The Prometheus page of the engine's state (counters read between or during steps:
@@ -103,6 +114,8 @@ class AsyncEngine:
                 self.engine.add_request(item.ids, item.params, item.request_id)
             except Exception as e:  # e.g. a request id already running: that stream fails
                 self._deliver(item.request_id, e)
+            finally:
+                self._taken += 1
 
     def _deliver(self, rid: str, item: RequestOutput | BaseException) -> None:
         target = self._streams.get(rid)

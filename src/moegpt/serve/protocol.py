@@ -1,50 +1,102 @@
 """OpenAI's request shapes for /v1/completions and /v1/chat/completions (the fields moegpt
 honours; others a client sends are accepted and ignored, as OpenAI-compatible servers do),
-and the error body."""
+and the error body.
+
+Types are strict, as JSON types: a boolean field takes only ``true``/``false`` and an integer
+field only a JSON integer (``"max_tokens": true`` and ``"stream": "yes"`` are 400s), while a
+float field still takes an integer (``"temperature": 1``), as OpenAI's API does. Text fields
+refuse lone surrogates (``"\\ud800"`` is valid JSON but not Unicode: it can be neither
+tokenized nor echoed back in UTF-8)."""
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+)
+from pydantic_core import PydanticCustomError
 
 MAX_N = 16  # samples per request
+# Stop strings are checked against the generated text after every token, so their number and
+# length bound each step's work (OpenAI allows 4; 16 leaves room for clients that send more).
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-class StreamOptions(BaseModel):
+def _unicode(text: str) -> str:
+    found = _SURROGATE.search(text)
+    if found is not None:
+        raise PydanticCustomError(
+            "unicode",
+            "contains a lone surrogate ({code}) at character {at}: not valid Unicode",
+            {"code": f"\\u{ord(found.group()):04x}", "at": found.start()},
+        )
+    return text
+
+
+def _listed(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+def _text_or_ids(value: Any) -> str:
+    return "text" if isinstance(value, str) else "ids"
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+StopText = Annotated[str, StringConstraints(max_length=MAX_STOP_CHARS), AfterValidator(_unicode)]
+# One string or a list of them; checked as a list, so an error names the string at fault.
+Stops = Annotated[list[StopText], BeforeValidator(_listed), Field(max_length=MAX_STOPS)]
+# Text or token ids: the value's JSON type picks the branch, so its errors are that branch's
+# alone ("text" and "ids" are tags the error handler leaves out of a field's path).
+Prompt = Annotated[
+    Annotated[Text, Tag("text")] | Annotated[list[int], Tag("ids")], Discriminator(_text_or_ids)
+]
+UNION_TAGS = ("text", "ids")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
+class _Request(_Strict):
+    model: Text
     max_tokens: int | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # an extension vLLM also accepts
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
-    stop: str | list[str] | None = None
+    stop: Stops | None = None
     seed: int | None = None
     stream_options: StreamOptions | None = None
 
     def stops(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        return tuple(self.stop or ())
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[int]
+    prompt: Prompt
     logprobs: int | None = Field(None, ge=0, le=5)
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class ChatRequest(_Request):

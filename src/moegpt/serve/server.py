@@ -5,14 +5,24 @@ streaming as server-sent events ending with ``[DONE]``), ``GET /health`` and ``G
 (Prometheus). Errors use OpenAI's JSON shape. A client that disconnects cancels its request,
 which frees its KV blocks; on SIGTERM uvicorn stops accepting, lets running requests finish
 (up to a grace period) and the engine then cancels whatever is left.
+
+Hardening: with an API key every path but /health and /metrics needs it (the docs and
+/openapi.json included), compared in constant time. A request body over ``max_body_bytes`` is
+refused with 413 while it is read; a prompt is size-checked before it is tokenized, and
+tokenized in a worker thread, so the event loop keeps answering; past ``max_waiting`` requests
+not yet running, new ones get 503 with Retry-After. Every error, 404 and 405 included, is a
+one-line message in OpenAI's shape.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
@@ -21,23 +31,50 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from moegpt.config import ServeConfig
 from moegpt.errors import UserError
 from moegpt.serve.async_engine import AsyncEngine
 from moegpt.serve.engine import RequestOutput
-from moegpt.serve.protocol import ChatRequest, CompletionRequest, _Request, error_body
+from moegpt.serve.metrics import Metric, render
+from moegpt.serve.prompts import PlainEncoder
+from moegpt.serve.protocol import (
+    UNION_TAGS,
+    ChatMessage,
+    ChatRequest,
+    CompletionRequest,
+    _Request,
+    error_body,
+)
 from moegpt.serve.sequence import SamplingParams
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 GRACE_S = 30  # how long a SIGTERM waits for running requests
+DEFAULT_MAX_BODY_BYTES = ServeConfig().max_body_bytes
+DEFAULT_MAX_WAITING = ServeConfig().max_waiting
+OPEN_PATHS = ("/health", "/metrics")  # answered without the API key
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")  # admitted up to max_waiting
+TICKET = "moegpt.ticket"  # the ASGI scope's key for a request's place among those waiting
+RETRY_AFTER_S = 1
+
+log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
     def __init__(
-        self, status: int, message: str, param: str | None = None, code: str | None = None
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
 
 
 def _user_error(e: UserError, prompt_param: str) -> APIError:
@@ -45,6 +82,16 @@ def _user_error(e: UserError, prompt_param: str) -> APIError:
     field_name, _, _ = str(e).partition(":")
     param = prompt_param if field_name == "prompt" else field_name
     return APIError(400, str(e), param=param)
+
+
+class Ticket:
+    def __init__(self, server: OpenAIServer) -> None:
+        self.server: OpenAIServer | None = server
+
+    def release(self) -> None:
+        if self.server is not None:
+            self.server.preparing -= 1
+            self.server = None
 
 
 @dataclass
@@ -59,16 +106,18 @@ class Choice:
 class OpenAIServer:
     """The request handling, independent of the HTTP framework's routing."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+    def __init__(
+        self, engine: AsyncEngine, model_name: str, max_waiting: int = DEFAULT_MAX_WAITING
+    ) -> None:
         self.engine = engine
         self.model_name = model_name
         self.created = int(time.time())
+        self.max_waiting = max_waiting
+        self.preparing = 0  # admitted requests not yet handed to the engine (event loop only)
+        self.rejected: Counter[str] = Counter()  # requests refused, by reason
         tokenizer = engine.engine.tokenizer
-        self.chat_ids = None
-        if tokenizer is not None:
-            start, end = tokenizer.token_to_id("<|im_start|>"), tokenizer.token_to_id("<|im_end|>")
-            if start is not None and end is not None:
-                self.chat_ids = (start, end)
+        self.encoder = PlainEncoder(tokenizer) if tokenizer is not None else None
+        self.chat_ids = self.encoder.chat_ids if self.encoder is not None else None
 
     # -- requests -> engine ----------------------------------------------------------------
     def _check_model(self, req: _Request) -> None:
@@ -77,13 +126,58 @@ class OpenAIServer:
                 404, f"The model `{req.model}` does not exist", "model", "model_not_found"
             )
 
-    def chat_prompt(self, req: ChatRequest) -> str:
-        """ChatML: each message as <|im_start|>role\\ncontent<|im_end|>, then the assistant's
-        turn opened."""
-        if self.chat_ids is None:
+    def admit(self) -> Ticket:
+        """A place among the requests waiting for the engine, taken before the body is read:
+        past ``max_waiting`` (requests being read, tokenized, queued or preempted) a request
+        gets 503 with Retry-After. The ticket is released once the request is queued in the
+        engine (no await between, so it is counted all along), or when it fails before."""
+        waiting = self.preparing + self.engine.waiting()
+        if self.max_waiting and waiting >= self.max_waiting:
+            self.rejected["queue_full"] += 1
+            raise APIError(
+                503,
+                f"server busy: {waiting} requests are waiting (limit {self.max_waiting}); "
+                f"retry after {RETRY_AFTER_S} s",
+                code="server_busy",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        self.preparing += 1
+        return Ticket(self)
+
+    def _fits(self, chars: int, param: str) -> None:
+        """Refuse text that cannot fit the context before tokenizing it: every character is at
+        least one byte, and no token stands for more than ``max_bytes_per_token`` bytes."""
+        assert self.encoder is not None
+        context = self.engine.engine.max_context
+        limit = context * self.encoder.max_bytes_per_token
+        if chars > limit:
+            raise APIError(
+                400,
+                f"{param}: {chars:,} characters cannot fit the {context:,}-token context (at "
+                f"most {limit:,} bytes of text)",
+                param,
+            )
+
+    async def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a /v1/completions prompt. Text is encoded with special-token strings as
+        plain text, like chat content: a client's text never becomes a control token by
+        accident or by design, and the ids path (``prompt`` as a list of ids) stays the one
+        explicit way to send control tokens."""
+        if not isinstance(prompt, str):
+            return list(prompt)
+        if self.encoder is None:
+            raise APIError(400, "prompt: text needs a tokenizer; pass token ids", "prompt")
+        self._fits(len(prompt), "prompt")
+        return (await asyncio.to_thread(self.encoder.encode, [prompt]))[0]
+
+    async def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
+        """ChatML ids, built structurally (see :mod:`moegpt.serve.prompts`): a message's text
+        cannot open or close a turn."""
+        if self.encoder is None or self.chat_ids is None:
             raise APIError(400, "messages: this model's tokenizer has no chat tokens", "messages")
-        turns = [f"<|im_start|>{m.role}\n{m.content}<|im_end|>\n" for m in req.messages]
-        return "".join(turns) + "<|im_start|>assistant\n"
+        self._fits(sum(len(m.role) + 1 + len(m.content) for m in messages), "messages")
+        turns = [(m.role, m.content) for m in messages]
+        return await asyncio.to_thread(self.encoder.chat, turns)
 
     def sampling(
         self,
@@ -116,15 +210,17 @@ class OpenAIServer:
             logprobs=logprobs,
         )
 
-    def prepare(self, req: CompletionRequest | ChatRequest) -> tuple[list[int], SamplingParams]:
+    async def prepare(
+        self, req: CompletionRequest | ChatRequest
+    ) -> tuple[list[int], SamplingParams]:
         self._check_model(req)
         param = "prompt" if isinstance(req, CompletionRequest) else "messages"
         try:
             if isinstance(req, CompletionRequest):
-                ids = self.engine.engine.encode(req.prompt)
+                ids = await self.encode_prompt(req.prompt)
                 self.engine.engine.check_prompt(ids)
                 return ids, self.sampling(req, ids, req.max_tokens, req.logprobs)
-            ids = self.engine.engine.encode(self.chat_prompt(req))
+            ids = await self.chat_prompt(req.messages)
             self.engine.engine.check_prompt(ids)
             logprobs = (req.top_logprobs or 0) if req.logprobs else None
             if req.max_completion_tokens is not None:
@@ -299,8 +395,140 @@ async def _until_disconnected(request: Request) -> None:
         await asyncio.sleep(0.1)
 
 
-def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> FastAPI:
-    server = OpenAIServer(engine, model_name)
+class _ErrorResponse(JSONResponse):
+    """An error as ASCII JSON: text from the request (a lone surrogate, say) is escaped
+    rather than failing to encode, which would turn a 4xx into a dropped connection."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+def error_response(
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    kind = "authentication_error" if status == 401 else "invalid_request_error"
+    kind = kind if status < 500 else "server_error"
+    body = error_body(message, kind, param, code)
+    return _ErrorResponse(body, status_code=status, headers=headers)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class Guard:
+    """ASGI middleware in front of the routes: the API key (every path but ``OPEN_PATHS``,
+    compared in constant time); for generation, a place among the waiting requests (so
+    bodies read at once are bounded too); then the body limit, enforced as the body is read:
+    a Content-Length over the limit is refused before reading, and a chunked body once its
+    bytes pass the limit (the rest is never read). The body read is then handed on whole."""
+
+    def __init__(
+        self, app: ASGIApp, server: OpenAIServer, api_key: str | None, max_body_bytes: int
+    ) -> None:
+        self.app = app
+        self.server = server
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        if self.expected is not None and scope["path"] not in OPEN_PATHS:
+            given = headers.get("authorization", "").encode("latin-1")
+            if not hmac.compare_digest(given, self.expected):
+                refusal = error_response(
+                    401, "Incorrect or missing API key", None, "invalid_api_key"
+                )
+                await refusal(scope, receive, send)
+                return
+        if scope["method"] != "POST" or scope["path"] not in GENERATION_PATHS:
+            await self._pass_body(scope, receive, send, headers)
+            return
+        try:
+            ticket = self.server.admit()
+        except APIError as e:
+            refusal = error_response(e.status, e.message, e.param, e.code, e.headers)
+            await refusal(scope, receive, send)
+            return
+        scope[TICKET] = ticket
+        try:
+            await self._pass_body(scope, receive, send, headers)
+        finally:
+            ticket.release()
+
+    async def _pass_body(
+        self, scope: Scope, receive: Receive, send: Send, headers: Headers
+    ) -> None:
+        try:
+            body = await self._read_body(headers, receive)
+        except _BodyTooLarge:
+            message = (
+                f"body: larger than this server's limit of {self.max_body_bytes:,} bytes "
+                "(moegpt serve --max-body-bytes)"
+            )
+            await error_response(413, message, None, "request_too_large")(scope, receive, send)
+            return
+        except ValueError:
+            await error_response(400, "Content-Length: not a number")(scope, receive, send)
+            return
+        if body is None:  # the client left while sending
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: the disconnect, when it comes
+
+        await self.app(scope, replay, send)
+
+    async def _read_body(self, headers: Headers, receive: Receive) -> bytes | None:
+        length = headers.get("content-length")
+        if length is not None and int(length) > self.max_body_bytes:
+            raise _BodyTooLarge
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise _BodyTooLarge
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+def _unparsable_body(e: StarletteHTTPException) -> str:
+    """FastAPI's "There was an error parsing the body" (a 400 raised from the parser's own
+    exception) as one line that says what was wrong."""
+    cause = e.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return f"body: not valid UTF-8 (byte {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "body: JSON nested too deeply"
+    return f"body: could not be parsed{f' ({type(cause).__name__})' if cause else ''}"
+
+
+def build_app(
+    engine: AsyncEngine,
+    model_name: str,
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_waiting: int = DEFAULT_MAX_WAITING,
+) -> FastAPI:
+    """The app; ``app.state.server`` is its :class:`OpenAIServer`."""
+    server = OpenAIServer(engine, model_name, max_waiting)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -308,39 +536,39 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
         engine.shutdown()  # after uvicorn's graceful wait: cancel what is still running
 
     app = FastAPI(title="moegpt", lifespan=lifespan)
-
-    def error(
-        status: int, message: str, param: str | None = None, code: str | None = None
-    ) -> JSONResponse:
-        kind = "authentication_error" if status == 401 else "invalid_request_error"
-        kind = kind if status < 500 else "server_error"
-        return JSONResponse(error_body(message, kind, param, code), status_code=status)
+    app.state.server = server
+    app.add_middleware(Guard, server=server, api_key=api_key, max_body_bytes=max_body_bytes)
+    error = error_response
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
-        return error(e.status, e.message, e.param, e.code)
+        return error(e.status, e.message, e.param, e.code, e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0]
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        loc = [str(p) for p in first.get("loc", ()) if p != "body" and p not in UNION_TAGS]
         if first.get("type") == "json_invalid":
-            return error(400, "body: not valid JSON", None)
+            reason = first.get("ctx", {}).get("error", "")
+            return error(400, f"body: not valid JSON{f' ({reason})' if reason else ''}", None)
         param = loc[0] if loc else None
         where = ".".join(loc) or "body"
         return error(400, f"{where}: {first.get('msg', 'invalid')}", param)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        """Routing's 404 and 405, FastAPI's unparsable body: in OpenAI's shape too."""
+        if e.status_code == 400 and e.__cause__ is not None:
+            return error(400, _unparsable_body(e))
+        what = f"{request.method} {request.url.path}"
+        message = {404: f"{what}: no such endpoint", 405: f"{what}: method not allowed"}.get(
+            e.status_code, f"{what}: {e.detail}"
+        )
+        return error(e.status_code, message, headers=e.headers)
+
     @app.exception_handler(Exception)
     async def crashed(request: Request, e: Exception) -> JSONResponse:
         return error(500, f"internal error: {type(e).__name__}: {e}")
-
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next: Any) -> Response:
-        if api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if given != f"Bearer {api_key}":
-                return error(401, "Incorrect or missing API key", None, "invalid_api_key")
-        return await call_next(request)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -348,7 +576,14 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(engine.metrics(), media_type="text/plain; version=0.0.4")
+        rejected = Metric(
+            "moegpt_requests_rejected_total",
+            "counter",
+            "requests refused before reaching the engine, by why",
+            {"queue_full": 0, **server.rejected},
+        )
+        page = engine.metrics() + render([rejected], {})
+        return PlainTextResponse(page, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -359,12 +594,14 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
     async def respond(
         req: CompletionRequest | ChatRequest, request: Request, prefix: str
     ) -> Response:
-        ids, params = server.prepare(req)
+        server._check_model(req)
         rid = f"{prefix}-{uuid.uuid4().hex}"
+        ids, params = await server.prepare(req)
         try:  # queued now, so a bad request fails before any response is started
             outputs = engine.stream(ids, params, rid)
         except UserError as e:
             raise _user_error(e, "prompt") from None
+        request.scope[TICKET].release()  # counted as waiting by the engine from now on
         if req.stream:
             events = server.stream_events(req, outputs, len(ids), params, rid)
             return StreamingResponse(events, media_type="text/event-stream")
@@ -379,22 +616,43 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
         body = server.completion_body if isinstance(req, CompletionRequest) else server.chat_body
         return JSONResponse(body(req, rid, len(ids), work.result()))
 
+    async def answer(
+        req: CompletionRequest | ChatRequest, request: Request, prefix: str
+    ) -> Response:
+        """An unexpected failure as a 500 answered here: an exception left to the outermost
+        handler is re-raised after its response, and uvicorn then drops the connection."""
+        try:
+            return await respond(req, request, prefix)
+        except APIError:
+            raise
+        except Exception as e:
+            log.exception("request failed")
+            raise APIError(500, f"internal error: {type(e).__name__}: {e}") from e
+
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Response:
-        return await respond(req, request, "cmpl")
+        return await answer(req, request, "cmpl")
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request) -> Response:
-        return await respond(req, request, "chatcmpl")
+        return await answer(req, request, "chatcmpl")
 
     return app
 
 
-def serve(engine: AsyncEngine, model_name: str, host: str, port: int, api_key: str | None) -> None:
+def serve(
+    engine: AsyncEngine,
+    model_name: str,
+    host: str,
+    port: int,
+    api_key: str | None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_waiting: int = DEFAULT_MAX_WAITING,
+) -> None:
     """Run until SIGINT/SIGTERM."""
     import uvicorn
 
-    app = build_app(engine, model_name, api_key)
+    app = build_app(engine, model_name, api_key, max_body_bytes, max_waiting)
     config = uvicorn.Config(
         app, host=host, port=port, timeout_graceful_shutdown=GRACE_S, log_level="warning"
     )
