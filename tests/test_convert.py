@@ -148,8 +148,13 @@ def test_existing_destination_is_kept_unless_forced(tmp_path: Path, capsys) -> N
     assert main(["convert", str(tmp_path / "hf"), str(dst)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert (dst / "keep.txt").read_text() == "precious"
+    # --force replaces a model folder's own files only; this folder is not one
+    assert main(["convert", str(tmp_path / "hf"), str(dst), "--force"]) == 2
+    assert "not a model folder" in capsys.readouterr().err
+    assert (dst / "keep.txt").read_text() == "precious"
+    (dst / "config.json").write_text(json.dumps({"model_type": "llama"}))
     assert main(["convert", str(tmp_path / "hf"), str(dst), "--force"]) == 0
-    assert not (dst / "keep.txt").exists()
+    assert (dst / "keep.txt").read_text() == "precious"
     assert moegpt.load(dst).config.n_experts == 0
 
 

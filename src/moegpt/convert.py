@@ -23,6 +23,7 @@ from moegpt.errors import ConfigError, UserError
 from moegpt.weights import (
     CONFIG_FILE,
     FORMAT,
+    WEIGHT_DTYPES,
     WEIGHTS_FILE,
     checkpoint_meta,
     load_model_config,
@@ -104,7 +105,14 @@ class SafetensorsFolder:
     def get(self, name: str) -> torch.Tensor:
         if name not in self._where:
             raise UserError(f"{self.folder}: tensor {name} is missing from the checkpoint")
-        return self._handles[self._where[name]].get_tensor(name)
+        tensor = self._handles[self._where[name]].get_tensor(name)
+        if tensor.dtype not in WEIGHT_DTYPES.values():
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            raise UserError(
+                f"{self.folder}: tensor {name} is {dtype}; moegpt converts float32, bfloat16 "
+                "and float16 weights"
+            )
+        return tensor
 
     def dtype_name(self) -> str:
         first = next(iter(self._where))

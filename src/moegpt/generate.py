@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from moegpt.errors import UserError
+from moegpt.memory import gib, kv_budget_bytes
 from moegpt.model import KVCache, Transformer
 
 
@@ -19,8 +21,17 @@ def generate(
     stop_id: int | None = None,
 ) -> list[int]:
     """Token ids continuing ``prompt`` (greedy when temperature is 0)."""
-    device = model.tok_embeddings.weight.device
+    weight = model.tok_embeddings.weight
+    device = weight.device
     length = min(len(prompt) + max_new_tokens, model.config.max_seq_len)
+    # The cache is sized by the request and capped by memory, never by max_seq_len alone.
+    token_bytes = model.config.kv_cache_bytes_per_token(weight.element_size())
+    budget, source = kv_budget_bytes(device)
+    if len(prompt) >= budget // token_bytes:
+        raise UserError(
+            f"prompt: {len(prompt)} tokens of KV cache exceed the budget ({gib(budget)}: {source})"
+        )
+    length = min(length, budget // token_bytes)
     cache = KVCache.for_model(model, batch_size=1, max_len=length)
     generator = torch.Generator(device=device).manual_seed(seed)
     tokens = torch.tensor([prompt], device=device)

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,36 +33,103 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
+# A model folder's own files: what save_model and convert write, and what a Hugging Face
+# folder's weights, config and tokenizer are made of. --force replaces these and nothing else.
+MODEL_FILES = frozenset(
+    {
+        CONFIG_FILE,
+        WEIGHTS_FILE,
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "tokenizer.model",
+    }
+)
+_WEIGHT_SHARD = re.compile(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)")
+
+
+def is_model_folder(folder: Path) -> bool:
+    """A folder whose config.json is a moegpt or a Hugging Face model config."""
+    try:
+        meta = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and (meta.get("format") == FORMAT or "model_type" in meta)
+
+
+def _model_own(path: Path) -> bool:
+    name = path.name
+    return path.is_file() and (name in MODEL_FILES or bool(_WEIGHT_SHARD.fullmatch(name)))
+
+
 def write_folder_atomically(
     dst: str | Path, write: Callable[[Path], None], overwrite: bool = False
 ) -> Path:
     """Run ``write(tmp_dir)`` beside ``dst`` and move the result into place only if it succeeds.
 
-    Files are fsynced before the rename, so a crash leaves either the old folder or the new
-    one, never a half-written checkpoint under the destination's name.
+    Files are fsynced before the rename, so a crash leaves either the old model files or the
+    new ones, never a half-written checkpoint under the destination's name. ``overwrite``
+    replaces an existing model folder's own files (:data:`MODEL_FILES`, weight shards); any
+    other file in it stays. A non-empty folder that is not a model folder is refused.
     """
     dst = Path(dst)
+    if dst.is_symlink():
+        raise UserError(f"{dst}: is a symlink; give the folder it points to")
     if dst.exists() and not dst.is_dir():
         raise UserError(f"{dst}: exists and is not a folder")
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
+    existing = sorted(dst.iterdir()) if dst.exists() else []
+    if existing and not overwrite:
         raise UserError(f"{dst}: already exists and is not empty (pass --force to replace it)")
+    if existing and not is_model_folder(dst):
+        raise UserError(
+            f"{dst}: not empty and not a model folder (no moegpt or Hugging Face config.json); "
+            "--force only replaces a model folder's files: choose another destination"
+        )
+    kept = [path.name for path in existing if not _model_own(path)]
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     try:
         write(tmp)
+        for name in kept:
+            if (tmp / name).exists():
+                raise UserError(f"{dst / name}: not a file of the model's; move it out of the way")
         _make_durable(tmp)
         if dst.exists():
-            old = dst.with_name(f".{dst.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            dst.rename(old)
-            tmp.rename(dst)
-            shutil.rmtree(old)
+            _swap_in(tmp, dst, kept)
         else:
             tmp.rename(dst)
         fsync_path(dst.parent)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not any((tmp / name).exists() for name in kept):  # never delete what is not ours
+            shutil.rmtree(tmp, ignore_errors=True)
     return dst
+
+
+def _swap_in(tmp: Path, dst: Path, kept: list[str]) -> None:
+    """Replace the folder ``dst`` by ``tmp``, taking along ``dst``'s entries named ``kept``
+    (moved, not copied); on any failure everything goes back where it was."""
+    moved: list[str] = []
+    old = None
+    try:
+        for name in kept:
+            os.rename(dst / name, tmp / name)
+            moved.append(name)
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+        os.rename(dst, old)  # onto the empty folder: atomic on POSIX
+        os.rename(tmp, dst)
+    except BaseException:
+        if old is not None and not dst.exists():
+            os.rename(old, dst)
+        elif old is not None:
+            old.rmdir()
+        for name in moved:
+            os.rename(tmp / name, dst / name)
+        raise
+    shutil.rmtree(old)  # the previous model's own files, nothing else
 
 
 def _make_durable(folder: Path) -> None:
@@ -127,38 +197,193 @@ def load_model_config(path: str | Path) -> ModelConfig:
         raise UserError(f"{config_path}: {e}") from None
 
 
+# Weight dtypes a model folder may hold. float32 and bfloat16 (what moegpt saves) load as
+# stored; float16 (other tools' checkpoints) loads as float32, exactly: moegpt never computes
+# in float16, whose range overflows where bfloat16's does not. Anything else is refused.
+WEIGHT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2}
+_ITEMSIZE |= {"I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Name -> (dtype, shape) of every tensor of a safetensors file, from its header alone
+    (nothing is allocated); a one-line error for a file that is not a consistent one."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < length <= min(MAX_HEADER_BYTES, size - 8):
+            raise UserError(f"{path}: not a safetensors file (no valid header)")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: not a safetensors file (its header is not an object)")
+    data_bytes = size - 8 - length
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        info = info if isinstance(info, dict) else {}
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if (
+            dtype not in _ITEMSIZE
+            or not isinstance(shape, list)
+            or not all(type(n) is int and n >= 0 for n in shape)
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(n) is int for n in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_bytes
+            or offsets[1] - offsets[0] != math.prod(shape) * _ITEMSIZE[dtype]
+        ):
+            raise UserError(f"{path}: tensor {name}: inconsistent safetensors header entry")
+        tensors[name] = (dtype, tuple(shape))
+    return tensors
+
+
+@dataclass(frozen=True)
+class ExpectedTensors:
+    """The tensors a config implies, from a one- or two-layer model on the meta device: no
+    module per layer is built, so a config's claims are checked in time independent of its
+    size (a 1,000,000-layer config costs what a 2-layer one does)."""
+
+    config: ModelConfig
+    outer: dict[str, tuple[int, ...]]  # embedding, final norm, output head
+    dense: dict[str, tuple[int, ...]]  # one dense layer's, names after "layers.{i}."
+    moe: dict[str, tuple[int, ...]]  # one MoE layer's
+
+    @classmethod
+    def of(cls, config: ModelConfig) -> ExpectedTensors:
+        with_experts = config.n_experts > 0
+        small = dataclasses.replace(
+            config, n_layers=2 if with_experts else 1, first_k_dense=1 if with_experts else 0
+        )
+        with torch.device("meta"):
+            model = Transformer(small)
+        outer: dict[str, tuple[int, ...]] = {}
+        layers: list[dict[str, tuple[int, ...]]] = [{}, {}]
+        for name, tensor in model.state_dict().items():
+            if name.startswith("layers."):
+                _, index, rest = name.split(".", 2)
+                layers[int(index)][rest] = tuple(tensor.shape)
+            else:
+                outer[name] = tuple(tensor.shape)
+        return cls(config, outer, layers[0], layers[1])
+
+    def _layer(self, i: int) -> dict[str, tuple[int, ...]]:
+        return self.moe if self.config.is_moe_layer(i) else self.dense
+
+    @property
+    def count(self) -> int:
+        """Tensors the config implies."""
+        c = self.config
+        moe_layers = max(c.n_layers - c.first_k_dense, 0) if c.n_experts else 0
+        dense_layers = c.n_layers - moe_layers
+        return len(self.outer) + dense_layers * len(self.dense) + moe_layers * len(self.moe)
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape the config implies for ``name``; None for a name it does not imply."""
+        if name in self.outer:
+            return self.outer[name]
+        parts = name.split(".", 2)
+        if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdecimal():
+            return None
+        i = int(parts[1])
+        if str(i) != parts[1] or i >= self.config.n_layers:
+            return None
+        return self._layer(i).get(parts[2])
+
+    def names(self) -> Iterator[str]:
+        """Every implied name, lazily, in the model's order."""
+        for name in self.outer:
+            if name.startswith("tok_embeddings."):
+                yield name
+        for i in range(self.config.n_layers):
+            yield from (f"layers.{i}.{rest}" for rest in self._layer(i))
+        for name in self.outer:
+            if not name.startswith("tok_embeddings."):
+                yield name
+
+
+def _listed(names: list[str], total: int) -> str:
+    return f"{names}{'...' if total > len(names) else ''}"
+
+
+def check_weights(
+    weights_path: Path, config: ModelConfig, header: dict[str, tuple[str, tuple[int, ...]]]
+) -> None:
+    """The file's tensor names, shapes and dtypes are the ones ``config`` implies, checked
+    before anything is built or allocated."""
+    expected = ExpectedTensors.of(config)
+    unexpected = [name for name in header if expected.shape(name) is None]
+    missing_count = expected.count - (len(header) - len(unexpected))
+    missing = []
+    if missing_count:  # the first few, found within len(header) + 3 implied names
+        for name in expected.names():
+            if name not in header:
+                missing.append(name)
+                if len(missing) == 3:
+                    break
+    if missing or unexpected:
+        raise UserError(
+            f"{weights_path}: does not match config.json (missing {_listed(missing, missing_count)}"
+            f", unexpected {_listed(unexpected[:3], len(unexpected))}; config.json implies "
+            f"{expected.count:,} tensors, the file holds {len(header):,})"
+        )
+    for name, (_, shape) in header.items():
+        if shape != expected.shape(name):
+            raise UserError(
+                f"{weights_path}: tensor {name} has shape {shape}, config.json implies "
+                f"{expected.shape(name)}"
+            )
+    for name, (dtype, _) in header.items():
+        if dtype not in WEIGHT_DTYPES:
+            raise UserError(
+                f"{weights_path}: tensor {name} is {dtype}; moegpt weights are F32, BF16 or F16"
+            )
+
+
 def load(
     path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> Transformer:
-    """Load a moegpt checkpoint folder as a model in eval mode, its config at ``model.config``."""
+    """Load a moegpt checkpoint folder as a model in eval mode, its config at ``model.config``.
+
+    Names, shapes and dtypes are checked against config.json from the file's header before
+    anything is allocated, and every tensor must be finite. Without ``dtype`` the model keeps
+    the file's dtype when that is float32 or bfloat16 throughout, else (float16, or a mix)
+    loads as float32, which holds every such value exactly.
+    """
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path}: checkpoint folder not found")
     config = load_model_config(path)
-    with torch.device("meta"):
-        model = Transformer(config)
-    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     weights_path = path / WEIGHTS_FILE
     if not weights_path.is_file():
         raise UserError(f"{weights_path}: file not found")
+    header = read_safetensors_header(weights_path)
+    check_weights(weights_path, config, header)
+    stored = {dtype for dtype, _ in header.values()}
+    if dtype is None:
+        dtype = WEIGHT_DTYPES[stored.pop()] if stored in ({"F32"}, {"BF16"}) else torch.float32
+    with torch.device("meta"):
+        model = Transformer(config)
     state = {}
-    with safe_open(weights_path, framework="pt", device=str(device)) as f:
-        names = set(f.keys())
-        missing = sorted(set(expected) - names)
-        unexpected = sorted(names - set(expected))
-        if missing or unexpected:
-            raise UserError(
-                f"{weights_path}: does not match config.json "
-                f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-                f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})"
-            )
-        for name in expected:
+    try:
+        f = safe_open(weights_path, framework="pt", device=str(device))
+    except Exception as e:  # the library's own error types
+        raise UserError(f"{weights_path}: not a readable safetensors file ({e})") from None
+    with f:
+        for name in model.state_dict():
             tensor = f.get_tensor(name)
-            if tuple(tensor.shape) != expected[name]:
-                raise UserError(
-                    f"{weights_path}: tensor {name} has shape {tuple(tensor.shape)}, "
-                    f"config.json implies {expected[name]}"
-                )
-            state[name] = tensor.to(dtype) if dtype is not None else tensor
+            cast = tensor.to(dtype)
+            if not bool(torch.isfinite(cast).all()):
+                finite = bool(torch.isfinite(tensor).all())
+                what = f"values beyond {dtype}'s range" if finite else "NaN or infinite values"
+                raise UserError(f"{weights_path}: tensor {name} has {what}")
+            state[name] = cast
+            del tensor
     model.load_state_dict(state, assign=True)
     return model.eval()

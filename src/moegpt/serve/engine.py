@@ -8,6 +8,7 @@ finished sequences' blocks. ``generate()`` runs a batch to completion; ``AsyncEn
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 import uuid
@@ -20,7 +21,9 @@ import torch
 import torch.distributed as dist
 
 from moegpt.config import ServeConfig
+from moegpt.console import stderr
 from moegpt.errors import UserError
+from moegpt.memory import gib, kv_budget_bytes
 from moegpt.model import Transformer
 from moegpt.serve.blocks import BlockAllocator, BlockTable
 from moegpt.serve.calibrate import calibrate
@@ -112,6 +115,34 @@ def _dtype(model: Transformer) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
+def kv_cache_blocks(
+    model: Transformer, config: ServeConfig, extra_token_bytes: int = 0
+) -> tuple[int, str]:
+    """KV-cache blocks for ``model``, sized by memory and never by ``max_seq_len`` alone, and
+    where the size comes from, in words. On a GPU: as many as fit the budget (90% of the free
+    memory); on CPU: enough for ``max_batch_size`` sequences at full context, at most what
+    fits the budget (see :mod:`moegpt.memory`). ``serve.num_kv_blocks`` must fit it too.
+    ``extra_token_bytes``: another cache sharing the block tables (a draft model's)."""
+    device = next(model.parameters()).device
+    token_bytes = bytes_per_token(model.config, _dtype(model), config.tp) + extra_token_bytes
+    block_bytes = token_bytes * config.block_size
+    budget, source = kv_budget_bytes(device)
+    fits = budget // block_bytes
+    words = f"budget {gib(budget)}: {source}"
+    if config.num_kv_blocks:
+        if config.num_kv_blocks > fits:
+            raise UserError(
+                f"serve.num_kv_blocks: {config.num_kv_blocks:,} blocks take "
+                f"{gib(config.num_kv_blocks * block_bytes)}, more than the KV-cache {words}"
+            )
+        return config.num_kv_blocks, f"serve.num_kv_blocks = {config.num_kv_blocks:,}"
+    if fits < 1:
+        raise UserError(f"serve: one KV-cache block ({gib(block_bytes)}) exceeds the {words}")
+    if device.type != "cuda":
+        fits = min(fits, config.max_batch_size * -(-model.config.max_seq_len // config.block_size))
+    return fits, words
+
+
 def load_draft(
     target_path: str | Path, config: ServeConfig, target: Transformer
 ) -> Transformer | None:
@@ -148,12 +179,19 @@ class Engine:
         self.eos_id = eos_id
         self.device = next(model.parameters()).device
         draft_bytes = 0 if draft is None else bytes_per_token(draft.config, _dtype(draft))
-        runner = build_runner(model, self.config, tp_group, draft_bytes)
+        blocks, budget = kv_cache_blocks(model, self.config, draft_bytes)
+        sized = dataclasses.replace(self.config, num_kv_blocks=blocks)
+        runner = build_runner(model, sized, tp_group, draft_bytes)
         self.allocator = BlockAllocator(runner.cache.num_blocks, self.config.block_size)
         # A sequence must fit the cache alone (else preempting it could never make room).
-        self.max_context = min(
-            model.config.max_seq_len, self.allocator.num_blocks * self.config.block_size
-        )
+        capacity = self.allocator.num_blocks * self.config.block_size
+        self.max_context = min(model.config.max_seq_len, capacity)
+        if capacity < model.config.max_seq_len:
+            stderr.print(
+                f"serve: model.max_seq_len ({model.config.max_seq_len:,}) does not fit the KV "
+                f"cache ({budget}); prompt plus output are capped at {capacity:,} tokens",
+                highlight=False,
+            )
         self.runner: ModelRunner | TensorParallelRunner = (
             runner if tp_group is None else TensorParallelRunner(runner, tp_group)
         )
