@@ -541,7 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         choices=("auto", "never"),
         default="auto",
-        help="auto: continue from the newest complete checkpoint (default)",
+        help="auto: continue from the newest checkpoint whose files match their manifest "
+        "(default; damaged ones are moved to checkpoints/damaged/, and if none is usable the run "
+        "refuses to start). never: train from step 0 (refused while a usable checkpoint exists)",
     )
     train.add_argument(
         "--dry-run",
