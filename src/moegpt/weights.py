@@ -346,6 +346,55 @@ def check_weights(
             )
 
 
+@dataclass(frozen=True)
+class CheckedFolder:
+    """A model folder whose weights' header matched its config.json (nothing read yet)."""
+
+    config: ModelConfig
+    weights_path: Path
+    header: dict[str, tuple[str, tuple[int, ...]]]
+    dtype: torch.dtype  # the dtype the model loads in
+
+
+def check_folder(path: str | Path, dtype: torch.dtype | None = None) -> CheckedFolder:
+    """The config and weights header of the moegpt folder at ``path``, names, shapes and dtypes
+    checked against config.json before anything is allocated. Without ``dtype`` the model
+    keeps the file's dtype when that is float32 or bfloat16 throughout, else (float16, or a
+    mix) loads as float32, which holds every such value exactly."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: checkpoint folder not found")
+    config = load_model_config(path)
+    weights_path = path / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise UserError(f"{weights_path}: file not found")
+    header = read_safetensors_header(weights_path)
+    check_weights(weights_path, config, header)
+    stored = {stored_dtype for stored_dtype, _ in header.values()}
+    if dtype is None:
+        dtype = WEIGHT_DTYPES[stored.pop()] if stored in ({"F32"}, {"BF16"}) else torch.float32
+    return CheckedFolder(config, weights_path, header, dtype)
+
+
+def open_weights(weights_path: Path, device: torch.device | str = "cpu") -> Any:
+    """``safe_open`` of a weights file, with a one-line error for an unreadable one."""
+    try:
+        return safe_open(weights_path, framework="pt", device=str(device))
+    except Exception as e:  # the library's own error types
+        raise UserError(f"{weights_path}: not a readable safetensors file ({e})") from None
+
+
+def weight_problem(tensor: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, str | None]:
+    """``tensor`` cast to ``dtype``, and what is wrong with its values (None if nothing): NaN or
+    infinite values, or values beyond ``dtype``'s range."""
+    cast = tensor.to(dtype)
+    if bool(torch.isfinite(cast).all()):
+        return cast, None
+    if bool(torch.isfinite(tensor).all()):
+        return cast, f"values beyond {dtype}'s range"
+    return cast, "NaN or infinite values"
+
+
 def load(
     path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> Transformer:
@@ -356,34 +405,15 @@ def load(
     the file's dtype when that is float32 or bfloat16 throughout, else (float16, or a mix)
     loads as float32, which holds every such value exactly.
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"{path}: checkpoint folder not found")
-    config = load_model_config(path)
-    weights_path = path / WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise UserError(f"{weights_path}: file not found")
-    header = read_safetensors_header(weights_path)
-    check_weights(weights_path, config, header)
-    stored = {dtype for dtype, _ in header.values()}
-    if dtype is None:
-        dtype = WEIGHT_DTYPES[stored.pop()] if stored in ({"F32"}, {"BF16"}) else torch.float32
+    folder = check_folder(path, dtype)
     with torch.device("meta"):
-        model = Transformer(config)
+        model = Transformer(folder.config)
     state = {}
-    try:
-        f = safe_open(weights_path, framework="pt", device=str(device))
-    except Exception as e:  # the library's own error types
-        raise UserError(f"{weights_path}: not a readable safetensors file ({e})") from None
-    with f:
+    with open_weights(folder.weights_path, device) as f:
         for name in model.state_dict():
-            tensor = f.get_tensor(name)
-            cast = tensor.to(dtype)
-            if not bool(torch.isfinite(cast).all()):
-                finite = bool(torch.isfinite(tensor).all())
-                what = f"values beyond {dtype}'s range" if finite else "NaN or infinite values"
-                raise UserError(f"{weights_path}: tensor {name} has {what}")
+            cast, problem = weight_problem(f.get_tensor(name), folder.dtype)
+            if problem is not None:
+                raise UserError(f"{folder.weights_path}: tensor {name} has {problem}")
             state[name] = cast
-            del tensor
     model.load_state_dict(state, assign=True)
     return model.eval()

@@ -112,25 +112,31 @@ def follow(runner: ModelRunner, group: dist.ProcessGroup) -> int:
 def load_sharded(
     path: str | Path, tp: int, device: torch.device, timeout_s: float
 ) -> tuple[Transformer, dist.ProcessGroup]:
-    """This rank's shard of the exported model at ``path``: weights are read to host memory
-    and each tensor is split onto ``device`` in turn, so a device holds its shard (and one
-    tensor in flight), not the whole model."""
-    from moegpt.weights import load
+    """This rank's shard of the exported model at ``path``. The model is built on the meta
+    device and split with the training code's plan; then each rank reads from the file only
+    the slices it holds (replicated tensors whole) straight onto ``device``, so no rank reads,
+    or holds in host memory, a whole sharded tensor."""
+    from moegpt.serve.sharded_load import fill_shards
+    from moegpt.weights import check_folder
 
     if not launched_by_torchrun():
         raise UserError(f"serve.tp: {tp} ranks need torchrun (moegpt generate --tp starts it)")
     init_distributed(device, timeout_s)
-    model = load(path, device="cpu")
+    folder = check_folder(path)
     layout = ParallelConfig(tp=tp)
     try:
-        check_parallel(model.config, layout)
+        check_parallel(folder.config, layout)
     except ConfigError as e:
         raise UserError(str(e).replace("parallel.tp", "serve.tp")) from None
     dims = ParallelDims.build(layout, device)
+    with torch.device("meta"):
+        model = Transformer(folder.config)
     apply_tensor_parallel(model, dims["tp"])
     for experts in [m for m in model.modules() if isinstance(m, GroupedExperts)]:
         shard_experts(experts, dims)
-    return model.to(device).eval(), dims["tp"].get_group()
+    group = dims["tp"].get_group()
+    fill_shards(model, folder, device, group)
+    return model.eval(), group
 
 
 def open_tensor_parallel(
