@@ -27,6 +27,7 @@ from moegpt.memory import gib, kv_budget_bytes
 from moegpt.model import Transformer
 from moegpt.serve.blocks import BlockAllocator, BlockTable
 from moegpt.serve.calibrate import calibrate
+from moegpt.serve.detokenizer import IncrementalDetokenizer
 from moegpt.serve.metrics import Histogram, ThroughputMeter
 from moegpt.serve.paged import bytes_per_token
 from moegpt.serve.runner import ModelInput, ModelRunner, build_runner
@@ -312,6 +313,9 @@ class Engine:
             params,
             BlockTable(self.allocator),
             generator,
+            detokenizer=None
+            if self.tokenizer is None
+            else IncrementalDetokenizer(self.tokenizer, params.stop),
         )
 
     def abort(self, request_id: str) -> None:
@@ -424,6 +428,8 @@ class Engine:
             if reason is not None:
                 break
         if reason is not None:
+            if seq.detokenizer is not None:
+                seq.detokenizer.finish(seq.output)
             self.scheduler.finish(seq, reason)
             if len(seq.output) > 1:
                 tpot = (now - seq.first_token_at) / (len(seq.output) - 1)
@@ -442,26 +448,21 @@ class Engine:
         if drawn.logprob is not None:
             seq.logprobs.append({"token": drawn.token, "logprob": drawn.logprob, "top": drawn.top})
         self.stats.generated_tokens += 1
-        if self.tokenizer is not None:
-            seq.text = self.tokenizer.decode(seq.output)
-            hits = [i for i in (seq.text.find(s) for s in params.stop) if i >= 0]
-            if hits:
-                seq.text = seq.text[: min(hits)]
-                return "stop"
+        if seq.detokenizer is not None and seq.detokenizer.push(seq.output):
+            return "stop"  # a stop string
         if len(seq.output) >= params.max_tokens or len(seq.tokens) >= self.max_context:
             return "length"
         return None
 
     def _emit(self, seq: Sequence) -> RequestOutput:
         """The tokens and text not yet streamed; text that could still become a stop string
-        (or an incomplete character) is held back until the next token decides."""
+        is held back until the next token decides (the detokenizer holds back incomplete
+        characters)."""
         finished = seq.status is Status.FINISHED
         text_end = len(seq.text)
         if not finished:
             hold = max((len(s) - 1 for s in seq.params.stop), default=0)
             text_end = max(len(seq.text) - hold, seq.sent_text)
-            while text_end > seq.sent_text and seq.text[text_end - 1] == "\ufffd":
-                text_end -= 1
         out = RequestOutput(
             seq.request_id,
             seq.index,

@@ -11,6 +11,7 @@ import torch
 
 from moegpt.errors import UserError
 from moegpt.serve.blocks import BlockTable
+from moegpt.serve.detokenizer import IncrementalDetokenizer
 
 SEED_LIMIT = 2**63 - 1024
 
@@ -93,9 +94,14 @@ class Sequence:
     finish_reason: str | None = None
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
-    text: str = ""  # detokenised output (when the engine has a tokenizer)
+    detokenizer: IncrementalDetokenizer | None = None  # when the engine has a tokenizer
     sent_text: int = 0  # characters already streamed
     sent_tokens: int = 0
+
+    @property
+    def text(self) -> str:
+        """The output as text so far (empty without a tokenizer)."""
+        return self.detokenizer.text if self.detokenizer is not None else ""
 
     @property
     def tokens(self) -> list[int]:
