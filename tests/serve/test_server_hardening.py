@@ -341,7 +341,7 @@ def test_requests_past_max_waiting_get_503_with_retry_after(engine: Engine, monk
             r = s.post("/v1/completions", GOOD)
             assert r.headers["retry-after"] == "1"
             assert assert_openai_error(r, 503)["code"] == "server_busy"
-            assert 'moegpt_requests_rejected_total{reason="queue_full"} 1' in s.metrics()
+            assert 'moegpt_requests_rejected_total{reason="queue_full"} 1.0' in s.metrics()
         finally:
             release.set()
             for t in threads:

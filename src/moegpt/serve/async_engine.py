@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from moegpt.serve.engine import Engine, RequestOutput
+from moegpt.serve.metrics import EngineCollector
 from moegpt.serve.sequence import SamplingParams
 
 
@@ -85,12 +86,11 @@ class AsyncEngine:
         the queue may be counted twice for an instant, never missed."""
         return self._posted - self._taken + len(self.engine.scheduler.waiting)
 
-    def metrics(self) -> str:
-        """The Prometheus page of the engine's state (counters read between or during steps:
-        each value is consistent, the page as a whole need not be)."""
-        from moegpt.serve.metrics import engine_metrics
-
-        return engine_metrics(self.engine)
+    def metrics(self) -> EngineCollector:
+        """A Prometheus collector of the engine's state, for a registry of the caller's own:
+        it reads the counters at each scrape (between or during steps: each value is
+        consistent, the page as a whole need not be)."""
+        return EngineCollector(self.engine)
 
     def shutdown(self) -> None:
         """Stop stepping; requests still running are cancelled, and their streams end with

@@ -1,12 +1,24 @@
-"""The engine's numbers in Prometheus' text exposition format (``GET /metrics``)."""
+"""The engine's numbers for Prometheus (``GET /metrics``), exported through
+``prometheus_client``: collectors that read the engine's stats when scraped, registered in a
+registry of each app's own (never the process-wide default one)."""
 
 from __future__ import annotations
 
 import bisect
+import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from moegpt.serve.engine import Engine
@@ -14,33 +26,30 @@ if TYPE_CHECKING:
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-@dataclass
 class Histogram:
-    """Cumulative counts per upper bound (seconds), as Prometheus histograms are."""
+    """Counts per bucket of upper bounds (seconds) and their sum: observed on the engine's
+    thread, read from the server's; the lock keeps each snapshot's buckets and sum in step."""
 
-    bounds: tuple[float, ...] = LATENCY_BUCKETS
-    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
-    total: float = 0.0
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self._counts = [0] * (len(bounds) + 1)  # the last: above every bound
+        self._sum = 0.0
+        self._lock = threading.Lock()
 
     def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.total += value
+        with self._lock:
+            self._counts[bisect.bisect_left(self.bounds, value)] += 1
+            self._sum += value
 
-    def lines(self, name: str) -> list[str]:
-        out, running = [], 0
-        for bound, count in zip([*self.bounds, float("inf")], self.counts, strict=True):
+    def snapshot(self) -> tuple[list[tuple[str, float]], float]:
+        """Cumulative counts per ``le`` label ("+Inf" last), and the sum of the values."""
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        buckets, running = [], 0
+        for bound, count in zip([*self.bounds, float("inf")], counts, strict=True):
             running += count
-            le = "+Inf" if bound == float("inf") else repr(bound)
-            out.append(f'{name}_bucket{{le="{le}"}} {running}')
-        return [*out, f"{name}_sum {self.total}", f"{name}_count {running}"]
-
-
-@dataclass
-class Metric:
-    name: str
-    kind: str  # gauge | counter
-    help: str
-    value: float | dict[str, float]  # a dict: one series per value of the label ``reason``
+            buckets.append((floatToGoString(bound), running))
+        return buckets, total
 
 
 class ThroughputMeter:
@@ -66,63 +75,85 @@ class ThroughputMeter:
             self._events.popleft()
 
 
-def render(metrics: list[Metric], histograms: dict[str, tuple[str, Histogram]]) -> str:
-    lines = []
-    for s in metrics:
-        lines += [f"# HELP {s.name} {s.help}", f"# TYPE {s.name} {s.kind}"]
-        if isinstance(s.value, dict):
-            lines += [f'{s.name}{{reason="{k}"}} {v}' for k, v in sorted(s.value.items())]
-        else:
-            lines.append(f"{s.name} {s.value}")
-    for name, (help_text, hist) in histograms.items():
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram", *hist.lines(name)]
-    return "\n".join(lines) + "\n"
+def _gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"moegpt_{name}", help_text, value=value)
 
 
-def engine_metrics(engine: Engine) -> str:
-    """The engine's state and counters as a /metrics page (read under the engine's lock)."""
-    stats, scheduler = engine.stats, engine.scheduler
-    used, total = engine.kv_usage()
-    spec = stats.spec
+def _counter(name: str, help_text: str, value: float) -> CounterMetricFamily:
+    # prometheus_client appends ``_total`` to a counter's samples
+    return CounterMetricFamily(f"moegpt_{name}", help_text, value=value)
 
-    def gauge(name: str, help_text: str, value: float) -> Metric:
-        return Metric(f"moegpt_{name}", "gauge", help_text, value)
 
-    def counter(name: str, help_text: str, value: float | dict[str, float]) -> Metric:
-        return Metric(f"moegpt_{name}_total", "counter", help_text, value)
+def _by_reason(name: str, help_text: str, counts: Mapping[str, float]) -> CounterMetricFamily:
+    family = CounterMetricFamily(f"moegpt_{name}", help_text, labels=["reason"])
+    for reason, value in sorted(counts.items()):
+        family.add_metric([reason], value)
+    return family
 
-    samples = [
-        gauge("requests_running", "sequences in the running batch", len(scheduler.running)),
-        gauge("requests_waiting", "sequences waiting to be scheduled", len(scheduler.waiting)),
-        gauge("kv_blocks_used", "paged KV-cache blocks in use", used),
-        gauge("kv_blocks_total", "paged KV-cache blocks allocated", total),
-        gauge(
+
+def _histogram(name: str, help_text: str, hist: Histogram) -> HistogramMetricFamily:
+    buckets, total = hist.snapshot()
+    return HistogramMetricFamily(f"moegpt_{name}", help_text, buckets=buckets, sum_value=total)
+
+
+class EngineCollector(Collector):
+    """The engine's state and counters, read at each scrape (between or during steps: each
+    value is consistent, the page as a whole need not be)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        stats, scheduler = self.engine.stats, self.engine.scheduler
+        used, total = self.engine.kv_usage()
+        spec = stats.spec
+        yield _gauge("requests_running", "sequences in the running batch", len(scheduler.running))
+        yield _gauge(
+            "requests_waiting", "sequences waiting to be scheduled", len(scheduler.waiting)
+        )
+        yield _gauge("kv_blocks_used", "paged KV-cache blocks in use", used)
+        yield _gauge("kv_blocks_total", "paged KV-cache blocks allocated", total)
+        yield _gauge(
             "generation_tokens_per_second",
             "tokens generated per second, last 10 s",
             stats.throughput.rate(),
-        ),
-        counter("prompt_tokens", "prompt tokens prefilled", stats.prompt_tokens),
-        counter("generation_tokens", "tokens generated", stats.generated_tokens),
-        counter("steps", "engine steps run", stats.steps),
-        counter("preemptions", "sequences preempted for KV-cache room", stats.preemptions),
-        counter(
+        )
+        yield _counter("prompt_tokens", "prompt tokens prefilled", stats.prompt_tokens)
+        yield _counter("generation_tokens", "tokens generated", stats.generated_tokens)
+        yield _counter("steps", "engine steps run", stats.steps)
+        yield _counter("preemptions", "sequences preempted for KV-cache room", stats.preemptions)
+        yield _by_reason(
             "latency_bound_misses",
             "steps over the time-per-output-token target, by why",
             dict(stats.bound_misses),
-        ),
-        counter("spec_proposed_tokens", "speculative tokens proposed", spec.proposed),
-        counter("spec_accepted_tokens", "speculative tokens accepted", spec.accepted),
-        gauge(
+        )
+        yield _counter("spec_proposed_tokens", "speculative tokens proposed", spec.proposed)
+        yield _counter("spec_accepted_tokens", "speculative tokens accepted", spec.accepted)
+        yield _gauge(
             "spec_acceptance_rate", "accepted / proposed speculative tokens", spec.acceptance_rate
-        ),
-        gauge("spec_mean_accepted", "accepted tokens per verification", spec.mean_accepted),
-        gauge("spec_propose_share", "share of step time spent proposing", stats.propose_share),
-    ]
-    histograms = {
-        "moegpt_time_to_first_token_seconds": ("time to first token", stats.ttft_hist),
-        "moegpt_time_per_output_token_seconds": (
+        )
+        yield _gauge("spec_mean_accepted", "accepted tokens per verification", spec.mean_accepted)
+        yield _gauge(
+            "spec_propose_share", "share of step time spent proposing", stats.propose_share
+        )
+        yield _histogram("time_to_first_token_seconds", "time to first token", stats.ttft_hist)
+        yield _histogram(
+            "time_per_output_token_seconds",
             "mean time per output token of finished requests",
             stats.tpot_hist,
-        ),
-    }
-    return render(samples, histograms)
+        )
+
+
+class RejectedCollector(Collector):
+    """``moegpt_requests_rejected_total{reason}``: requests the server refused before they
+    reached the engine, read from its counts (every reason in ``reasons`` shown, 0 or not)."""
+
+    def __init__(self, counts: Mapping[str, int], reasons: tuple[str, ...] = ("queue_full",)):
+        self.counts = counts
+        self.reasons = reasons
+
+    def collect(self) -> Iterator[Metric]:
+        counts = dict.fromkeys(self.reasons, 0) | dict(self.counts)
+        yield _by_reason(
+            "requests_rejected", "requests refused before reaching the engine, by why", counts
+        )

@@ -30,7 +30,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -39,7 +40,7 @@ from moegpt.config import ServeConfig
 from moegpt.errors import UserError
 from moegpt.serve.async_engine import AsyncEngine
 from moegpt.serve.engine import RequestOutput
-from moegpt.serve.metrics import Metric, render
+from moegpt.serve.metrics import RejectedCollector
 from moegpt.serve.prompts import PlainEncoder
 from moegpt.serve.protocol import (
     UNION_TAGS,
@@ -574,16 +575,13 @@ def build_app(
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    registry = CollectorRegistry()  # the app's own: many apps may live in one process
+    registry.register(engine.metrics())
+    registry.register(RejectedCollector(server.rejected))
+
     @app.get("/metrics")
-    async def metrics() -> PlainTextResponse:
-        rejected = Metric(
-            "moegpt_requests_rejected_total",
-            "counter",
-            "requests refused before reaching the engine, by why",
-            {"queue_full": 0, **server.rejected},
-        )
-        page = engine.metrics() + render([rejected], {})
-        return PlainTextResponse(page, media_type="text/plain; version=0.0.4")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
