@@ -13,7 +13,7 @@ from moegpt.config import ServeConfig
 from moegpt.errors import UserError
 from moegpt.model import Transformer
 from moegpt.serve.engine import Engine
-from moegpt.serve.sampler import distribution, sample
+from moegpt.serve.sampler import batch_distribution, distribution, sample_batch
 from moegpt.serve.sequence import SamplingParams
 from moegpt.weights import save_model
 from tests.conftest import small_config
@@ -32,27 +32,66 @@ def test_distribution_applies_temperature_top_k_and_top_p() -> None:
     assert greedy.tolist() == [1.0, 0, 0, 0, 0]
 
 
+MIXED = [
+    SamplingParams(temperature=0.7, top_p=0.9),
+    SamplingParams(temperature=0),
+    SamplingParams(temperature=1.3, top_k=3),
+    SamplingParams(temperature=0.5, top_k=40, top_p=0.5),
+    SamplingParams(top_p=0.999),
+    SamplingParams(),
+]
+
+
+def test_batch_distribution_equals_each_row_alone() -> None:
+    logits = torch.randn(len(MIXED), 50) * 3
+    batched = batch_distribution(logits, MIXED)
+    for row, original, params in zip(batched, logits, MIXED, strict=True):
+        assert torch.allclose(row, distribution(original, params), atol=1e-6)
+
+
 def test_samples_follow_the_distribution() -> None:
-    logits = torch.tensor([1.0, 0.0, -0.5, 0.3])
-    params = SamplingParams(temperature=0.7, top_p=0.9)
-    generator = torch.Generator().manual_seed(0)
-    counts = torch.zeros(4)
-    for _ in range(20000):
-        counts[sample(logits, params, generator).token] += 1
-    expected = distribution(logits, params) * 20000
-    # chi-square with 3 dof: 16.3 is the 0.1% tail
-    mask = expected > 0
-    chi2 = ((counts[mask] - expected[mask]) ** 2 / expected[mask]).sum()
-    assert chi2 < 16.3 and counts[~mask].sum() == 0
+    """Every row of a mixed batch draws from its own distribution (chi-square)."""
+    logits = torch.tensor([[1.0, 0.0, -0.5, 0.3, -2.0]] * len(MIXED))
+    draws = 4000
+    counts = torch.zeros(len(MIXED), 5)
+    for _ in range(draws):
+        for i, drawn in enumerate(sample_batch(logits, MIXED, [None] * len(MIXED))):
+            counts[i, drawn.token] += 1
+    expected = batch_distribution(logits, MIXED) * draws
+    for i in range(len(MIXED)):
+        mask = expected[i] > 0
+        chi2 = ((counts[i, mask] - expected[i, mask]) ** 2 / expected[i, mask]).sum()
+        # chi-square with at most 4 dof: 18.5 is the 0.1% tail
+        assert chi2 < 18.5 and counts[i, ~mask].sum() == 0, (i, counts[i], expected[i])
+
+
+def test_a_seeded_row_draws_the_same_whatever_the_batch() -> None:
+    logits = torch.randn(4, 30)
+    params = [SamplingParams(seed=7)] + [SamplingParams()] * 3
+
+    def first_tokens(rows: int) -> list[int]:
+        generator = torch.Generator().manual_seed(7)
+        gens = [generator] + [None] * (rows - 1)
+        return [sample_batch(logits[:rows], params[:rows], gens)[0].token for _ in range(20)]
+
+    assert first_tokens(1) == first_tokens(4)
 
 
 def test_logprobs_are_the_model_distribution() -> None:
-    logits = torch.randn(50)
-    drawn = sample(logits, SamplingParams(temperature=0, logprobs=3), None)
-    reference = logits.log_softmax(0)
-    assert drawn.token == int(logits.argmax())
-    assert drawn.logprob == pytest.approx(float(reference.max()))
-    assert [t for t, _ in drawn.top] == reference.topk(3).indices.tolist()
+    logits = torch.randn(3, 50)
+    params = [
+        SamplingParams(temperature=0, logprobs=3),
+        SamplingParams(),
+        SamplingParams(temperature=0, logprobs=0),
+    ]
+    drawn = sample_batch(logits, params, [None] * 3)
+    reference = logits.log_softmax(-1)
+    assert drawn[0].token == int(logits[0].argmax())
+    assert drawn[0].logprob == pytest.approx(float(reference[0].max()))
+    assert [t for t, _ in drawn[0].top] == reference[0].topk(3).indices.tolist()
+    assert [v for _, v in drawn[0].top] == pytest.approx(reference[0].topk(3).values.tolist())
+    assert drawn[1].logprob is None and drawn[1].top is None
+    assert drawn[2].logprob == pytest.approx(float(reference[2].max())) and drawn[2].top == []
 
 
 @pytest.mark.parametrize(

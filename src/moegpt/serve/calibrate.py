@@ -12,7 +12,7 @@ import torch
 
 from moegpt.serve.blocks import BlockAllocator, BlockTable
 from moegpt.serve.runner import ModelInput, ModelRunner
-from moegpt.serve.sampler import sample
+from moegpt.serve.sampler import sample_batch
 from moegpt.serve.scheduler import Sample, SchedulerConfig, StepCostModel
 from moegpt.serve.sequence import SamplingParams
 from moegpt.serve.tensor_parallel import TensorParallelRunner
@@ -54,10 +54,10 @@ def _synthetic_input(shape: list[tuple[int, int]], tables: list[BlockTable]) -> 
 
 
 def _run_and_sample(runner: ModelRunner | TensorParallelRunner, inp: ModelInput) -> None:
-    """The forward and a greedy draw per sequence: what an engine step costs besides its
-    bookkeeping (the draw also waits for the device)."""
-    for row in runner.execute(inp):
-        sample(row, GREEDY, None)
+    """The forward and the batch's draw: what an engine step costs besides its bookkeeping
+    (the draw also waits for the device)."""
+    logits = runner.execute(inp)
+    sample_batch(logits, [GREEDY] * len(logits), [None] * len(logits))
 
 
 def measure(

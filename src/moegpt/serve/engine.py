@@ -31,7 +31,7 @@ from moegpt.serve.detokenizer import IncrementalDetokenizer
 from moegpt.serve.metrics import Histogram, ThroughputMeter
 from moegpt.serve.paged import bytes_per_token
 from moegpt.serve.runner import ModelInput, ModelRunner, build_runner
-from moegpt.serve.sampler import Sampled, sample, with_logprobs
+from moegpt.serve.sampler import Sampled, sample_batch, with_logprobs
 from moegpt.serve.scheduler import (
     Chunk,
     Plan,
@@ -365,15 +365,14 @@ class Engine:
         logits = self.runner.execute(inp)
         for chunk in plan.chunks:
             chunk.seq.computed = chunk.start + chunk.length
-        # Greedy rows need only their argmax: one reduction and one device-to-host copy for
-        # the whole batch instead of a few small kernels and a sync per sequence.
-        argmax = logits.argmax(dim=-1).tolist() if sampling else []
+        drawn = self._draw_batch(logits, sampling, proposals)
+        argmax = logits.argmax(dim=-1).tolist() if proposals else []
         outputs, row = [], 0
         for chunk, count in sampling:
             seq, rows, best = chunk.seq, logits[row : row + count], argmax[row : row + count]
             row += count
             if seq.seq_id not in proposals:
-                outputs += self._advance(seq, rows[0], best[0])
+                outputs += [self._append(s, [drawn[s.seq_id]]) for s in self._family(seq)]
                 continue
             assert spec is not None
             tokens = spec.accept(seq, rows, best, proposals[seq.seq_id], self.stats.spec)
@@ -381,11 +380,11 @@ class Engine:
             seq.computed = chunk.start + len(tokens)
             seq.table.truncate(len(seq.tokens) + len(tokens))
             alternatives = seq.params.logprobs
-            drawn = [
+            verified = [
                 with_logprobs(r, t, alternatives)
                 for r, t in zip(rows[: len(tokens)], tokens, strict=True)
             ]
-            outputs.append(self._append(seq, drawn))
+            outputs.append(self._append(seq, verified))
         elapsed = time.perf_counter() - start
         generated = sum(len(o.token_ids) for o in outputs)
         self.stats.throughput.add(generated)
@@ -394,17 +393,35 @@ class Engine:
         self._account(plan, elapsed)
         return outputs
 
-    def _advance(self, seq: Sequence, logits: torch.Tensor, argmax: int) -> list[RequestOutput]:
-        """Draw ``seq``'s next token (n tokens and a fork after an n > 1 prompt)."""
-        family = [seq]
-        if seq.params.n > 1 and not seq.output and len(self._requests[seq.request_id]) == 1:
-            family += [self._fork(seq, i) for i in range(1, seq.params.n)]
-        return [self._append(s, [self._draw(s, logits, argmax)]) for s in family]
+    def _draw_batch(
+        self, logits: torch.Tensor, sampling: list[tuple[Chunk, int]], proposals: dict
+    ) -> dict[int, Sampled]:
+        """The next token of every sequence that draws one plainly this step (forks of an
+        n > 1 prompt included), by seq_id: one batched draw on the device, one copy back.
+        Sequences verifying proposals draw in the speculator."""
+        rows, family, row = [], [], 0
+        for chunk, count in sampling:
+            if chunk.seq.seq_id not in proposals:
+                for seq in self._family(chunk.seq, fork=True):
+                    rows.append(row)
+                    family.append(seq)
+            row += count
+        if not family:
+            return {}
+        params = [s.params for s in family]
+        drawn = sample_batch(logits[rows], params, [s.generator for s in family])
+        return {s.seq_id: d for s, d in zip(family, drawn, strict=True)}
 
-    def _draw(self, seq: Sequence, logits: torch.Tensor, argmax: int) -> Sampled:
-        if seq.params.greedy and seq.params.logprobs is None:
-            return Sampled(argmax)
-        return sample(logits, seq.params, seq.generator)
+    def _family(self, seq: Sequence, fork: bool = False) -> list[Sequence]:
+        """``seq``, and after the prompt of an n > 1 request its n - 1 forks (made when
+        ``fork``, found after)."""
+        siblings = self._requests[seq.request_id]
+        if seq.params.n == 1 or seq.output or (len(siblings) > 1 and seq.index != 0):
+            return [seq]
+        if fork and len(siblings) == 1:
+            for i in range(1, seq.params.n):
+                self._fork(seq, i)  # joins ``siblings``
+        return [s for s in siblings if not s.output]
 
     def _fork(self, parent: Sequence, index: int) -> Sequence:
         child = self._sequence(parent.request_id, index, parent.prompt, parent.params)

@@ -1,5 +1,6 @@
-"""Turning a row of logits into a token: temperature, top-k, top-p, per-sequence seeded
-generators, and log-probabilities of the raw model distribution (as OpenAI reports them)."""
+"""Turning rows of logits into tokens: temperature, top-k, top-p, per-sequence seeded
+generators, and log-probabilities of the raw model distribution (as OpenAI reports them).
+A step's rows are drawn together on the device (:func:`sample_batch`)."""
 
 from __future__ import annotations
 
@@ -33,22 +34,35 @@ def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs
 
 
+def batch_distribution(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """:func:`distribution` for a batch of rows at once (one set of kernels, no host sync):
+    row i is ``distribution(logits[i], params[i])``."""
+    logits = logits.float()
+    vocab = logits.shape[-1]
+    device = logits.device
+    greedy = torch.tensor([p.greedy for p in params], device=device)
+    temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params])
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params])
+    top_p = torch.tensor([p.top_p for p in params])
+    scaled = logits / temperature.to(device)[:, None]
+    ordered, order = scaled.sort(dim=-1, descending=True)
+    kth = ordered.gather(1, (top_k.to(device) - 1)[:, None])
+    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = scaled.softmax(dim=-1)
+    sorted_probs = probs.gather(1, order)
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more likely tokens
+    keep = (before < top_p.to(device)[:, None]) | (top_p.to(device)[:, None] >= 1.0)
+    probs = torch.zeros_like(probs).scatter(1, order, sorted_probs * keep)
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    point = torch.zeros_like(probs).scatter(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    return torch.where(greedy[:, None], point, probs)
+
+
 @dataclass
 class Sampled:
     token: int
     logprob: float | None = None
     top: list[tuple[int, float]] | None = None  # most likely alternatives
-
-
-def sample(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
-) -> Sampled:
-    probs = distribution(logits, params)
-    if params.greedy:
-        token = int(probs.argmax())
-    else:
-        token = int(torch.multinomial(probs, 1, generator=generator))
-    return with_logprobs(logits, token, params.logprobs)
 
 
 def with_logprobs(logits: torch.Tensor, token: int, alternatives: int | None) -> Sampled:
@@ -62,3 +76,48 @@ def with_logprobs(logits: torch.Tensor, token: int, alternatives: int | None) ->
         list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else []
     )
     return Sampled(token, float(logprobs[token]), pairs)
+
+
+def sample_batch(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+) -> list[Sampled]:
+    """A token for every row of ``logits`` (row i drawn with ``params[i]`` and
+    ``generators[i]``), with the log-probabilities each asks for, computed on the logits'
+    device with one device-to-host copy for the whole batch.
+
+    Each row draws by the exponential race, ``argmax(p / E)`` with ``E ~ Exp(1)`` per token,
+    which picks token t with probability p_t: unseeded rows share one batched draw, seeded
+    rows draw from their own generator (so a seed reproduces whatever the batch holds).
+    """
+    probs = batch_distribution(logits, params)
+    race = torch.empty_like(probs).exponential_()
+    for i, generator in enumerate(generators):
+        if generator is not None:
+            race[i].exponential_(generator=generator)
+    # A draw of exactly 0 would make 0 / 0 = NaN, which argmax would pick, for a token of
+    # probability 0 (a uniform of exactly 0 has chance 2**-24 per token in fp32).
+    race.clamp_(min=torch.finfo(race.dtype).tiny)
+    tokens = (probs / race).argmax(dim=-1)
+    alternatives = max((p.logprobs or 0 for p in params), default=0)
+    parts = [tokens.float()[:, None]]
+    if any(p.logprobs is not None for p in params):
+        logprobs = logits.float().log_softmax(dim=-1)
+        parts.append(logprobs.gather(1, tokens[:, None]))
+        if alternatives:
+            top = logprobs.topk(alternatives, dim=-1)
+            parts += [top.indices.float(), top.values]
+    # One copy back for everything; token ids are exact in fp32 below 2**24.
+    host = torch.cat(parts, dim=1).tolist()
+    out = []
+    for row, p in zip(host, params, strict=True):
+        token = int(row[0])
+        if p.logprobs is None:
+            out.append(Sampled(token))
+            continue
+        k = p.logprobs
+        indices, values = row[2 : 2 + alternatives], row[2 + alternatives :]
+        pairs = [(int(t), v) for t, v in zip(indices[:k], values[:k], strict=True)]
+        out.append(Sampled(token, row[1], pairs))
+    return out
