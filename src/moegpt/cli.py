@@ -234,7 +234,7 @@ def _with_engine(
         return launch(serve.tp, 0, args.argv)
     import torch.distributed as dist
 
-    from moegpt.serve.tensor_parallel import open_tensor_parallel
+    from moegpt.serve.tp_engine import open_tensor_parallel
 
     try:
         engine = open_tensor_parallel(args.model_dir, serve)

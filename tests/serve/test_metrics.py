@@ -13,8 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from moegpt.config import ServeConfig
 from moegpt.serve.async_engine import AsyncEngine
 from moegpt.serve.engine import Engine
-from moegpt.serve.metrics import LATENCY_BUCKETS, Histogram, RejectedCollector
+from moegpt.serve.metrics import RejectedCollector
 from moegpt.serve.server import build_app
+from moegpt.serve.stats import LATENCY_BUCKETS, Histogram
 
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # after the skip: it needs httpx

@@ -11,11 +11,10 @@ from collections.abc import Iterator
 import torch
 
 from moegpt.serve.blocks import BlockAllocator, BlockTable
-from moegpt.serve.runner import ModelInput, ModelRunner
+from moegpt.serve.runner import ModelInput, Runner
 from moegpt.serve.sampler import sample_batch
 from moegpt.serve.scheduler import Sample, SchedulerConfig, StepCostModel
 from moegpt.serve.sequence import SamplingParams
-from moegpt.serve.tensor_parallel import TensorParallelRunner
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -53,7 +52,7 @@ def _synthetic_input(shape: list[tuple[int, int]], tables: list[BlockTable]) -> 
     return inp
 
 
-def _run_and_sample(runner: ModelRunner | TensorParallelRunner, inp: ModelInput) -> None:
+def _run_and_sample(runner: Runner, inp: ModelInput) -> None:
     """The forward and the batch's draw: what an engine step costs besides its bookkeeping
     (the draw also waits for the device)."""
     logits = runner.execute(inp)
@@ -61,7 +60,7 @@ def _run_and_sample(runner: ModelRunner | TensorParallelRunner, inp: ModelInput)
 
 
 def measure(
-    runner: ModelRunner | TensorParallelRunner,
+    runner: Runner,
     allocator: BlockAllocator,
     config: SchedulerConfig,
     max_context: int,
@@ -93,7 +92,7 @@ def measure(
 
 @torch.no_grad()
 def calibrate(
-    runner: ModelRunner | TensorParallelRunner,
+    runner: Runner,
     allocator: BlockAllocator,
     config: SchedulerConfig,
     max_context: int,

@@ -12,7 +12,7 @@ import dataclasses
 import itertools
 import time
 import uuid
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,9 +28,8 @@ from moegpt.model import Transformer
 from moegpt.serve.blocks import BlockAllocator, BlockTable
 from moegpt.serve.calibrate import calibrate
 from moegpt.serve.detokenizer import IncrementalDetokenizer
-from moegpt.serve.metrics import Histogram, ThroughputMeter
 from moegpt.serve.paged import bytes_per_token
-from moegpt.serve.runner import ModelInput, ModelRunner, build_runner
+from moegpt.serve.runner import ModelInput, Runner, build_runner
 from moegpt.serve.sampler import Sampled, sample_batch, with_logprobs
 from moegpt.serve.scheduler import (
     Chunk,
@@ -45,10 +44,10 @@ from moegpt.serve.speculative import (
     DraftProposer,
     NgramProposer,
     Proposal,
-    SpecStats,
     Speculator,
     check_draft,
 )
+from moegpt.serve.stats import EngineStats
 from moegpt.serve.tensor_parallel import TensorParallelRunner
 
 REFIT_EVERY = 32  # steps between refits of the step-time model from measured steps
@@ -75,29 +74,6 @@ class Completion:
     text: str
     finish_reason: str | None
     logprobs: list[dict] = field(default_factory=list)
-
-
-@dataclass
-class EngineStats:
-    steps: int = 0
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    preemptions: int = 0
-    bound_misses: Counter = field(default_factory=Counter)  # reason -> steps over target
-    step_seconds: deque = field(default_factory=lambda: deque(maxlen=512))
-    ttft_seconds: deque = field(default_factory=lambda: deque(maxlen=4096))
-    tpot_seconds: deque = field(default_factory=lambda: deque(maxlen=4096))
-    ttft_hist: Histogram = field(default_factory=Histogram)
-    tpot_hist: Histogram = field(default_factory=Histogram)
-    throughput: ThroughputMeter = field(default_factory=ThroughputMeter)
-    spec: SpecStats = field(default_factory=SpecStats)
-    propose_seconds: float = 0.0  # time in the proposer (the draft model's forwards)
-    busy_seconds: float = 0.0  # time in steps
-
-    @property
-    def propose_share(self) -> float:
-        """The share of step time spent proposing tokens."""
-        return self.propose_seconds / self.busy_seconds if self.busy_seconds else 0.0
 
 
 def folder_tokenizer(path: str | Path) -> tuple[Any, int | None]:
@@ -193,9 +169,7 @@ class Engine:
                 f"cache ({budget}); prompt plus output are capped at {capacity:,} tokens",
                 highlight=False,
             )
-        self.runner: ModelRunner | TensorParallelRunner = (
-            runner if tp_group is None else TensorParallelRunner(runner, tp_group)
-        )
+        self.runner: Runner = runner if tp_group is None else TensorParallelRunner(runner, tp_group)
         tpot = self.config.tpot_ms / 1e3 if self.config.tpot_ms else None
         ttft = self.config.ttft_ms / 1e3 if self.config.ttft_ms else None
         self.scheduler = Scheduler(
@@ -238,7 +212,7 @@ class Engine:
     ) -> Engine:
         """An engine over an exported model folder (its tokenizer.json, when present, gives
         text in and out and the end-of-text token that stops generation). For
-        ``config.tp > 1`` use :func:`moegpt.serve.tensor_parallel.open_tensor_parallel`."""
+        ``config.tp > 1`` use :func:`moegpt.serve.tp_engine.open_tensor_parallel`."""
         from moegpt.weights import load
 
         if config is not None and config.tp > 1:

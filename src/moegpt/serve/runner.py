@@ -7,6 +7,7 @@ receive it from rank 0 and run the same forward.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,15 @@ class ModelInput:
     sequences: list[tuple[int, int, int, list[int]]] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)
     logits_rows: list[int] = field(default_factory=list)  # packed rows to return logits of
+
+
+class Runner(Protocol):
+    """What runs a step's forward: one process's :class:`ModelRunner`, or rank 0's
+    tensor-parallel runner that sends each step to its followers first."""
+
+    cache: PagedKVCache
+
+    def execute(self, inp: ModelInput) -> torch.Tensor: ...
 
 
 # cuDNN attention builds a plan for every new shape and mask, milliseconds of host time per

@@ -11,12 +11,11 @@ slots rank 0 assigns, and never look at the logits. ``close()`` on rank 0 releas
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-from moegpt.config import ConfigError, ParallelConfig, ServeConfig, check_parallel
+from moegpt.config import ConfigError, ParallelConfig, check_parallel
 from moegpt.errors import UserError
 from moegpt.model import Transformer
 from moegpt.model.moe import GroupedExperts
@@ -25,13 +24,9 @@ from moegpt.parallel.mesh import (
     ParallelDims,
     init_distributed,
     launched_by_torchrun,
-    local_device,
 )
 from moegpt.parallel.tensor import apply_tensor_parallel
-from moegpt.serve.runner import ModelInput, ModelRunner, build_runner
-
-if TYPE_CHECKING:
-    from moegpt.serve.engine import Engine
+from moegpt.serve.runner import ModelInput, ModelRunner
 
 _STOP = -1  # a length that tells followers to leave their loop
 
@@ -137,19 +132,3 @@ def load_sharded(
     group = dims["tp"].get_group()
     fill_shards(model, folder, device, group)
     return model.eval(), group
-
-
-def open_tensor_parallel(
-    path: str | Path, config: ServeConfig, timeout_s: float = 600.0
-) -> Engine | None:
-    """Every rank of a torchrun job calls this. Rank 0 gets the engine over its shard; the
-    other ranks follow its steps and get None once rank 0 closes the engine."""
-    from moegpt.serve.engine import Engine, folder_tokenizer, load_draft
-
-    model, group = load_sharded(path, config.tp, local_device(), timeout_s)
-    if dist.get_rank() == 0:  # the draft, if any, runs on rank 0 alone
-        tokenizer, eos_id = folder_tokenizer(path)
-        draft = load_draft(path, config, model)
-        return Engine(model, tokenizer, config, eos_id, tp_group=group, draft=draft)
-    follow(build_runner(model, config, group), group)
-    return None
