@@ -60,9 +60,10 @@ from moegpt.config import ServeConfig, load_config
 from moegpt.convert import convert
 from moegpt.model import Transformer
 from moegpt.model.moe import GroupedExperts
-from moegpt.serve.engine import Engine, EngineStats
+from moegpt.serve.engine import Engine
 from moegpt.serve.paged import bytes_per_token
 from moegpt.serve.sequence import SamplingParams
+from moegpt.serve.stats import EngineStats
 from moegpt.weights import save_model
 
 HF_VARIANTS = {
