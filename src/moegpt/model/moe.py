@@ -88,12 +88,14 @@ class GroupedExperts(nn.Module):
             nn.init.normal_(weight, std=config.init_std)
         self.use_grouped_mm: bool | None = None
 
-    def _wants_grouped_mm(self, x: torch.Tensor, w1: torch.Tensor, dtype: torch.dtype) -> bool:
+    def wants_grouped_mm(self, device: torch.device, dtype: torch.dtype, w1: torch.Tensor) -> bool:
+        """Whether :meth:`compute` runs the grouped GEMM (no host sync, so CUDA graphs can
+        capture it) rather than the per-expert loop (one ``counts.tolist()``)."""
         if self.use_grouped_mm is not None:
             return self.use_grouped_mm
-        # The CUDA kernel wants bf16 and 16-byte aligned rows.
-        aligned = w1.shape[1] % 8 == 0 and x.shape[1] % 8 == 0
-        return x.is_cuda and dtype == torch.bfloat16 and aligned
+        # The CUDA kernel wants bf16 and 16-byte aligned rows (w1 is (experts, hidden, d_model)).
+        aligned = w1.shape[1] % 8 == 0 and w1.shape[2] % 8 == 0
+        return device.type == "cuda" and dtype == torch.bfloat16 and aligned
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The expert weights by name (w1, w3 for SwiGLU, w2)."""
@@ -112,7 +114,7 @@ class GroupedExperts(nn.Module):
         (E',))."""
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        grouped = self._wants_grouped_mm(x, weights["w1"], dtype)
+        grouped = self.wants_grouped_mm(x.device, dtype, weights["w1"])
         # The loop needs split sizes on the host (one sync); its matmuls follow autocast by
         # themselves, while grouped_mm is not an autocast op and gets its dtype here.
         counts_list = None if grouped else counts.tolist()

@@ -9,7 +9,9 @@ In the batch-invariant mode attention runs per sequence: its slots are gathered 
 attends over exactly its own keys, so a sequence's numbers never depend on what else is in
 the batch (the linear layers are row-wise), which makes batched greedy decoding on CPU in fp32
 token-for-token equal to decoding alone. The padded mode (the GPU default) attends to all
-decoding sequences in one call instead, equal up to rounding.
+decoding sequences in one call instead, equal up to rounding. :class:`BlockTableStep` is that
+batched attention for a uniform step (every sequence runs the same number of new tokens) with
+fixed shapes and no host sync, so a CUDA graph can capture it (:mod:`moegpt.serve.graphs`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ def bytes_per_token(config: ModelConfig, dtype: torch.dtype, tp: int = 1) -> int
 
 
 class PagedKVCache:
+    """``num_blocks`` blocks for the allocator; with ``spare_block`` one more past them,
+    ``scratch_block``, that no sequence owns: the padding rows of a graph-captured step write
+    their keys and values there."""
+
     def __init__(
         self,
         config: ModelConfig,
@@ -43,11 +49,14 @@ class PagedKVCache:
         dtype: torch.dtype,
         device: torch.device,
         tp: int = 1,
+        spare_block: bool = False,
     ) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.scratch_block = num_blocks if spare_block else None
         heads = kv_heads_per_rank(config, tp)
-        shape = (config.n_layers, num_blocks * block_size, heads, config.head_dim)
+        slots = (num_blocks + spare_block) * block_size
+        shape = (config.n_layers, slots, heads, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
@@ -73,6 +82,32 @@ class SequenceSlice:
     start: int
 
 
+def gathered_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    index: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """Attention of ``q`` (batch, heads, new, d), each sequence over the cache slots ``index``
+    (batch, window) of ``keys``/``values`` (slots, kv_heads, d) where ``mask`` (batch, new,
+    window) allows; returns (batch, heads, new, d).
+
+    Each K/V head's query heads, times the new tokens, become the query rows of one SDPA row,
+    so multi-query attention reads its one K/V head once per sequence, not once per query head.
+    """
+    batch, heads, new, d = q.shape
+    kv_heads = keys.shape[1]
+    rows = heads // kv_heads * new
+    k = keys[index].transpose(1, 2).to(q.dtype)  # (batch, kv_heads, window, d)
+    v = values[index].transpose(1, 2).to(q.dtype)
+    mask = mask.unsqueeze(1).expand(batch, heads // kv_heads, new, -1)
+    out = prefix_attention(
+        q.reshape(batch, kv_heads, rows, d), k, v, mask.reshape(batch, 1, rows, -1)
+    )
+    return out.reshape(batch, heads, new, d)
+
+
 @dataclass
 class DecodeBatch:
     """The step's one-token sequences, attended as one padded batch (device tensors)."""
@@ -85,23 +120,62 @@ class DecodeBatch:
     def attend(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor
     ) -> torch.Tensor:
-        """``q`` (1, heads, tokens, d) -> (batch, heads, d) for the decode rows. Each K/V
-        head's query heads become the query positions of one SDPA row, so multi-query
-        attention reads its one K/V head once per sequence, not once per query head.
-        Padding reads slot 0 and is masked out."""
-        heads, d = q.shape[1], q.shape[3]
-        kv_heads = keys.shape[1]
-        batch = self.rows.numel()
+        """``q`` (1, heads, tokens, d) -> (batch, heads, d) for the decode rows. Padding reads
+        slot 0 and is masked out."""
         span = torch.arange(self.longest, device=q.device)
         mask = span < self.lengths.unsqueeze(1)
         index = slots[(self.starts.unsqueeze(1) + span).clamp(max=slots.numel() - 1)]
         index = index.masked_fill(~mask, 0)
-        q = q[0, :, self.rows].transpose(0, 1)  # (batch, heads, d)
-        q = q.reshape(batch, kv_heads, heads // kv_heads, d)
-        k = keys[index].transpose(1, 2).to(q.dtype)  # (batch, kv_heads, longest, d)
-        v = values[index].transpose(1, 2).to(q.dtype)
-        out = prefix_attention(q, k, v, mask[:, None, None, :])
-        return out.reshape(batch, heads, d)
+        q = q[0, :, self.rows].transpose(0, 1).unsqueeze(2)  # (batch, heads, 1, d)
+        return gathered_attention(q, keys, values, index, mask.unsqueeze(1)).squeeze(2)
+
+
+class BlockTableStep:
+    """The cache view (``KVCacheLike``) of a uniform step: each of ``batch`` sequences runs
+    exactly ``q_len`` new tokens, sequence b at rows ``b * q_len .. (b + 1) * q_len`` of the
+    packed batch, the last of them at position ``context_lens[b] - 1``.
+
+    Every shape depends only on (batch, q_len, window blocks) and nothing is read back to the
+    host, so the step can be captured in a CUDA graph and replayed with new device inputs.
+    Each sequence attends over a fixed window of ``block_tables.shape[1]`` blocks; keys past its
+    own are masked, so table entries past its blocks may name any block (a scratch block, say).
+    """
+
+    def __init__(
+        self,
+        cache: PagedKVCache,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        q_len: int,
+    ) -> None:
+        """``slot_mapping`` (batch * q_len,) where the new keys go; ``block_tables`` (batch,
+        window blocks); ``context_lens`` (batch,) keys per sequence, the new ones included."""
+        self.cache = cache
+        self.seq_len = 0  # positions are always given explicitly
+        self.slot_mapping = slot_mapping
+        self.q_len = q_len
+        size, device = cache.block_size, block_tables.device
+        # Computed once per forward, shared by every layer.
+        offsets = torch.arange(size, device=device)
+        self.index = (block_tables.unsqueeze(2) * size + offsets).flatten(1)  # (batch, window)
+        key_pos = torch.arange(self.index.shape[1], device=device)
+        newest = context_lens.unsqueeze(1) - q_len + torch.arange(q_len, device=device)
+        self.mask = key_pos <= newest.unsqueeze(2)  # (batch, q_len, window): causal in the step
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``q`` (1, heads, batch * q_len, d) and ``k``/``v`` (1, kv_heads, batch * q_len, d):
+        store the new keys/values, then attend."""
+        keys, values = self.cache.k[layer], self.cache.v[layer]
+        keys[self.slot_mapping] = k[0].transpose(0, 1).to(keys.dtype)
+        values[self.slot_mapping] = v[0].transpose(0, 1).to(values.dtype)
+        heads, tokens, d = q.shape[1:]
+        q = q[0].view(heads, -1, self.q_len, d).transpose(0, 1)  # (batch, heads, q_len, d)
+        out = gathered_attention(q, keys, values, self.index, self.mask)
+        return out.transpose(0, 1).reshape(1, heads, tokens, d)
+
+    def advance(self, new_tokens: int) -> None:
+        """Positions and lengths live in the caller's sequences, not here."""
 
 
 class PagedStep:

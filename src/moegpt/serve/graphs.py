@@ -1,0 +1,244 @@
+"""CUDA graphs for uniform decode steps: the model's forward replayed without launching it.
+
+At small batches a decode step is bound by the host launching a few hundred small kernels, not
+by the GPU. A :class:`moegpt.serve.paged.BlockTableStep` forward has fixed shapes for a given
+(padded batch, q_len, key-window blocks) bucket and never reads back to the host, so each bucket
+is captured once and replayed with new inputs written into the same device buffers.
+
+A step's inputs travel in one host-to-device copy: they are packed into one pinned host buffer
+in the layout of the bucket's views of one device buffer. Batches are padded up to the bucket's
+size with rows that write to the cache's scratch block and attend only to themselves there.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.nn.attention import sdpa_kernel
+
+from moegpt.model import Transformer
+from moegpt.model.moe import GroupedExperts
+from moegpt.serve.paged import BlockTableStep, PagedKVCache
+from moegpt.serve.runner import SDPA_BACKENDS
+
+
+def batch_ladder(max_batch_size: int) -> list[int]:
+    """Padded batch sizes: 1, 2, 4, 8, steps of 8 to 32, steps of 16 beyond (as vLLM pads),
+    ending at ``max_batch_size``."""
+    sizes = [1, 2, 4, *range(8, 32, 8), *range(32, max_batch_size, 16)]
+    return [s for s in sizes if s < max_batch_size] + [max_batch_size]
+
+
+def window_ladder(max_blocks: int) -> list[int]:
+    """Key windows in blocks: powers of two, ending at ``max_blocks``, so a batch of short
+    sequences does not read (and mask) keys up to the longest context."""
+    sizes = [2**i for i in range(max_blocks.bit_length()) if 2**i < max_blocks]
+    return [*sizes, max_blocks]
+
+
+def host_sync_reason(model: Transformer, device: torch.device) -> str | None:
+    """Why ``model``'s forward would read back to the host on ``device`` (None if it won't).
+
+    Only the MoE experts' per-expert loop does (its split sizes): it runs wherever the grouped
+    GEMM doesn't, i.e. off bf16. A sync-free alternative for other dtypes would gather every
+    token's top-k expert weights (weight traffic growing with the batch instead of with the
+    experts touched) or run every expert on every token; neither is worth carrying for
+    serving in fp32 on a GPU, which runs eagerly instead.
+    """
+    dtype = next(model.parameters()).dtype
+    for name, module in model.named_modules():
+        if isinstance(module, GroupedExperts) and not module.wants_grouped_mm(
+            device, dtype, module.w1
+        ):
+            return f"{name} runs its experts as a loop with a host sync in {dtype} (bf16 doesn't)"
+    return None
+
+
+@dataclass
+class StepInputs:
+    """One bucket's views of a flat int64 buffer, in packing order."""
+
+    tokens: torch.Tensor  # (batch * q_len,)
+    positions: torch.Tensor  # (batch * q_len,)
+    slot_mapping: torch.Tensor  # (batch * q_len,)
+    context_lens: torch.Tensor  # (batch,)
+    block_tables: torch.Tensor  # (batch, blocks)
+
+    @classmethod
+    def view(cls, flat: torch.Tensor, batch: int, q_len: int, blocks: int) -> StepInputs:
+        rows = batch * q_len
+        sizes = [rows, rows, rows, batch, batch * blocks]
+        *rows_and_lens, tables = flat[: sum(sizes)].split(sizes)
+        return cls(*rows_and_lens, tables.view(batch, blocks))
+
+
+Bucket = tuple[int, int, int]  # (padded batch, q_len, window blocks)
+
+
+class DecodeGraphs:
+    """Uniform steps of up to ``max_batch_size`` sequences of up to ``max_context`` tokens,
+    ``q_lens`` new tokens each (1 to decode, 1 + k to verify k speculative tokens), run through
+    one CUDA graph per bucket once :meth:`capture` succeeds, else eagerly over the same buffers
+    (always on CPU). ``cache`` needs a scratch block (``PagedKVCache(..., spare_block=True)``).
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        cache: PagedKVCache,
+        max_batch_size: int,
+        max_context: int,
+        q_lens: tuple[int, ...] = (1,),
+    ) -> None:
+        if cache.scratch_block is None:
+            raise ValueError("DecodeGraphs needs a cache with a spare block for padding rows")
+        if max(q_lens) > cache.block_size:  # padding rows' q_len keys fit in the scratch block
+            raise ValueError(f"q_len {max(q_lens)} exceeds the block size {cache.block_size}")
+        self.model = model
+        self.cache = cache
+        self.device = cache.k.device
+        self.q_lens = q_lens
+        self.max_blocks = math.ceil(max_context / cache.block_size)
+        self.batch_sizes = batch_ladder(max_batch_size)
+        self.window_sizes = window_ladder(self.max_blocks)
+        biggest = max_batch_size * (3 * max(q_lens) + 1 + self.max_blocks)
+        self._inputs = torch.zeros(biggest, dtype=torch.long, device=self.device)
+        cuda = self.device.type == "cuda"
+        self._staging = torch.zeros(biggest, dtype=torch.long, pin_memory=cuda)
+        # The copy out of staging is asynchronous: the next step waits for it before refilling.
+        self._copied = torch.cuda.Event() if cuda else None
+        rows = max_batch_size * max(q_lens)
+        dtype = next(model.parameters()).dtype
+        # One logits buffer for every bucket, outside the graphs' pool: per-graph outputs would
+        # keep (batch x vocab) alive for each of the buckets.
+        self._logits = torch.empty(rows, model.config.vocab_size, dtype=dtype, device=self.device)
+        self._graphs: dict[Bucket, torch.cuda.CUDAGraph] = {}
+
+    def bucket(self, batch: int, q_len: int, context: int) -> Bucket:
+        """The smallest bucket that holds ``batch`` sequences of at most ``context`` tokens."""
+        if not self.fits(batch, q_len, context):
+            raise ValueError(f"no bucket for {batch} sequences of {q_len} new / {context} tokens")
+        blocks = math.ceil(context / self.cache.block_size)
+        padded = next(size for size in self.batch_sizes if size >= batch)
+        return padded, q_len, next(size for size in self.window_sizes if size >= blocks)
+
+    def fits(self, batch: int, q_len: int, context: int) -> bool:
+        """Whether a step of ``batch`` sequences, ``q_len`` new tokens each and at most
+        ``context`` tokens (the new ones included), has a bucket."""
+        return (
+            q_len in self.q_lens
+            and 0 < batch <= self.batch_sizes[-1]
+            and context <= self.max_blocks * self.cache.block_size
+        )
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every bucket, largest first so that the smaller ones reuse its memory in the
+        shared pool. Raises where the forward can't be captured (the caller runs eagerly)."""
+        if self.device.type != "cuda":
+            raise RuntimeError(f"CUDA graphs need a CUDA device, not {self.device}")
+        reason = host_sync_reason(self.model, self.device)
+        if reason is not None:
+            raise RuntimeError(reason)
+        pool = torch.cuda.graph_pool_handle()
+        buckets = [
+            (batch, q_len, blocks)
+            for q_len in self.q_lens
+            for batch in self.batch_sizes
+            for blocks in self.window_sizes
+        ]
+        for bucket in sorted(buckets, key=lambda b: (b[0] * b[1], b[2]), reverse=True):
+            inputs = self._fill(bucket, [], [], [], [], [])  # padding rows only
+            # Lazy initialisation (cuBLAS workspaces, kernel loading) must happen outside the
+            # capture, on a side stream as torch.cuda.graphs documents.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._forward(inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._forward(inputs)
+            self._graphs[bucket] = graph
+
+    @torch.inference_mode()
+    def run(
+        self,
+        tokens: list[int],
+        positions: list[int],
+        slot_mapping: list[int],
+        block_tables: list[list[int]],
+        context_lens: list[int],
+        q_len: int,
+    ) -> torch.Tensor:
+        """Logits (batch * q_len, vocab) in the model's dtype for the real rows, sequence b at
+        rows ``b * q_len ..``; a view of a buffer the next run overwrites.
+
+        ``context_lens`` count each sequence's keys with its new tokens; ``block_tables`` need
+        cover only those keys.
+        """
+        batch = len(context_lens)
+        bucket = self.bucket(batch, q_len, max(context_lens, default=0))
+        inputs = self._fill(bucket, tokens, positions, slot_mapping, block_tables, context_lens)
+        graph = self._graphs.get(bucket)
+        if graph is None:
+            self._forward(inputs)
+        else:
+            graph.replay()
+        return self._logits[: batch * q_len]
+
+    def _fill(
+        self,
+        bucket: Bucket,
+        tokens: list[int],
+        positions: list[int],
+        slot_mapping: list[int],
+        block_tables: list[list[int]],
+        context_lens: list[int],
+    ) -> StepInputs:
+        """Pack a step padded to ``bucket`` into staging, copy it to the device buffer in one
+        copy, and return the bucket's views of that buffer.
+
+        Padding rows are token 0 at position 0 writing the scratch block's first ``q_len``
+        slots, with a context of ``q_len`` keys there: they attend to themselves only, so they
+        stay finite and never read a sequence's blocks. Table entries past a sequence's
+        blocks name the scratch block too (masked out).
+        """
+        batch, q_len, blocks = bucket
+        pad = batch - len(context_lens)
+        scratch = self.cache.scratch_block
+        tables = [[*t[:blocks], *[scratch] * (blocks - len(t))] for t in block_tables]
+        tables += [[scratch] * blocks] * pad
+        pad_slots = [scratch * self.cache.block_size + i for i in range(q_len)] * pad
+        pad_rows = [0] * (pad * q_len)
+        values = [
+            *tokens,
+            *pad_rows,
+            *positions,
+            *pad_rows,
+            *slot_mapping,
+            *pad_slots,
+            *context_lens,
+            *[q_len] * pad,
+            *(entry for table in tables for entry in table),
+        ]
+        if self._copied is not None:
+            self._copied.synchronize()
+        staged = self._staging[: len(values)]
+        staged.copy_(torch.tensor(values))
+        self._inputs[: len(values)].copy_(staged, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        return StepInputs.view(self._inputs, batch, q_len, blocks)
+
+    def _forward(self, inputs: StepInputs) -> None:
+        """The step's forward over the bucket's buffers, logits into the shared buffer."""
+        q_len = inputs.tokens.numel() // inputs.context_lens.numel()
+        view = BlockTableStep(
+            self.cache, inputs.slot_mapping, inputs.block_tables, inputs.context_lens, q_len
+        )
+        with sdpa_kernel(SDPA_BACKENDS):
+            out = self.model(inputs.tokens[None], positions=inputs.positions[None], cache=view)
+        self._logits[: inputs.tokens.numel()].copy_(out.logits[0])
