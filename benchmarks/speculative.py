@@ -107,8 +107,8 @@ def main() -> None:
         )
         engine = Engine.from_folder(args.target, serve, device=device)
         engine.model.to(dtype)
-        if engine.speculator is not None and hasattr(engine.speculator.proposer, "model"):
-            engine.speculator.proposer.model.to(dtype)
+        if hasattr(engine.runner.proposer, "model"):  # a draft model
+            engine.runner.proposer.model.to(dtype)
         engines[name] = engine
     data = prompts(engines["none"], args.prompt_len)
     for engine in engines.values():  # warm-up: first kernels, allocator, the cost refits

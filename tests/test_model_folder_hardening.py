@@ -164,7 +164,7 @@ def long_context(folder: Path, monkeypatch) -> Path:
 
 def test_the_kv_cache_is_sized_by_memory_not_max_seq_len(long_context: Path, capsys) -> None:
     engine = Engine.from_folder(long_context, ServeConfig(calibrate=False), device="cpu")
-    cache = engine.runner.cache
+    cache = engine.forward.cache
     assert cache.k.numel() * cache.k.element_size() * 2 <= 1 << 20
     # 2 layers x 1 kv head x 8 dims x 4 bytes x (k, v): 128 bytes a token, 8192 tokens
     assert engine.max_context == engine.allocator.num_blocks * 16 == 8192

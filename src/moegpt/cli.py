@@ -285,6 +285,7 @@ def cmd_serve(args: argparse.Namespace) -> int | None:
 
 def _generate(engine: Engine, args: argparse.Namespace) -> None:
     """Stream one prompt to the terminal, or print each prompt's samples when done."""
+    from moegpt.serve.output import OutputProcessor
     from moegpt.serve.prompts import PlainEncoder
     from moegpt.serve.sequence import SamplingParams
 
@@ -303,6 +304,7 @@ def _generate(engine: Engine, args: argparse.Namespace) -> None:
     # Special-token strings in a prompt are text, as in /v1/completions and the training data.
     encoded = PlainEncoder(engine.tokenizer).encode(prompts) if engine.tokenizer else prompts
     ids = [engine.add_request(p, params) for p in encoded]
+    processors = {i: OutputProcessor(engine.tokenizer, params.stop) for i in ids}
     streaming = len(prompts) == 1 and args.n == 1
     if streaming:
         stdout.print(prompts[0], end="", markup=False, highlight=False)
@@ -310,7 +312,7 @@ def _generate(engine: Engine, args: argparse.Namespace) -> None:
     reasons: dict[tuple[str, int], str | None] = {}
     with stderr.status("generating") as status:
         while engine.has_work():
-            for out in engine.step():
+            for out in engine.text_step(processors):
                 key = (out.request_id, out.index)
                 piece = out.text if engine.tokenizer else " ".join(map(str, out.token_ids)) + " "
                 texts[key] = texts.get(key, "") + piece

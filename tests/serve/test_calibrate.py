@@ -27,10 +27,10 @@ def test_shapes_span_batches_and_chunks_within_the_cache() -> None:
     assert all(sum(past + new for past, new in s) <= 4096 for s in shapes)
 
 
-class SleepingRunner:
+class SleepingForward:
     """Takes 2 ms + 0.2 ms per token + 2 us per attention key + 0.5 ms per sequence."""
 
-    def execute(self, inp: ModelInput) -> torch.Tensor:
+    def __call__(self, inp: ModelInput) -> torch.Tensor:
         keys = sum(new * (past + new) for _, new, past, _ in inp.sequences)
         seqs = len(inp.sequences)
         time.sleep(0.002 + 0.0002 * len(inp.tokens) + 2e-6 * keys + 5e-4 * seqs)
@@ -40,7 +40,7 @@ class SleepingRunner:
 def test_fit_recovers_a_known_step_time_law() -> None:
     allocator = BlockAllocator(256, 16)
     config = SchedulerConfig(max_batch_size=32, max_tokens_per_step=256)
-    model, samples = calibrate(SleepingRunner(), allocator, config, max_context=512)
+    model, samples = calibrate(SleepingForward(), allocator, config, max_context=512)
     assert len(samples) >= 10 and allocator.used == 0
     # sleep() overshoots a little and at random: coefficients within 25%
     assert abs(model.per_token - 2e-4) < 0.25 * 2e-4

@@ -12,7 +12,9 @@ import torch
 from moegpt.data.tokenizer import load_tokenizer, train_tokenizer
 from moegpt.serve.detokenizer import IncrementalDetokenizer
 from moegpt.serve.engine import Engine
+from moegpt.serve.output import OutputProcessor
 from moegpt.serve.sequence import SamplingParams
+from moegpt.serve.step import RequestOutput
 
 TEXT = "def héllo(wörld):\n    return '日本語 ✓ ok' * 3  # ünïcode ☃\n" * 8
 
@@ -112,3 +114,27 @@ def test_engine_decodes_incrementally(text_model: Path) -> None:
     assert len(completion.token_ids) == 100
     assert completion.text == counting.tokenizer.decode(completion.token_ids)
     assert counting.decoded <= 5050 / 4, counting.decoded
+
+
+def test_processor_ends_a_sequence_at_a_stop_string_and_drops_later_tokens(tokenizer) -> None:
+    """The engine's tokens arrive in batches (speculation appends several a step) and keep
+    coming until the engine hears of the stop: the processor cuts at the stop string, says so
+    once, and drops everything after it."""
+    ids = tokenizer.encode(TEXT).ids
+    stop = "return"
+    processor = OutputProcessor(tokenizer, (stop,))
+    outputs, stopped_at = [], []
+    for start in range(0, 60, 3):
+        batch = RequestOutput("r", 0, ids[start : start + 3], completion_tokens=start + 3)
+        out, stopped = processor.process(batch)
+        if out is not None:
+            outputs.append(out)
+        if stopped:
+            stopped_at.append(start)
+    assert len(stopped_at) == 1
+    text = "".join(o.text for o in outputs)
+    assert text == TEXT[: TEXT.index(stop)]
+    kept = [t for o in outputs for t in o.token_ids]
+    assert stop in tokenizer.decode(kept) and stop not in tokenizer.decode(kept[:-1])
+    assert outputs[-1].finished and outputs[-1].finish_reason == "stop"
+    assert outputs[-1].completion_tokens == len(kept)

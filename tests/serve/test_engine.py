@@ -83,7 +83,7 @@ def test_padded_decode_attention_agrees(model: Transformer) -> None:
     """The GPU fast path (all decodes in one padded SDPA call) attends to the same keys: in
     fp32 its rounding differences leave every greedy token of this batch unchanged."""
     engine = Engine(model, config=ServeConfig(num_kv_blocks=256, decode_attention="padded"))
-    assert not engine.runner.batch_invariant
+    assert not engine.forward.batch_invariant
     requests = mixed_requests(32, model.config.vocab_size, seed=4)
     got = run_with_arrivals(engine, requests, seed=5)
     for (prompt, n), tokens in zip(requests, got.values(), strict=True):

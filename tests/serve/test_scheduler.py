@@ -1,19 +1,32 @@
-"""The scheduler alone (no model): budgets, FCFS order, preemption order, the latency bound."""
+"""The scheduler alone (no model): budgets, FCFS order, preemption order, the latency bound,
+and the step contract: ``update()`` applies a runner's output (computed tokens, appended
+tokens, stops, speculative rollback, forks) to the scheduler's own sequences."""
 
 from __future__ import annotations
 
+import pytest
+
 from moegpt.serve.blocks import BlockAllocator, BlockTable
-from moegpt.serve.scheduler import Plan, Scheduler, SchedulerConfig, StepCostModel
+from moegpt.serve.cost import StepCostModel
+from moegpt.serve.sampler import Sampled
+from moegpt.serve.scheduler import Scheduler, SchedulerConfig
 from moegpt.serve.sequence import SamplingParams, Sequence, Status
+from moegpt.serve.step import RunnerOutput, SchedulerOutput
 
 
-def make(scheduler: Scheduler, seq_id: int, prompt_len: int, arrival: float = 0.0) -> Sequence:
+def make(
+    scheduler: Scheduler,
+    prompt_len: int,
+    arrival: float = 0.0,
+    params: SamplingParams | None = None,
+) -> Sequence:
+    seq_id = scheduler.new_seq_id()
     seq = Sequence(
         seq_id,
         f"r{seq_id}",
         0,
         [1] * prompt_len,
-        SamplingParams(max_tokens=100),
+        params or SamplingParams(max_tokens=100),
         BlockTable(scheduler.allocator),
         arrival=arrival,
     )
@@ -21,25 +34,27 @@ def make(scheduler: Scheduler, seq_id: int, prompt_len: int, arrival: float = 0.
     return seq
 
 
-def run(scheduler: Scheduler) -> Plan:
-    """What the engine does after a step: the scheduled tokens are computed, and every chunk
-    that reached its sequence's end samples one token."""
-    plan = scheduler.schedule()
-    for chunk in plan.chunks:
-        chunk.seq.computed = chunk.start + chunk.length
-        if chunk.seq.computed == len(chunk.seq.tokens):
-            chunk.seq.output.append(7)
-    return plan
+def run(scheduler: Scheduler, token: int = 7) -> SchedulerOutput:
+    """One step with a stand-in runner that draws ``token`` for every sampling chunk."""
+    out = scheduler.schedule()
+    drawn = {c.seq_id: [Sampled(token)] for c in out.chunks if c.sample}
+    scheduler.update(out, RunnerOutput(sampled=drawn))
+    return out
+
+
+def spans(out: SchedulerOutput) -> list[tuple[int, int, int]]:
+    return [(c.seq_id, c.start, c.length) for c in out.chunks]
 
 
 def test_token_budget_and_fcfs_with_chunked_prefill() -> None:
     s = Scheduler(SchedulerConfig(max_batch_size=8, max_tokens_per_step=10), BlockAllocator(64, 4))
-    a, b, c = make(s, 0, 6), make(s, 1, 7), make(s, 2, 3)
+    a, b, c = make(s, 6), make(s, 7), make(s, 3)
     plan = run(s)
-    assert [(ch.seq.seq_id, ch.start, ch.length) for ch in plan.chunks] == [(0, 0, 6), (1, 0, 4)]
+    assert spans(plan) == [(0, 0, 6), (1, 0, 4)]
     assert plan.limited_by == "token budget"
+    assert [c.sample for c in plan.chunks] == [True, False]  # b's prompt is not done
     plan = run(s)  # a decodes, b finishes its prompt, c starts: arrival order kept
-    assert [(ch.seq.seq_id, ch.start, ch.length) for ch in plan.chunks] == [
+    assert spans(plan) == [
         (0, 6, 1),
         (1, 4, 3),
         (2, 0, 3),
@@ -50,37 +65,38 @@ def test_token_budget_and_fcfs_with_chunked_prefill() -> None:
 
 def test_batch_size_limit() -> None:
     s = Scheduler(SchedulerConfig(max_batch_size=2, max_tokens_per_step=100), BlockAllocator(64, 4))
-    for i in range(3):
-        make(s, i, 2)
+    for _ in range(3):
+        make(s, 2)
     plan = run(s)
     assert len(plan.chunks) == 2 and plan.limited_by == "batch size"
 
 
 def test_admission_waits_for_free_blocks() -> None:
     s = Scheduler(SchedulerConfig(), BlockAllocator(3, 4))
-    make(s, 0, 8)  # 2 blocks
-    make(s, 1, 8)  # 2 more: only 1 left
+    make(s, 8)  # 2 blocks
+    make(s, 8)  # 2 more: only 1 left
     plan = run(s)
-    assert [c.seq.seq_id for c in plan.chunks] == [0] and plan.limited_by == "kv blocks"
+    assert [c.seq_id for c in plan.chunks] == [0] and plan.limited_by == "kv blocks"
 
 
 def test_newest_running_sequence_is_preempted_and_comes_back_first() -> None:
     s = Scheduler(SchedulerConfig(), BlockAllocator(4, 4))
-    old, new = make(s, 0, 8), make(s, 1, 8)
+    old, new = make(s, 8), make(s, 8)
     run(s)  # both prefilled: 4 blocks used, each now needs a 3rd block for token 9
     assert s.allocator.free == 0
     plan = run(s)
-    assert plan.preempted == [new] and [c.seq for c in plan.chunks] == [old]
+    assert plan.preempted == [new.seq_id] and [c.seq_id for c in plan.chunks] == [old.seq_id]
     assert new.status is Status.WAITING and new.computed == 0 and s.waiting[0] is new
     s.finish(old, "stop")
     plan = run(s)  # recomputed: its prompt and the token it had generated
-    assert [(c.seq.seq_id, c.start, c.length) for c in plan.chunks] == [(1, 0, 9)]
+    assert spans(plan) == [(1, 0, 9)]
+    assert plan.finished == [old.seq_id]  # the runner hears that ``old`` is gone
 
 
 def test_abort_frees_blocks_everywhere() -> None:
     s = Scheduler(SchedulerConfig(max_tokens_per_step=8), BlockAllocator(8, 4))
-    make(s, 0, 8)
-    make(s, 1, 8)
+    make(s, 8)
+    make(s, 8)
     run(s)
     s.abort("r0")
     s.abort("r1")  # still waiting
@@ -91,12 +107,12 @@ def test_latency_bound_sizes_the_batch() -> None:
     # 1 ms per step plus 1 ms per token: a 5 ms target fits 4 decodes
     cost = StepCostModel(base=1e-3, per_token=1e-3, per_key=0.0)
     s = Scheduler(SchedulerConfig(tpot_s=5e-3), BlockAllocator(64, 4), cost)
-    seqs = [make(s, i, 1) for i in range(6)]
+    seqs = [make(s, 1) for _ in range(6)]
     for _ in range(3):  # admission, then decodes: never more than the bound allows
         plan = run(s)
         assert len(plan.chunks) == 4 and plan.limited_by == "latency bound"
         assert plan.predicted_s <= 5e-3
-        assert [c.seq for c in plan.chunks] == seqs[:4]
+        assert [c.seq_id for c in plan.chunks] == [q.seq_id for q in seqs[:4]]
     assert list(s.waiting) == seqs[4:]  # without a TTFT target, newcomers wait
 
 
@@ -104,8 +120,8 @@ def test_latency_bound_counts_per_sequence_cost() -> None:
     # 1 ms per step, 0.5 ms per token and 0.5 ms per sequence: a 5 ms target fits 4 decodes
     cost = StepCostModel(base=1e-3, per_token=5e-4, per_key=0.0, per_sequence=5e-4)
     s = Scheduler(SchedulerConfig(tpot_s=5e-3), BlockAllocator(64, 4), cost)
-    for i in range(6):
-        make(s, i, 1)
+    for _ in range(6):
+        make(s, 1)
     plan = run(s)
     assert len(plan.chunks) == 4 and plan.predicted_s <= 5e-3
 
@@ -113,7 +129,7 @@ def test_latency_bound_counts_per_sequence_cost() -> None:
 def test_latency_bound_shrinks_a_prefill_chunk() -> None:
     cost = StepCostModel(base=0.0, per_token=1e-3, per_key=0.0)
     s = Scheduler(SchedulerConfig(tpot_s=10e-3), BlockAllocator(64, 4), cost)
-    make(s, 0, 40)
+    make(s, 40)
     plan = run(s)
     assert plan.chunks[0].length <= 10 and plan.predicted_s <= 10e-3
 
@@ -127,13 +143,14 @@ def test_late_prompt_jumps_the_bound_for_its_first_token() -> None:
         cost,
         clock=lambda: clock[0],
     )
-    for i in range(2):
-        make(s, i, 1)
+    for _ in range(2):
+        make(s, 1)
     run(s)
-    late = make(s, 9, 1, arrival=0.0)
+    late = make(s, 1, arrival=0.0)
     clock[0] = 1.0  # it has waited 1 s for a 0.1 s target
     plan = run(s)
-    assert late in [c.seq for c in plan.chunks] and plan.over_bound == "time-to-first-token"
+    assert late.seq_id in [c.seq_id for c in plan.chunks]
+    assert plan.over_bound == "time-to-first-token"
 
 
 def test_cost_model_fit_recovers_coefficients() -> None:
@@ -151,3 +168,107 @@ def test_cost_model_fit_recovers_coefficients() -> None:
         strict=True,
     ):
         assert abs(got - want) <= 1e-6 * max(want, 1e-3)
+
+
+def test_update_appends_and_applies_every_stop() -> None:
+    s = Scheduler(SchedulerConfig(), BlockAllocator(16, 4), max_context=12, eos_id=0)
+    short = make(s, 2, params=SamplingParams(max_tokens=2))
+    ends = make(s, 2, params=SamplingParams(max_tokens=50, stop_token_ids=(5,)))
+    full = make(s, 9, params=SamplingParams(max_tokens=50))
+    out = s.schedule()
+    s.update(out, RunnerOutput(sampled={c.seq_id: [Sampled(3)] for c in out.chunks}))
+    assert short.output == ends.output == full.output == [3]
+    out = s.schedule()
+    drawn = {short.seq_id: [Sampled(4)], ends.seq_id: [Sampled(5)], full.seq_id: [Sampled(4)]}
+    results = s.update(out, RunnerOutput(sampled=drawn))
+    reasons = {r.request_id: (r.token_ids, r.finish_reason) for r in results}
+    assert reasons == {
+        short.request_id: ([4], "length"),  # max_tokens reached: the token counts
+        ends.request_id: ([], "stop"),  # a stop token is not part of the output
+        full.request_id: ([4], None),
+    }
+    assert short.status is ends.status is Status.FINISHED and full.computed == 10
+    results = s.update(s.schedule(), RunnerOutput(sampled={full.seq_id: [Sampled(0)]}))
+    assert results[0].finish_reason == "stop"  # the end-of-text token
+    assert s.allocator.free == 16
+
+
+def test_context_limit_ends_a_sequence() -> None:
+    s = Scheduler(SchedulerConfig(), BlockAllocator(16, 4), max_context=6)
+    seq = make(s, 4)
+    outputs = [run(s) for _ in range(3)]
+    assert len(seq.tokens) == 6 and seq.finish_reason == "length"
+    assert not outputs[2].chunks and s.allocator.free == 16
+
+
+def test_speculative_room_rolls_back_to_what_was_accepted() -> None:
+    class Fixed:
+        """A lookahead policy that always asks for 3 proposed tokens."""
+
+        def plan(self, running: list[Sequence], cost: object, context: int) -> dict[int, int]:
+            return {q.seq_id: 3 for q in running if q.pending == 1}
+
+        def learn(self, *args: object) -> None:
+            pass
+
+        def observe(self, *args: object) -> None:
+            pass
+
+    s = Scheduler(SchedulerConfig(), BlockAllocator(16, 4), lookahead=Fixed())
+    seq = make(s, 3)
+    run(s)  # prefill: 3 computed, 1 drawn
+    out = s.schedule()
+    (chunk,) = out.chunks
+    assert (chunk.start, chunk.length, chunk.lookahead) == (3, 1, 3)
+    assert len(seq.table.blocks) == 2  # room for the 4 tokens and 3 proposals
+    # two of the three proposals accepted, then the corrected token
+    s.update(
+        out,
+        RunnerOutput(
+            sampled={seq.seq_id: [Sampled(t) for t in (8, 9, 6)]}, proposed={seq.seq_id: 3}
+        ),
+    )
+    assert seq.output == [7, 8, 9, 6] and seq.computed == 6  # the last token runs next
+    assert len(seq.table.blocks) == 2 and seq.spec_tested == 3 and seq.spec_accepted == 2
+    out = s.schedule()
+    s.update(out, RunnerOutput(sampled={seq.seq_id: [Sampled(5)]}, proposed={seq.seq_id: 3}))
+    assert seq.computed == 7 and len(seq.table.blocks) == 2  # all rejected: 8 tokens, 2 blocks
+
+
+def test_forks_share_the_prompt_and_draw_from_its_last_row() -> None:
+    s = Scheduler(SchedulerConfig(), BlockAllocator(16, 4))
+    parent = make(s, 6, params=SamplingParams(n=3, seed=10))
+    parent.seed = 10
+    out = s.schedule()
+    assert spans(out) == [(0, 0, 6), (1, 6, 0), (2, 6, 0)]
+    assert [(n.seq_id, n.parent, n.seed) for n in out.new] == [
+        (0, None, 10),
+        (1, 0, 11),
+        (2, 0, 12),
+    ]
+    assert s.allocator.used == 2  # the prompt's blocks, shared by all three
+    s.update(out, RunnerOutput(sampled={i: [Sampled(20 + i)] for i in range(3)}))
+    assert [q.output for q in s.running] == [[20], [21], [22]]
+    assert all(q.computed == 6 for q in s.running)
+    out = run(s)  # each writes its own token into the shared second block: copy-on-write
+    assert len(out.copies) == 2 and s.allocator.used == 4 and not out.new
+
+
+@pytest.mark.parametrize("with_forks", [False, True])
+def test_scheduler_output_is_plain_data(with_forks: bool) -> None:
+    """Only numbers, strings, tuples and frozen parameter records: safe to hand to another
+    thread or process, with nothing that aliases the scheduler's state."""
+    s = Scheduler(SchedulerConfig(), BlockAllocator(16, 4))
+    make(s, 5, params=SamplingParams(n=2 if with_forks else 1))
+    out = s.schedule()
+
+    def plain(value: object) -> bool:
+        if isinstance(value, (int, float, str, bool, type(None), SamplingParams)):
+            return True
+        if isinstance(value, (tuple, list)):
+            return all(plain(v) for v in value)
+        fields = getattr(value, "__dataclass_fields__", None)
+        return fields is not None and all(plain(getattr(value, f)) for f in fields)
+
+    assert plain(out)
+    assert all(isinstance(c.blocks, tuple) for c in out.chunks)

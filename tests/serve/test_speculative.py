@@ -15,7 +15,9 @@ from moegpt.errors import UserError
 from moegpt.model import KVCache, Transformer
 from moegpt.serve.engine import Engine
 from moegpt.serve.sequence import SamplingParams
-from moegpt.serve.speculative import NgramProposer, Proposal, SpeculationGate, verify
+from moegpt.serve.lookahead import SpeculationGate
+from moegpt.serve.sampler import Proposal, verify
+from moegpt.serve.speculative import NgramProposer
 from tests.conftest import small_config
 from tests.serve.test_engine import mixed_requests, reference_greedy
 
@@ -162,11 +164,12 @@ def test_rollback_leaves_exactly_the_accepted_tokens_in_both_caches(
     for _ in range(12):
         engine.step()
     assert engine.stats.spec.accepted < engine.stats.spec.proposed  # there were rejections
-    draft_cache = engine.speculator.proposer.runner.cache
+    draft_cache = engine.runner.proposer.forward.cache
     for seq in engine.scheduler.running:
+        drafted = engine.runner.sequences[seq.seq_id].draft_computed
         for model, cache, n in (
             (target, engine.runner.cache, seq.computed),
-            (stranger, draft_cache, seq.draft_computed),
+            (stranger, draft_cache, drafted),
         ):
             slots = torch.tensor(seq.table.slots(0, n))
             k, v = cached_keys(model, seq.tokens[:n])

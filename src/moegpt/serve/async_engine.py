@@ -1,8 +1,9 @@
-"""Streaming on asyncio: the engine steps in a background thread, and each request's outputs
-reach its coroutine through a queue. New requests and cancellations travel to that thread
-through a mailbox it empties between steps, so the event loop never waits for a step. A
-consumer that stops early (a client that hung up) cancels its request, which frees its KV
-blocks before the next step."""
+"""Streaming on asyncio: the engine steps in a background thread, and each request's token
+outputs reach its coroutine through a queue; the coroutine turns them into text (off the
+stepping thread, so detokenizing never delays a step). New requests, cancellations and
+sequences a stop string ended travel to that thread through a mailbox it empties between
+steps, so the event loop never waits for a step. A consumer that stops early (a client that
+hung up) cancels its request, which frees its KV blocks before the next step."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 from moegpt.serve.engine import Engine, RequestOutput
 from moegpt.serve.metrics import EngineCollector
+from moegpt.serve.output import OutputProcessor
 from moegpt.serve.sequence import SamplingParams
 
 
@@ -30,7 +32,8 @@ class AsyncEngine:
         self.engine = engine
         self._wake = threading.Event()
         self._stopping = False
-        self._mailbox: deque[_Submission | str] = deque()  # submissions; request ids to abort
+        # submissions; request ids to abort; (request id, sample index) a stop string ended
+        self._mailbox: deque[_Submission | str | tuple[str, int]] = deque()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         # Submissions posted and taken in by the engine: one writer each (the event loop, the
         # engine thread), so reading their difference needs no lock.
@@ -56,18 +59,24 @@ class AsyncEngine:
         self._posted += 1  # before the append: the engine thread may take it at once
         self._mailbox.append(_Submission(rid, ids, params))
         self._wake.set()
-        return self._follow(rid, queue, params.n)
+        return self._follow(rid, queue, params)
 
     async def _follow(
-        self, rid: str, queue: asyncio.Queue, samples: int
+        self, rid: str, queue: asyncio.Queue, params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
-        remaining = samples
+        remaining = params.n
+        text = OutputProcessor(self.engine.tokenizer, params.stop)
         try:
             while remaining:
-                out = await queue.get()
-                if isinstance(out, BaseException):
+                raw = await queue.get()
+                if isinstance(raw, BaseException):
                     remaining = 0
-                    raise out
+                    raise raw
+                out, stopped = text.process(raw)
+                if out is None:  # drawn after a stop string ended the sequence
+                    continue
+                if stopped:
+                    self._post((rid, out.index))
                 # a shutdown ends the whole request, however many samples were left
                 remaining = 0 if out.finish_reason == "abort" else remaining - out.finished
                 yield out
@@ -77,7 +86,10 @@ class AsyncEngine:
             self._streams.pop(rid, None)
 
     def abort(self, request_id: str) -> None:
-        self._mailbox.append(request_id)
+        self._post(request_id)
+
+    def _post(self, item: str | tuple[str, int]) -> None:
+        self._mailbox.append(item)
         self._wake.set()
 
     def waiting(self) -> int:
@@ -109,6 +121,9 @@ class AsyncEngine:
             item = self._mailbox.popleft()
             if isinstance(item, str):
                 self.engine.abort(item)
+                continue
+            if isinstance(item, tuple):
+                self.engine.finish(*item)
                 continue
             try:
                 self.engine.add_request(item.ids, item.params, item.request_id)

@@ -11,9 +11,10 @@ from collections.abc import Iterator
 import torch
 
 from moegpt.serve.blocks import BlockAllocator, BlockTable
-from moegpt.serve.runner import ModelInput, Runner
+from moegpt.serve.cost import Sample, StepCostModel
+from moegpt.serve.runner import Forward, ModelInput
 from moegpt.serve.sampler import sample_batch
-from moegpt.serve.scheduler import Sample, SchedulerConfig, StepCostModel
+from moegpt.serve.scheduler import SchedulerConfig
 from moegpt.serve.sequence import SamplingParams
 
 GREEDY = SamplingParams(temperature=0)
@@ -45,22 +46,22 @@ def step_shapes(
 def _synthetic_input(shape: list[tuple[int, int]], tables: list[BlockTable]) -> ModelInput:
     inp = ModelInput()
     for (past, new), table in zip(shape, tables, strict=True):
-        inp.sequences.append((len(inp.tokens), new, past, table.slots(0, past + new)))
+        inp.sequences.append((len(inp.tokens), new, past, list(table.blocks)))
         inp.tokens += [0] * new
         inp.positions += list(range(past, past + new))
         inp.logits_rows.append(len(inp.tokens) - 1)
     return inp
 
 
-def _run_and_sample(runner: Runner, inp: ModelInput) -> None:
+def _run_and_sample(forward: Forward, inp: ModelInput) -> None:
     """The forward and the batch's draw: what an engine step costs besides its bookkeeping
     (the draw also waits for the device)."""
-    logits = runner.execute(inp)
+    logits = forward(inp)
     sample_batch(logits, [GREEDY] * len(logits), [None] * len(logits))
 
 
 def measure(
-    runner: Runner,
+    forward: Forward,
     allocator: BlockAllocator,
     config: SchedulerConfig,
     max_context: int,
@@ -76,11 +77,11 @@ def measure(
             for (past, new), table in zip(shape, tables, strict=True):
                 table.grow(0, past + new)
             inp = _synthetic_input(shape, tables)
-            _run_and_sample(runner, inp)  # warm-up
+            _run_and_sample(forward, inp)  # warm-up
             best = float("inf")
             for _ in range(repeats):
                 start = time.perf_counter()
-                _run_and_sample(runner, inp)
+                _run_and_sample(forward, inp)
                 best = min(best, time.perf_counter() - start)
         finally:
             for table in tables:
@@ -92,10 +93,10 @@ def measure(
 
 @torch.no_grad()
 def calibrate(
-    runner: Runner,
+    forward: Forward,
     allocator: BlockAllocator,
     config: SchedulerConfig,
     max_context: int,
 ) -> tuple[StepCostModel, list[Sample]]:
-    samples = measure(runner, allocator, config, max_context)
+    samples = measure(forward, allocator, config, max_context)
     return StepCostModel.fit(samples), samples

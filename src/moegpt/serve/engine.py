@@ -1,18 +1,17 @@
 """The engine: requests in, tokens out, one scheduler step at a time.
 
-``Engine.step()`` asks the scheduler for a plan, runs it through the model runner, samples a
-token for every sequence whose chunk reached its end, applies stop conditions and frees
-finished sequences' blocks. ``generate()`` runs a batch to completion; ``AsyncEngine`` (in
-:mod:`moegpt.serve.async_engine`) streams.
+``Engine.step()`` is the step contract (:mod:`moegpt.serve.step`) and nothing else: the
+scheduler plans the step as plain data, the model runner executes it, the scheduler takes in
+what it drew. Its outputs are tokens; an :class:`~moegpt.serve.output.OutputProcessor` turns
+them into text where they are consumed (``generate()`` here; the event loop in
+:class:`~moegpt.serve.async_engine.AsyncEngine`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,45 +26,18 @@ from moegpt.memory import gib, kv_budget_bytes
 from moegpt.model import Transformer
 from moegpt.serve.blocks import BlockAllocator, BlockTable
 from moegpt.serve.calibrate import calibrate
-from moegpt.serve.detokenizer import IncrementalDetokenizer
+from moegpt.serve.lookahead import LookaheadPolicy
+from moegpt.serve.output import OutputProcessor
 from moegpt.serve.paged import bytes_per_token
-from moegpt.serve.runner import ModelInput, Runner, build_runner
-from moegpt.serve.sampler import Sampled, sample_batch, with_logprobs
-from moegpt.serve.scheduler import (
-    Chunk,
-    Plan,
-    Sample,
-    Scheduler,
-    SchedulerConfig,
-    StepCostModel,
-)
-from moegpt.serve.sequence import SamplingParams, Sequence, Status
-from moegpt.serve.speculative import (
-    DraftProposer,
-    NgramProposer,
-    Proposal,
-    Speculator,
-    check_draft,
-)
+from moegpt.serve.runner import Forward, ModelRunner, Proposer, build_forward
+from moegpt.serve.scheduler import Scheduler, SchedulerConfig
+from moegpt.serve.sequence import SamplingParams, Sequence
+from moegpt.serve.speculative import DraftProposer, NgramProposer, check_draft
 from moegpt.serve.stats import EngineStats
-from moegpt.serve.tensor_parallel import TensorParallelRunner
+from moegpt.serve.step import RequestOutput, RunnerOutput, SchedulerOutput
+from moegpt.serve.tensor_parallel import TensorParallelForward
 
-REFIT_EVERY = 32  # steps between refits of the step-time model from measured steps
-
-
-@dataclass
-class RequestOutput:
-    """What one step produced for one sequence of a request."""
-
-    request_id: str
-    index: int
-    token_ids: list[int]
-    text: str = ""
-    logprobs: list[dict] = field(default_factory=list)
-    finished: bool = False
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+__all__ = ["Completion", "Engine", "RequestOutput"]
 
 
 @dataclass
@@ -158,8 +130,8 @@ class Engine:
         draft_bytes = 0 if draft is None else bytes_per_token(draft.config, _dtype(draft))
         blocks, budget = kv_cache_blocks(model, self.config, draft_bytes)
         sized = dataclasses.replace(self.config, num_kv_blocks=blocks)
-        runner = build_runner(model, sized, tp_group, draft_bytes)
-        self.allocator = BlockAllocator(runner.cache.num_blocks, self.config.block_size)
+        forward = build_forward(model, sized, tp_group, draft_bytes)
+        self.allocator = BlockAllocator(forward.cache.num_blocks, self.config.block_size)
         # A sequence must fit the cache alone (else preempting it could never make room).
         capacity = self.allocator.num_blocks * self.config.block_size
         self.max_context = min(model.config.max_seq_len, capacity)
@@ -169,7 +141,11 @@ class Engine:
                 f"cache ({budget}); prompt plus output are capped at {capacity:,} tokens",
                 highlight=False,
             )
-        self.runner: Runner = runner if tp_group is None else TensorParallelRunner(runner, tp_group)
+        self.forward: Forward = (
+            forward if tp_group is None else TensorParallelForward(forward, tp_group)
+        )
+        proposer, lookahead = self._speculation(draft)
+        self.runner = ModelRunner(self.forward, self.device, proposer)
         tpot = self.config.tpot_ms / 1e3 if self.config.tpot_ms else None
         ttft = self.config.ttft_ms / 1e3 if self.config.ttft_ms else None
         self.scheduler = Scheduler(
@@ -177,31 +153,30 @@ class Engine:
                 self.config.max_batch_size, self.config.max_tokens_per_step, tpot, ttft
             ),
             self.allocator,
+            max_context=self.max_context,
+            eos_id=eos_id,
+            lookahead=lookahead,
         )
         self.stats = EngineStats()
-        # Step-time samples: the start-up calibration's span every shape; recent steps track
-        # the machine as it runs. Both feed each refit.
-        self._calibration: list[Sample] = []
-        self._cost_samples: deque[Sample] = deque(maxlen=256)
-        self.speculator = self._speculator(draft)
-        adaptive = self.speculator is not None and self.config.speculation == "adaptive"
+        adaptive = lookahead is not None and self.config.speculation == "adaptive"
         if (tpot or ttft or adaptive) and self.config.calibrate:
-            self.scheduler.cost, self._calibration = calibrate(
-                self.runner, self.allocator, self.scheduler.config, self.max_context
+            self.scheduler.cost, self.scheduler.calibration = calibrate(
+                self.forward, self.allocator, self.scheduler.config, self.max_context
             )
-        self._seq_ids = itertools.count()
-        self._requests: dict[str, list[Sequence]] = {}
+        self._requests: set[str] = set()  # requests with a sequence not yet finished
         self._seed_rng = torch.Generator().manual_seed(0)
 
-    def _speculator(self, draft: Transformer | None) -> Speculator | None:
+    def _speculation(
+        self, draft: Transformer | None
+    ) -> tuple[Proposer | None, LookaheadPolicy | None]:
         config = self.config
         if draft is not None:
             check_draft(self.model, draft)
             proposer = DraftProposer(draft, config, self.allocator.num_blocks)
-            return Speculator(proposer, config, draft.config.max_seq_len)
+            return proposer, LookaheadPolicy(config, draft.config.max_seq_len)
         if config.ngram:
-            return Speculator(NgramProposer(config.ngram_max, config.ngram_min), config)
-        return None
+            return NgramProposer(config.ngram_max, config.ngram_min), LookaheadPolicy(config)
+        return None, None
 
     @classmethod
     def from_folder(
@@ -225,8 +200,8 @@ class Engine:
 
     def close(self) -> None:
         """Release tensor-parallel followers (nothing to do for one process)."""
-        if isinstance(self.runner, TensorParallelRunner):
-            self.runner.close()
+        if isinstance(self.forward, TensorParallelForward):
+            self.forward.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -254,8 +229,21 @@ class Engine:
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._requests:
             raise UserError(f"request_id: {request_id!r} is already running")
-        seq = self._sequence(request_id, 0, ids, params)
-        self._requests[request_id] = [seq]
+        seed = None
+        if not params.greedy:
+            seed = params.seed
+            if seed is None:
+                seed = int(torch.randint(2**62, (), generator=self._seed_rng))
+        seq = Sequence(
+            self.scheduler.new_seq_id(),
+            request_id,
+            0,
+            ids,
+            params,
+            BlockTable(self.allocator),
+            seed,
+        )
+        self._requests.add(request_id)
         self.scheduler.add(seq)
         return request_id
 
@@ -270,251 +258,110 @@ class Engine:
         if any(not 0 <= t < self.model.config.vocab_size for t in ids):
             raise UserError(f"prompt: token ids must be in 0..{self.model.config.vocab_size - 1}")
 
-    def _sequence(
-        self, request_id: str, index: int, prompt: list[int], params: SamplingParams
-    ) -> Sequence:
-        generator = None
-        if not params.greedy:
-            seed = params.seed
-            if seed is None:
-                seed = int(torch.randint(2**62, (), generator=self._seed_rng))
-            generator = torch.Generator(device=self.device).manual_seed(seed + index)
-        return Sequence(
-            next(self._seq_ids),
-            request_id,
-            index,
-            prompt,
-            params,
-            BlockTable(self.allocator),
-            generator,
-            detokenizer=None
-            if self.tokenizer is None
-            else IncrementalDetokenizer(self.tokenizer, params.stop),
-        )
-
     def abort(self, request_id: str) -> None:
         """Cancel a request at any point; its blocks are freed at once."""
         self.scheduler.abort(request_id)
-        self._requests.pop(request_id, None)
+        self._requests.discard(request_id)
+
+    def finish(self, request_id: str, index: int, reason: str = "stop") -> None:
+        """End one sequence of a request (a stop string found in its text)."""
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            if seq.request_id == request_id and seq.index == index:
+                self.scheduler.finish(seq, reason)
+                self._forget_if_done(request_id)
+                return
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
     # -- the step --------------------------------------------------------------------------
-    def _model_input(
-        self, plan: Plan, proposals: dict[int, Proposal]
-    ) -> tuple[ModelInput, list[tuple[Chunk, int]]]:
-        """The step's packed input, and the chunks that reach their sequence's end with how
-        many logits rows each gets (1, or 1 + k to verify k proposed tokens)."""
-        inp = ModelInput(copies=plan.copies)
-        sampling: list[tuple[Chunk, int]] = []
-        for chunk in plan.chunks:
-            seq, end = chunk.seq, chunk.start + chunk.length
-            proposed = proposals[seq.seq_id].tokens if seq.seq_id in proposals else []
-            offset = len(inp.tokens)
-            inp.tokens += seq.tokens[chunk.start : end - len(proposed)] + proposed
-            inp.positions += list(range(chunk.start, end))
-            inp.sequences.append((offset, chunk.length, chunk.start, seq.table.slots(0, end)))
-            if end - len(proposed) == len(seq.tokens):  # reaches the end: tokens can be drawn
-                rows = 1 + len(proposed)
-                inp.logits_rows += range(offset + chunk.length - rows, offset + chunk.length)
-                sampling.append((chunk, rows))
-        return inp, sampling
-
     def step(self) -> list[RequestOutput]:
+        """Schedule, execute, update: the tokens each sampled sequence gained this step."""
         start = time.perf_counter()  # the latency bound covers the whole step
-        spec = self.speculator
-        if spec is not None:
-            spec.plan_lookahead(self.scheduler.running, self.scheduler.cost, self.max_context)
-        plan = self.scheduler.schedule()
-        self.stats.preemptions += len(plan.preempted)
-        if not plan.chunks:
+        scheduled = self.scheduler.schedule()
+        self.stats.preemptions += len(scheduled.preempted)
+        if not scheduled.chunks:
             return []
-        proposals = {}
-        if spec is not None:
-            proposing = time.perf_counter()
-            proposals = spec.propose(plan.chunks, plan.copies)
-            self.stats.propose_seconds += time.perf_counter() - proposing
-        inp, sampling = self._model_input(plan, proposals)
-        logits = self.runner.execute(inp)
-        for chunk in plan.chunks:
-            chunk.seq.computed = chunk.start + chunk.length
-        drawn = self._draw_batch(logits, sampling, proposals)
-        argmax = logits.argmax(dim=-1).tolist() if proposals else []
-        outputs, row = [], 0
-        for chunk, count in sampling:
-            seq, rows, best = chunk.seq, logits[row : row + count], argmax[row : row + count]
-            row += count
-            if seq.seq_id not in proposals:
-                outputs += [self._append(s, [drawn[s.seq_id]]) for s in self._family(seq)]
-                continue
-            assert spec is not None
-            tokens = spec.accept(seq, rows, best, proposals[seq.seq_id], self.stats.spec)
-            # The cache keeps the last token and the accepted proposals; the rest rolls back.
-            seq.computed = chunk.start + len(tokens)
-            seq.table.truncate(len(seq.tokens) + len(tokens))
-            alternatives = seq.params.logprobs
-            verified = [
-                with_logprobs(r, t, alternatives)
-                for r, t in zip(rows[: len(tokens)], tokens, strict=True)
-            ]
-            outputs.append(self._append(seq, verified))
+        prompt_lengths = {s.seq_id: len(s.prompt) for s in self.scheduler.running}
+        result = self.runner.execute(scheduled)
         elapsed = time.perf_counter() - start
-        generated = sum(len(o.token_ids) for o in outputs)
-        self.stats.throughput.add(generated)
-        if spec is not None:
-            spec.observe(plan.chunks, proposals, elapsed, generated)
-        self._account(plan, elapsed)
+        outputs = self.scheduler.update(scheduled, result, elapsed)
+        self._account(scheduled, result, outputs, elapsed, prompt_lengths)
+        for out in outputs:
+            if out.finished:
+                self._forget_if_done(out.request_id)
         return outputs
 
-    def _draw_batch(
-        self, logits: torch.Tensor, sampling: list[tuple[Chunk, int]], proposals: dict
-    ) -> dict[int, Sampled]:
-        """The next token of every sequence that draws one plainly this step (forks of an
-        n > 1 prompt included), by seq_id: one batched draw on the device, one copy back.
-        Sequences verifying proposals draw in the speculator."""
-        rows, family, row = [], [], 0
-        for chunk, count in sampling:
-            if chunk.seq.seq_id not in proposals:
-                for seq in self._family(chunk.seq, fork=True):
-                    rows.append(row)
-                    family.append(seq)
-            row += count
-        if not family:
-            return {}
-        params = [s.params for s in family]
-        drawn = sample_batch(logits[rows], params, [s.generator for s in family])
-        return {s.seq_id: d for s, d in zip(family, drawn, strict=True)}
-
-    def _family(self, seq: Sequence, fork: bool = False) -> list[Sequence]:
-        """``seq``, and after the prompt of an n > 1 request its n - 1 forks (made when
-        ``fork``, found after)."""
-        siblings = self._requests[seq.request_id]
-        if seq.params.n == 1 or seq.output or (len(siblings) > 1 and seq.index != 0):
-            return [seq]
-        if fork and len(siblings) == 1:
-            for i in range(1, seq.params.n):
-                self._fork(seq, i)  # joins ``siblings``
-        return [s for s in siblings if not s.output]
-
-    def _fork(self, parent: Sequence, index: int) -> Sequence:
-        child = self._sequence(parent.request_id, index, parent.prompt, parent.params)
-        child.table = parent.table.fork()
-        child.computed, child.draft_computed = parent.computed, parent.draft_computed
-        child.arrival = parent.arrival
-        self._requests[parent.request_id].append(child)
-        self.scheduler.fork(parent, child)
-        return child
-
-    def _append(self, seq: Sequence, drawn: list[Sampled]) -> RequestOutput:
-        """Append drawn tokens until one ends the sequence; the output to stream."""
-        now = time.perf_counter()
-        if seq.first_token_at is None:
-            seq.first_token_at = now
-            self.stats.ttft_seconds.append(now - seq.arrival)
-            self.stats.ttft_hist.observe(now - seq.arrival)
-        reason = None
-        for token in drawn:
-            reason = self._push(seq, token)
-            if reason is not None:
-                break
-        if reason is not None:
-            if seq.detokenizer is not None:
-                seq.detokenizer.finish(seq.output)
-            self.scheduler.finish(seq, reason)
-            if len(seq.output) > 1:
-                tpot = (now - seq.first_token_at) / (len(seq.output) - 1)
-                self.stats.tpot_seconds.append(tpot)
-                self.stats.tpot_hist.observe(tpot)
-        return self._emit(seq)
-
-    def _push(self, seq: Sequence, drawn: Sampled) -> str | None:
-        """Append one token; the finish reason if it ends the sequence."""
-        params = seq.params
-        if drawn.token in params.stop_token_ids or (
-            drawn.token == self.eos_id and not params.ignore_eos
+    def _forget_if_done(self, request_id: str) -> None:
+        scheduler = self.scheduler
+        if request_id in self._requests and not any(
+            s.request_id == request_id for s in [*scheduler.running, *scheduler.waiting]
         ):
-            return "stop"
-        seq.output.append(drawn.token)
-        if drawn.logprob is not None:
-            seq.logprobs.append({"token": drawn.token, "logprob": drawn.logprob, "top": drawn.top})
-        self.stats.generated_tokens += 1
-        if seq.detokenizer is not None and seq.detokenizer.push(seq.output):
-            return "stop"  # a stop string
-        if len(seq.output) >= params.max_tokens or len(seq.tokens) >= self.max_context:
-            return "length"
-        return None
+            self._requests.discard(request_id)
 
-    def _emit(self, seq: Sequence) -> RequestOutput:
-        """The tokens and text not yet streamed; text that could still become a stop string
-        is held back until the next token decides (the detokenizer holds back incomplete
-        characters)."""
-        finished = seq.status is Status.FINISHED
-        text_end = len(seq.text)
-        if not finished:
-            hold = max((len(s) - 1 for s in seq.params.stop), default=0)
-            text_end = max(len(seq.text) - hold, seq.sent_text)
-        out = RequestOutput(
-            seq.request_id,
-            seq.index,
-            seq.output[seq.sent_tokens :],
-            seq.text[seq.sent_text : text_end],
-            seq.logprobs[seq.sent_tokens :],
-            finished,
-            seq.finish_reason,
-            len(seq.prompt),
-            len(seq.output),
-        )
-        seq.sent_tokens, seq.sent_text = len(seq.output), text_end
-        if finished and all(s.status is Status.FINISHED for s in self._requests[seq.request_id]):
-            del self._requests[seq.request_id]
-        return out
-
-    def _account(self, plan: Plan, elapsed: float) -> None:
+    def _account(
+        self,
+        scheduled: SchedulerOutput,
+        result: RunnerOutput,
+        outputs: list[RequestOutput],
+        elapsed: float,
+        prompt_lengths: dict[int, int],
+    ) -> None:
         stats = self.stats
         stats.steps += 1
         stats.step_seconds.append(elapsed)
         stats.busy_seconds += elapsed
+        stats.propose_seconds += result.propose_seconds
+        for seq_id, proposed in result.proposed.items():
+            stats.spec.record(proposed, len(result.sampled[seq_id]) - 1)
         stats.prompt_tokens += sum(
-            max(min(c.start + c.length, len(c.seq.prompt)) - c.start, 0) for c in plan.chunks
+            max(min(c.start + c.length, prompt_lengths[c.seq_id]) - c.start, 0)
+            for c in scheduled.chunks
         )
-        keys = sum(c.length * (c.start + c.length) for c in plan.chunks)
-        self._cost_samples.append((plan.tokens, keys, len(plan.chunks), elapsed))
+        generated = sum(len(o.token_ids) for o in outputs)
+        stats.generated_tokens += generated
+        stats.throughput.add(generated)
+        for out in outputs:
+            if out.time_to_first_token is not None:
+                stats.ttft_seconds.append(out.time_to_first_token)
+                stats.ttft_hist.observe(out.time_to_first_token)
+            if out.time_per_output_token is not None:
+                stats.tpot_seconds.append(out.time_per_output_token)
+                stats.tpot_hist.observe(out.time_per_output_token)
         target = self.scheduler.config.tpot_s
-        if target is not None:
-            self._adjust_headroom(plan, elapsed, target)
         if target is not None and elapsed > target:
-            if plan.over_bound:
-                stats.bound_misses[plan.over_bound] += 1
-            elif plan.predicted_s is not None and plan.predicted_s <= target:
+            if scheduled.over_bound:
+                stats.bound_misses[scheduled.over_bound] += 1
+            elif scheduled.predicted_s is not None and scheduled.predicted_s <= target:
                 stats.bound_misses["step-time model underestimated"] += 1
             else:
                 stats.bound_misses["no step-time model yet"] += 1
-        if target is not None and stats.steps % REFIT_EVERY == 0 and len(self._cost_samples) > 8:
-            self.scheduler.cost = StepCostModel.fit(self._calibration + list(self._cost_samples))
 
-    def _adjust_headroom(self, plan: Plan, elapsed: float, target: float) -> None:
-        """Plan steps tighter after one the model let run over (5% each), relax slowly
-        (0.5% a step) while steps land under the target."""
-        scheduler = self.scheduler
-        if plan.over_bound or plan.predicted_s is None:
-            return
-        if elapsed > target:
-            scheduler.headroom = max(0.5, scheduler.headroom * 0.95)
-        else:
-            scheduler.headroom = min(1.0, scheduler.headroom * 1.005)
+    def text_step(self, processors: dict[str, OutputProcessor]) -> list[RequestOutput]:
+        """One step with its outputs turned into text by each request's processor, and the
+        sequences a stop string ended finished: for callers on the stepping thread
+        (``generate()``, the CLI). Outputs of requests without a processor are dropped."""
+        outputs = []
+        for raw in self.step():
+            processor = processors.get(raw.request_id)
+            out, stopped = processor.process(raw) if processor else (None, False)
+            if stopped:
+                self.finish(raw.request_id, raw.index)
+            if out is not None:
+                outputs.append(out)
+        return outputs
 
     # -- whole batches ---------------------------------------------------------------------
     def generate(
         self, prompts: list[str] | list[list[int]], params: SamplingParams | None = None
     ) -> list[list[Completion]]:
         """Run ``prompts`` to completion (continuously batched); n completions each."""
+        params = params or SamplingParams()
         ids = [self.add_request(p, params) for p in prompts]
         results: dict[str, dict[int, Completion]] = {i: {} for i in ids}
+        processors = {i: OutputProcessor(self.tokenizer, params.stop) for i in ids}
         while self.has_work():
-            for out in self.step():
-                if out.request_id not in results:
-                    continue
+            for out in self.text_step(processors):
                 done = results[out.request_id].setdefault(out.index, Completion([], "", None))
                 done.token_ids += out.token_ids
                 done.text += out.text

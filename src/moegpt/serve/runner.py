@@ -1,11 +1,17 @@
-"""The model runner: one packed forward over every scheduled chunk, through the paged cache.
+"""The model runner: it executes the scheduler's plain-data steps (:mod:`moegpt.serve.step`).
 
-Its input is plain data (token ids, positions, cache slots), so tensor-parallel followers can
-receive it from rank 0 and run the same forward.
+Two layers. :class:`ModelForward` runs one packed forward over every scheduled chunk through
+the paged cache; its input, :class:`ModelInput`, is plain integers, so tensor-parallel
+followers can receive it from rank 0 and run the same forward. :class:`ModelRunner` keeps
+what running the model needs per sequence (its tokens, sampling generator, draft-cache
+length), proposes speculative tokens, builds each step's :class:`ModelInput`, and turns the
+logits into tokens: one batched draw on the device for plain rows, the acceptance rule for
+verified proposals.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -22,25 +28,35 @@ from moegpt.serve.paged import (
     SequenceSlice,
     bytes_per_token,
 )
+from moegpt.serve.sampler import (
+    Proposal,
+    Sampled,
+    distribution,
+    sample_batch,
+    verify,
+    with_logprobs,
+)
+from moegpt.serve.sequence import SamplingParams
+from moegpt.serve.step import RunnerOutput, SchedulerOutput
 
 
 @dataclass
 class ModelInput:
     tokens: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
-    # per sequence: (offset in the packed batch, new tokens, tokens already cached, all slots)
+    # per sequence: (offset in the packed batch, new tokens, tokens already cached, blocks)
     sequences: list[tuple[int, int, int, list[int]]] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)
     logits_rows: list[int] = field(default_factory=list)  # packed rows to return logits of
 
 
-class Runner(Protocol):
-    """What runs a step's forward: one process's :class:`ModelRunner`, or rank 0's
-    tensor-parallel runner that sends each step to its followers first."""
+class Forward(Protocol):
+    """One packed forward: one process's :class:`ModelForward`, or rank 0's tensor-parallel
+    forward that sends each input to its followers first."""
 
     cache: PagedKVCache
 
-    def execute(self, inp: ModelInput) -> torch.Tensor: ...
+    def __call__(self, inp: ModelInput) -> torch.Tensor: ...
 
 
 # cuDNN attention builds a plan for every new shape and mask, milliseconds of host time per
@@ -48,7 +64,7 @@ class Runner(Protocol):
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-class ModelRunner:
+class ModelForward:
     def __init__(
         self,
         model: Transformer,
@@ -62,7 +78,7 @@ class ModelRunner:
         self.batch_invariant = batch_invariant
 
     @torch.inference_mode()
-    def execute(self, inp: ModelInput) -> torch.Tensor:
+    def __call__(self, inp: ModelInput) -> torch.Tensor:
         """Logits (len(logits_rows), vocab) in fp32."""
         self.cache.copy_blocks(inp.copies)
         if not inp.tokens:
@@ -72,7 +88,9 @@ class ModelRunner:
         new_slots: list[int] = []
         singles: list[SequenceSlice] = []
         decodes: list[list[int]] = [[], [], []]  # rows, starts, lengths
-        for offset, new, past, seq_slots in inp.sequences:
+        size = self.cache.block_size
+        for offset, new, past, blocks in inp.sequences:
+            seq_slots = [blocks[i // size] * size + i % size for i in range(past + new)]
             if padded and new == 1:
                 for column, value in zip(decodes, (offset, len(slots), past + 1), strict=True):
                     column.append(value)
@@ -111,12 +129,12 @@ def default_num_blocks(
     return config.max_batch_size * per_sequence
 
 
-def build_runner(
+def build_forward(
     model: Transformer,
     config: ServeConfig,
     tp_group: dist.ProcessGroup | None = None,
     extra_token_bytes: int = 0,
-) -> ModelRunner:
+) -> ModelForward:
     """A runner over a new paged cache of ``config.num_kv_blocks`` blocks (or as many as fit);
     tensor-parallel ranks agree on the smallest count."""
     device = next(model.parameters()).device
@@ -131,4 +149,135 @@ def build_runner(
     mode = config.decode_attention
     if mode == "auto":
         mode = "padded" if device.type == "cuda" else "per_sequence"
-    return ModelRunner(model, cache, device, batch_invariant=mode == "per_sequence")
+    return ModelForward(model, cache, device, batch_invariant=mode == "per_sequence")
+
+
+class Proposer(Protocol):
+    """Guesses the next tokens of sequences (:mod:`moegpt.serve.speculative`)."""
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None: ...
+
+    def propose(self, requests: list[tuple[RunnerSequence, int]]) -> list[Proposal]: ...
+
+
+@dataclass
+class RunnerSequence:
+    """The runner's own record of a sequence: its tokens (the prompt and every token the
+    runner drew for it), how it samples, and what the draft model has cached."""
+
+    tokens: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    blocks: tuple[int, ...] = ()
+    draft_computed: int = 0
+
+
+class ModelRunner:
+    """Executes :class:`SchedulerOutput` steps on one model (this rank's shard under tensor
+    parallelism) and returns what they drew."""
+
+    def __init__(
+        self, forward: Forward, device: torch.device, proposer: Proposer | None = None
+    ) -> None:
+        self.forward = forward
+        self.cache = forward.cache
+        self.device = device
+        self.proposer = proposer
+        self.sequences: dict[int, RunnerSequence] = {}
+
+    def _take_in(self, out: SchedulerOutput) -> None:
+        for seq_id in out.finished:
+            self.sequences.pop(seq_id, None)
+        for new in out.new:
+            tokens = list(new.prompt)
+            if new.parent is not None:
+                tokens = list(self.sequences[new.parent].tokens)
+            generator = None
+            if new.seed is not None:
+                generator = torch.Generator(device=self.device).manual_seed(new.seed)
+            self.sequences[new.seq_id] = RunnerSequence(tokens, new.params, generator)
+        for chunk in out.chunks:
+            seq = self.sequences[chunk.seq_id]
+            seq.blocks = chunk.blocks
+            # a preempted sequence recomputes from ``start``: so does its draft cache
+            seq.draft_computed = min(seq.draft_computed, chunk.start)
+
+    def _propose(self, out: SchedulerOutput, result: RunnerOutput) -> dict[int, Proposal]:
+        if self.proposer is None:
+            return {}
+        self.proposer.copy_blocks(out.copies)
+        wanted = [(c.seq_id, c.lookahead) for c in out.chunks if c.lookahead]
+        if not wanted:
+            return {}
+        start = time.perf_counter()
+        proposals = self.proposer.propose([(self.sequences[i], k) for i, k in wanted])
+        result.propose_seconds = time.perf_counter() - start
+        found = {i: p for (i, _), p in zip(wanted, proposals, strict=True) if p.tokens}
+        result.proposed = {i: len(p.tokens) for i, p in found.items()}
+        return found
+
+    def _model_input(
+        self, out: SchedulerOutput, proposals: dict[int, Proposal]
+    ) -> tuple[ModelInput, dict[int, tuple[int, int]]]:
+        """The packed forward input, and for each sampling chunk its (first logits row,
+        rows): 1, or 1 + k to verify k proposed tokens; a fork shares its parent's row."""
+        inp = ModelInput(copies=out.copies)
+        rows: dict[int, tuple[int, int]] = {}
+        parents = {n.seq_id: n.parent for n in out.new if n.parent is not None}
+        for chunk in out.chunks:
+            if chunk.seq_id in parents:
+                rows[chunk.seq_id] = rows[parents[chunk.seq_id]]
+                continue
+            seq = self.sequences[chunk.seq_id]
+            proposed = proposals[chunk.seq_id].tokens if chunk.seq_id in proposals else []
+            end = chunk.start + chunk.length
+            offset = len(inp.tokens)
+            inp.tokens += seq.tokens[chunk.start : end] + proposed
+            inp.positions += range(chunk.start, end + len(proposed))
+            new = chunk.length + len(proposed)
+            inp.sequences.append((offset, new, chunk.start, list(chunk.blocks)))
+            if chunk.sample:
+                rows[chunk.seq_id] = (len(inp.logits_rows), 1 + len(proposed))
+                inp.logits_rows += range(offset + new - 1 - len(proposed), offset + new)
+        return inp, rows
+
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        self._take_in(out)
+        result = RunnerOutput()
+        proposals = self._propose(out, result)
+        inp, rows = self._model_input(out, proposals)
+        result.tokens_run = len(inp.tokens)
+        logits = self.forward(inp)
+        plain = [sid for sid in rows if sid not in proposals]
+        if plain:
+            seqs = [self.sequences[sid] for sid in plain]
+            drawn = sample_batch(
+                logits[[rows[sid][0] for sid in plain]],
+                [s.params for s in seqs],
+                [s.generator for s in seqs],
+            )
+            result.sampled = {sid: [d] for sid, d in zip(plain, drawn, strict=True)}
+        start = time.perf_counter()
+        for sid, proposal in proposals.items():
+            first, count = rows[sid]
+            result.sampled[sid] = self._verify(sid, logits[first : first + count], proposal)
+        result.verify_seconds = time.perf_counter() - start
+        for sid, drawn in result.sampled.items():
+            self.sequences[sid].tokens += [d.token for d in drawn]
+        return result
+
+    def _verify(self, seq_id: int, rows: torch.Tensor, proposal: Proposal) -> list[Sampled]:
+        """The tokens a sequence keeps of ``proposal`` (k tokens) against the target's
+        ``rows`` (k + 1, vocab), plus the corrected or bonus token; the draft cache rolls
+        back to what was accepted."""
+        seq = self.sequences[seq_id]
+        params = seq.params
+        target = None if params.greedy else torch.stack([distribution(r, params) for r in rows])
+        argmax = rows.argmax(dim=-1).tolist()
+        tokens, accepted = verify(target, argmax, proposal, seq.generator)
+        # The draft cached the proposals before the last; keep what the target accepted.
+        seq.draft_computed = min(seq.draft_computed, len(seq.tokens) + accepted)
+        return [
+            with_logprobs(r, t, params.logprobs)
+            for r, t in zip(rows[: len(tokens)], tokens, strict=True)
+        ]

@@ -64,6 +64,10 @@ class Sampled:
     logprob: float | None = None
     top: list[tuple[int, float]] | None = None  # most likely alternatives
 
+    def as_dict(self) -> dict:
+        """The log-probability record a response carries."""
+        return {"token": self.token, "logprob": self.logprob, "top": self.top}
+
 
 def with_logprobs(logits: torch.Tensor, token: int, alternatives: int | None) -> Sampled:
     """``token`` with its log-probability under the raw model distribution and the
@@ -121,3 +125,55 @@ def sample_batch(
         pairs = [(int(t), v) for t, v in zip(indices[:k], values[:k], strict=True)]
         out.append(Sampled(token, row[1], pairs))
     return out
+
+
+@dataclass
+class Proposal:
+    tokens: list[int]
+    # (len(tokens), vocab) distributions the tokens were drawn from; None: point masses
+    probs: torch.Tensor | None = None
+
+
+def verify(
+    target: torch.Tensor | None,
+    argmax: list[int],
+    proposal: Proposal,
+    generator: torch.Generator | None,
+) -> tuple[list[int], int]:
+    """Tokens to append and how many proposed ones were accepted.
+
+    ``target`` (k + 1, vocab) holds the target's sampling distributions q at the k proposed
+    positions and one past them. Proposed token x at position i is accepted with probability
+    min(1, q(x) / p(x)); at the first rejection a token is drawn from the normalised residual
+    max(0, q - p) and the rest is discarded; if all k pass, a bonus token is drawn from the
+    last row. ``target`` None is greedy: the target's ``argmax`` tokens are accepted exactly.
+    """
+    out: list[int] = []
+    for i, token in enumerate(proposal.tokens):
+        if target is None:
+            if token != argmax[i]:
+                return [*out, argmax[i]], i
+            out.append(token)
+            continue
+        q = target[i]
+        p = proposal.probs[i] if proposal.probs is not None else _point(q, token)
+        u = float(torch.rand((), generator=generator, device=q.device))
+        if u * float(p[token]) < float(q[token]):
+            out.append(token)
+            continue
+        residual = (q - p).clamp(min=0.0)
+        if float(residual.sum()) <= 0.0:  # q == p up to rounding: nothing to correct
+            residual = q
+        drawn = torch.multinomial(residual / residual.sum(), 1, generator=generator)
+        return [*out, int(drawn)], i
+    k = len(proposal.tokens)
+    bonus = (
+        argmax[k] if target is None else int(torch.multinomial(target[k], 1, generator=generator))
+    )
+    return [*out, bonus], k
+
+
+def _point(like: torch.Tensor, token: int) -> torch.Tensor:
+    p = torch.zeros_like(like)
+    p[token] = 1.0
+    return p

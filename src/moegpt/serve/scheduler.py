@@ -1,6 +1,9 @@
 """Iteration-level continuous batching (pure Python; unit-tested without a model).
 
-Every step the scheduler picks which sequences run and how many tokens each: running
+Every step the scheduler picks which sequences run and how many tokens each (``schedule()``
+returns a plain :class:`~moegpt.serve.step.SchedulerOutput`), and after the runner ran it,
+takes in what came out (``update()``): computed tokens, appended tokens, speculative
+rollback, finishing. It owns every sequence's state; nothing else changes it. Running
 sequences first in arrival order (decodes take one token, unfinished prefills a chunk), then
 waiting ones while the step has room. A step is bounded by ``max_batch_size`` sequences,
 ``max_tokens_per_step`` tokens, free KV blocks and, with a time-per-output-token target, by a
@@ -12,54 +15,26 @@ when it runs again) rather than failing anything.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-
-import numpy as np
+from dataclasses import dataclass
 
 from moegpt.serve.blocks import BlockAllocator
+from moegpt.serve.cost import Sample, StepCostModel
+from moegpt.serve.lookahead import LookaheadPolicy, record_acceptance
+from moegpt.serve.sampler import Sampled
 from moegpt.serve.sequence import Sequence, Status
+from moegpt.serve.step import (
+    NewSequence,
+    RequestOutput,
+    RunnerOutput,
+    ScheduledChunk,
+    SchedulerOutput,
+)
 
-# One measured step: (tokens, attention keys, sequences, seconds).
-Sample = tuple[int, int, int, float]
-
-
-@dataclass
-class StepCostModel:
-    """Predicted step seconds = base + per_token x tokens + per_key x attention keys read
-    (sum over sequences of new tokens x their context) + per_sequence x sequences (the
-    per-sequence attention calls and bookkeeping)."""
-
-    base: float
-    per_token: float
-    per_key: float
-    per_sequence: float = 0.0
-
-    def predict(self, tokens: int, keys: int, sequences: int) -> float:
-        return (
-            self.base
-            + self.per_token * tokens
-            + self.per_key * keys
-            + self.per_sequence * sequences
-        )
-
-    @classmethod
-    def fit(cls, samples: list[Sample]) -> StepCostModel:
-        """Non-negative least squares over measured steps (a coefficient that comes out
-        negative is dropped and the rest refitted)."""
-        a = np.array([[1.0, t, k, n] for t, k, n, _ in samples])
-        y = np.array([s for *_, s in samples])
-        active = list(range(4))
-        coef = np.zeros(4)
-        while active:
-            solution = np.linalg.lstsq(a[:, active], y, rcond=None)[0]
-            if (solution >= 0).all():
-                coef[active] = solution
-                break
-            active.pop(int(np.argmin(solution)))
-        return cls(*map(float, coef))
+REFIT_EVERY = 32  # steps between refits of the step-time model from measured steps
 
 
 @dataclass(frozen=True)
@@ -68,29 +43,6 @@ class SchedulerConfig:
     max_tokens_per_step: int = 2048
     tpot_s: float | None = None  # time-per-output-token target (the step time of a decode)
     ttft_s: float | None = None  # time-to-first-token target: late prompts jump the bound
-
-
-@dataclass
-class Chunk:
-    """Run tokens ``start .. start + length`` of ``seq`` this step."""
-
-    seq: Sequence
-    start: int
-    length: int
-
-
-@dataclass
-class Plan:
-    chunks: list[Chunk] = field(default_factory=list)
-    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write blocks
-    preempted: list[Sequence] = field(default_factory=list)
-    predicted_s: float | None = None
-    limited_by: str | None = None  # what stopped the step from growing
-    over_bound: str | None = None  # why the step is predicted to exceed the latency target
-
-    @property
-    def tokens(self) -> int:
-        return sum(c.length for c in self.chunks)
 
 
 def _keys(start: int, length: int) -> int:
@@ -104,6 +56,9 @@ class Scheduler:
         allocator: BlockAllocator,
         cost: StepCostModel | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        max_context: int | None = None,
+        eos_id: int | None = None,
+        lookahead: LookaheadPolicy | None = None,
     ) -> None:
         self.config = config
         self.allocator = allocator
@@ -112,10 +67,23 @@ class Scheduler:
         # model's errors would otherwise push about half the full-size steps over the target.
         self.headroom = 1.0
         self.clock = clock
+        self.max_context = max_context
+        self.eos_id = eos_id
+        self.lookahead = lookahead
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self._gone: list[int] = []  # finished since the last step: the runner forgets them
+        self._seq_ids = itertools.count()  # forks get theirs here too: ids never collide
+        # Step-time samples: the start-up calibration's span every shape; recent steps track
+        # the machine as it runs. Both feed each refit.
+        self.calibration: list[Sample] = []
+        self._cost_samples: deque[Sample] = deque(maxlen=256)
+        self._steps = 0
 
     # -- bookkeeping ---------------------------------------------------------------------
+    def new_seq_id(self) -> int:
+        return next(self._seq_ids)
+
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
@@ -124,12 +92,16 @@ class Scheduler:
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Free a sequence's blocks; it leaves the running (or waiting) set."""
+        if seq.status is Status.FINISHED:
+            return
         seq.table.free()
         seq.status, seq.finish_reason = Status.FINISHED, reason
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        if seq.announced:
+            self._gone.append(seq.seq_id)
 
     def abort(self, request_id: str) -> list[Sequence]:
         """Cancel every sequence of a request, wherever it is."""
@@ -138,29 +110,41 @@ class Scheduler:
             self.finish(seq, "abort")
         return gone
 
-    def fork(self, parent: Sequence, child: Sequence) -> None:
-        """Run ``child`` (sharing ``parent``'s blocks) right after its parent."""
-        child.status = Status.RUNNING
-        self.running.insert(self.running.index(parent) + 1, child)
+    def _fork(self, parent: Sequence, index: int) -> Sequence:
+        """Sample ``index`` of an n > 1 request: shares ``parent``'s blocks, runs right after
+        it, and draws its first token from the parent's last row."""
+        child = Sequence(
+            self.new_seq_id(),
+            parent.request_id,
+            index,
+            parent.prompt,
+            parent.params,
+            parent.table.fork(),
+            seed=None if parent.seed is None else parent.seed + index,
+            arrival=parent.arrival,
+            status=Status.RUNNING,
+        )
+        self.running.insert(self.running.index(parent) + index, child)
+        return child
 
     def _preempt(self, seq: Sequence) -> None:
         seq.table.free()
-        seq.computed = seq.draft_computed = 0
+        seq.computed = 0
         seq.status = Status.WAITING
         self.running.remove(seq)
         self.waiting.appendleft(seq)  # first to come back
 
     # -- the step ------------------------------------------------------------------------
-    def _fit_latency(self, plan: Plan, keys: int, seq: Sequence, n: int) -> int:
+    def _fit_latency(self, out: SchedulerOutput, keys: int, seq: Sequence, n: int) -> int:
         """The most of ``n`` tokens of ``seq`` the latency target allows this step."""
         target, cost = self.config.tpot_s, self.cost
         if target is None or cost is None:
             return n
         target *= self.headroom
-        sequences = len(plan.chunks) + 1
+        sequences = len(out.chunks) + 1
         while (
             n > 0
-            and cost.predict(plan.tokens + n, keys + _keys(seq.computed, n), sequences) > target
+            and cost.predict(out.tokens + n, keys + _keys(seq.computed, n), sequences) > target
         ):
             n = n // 2 if n > 1 else 0
         return n
@@ -173,35 +157,68 @@ class Scheduler:
             and (self.clock() - seq.arrival > ttft / 2)
         )
 
-    def _take(self, plan: Plan, keys: int, seq: Sequence) -> int:
+    def _take(self, out: SchedulerOutput, keys: int, seq: Sequence, lookahead: int) -> int:
         """Tokens ``seq`` may run this step (0: the step is full); records why not."""
-        if len(plan.chunks) >= self.config.max_batch_size:
-            plan.limited_by = "batch size"
+        if len(out.chunks) >= self.config.max_batch_size:
+            out.limited_by = "batch size"
             return 0
-        room = self.config.max_tokens_per_step - plan.tokens
+        room = self.config.max_tokens_per_step - out.tokens
         # A decode may also verify the tokens proposed for it (speculative decoding); they
         # are the first thing the token budget and the latency bound cut.
-        n = min(seq.pending + (seq.lookahead if seq.pending == 1 else 0), room)
+        n = min(seq.pending + (lookahead if seq.pending == 1 else 0), room)
         if n <= 0:
-            plan.limited_by = "token budget"
+            out.limited_by = "token budget"
             return 0
-        fitted = self._fit_latency(plan, keys, seq, n)
+        fitted = self._fit_latency(out, keys, seq, n)
         if fitted == 0:
-            if plan.chunks and not self._late(seq):
-                plan.limited_by = "latency bound"
+            if out.chunks and not self._late(seq):
+                out.limited_by = "latency bound"
                 return 0
             # progress first: a step always runs something, and a late prompt is admitted
-            plan.over_bound = "time-to-first-token" if plan.chunks else "one token exceeds it"
+            out.over_bound = "time-to-first-token" if out.chunks else "one token exceeds it"
             fitted = 1
         return fitted
 
-    def schedule(self) -> Plan:
-        plan = Plan()
+    def _place(self, out: SchedulerOutput, seq: Sequence, n: int) -> None:
+        """Grow ``seq``'s table for ``n`` tokens (speculative ones past its pending tokens
+        included) and add its chunk, and the forks of an n > 1 prompt that ends here."""
+        out.copies += seq.table.grow(seq.computed, seq.computed + n)
+        length = min(n, seq.pending)
+        sample = seq.computed + length == len(seq.tokens)
+        self._announce(out, seq)
+        out.chunks.append(
+            ScheduledChunk(
+                seq.seq_id, seq.computed, length, tuple(seq.table.blocks), sample, n - length
+            )
+        )
+        if sample and seq.params.n > 1 and not seq.output and seq.index == 0:
+            end = seq.computed + length
+            for index in range(1, seq.params.n):
+                child = self._fork(seq, index)
+                self._announce(out, child, parent=seq.seq_id)
+                out.chunks.append(
+                    ScheduledChunk(child.seq_id, end, 0, tuple(child.table.blocks), True)
+                )
+
+    def _announce(self, out: SchedulerOutput, seq: Sequence, parent: int | None = None) -> None:
+        if not seq.announced:
+            seq.announced = True
+            out.new.append(NewSequence(seq.seq_id, tuple(seq.prompt), seq.params, seq.seed, parent))
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        wanted = {}
+        if self.lookahead is not None:
+            context = self.max_context or float("inf")
+            wanted = self.lookahead.plan(self.running, self.cost, context)
         keys = 0
         index = 0
         while index < len(self.running):
             seq = self.running[index]
-            n = self._take(plan, keys, seq)
+            if seq.seq_id in {c.seq_id for c in out.chunks}:  # a fork placed with its parent
+                index += 1
+                continue
+            n = self._take(out, keys, seq, wanted.get(seq.seq_id, 0))
             if n == 0:
                 break
             needed = seq.table.extra_blocks(seq.computed, seq.computed + n)
@@ -211,27 +228,131 @@ class Scheduler:
             while needed > self.allocator.free and seq.status is Status.RUNNING:
                 victim = self.running[-1]
                 self._preempt(victim)
-                plan.preempted.append(victim)
+                out.preempted.append(victim.seq_id)
             if seq.status is not Status.RUNNING:  # it was the newest: preempted itself
                 break
-            plan.copies += seq.table.grow(seq.computed, seq.computed + n)
-            plan.chunks.append(Chunk(seq, seq.computed, n))
             keys += _keys(seq.computed, n)
+            self._place(out, seq, n)
             index += 1
-        while self.waiting and not plan.preempted:
+        while self.waiting and not out.preempted:
             seq = self.waiting[0]
-            n = self._take(plan, keys, seq)
+            n = self._take(out, keys, seq, 0)
             if n == 0:
                 break
             if seq.table.extra_blocks(seq.computed, seq.computed + n) > self.allocator.free:
-                plan.limited_by = "kv blocks"
+                out.limited_by = "kv blocks"
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
-            plan.copies += seq.table.grow(seq.computed, seq.computed + n)
-            plan.chunks.append(Chunk(seq, seq.computed, n))
             keys += _keys(seq.computed, n)
+            self._place(out, seq, n)
         if self.cost is not None:
-            plan.predicted_s = self.cost.predict(plan.tokens, keys, len(plan.chunks))
-        return plan
+            out.predicted_s = self.cost.predict(out.tokens, keys, len(out.chunks))
+        out.finished, self._gone = self._gone, []
+        return out
+
+    # -- what came out -------------------------------------------------------------------
+    def update(
+        self, out: SchedulerOutput, result: RunnerOutput, seconds: float | None = None
+    ) -> list[RequestOutput]:
+        """Take in a step's results: computed tokens, drawn tokens (stops applied, rejected
+        speculative room given back), finished sequences' blocks freed. ``seconds``, the
+        step's measured time, trains the step-time model. Returns what each sampled
+        sequence gained."""
+        by_id = {s.seq_id: s for s in self.running}
+        outputs = []
+        now = self.clock()
+        for chunk in out.chunks:
+            seq = by_id.get(chunk.seq_id)
+            if seq is None:  # finished or preempted while the step ran
+                continue
+            drawn = result.sampled.get(chunk.seq_id)
+            if drawn is None:  # a prefill chunk short of the prompt's end
+                seq.computed = chunk.start + chunk.length
+                continue
+            # The cache keeps the chunk and the accepted proposals; the bonus token is next.
+            seq.computed = chunk.start + chunk.length + len(drawn) - 1
+            proposed = result.proposed.get(chunk.seq_id, 0)
+            if proposed:
+                record_acceptance(seq, proposed, len(drawn) - 1)
+            outputs.append(self._append(seq, drawn, now))
+        if seconds is not None:
+            self._learn(out, result, seconds)
+        return outputs
+
+    def _append(self, seq: Sequence, drawn: list[Sampled], now: float) -> RequestOutput:
+        """Append drawn tokens until one ends the sequence."""
+        first = seq.first_token_at is None
+        if first:
+            seq.first_token_at = now
+        appended: list[Sampled] = []
+        reason = None
+        for sampled in drawn:
+            reason = self._stop_reason(seq, sampled.token)
+            if reason == "stop":
+                break
+            seq.output.append(sampled.token)
+            appended.append(sampled)
+            if reason is not None:
+                break
+        tpot = None
+        if reason is not None:
+            self.finish(seq, reason)
+            if len(seq.output) > 1:
+                tpot = (now - seq.first_token_at) / (len(seq.output) - 1)
+        else:
+            seq.table.truncate(len(seq.tokens))  # room of rejected proposals goes back
+        return RequestOutput(
+            seq.request_id,
+            seq.index,
+            [s.token for s in appended],
+            logprobs=[s.as_dict() for s in appended if s.logprob is not None],
+            finished=reason is not None,
+            finish_reason=reason,
+            prompt_tokens=len(seq.prompt),
+            completion_tokens=len(seq.output),
+            time_to_first_token=now - seq.arrival if first else None,
+            time_per_output_token=tpot,
+        )
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        """Why ``token`` ends ``seq``: "stop" (an end token, not appended), "length" (the
+        last token that fits, appended), or None."""
+        params = seq.params
+        if token in params.stop_token_ids or (token == self.eos_id and not params.ignore_eos):
+            return "stop"
+        if len(seq.output) + 1 >= params.max_tokens:
+            return "length"
+        if self.max_context is not None and len(seq.tokens) + 1 >= self.max_context:
+            return "length"
+        return None
+
+    def _learn(self, out: SchedulerOutput, result: RunnerOutput, seconds: float) -> None:
+        """Train the step-time model, the latency headroom and the lookahead policy on a
+        measured step."""
+        self._steps += 1
+        self._cost_samples.append((result.tokens_run, out.keys, len(out.chunks), seconds))
+        target = self.config.tpot_s
+        if target is not None:
+            self._adjust_headroom(out, seconds, target)
+            if self._steps % REFIT_EVERY == 0 and len(self._cost_samples) > 8:
+                self.cost = StepCostModel.fit(self.calibration + list(self._cost_samples))
+        if self.lookahead is not None:
+            generated = sum(len(t) for t in result.sampled.values())
+            proposed = sum(result.proposed.values())
+            self.lookahead.learn(
+                proposed, len(result.proposed), result.propose_seconds, result.verify_seconds
+            )
+            decode_only = all(c.length == 1 and c.sample for c in out.chunks)
+            self.lookahead.observe(decode_only, len(out.chunks), proposed > 0, seconds, generated)
+
+    def _adjust_headroom(self, out: SchedulerOutput, elapsed: float, target: float) -> None:
+        """Plan steps tighter after one the model let run over (5% each), relax slowly
+        (0.5% a step) while steps land under the target."""
+        if out.over_bound or out.predicted_s is None:
+            return
+        if elapsed > target:
+            self.headroom = max(0.5, self.headroom * 0.95)
+        else:
+            self.headroom = min(1.0, self.headroom * 1.005)

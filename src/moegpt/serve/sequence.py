@@ -7,11 +7,8 @@ import math
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from moegpt.errors import UserError
 from moegpt.serve.blocks import BlockTable
-from moegpt.serve.detokenizer import IncrementalDetokenizer
 
 SEED_LIMIT = 2**63 - 1024
 
@@ -73,7 +70,8 @@ class Status(enum.Enum):
 
 @dataclass
 class Sequence:
-    """One stream of tokens: a prompt and what was generated after it."""
+    """One stream of tokens: a prompt and what was generated after it. The scheduler owns
+    it: only the scheduler changes it (see :mod:`moegpt.serve.step`)."""
 
     seq_id: int
     request_id: str
@@ -81,12 +79,9 @@ class Sequence:
     prompt: list[int]
     params: SamplingParams
     table: BlockTable
-    generator: torch.Generator | None = None
+    seed: int | None = None  # its sampling generator's seed (None: greedy)
     output: list[int] = field(default_factory=list)
-    logprobs: list[dict] = field(default_factory=list)
     computed: int = 0  # tokens whose keys and values are in the cache
-    draft_computed: int = 0  # the same in the draft model's cache
-    lookahead: int = 0  # tokens the engine wants to propose for this sequence this step
     # decayed counts of proposed tokens tested and accepted: the acceptance-rate estimate
     spec_tested: float = 0.0
     spec_accepted: float = 0.0
@@ -94,14 +89,7 @@ class Sequence:
     finish_reason: str | None = None
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
-    detokenizer: IncrementalDetokenizer | None = None  # when the engine has a tokenizer
-    sent_text: int = 0  # characters already streamed
-    sent_tokens: int = 0
-
-    @property
-    def text(self) -> str:
-        """The output as text so far (empty without a tokenizer)."""
-        return self.detokenizer.text if self.detokenizer is not None else ""
+    announced: bool = False  # the runner has been told of it
 
     @property
     def tokens(self) -> list[int]:

@@ -1,11 +1,13 @@
 """Tensor-parallel serving: one process per device under torchrun, the model split with the
 training code's tensor-parallel plan.
 
-Rank 0 runs the whole engine (scheduler, block manager, sampler); every step it broadcasts the
-step's :class:`ModelInput` (flattened to one integer tensor, no pickles) to the other ranks,
-and all ranks run the same forward, whose collectives join their shards. The followers keep
-their own paged cache of their K/V heads (all of them, with multi-query attention) at the
-slots rank 0 assigns, and never look at the logits. ``close()`` on rank 0 releases them.
+Rank 0 runs the whole engine (scheduler, block manager, runner state, sampler); every forward
+it broadcasts the step's :class:`ModelInput` (the scheduler's step resolved to token ids,
+positions and block tables, flattened to one integer tensor: no Python objects cross ranks)
+to the other ranks, and all ranks run the same forward, whose collectives join their shards.
+The followers keep their own paged cache of their K/V heads (all of them, with multi-query
+attention) at the slots rank 0 assigns, and never look at the logits. ``close()`` on rank 0
+releases them.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from moegpt.parallel.mesh import (
     launched_by_torchrun,
 )
 from moegpt.parallel.tensor import apply_tensor_parallel
-from moegpt.serve.runner import ModelInput, ModelRunner
+from moegpt.serve.runner import ModelForward, ModelInput
 
 _STOP = -1  # a length that tells followers to leave their loop
 
@@ -35,8 +37,8 @@ def pack(inp: ModelInput) -> torch.Tensor:
     """``inp`` as one int64 tensor: four counts, then each field."""
     flat = [len(inp.tokens), len(inp.sequences), len(inp.copies), len(inp.logits_rows)]
     flat += inp.tokens + inp.positions
-    for offset, new, past, slots in inp.sequences:
-        flat += [offset, new, past, len(slots), *slots]
+    for offset, new, past, blocks in inp.sequences:
+        flat += [offset, new, past, len(blocks), *blocks]
     for source, dest in inp.copies:
         flat += [source, dest]
     flat += inp.logits_rows
@@ -51,46 +53,46 @@ def unpack(packed: torch.Tensor) -> ModelInput:
     at += 2 * n_tokens
     sequences = []
     for _ in range(n_seqs):
-        offset, new, past, n_slots = flat[at : at + 4]
-        sequences.append((offset, new, past, flat[at + 4 : at + 4 + n_slots]))
-        at += 4 + n_slots
+        offset, new, past, n_blocks = flat[at : at + 4]
+        sequences.append((offset, new, past, flat[at + 4 : at + 4 + n_blocks]))
+        at += 4 + n_blocks
     copies = [(flat[at + 2 * i], flat[at + 2 * i + 1]) for i in range(n_copies)]
     at += 2 * n_copies
     return ModelInput(tokens, positions, sequences, copies, flat[at : at + n_rows])
 
 
-class TensorParallelRunner:
-    """Rank 0's runner: sends each step to the followers, then runs its own shard."""
+class TensorParallelForward:
+    """Rank 0's forward: sends each input to the followers, then runs its own shard."""
 
-    def __init__(self, runner: ModelRunner, group: dist.ProcessGroup) -> None:
-        self.runner = runner
-        self.cache = runner.cache
+    def __init__(self, forward: ModelForward, group: dist.ProcessGroup) -> None:
+        self.forward = forward
+        self.cache = forward.cache
         self.group = group
         self._closed = False
 
     def _send(self, packed: torch.Tensor) -> None:
-        device = self.runner.device
+        device = self.forward.device
         length = torch.tensor([packed.numel()], dtype=torch.int64, device=device)
         dist.broadcast(length, group_src=0, group=self.group)
         if packed.numel():
             dist.broadcast(packed.to(device), group_src=0, group=self.group)
 
-    def execute(self, inp: ModelInput) -> torch.Tensor:
+    def __call__(self, inp: ModelInput) -> torch.Tensor:
         self._send(pack(inp))
-        return self.runner.execute(inp)
+        return self.forward(inp)
 
     def close(self) -> None:
         """Release the followers (once)."""
         if not self._closed:
             self._closed = True
-            length = torch.tensor([_STOP], dtype=torch.int64, device=self.runner.device)
+            length = torch.tensor([_STOP], dtype=torch.int64, device=self.forward.device)
             dist.broadcast(length, group_src=0, group=self.group)
             dist.barrier(group=self.group)  # nobody tears the group down while a peer reads
 
 
-def follow(runner: ModelRunner, group: dist.ProcessGroup) -> int:
+def follow(forward: ModelForward, group: dist.ProcessGroup) -> int:
     """A follower's loop: run every step rank 0 sends until it closes; returns the steps run."""
-    device = runner.device
+    device = forward.device
     steps = 0
     while True:
         length = torch.empty(1, dtype=torch.int64, device=device)
@@ -100,7 +102,7 @@ def follow(runner: ModelRunner, group: dist.ProcessGroup) -> int:
             return steps
         packed = torch.empty(int(length), dtype=torch.int64, device=device)
         dist.broadcast(packed, group_src=0, group=group)
-        runner.execute(unpack(packed.cpu()))
+        forward(unpack(packed.cpu()))
         steps += 1
 
 

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from moegpt.config import ServeConfig
 from moegpt.parallel.mesh import local_device
 from moegpt.serve.engine import Engine, folder_tokenizer, load_draft
-from moegpt.serve.runner import build_runner
+from moegpt.serve.runner import build_forward
 from moegpt.serve.tensor_parallel import follow, load_sharded
 
 
@@ -24,5 +24,5 @@ def open_tensor_parallel(
         tokenizer, eos_id = folder_tokenizer(path)
         draft = load_draft(path, config, model)
         return Engine(model, tokenizer, config, eos_id, tp_group=group, draft=draft)
-    follow(build_runner(model, config, group), group)
+    follow(build_forward(model, config, group), group)
     return None
