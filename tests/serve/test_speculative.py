@@ -14,9 +14,9 @@ from moegpt.config import ServeConfig
 from moegpt.errors import UserError
 from moegpt.model import KVCache, Transformer
 from moegpt.serve.engine import Engine
-from moegpt.serve.sequence import SamplingParams
 from moegpt.serve.lookahead import SpeculationGate
 from moegpt.serve.sampler import Proposal, verify
+from moegpt.serve.sequence import SamplingParams
 from moegpt.serve.speculative import NgramProposer
 from tests.conftest import small_config
 from tests.serve.test_engine import mixed_requests, reference_greedy
