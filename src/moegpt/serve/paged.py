@@ -19,9 +19,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend
 
 from moegpt.config import ModelConfig
 from moegpt.model.attention import prefix_attention
+
+# cuDNN attention builds a plan for every new shape and mask, milliseconds of host time per
+# call when each step's decode batch has a new longest context; the other kernels need none.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def kv_heads_per_rank(config: ModelConfig, tp: int = 1) -> int:
@@ -90,8 +95,8 @@ def gathered_attention(
     mask: torch.Tensor,
 ) -> torch.Tensor:
     """Attention of ``q`` (batch, heads, new, d), each sequence over the cache slots ``index``
-    (batch, window) of ``keys``/``values`` (slots, kv_heads, d) where ``mask`` (batch, new,
-    window) allows; returns (batch, heads, new, d).
+    (batch, window) of ``keys``/``values`` (slots, kv_heads, d) under ``mask`` (batch, new,
+    window; boolean, or additive in ``q``'s dtype); returns (batch, heads, new, d).
 
     Each K/V head's query heads, times the new tokens, become the query rows of one SDPA row,
     so multi-query attention reads its one K/V head once per sequence, not once per query head.
@@ -161,7 +166,10 @@ class BlockTableStep:
         self.index = (block_tables.unsqueeze(2) * size + offsets).flatten(1)  # (batch, window)
         key_pos = torch.arange(self.index.shape[1], device=device)
         newest = context_lens.unsqueeze(1) - q_len + torch.arange(q_len, device=device)
-        self.mask = key_pos <= newest.unsqueeze(2)  # (batch, q_len, window): causal in the step
+        visible = key_pos <= newest.unsqueeze(2)  # (batch, q_len, window): causal in the step
+        # Additive, so SDPA doesn't convert a boolean mask again in every layer.
+        self.bias = torch.zeros(visible.shape, dtype=cache.k.dtype, device=device)
+        self.bias.masked_fill_(~visible, float("-inf"))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``q`` (1, heads, batch * q_len, d) and ``k``/``v`` (1, kv_heads, batch * q_len, d):
@@ -171,8 +179,10 @@ class BlockTableStep:
         values[self.slot_mapping] = v[0].transpose(0, 1).to(values.dtype)
         heads, tokens, d = q.shape[1:]
         q = q[0].view(heads, -1, self.q_len, d).transpose(0, 1)  # (batch, heads, q_len, d)
-        out = gathered_attention(q, keys, values, self.index, self.mask)
-        return out.transpose(0, 1).reshape(1, heads, tokens, d)
+        out = gathered_attention(q, keys, values, self.index, self.bias.to(q.dtype))
+        # Token-major, as the projections lay heads out: the caller's merge of the heads is then
+        # a view, and with q_len 1 so is this.
+        return out.transpose(1, 2).reshape(1, tokens, heads, d).transpose(1, 2)
 
     def advance(self, new_tokens: int) -> None:
         """Positions and lengths live in the caller's sequences, not here."""
