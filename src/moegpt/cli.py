@@ -354,6 +354,7 @@ SERVE_FLAGS = (
     "tpot_ms",
     "ttft_ms",
     "decode_attention",
+    "cuda_graphs",
     "draft",
     "ngram",
     "speculation",
@@ -371,8 +372,8 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
         name, doc = f"--{flag.replace('_', '-')}", fields[flag].metadata["help"]
         default = getattr(defaults, flag)
         choices = typing.get_args(typing.get_type_hints(ServeConfig)[flag]) or None
-        if isinstance(default, bool):
-            parser.add_argument(name, action="store_true", default=None, help=doc)
+        if isinstance(default, bool):  # --flag / --no-flag, unset: the config's value
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=doc)
         else:
             kind = str if choices else type(default)
             parser.add_argument(name, type=kind, choices=choices, help=doc)

@@ -438,6 +438,11 @@ class ServeConfig(_Section):
         "per_sequence (batch-invariant: greedy output independent of the batch), padded "
         "(one SDPA call for all decodes), auto (per_sequence on CPU, padded on GPU)",
     )
+    cuda_graphs: bool = _doc(
+        True,
+        "on a GPU in padded mode, capture decode steps as CUDA graphs at start-up and replay "
+        "them (false: every step runs eagerly, as when capture fails)",
+    )
     calibrate: bool = _doc(
         True, "time synthetic steps at start-up to fit the step-time model the targets use"
     )

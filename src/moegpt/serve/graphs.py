@@ -20,8 +20,7 @@ from torch.nn.attention import sdpa_kernel
 
 from moegpt.model import Transformer
 from moegpt.model.moe import GroupedExperts
-from moegpt.serve.paged import BlockTableStep, PagedKVCache
-from moegpt.serve.runner import SDPA_BACKENDS
+from moegpt.serve.paged import SDPA_BACKENDS, BlockTableStep, PagedKVCache
 
 
 def batch_ladder(max_batch_size: int) -> list[int]:
@@ -115,6 +114,11 @@ class DecodeGraphs:
         # keep (batch x vocab) alive for each of the buckets.
         self._logits = torch.empty(rows, model.config.vocab_size, dtype=dtype, device=self.device)
         self._graphs: dict[Bucket, torch.cuda.CUDAGraph] = {}
+
+    @property
+    def captured(self) -> int:
+        """Buckets captured as graphs (0 before :meth:`capture`, and on CPU)."""
+        return len(self._graphs)
 
     def bucket(self, batch: int, q_len: int, context: int) -> Bucket:
         """The smallest bucket that holds ``batch`` sequences of at most ``context`` tokens."""

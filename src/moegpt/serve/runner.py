@@ -17,11 +17,14 @@ from typing import Protocol
 
 import torch
 import torch.distributed as dist
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 
 from moegpt.config import ServeConfig
+from moegpt.console import stderr
 from moegpt.model import Transformer
+from moegpt.serve.graphs import DecodeGraphs
 from moegpt.serve.paged import (
+    SDPA_BACKENDS,
     DecodeBatch,
     PagedKVCache,
     PagedStep,
@@ -59,23 +62,24 @@ class Forward(Protocol):
     def __call__(self, inp: ModelInput) -> torch.Tensor: ...
 
 
-# cuDNN attention builds a plan for every new shape and mask, milliseconds of host time per
-# call when each step's decode batch has a new longest context; the other kernels need none.
-SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
 class ModelForward:
+    """Packed forwards over one paged cache: a uniform step (every sequence runs the same
+    number of new tokens and every row is sampled: decoding, or verifying equal numbers of
+    proposals) through ``graphs`` when it has a bucket for it, anything else eagerly."""
+
     def __init__(
         self,
         model: Transformer,
         cache: PagedKVCache,
         device: torch.device,
         batch_invariant: bool = True,
+        graphs: DecodeGraphs | None = None,
     ) -> None:
         self.model = model
         self.cache = cache
         self.device = device
         self.batch_invariant = batch_invariant
+        self.graphs = graphs
 
     @torch.inference_mode()
     def __call__(self, inp: ModelInput) -> torch.Tensor:
@@ -83,6 +87,43 @@ class ModelForward:
         self.cache.copy_blocks(inp.copies)
         if not inp.tokens:
             return torch.empty(0)
+        q_len = self._uniform(inp)
+        if q_len:
+            return self._replay(inp, q_len)
+        return self._eager(inp)
+
+    def _uniform(self, inp: ModelInput) -> int:
+        """The new tokens per sequence of a step the graphs can run (0: none can)."""
+        graphs = self.graphs
+        if graphs is None:
+            return 0
+        q_len = inp.sequences[0][1]
+        uniform = all(new == q_len for _, new, _, _ in inp.sequences)
+        every_row = len(inp.logits_rows) == len(inp.tokens)
+        context = max(past + new for _, new, past, _ in inp.sequences)
+        fits = uniform and graphs.fits(len(inp.sequences), q_len, context)
+        return q_len if every_row and fits else 0
+
+    def _replay(self, inp: ModelInput, q_len: int) -> torch.Tensor:
+        assert self.graphs is not None
+        size = self.cache.block_size
+        slot_mapping = [
+            blocks[i // size] * size + i % size
+            for _, new, past, blocks in inp.sequences
+            for i in range(past, past + new)
+        ]
+        logits = self.graphs.run(
+            inp.tokens,
+            inp.positions,
+            slot_mapping,
+            [blocks for *_, blocks in inp.sequences],
+            [past + new for _, new, past, _ in inp.sequences],
+            q_len,
+        )
+        # the rows come in packed order, so the requested rows are all of them, reordered
+        return logits.float()[inp.logits_rows]
+
+    def _eager(self, inp: ModelInput) -> torch.Tensor:
         padded = not self.batch_invariant and sum(new == 1 for _, new, _, _ in inp.sequences) > 1
         slots: list[int] = []
         new_slots: list[int] = []
@@ -145,11 +186,63 @@ def build_forward(
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=tp_group)
         blocks = int(agreed)
     tp = dist.get_world_size(tp_group) if tp_group is not None else 1
-    cache = PagedKVCache(model.config, blocks, config.block_size, dtype, device, tp=tp)
     mode = config.decode_attention
     if mode == "auto":
         mode = "padded" if device.type == "cuda" else "per_sequence"
-    return ModelForward(model, cache, device, batch_invariant=mode == "per_sequence")
+    # Graphs batch decodes, which the batch-invariant mode must not.
+    wants_graphs = config.cuda_graphs and device.type == "cuda" and mode == "padded"
+    cache = PagedKVCache(
+        model.config, blocks, config.block_size, dtype, device, tp=tp, spare_block=wants_graphs
+    )
+    graphs = None
+    if wants_graphs:
+        graphs = capture_graphs(model, cache, config, tp_group)
+    return ModelForward(model, cache, device, mode == "per_sequence", graphs)
+
+
+def graph_q_lens(config: ServeConfig) -> tuple[int, ...]:
+    """New tokens per sequence the graphs are captured for: 1 to decode, and 1 + k to verify
+    ``spec_tokens`` proposals when speculating (if they fit a block, as padding rows need)."""
+    speculating = config.speculation != "off" and (config.draft or config.ngram)
+    verify = 1 + config.spec_tokens
+    return (1, verify) if speculating and verify <= config.block_size else (1,)
+
+
+def capture_graphs(
+    model: Transformer,
+    cache: PagedKVCache,
+    config: ServeConfig,
+    tp_group: dist.ProcessGroup | None = None,
+) -> DecodeGraphs | None:
+    """Decode graphs for ``model`` over ``cache``, or None, with one warning line, where they
+    can't be captured: decoding then runs eagerly. Tensor-parallel ranks capture together
+    and fall back together (all of them or none run graphs, or their collectives would
+    not pair up)."""
+    context = min(model.config.max_seq_len, cache.num_blocks * cache.block_size)
+    graphs = DecodeGraphs(model, cache, config.max_batch_size, context, graph_q_lens(config))
+    started = time.perf_counter()
+    failure = None
+    try:
+        graphs.capture()
+    except Exception as e:  # any failure to capture leaves a correct eager path
+        failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if tp_group is not None:
+        ok = torch.tensor([failure is None], dtype=torch.int32, device=cache.k.device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=tp_group)
+        if failure is None and not int(ok):
+            failure = "another tensor-parallel rank could not capture"
+    if failure is not None:
+        stderr.print(
+            f"serve: CUDA graph capture failed ({failure}); decoding runs eagerly",
+            highlight=False,
+            markup=False,
+        )
+        return None
+    stderr.print(
+        f"serve: captured {graphs.captured} CUDA graphs in {time.perf_counter() - started:.1f} s",
+        highlight=False,
+    )
+    return graphs
 
 
 class Proposer(Protocol):
