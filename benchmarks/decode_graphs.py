@@ -24,8 +24,7 @@ from torch.nn.attention import sdpa_kernel
 from moegpt.config import ModelConfig, load_config
 from moegpt.model import Transformer
 from moegpt.serve.graphs import DecodeGraphs
-from moegpt.serve.paged import PagedKVCache, PagedStep, SequenceSlice
-from moegpt.serve.runner import SDPA_BACKENDS
+from moegpt.serve.paged import SDPA_BACKENDS, PagedKVCache, PagedStep, SequenceSlice
 
 DEVICE = torch.device("cuda")
 
