@@ -355,6 +355,7 @@ SERVE_FLAGS = (
     "ttft_ms",
     "decode_attention",
     "cuda_graphs",
+    "overlap",
     "draft",
     "ngram",
     "speculation",

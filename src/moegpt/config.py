@@ -443,6 +443,12 @@ class ServeConfig(_Section):
         "on a GPU in padded mode, capture decode steps as CUDA graphs at start-up and replay "
         "them (false: every step runs eagerly, as when capture fails)",
     )
+    overlap: Literal["auto", "on", "off"] = _doc(
+        "auto",
+        "plan and launch step n+1 while the device runs step n, feeding it the tokens step n "
+        "draws on the device (auto: on a GPU without speculation or tensor parallelism, "
+        "which need each step's tokens on the host first)",
+    )
     calibrate: bool = _doc(
         True, "time synthetic steps at start-up to fit the step-time model the targets use"
     )

@@ -10,7 +10,9 @@ import torch
 
 from moegpt.config import ServeConfig
 from moegpt.model import Transformer
+from moegpt.serve import runner
 from moegpt.serve.engine import Engine
+from moegpt.serve.graphs import DecodeGraphs
 from moegpt.serve.sequence import SamplingParams
 from tests.conftest import small_config
 
@@ -59,6 +61,7 @@ def mixed_requests(count: int, vocab: int, seed: int) -> list[tuple[list[int], i
     ]
 
 
+@pytest.mark.parametrize("overlap", ["off", "on"])
 @pytest.mark.parametrize(
     "serve",
     [
@@ -68,8 +71,10 @@ def mixed_requests(count: int, vocab: int, seed: int) -> list[tuple[list[int], i
     ],
     ids=["roomy", "preempting", "chunked"],
 )
-def test_batched_greedy_equals_alone(model: Transformer, serve: dict) -> None:
-    engine = Engine(model, config=ServeConfig(**serve))
+def test_batched_greedy_equals_alone(model: Transformer, serve: dict, overlap: str) -> None:
+    """Also with each step planned and launched before the last one's tokens are taken in
+    (they reach the next step on the device)."""
+    engine = Engine(model, config=ServeConfig(**serve, overlap=overlap))
     requests = mixed_requests(32, model.config.vocab_size, seed=1)
     got = run_with_arrivals(engine, requests, seed=2)
     for (prompt, n), tokens in zip(requests, got.values(), strict=True):
@@ -79,19 +84,32 @@ def test_batched_greedy_equals_alone(model: Transformer, serve: dict) -> None:
         assert engine.stats.preemptions > 0  # the case really preempts
 
 
-def test_padded_decode_attention_agrees(model: Transformer) -> None:
-    """The GPU fast path (all decodes in one padded SDPA call) attends to the same keys: in
-    fp32 its rounding differences leave every greedy token of this batch unchanged."""
-    engine = Engine(model, config=ServeConfig(num_kv_blocks=256, decode_attention="padded"))
+@pytest.mark.parametrize("graphs", [False, True])
+def test_padded_decode_attention_agrees(model: Transformer, graphs: bool, monkeypatch) -> None:
+    """The GPU fast path (all decodes in one padded SDPA call; with ``graphs``, as on a GPU,
+    uniform steps through the decode graphs' buffers and overlapped steps) attends to the
+    same keys: in fp32 its rounding differences leave every greedy token unchanged."""
+    if graphs:  # the GPU set-up on CPU: the graphs' buffers, run without capture
+        monkeypatch.setattr(runner, "graphs_wanted", lambda *_: True)
+        monkeypatch.setattr(DecodeGraphs, "capture", lambda self: None)
+    config = ServeConfig(
+        num_kv_blocks=256, decode_attention="padded", overlap="on" if graphs else "off"
+    )
+    engine = Engine(model, config=config)
     assert not engine.forward.batch_invariant
+    assert (engine.forward.graphs is not None) == graphs
     requests = mixed_requests(32, model.config.vocab_size, seed=4)
     got = run_with_arrivals(engine, requests, seed=5)
     for (prompt, n), tokens in zip(requests, got.values(), strict=True):
         assert tokens == reference_greedy(model, prompt, n)
 
 
-def test_no_block_leaks_after_cancellations_and_preemptions(model: Transformer) -> None:
-    engine = Engine(model, config=ServeConfig(block_size=4, num_kv_blocks=40, max_batch_size=16))
+@pytest.mark.parametrize("overlap", ["off", "on"])
+def test_no_block_leaks_after_cancellations_and_preemptions(
+    model: Transformer, overlap: str
+) -> None:
+    config = ServeConfig(block_size=4, num_kv_blocks=40, max_batch_size=16, overlap=overlap)
+    engine = Engine(model, config=config)
     rng = random.Random(3)
     live: list[str] = []
     added = 0

@@ -29,7 +29,7 @@ from moegpt.serve.calibrate import calibrate
 from moegpt.serve.lookahead import LookaheadPolicy
 from moegpt.serve.output import OutputProcessor
 from moegpt.serve.paged import bytes_per_token
-from moegpt.serve.runner import Forward, ModelRunner, Proposer, build_forward
+from moegpt.serve.runner import Forward, Launched, ModelRunner, Proposer, build_forward
 from moegpt.serve.scheduler import Scheduler, SchedulerConfig
 from moegpt.serve.sequence import SamplingParams, Sequence
 from moegpt.serve.speculative import DraftProposer, NgramProposer, check_draft
@@ -38,6 +38,13 @@ from moegpt.serve.step import RequestOutput, RunnerOutput, SchedulerOutput
 from moegpt.serve.tensor_parallel import TensorParallelForward
 
 __all__ = ["Completion", "Engine", "RequestOutput"]
+
+
+@dataclass
+class _InFlight:
+    launched: Launched
+    started: float
+    prompt_lengths: dict[int, int]
 
 
 @dataclass
@@ -146,6 +153,9 @@ class Engine:
         )
         proposer, lookahead = self._speculation(draft)
         self.runner = ModelRunner(self.forward, self.device, proposer)
+        self.overlap = self._overlaps(proposer is not None, tp_group is not None)
+        self._in_flight: _InFlight | None = None  # the step the device is running
+        self._last_taken_in = 0.0
         tpot = self.config.tpot_ms / 1e3 if self.config.tpot_ms else None
         ttft = self.config.ttft_ms / 1e3 if self.config.ttft_ms else None
         self.scheduler = Scheduler(
@@ -177,6 +187,13 @@ class Engine:
         if config.ngram:
             return NgramProposer(config.ngram_max, config.ngram_min), LookaheadPolicy(config)
         return None, None
+
+    def _overlaps(self, speculating: bool, tensor_parallel: bool) -> bool:
+        mode = self.config.overlap
+        blocker = "speculation" if speculating else "tensor parallelism" if tensor_parallel else ""
+        if mode == "on" and blocker:
+            raise UserError(f"serve.overlap: on needs each step's tokens on the host for {blocker}")
+        return mode == "on" or (mode == "auto" and not blocker and self.device.type == "cuda")
 
     @classmethod
     def from_folder(
@@ -272,21 +289,36 @@ class Engine:
                 return
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._in_flight is not None
 
     # -- the step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, execute, update: the tokens each sampled sequence gained this step."""
-        start = time.perf_counter()  # the latency bound covers the whole step
+        """Schedule, execute, update: the tokens each sampled sequence gained this step.
+
+        With ``overlap`` the step is launched, not waited for: the tokens returned are the
+        previous step's, taken in after this one was planned and launched, so the host's
+        work hides behind the device's."""
+        started = time.perf_counter()  # the latency bound covers the whole step
         scheduled = self.scheduler.schedule()
         self.stats.preemptions += len(scheduled.preempted)
-        if not scheduled.chunks:
-            return []
         prompt_lengths = {s.seq_id: len(s.prompt) for s in self.scheduler.running}
-        result = self.runner.execute(scheduled)
-        elapsed = time.perf_counter() - start
+        launched = self.runner.launch(scheduled) if scheduled.chunks else None
+        step = None if launched is None else _InFlight(launched, started, prompt_lengths)
+        if not self.overlap:
+            return [] if step is None else self._take_in(step)
+        previous, self._in_flight = self._in_flight, step
+        return [] if previous is None else self._take_in(previous)
+
+    def _take_in(self, step: _InFlight) -> list[RequestOutput]:
+        """Wait for a launched step's tokens and hand them to the scheduler."""
+        result = self.runner.collect(step.launched)
+        now = time.perf_counter()
+        # Overlapped steps follow each other: a step's time starts where the last one ended.
+        elapsed = now - max(step.started, self._last_taken_in)
+        self._last_taken_in = now
+        scheduled = step.launched.out
         outputs = self.scheduler.update(scheduled, result, elapsed)
-        self._account(scheduled, result, outputs, elapsed, prompt_lengths)
+        self._account(scheduled, result, outputs, elapsed, step.prompt_lengths)
         for out in outputs:
             if out.finished:
                 self._forget_if_done(out.request_id)

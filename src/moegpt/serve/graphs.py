@@ -176,9 +176,11 @@ class DecodeGraphs:
         block_tables: list[list[int]],
         context_lens: list[int],
         q_len: int,
+        token_patch: tuple[list[int], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Logits (batch * q_len, vocab) in the model's dtype for the real rows, sequence b at
-        rows ``b * q_len ..``; a view of a buffer the next run overwrites.
+        rows ``b * q_len ..``; a view of a buffer the next run overwrites. ``token_patch``
+        (rows, device tokens) overwrites tokens after the copy to the device.
 
         ``context_lens`` count each sequence's keys with its new tokens; ``block_tables`` need
         cover only those keys.
@@ -186,6 +188,9 @@ class DecodeGraphs:
         batch = len(context_lens)
         bucket = self.bucket(batch, q_len, max(context_lens, default=0))
         inputs = self._fill(bucket, tokens, positions, slot_mapping, block_tables, context_lens)
+        if token_patch is not None:
+            rows, values = token_patch
+            inputs.tokens[rows] = values
         graph = self._graphs.get(bucket)
         if graph is None:
             self._forward(inputs)

@@ -32,10 +32,11 @@ from moegpt.serve.paged import (
     bytes_per_token,
 )
 from moegpt.serve.sampler import (
+    Draw,
     Proposal,
     Sampled,
     distribution,
-    sample_batch,
+    draw,
     verify,
     with_logprobs,
 )
@@ -53,13 +54,17 @@ class ModelInput:
     logits_rows: list[int] = field(default_factory=list)  # packed rows to return logits of
 
 
+# Packed rows whose token is not known on the host yet, and their tokens on the device.
+TokenPatch = tuple[list[int], torch.Tensor]
+
+
 class Forward(Protocol):
     """One packed forward: one process's :class:`ModelForward`, or rank 0's tensor-parallel
     forward that sends each input to its followers first."""
 
     cache: PagedKVCache
 
-    def __call__(self, inp: ModelInput) -> torch.Tensor: ...
+    def __call__(self, inp: ModelInput, patch: TokenPatch | None = None) -> torch.Tensor: ...
 
 
 class ModelForward:
@@ -82,15 +87,16 @@ class ModelForward:
         self.graphs = graphs
 
     @torch.inference_mode()
-    def __call__(self, inp: ModelInput) -> torch.Tensor:
-        """Logits (len(logits_rows), vocab) in fp32."""
+    def __call__(self, inp: ModelInput, patch: TokenPatch | None = None) -> torch.Tensor:
+        """Logits (len(logits_rows), vocab) in fp32. ``patch`` overwrites tokens on the
+        device (ones the previous step is still drawing)."""
         self.cache.copy_blocks(inp.copies)
         if not inp.tokens:
             return torch.empty(0)
         q_len = self._uniform(inp)
         if q_len:
-            return self._replay(inp, q_len)
-        return self._eager(inp)
+            return self._replay(inp, q_len, patch)
+        return self._eager(inp, patch)
 
     def _uniform(self, inp: ModelInput) -> int:
         """The new tokens per sequence of a step the graphs can run (0: none can)."""
@@ -104,7 +110,7 @@ class ModelForward:
         fits = uniform and graphs.fits(len(inp.sequences), q_len, context)
         return q_len if every_row and fits else 0
 
-    def _replay(self, inp: ModelInput, q_len: int) -> torch.Tensor:
+    def _replay(self, inp: ModelInput, q_len: int, patch: TokenPatch | None) -> torch.Tensor:
         assert self.graphs is not None
         size = self.cache.block_size
         slot_mapping = [
@@ -119,11 +125,12 @@ class ModelForward:
             [blocks for *_, blocks in inp.sequences],
             [past + new for _, new, past, _ in inp.sequences],
             q_len,
+            patch,
         )
         # the rows come in packed order, so the requested rows are all of them, reordered
         return logits.float()[inp.logits_rows]
 
-    def _eager(self, inp: ModelInput) -> torch.Tensor:
+    def _eager(self, inp: ModelInput, patch: TokenPatch | None = None) -> torch.Tensor:
         padded = not self.batch_invariant and sum(new == 1 for _, new, _, _ in inp.sequences) > 1
         slots: list[int] = []
         new_slots: list[int] = []
@@ -145,6 +152,8 @@ class ModelForward:
         tokens, positions, new_at, slots_at, logits_rows, rows, starts, lengths = flat.split(
             [len(part) for part in parts]
         )
+        if patch is not None:
+            tokens[patch[0]] = patch[1]
         batch = None
         if padded:
             batch = DecodeBatch(rows, starts, lengths, max(decodes[2]))
@@ -189,8 +198,7 @@ def build_forward(
     mode = config.decode_attention
     if mode == "auto":
         mode = "padded" if device.type == "cuda" else "per_sequence"
-    # Graphs batch decodes, which the batch-invariant mode must not.
-    wants_graphs = config.cuda_graphs and device.type == "cuda" and mode == "padded"
+    wants_graphs = graphs_wanted(config, device, mode)
     cache = PagedKVCache(
         model.config, blocks, config.block_size, dtype, device, tp=tp, spare_block=wants_graphs
     )
@@ -198,6 +206,12 @@ def build_forward(
     if wants_graphs:
         graphs = capture_graphs(model, cache, config, tp_group)
     return ModelForward(model, cache, device, mode == "per_sequence", graphs)
+
+
+def graphs_wanted(config: ServeConfig, device: torch.device, mode: str) -> bool:
+    """Decode graphs: asked for, on a GPU, and in padded mode (graphs batch decodes, which
+    the batch-invariant mode must not)."""
+    return config.cuda_graphs and device.type == "cuda" and mode == "padded"
 
 
 def graph_q_lens(config: ServeConfig) -> tuple[int, ...]:
@@ -265,9 +279,26 @@ class RunnerSequence:
     draft_computed: int = 0
 
 
+@dataclass
+class Launched:
+    """A step on its way through the device: its draw, the draw's row of each sampling
+    sequence, and the proposals it verifies (speculative steps finish at once)."""
+
+    out: SchedulerOutput
+    tokens_run: int
+    draw: Draw | None = None
+    draw_rows: dict[int, int] = field(default_factory=dict)
+    result: RunnerOutput | None = None  # already complete (a speculative step)
+
+
 class ModelRunner:
     """Executes :class:`SchedulerOutput` steps on one model (this rank's shard under tensor
-    parallelism) and returns what they drew."""
+    parallelism) and returns what they drew.
+
+    :meth:`execute` runs a step to its end. :meth:`launch` and :meth:`collect` split it so the
+    host can plan and launch the next step while the device still runs this one: a token
+    still being drawn when the next step needs it as input is taken straight from the
+    previous draw on the device, never through the host."""
 
     def __init__(
         self, forward: Forward, device: torch.device, proposer: Proposer | None = None
@@ -277,6 +308,7 @@ class ModelRunner:
         self.device = device
         self.proposer = proposer
         self.sequences: dict[int, RunnerSequence] = {}
+        self._previous: Launched | None = None  # the last launched plain draw
 
     def _take_in(self, out: SchedulerOutput) -> None:
         for seq_id in out.finished:
@@ -311,12 +343,15 @@ class ModelRunner:
 
     def _model_input(
         self, out: SchedulerOutput, proposals: dict[int, Proposal]
-    ) -> tuple[ModelInput, dict[int, tuple[int, int]]]:
-        """The packed forward input, and for each sampling chunk its (first logits row,
-        rows): 1, or 1 + k to verify k proposed tokens; a fork shares its parent's row."""
+    ) -> tuple[ModelInput, dict[int, tuple[int, int]], TokenPatch | None]:
+        """The packed forward input; for each sampling chunk its (first logits row, rows):
+        1, or 1 + k to verify k proposed tokens (a fork shares its parent's row); and the
+        packed rows whose token the previous step is still drawing, with where on the device
+        it will be."""
         inp = ModelInput(copies=out.copies)
         rows: dict[int, tuple[int, int]] = {}
         parents = {n.seq_id: n.parent for n in out.new if n.parent is not None}
+        patch_rows, patch_sources = [], []
         for chunk in out.chunks:
             if chunk.seq_id in parents:
                 rows[chunk.seq_id] = rows[parents[chunk.seq_id]]
@@ -325,38 +360,74 @@ class ModelRunner:
             proposed = proposals[chunk.seq_id].tokens if chunk.seq_id in proposals else []
             end = chunk.start + chunk.length
             offset = len(inp.tokens)
-            inp.tokens += seq.tokens[chunk.start : end] + proposed
+            known = seq.tokens[chunk.start : end]
+            if len(known) < chunk.length:  # the last one is being drawn: fetched on device
+                assert self._previous is not None and len(known) == chunk.length - 1
+                patch_rows.append(offset + len(known))
+                patch_sources.append(self._previous.draw_rows[chunk.seq_id])
+                known = [*known, 0]
+            inp.tokens += known + proposed
             inp.positions += range(chunk.start, end + len(proposed))
             new = chunk.length + len(proposed)
             inp.sequences.append((offset, new, chunk.start, list(chunk.blocks)))
             if chunk.sample:
                 rows[chunk.seq_id] = (len(inp.logits_rows), 1 + len(proposed))
                 inp.logits_rows += range(offset + new - 1 - len(proposed), offset + new)
-        return inp, rows
+        patch = None
+        if patch_rows:
+            assert self._previous is not None and self._previous.draw is not None
+            sources = torch.tensor(patch_sources).to(self.device, non_blocking=True)
+            patch = (patch_rows, self._previous.draw.tokens[sources])
+        return inp, rows, patch
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        """Run ``out`` and return what it drew."""
+        return self.collect(self.launch(out))
+
+    def launch(self, out: SchedulerOutput) -> Launched:
+        """Start ``out`` on the device. A step that verifies proposals completes here (its
+        acceptance needs the logits on the host); a plain step returns while its forward
+        and draw run, its tokens on their way to the host."""
         self._take_in(out)
         result = RunnerOutput()
         proposals = self._propose(out, result)
-        inp, rows = self._model_input(out, proposals)
-        result.tokens_run = len(inp.tokens)
-        logits = self.forward(inp)
+        inp, rows, patch = self._model_input(out, proposals)
+        launched = Launched(out, len(inp.tokens))
+        logits = self.forward(inp, patch)
         plain = [sid for sid in rows if sid not in proposals]
         if plain:
             seqs = [self.sequences[sid] for sid in plain]
-            drawn = sample_batch(
+            launched.draw = draw(
                 logits[[rows[sid][0] for sid in plain]],
                 [s.params for s in seqs],
                 [s.generator for s in seqs],
             )
-            result.sampled = {sid: [d] for sid, d in zip(plain, drawn, strict=True)}
-        start = time.perf_counter()
-        for sid, proposal in proposals.items():
-            first, count = rows[sid]
-            result.sampled[sid] = self._verify(sid, logits[first : first + count], proposal)
-        result.verify_seconds = time.perf_counter() - start
-        for sid, drawn in result.sampled.items():
-            self.sequences[sid].tokens += [d.token for d in drawn]
+            launched.draw.copy_to_host()
+            launched.draw_rows = {sid: i for i, sid in enumerate(plain)}
+            self._previous = launched
+        if proposals:
+            start = time.perf_counter()
+            for sid, proposal in proposals.items():
+                first, count = rows[sid]
+                result.sampled[sid] = self._verify(sid, logits[first : first + count], proposal)
+            result.verify_seconds = time.perf_counter() - start
+            launched.result = result
+        return launched
+
+    def collect(self, launched: Launched) -> RunnerOutput:
+        """Wait for a launched step's tokens; what it drew."""
+        result = launched.result or RunnerOutput()
+        result.tokens_run = launched.tokens_run
+        if launched.draw is not None:
+            drawn = launched.draw.results()
+            for sid, row in launched.draw_rows.items():
+                result.sampled[sid] = [drawn[row]]
+        for sid, tokens in result.sampled.items():
+            seq = self.sequences.get(sid)
+            if seq is not None:  # else it ended while this step ran
+                seq.tokens += [t.token for t in tokens]
+        if self._previous is launched:
+            self._previous = None
         return result
 
     def _verify(self, seq_id: int, rows: torch.Tensor, proposal: Proposal) -> list[Sampled]:

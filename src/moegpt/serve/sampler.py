@@ -36,26 +36,39 @@ def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 def batch_distribution(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """:func:`distribution` for a batch of rows at once (one set of kernels, no host sync):
-    row i is ``distribution(logits[i], params[i])``."""
+    row i is ``distribution(logits[i], params[i])``. The vocabulary sort that top-k and
+    top-p need runs only when some row asks for one of them."""
     logits = logits.float()
     vocab = logits.shape[-1]
-    device = logits.device
-    greedy = torch.tensor([p.greedy for p in params], device=device)
-    temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params])
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params])
-    top_p = torch.tensor([p.top_p for p in params])
-    scaled = logits / temperature.to(device)[:, None]
-    ordered, order = scaled.sort(dim=-1, descending=True)
-    kth = ordered.gather(1, (top_k.to(device) - 1)[:, None])
-    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    probs = scaled.softmax(dim=-1)
-    sorted_probs = probs.gather(1, order)
-    before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more likely tokens
-    keep = (before < top_p.to(device)[:, None]) | (top_p.to(device)[:, None] >= 1.0)
-    probs = torch.zeros_like(probs).scatter(1, order, sorted_probs * keep)
-    probs = probs / probs.sum(dim=-1, keepdim=True)
+    settings = torch.tensor(
+        [
+            [
+                p.temperature if not p.greedy else 1.0,
+                p.top_k if 0 < p.top_k < vocab else vocab,
+                p.top_p,
+                p.greedy,
+            ]
+            for p in params
+        ]
+    ).to(logits.device, non_blocking=True)
+    temperature, top_k, top_p, greedy = settings.unbind(dim=1)
+    scaled = logits / temperature[:, None]
+    if any(0 < p.top_k < vocab or p.top_p < 1.0 for p in params):
+        ordered, order = scaled.sort(dim=-1, descending=True)
+        kth = ordered.gather(1, (top_k.long() - 1)[:, None])
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        probs = scaled.softmax(dim=-1)
+        sorted_probs = probs.gather(1, order)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more likely tokens
+        keep = (before < top_p[:, None]) | (top_p[:, None] >= 1.0)
+        probs = torch.zeros_like(probs).scatter(1, order, sorted_probs * keep)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    else:
+        probs = scaled.softmax(dim=-1)
+    if not any(p.greedy for p in params):
+        return probs
     point = torch.zeros_like(probs).scatter(1, logits.argmax(dim=-1, keepdim=True), 1.0)
-    return torch.where(greedy[:, None], point, probs)
+    return torch.where(greedy.bool()[:, None], point, probs)
 
 
 @dataclass
@@ -82,49 +95,95 @@ def with_logprobs(logits: torch.Tensor, token: int, alternatives: int | None) ->
     return Sampled(token, float(logprobs[token]), pairs)
 
 
+class Draw:
+    """A batch's drawn tokens on the device (``tokens``) with the log-probabilities its rows
+    ask for, packed so that one device-to-host copy brings everything back: start it with
+    :meth:`copy_to_host` (asynchronous on a GPU), read it with :meth:`results`."""
+
+    def __init__(
+        self, tokens: torch.Tensor, packed: torch.Tensor, params: list[SamplingParams], top: int
+    ) -> None:
+        self.tokens = tokens
+        self._packed = packed
+        self._params = params
+        self._top = top
+        self._host: torch.Tensor | None = None
+        self._copied: torch.cuda.Event | None = None
+
+    def copy_to_host(self) -> None:
+        if self._packed.is_cuda:
+            self._host = torch.empty(self._packed.shape, pin_memory=True)
+            self._host.copy_(self._packed, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        else:
+            self._host = self._packed
+
+    def results(self) -> list[Sampled]:
+        """The tokens as :class:`Sampled` records (waits for the copy)."""
+        if self._host is None:
+            self.copy_to_host()
+        if self._copied is not None:
+            self._copied.synchronize()
+        assert self._host is not None
+        out = []
+        top = self._top
+        for row, p in zip(self._host.tolist(), self._params, strict=True):
+            token = int(row[0])
+            if p.logprobs is None:
+                out.append(Sampled(token))
+                continue
+            k = p.logprobs
+            indices, values = row[2 : 2 + top], row[2 + top :]
+            pairs = [(int(t), v) for t, v in zip(indices[:k], values[:k], strict=True)]
+            out.append(Sampled(token, row[1], pairs))
+        return out
+
+
+def draw(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+) -> Draw:
+    """A token for every row of ``logits`` (row i drawn with ``params[i]`` and
+    ``generators[i]``), with the log-probabilities each asks for, on the logits' device and
+    without waiting for it.
+
+    Each row draws by the exponential race, ``argmax(p / E)`` with ``E ~ Exp(1)`` per token,
+    which picks token t with probability p_t: unseeded rows share one batched draw, seeded
+    rows draw from their own generator (so a seed reproduces whatever the batch holds). An
+    all-greedy batch is one argmax.
+    """
+    if all(p.greedy for p in params):
+        tokens = logits.argmax(dim=-1)
+    else:
+        probs = batch_distribution(logits, params)
+        race = torch.empty_like(probs).exponential_()
+        for i, generator in enumerate(generators):
+            if generator is not None:
+                race[i].exponential_(generator=generator)
+        # A draw of exactly 0 would make 0 / 0 = NaN, which argmax would pick, for a token
+        # of probability 0 (a uniform of exactly 0 has chance 2**-24 per token in fp32).
+        race.clamp_(min=torch.finfo(race.dtype).tiny)
+        tokens = (probs / race).argmax(dim=-1)
+    top = max((p.logprobs or 0 for p in params), default=0)
+    parts = [tokens.float()[:, None]]  # token ids are exact in fp32 below 2**24
+    if any(p.logprobs is not None for p in params):
+        logprobs = logits.float().log_softmax(dim=-1)
+        parts.append(logprobs.gather(1, tokens[:, None]))
+        if top:
+            best = logprobs.topk(top, dim=-1)
+            parts += [best.indices.float(), best.values]
+    return Draw(tokens, torch.cat(parts, dim=1), params, top)
+
+
 def sample_batch(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
 ) -> list[Sampled]:
-    """A token for every row of ``logits`` (row i drawn with ``params[i]`` and
-    ``generators[i]``), with the log-probabilities each asks for, computed on the logits'
-    device with one device-to-host copy for the whole batch.
-
-    Each row draws by the exponential race, ``argmax(p / E)`` with ``E ~ Exp(1)`` per token,
-    which picks token t with probability p_t: unseeded rows share one batched draw, seeded
-    rows draw from their own generator (so a seed reproduces whatever the batch holds).
-    """
-    probs = batch_distribution(logits, params)
-    race = torch.empty_like(probs).exponential_()
-    for i, generator in enumerate(generators):
-        if generator is not None:
-            race[i].exponential_(generator=generator)
-    # A draw of exactly 0 would make 0 / 0 = NaN, which argmax would pick, for a token of
-    # probability 0 (a uniform of exactly 0 has chance 2**-24 per token in fp32).
-    race.clamp_(min=torch.finfo(race.dtype).tiny)
-    tokens = (probs / race).argmax(dim=-1)
-    alternatives = max((p.logprobs or 0 for p in params), default=0)
-    parts = [tokens.float()[:, None]]
-    if any(p.logprobs is not None for p in params):
-        logprobs = logits.float().log_softmax(dim=-1)
-        parts.append(logprobs.gather(1, tokens[:, None]))
-        if alternatives:
-            top = logprobs.topk(alternatives, dim=-1)
-            parts += [top.indices.float(), top.values]
-    # One copy back for everything; token ids are exact in fp32 below 2**24.
-    host = torch.cat(parts, dim=1).tolist()
-    out = []
-    for row, p in zip(host, params, strict=True):
-        token = int(row[0])
-        if p.logprobs is None:
-            out.append(Sampled(token))
-            continue
-        k = p.logprobs
-        indices, values = row[2 : 2 + alternatives], row[2 + alternatives :]
-        pairs = [(int(t), v) for t, v in zip(indices[:k], values[:k], strict=True)]
-        out.append(Sampled(token, row[1], pairs))
-    return out
+    """:func:`draw`, brought back to the host: one device-to-host copy for the batch."""
+    return draw(logits, params, generators).results()
 
 
 @dataclass

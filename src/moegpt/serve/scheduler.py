@@ -2,8 +2,10 @@
 
 Every step the scheduler picks which sequences run and how many tokens each (``schedule()``
 returns a plain :class:`~moegpt.serve.step.SchedulerOutput`), and after the runner ran it,
-takes in what came out (``update()``): computed tokens, appended tokens, speculative
-rollback, finishing. It owns every sequence's state; nothing else changes it. Running
+takes in what came out (``update()``): appended tokens, speculative rollback, finishing. It
+owns every sequence's state; nothing else changes it. A step may be planned before the one
+before it is taken in (the engine overlaps the host's planning with the device's work): a
+sequence's token still being drawn is then scheduled as its next input. Running
 sequences first in arrival order (decodes take one token, unfinished prefills a chunk), then
 waiting ones while the step has room. A step is bounded by ``max_batch_size`` sequences,
 ``max_tokens_per_step`` tokens, free KV blocks and, with a time-per-output-token target, by a
@@ -72,6 +74,7 @@ class Scheduler:
         self.lookahead = lookahead
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self._live: dict[int, Sequence] = {}  # every sequence not finished, by id
         self._gone: list[int] = []  # finished since the last step: the runner forgets them
         self._seq_ids = itertools.count()  # forks get theirs here too: ids never collide
         # Step-time samples: the start-up calibration's span every shape; recent steps track
@@ -86,6 +89,7 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        self._live[seq.seq_id] = seq
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -96,6 +100,7 @@ class Scheduler:
             return
         seq.table.free()
         seq.status, seq.finish_reason = Status.FINISHED, reason
+        del self._live[seq.seq_id]
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -112,7 +117,7 @@ class Scheduler:
 
     def _fork(self, parent: Sequence, index: int) -> Sequence:
         """Sample ``index`` of an n > 1 request: shares ``parent``'s blocks, runs right after
-        it, and draws its first token from the parent's last row."""
+        it, and draws its first token from the parent's last row (scheduled this step)."""
         child = Sequence(
             self.new_seq_id(),
             parent.request_id,
@@ -121,9 +126,12 @@ class Scheduler:
             parent.params,
             parent.table.fork(),
             seed=None if parent.seed is None else parent.seed + index,
+            computed=parent.computed,
+            in_flight=1,
             arrival=parent.arrival,
             status=Status.RUNNING,
         )
+        self._live[child.seq_id] = child
         self.running.insert(self.running.index(parent) + index, child)
         return child
 
@@ -179,26 +187,28 @@ class Scheduler:
             fitted = 1
         return fitted
 
-    def _place(self, out: SchedulerOutput, seq: Sequence, n: int) -> None:
+    def _place(self, out: SchedulerOutput, seq: Sequence, n: int) -> list[int]:
         """Grow ``seq``'s table for ``n`` tokens (speculative ones past its pending tokens
-        included) and add its chunk, and the forks of an n > 1 prompt that ends here."""
-        out.copies += seq.table.grow(seq.computed, seq.computed + n)
+        included), add its chunk, and count its tokens computed and its draw in flight from
+        now on; an n > 1 prompt that ends here forks its other samples (their ids return)."""
+        start = seq.computed
+        out.copies += seq.table.grow(start, start + n)
         length = min(n, seq.pending)
-        sample = seq.computed + length == len(seq.tokens)
+        sample = length == seq.pending
         self._announce(out, seq)
-        out.chunks.append(
-            ScheduledChunk(
-                seq.seq_id, seq.computed, length, tuple(seq.table.blocks), sample, n - length
-            )
-        )
+        blocks = tuple(seq.table.blocks)
+        out.chunks.append(ScheduledChunk(seq.seq_id, start, length, blocks, sample, n - length))
+        seq.computed += length
+        seq.in_flight += sample
+        forks = []
         if sample and seq.params.n > 1 and not seq.output and seq.index == 0:
-            end = seq.computed + length
             for index in range(1, seq.params.n):
                 child = self._fork(seq, index)
                 self._announce(out, child, parent=seq.seq_id)
-                out.chunks.append(
-                    ScheduledChunk(child.seq_id, end, 0, tuple(child.table.blocks), True)
-                )
+                blocks = tuple(child.table.blocks)
+                out.chunks.append(ScheduledChunk(child.seq_id, seq.computed, 0, blocks, True))
+                forks.append(child.seq_id)
+        return forks
 
     def _announce(self, out: SchedulerOutput, seq: Sequence, parent: int | None = None) -> None:
         if not seq.announced:
@@ -213,10 +223,11 @@ class Scheduler:
             wanted = self.lookahead.plan(self.running, self.cost, context)
         keys = 0
         index = 0
+        forked: set[int] = set()
         while index < len(self.running):
             seq = self.running[index]
-            if seq.seq_id in {c.seq_id for c in out.chunks}:  # a fork placed with its parent
-                index += 1
+            if seq.seq_id in forked or self._ends_in_flight(seq):
+                index += 1  # placed with its parent; or its draw in flight is its last
                 continue
             n = self._take(out, keys, seq, wanted.get(seq.seq_id, 0))
             if n == 0:
@@ -232,7 +243,7 @@ class Scheduler:
             if seq.status is not Status.RUNNING:  # it was the newest: preempted itself
                 break
             keys += _keys(seq.computed, n)
-            self._place(out, seq, n)
+            forked.update(self._place(out, seq, n))
             index += 1
         while self.waiting and not out.preempted:
             seq = self.waiting[0]
@@ -246,7 +257,7 @@ class Scheduler:
             seq.status = Status.RUNNING
             self.running.append(seq)
             keys += _keys(seq.computed, n)
-            self._place(out, seq, n)
+            self._place(out, seq, n)  # its forks come after it: the running loop is done
         if self.cost is not None:
             out.predicted_s = self.cost.predict(out.tokens, keys, len(out.chunks))
         out.finished, self._gone = self._gone, []
@@ -260,19 +271,18 @@ class Scheduler:
         speculative room given back), finished sequences' blocks freed. ``seconds``, the
         step's measured time, trains the step-time model. Returns what each sampled
         sequence gained."""
-        by_id = {s.seq_id: s for s in self.running}
         outputs = []
         now = self.clock()
         for chunk in out.chunks:
-            seq = by_id.get(chunk.seq_id)
-            if seq is None:  # finished or preempted while the step ran
-                continue
+            seq = self._live.get(chunk.seq_id)
             drawn = result.sampled.get(chunk.seq_id)
-            if drawn is None:  # a prefill chunk short of the prompt's end
-                seq.computed = chunk.start + chunk.length
+            if seq is None or drawn is None:  # it ended meanwhile; or a prefill chunk
                 continue
+            seq.in_flight -= 1
             # The cache keeps the chunk and the accepted proposals; the bonus token is next.
-            seq.computed = chunk.start + chunk.length + len(drawn) - 1
+            # (A sequence preempted meanwhile recomputes everything from the start.)
+            if seq.status is Status.RUNNING:
+                seq.computed += len(drawn) - 1
             proposed = result.proposed.get(chunk.seq_id, 0)
             if proposed:
                 record_acceptance(seq, proposed, len(drawn) - 1)
@@ -301,8 +311,8 @@ class Scheduler:
             self.finish(seq, reason)
             if len(seq.output) > 1:
                 tpot = (now - seq.first_token_at) / (len(seq.output) - 1)
-        else:
-            seq.table.truncate(len(seq.tokens))  # room of rejected proposals goes back
+        else:  # the room of rejected proposals goes back
+            seq.table.truncate(len(seq.tokens) + seq.in_flight)
         return RequestOutput(
             seq.request_id,
             seq.index,
@@ -314,6 +324,15 @@ class Scheduler:
             completion_tokens=len(seq.output),
             time_to_first_token=now - seq.arrival if first else None,
             time_per_output_token=tpot,
+        )
+
+    def _ends_in_flight(self, seq: Sequence) -> bool:
+        """Whether a token being drawn for ``seq`` is sure to end it (its length limits)."""
+        return bool(seq.in_flight) and (
+            len(seq.output) + seq.in_flight >= seq.params.max_tokens
+            or (
+                self.max_context is not None and len(seq.tokens) + seq.in_flight >= self.max_context
+            )
         )
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:

@@ -81,7 +81,8 @@ class Sequence:
     table: BlockTable
     seed: int | None = None  # its sampling generator's seed (None: greedy)
     output: list[int] = field(default_factory=list)
-    computed: int = 0  # tokens whose keys and values are in the cache
+    computed: int = 0  # tokens whose keys and values are in the cache (or being computed)
+    in_flight: int = 0  # tokens being drawn by steps not yet taken in
     # decayed counts of proposed tokens tested and accepted: the acceptance-rate estimate
     spec_tested: float = 0.0
     spec_accepted: float = 0.0
@@ -98,7 +99,7 @@ class Sequence:
     @property
     def pending(self) -> int:
         """Tokens still to run through the model before the next token can be sampled."""
-        return len(self.prompt) + len(self.output) - self.computed
+        return len(self.prompt) + len(self.output) + self.in_flight - self.computed
 
     @property
     def prefilling(self) -> bool:

@@ -28,7 +28,7 @@ from moegpt.parallel.mesh import (
     launched_by_torchrun,
 )
 from moegpt.parallel.tensor import apply_tensor_parallel
-from moegpt.serve.runner import ModelForward, ModelInput
+from moegpt.serve.runner import ModelForward, ModelInput, TokenPatch
 
 _STOP = -1  # a length that tells followers to leave their loop
 
@@ -77,7 +77,9 @@ class TensorParallelForward:
         if packed.numel():
             dist.broadcast(packed.to(device), group_src=0, group=self.group)
 
-    def __call__(self, inp: ModelInput) -> torch.Tensor:
+    def __call__(self, inp: ModelInput, patch: TokenPatch | None = None) -> torch.Tensor:
+        # Followers get token ids from the host: a step may not feed tokens on the device.
+        assert patch is None, "tensor-parallel steps take their tokens from the host"
         self._send(pack(inp))
         return self.forward(inp)
 
