@@ -15,7 +15,7 @@ from moegpt.errors import UserError
 from moegpt.model import KVCache, Transformer
 from moegpt.serve.engine import Engine
 from moegpt.serve.lookahead import SpeculationGate
-from moegpt.serve.sampler import Proposal, verify
+from moegpt.serve.sampler import Proposal, accept, verify_batch
 from moegpt.serve.sequence import SamplingParams
 from moegpt.serve.speculative import NgramProposer
 from tests.conftest import small_config
@@ -32,52 +32,62 @@ def chi_square(counts: torch.Tensor, expected_probs: torch.Tensor) -> float:
     return float(((counts[mask] - expected[mask]) ** 2 / expected[mask]).sum())
 
 
-def broken_verify(target, argmax, proposal, generator):
-    """The rule the seed suspects: accept any draft the target does not rule out."""
-    out = []
-    for i, token in enumerate(proposal.tokens):
-        if target[i][token] <= 0:
-            return [*out, int(torch.multinomial(target[i], 1, generator=generator))], i
-        out.append(token)
-    k = len(proposal.tokens)
-    return [*out, int(torch.multinomial(target[k], 1, generator=generator))], k
+def broken_accept(target, proposed, lengths, proposal_probs, generators):
+    """The rule the seed suspects: accept any proposal the target does not rule out."""
+    rows, width = proposed.shape
+    kept = target[:, :width].gather(2, proposed[..., None]).squeeze(-1) > 0
+    accepted = kept.long().cumprod(dim=1).sum(dim=1)
+    last = torch.multinomial(target[torch.arange(rows), accepted], 1).squeeze(1)
+    tokens = torch.cat([proposed, last[:, None]], dim=1)
+    span = torch.arange(width + 1)
+    tokens = torch.where(span < accepted[:, None], tokens, -1)
+    return torch.where(span == accepted[:, None], last[:, None], tokens), accepted
 
 
 def emitted_counts(rule, trials: int = 20000) -> tuple[torch.Tensor, torch.Tensor]:
-    """Position-0 and position-1 emitted tokens over many verifications of k = 2 drafts
+    """Position-0 and position-1 emitted tokens over many verifications of k = 2 proposals
     drawn from p against fixed target rows q (independent of the prefix, so each emitted
-    position must follow its own row)."""
-    gen = torch.Generator().manual_seed(0)
+    position must follow its own row); the trials verify as one batch."""
+    torch.manual_seed(0)
     q = torch.tensor(
         [[0.4, 0.3, 0.1, 0.1, 0.05, 0.05], [0.1, 0.1, 0.5, 0.1, 0.1, 0.1], [1 / 6] * 6]
     )
     p = torch.tensor([[0.1, 0.1, 0.2, 0.2, 0.2, 0.2], [0.3, 0.3, 0.1, 0.1, 0.1, 0.1]])
-    first, second = torch.zeros(6), torch.zeros(6)
-    for _ in range(trials):
-        drafts = [int(torch.multinomial(p[i], 1, generator=gen)) for i in range(2)]
-        tokens, _ = rule(q, [0, 0, 0], Proposal(drafts, p), gen)
-        first[tokens[0]] += 1
-        if len(tokens) > 1:
-            second[tokens[1]] += 1
+    proposed = torch.stack([torch.multinomial(p[i], trials, replacement=True) for i in (0, 1)], 1)
+    tokens, _ = rule(
+        q.expand(trials, 3, 6),
+        proposed,
+        torch.full((trials,), 2),
+        p.expand(trials, 2, 6),
+        [None] * trials,
+    )
+    first = torch.bincount(tokens[:, 0], minlength=6).float()
+    second = torch.bincount(tokens[:, 1][tokens[:, 1] >= 0], minlength=6).float()
     return first, second, q
 
 
 def test_acceptance_rule_keeps_the_target_distribution_and_a_wrong_rule_fails() -> None:
-    first, second, q = emitted_counts(verify)
+    first, second, q = emitted_counts(accept)
     assert chi_square(first, q[0]) < CHI2_999[5]
     assert chi_square(second, q[1]) < CHI2_999[5]
-    bad_first, _, _ = emitted_counts(broken_verify)
+    bad_first, _, _ = emitted_counts(broken_accept)
     assert chi_square(bad_first, q[0]) > 10 * CHI2_999[5]
 
 
-def test_point_mass_proposals_and_greedy_verification() -> None:
-    gen = torch.Generator().manual_seed(1)
+def test_point_mass_proposals_greedy_rows_and_ragged_lengths() -> None:
     q = torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.0, 0.5], [0.0, 0.0, 1.0]])
-    # an n-gram proposal (point mass): token 1 has q = 1, always kept; token 1 then has q = 0
-    tokens, accepted = verify(q, [1, 0, 2], Proposal([1, 1]), gen)
-    assert accepted == 1 and tokens[0] == 1 and tokens[1] in (0, 2)
-    assert verify(None, [1, 0, 2], Proposal([1, 0]), None) == ([1, 0, 2], 2)
-    assert verify(None, [1, 0, 2], Proposal([1, 2]), None) == ([1, 0], 1)
+    greedy = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # argmax 1, 0, 2
+    target = torch.stack([q, greedy, greedy, greedy])
+    proposed = torch.tensor([[1, 1], [1, 0], [1, 2], [1, 9 % 3]])
+    lengths = torch.tensor([2, 2, 2, 1])  # the last proposes one token: its row 1 is the bonus
+    generators = [torch.Generator().manual_seed(1), None, None, None]
+    tokens, accepted = accept(target, proposed, lengths, None, generators)
+    # an n-gram proposal (point mass): token 1 has q = 1, kept; then token 1 has q = 0
+    assert accepted[0] == 1 and tokens[0, 0] == 1 and tokens[0, 1] in (0, 2)
+    assert tokens[0, 2] == -1
+    assert tokens[1].tolist() == [1, 0, 2] and accepted[1] == 2  # all kept, then the bonus
+    assert tokens[2].tolist() == [1, 0, -1] and accepted[2] == 1  # rejected at 2: argmax 0
+    assert tokens[3].tolist() == [1, 0, -1] and accepted[3] == 1  # its bonus is row 1's argmax
 
 
 def test_ngram_lookup_prefers_the_longest_latest_match() -> None:
@@ -262,3 +272,22 @@ def test_gate_settles_on_the_faster_mode_per_load_level_and_probes() -> None:
         gate.record(SpeculationGate.bucket(1), True, 4.9e-3)
     assert not gate.allows(1)
     assert gate.allows(None)  # steps with prefill are not gated
+
+
+def test_verified_tokens_carry_the_target_log_probabilities() -> None:
+    torch.manual_seed(3)
+    logits = torch.randn(2, 3, 7)
+    best = logits.argmax(dim=-1)
+    params = [SamplingParams(temperature=0, logprobs=2), SamplingParams(temperature=0)]
+    wrong = (int(best[0, 1]) + 1) % 7
+    proposals = [Proposal([int(best[0, 0]), wrong]), Proposal([int(best[1, 0])])]
+    first, second = verify_batch(logits, params, proposals, [None, None])
+    assert [s.token for s in first] == [int(best[0, 0]), int(best[0, 1])]  # corrected at 1
+    assert [s.token for s in second] == [int(best[1, 0]), int(best[1, 1])]  # and a bonus
+    reference = logits.log_softmax(dim=-1)
+    for position, sampled in enumerate(first):
+        assert sampled.logprob == pytest.approx(float(reference[0, position, sampled.token]))
+        top = reference[0, position].topk(2)
+        assert [t for t, _ in sampled.top] == top.indices.tolist()
+        assert [v for _, v in sampled.top] == pytest.approx(top.values.tolist())
+    assert all(s.logprob is None for s in second)

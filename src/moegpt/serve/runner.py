@@ -31,15 +31,7 @@ from moegpt.serve.paged import (
     SequenceSlice,
     bytes_per_token,
 )
-from moegpt.serve.sampler import (
-    Draw,
-    Proposal,
-    Sampled,
-    distribution,
-    draw,
-    verify,
-    with_logprobs,
-)
+from moegpt.serve.sampler import Draw, Proposal, Sampled, draw, verify_batch
 from moegpt.serve.sequence import SamplingParams
 from moegpt.serve.step import RunnerOutput, SchedulerOutput
 
@@ -407,9 +399,7 @@ class ModelRunner:
             self._previous = launched
         if proposals:
             start = time.perf_counter()
-            for sid, proposal in proposals.items():
-                first, count = rows[sid]
-                result.sampled[sid] = self._verify(sid, logits[first : first + count], proposal)
+            result.sampled.update(self._verify(logits, rows, proposals))
             result.verify_seconds = time.perf_counter() - start
             launched.result = result
         return launched
@@ -430,18 +420,30 @@ class ModelRunner:
             self._previous = None
         return result
 
-    def _verify(self, seq_id: int, rows: torch.Tensor, proposal: Proposal) -> list[Sampled]:
-        """The tokens a sequence keeps of ``proposal`` (k tokens) against the target's
-        ``rows`` (k + 1, vocab), plus the corrected or bonus token; the draft cache rolls
-        back to what was accepted."""
-        seq = self.sequences[seq_id]
-        params = seq.params
-        target = None if params.greedy else torch.stack([distribution(r, params) for r in rows])
-        argmax = rows.argmax(dim=-1).tolist()
-        tokens, accepted = verify(target, argmax, proposal, seq.generator)
-        # The draft cached the proposals before the last; keep what the target accepted.
-        seq.draft_computed = min(seq.draft_computed, len(seq.tokens) + accepted)
-        return [
-            with_logprobs(r, t, params.logprobs)
-            for r, t in zip(rows[: len(tokens)], tokens, strict=True)
+    def _verify(
+        self,
+        logits: torch.Tensor,
+        rows: dict[int, tuple[int, int]],
+        proposals: dict[int, Proposal],
+    ) -> dict[int, list[Sampled]]:
+        """What each sequence keeps of its proposal (accepted tokens, then the corrected or
+        bonus one), verified together against the target's rows; draft caches roll back to
+        what was accepted."""
+        ids = list(proposals)
+        width = max(len(p.tokens) for p in proposals.values())
+        # each sequence's 1 + k rows, padded to 1 + width by repeating its last
+        index = [
+            [first + min(i, count - 1) for i in range(width + 1)]
+            for first, count in (rows[sid] for sid in ids)
         ]
+        seqs = [self.sequences[sid] for sid in ids]
+        verified = verify_batch(
+            logits[torch.tensor(index, device=logits.device)],
+            [s.params for s in seqs],
+            [proposals[sid] for sid in ids],
+            [s.generator for s in seqs],
+        )
+        for seq, tokens in zip(seqs, verified, strict=True):
+            # The draft cached the proposals before the last; keep what the target accepted.
+            seq.draft_computed = min(seq.draft_computed, len(seq.tokens) + len(tokens) - 1)
+        return dict(zip(ids, verified, strict=True))

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from moegpt.serve.sequence import SamplingParams
 
@@ -82,19 +83,6 @@ class Sampled:
         return {"token": self.token, "logprob": self.logprob, "top": self.top}
 
 
-def with_logprobs(logits: torch.Tensor, token: int, alternatives: int | None) -> Sampled:
-    """``token`` with its log-probability under the raw model distribution and the
-    ``alternatives`` most likely tokens' (None: no log-probabilities asked for)."""
-    if alternatives is None:
-        return Sampled(token)
-    logprobs = logits.float().log_softmax(dim=-1)
-    top = logprobs.topk(alternatives) if alternatives else None
-    pairs = (
-        list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else []
-    )
-    return Sampled(token, float(logprobs[token]), pairs)
-
-
 class Draw:
     """A batch's drawn tokens on the device (``tokens``) with the log-probabilities its rows
     ask for, packed so that one device-to-host copy brings everything back: start it with
@@ -149,23 +137,13 @@ def draw(
     ``generators[i]``), with the log-probabilities each asks for, on the logits' device and
     without waiting for it.
 
-    Each row draws by the exponential race, ``argmax(p / E)`` with ``E ~ Exp(1)`` per token,
-    which picks token t with probability p_t: unseeded rows share one batched draw, seeded
-    rows draw from their own generator (so a seed reproduces whatever the batch holds). An
-    all-greedy batch is one argmax.
+    Rows draw by :func:`race` (a seeded row's draw does not depend on what else is in the
+    batch); an all-greedy batch is one argmax.
     """
     if all(p.greedy for p in params):
         tokens = logits.argmax(dim=-1)
     else:
-        probs = batch_distribution(logits, params)
-        race = torch.empty_like(probs).exponential_()
-        for i, generator in enumerate(generators):
-            if generator is not None:
-                race[i].exponential_(generator=generator)
-        # A draw of exactly 0 would make 0 / 0 = NaN, which argmax would pick, for a token
-        # of probability 0 (a uniform of exactly 0 has chance 2**-24 per token in fp32).
-        race.clamp_(min=torch.finfo(race.dtype).tiny)
-        tokens = (probs / race).argmax(dim=-1)
+        tokens = race(batch_distribution(logits, params), generators)
     top = max((p.logprobs or 0 for p in params), default=0)
     parts = [tokens.float()[:, None]]  # token ids are exact in fp32 below 2**24
     if any(p.logprobs is not None for p in params):
@@ -193,46 +171,129 @@ class Proposal:
     probs: torch.Tensor | None = None
 
 
-def verify(
-    target: torch.Tensor | None,
-    argmax: list[int],
-    proposal: Proposal,
-    generator: torch.Generator | None,
-) -> tuple[list[int], int]:
-    """Tokens to append and how many proposed ones were accepted.
+def race(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of ``probs`` by the exponential race, ``argmax(p / E)`` with
+    ``E ~ Exp(1)`` per token, which picks token t with probability p_t: unseeded rows share
+    one batched draw, seeded rows draw from their own generator."""
+    noise = torch.empty_like(probs).exponential_()
+    for i, generator in enumerate(generators):
+        if generator is not None:
+            noise[i].exponential_(generator=generator)
+    # A draw of exactly 0 would make 0 / 0 = NaN, which argmax would pick, for a token of
+    # probability 0 (a uniform of exactly 0 has chance 2**-24 per token in fp32).
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+    return (probs / noise).argmax(dim=-1)
 
-    ``target`` (k + 1, vocab) holds the target's sampling distributions q at the k proposed
-    positions and one past them. Proposed token x at position i is accepted with probability
-    min(1, q(x) / p(x)); at the first rejection a token is drawn from the normalised residual
-    max(0, q - p) and the rest is discarded; if all k pass, a bonus token is drawn from the
-    last row. ``target`` None is greedy: the target's ``argmax`` tokens are accepted exactly.
+
+def accept(
+    target: torch.Tensor,
+    proposed: torch.Tensor,
+    lengths: torch.Tensor,
+    proposal_probs: torch.Tensor | None,
+    generators: list[torch.Generator | None],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The speculative acceptance rule for a batch, on the device: (tokens (S, K + 1), -1
+    past each row's end; accepted (S,)).
+
+    ``target`` (S, K + 1, vocab) holds the target's sampling distributions q at the proposed
+    positions and one past them; ``proposed`` (S, K) the proposed tokens, the first
+    ``lengths`` of each row real; ``proposal_probs`` (S, K, vocab) the distributions p they
+    were drawn from (None: point masses, as n-grams propose). Token x at position i is
+    accepted with probability min(1, q(x) / p(x)); at the first rejection a token is drawn
+    from the normalised residual max(0, q - p) and the rest is discarded; if all pass, a
+    bonus token is drawn from the row past them (Leviathan et al. 2023). Greedy rows (point
+    masses q) accept exactly the target's argmax tokens.
     """
-    out: list[int] = []
-    for i, token in enumerate(proposal.tokens):
-        if target is None:
-            if token != argmax[i]:
-                return [*out, argmax[i]], i
-            out.append(token)
-            continue
-        q = target[i]
-        p = proposal.probs[i] if proposal.probs is not None else _point(q, token)
-        u = float(torch.rand((), generator=generator, device=q.device))
-        if u * float(p[token]) < float(q[token]):
-            out.append(token)
-            continue
-        residual = (q - p).clamp(min=0.0)
-        if float(residual.sum()) <= 0.0:  # q == p up to rounding: nothing to correct
-            residual = q
-        drawn = torch.multinomial(residual / residual.sum(), 1, generator=generator)
-        return [*out, int(drawn)], i
-    k = len(proposal.tokens)
-    bonus = (
-        argmax[k] if target is None else int(torch.multinomial(target[k], 1, generator=generator))
+    rows, width = proposed.shape
+    device = target.device
+    real = torch.arange(width, device=device) < lengths[:, None]
+    if proposal_probs is None:
+        proposal_probs = F.one_hot(proposed, target.shape[-1]).to(target.dtype)
+    # p past each row's proposals is 0: the row after the last proposal is the bonus row
+    p = torch.cat(
+        [
+            proposal_probs * real[..., None],
+            proposal_probs.new_zeros(rows, 1, 1).expand(rows, 1, target.shape[-1]),
+        ],
+        dim=1,
     )
-    return [*out, bonus], k
+    q_x = target[:, :width].gather(2, proposed[..., None]).squeeze(-1)
+    p_x = p[:, :width].gather(2, proposed[..., None]).squeeze(-1)
+    uniform = torch.rand(rows, width, device=device)
+    for i, generator in enumerate(generators):
+        if generator is not None:
+            uniform[i] = torch.rand(width, device=device, generator=generator)
+    kept = (uniform * p_x < q_x) & real
+    accepted = kept.long().cumprod(dim=1).sum(dim=1)
+    at = accepted[:, None, None].expand(rows, 1, target.shape[-1])
+    q_j, p_j = target.gather(1, at).squeeze(1), p.gather(1, at).squeeze(1)
+    residual = (q_j - p_j).clamp(min=0.0)
+    empty = residual.sum(dim=-1, keepdim=True) <= 0  # q == p up to rounding: nothing to fix
+    last = race(torch.where(empty, q_j, residual), generators)
+    span = torch.arange(width + 1, device=device)
+    tokens = torch.cat([proposed, proposed.new_zeros(rows, 1)], dim=1)
+    tokens = torch.where(span < accepted[:, None], tokens, -1)
+    tokens = torch.where(span == accepted[:, None], last[:, None], tokens)
+    return tokens, accepted
 
 
-def _point(like: torch.Tensor, token: int) -> torch.Tensor:
-    p = torch.zeros_like(like)
-    p[token] = 1.0
-    return p
+def verify_batch(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    proposals: list[Proposal],
+    generators: list[torch.Generator | None],
+) -> list[list[Sampled]]:
+    """What each sequence keeps of its proposal against the target's ``logits`` (S, K + 1,
+    vocab; row i's rows past its proposal are ignored): the accepted tokens and the
+    corrected or bonus one, with the log-probabilities it asks for. One batched draw on the
+    device and one device-to-host copy."""
+    rows, width = logits.shape[0], logits.shape[1] - 1
+    device = logits.device
+    flat = batch_distribution(
+        logits.reshape(-1, logits.shape[-1]), [p for p in params for _ in range(width + 1)]
+    )
+    padded = [[*p.tokens, *[0] * (width - len(p.tokens))] for p in proposals]
+    proposed = torch.tensor(padded, device=device)
+    lengths = torch.tensor([len(p.tokens) for p in proposals], device=device)
+    drawn = None
+    if any(p.probs is not None for p in proposals):
+        drawn = torch.zeros(rows, width, logits.shape[-1], device=device)
+        for i, p in enumerate(proposals):
+            drawn[i, : len(p.tokens)] = (
+                p.probs
+                if p.probs is not None
+                else F.one_hot(proposed[i, : len(p.tokens)], logits.shape[-1]).float()
+            )
+    tokens, accepted = accept(flat.view(rows, width + 1, -1), proposed, lengths, drawn, generators)
+    top = max((p.logprobs or 0 for p in params), default=0)
+    parts = [accepted[:, None].float(), tokens.float()]
+    if any(p.logprobs is not None for p in params):
+        logprobs = logits.float().log_softmax(dim=-1)
+        parts.append(logprobs.gather(2, tokens.clamp(min=0)[..., None]).squeeze(-1))
+        if top:
+            best = logprobs.topk(top, dim=-1)
+            parts += [best.indices.float().flatten(1), best.values.flatten(1)]
+    host = torch.cat(parts, dim=1).tolist()
+    out = []
+    for row, p in zip(host, params, strict=True):
+        kept = int(row[0]) + 1
+        ids = [int(t) for t in row[1 : 1 + kept]]
+        if p.logprobs is None:
+            out.append([Sampled(t) for t in ids])
+            continue
+        at = 2 + width
+        chosen = row[at : at + kept]
+        indices = row[at + width + 1 :][: (width + 1) * top]
+        values = row[at + width + 1 + (width + 1) * top :]
+        sampled = []
+        for i, (token, logprob) in enumerate(zip(ids, chosen, strict=True)):
+            pairs = list(
+                zip(
+                    indices[i * top : i * top + p.logprobs],
+                    values[i * top : i * top + p.logprobs],
+                    strict=True,
+                )
+            )
+            sampled.append(Sampled(token, logprob, [(int(t), v) for t, v in pairs]))
+        out.append(sampled)
+    return out
