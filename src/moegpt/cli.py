@@ -219,7 +219,8 @@ def _with_engine(
     args: argparse.Namespace, serve: ServeConfig, work: Callable[[Engine], None]
 ) -> int | None:
     """Run ``work`` on an engine over MODEL_DIR: in this process, or with ``serve.tp`` > 1 on
-    rank 0 of a torchrun job (started here unless this already is one)."""
+    rank 0 of a torchrun job (started here unless this already is one), whose collectives time
+    out after ``parallel.timeout_s``."""
     from moegpt.parallel.mesh import launched_by_torchrun
     from moegpt.serve.engine import Engine
 
@@ -228,21 +229,11 @@ def _with_engine(
             engine = Engine.from_folder(args.model_dir, serve)
         work(engine)
         return None
+    from moegpt.serve import tp_engine
+
     if not launched_by_torchrun():
-        from moegpt.parallel.launch import launch
-
-        return launch(serve.tp, 0, args.argv)
-    import torch.distributed as dist
-
-    from moegpt.serve.tp_engine import open_tensor_parallel
-
-    try:
-        engine = open_tensor_parallel(args.model_dir, serve)
-        if engine is not None:  # rank 0; the followers return once it closes
-            with engine:
-                work(engine)
-    finally:
-        dist.destroy_process_group()
+        return tp_engine.launch(serve.tp, args.argv)
+    tp_engine.run_rank(args.model_dir, serve, _load(args).parallel.timeout_s, work)
     return None
 
 

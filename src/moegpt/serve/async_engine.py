@@ -18,6 +18,7 @@ from moegpt.serve.engine import Engine, RequestOutput
 from moegpt.serve.metrics import EngineCollector
 from moegpt.serve.output import OutputProcessor
 from moegpt.serve.sequence import SamplingParams
+from moegpt.serve.tensor_parallel import TensorParallelForward
 
 
 @dataclass
@@ -142,6 +143,9 @@ class AsyncEngine:
         while not self._stopping:
             self._drain_mailbox()
             if not self.engine.has_work():
+                # An idle server's followers wait in a collective: keep it within its timeout.
+                if isinstance(self.engine.forward, TensorParallelForward):
+                    self.engine.forward.keep_alive()
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()
                 continue

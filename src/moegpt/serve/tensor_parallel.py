@@ -8,10 +8,16 @@ to the other ranks, and all ranks run the same forward, whose collectives join t
 The followers keep their own paged cache of their K/V heads (all of them, with multi-query
 attention) at the slots rank 0 assigns, and never look at the logits. ``close()`` on rank 0
 releases them.
+
+Failures: a step that fails on rank 0 (a peer died mid-collective, say) leaves the ranks out of
+step, so rank 0 sends nothing more, not even the release; torchrun stops every rank once one has
+failed. An idle server's rank 0 sends a keep-alive every ``KEEPALIVE_S``, so a follower's wait
+for the next step never runs into the collective timeout.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -31,6 +37,8 @@ from moegpt.parallel.tensor import apply_tensor_parallel
 from moegpt.serve.runner import ModelForward, ModelInput, TokenPatch
 
 _STOP = -1  # a length that tells followers to leave their loop
+_KEEPALIVE = 0  # a length that tells followers there is no step yet (a packed input is longer)
+KEEPALIVE_S = 1.0  # far below any sensible collective timeout, and one tiny broadcast a second
 
 
 def pack(inp: ModelInput) -> torch.Tensor:
@@ -69,26 +77,43 @@ class TensorParallelForward:
         self.cache = forward.cache
         self.group = group
         self._closed = False
+        self._sent = time.monotonic()  # when the followers last heard from this rank
+        self.failed: BaseException | None = None  # what broke the group, once something has
 
-    def _send(self, packed: torch.Tensor) -> None:
-        device = self.forward.device
-        length = torch.tensor([packed.numel()], dtype=torch.int64, device=device)
-        dist.broadcast(length, group_src=0, group=self.group)
-        if packed.numel():
-            dist.broadcast(packed.to(device), group_src=0, group=self.group)
+    def _broadcast_length(self, length: int) -> None:
+        self._sent = time.monotonic()
+        tensor = torch.tensor([length], dtype=torch.int64, device=self.forward.device)
+        dist.broadcast(tensor, group_src=0, group=self.group)
 
     def __call__(self, inp: ModelInput, patch: TokenPatch | None = None) -> torch.Tensor:
         # Followers get token ids from the host: a step may not feed tokens on the device.
         assert patch is None, "tensor-parallel steps take their tokens from the host"
-        self._send(pack(inp))
-        return self.forward(inp)
+        if self.failed is not None:
+            raise RuntimeError("tensor-parallel ranks out of step: a step failed") from self.failed
+        packed = pack(inp)
+        try:
+            self._broadcast_length(packed.numel())
+            dist.broadcast(packed.to(self.forward.device), group_src=0, group=self.group)
+            return self.forward(inp)
+        except BaseException as e:
+            self.failed = e
+            raise
+
+    def keep_alive(self) -> None:
+        """Call between steps while idle: tells the followers this rank is alive, at most every
+        ``KEEPALIVE_S``. A failure is kept for the next step to raise."""
+        if self.failed is None and time.monotonic() - self._sent >= KEEPALIVE_S:
+            try:
+                self._broadcast_length(_KEEPALIVE)
+            except Exception as e:
+                self.failed = e
 
     def close(self) -> None:
-        """Release the followers (once)."""
-        if not self._closed:
+        """Release the followers (once), unless the group failed: they may be mid-step, and
+        torchrun stops them when this rank exits."""
+        if not self._closed and self.failed is None:
             self._closed = True
-            length = torch.tensor([_STOP], dtype=torch.int64, device=self.forward.device)
-            dist.broadcast(length, group_src=0, group=self.group)
+            self._broadcast_length(_STOP)
             dist.barrier(group=self.group)  # nobody tears the group down while a peer reads
 
 
@@ -97,12 +122,15 @@ def follow(forward: ModelForward, group: dist.ProcessGroup) -> int:
     device = forward.device
     steps = 0
     while True:
-        length = torch.empty(1, dtype=torch.int64, device=device)
-        dist.broadcast(length, group_src=0, group=group)
-        if int(length) == _STOP:
+        received = torch.empty(1, dtype=torch.int64, device=device)
+        dist.broadcast(received, group_src=0, group=group)
+        length = int(received)
+        if length == _STOP:
             dist.barrier(group=group)
             return steps
-        packed = torch.empty(int(length), dtype=torch.int64, device=device)
+        if length == _KEEPALIVE:
+            continue
+        packed = torch.empty(length, dtype=torch.int64, device=device)
         dist.broadcast(packed, group_src=0, group=group)
         forward(unpack(packed.cpu()))
         steps += 1
