@@ -88,10 +88,10 @@ class LookaheadPolicy:
             limit = min(
                 self.max_k,
                 seq.params.max_tokens - len(seq.output) - 1,
-                max_context - len(seq.tokens),
+                max_context - seq.length,
             )
             if self.draft_max_len is not None:
-                limit = min(limit, self.draft_max_len - len(seq.tokens))
+                limit = min(limit, self.draft_max_len - seq.length)
             if limit <= 0:
                 continue
             if self.mode == "fixed" or cost is None:
@@ -108,7 +108,7 @@ class LookaheadPolicy:
         SmartSpec, Liu et al. 2024): under load a verified token costs about as much as a
         decoded one, so speculation pays only while acceptance is high."""
         alpha = self.acceptance(seq)
-        context = len(seq.tokens)
+        context = seq.length
         share = cost.predict(batch, batch * context, batch) / batch
         # Speculating at all costs a verification and an attention call of its own (the
         # sequence leaves the padded decode batch); each proposed token adds its compute.

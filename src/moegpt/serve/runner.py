@@ -389,8 +389,11 @@ class ModelRunner:
         plain = [sid for sid in rows if sid not in proposals]
         if plain:
             seqs = [self.sequences[sid] for sid in plain]
+            picked = [rows[sid][0] for sid in plain]
+            if picked != list(range(len(logits))):  # (a plain decode step takes every row)
+                logits = logits[picked]
             launched.draw = draw(
-                logits[[rows[sid][0] for sid in plain]],
+                logits,
                 [s.params for s in seqs],
                 [s.generator for s in seqs],
             )

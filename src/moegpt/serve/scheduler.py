@@ -197,7 +197,7 @@ class Scheduler:
         sample = length == seq.pending
         self._announce(out, seq)
         blocks = tuple(seq.table.blocks)
-        out.chunks.append(ScheduledChunk(seq.seq_id, start, length, blocks, sample, n - length))
+        out.add(ScheduledChunk(seq.seq_id, start, length, blocks, sample, n - length))
         seq.computed += length
         seq.in_flight += sample
         forks = []
@@ -206,7 +206,7 @@ class Scheduler:
                 child = self._fork(seq, index)
                 self._announce(out, child, parent=seq.seq_id)
                 blocks = tuple(child.table.blocks)
-                out.chunks.append(ScheduledChunk(child.seq_id, seq.computed, 0, blocks, True))
+                out.add(ScheduledChunk(child.seq_id, seq.computed, 0, blocks, True))
                 forks.append(child.seq_id)
         return forks
 
@@ -312,7 +312,7 @@ class Scheduler:
             if len(seq.output) > 1:
                 tpot = (now - seq.first_token_at) / (len(seq.output) - 1)
         else:  # the room of rejected proposals goes back
-            seq.table.truncate(len(seq.tokens) + seq.in_flight)
+            seq.table.truncate(seq.length + seq.in_flight)
         return RequestOutput(
             seq.request_id,
             seq.index,
@@ -330,9 +330,7 @@ class Scheduler:
         """Whether a token being drawn for ``seq`` is sure to end it (its length limits)."""
         return bool(seq.in_flight) and (
             len(seq.output) + seq.in_flight >= seq.params.max_tokens
-            or (
-                self.max_context is not None and len(seq.tokens) + seq.in_flight >= self.max_context
-            )
+            or (self.max_context is not None and seq.length + seq.in_flight >= self.max_context)
         )
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
@@ -343,7 +341,7 @@ class Scheduler:
             return "stop"
         if len(seq.output) + 1 >= params.max_tokens:
             return "length"
-        if self.max_context is not None and len(seq.tokens) + 1 >= self.max_context:
+        if self.max_context is not None and seq.length + 1 >= self.max_context:
             return "length"
         return None
 

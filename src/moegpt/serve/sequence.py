@@ -97,6 +97,11 @@ class Sequence:
         return self.prompt + self.output
 
     @property
+    def length(self) -> int:
+        """``len(self.tokens)``, without building the list."""
+        return len(self.prompt) + len(self.output)
+
+    @property
     def pending(self) -> int:
         """Tokens still to run through the model before the next token can be sampled."""
         return len(self.prompt) + len(self.output) + self.in_flight - self.computed

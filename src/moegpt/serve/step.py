@@ -51,13 +51,14 @@ class SchedulerOutput:
     copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write blocks
     finished: list[int] = field(default_factory=list)  # sequences gone since the last step
     preempted: list[int] = field(default_factory=list)
+    tokens: int = 0  # the chunks' tokens, proposals included (kept as they are added)
     predicted_s: float | None = None
     limited_by: str | None = None  # what stopped the step from growing
     over_bound: str | None = None  # why the step is predicted to exceed the latency target
 
-    @property
-    def tokens(self) -> int:
-        return sum(c.length + c.lookahead for c in self.chunks)
+    def add(self, chunk: ScheduledChunk) -> None:
+        self.chunks.append(chunk)
+        self.tokens += chunk.length + chunk.lookahead
 
     @property
     def keys(self) -> int:
