@@ -390,10 +390,9 @@ class ModelRunner:
         if plain:
             seqs = [self.sequences[sid] for sid in plain]
             picked = [rows[sid][0] for sid in plain]
-            if picked != list(range(len(logits))):  # (a plain decode step takes every row)
-                logits = logits[picked]
+            every_row = picked == list(range(len(logits)))  # a plain decode step's
             launched.draw = draw(
-                logits,
+                logits if every_row else logits[picked],
                 [s.params for s in seqs],
                 [s.generator for s in seqs],
             )
