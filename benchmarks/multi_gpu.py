@@ -9,8 +9,8 @@
 3. scaling: tokens/s and MFU of `--scaling-config` at 1, 2, 4, 8 GPUs (FSDP2 with expert
    parallelism over the same ranks), weak (batch grows with the GPUs) and strong (fixed
    global batch) scaling efficiency, and the all-to-all share of a profiled EP step;
-4. serving: decode tokens/s of `moegpt generate --tp N` for N = 1, 2, 4, 8 on a random
-   `--serving-config` model.
+4. serving: decode tokens/s of `moegpt generate --tp N` for N = 1, 2, 4, 8 (or
+   `--serving-tp`) on a random model of each `--serving-configs` recipe.
 
 Multi-GPU hosts keep NVLink multicast off (NCCL_NVLS_ENABLE=0 and friends, set here for every
 child). Every phase is one or a few torchrun jobs, so the whole script fits ten minutes on
@@ -19,7 +19,11 @@ shapes, to prove the script.
 
     PYTHONPATH=src python benchmarks/multi_gpu.py --out benchmarks/results   # all GPUs
     python benchmarks/multi_gpu.py --ranks 2 --phases correctness,planner \\
-        --scaling-config configs/tiny.toml --serving-config configs/tiny.toml --out /tmp/mg
+        --scaling-config configs/tiny.toml --serving-configs configs/tiny.toml --out /tmp/mg
+    PYTHONPATH=src python benchmarks/multi_gpu.py --phases serving \\
+        --serving-configs configs/small-moe.toml,configs/medium-moe.toml --out DIR
+    PYTHONPATH=src python benchmarks/multi_gpu.py --phases serving --serving-tp 4 \\
+        --serving-configs configs/large-moe.toml --out DIR    # 90 GB: four H100s
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -219,36 +224,60 @@ def scaling(args, root: Path, sizes: list[int]) -> list[dict[str, Any]]:
     return rows
 
 
-def serving(args, root: Path, sizes: list[int]) -> list[dict[str, Any]]:
-    """Decode tokens/s of `moegpt generate --tp N` (batch 1 and a batch of 32 prompts)."""
+def random_model_folder(config_path: str, vocab: int, tokenizer: Path, folder: Path) -> Path:
+    """An exported folder of ``config_path``'s model with random weights, made in bf16 one
+    tensor at a time (a model larger than host memory in fp32 still fits)."""
     from moegpt.model import Transformer
     from moegpt.weights import save_model
 
+    config = load_config(config_path, ["--model.vocab_size", str(vocab)])
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    with torch.device("meta"):
+        model = Transformer(config.model)
+    model = model.to_empty(device="cpu").to(dtype)
+    model.reset_parameters()
+    return save_model(model, folder, extra_files={"tokenizer.json": tokenizer})
+
+
+def serving(args, root: Path, sizes: list[int]) -> list[dict[str, Any]]:
+    """Decode tokens/s of `moegpt generate --tp N` for each `--serving-configs` model (batch 1
+    and a batch of 32 prompts), at each N of `--serving-tp` its heads divide."""
     # The prepared corpus's tokenizer gives the CLI text in and out (its vocabulary replaces
     # the config's).
     tokenizer = Path(load_config(args.recipe).data.data_dir) / "tokenizer.json"
     vocab = load_tokenizer(tokenizer).get_vocab_size()
-    config = load_config(args.serving_config, ["--model.vocab_size", str(vocab)])
-    torch.manual_seed(0)
-    model = Transformer(config.model).to(torch.bfloat16 if args.device == "cuda" else torch.float32)
-    folder = save_model(model, root / "serving-model", extra_files={"tokenizer.json": tokenizer})
-    del model
+    tps = [int(n) for n in args.serving_tp.split(",")] if args.serving_tp else sizes
     rows = []
-    for n in sizes:
-        if config.model.n_heads % n:
-            continue
-        row: dict[str, Any] = {"tp": n}
-        for batch in (1, 32):
-            command = [sys.executable, "-m", "moegpt.cli", "generate", str(folder)]
-            for i in range(batch):
-                command += ["--prompt", f"def function_{i}(x, y):\n    return"]
-            command += ["--max-tokens", "64", "--temperature", "0", "--ignore-eos", "--tp", str(n)]
-            done = subprocess.run(command, env=env(), capture_output=True, text=True)
-            if done.returncode:
-                sys.exit(f"serving at tp {n} failed:\n{done.stderr[-3000:]}")
-            rate = re.search(r"([\d,.]+) tokens/s", done.stderr)
-            row[f"batch{batch}_tokens_per_second"] = float(rate.group(1).replace(",", ""))
-        rows.append(row)
+    for config_path in args.serving_configs.split(","):
+        name = Path(config_path).stem
+        started = time.perf_counter()
+        folder = random_model_folder(config_path, vocab, tokenizer, root / f"serving-{name}")
+        made = time.perf_counter() - started
+        heads = load_config(config_path).model.n_heads
+        for n in [n for n in tps if heads % n == 0]:
+            row: dict[str, Any] = {"config": name, "tp": n, "model_seconds": made}
+            for batch in (1, 32):
+                command = [sys.executable, "-m", "moegpt.cli", "generate", str(folder)]
+                for i in range(batch):
+                    command += ["--prompt", f"def function_{i}(x, y):\n    return"]
+                command += ["--max-tokens", "64", "--temperature", "0", "--ignore-eos"]
+                command += ["--tp", str(n), "--max-batch-size", "32"]
+                began = time.perf_counter()
+                done = subprocess.run(command, env=env(), capture_output=True, text=True)
+                if done.returncode:
+                    row[f"batch{batch}_error"] = done.stderr.strip().splitlines()[-1:]
+                    continue
+                rate = re.search(r"([\d,.]+) tokens/s", done.stderr)
+                row[f"batch{batch}_tokens_per_second"] = float(rate.group(1).replace(",", ""))
+                row[f"batch{batch}_wall_seconds"] = time.perf_counter() - began
+                graphs = re.search(
+                    r"captured \d+ CUDA graphs|CUDA graph capture failed.*", done.stderr
+                )
+                row["graphs"] = graphs.group(0) if graphs else "none"
+            rows.append(row)
+            print(f"  serving {name} tp {n}: {row}", flush=True)
+        shutil.rmtree(folder)
     return rows
 
 
@@ -263,7 +292,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--scaling-config", default="configs/small-moe.toml")
     parser.add_argument("--scaling-steps", type=int, default=12)
-    parser.add_argument("--serving-config", default="configs/small-moe.toml")
+    parser.add_argument(
+        "--serving-configs", default="configs/small-moe.toml", help="comma-separated recipes"
+    )
+    parser.add_argument("--serving-tp", help="tensor-parallel sizes (default 1, 2, 4, 8 <= ranks)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     args.device = "cuda" if gpus else "cpu"
@@ -274,7 +306,8 @@ def main() -> None:
     if cuda:
         result["gpu"] = torch.cuda.get_device_name(0)
     started = time.perf_counter()
-    for recipe in {args.recipe, args.scaling_config}:  # the corpora the training runs read
+    needed = {args.recipe} | ({args.scaling_config} if "scaling" in phases else set())
+    for recipe in needed:  # the corpora the runs read
         if not (Path(load_config(recipe).data.data_dir) / "manifest.json").is_file():
             prepare = [sys.executable, "-m", "moegpt.cli", "prepare", "--config", recipe]
             subprocess.run(prepare, env=env(), check=True)
@@ -311,10 +344,12 @@ def main() -> None:
                 )
         if "serving" in phases:
             result["serving"] = serving(args, root, sizes)
+            print("serving (decode tokens/s of moegpt generate):")
             for r in result["serving"]:
+                rates = [r.get(f"batch{b}_tokens_per_second", float("nan")) for b in (1, 32)]
                 print(
-                    f"  serving tp {r['tp']}: batch 1 {r['batch1_tokens_per_second']:,.1f} "
-                    f"tok/s, batch 32 {r['batch32_tokens_per_second']:,.1f} tok/s"
+                    f"  {r['config']:<12} tp {r['tp']}: batch 1 {rates[0]:,.1f} tok/s, "
+                    f"batch 32 {rates[1]:,.1f} tok/s ({r['graphs']})"
                 )
     result["seconds"] = time.perf_counter() - started
     out = Path(args.out)
