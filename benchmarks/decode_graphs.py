@@ -24,7 +24,13 @@ from torch.nn.attention import sdpa_kernel
 from moegpt.config import ModelConfig, load_config
 from moegpt.model import Transformer
 from moegpt.serve.graphs import DecodeGraphs
-from moegpt.serve.paged import SDPA_BACKENDS, PagedKVCache, PagedStep, SequenceSlice
+from moegpt.serve.paged import (
+    SDPA_BACKENDS,
+    BlockTableStep,
+    PagedKVCache,
+    PagedStep,
+    SequenceSlice,
+)
 
 DEVICE = torch.device("cuda")
 
@@ -86,6 +92,58 @@ def per_sequence_error(config: ModelConfig, block: int, q_lens: tuple[int, ...])
     return errors
 
 
+def attention_error(config: ModelConfig, block: int, q_lens: tuple[int, ...]) -> dict:
+    """Relative error of the block-table step's attention in bf16 (FlashAttention on CUDA)
+    against the per-sequence path's in fp32 over the same keys, for 8 sequences of mixed
+    lengths (the model-level check above runs SDPA: flash has no fp32)."""
+    heads, kv_heads, d = config.n_heads, config.n_kv_heads, config.head_dim
+    window = math.ceil(config.max_seq_len / block)
+    cache = PagedKVCache(config, 8 * window, block, torch.bfloat16, DEVICE, spare_block=True)
+    cache.k.normal_()
+    cache.v.normal_()
+    order = torch.randperm(cache.num_blocks).tolist()
+    errors = {}
+    for q_len in q_lens:
+        contexts = torch.randint(q_len, config.max_seq_len + 1, (8,)).tolist()
+        tables = [
+            order[i * window : i * window + math.ceil(c / block)] for i, c in enumerate(contexts)
+        ]
+        new_slots = torch.tensor(
+            [
+                t[p // block] * block + p % block
+                for t, c in zip(tables, contexts, strict=True)
+                for p in range(c - q_len, c)
+            ],
+            device=DEVICE,
+        )
+        padded = [t + [cache.scratch_block] * (window - len(t)) for t in tables]
+        # Token-major, as the model's projections lay heads out.
+        q, k, v = (
+            torch.randn(1, 8 * q_len, n, d, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2)
+            for n in (heads, kv_heads, kv_heads)
+        )
+        reference = PagedKVCache(config, 8 * window, block, torch.float32, DEVICE, spare_block=True)
+        reference.k.copy_(cache.k)
+        reference.v.copy_(cache.v)
+        fast = BlockTableStep(
+            cache,
+            new_slots,
+            torch.tensor(padded, device=DEVICE),
+            torch.tensor(contexts, device=DEVICE),
+            q_len,
+        )
+        sequences, slots = [], []
+        for i, (table, context) in enumerate(zip(tables, contexts, strict=True)):
+            sequences.append(SequenceSlice(i * q_len, q_len, context - q_len, len(slots)))
+            slots += [table[p // block] * block + p % block for p in range(context)]
+        slow = PagedStep(reference, torch.tensor(slots, device=DEVICE), new_slots, sequences)
+        with torch.inference_mode(), sdpa_kernel(SDPA_BACKENDS):
+            got = fast.attend(0, q, k, v).float()
+            want = slow.attend(0, q.float(), k.float(), v.float())
+        errors[q_len] = relative_error(got, want)
+    return errors
+
+
 def kernel_profile(graphs: DecodeGraphs, step: dict) -> dict:
     """Kernels one eager step launches and their summed GPU time: what a replay runs."""
     activities = [torch.profiler.ProfilerActivity.CUDA]
@@ -116,7 +174,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/small-moe.toml")
     parser.add_argument("--batches", default="1,8,64,256")
-    parser.add_argument("--contexts", default="512,2048", help="tokens per sequence, new included")
+    parser.add_argument(
+        "--contexts", default="256,512,2048", help="tokens per sequence, new included"
+    )
     parser.add_argument("--lookahead", type=int, default=3, help="also check q_len 1 + this")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=5)
@@ -130,6 +190,7 @@ def main() -> None:
     torch.manual_seed(0)
     config = load_config(args.config).model
     reference_error = per_sequence_error(config, args.block_size, (1, verify))
+    flash_error = attention_error(config, args.block_size, (1, verify))
     model = Transformer(config).to(device=DEVICE, dtype=torch.bfloat16).eval()
     block = args.block_size
     per_sequence = math.ceil(config.max_seq_len / block)
@@ -188,13 +249,17 @@ def main() -> None:
         block_size=block,
         graphs=len(graphs.batch_sizes) * len(graphs.window_sizes) * len(graphs.q_lens),
         eager_vs_per_sequence_rel_error=reference_error,
+        bf16_attention_vs_fp32_per_sequence_rel_error=flash_error,
         capture_s=capture_s,
         graph_pool_mib=pool_mib,
         steps=rows,
     )
-    # Last, on an instance never captured (so it runs eagerly) over the same model and cache.
-    profiled = DecodeGraphs(model, cache, 1, config.max_seq_len)
-    result["batch_1_kernels"] = kernel_profile(profiled, inputs[(1, 1, contexts[0])])
+    # Last, on instances never captured (so they run eagerly) over the same model and cache.
+    for case in ((1, 1, contexts[0]), (max(batches), 1, max(contexts))):
+        profiled = DecodeGraphs(model, cache, case[0], config.max_seq_len)
+        result[f"batch_{case[0]}_context_{case[2]}_kernels"] = kernel_profile(
+            profiled, inputs[case]
+        )
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.write_text(text + "\n")
@@ -208,11 +273,14 @@ def main() -> None:
             f"{r['rel_error_vs_eager']:8.1e}"
         )
     print(f"fp32 eager block-table step vs per-sequence path, relative error: {reference_error}")
-    print(f"batch 1: {result['batch_1_kernels']['kernels']} kernels a step")
+    print(f"bf16 block-table attention vs fp32 per-sequence path, relative error: {flash_error}")
+    print(f"batch 1: {result[f'batch_1_context_{contexts[0]}_kernels']['kernels']} kernels a step")
     if max(r["rel_error_vs_eager"] for r in rows) > 1e-2:  # the same kernels: 0 expected
         raise SystemExit("graph replay logits differ from the eager step's")
     if max(reference_error.values()) > 1e-4:  # fp32 rounding: about 1e-6
         raise SystemExit("the block-table step differs from the per-sequence path")
+    if max(flash_error.values()) > 1e-2:  # bf16 probabilities: about 2e-3
+        raise SystemExit("the bf16 block-table attention differs from the per-sequence path")
 
 
 if __name__ == "__main__":

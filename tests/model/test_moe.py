@@ -177,3 +177,19 @@ def test_top1_router_learns_from_the_output_only_without_renormalisation(renorma
         assert grad < 1e-6
     else:
         assert grad > 1e-3
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 4])
+def test_gathered_inference_path_equals_grouped_path(tokens: int) -> None:
+    """A decode step's few slots run as gathered per-slot GEMVs, which must compute what the
+    grouped GEMM computes (fp32, where both run on CPU)."""
+    moe = MoE(small_config(n_experts=8, top_k=2)).eval()
+    moe.experts.use_grouped_mm = True
+    moe.experts.max_gathered_slots = 8  # every case here gathers
+    x = torch.randn(1, tokens, 32)
+    with torch.inference_mode():
+        gathered, _ = moe(x)
+        moe.experts.max_gathered_slots = 0
+        grouped, _ = moe(x)
+    torch.testing.assert_close(gathered, grouped, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gathered, reference_moe(moe, x), rtol=1e-5, atol=1e-5)
