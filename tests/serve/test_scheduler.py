@@ -134,6 +134,16 @@ def test_latency_bound_shrinks_a_prefill_chunk() -> None:
     assert plan.chunks[0].length <= 10 and plan.predicted_s <= 10e-3
 
 
+def test_a_step_over_the_target_at_any_size_runs_its_whole_chunk() -> None:
+    """A step the target cannot hold even with one token (a high fixed cost) does not creep
+    through a prompt a token a step: each would be over the target anyway."""
+    cost = StepCostModel(base=20e-3, per_token=1e-6, per_key=0.0)
+    s = Scheduler(SchedulerConfig(tpot_s=5e-3), BlockAllocator(64, 4), cost)
+    make(s, 40)
+    plan = run(s)
+    assert spans(plan) == [(0, 0, 40)] and plan.over_bound == "one token exceeds it"
+
+
 def test_late_prompt_jumps_the_bound_for_its_first_token() -> None:
     clock = [0.0]
     cost = StepCostModel(base=1e-3, per_token=1e-3, per_key=0.0)

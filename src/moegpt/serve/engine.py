@@ -216,9 +216,8 @@ class Engine:
         return cls(model, tokenizer, config, eos_id=eos_id, draft=draft)
 
     def close(self) -> None:
-        """Release tensor-parallel followers (nothing to do for one process)."""
-        if isinstance(self.forward, TensorParallelForward):
-            self.forward.close()
+        """Release tensor-parallel followers and the decode graphs."""
+        self.forward.close()
 
     def __enter__(self) -> Engine:
         return self

@@ -58,6 +58,8 @@ class Forward(Protocol):
 
     def __call__(self, inp: ModelInput, patch: TokenPatch | None = None) -> torch.Tensor: ...
 
+    def close(self) -> None: ...
+
 
 class ModelForward:
     """Packed forwards over one paged cache: a uniform step (every sequence runs the same
@@ -77,6 +79,13 @@ class ModelForward:
         self.device = device
         self.batch_invariant = batch_invariant
         self.graphs = graphs
+
+    def close(self) -> None:
+        """Drop the decode graphs (before the process group goes: graphs that captured its
+        collectives keep NCCL from tearing it down)."""
+        if self.graphs is not None:
+            self.graphs = None
+            torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def __call__(self, inp: ModelInput, patch: TokenPatch | None = None) -> torch.Tensor:

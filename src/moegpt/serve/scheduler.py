@@ -182,9 +182,11 @@ class Scheduler:
             if out.chunks and not self._late(seq):
                 out.limited_by = "latency bound"
                 return 0
-            # progress first: a step always runs something, and a late prompt is admitted
+            # Progress first: a step always runs something, and a late prompt is admitted.
+            # A step the target cannot hold even with one token runs the whole chunk: cutting
+            # it would add steps, each over the target, and never meet it.
             out.over_bound = "time-to-first-token" if out.chunks else "one token exceeds it"
-            fitted = 1
+            fitted = 1 if out.chunks else n
         return fitted
 
     def _place(self, out: SchedulerOutput, seq: Sequence, n: int) -> list[int]:

@@ -115,6 +115,7 @@ class TensorParallelForward:
             self._closed = True
             self._broadcast_length(_STOP)
             dist.barrier(group=self.group)  # nobody tears the group down while a peer reads
+        self.forward.close()
 
 
 def follow(forward: ModelForward, group: dist.ProcessGroup) -> int:

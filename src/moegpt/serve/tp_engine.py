@@ -88,7 +88,9 @@ def open_tensor_parallel(
         tokenizer, eos_id = folder_tokenizer(path)
         draft = load_draft(path, config, model)
         return Engine(model, tokenizer, config, eos_id, tp_group=group, draft=draft)
-    follow(build_forward(model, config, group), group)
+    forward = build_forward(model, config, group)
+    follow(forward, group)
+    forward.close()
     return None
 
 
