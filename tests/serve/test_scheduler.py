@@ -164,12 +164,13 @@ def test_late_prompt_jumps_the_bound_for_its_first_token() -> None:
 
 
 def test_cost_model_fit_recovers_coefficients() -> None:
-    truth = StepCostModel(2e-3, 5e-5, 1e-8, 3e-4)
+    truth = StepCostModel(2e-3, 5e-5, 1e-8, 3e-4, 1.5e-2)
     samples = [
-        (t, k, n, truth.predict(t, k, n))
+        (t, k, n, m, truth.predict(t, k, n, bool(m)))
         for t in (1, 8, 64, 512)
         for k in (10, 1000, 99999)
         for n in (1, 7)
+        for m in (0, 1)
     ]
     fitted = StepCostModel.fit(samples)
     for got, want in zip(
@@ -178,6 +179,36 @@ def test_cost_model_fit_recovers_coefficients() -> None:
         strict=True,
     ):
         assert abs(got - want) <= 1e-6 * max(want, 1e-3)
+    assert abs(fitted.per_mixed_step - 1.5e-2) <= 1e-8
+
+
+def test_running_decodes_are_never_cut_by_the_bound_only_admissions() -> None:
+    """Six decoding sequences against a target that fits four: all six keep decoding every
+    step (cutting two would double their time per token), and no prompt is admitted."""
+    cost = StepCostModel(base=1e-3, per_token=1e-3, per_key=0.0)
+    s = Scheduler(SchedulerConfig(max_tokens_per_step=64), BlockAllocator(64, 4), cost)
+    running = [make(s, 1) for _ in range(6)]
+    run(s)  # admitted without a target
+    s.config = SchedulerConfig(tpot_s=5e-3)
+    make(s, 1)
+    for _ in range(3):
+        plan = run(s)
+        assert [c.seq_id for c in plan.chunks] == [q.seq_id for q in running]
+        assert plan.over_bound == "running decodes exceed it"
+        assert len(s.waiting) == 1
+
+
+def test_a_prefill_that_would_leave_the_graphs_waits_behind_decodes() -> None:
+    """Decodes fit the target; adding a prompt chunk makes the step a mixed one (eager on a
+    GPU), which the model prices over the target: the prompt waits."""
+    cost = StepCostModel(base=1e-3, per_token=1e-4, per_key=0.0, per_mixed_step=20e-3)
+    s = Scheduler(SchedulerConfig(tpot_s=5e-3), BlockAllocator(64, 4), cost)
+    first = make(s, 3)
+    run(s)  # the first prompt: over the target whatever its size, so run whole
+    late = make(s, 3)
+    plan = run(s)
+    assert [c.seq_id for c in plan.chunks] == [first.seq_id] and plan.predicted_s <= 5e-3
+    assert plan.limited_by == "latency bound" and s.waiting[0] is late
 
 
 def test_update_appends_and_applies_every_stop() -> None:

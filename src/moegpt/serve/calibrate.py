@@ -87,7 +87,8 @@ def measure(
             for table in tables:
                 table.free()
         keys = sum(new * (past + new) for past, new in shape)
-        samples.append((len(inp.tokens), keys, len(shape), best))
+        mixed = any(new != 1 for _, new in shape)
+        samples.append((len(inp.tokens), keys, len(shape), int(mixed), best))
     return samples
 
 

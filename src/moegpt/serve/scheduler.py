@@ -51,6 +51,11 @@ def _keys(start: int, length: int) -> int:
     return length * (start + length)
 
 
+def _mixed(out: SchedulerOutput) -> bool:
+    """Whether the step runs more than one-token decodes (see :class:`StepCostModel`)."""
+    return any(c.length != 1 or c.lookahead or not c.sample for c in out.chunks)
+
+
 class Scheduler:
     def __init__(
         self,
@@ -150,10 +155,11 @@ class Scheduler:
             return n
         target *= self.headroom
         sequences = len(out.chunks) + 1
-        while (
-            n > 0
-            and cost.predict(out.tokens + n, keys + _keys(seq.computed, n), sequences) > target
-        ):
+        while n > 0:
+            step_keys = keys + _keys(seq.computed, n)
+            mixed = _mixed(out) or not (n == 1 and seq.pending == 1)
+            if cost.predict(out.tokens + n, step_keys, sequences, mixed) <= target:
+                break
             n = n // 2 if n > 1 else 0
         return n
 
@@ -178,6 +184,11 @@ class Scheduler:
             out.limited_by = "token budget"
             return 0
         fitted = self._fit_latency(out, keys, seq, n)
+        if fitted == 0 and seq.status is Status.RUNNING and seq.pending == 1:
+            # A running sequence decodes every step: the target limits how many run (the
+            # admissions), never which of them wait a step, which would double their TPOT.
+            out.over_bound = "running decodes exceed it"
+            return 1
         if fitted == 0:
             if out.chunks and not self._late(seq):
                 out.limited_by = "latency bound"
@@ -261,7 +272,7 @@ class Scheduler:
             keys += _keys(seq.computed, n)
             self._place(out, seq, n)  # its forks come after it: the running loop is done
         if self.cost is not None:
-            out.predicted_s = self.cost.predict(out.tokens, keys, len(out.chunks))
+            out.predicted_s = self.cost.predict(out.tokens, keys, len(out.chunks), _mixed(out))
         out.finished, self._gone = self._gone, []
         return out
 
@@ -351,7 +362,8 @@ class Scheduler:
         """Train the step-time model, the latency headroom and the lookahead policy on a
         measured step."""
         self._steps += 1
-        self._cost_samples.append((result.tokens_run, out.keys, len(out.chunks), seconds))
+        sample = (result.tokens_run, out.keys, len(out.chunks), int(_mixed(out)), seconds)
+        self._cost_samples.append(sample)
         target = self.config.tpot_s
         if target is not None:
             self._adjust_headroom(out, seconds, target)
