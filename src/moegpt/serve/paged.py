@@ -152,9 +152,8 @@ class BlockTableStep:
     host, so the step can be captured in a CUDA graph and replayed with new device inputs.
     Each sequence attends over a fixed window of ``block_tables.shape[1]`` blocks, gathered
     whole blocks at a time (gathering slot by slot, 128 bytes a row with small-moe, took 6.5
-    times as long on an H100);
-    keys past its own are never attended, so table entries past its blocks may name any block
-    (a scratch block, say).
+    times as long on an H100); keys past its own are never attended, so table entries past
+    its blocks may name any block (a scratch block, say).
 
     On a GPU in half precision the window goes to FlashAttention-2's variable-length kernel,
     which stops at each sequence's own keys (``seqused_k``) and splits long windows across
@@ -209,7 +208,10 @@ class BlockTableStep:
         v = values.unflatten(0, (-1, self.cache.block_size))[self.block_tables].view(window)
         if self.flash:
             # Token-major in and out, as the projections lay heads out. Causal aligns the last
-            # query with each sequence's last key.
+            # query with each sequence's last key. The aten op because torch 2.11 has no public
+            # variable-length entry point taking per-sequence key counts (torch 2.13's
+            # torch.nn.attention.varlen wraps this op); the GPU benchmark checks it against the
+            # per-sequence path (benchmarks/decode_graphs.py).
             out = torch.ops.aten._flash_attention_forward(
                 q[0].transpose(0, 1),
                 k.flatten(0, 1).to(q.dtype),
