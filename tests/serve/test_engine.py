@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from moegpt.config import ServeConfig
+from moegpt.errors import UserError
 from moegpt.model import Transformer
 from moegpt.serve import runner
 from moegpt.serve.engine import Engine
@@ -125,3 +126,21 @@ def test_no_block_leaks_after_cancellations_and_preemptions(
         engine.step()
     assert engine.stats.preemptions > 0
     assert engine.allocator.used == 0 and engine.allocator.free == 40
+
+
+@pytest.mark.parametrize("overlap", ["off", "on"])
+def test_a_request_id_is_busy_until_its_last_sample_ends(model: Transformer, overlap: str) -> None:
+    engine = Engine(model, config=ServeConfig(num_kv_blocks=64, overlap=overlap))
+    engine.add_request([1, 2, 3], SamplingParams(max_tokens=4, n=3, seed=0), "r")
+    with pytest.raises(UserError, match="request_id: 'r' is already running"):
+        engine.add_request([4], SamplingParams(max_tokens=1), "r")
+    finished = 0
+    while engine.has_work():
+        finished += sum(out.finished for out in engine.step())
+        if finished < 3:
+            with pytest.raises(UserError, match="already running"):
+                engine.add_request([4], SamplingParams(max_tokens=1), "r")
+    assert finished == 3
+    engine.add_request([4], SamplingParams(max_tokens=1), "r")  # free again
+    engine.abort("r")
+    engine.add_request([5], SamplingParams(max_tokens=1), "r")  # and after an abort

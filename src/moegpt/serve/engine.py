@@ -173,7 +173,7 @@ class Engine:
             self.scheduler.cost, self.scheduler.calibration = calibrate(
                 self.forward, self.allocator, self.scheduler.config, self.max_context
             )
-        self._requests: set[str] = set()  # requests with a sequence not yet finished
+        self._requests: dict[str, int] = {}  # request id -> its samples not yet finished
         self._seed_rng = torch.Generator().manual_seed(0)
 
     def _speculation(
@@ -259,7 +259,7 @@ class Engine:
             BlockTable(self.allocator),
             seed,
         )
-        self._requests.add(request_id)
+        self._requests[request_id] = params.n
         self.scheduler.add(seq)
         return request_id
 
@@ -277,14 +277,14 @@ class Engine:
     def abort(self, request_id: str) -> None:
         """Cancel a request at any point; its blocks are freed at once."""
         self.scheduler.abort(request_id)
-        self._requests.discard(request_id)
+        self._requests.pop(request_id, None)
 
     def finish(self, request_id: str, index: int, reason: str = "stop") -> None:
         """End one sequence of a request (a stop string found in its text)."""
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
             if seq.request_id == request_id and seq.index == index:
                 self.scheduler.finish(seq, reason)
-                self._forget_if_done(request_id)
+                self._one_finished(request_id)
                 return
 
     def has_work(self) -> bool:
@@ -320,15 +320,16 @@ class Engine:
         self._account(scheduled, result, outputs, elapsed, step.prompt_lengths)
         for out in outputs:
             if out.finished:
-                self._forget_if_done(out.request_id)
+                self._one_finished(out.request_id)
         return outputs
 
-    def _forget_if_done(self, request_id: str) -> None:
-        scheduler = self.scheduler
-        if request_id in self._requests and not any(
-            s.request_id == request_id for s in [*scheduler.running, *scheduler.waiting]
-        ):
-            self._requests.discard(request_id)
+    def _one_finished(self, request_id: str) -> None:
+        """A sample of the request ended; the request is forgotten after its last."""
+        left = self._requests.get(request_id)
+        if left == 1:
+            del self._requests[request_id]
+        elif left is not None:
+            self._requests[request_id] = left - 1
 
     def _account(
         self,
