@@ -263,10 +263,9 @@ def cmd_serve(args: argparse.Namespace) -> int | None:
         from moegpt.serve.async_engine import AsyncEngine
         from moegpt.serve.server import serve as serve_http
 
-        total = engine.allocator.num_blocks
         stderr.print(
-            f"serving {name} on http://{host}:{port} ({total} KV blocks of "
-            f"{serve.block_size} tokens{', API key required' if api_key else ''})",
+            f"serving {name} on http://{host}:{port}{', API key required' if api_key else ''}"
+            f" ({engine.describe()})",
             highlight=False,
         )
         serve_http(AsyncEngine(engine), name, host, port, api_key, **limits)
@@ -291,6 +290,7 @@ def _generate(engine: Engine, args: argparse.Namespace) -> None:
         logprobs=args.logprobs,
         ignore_eos=args.ignore_eos,
     )
+    stderr.print(f"engine: {engine.describe()}", highlight=False)
     prompts = args.prompt or [sys.stdin.read()]
     # Special-token strings in a prompt are text, as in /v1/completions and the training data.
     encoded = PlainEncoder(engine.tokenizer).encode(prompts) if engine.tokenizer else prompts

@@ -144,3 +144,20 @@ def test_a_request_id_is_busy_until_its_last_sample_ends(model: Transformer, ove
     engine.add_request([4], SamplingParams(max_tokens=1), "r")  # free again
     engine.abort("r")
     engine.add_request([5], SamplingParams(max_tokens=1), "r")  # and after an abort
+
+
+def test_overlapped_steps_draw_the_same_seeded_samples(model: Transformer) -> None:
+    """n > 1 samples fork once, at the prompt's end, also when the first token is still in
+    flight as the next step is planned: the same seeds give the same tokens either way."""
+    requests = mixed_requests(6, model.config.vocab_size, seed=7)
+    params = SamplingParams(max_tokens=12, n=3, seed=11, temperature=0.8)
+    runs = {}
+    for overlap in ("off", "on"):
+        engine = Engine(model, config=ServeConfig(num_kv_blocks=96, overlap=overlap))
+        runs[overlap] = [
+            [c.token_ids for c in completions]
+            for completions in engine.generate([p for p, _ in requests], params)
+        ]
+        assert engine.allocator.used == 0
+    assert runs["on"] == runs["off"]
+    assert all(len(samples) == 3 for samples in runs["on"])

@@ -3,6 +3,7 @@ n > 1 samples sharing their prompt's blocks; and `moegpt generate`."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,15 @@ def test_generate_cli_streams_tokens(tmp_path: Path, model: Transformer, capsys)
     stdin_free = ["generate", str(tmp_path / "m"), "--prompt", "x"]
     assert main(stdin_free) == 2  # text without a tokenizer: a one-line error
     assert "prompt: text needs a tokenizer" in capsys.readouterr().err
+
+
+def test_generate_cli_says_how_the_engine_started(text_model: Path, capsys) -> None:
+    flags = ["--max-tokens", "4", "--temperature", "0", "--num-kv-blocks", "32"]
+    assert main(["generate", str(text_model), "--prompt", "def", *flags]) == 0
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("engine: "))
+    assert re.fullmatch(
+        r"engine: KV cache 32 blocks of 16 tokens \([\d.,]+ MiB\), no decode graphs, "
+        r"no step-time model, overlap off; ready in [\d.]+ s",
+        line,
+    ), line

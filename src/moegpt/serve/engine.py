@@ -129,6 +129,7 @@ class Engine:
         ranks run :func:`moegpt.serve.tensor_parallel.follow` (see ``open_tensor_parallel``).
         ``draft``: a smaller model proposing tokens for speculative decoding (``config.ngram``
         proposes from n-grams instead)."""
+        started = time.perf_counter()
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = config or ServeConfig()
@@ -175,6 +176,8 @@ class Engine:
             )
         self._requests: dict[str, int] = {}  # request id -> its samples not yet finished
         self._seed_rng = torch.Generator().manual_seed(0)
+        # Cache, graphs and calibration; ``from_folder`` adds the load.
+        self.startup_seconds = time.perf_counter() - started
 
     def _speculation(
         self, draft: Transformer | None
@@ -209,11 +212,29 @@ class Engine:
 
         if config is not None and config.tp > 1:
             raise UserError("serve.tp: a tensor-parallel engine opens with open_tensor_parallel")
+        started = time.perf_counter()
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         tokenizer, eos_id = folder_tokenizer(path)
         model = load(path, device=device)
         draft = load_draft(path, config, model) if config is not None else None
-        return cls(model, tokenizer, config, eos_id=eos_id, draft=draft)
+        engine = cls(model, tokenizer, config, eos_id=eos_id, draft=draft)
+        engine.startup_seconds = time.perf_counter() - started
+        return engine
+
+    def describe(self) -> str:
+        """One line on how the engine was set up: its KV cache, decode graphs, step-time
+        model and overlap, and how long starting it took."""
+        blocks, size = self.allocator.num_blocks, self.config.block_size
+        cache = self.forward.cache
+        nbytes = (cache.k.numel() + cache.v.numel()) * cache.k.element_size()
+        graphs = self.forward.graphs
+        parts = [
+            f"KV cache {blocks:,} blocks of {size} tokens ({nbytes / 2**20:,.1f} MiB)",
+            f"{graphs.captured} decode graphs" if graphs is not None else "no decode graphs",
+            "step-time model calibrated" if self.scheduler.cost else "no step-time model",
+            f"overlap {'on' if self.overlap else 'off'}",
+        ]
+        return ", ".join(parts) + f"; ready in {self.startup_seconds:.1f} s"
 
     def close(self) -> None:
         """Release tensor-parallel followers and the decode graphs."""

@@ -55,6 +55,7 @@ class Forward(Protocol):
     forward that sends each input to its followers first."""
 
     cache: PagedKVCache
+    graphs: DecodeGraphs | None
 
     def __call__(self, inp: ModelInput, patch: TokenPatch | None = None) -> torch.Tensor: ...
 

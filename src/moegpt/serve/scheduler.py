@@ -214,7 +214,9 @@ class Scheduler:
         seq.computed += length
         seq.in_flight += sample
         forks = []
-        if sample and seq.params.n > 1 and not seq.output and seq.index == 0:
+        # The first sample of an n > 1 request forks when its prompt's last chunk is placed
+        # (its first token may still be in flight when it runs again: no second fork then).
+        if sample and seq.params.n > 1 and seq.index == 0 and seq.computed == len(seq.prompt):
             for index in range(1, seq.params.n):
                 child = self._fork(seq, index)
                 self._announce(out, child, parent=seq.seq_id)

@@ -34,6 +34,7 @@ from moegpt.parallel.mesh import (
     launched_by_torchrun,
 )
 from moegpt.parallel.tensor import apply_tensor_parallel
+from moegpt.serve.graphs import DecodeGraphs
 from moegpt.serve.runner import ModelForward, ModelInput, TokenPatch
 
 _STOP = -1  # a length that tells followers to leave their loop
@@ -84,6 +85,10 @@ class TensorParallelForward:
         self._sent = time.monotonic()
         tensor = torch.tensor([length], dtype=torch.int64, device=self.forward.device)
         dist.broadcast(tensor, group_src=0, group=self.group)
+
+    @property
+    def graphs(self) -> DecodeGraphs | None:
+        return self.forward.graphs
 
     def __call__(self, inp: ModelInput, patch: TokenPatch | None = None) -> torch.Tensor:
         # Followers get token ids from the host: a step may not feed tokens on the device.
