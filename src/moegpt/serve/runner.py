@@ -107,7 +107,7 @@ class ModelForward:
             return 0
         q_len = inp.sequences[0][1]
         uniform = all(new == q_len for _, new, _, _ in inp.sequences)
-        every_row = len(inp.logits_rows) == len(inp.tokens)
+        every_row = inp.logits_rows == list(range(len(inp.tokens)))
         context = max(past + new for _, new, past, _ in inp.sequences)
         fits = uniform and graphs.fits(len(inp.sequences), q_len, context)
         return q_len if every_row and fits else 0
@@ -129,8 +129,7 @@ class ModelForward:
             q_len,
             patch,
         )
-        # the rows come in packed order, so the requested rows are all of them, reordered
-        return logits.float()[inp.logits_rows]
+        return logits.float()  # every row, in order (see _uniform)
 
     def _eager(self, inp: ModelInput, patch: TokenPatch | None = None) -> torch.Tensor:
         padded = not self.batch_invariant and sum(new == 1 for _, new, _, _ in inp.sequences) > 1
@@ -187,8 +186,9 @@ def build_forward(
     tp_group: dist.ProcessGroup | None = None,
     extra_token_bytes: int = 0,
 ) -> ModelForward:
-    """A runner over a new paged cache of ``config.num_kv_blocks`` blocks (or as many as fit);
-    tensor-parallel ranks agree on the smallest count."""
+    """A forward over a new paged cache of ``config.num_kv_blocks`` blocks (or as many as
+    fit; tensor-parallel ranks agree on the smallest count), with decode graphs where
+    :func:`graphs_wanted`."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     blocks = config.num_kv_blocks or default_num_blocks(model, config, dtype, extra_token_bytes)
