@@ -198,6 +198,20 @@ def test_running_decodes_are_never_cut_by_the_bound_only_admissions() -> None:
         assert len(s.waiting) == 1
 
 
+def test_a_prompt_chunk_cut_by_the_bound_does_not_hold_back_later_decodes() -> None:
+    cost = StepCostModel(base=1e-3, per_token=1e-3, per_key=0.0, per_mixed_step=5e-3)
+    s = Scheduler(SchedulerConfig(max_tokens_per_step=6), BlockAllocator(64, 4), cost)
+    first, second = make(s, 1), make(s, 1)
+    run(s)
+    prompt = make(s, 12)
+    run(s)  # both decode; 4 tokens of the new prompt
+    s.running = [first, prompt, second]  # an unfinished prompt between two decodes
+    s.config = SchedulerConfig(tpot_s=3.5e-3, max_tokens_per_step=64)
+    plan = run(s)  # any prompt chunk makes a mixed step (8 ms): cut; the decodes still run
+    assert [c.seq_id for c in plan.chunks] == [first.seq_id, second.seq_id]
+    assert plan.limited_by == "latency bound" and prompt.computed == 4
+
+
 def test_a_prefill_that_would_leave_the_graphs_waits_behind_decodes() -> None:
     """Decodes fit the target; adding a prompt chunk makes the step a mixed one (eager on a
     GPU), which the model prices over the target: the prompt waits."""

@@ -245,6 +245,9 @@ class Scheduler:
                 index += 1  # placed with its parent; or its draw in flight is its last
                 continue
             n = self._take(out, keys, seq, wanted.get(seq.seq_id, 0))
+            if n == 0 and out.limited_by == "latency bound":
+                index += 1  # a prompt chunk waits; the decodes after it still run
+                continue
             if n == 0:
                 break
             needed = seq.table.extra_blocks(seq.computed, seq.computed + n)
