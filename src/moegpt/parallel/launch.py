@@ -32,8 +32,12 @@ def torchrun_command(nproc: int, max_restarts: int, child_argv: Sequence[str]) -
     ]
 
 
+def rank_env_defaults(nproc: int) -> dict[str, str]:
+    """What every one of ``nproc`` local ranks runs with unless the user set it: NVLS off,
+    and one BLAS thread pool per rank sharing the cores (torchrun would force 1 and warn)."""
+    return {**GPU_ENV_DEFAULTS, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
+
+
 def launch(nproc: int, max_restarts: int, child_argv: Sequence[str]) -> int:
-    env = {**GPU_ENV_DEFAULTS, **os.environ}
-    # One BLAS thread pool per rank, sharing the cores (torchrun would force 1 and warn).
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env = {**rank_env_defaults(nproc), **os.environ}
     return subprocess.call(torchrun_command(nproc, max_restarts, child_argv), env=env)

@@ -23,7 +23,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, P
 
 from moegpt.config import ServeConfig
 from moegpt.errors import UserError
-from moegpt.parallel.launch import GPU_ENV_DEFAULTS
+from moegpt.parallel.launch import rank_env_defaults
 from moegpt.parallel.mesh import local_device
 from moegpt.serve.engine import Engine, folder_tokenizer, load_draft
 from moegpt.serve.runner import build_forward
@@ -42,10 +42,8 @@ def launch(tp: int, argv: Sequence[str]) -> int:
     status."""
     from torch.distributed.run import parse_args, run
 
-    for name, value in GPU_ENV_DEFAULTS.items():
+    for name, value in rank_env_defaults(tp).items():
         os.environ.setdefault(name, value)
-    # One BLAS thread pool per rank, sharing the cores (torchrun would force 1 and warn).
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // tp)))
     # The agent logs each failure and each rank it stops; the one line below says what matters.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
