@@ -203,8 +203,11 @@ def test_an_interrupted_prepare_keeps_the_previous_tokenizer(corpus: Path, monke
     prepare(config, log=lambda m: None)
     data_dir = corpus / "prepared"
     tokenizer = (data_dir / "tokenizer.json").read_bytes()
-    (corpus / "a" / "000.txt").write_text(document("a", 0) + " zyxwvut qponml" * 50)
-    os.utime(corpus / "a" / "000.txt", ns=(3, 3))
+    # Every document changes: which ones the tokenizer trains on (the training split) depends
+    # on their paths, which differ from run to run.
+    for i, path in enumerate(sorted((corpus / "a").glob("*.txt"))):
+        path.write_text(document("a", i) + " zyxwvut qponml" * 50)
+        os.utime(path, ns=(3, 3))
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
