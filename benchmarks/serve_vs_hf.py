@@ -472,6 +472,12 @@ def main() -> None:
     parser.add_argument("--tpot-ms", type=float, help="latency target (default 2x batch-1 step)")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="torch.compile moegpt's decode step before capturing its graphs (serve.compile)",
+    )
+    parser.add_argument(
         "--hf-variants",
         default="eager,static-compile",
         help=f"comma-separated, of: {', '.join(HF_VARIANTS)}",
@@ -510,7 +516,9 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(vocab, (top, args.prompt_len), generator=gen).tolist()
     blocks_per_seq = -(-(args.prompt_len + args.output_len) // 16)
-    serve = ServeConfig(max_batch_size=top, num_kv_blocks=top * blocks_per_seq + 64)
+    serve = ServeConfig(
+        max_batch_size=top, num_kv_blocks=top * blocks_per_seq + 64, compile=args.compile
+    )
     engine = Engine(model, config=serve)
     result: dict = {"config": args.config, "dtype": str(dtype), "prompt_len": args.prompt_len}
     result["output_len"] = args.output_len
@@ -518,6 +526,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
     result["device"] = name
     result["torch"] = torch.__version__
+    result["engine_setup"] = engine.describe()
 
     bandwidth = copy_bandwidth(device)
     context = args.prompt_len + args.output_len // 2  # the mean context of a decode step
@@ -609,6 +618,7 @@ def report(result: dict, concurrency: list[int]) -> str:
         f"{result['config']} on {result['device']} ({result['dtype']}, torch {result['torch']}), "
         f"prompts {result['prompt_len']}, outputs {result['output_len']}; median of "
         f"{result['repeats']} timed runs after {result['warmup']} warm-up run(s), both sides",
+        f"moegpt engine: {result['engine_setup']}",
         f"copy bandwidth {one['copy_bandwidth_gbs']:,.0f} GB/s; a batch-1 decode step reads "
         f"{one['bytes_per_token'] / 1e6:,.1f} MB: roofline "
         f"{one['roofline_tokens_per_second']:,.1f} tokens/s",

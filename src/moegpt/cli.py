@@ -346,6 +346,7 @@ SERVE_FLAGS = (
     "ttft_ms",
     "decode_attention",
     "cuda_graphs",
+    "compile",
     "overlap",
     "draft",
     "ngram",

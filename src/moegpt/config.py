@@ -443,6 +443,11 @@ class ServeConfig(_Section):
         "on a GPU in padded mode, capture decode steps as CUDA graphs at start-up and replay "
         "them (false: every step runs eagerly, as when capture fails)",
     )
+    compile: bool = _doc(
+        True,
+        "with decode graphs, torch.compile the decode step before capturing it (fuses its "
+        "small kernels; adds compilation to start-up, cached on disk for the next start)",
+    )
     overlap: Literal["auto", "on", "off"] = _doc(
         "auto",
         "plan and launch step n+1 while the device runs step n, feeding it the tokens step n "

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from moegpt.model import Transformer
+from moegpt.model.moe import GroupedExperts
 from moegpt.serve.graphs import DecodeGraphs, batch_ladder, host_sync_reason, window_ladder
 from moegpt.serve.paged import PagedKVCache, PagedStep, SequenceSlice
 from tests.conftest import small_config
@@ -107,15 +108,17 @@ def test_ladders() -> None:
     assert batch_ladder(256)[-2:] == [240, 256]
     assert batch_ladder(10) == [1, 2, 4, 8, 10]
     assert batch_ladder(1) == [1]
-    assert window_ladder(128) == [1, 2, 4, 8, 16, 32, 64, 128]
-    assert window_ladder(6) == [1, 2, 4, 6]
+    assert window_ladder(128) == [2, 4, 8, 16, 32, 64, 128]
+    assert window_ladder(6) == [2, 4, 6]
+    assert window_ladder(2) == [2]
+    assert window_ladder(1) == [1]
 
 
 def test_buckets_pick_the_smallest_that_fits() -> None:
     model = Transformer(small_config()).eval()
     graphs = DecodeGraphs(model, make_cache(model), max_batch_size=8, max_context=30, q_lens=(1, 3))
     assert graphs.bucket(3, 1, 14) == (4, 1, 4)  # 14 keys: 4 blocks
-    assert graphs.bucket(1, 1, 4) == (1, 1, 1)
+    assert graphs.bucket(1, 1, 4) == (1, 1, 2)  # no window of one block
     assert graphs.bucket(5, 3, 17) == (8, 3, 8)  # 5 blocks: the window of 8 (ceil(30 / 4))
     assert graphs.fits(8, 3, 32)  # the last window rounds max_context up to whole blocks
     assert not graphs.fits(9, 1, 10)  # too many sequences
@@ -123,6 +126,43 @@ def test_buckets_pick_the_smallest_that_fits() -> None:
     assert not graphs.fits(1, 2, 10)  # no ladder for q_len 2
     with pytest.raises(ValueError, match="no bucket"):
         graphs.run([1] * 9, [0] * 9, [0] * 9, [[0]] * 9, [1] * 9, q_len=1)
+
+
+def test_compiled_step_matches_eager_and_compiles_once_across_buckets() -> None:
+    """The compiled step (bf16: the grouped GEMM, as on a GPU) gives the uncompiled step's
+    logits, and buckets of any batch above one and any window share one compilation."""
+    torch._dynamo.reset()
+    model = Transformer(small_config()).to(torch.bfloat16).eval()
+    for module in model.modules():
+        if isinstance(module, GroupedExperts):
+            module.use_grouped_mm = True  # the sync-free path CUDA graphs capture
+    cache = PagedKVCache(
+        model.config, BLOCKS, BLOCK, torch.bfloat16, torch.device("cpu"), spare_block=True
+    )
+    cache.k.normal_()
+    cache.v.normal_()
+    eager = DecodeGraphs(model, cache, max_batch_size=8, max_context=32)
+    compiled = DecodeGraphs(model, cache, max_batch_size=8, max_context=32, compile=True)
+    assert compiled.compiled and not eager.compiled
+    counters = torch._dynamo.utils.counters
+    frames = []
+    for batch, context in ((7, 12), (3, 6), (2, 30), (1, 9)):
+        need = math.ceil(context / BLOCK)
+        tables = [list(range(need * b, need * (b + 1))) for b in range(batch)]
+        step = dict(
+            tokens=torch.randint(97, (batch,)).tolist(),
+            positions=[context - 1] * batch,
+            slot_mapping=[slots_of(t, context - 1, context)[0] for t in tables],
+            block_tables=tables,
+            context_lens=[context] * batch,
+            q_len=1,
+        )
+        want = eager.run(**step).float().clone()
+        got = compiled.run(**step).float()
+        torch.testing.assert_close(got, want, rtol=0, atol=0.05 * want.abs().max().item())
+        frames.append(counters["stats"]["unique_graphs"])
+    assert frames[0] == frames[1] == frames[2] == 1  # batches 8, 4 and 2; windows 4, 2 and 8
+    assert frames[3] == 2  # a batch of one specialises (and takes the gathered-expert path)
 
 
 def test_capture_refuses_what_it_cannot_capture() -> None:

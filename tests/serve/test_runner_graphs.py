@@ -92,6 +92,31 @@ def test_failed_capture_falls_back_with_one_warning(model: Transformer, capsys) 
     assert "decoding runs eagerly" in lines[0]
 
 
+def test_failed_compilation_captures_uncompiled_with_one_warning(
+    model: Transformer, capsys, monkeypatch
+) -> None:
+    """Where compiling the step fails but graphs could be captured, they are, uncompiled
+    (capture itself is stood in for: CPU has no CUDA graphs)."""
+    captured = []
+
+    def capture(graphs: DecodeGraphs) -> None:
+        if graphs.compiled:
+            raise RuntimeError("inductor: no kernel for this op\nmore detail")
+        captured.append(graphs)
+
+    monkeypatch.setattr(DecodeGraphs, "blocker", lambda graphs: None)
+    monkeypatch.setattr(DecodeGraphs, "capture", capture)
+    cache = PagedKVCache(
+        model.config, 32, BLOCK, torch.float32, torch.device("cpu"), spare_block=True
+    )
+    graphs = capture_graphs(model, cache, ServeConfig(max_batch_size=4, compile=True))
+    assert graphs is not None and not graphs.compiled and captured == [graphs]
+    warning, done = capsys.readouterr().err.strip().splitlines()
+    assert "compiling the decode step failed (RuntimeError: inductor: no kernel" in warning
+    assert "more detail" not in warning and "capturing it uncompiled" in warning
+    assert "captured 0 CUDA graphs" in done  # the stand-in capture recorded none
+
+
 def test_verify_graphs_only_when_speculating_fits_a_block() -> None:
     assert graph_q_lens(ServeConfig()) == (1,)
     assert graph_q_lens(ServeConfig(ngram=True, spec_tokens=4, block_size=16)) == (1, 5)

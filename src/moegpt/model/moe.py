@@ -139,7 +139,7 @@ class GroupedExperts(nn.Module):
         # grouped_mm is not an autocast op (the loop's matmuls follow autocast by themselves).
         x = x.to(dtype)
         weights = {name: w.to(dtype) for name, w in weights.items()}
-        if torch.is_inference_mode_enabled() and x.shape[0] <= self.max_gathered_slots:
+        if not torch.is_grad_enabled() and x.shape[0] <= self.max_gathered_slots:
             ids = torch.repeat_interleave(
                 torch.arange(counts.numel(), device=x.device), counts, output_size=x.shape[0]
             )
@@ -192,7 +192,7 @@ class MoE(nn.Module):
         slots = expert_out.new_zeros(n_tokens * k, shape[-1], dtype=torch.float32)
         slots[order] = expert_out.float() * weights.reshape(-1)[order].unsqueeze(-1)
         out = slots.view(n_tokens, k, shape[-1]).sum(dim=1).to(x.dtype)
-        if torch.is_inference_mode_enabled():  # serving: no losses, a few dozen fewer kernels
+        if not torch.is_grad_enabled():  # serving: no losses, a few dozen fewer kernels
             return out.view(shape), None
         return out.view(shape), self._stats(logits, probs, counts, kept, n_tokens)
 

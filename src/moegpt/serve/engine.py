@@ -230,7 +230,11 @@ class Engine:
         graphs = self.forward.graphs
         parts = [
             f"KV cache {blocks:,} blocks of {size} tokens ({nbytes / 2**20:,.1f} MiB)",
-            f"{graphs.captured} decode graphs" if graphs is not None else "no decode graphs",
+            (
+                f"{graphs.captured} {'compiled ' if graphs.compiled else ''}decode graphs"
+                if graphs is not None
+                else "no decode graphs"
+            ),
             "step-time model calibrated" if self.scheduler.cost else "no step-time model",
             f"overlap {'on' if self.overlap else 'off'}",
         ]

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.fx.experimental import _config as fx_config
 from torch.nn.attention import sdpa_kernel
 
 from moegpt.model import Transformer
@@ -31,9 +32,10 @@ def batch_ladder(max_batch_size: int) -> list[int]:
 
 
 def window_ladder(max_blocks: int) -> list[int]:
-    """Key windows in blocks: powers of two, ending at ``max_blocks``, so a batch of short
-    sequences does not read (and mask) keys up to the longest context."""
-    sizes = [2**i for i in range(max_blocks.bit_length()) if 2**i < max_blocks]
+    """Key windows in blocks: powers of two from 2, ending at ``max_blocks``, so a batch of
+    short sequences does not read (and mask) keys up to the longest context. No window of one
+    block: a compiled step would specialise on that size 1 and compile again for it."""
+    sizes = [2**i for i in range(1, max_blocks.bit_length()) if 2**i < max_blocks]
     return [*sizes, max_blocks]
 
 
@@ -90,6 +92,7 @@ class DecodeGraphs:
         max_batch_size: int,
         max_context: int,
         q_lens: tuple[int, ...] = (1,),
+        compile: bool = False,
     ) -> None:
         if cache.scratch_block is None:
             raise ValueError("DecodeGraphs needs a cache with a spare block for padding rows")
@@ -114,6 +117,14 @@ class DecodeGraphs:
         # keep (batch x vocab) alive for each of the buckets.
         self._logits = torch.empty(rows, model.config.vocab_size, dtype=dtype, device=self.device)
         self._graphs: dict[Bucket, torch.cuda.CUDAGraph] = {}
+        # Compiled, the step's elementwise work (norms, rotary embeddings, routing, residuals)
+        # fuses into a fraction of its eager kernels, which is what a replayed step at a small
+        # batch spends its time on. Dynamic shapes: one compilation serves every bucket but
+        # the few that size-1 dimensions and the MoE layer's shape-dependent path specialise.
+        self.compiled = compile
+        self._logits_of = self._model_logits
+        if compile:
+            self._logits_of = torch.compile(self._model_logits, fullgraph=True, dynamic=True)
 
     @property
     def captured(self) -> int:
@@ -137,13 +148,18 @@ class DecodeGraphs:
             and context <= self.max_blocks * self.cache.block_size
         )
 
+    def blocker(self) -> str | None:
+        """Why no bucket could be captured here whatever the compilation (None: nothing)."""
+        if self.device.type != "cuda":
+            return f"CUDA graphs need a CUDA device, not {self.device}"
+        return host_sync_reason(self.model, self.device)
+
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every bucket, largest first so that the smaller ones reuse its memory in the
-        shared pool. Raises where the forward can't be captured (the caller runs eagerly)."""
-        if self.device.type != "cuda":
-            raise RuntimeError(f"CUDA graphs need a CUDA device, not {self.device}")
-        reason = host_sync_reason(self.model, self.device)
+        shared pool. Raises where the forward can't be captured (the caller runs eagerly).
+        Compiled, the first bucket of each specialisation compiles in its warm-up run."""
+        reason = self.blocker()
         if reason is not None:
             raise RuntimeError(reason)
         pool = torch.cuda.graph_pool_handle()
@@ -245,9 +261,27 @@ class DecodeGraphs:
     def _forward(self, inputs: StepInputs) -> None:
         """The step's forward over the bucket's buffers, logits into the shared buffer."""
         q_len = inputs.tokens.numel() // inputs.context_lens.numel()
-        view = BlockTableStep(
-            self.cache, inputs.slot_mapping, inputs.block_tables, inputs.context_lens, q_len
-        )
-        with sdpa_kernel(SDPA_BACKENDS):
-            out = self.model(inputs.tokens[None], positions=inputs.positions[None], cache=view)
-        self._logits[: inputs.tokens.numel()].copy_(out.logits[0])
+        # Sizes that merely coincide (a batch of as many sequences as the model has layers)
+        # must not become one symbol, or a bucket of another batch would recompile.
+        with sdpa_kernel(SDPA_BACKENDS), fx_config.patch(use_duck_shape=False):
+            logits = self._logits_of(
+                inputs.tokens,
+                inputs.positions,
+                inputs.slot_mapping,
+                inputs.block_tables,
+                inputs.context_lens,
+                q_len,
+            )
+        self._logits[: inputs.tokens.numel()].copy_(logits)
+
+    def _model_logits(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        q_len: int,
+    ) -> torch.Tensor:
+        view = BlockTableStep(self.cache, slot_mapping, block_tables, context_lens, q_len)
+        return self.model(tokens[None], positions=positions[None], cache=view).logits[0]

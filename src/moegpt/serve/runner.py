@@ -231,34 +231,48 @@ def capture_graphs(
     tp_group: dist.ProcessGroup | None = None,
 ) -> DecodeGraphs | None:
     """Decode graphs for ``model`` over ``cache``, or None, with one warning line, where they
-    can't be captured: decoding then runs eagerly. Tensor-parallel ranks capture together
-    and fall back together (all of them or none run graphs, or their collectives would
-    not pair up)."""
+    can't be captured: decoding then runs eagerly. With ``config.compile`` the step is
+    compiled first; if that fails the graphs are captured uncompiled (one warning line).
+    Tensor-parallel ranks capture together and fall back together (all of them or none run
+    graphs, or their collectives would not pair up)."""
     context = min(model.config.max_seq_len, cache.num_blocks * cache.block_size)
-    graphs = DecodeGraphs(model, cache, config.max_batch_size, context, graph_q_lens(config))
+    q_lens = graph_q_lens(config)
     started = time.perf_counter()
+    graphs = DecodeGraphs(model, cache, config.max_batch_size, context, q_lens, config.compile)
+    failure = _capture(graphs, tp_group)
+    if failure is not None and graphs.compiled and graphs.blocker() is None:
+        _warn(f"compiling the decode step failed ({failure}); capturing it uncompiled")
+        graphs = DecodeGraphs(model, cache, config.max_batch_size, context, q_lens)
+        failure = _capture(graphs, tp_group)
+    if failure is not None:
+        _warn(f"CUDA graph capture failed ({failure}); decoding runs eagerly")
+        return None
+    compiled = "compiled " if graphs.compiled else ""
+    seconds = time.perf_counter() - started
+    stderr.print(
+        f"serve: captured {graphs.captured} {compiled}CUDA graphs in {seconds:.1f} s",
+        highlight=False,
+    )
+    return graphs
+
+
+def _capture(graphs: DecodeGraphs, tp_group: dist.ProcessGroup | None) -> str | None:
+    """Capture ``graphs``; the failure as one line, or None when every rank captured."""
     failure = None
     try:
         graphs.capture()
     except Exception as e:  # any failure to capture leaves a correct eager path
         failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     if tp_group is not None:
-        ok = torch.tensor([failure is None], dtype=torch.int32, device=cache.k.device)
+        ok = torch.tensor([failure is None], dtype=torch.int32, device=graphs.device)
         dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=tp_group)
         if failure is None and not int(ok):
             failure = "another tensor-parallel rank could not capture"
-    if failure is not None:
-        stderr.print(
-            f"serve: CUDA graph capture failed ({failure}); decoding runs eagerly",
-            highlight=False,
-            markup=False,
-        )
-        return None
-    stderr.print(
-        f"serve: captured {graphs.captured} CUDA graphs in {time.perf_counter() - started:.1f} s",
-        highlight=False,
-    )
-    return graphs
+    return failure
+
+
+def _warn(message: str) -> None:
+    stderr.print(f"serve: {message}", highlight=False, markup=False)
 
 
 class Proposer(Protocol):
