@@ -41,6 +41,24 @@ def bytes_per_token(config: ModelConfig, dtype: torch.dtype, tp: int = 1) -> int
     return 2 * config.n_layers * heads * config.head_dim * torch.finfo(dtype).bits // 8
 
 
+@torch.library.custom_op("moegpt::store_kv", mutates_args=("keys", "values"))
+def store_kv(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slots: torch.Tensor,
+    new_keys: torch.Tensor,
+    new_values: torch.Tensor,
+) -> None:
+    """Write ``new_keys``/``new_values`` (tokens, kv_heads, d) into cache ``slots`` in place.
+
+    An opaque operator so that ``torch.compile`` writes the few new slots where they are: traced
+    as an index assignment into a view of the cache, the step would be functionalised into a
+    copy of the whole cache per layer (milliseconds a step, measured on an H100).
+    """
+    keys[slots] = new_keys.to(keys.dtype)
+    values[slots] = new_values.to(values.dtype)
+
+
 class PagedKVCache:
     """``num_blocks`` blocks for the allocator; with ``spare_block`` one more past them,
     ``scratch_block``, that no sequence owns: the padding rows of a graph-captured step write
@@ -198,8 +216,7 @@ class BlockTableStep:
         """``q`` (1, heads, batch * q_len, d) and ``k``/``v`` (1, kv_heads, batch * q_len, d):
         store the new keys/values, then attend."""
         keys, values = self.cache.k[layer], self.cache.v[layer]
-        keys[self.slot_mapping] = k[0].transpose(0, 1).to(keys.dtype)
-        values[self.slot_mapping] = v[0].transpose(0, 1).to(values.dtype)
+        store_kv(keys, values, self.slot_mapping, k[0].transpose(0, 1), v[0].transpose(0, 1))
         heads, tokens, d = q.shape[1:]
         batch = self.block_tables.shape[0]
         # (batch, window, kv_heads, d): whole blocks, in table order.
@@ -264,8 +281,7 @@ class PagedStep:
         """``q`` (1, heads, tokens, d) and ``k``/``v`` (1, kv_heads, tokens, d) of the packed
         batch: store the new keys/values, then attend."""
         keys, values = self.cache.k[layer], self.cache.v[layer]
-        keys[self.new_slots] = k[0].transpose(0, 1).to(keys.dtype)
-        values[self.new_slots] = v[0].transpose(0, 1).to(values.dtype)
+        store_kv(keys, values, self.new_slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
         out = torch.empty_like(q)
         if self.decodes is not None:
             decoded = self.decodes.attend(q, keys, values, self.slots)
