@@ -93,8 +93,12 @@ def test_padded_decode_attention_agrees(model: Transformer, graphs: bool, monkey
     if graphs:  # the GPU set-up on CPU: the graphs' buffers, run without capture
         monkeypatch.setattr(runner, "graphs_wanted", lambda *_: True)
         monkeypatch.setattr(DecodeGraphs, "capture", lambda self: None)
+    # Uncompiled: compilation's own rounding is covered by tests/serve/test_graphs.py.
     config = ServeConfig(
-        num_kv_blocks=256, decode_attention="padded", overlap="on" if graphs else "off"
+        num_kv_blocks=256,
+        decode_attention="padded",
+        overlap="on" if graphs else "off",
+        compile=False,
     )
     engine = Engine(model, config=config)
     assert not engine.forward.batch_invariant
