@@ -59,6 +59,57 @@ def store_kv(
     values[slots] = new_values.to(values.dtype)
 
 
+@torch.library.custom_op("moegpt::block_table_flash_attention", mutates_args=())
+def block_table_flash_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    block_tables: torch.Tensor,
+    key_counts: torch.Tensor,
+    q_len: int,
+) -> torch.Tensor:
+    """FlashAttention-2's variable-length kernel for ``q`` (batch * q_len, heads, d), token
+    major, each sequence over the whole blocks its ``block_tables`` row names in ``keys``/
+    ``values`` (blocks, block_size, kv_heads, d), up to its ``key_counts`` keys; causal aligns
+    its last query with its last key. Returns (batch * q_len, heads, d).
+
+    An opaque operator so that ``torch.compile`` leaves the window gather to ATen's index
+    kernel: fused into a generated kernel over dynamic shapes, it ran 1.3x slower at batch 256
+    and 2048 keys (H100). The aten op because torch 2.11 has no public variable-length entry
+    point taking per-sequence key counts (torch 2.13's ``torch.nn.attention.varlen`` wraps it).
+    """
+    batch, blocks = block_tables.shape
+    window = blocks * keys.shape[1]
+    starts = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
+    k = keys[block_tables].flatten(0, 2).to(q.dtype)  # (batch * window, kv_heads, d)
+    v = values[block_tables].flatten(0, 2).to(q.dtype)
+    return torch.ops.aten._flash_attention_forward(
+        q,
+        k,
+        v,
+        starts * q_len,
+        starts * window,
+        q_len,
+        window,
+        0.0,
+        True,
+        False,
+        seqused_k=key_counts,
+    )[0]
+
+
+@block_table_flash_attention.register_fake
+def _block_table_flash_attention_shape(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    block_tables: torch.Tensor,
+    key_counts: torch.Tensor,
+    q_len: int,
+) -> torch.Tensor:
+    return q.new_empty(q.shape)
+
+
 class PagedKVCache:
     """``num_blocks`` blocks for the allocator; with ``spare_block`` one more past them,
     ``scratch_block``, that no sequence owns: the padding rows of a graph-captured step write
@@ -195,14 +246,11 @@ class BlockTableStep:
         self.slot_mapping = slot_mapping
         self.block_tables = block_tables
         self.q_len = q_len
-        batch, blocks = block_tables.shape
-        self.window = blocks * cache.block_size
+        self.window = block_tables.shape[1] * cache.block_size
         device = block_tables.device
         # Computed once per forward, shared by every layer.
         self.flash = device.type == "cuda" and cache.k.dtype in (torch.float16, torch.bfloat16)
         if self.flash:
-            starts = torch.arange(batch + 1, dtype=torch.int32, device=device)
-            self.query_starts, self.key_starts = starts * q_len, starts * self.window
             self.key_counts = context_lens.to(torch.int32)
             return
         key_pos = torch.arange(self.window, device=device)
@@ -218,31 +266,22 @@ class BlockTableStep:
         keys, values = self.cache.k[layer], self.cache.v[layer]
         store_kv(keys, values, self.slot_mapping, k[0].transpose(0, 1), v[0].transpose(0, 1))
         heads, tokens, d = q.shape[1:]
+        if self.flash:  # token-major in and out, as the projections lay heads out
+            blocks = (-1, self.cache.block_size, *keys.shape[1:])
+            out = block_table_flash_attention(
+                q[0].transpose(0, 1),
+                keys.view(blocks),
+                values.view(blocks),
+                self.block_tables,
+                self.key_counts,
+                self.q_len,
+            )
+            return out.unsqueeze(0).transpose(1, 2)
         batch = self.block_tables.shape[0]
         # (batch, window, kv_heads, d): whole blocks, in table order.
         window = (batch, self.window, *keys.shape[1:])
         k = keys.unflatten(0, (-1, self.cache.block_size))[self.block_tables].view(window)
         v = values.unflatten(0, (-1, self.cache.block_size))[self.block_tables].view(window)
-        if self.flash:
-            # Token-major in and out, as the projections lay heads out. Causal aligns the last
-            # query with each sequence's last key. The aten op because torch 2.11 has no public
-            # variable-length entry point taking per-sequence key counts (torch 2.13's
-            # torch.nn.attention.varlen wraps this op); the GPU benchmark checks it against the
-            # per-sequence path (benchmarks/decode_graphs.py).
-            out = torch.ops.aten._flash_attention_forward(
-                q[0].transpose(0, 1),
-                k.flatten(0, 1).to(q.dtype),
-                v.flatten(0, 1).to(q.dtype),
-                self.query_starts,
-                self.key_starts,
-                self.q_len,
-                self.window,
-                0.0,
-                True,
-                False,
-                seqused_k=self.key_counts,
-            )[0]
-            return out.unsqueeze(0).transpose(1, 2)
         q = q[0].view(heads, -1, self.q_len, d).transpose(0, 1)  # (batch, heads, q_len, d)
         out = window_attention(q, k, v, self.bias.to(q.dtype))
         # Token-major, as the projections lay heads out: the caller's merge of the heads is then
