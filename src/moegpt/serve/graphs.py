@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import chain
 
+import numpy as np
 import torch
 from torch.fx.experimental import _config as fx_config
 from torch.nn.attention import sdpa_kernel
@@ -109,6 +111,7 @@ class DecodeGraphs:
         self._inputs = torch.zeros(biggest, dtype=torch.long, device=self.device)
         cuda = self.device.type == "cuda"
         self._staging = torch.zeros(biggest, dtype=torch.long, pin_memory=cuda)
+        self._staging_np = self._staging.numpy()
         # The copy out of staging is asynchronous: the next step waits for it before refilling.
         self._copied = torch.cuda.Event() if cuda else None
         rows = max_batch_size * max(q_lens)
@@ -232,28 +235,31 @@ class DecodeGraphs:
         blocks name the scratch block too (masked out).
         """
         batch, q_len, blocks = bucket
-        pad = batch - len(context_lens)
-        scratch = self.cache.scratch_block
-        tables = [[*t[:blocks], *[scratch] * (blocks - len(t))] for t in block_tables]
-        tables += [[scratch] * blocks] * pad
-        pad_slots = [scratch * self.cache.block_size + i for i in range(q_len)] * pad
-        pad_rows = [0] * (pad * q_len)
-        values = [
-            *tokens,
-            *pad_rows,
-            *positions,
-            *pad_rows,
-            *slot_mapping,
-            *pad_slots,
-            *context_lens,
-            *[q_len] * pad,
-            *(entry for table in tables for entry in table),
-        ]
+        real, rows = len(tokens), batch * q_len
         if self._copied is not None:
             self._copied.synchronize()
-        staged = self._staging[: len(values)]
-        staged.copy_(torch.tensor(values))
-        self._inputs[: len(values)].copy_(staged, non_blocking=True)
+        # Written in place through numpy: at 256 sequences of 2048 tokens, building one list
+        # of the padded tables took milliseconds of host time a step.
+        staged = self._staging_np
+        columns = [tokens, positions, slot_mapping]
+        scratch = self.cache.scratch_block
+        pads = [0, 0, scratch * self.cache.block_size + np.arange(q_len)]
+        for start, values, pad in zip(range(0, 3 * rows, rows), columns, pads, strict=True):
+            staged[start : start + real] = values
+            staged[start + real : start + rows].reshape(-1, q_len)[:] = pad
+        lens = staged[3 * rows : 3 * rows + batch]
+        lens[: len(context_lens)] = context_lens
+        lens[len(context_lens) :] = q_len
+        tables = staged[3 * rows + batch : 3 * rows + batch * (1 + blocks)].reshape(batch, blocks)
+        tables[:] = scratch
+        lengths = np.array([min(len(table), blocks) for table in block_tables], dtype=np.int64)
+        entries = chain.from_iterable(table[:blocks] for table in block_tables)
+        real_tables = tables[: len(block_tables)]
+        real_tables[np.arange(blocks) < lengths[:, None]] = np.fromiter(
+            entries, dtype=np.int64, count=int(lengths.sum())
+        )
+        total = 3 * rows + batch * (1 + blocks)
+        self._inputs[:total].copy_(self._staging[:total], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
         return StepInputs.view(self._inputs, batch, q_len, blocks)
