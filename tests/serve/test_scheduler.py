@@ -9,7 +9,7 @@ import pytest
 from moegpt.serve.blocks import BlockAllocator, BlockTable
 from moegpt.serve.cost import StepCostModel
 from moegpt.serve.sampler import Sampled
-from moegpt.serve.scheduler import Scheduler, SchedulerConfig
+from moegpt.serve.scheduler import SLACK_TARGETS, Scheduler, SchedulerConfig
 from moegpt.serve.sequence import SamplingParams, Sequence, Status
 from moegpt.serve.step import RunnerOutput, SchedulerOutput
 
@@ -126,12 +126,60 @@ def test_latency_bound_counts_per_sequence_cost() -> None:
     assert len(plan.chunks) == 4 and plan.predicted_s <= 5e-3
 
 
-def test_latency_bound_shrinks_a_prefill_chunk() -> None:
+def test_latency_bound_shrinks_a_prefill_chunk_while_someone_decodes() -> None:
+    cost = StepCostModel(base=0.0, per_token=1e-3, per_key=0.0)
+    s = Scheduler(SchedulerConfig(tpot_s=10e-3), BlockAllocator(64, 4), cost)
+    decoding = make(s, 1)
+    run(s)
+    make(s, 40)
+    plan = run(s)
+    assert spans(plan)[0] == (decoding.seq_id, 1, 1)
+    assert plan.chunks[1].length <= 9 and plan.predicted_s <= 10e-3
+
+
+def test_with_nobody_decoding_the_bound_does_not_cut_a_prompt() -> None:
+    """A prefill step delays nobody's next token: only the decode batch it admits must fit."""
     cost = StepCostModel(base=0.0, per_token=1e-3, per_key=0.0)
     s = Scheduler(SchedulerConfig(tpot_s=10e-3), BlockAllocator(64, 4), cost)
     make(s, 40)
     plan = run(s)
-    assert plan.chunks[0].length <= 10 and plan.predicted_s <= 10e-3
+    assert spans(plan) == [(0, 0, 40)] and plan.over_bound == "nobody decoding"
+
+
+def run_timed(scheduler: Scheduler) -> SchedulerOutput:
+    """One step that takes exactly the time the scheduler's cost model predicts."""
+    out = scheduler.schedule()
+    drawn = {c.seq_id: [Sampled(7)] for c in out.chunks if c.sample}
+    scheduler.update(out, RunnerOutput(sampled=drawn), seconds=out.predicted_s)
+    return out
+
+
+def test_prefill_steps_over_the_target_spend_slack_and_keep_the_mean_within_it() -> None:
+    """A prefill step costs four targets (it leaves the decode graphs); decode steps run at a
+    fifth of the target. Prompts join in batches once decode steps have banked the excess,
+    every prompt gets in, and the mean time of the steps that decode stays within the
+    target, which is what each sequence's time per output token averages."""
+    target = 5e-3
+    cost = StepCostModel(base=1e-3, per_token=1e-5, per_key=0.0, per_mixed_step=19e-3)
+    config = SchedulerConfig(tpot_s=target, max_tokens_per_step=64, max_batch_size=64)
+    s = Scheduler(config, BlockAllocator(512, 4), cost)
+    make(s, 8)
+    run_timed(s)  # nobody decodes yet: the first prompt runs at once
+    prompts = [make(s, 8, params=SamplingParams(max_tokens=60)) for _ in range(30)]
+    plan = run_timed(s)
+    assert len(plan.chunks) == 1 and plan.limited_by == "latency bound"  # nothing banked
+    decode_times, batches = [], []
+    for _ in range(80):
+        plan = run_timed(s)
+        admitted = sum(c.start == 0 for c in plan.chunks)
+        if admitted:
+            batches.append(admitted)
+            assert plan.over_bound == "spending slack banked under it"
+        decode_times.append(plan.predicted_s)
+    assert all(p.status is not Status.WAITING for p in prompts)
+    assert sum(decode_times) / len(decode_times) <= target
+    assert max(batches) > 1  # prompts join several at a time, not one a step
+    assert -SLACK_TARGETS * target <= s.slack <= SLACK_TARGETS * target
 
 
 def test_a_step_over_the_target_at_any_size_runs_its_whole_chunk() -> None:

@@ -10,7 +10,10 @@ sequences first in arrival order (decodes take one token, unfinished prefills a 
 waiting ones while the step has room. A step is bounded by ``max_batch_size`` sequences,
 ``max_tokens_per_step`` tokens, free KV blocks and, with a time-per-output-token target, by a
 cost model of step time: the step grows while the predicted time stays within the target, so
-the batch is as large as the latency bound allows. When a running sequence needs a block and
+the batch is as large as the latency bound allows. A prefill step that cannot fit the target
+(on a GPU it leaves the decode graphs, a fixed cost of several targets) spends the time decode
+steps banked under it, so prompts join in batches every few steps and the mean step time
+that each sequence's time per output token averages stays within the target. When a running sequence needs a block and
 none is free, the newest running sequence is preempted (its blocks freed; it is recomputed
 when it runs again) rather than failing anything.
 """
@@ -51,6 +54,17 @@ def _keys(start: int, length: int) -> int:
     return length * (start + length)
 
 
+# Time banked by decode steps that ran under the latency target, capped at this many targets:
+# enough to pay for a prefill step many targets long, not so much that a burst of them follows
+# a long quiet spell.
+SLACK_TARGETS = 16
+
+
+def _decodes(out: SchedulerOutput) -> bool:
+    """Whether the step decodes for someone: its time is then somebody's time per token."""
+    return any(c.length == 1 and c.sample for c in out.chunks)
+
+
 def _mixed(out: SchedulerOutput) -> bool:
     """Whether the step runs more than one-token decodes (see :class:`StepCostModel`)."""
     return any(c.length != 1 or c.lookahead or not c.sample for c in out.chunks)
@@ -73,6 +87,11 @@ class Scheduler:
         # The share of the latency target steps are planned to: below 1 when the step-time
         # model's errors would otherwise push about half the full-size steps over the target.
         self.headroom = 1.0
+        # Seconds decode steps ran under the target (negative: over it), which steps that
+        # leave the decode graphs for a prefill may spend: on a GPU such a step costs several
+        # targets whatever its size, so prompts join in batches every few steps and every
+        # sequence's time per token stays within the target on average (what TPOT measures).
+        self.slack = 0.0
         self.clock = clock
         self.max_context = max_context
         self.eos_id = eos_id
@@ -153,12 +172,26 @@ class Scheduler:
         target, cost = self.config.tpot_s, self.cost
         if target is None or cost is None:
             return n
-        target *= self.headroom
+        limit = target * self.headroom
         sequences = len(out.chunks) + 1
+        if seq.status is Status.WAITING:
+            # Admitted, it decodes every step from its first token on: the decode step of the
+            # step's sequences (it included) must fit the target by itself.
+            contexts = sum(c.start + c.length + 1 for c in out.chunks) + seq.length + 1
+            if cost.predict(sequences, contexts, sequences) > limit:
+                return 0
+        # Nobody decoding: a prefill step is nobody's time per token.
+        stake = any(s.computed >= len(s.prompt) for s in self.running if s is not seq)
         while n > 0:
             step_keys = keys + _keys(seq.computed, n)
             mixed = _mixed(out) or not (n == 1 and seq.pending == 1)
-            if cost.predict(out.tokens + n, step_keys, sequences, mixed) <= target:
+            predicted = cost.predict(out.tokens + n, step_keys, sequences, mixed)
+            if predicted <= limit:
+                break
+            if mixed and (not stake or predicted <= limit + self.slack):
+                out.over_bound = out.over_bound or (
+                    "spending slack banked under it" if stake else "nobody decoding"
+                )
                 break
             n = n // 2 if n > 1 else 0
         return n
@@ -371,6 +404,9 @@ class Scheduler:
         self._cost_samples.append(sample)
         target = self.config.tpot_s
         if target is not None:
+            if _decodes(out):
+                cap = SLACK_TARGETS * target
+                self.slack = min(cap, max(-cap, self.slack + target - seconds))
             self._adjust_headroom(out, seconds, target)
             if self._steps % REFIT_EVERY == 0 and len(self._cost_samples) > 8:
                 self.cost = StepCostModel.fit(self.calibration + list(self._cost_samples))
