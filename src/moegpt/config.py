@@ -66,6 +66,8 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is tuple:
         return "a list of tables"
+    if isinstance(tp, type) and issubclass(tp, _Section):
+        return "a table"
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}[tp]
 
 
@@ -92,6 +94,11 @@ def _check_type(name: str, value: Any, tp: Any) -> Any:
         if isinstance(value, list | tuple):
             item_cls = typing.get_args(tp)[0]
             return tuple(_section_item(name, i, item_cls, item) for i, item in enumerate(value))
+    elif isinstance(tp, type) and issubclass(tp, _Section):  # a sub-table, e.g. [model.x]
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, Mapping):
+            return section_from_dict(tp, value)
     else:  # pragma: no cover - a field declared with an unsupported type is a programming error
         raise TypeError(f"{name}: unsupported config field type {tp!r}")
     raise ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
@@ -107,6 +114,47 @@ def _section_item(name: str, index: int, cls: type[_Section], item: Any) -> Any:
         return section_from_dict(cls, item)
     except ConfigError as e:
         raise ConfigError(str(e).replace(f"{cls.SECTION}.", f"{name}[{index}].", 1)) from None
+
+
+ROPE_TYPES = ("none", "linear", "ntk", "yarn", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeScaling(_Section):
+    """How rotary positions stretch past the context a model was trained at: Hugging Face's
+    ``rope_scaling`` keys (see :mod:`moegpt.model.rope`)."""
+
+    SECTION: ClassVar[str] = "model.rope_scaling"
+
+    type: Literal["none", "linear", "ntk", "yarn", "llama3"] = _doc(
+        "none",
+        "none; linear (position interpolation); ntk (NTK-aware: a larger base); yarn "
+        "(NTK-by-parts plus an attention temperature); llama3 (Llama 3.1's by-parts rule)",
+    )
+    factor: float = _doc(1.0, "context extension factor s (>= 1; 1 leaves every type unscaled)")
+    original_max_seq_len: int = _doc(
+        0, "context the model was pretrained at (yarn, llama3: required; <= model.max_seq_len)"
+    )
+    beta_fast: float = _doc(32.0, "yarn: rotations above which a channel pair is not scaled")
+    beta_slow: float = _doc(1.0, "yarn: rotations below which a channel pair is fully scaled")
+    attention_factor: float = _doc(
+        0.0, "yarn: q and k scale (the temperature's square root); 0 = 0.1 ln(factor) + 1"
+    )
+    low_freq_factor: float = _doc(1.0, "llama3: wavelengths above original / this are scaled")
+    high_freq_factor: float = _doc(4.0, "llama3: wavelengths below original / this are kept")
+
+    def validate(self) -> None:
+        if self.factor < 1:
+            self._fail("factor", f"must be at least 1, got {self.factor}")
+        self._positive("beta_fast", "beta_slow", "low_freq_factor", "high_freq_factor")
+        self._non_negative("original_max_seq_len", "attention_factor")
+        if self.type in ("yarn", "llama3") and self.original_max_seq_len == 0:
+            self._fail("original_max_seq_len", f"is required by {self.type!r}")
+        if self.beta_fast <= self.beta_slow:
+            self._fail("beta_fast", f"{self.beta_fast} must exceed beta_slow ({self.beta_slow})")
+        if self.high_freq_factor <= self.low_freq_factor:
+            high, low = self.high_freq_factor, self.low_freq_factor
+            self._fail("high_freq_factor", f"{high} must exceed low_freq_factor ({low})")
 
 
 @dataclass(frozen=True)
@@ -141,10 +189,18 @@ class ModelConfig(_Section):
     z_loss_coef: float = _doc(0.001, "weight of the router z-loss (mean squared logsumexp)")
     max_seq_len: int = _doc(512, "longest sequence the model is built for (context length)")
     rope_theta: float = _doc(10000.0, "rotary embedding base")
-    rope_scaling: Literal["none"] = _doc("none", "rotary scaling for long context")
+    rope_scaling: RopeScaling = field(
+        default_factory=RopeScaling,
+        metadata={"help": "rotary scaling for long context (a table, [model.rope_scaling])"},
+    )
     norm_eps: float = _doc(1e-5, "RMSNorm epsilon")
     tie_embeddings: bool = _doc(False, "share the token embedding with the output head")
     init_std: float = _doc(0.02, "standard deviation of the initial weights")
+
+    def __post_init__(self) -> None:
+        if self.rope_scaling == "none":  # how configs before rope scaling spelled it
+            object.__setattr__(self, "rope_scaling", RopeScaling())
+        super().__post_init__()
 
     def validate(self) -> None:
         self._positive("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads")
@@ -168,6 +224,12 @@ class ModelConfig(_Section):
         if self.first_k_dense > self.n_layers:
             k, n = self.first_k_dense, self.n_layers
             self._fail("first_k_dense", f"{k} exceeds model.n_layers ({n})")
+        original = self.rope_scaling.original_max_seq_len
+        if original > self.max_seq_len:
+            raise ConfigError(
+                f"model.rope_scaling.original_max_seq_len: {original} exceeds "
+                f"model.max_seq_len ({self.max_seq_len})"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -640,6 +702,11 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, str]) -> dic
             raise ConfigError(f"{section}: unknown section{_suggest(section, SECTIONS)}")
         cls = SECTIONS[section]
         hints = typing.get_type_hints(cls)
+        table, _, sub_key = key.partition(".")
+        sub = hints.get(table)
+        if sub_key and isinstance(sub, type) and issubclass(sub, _Section):
+            _override_sub_table(merged.setdefault(section, {}), table, sub, dotted, text)
+            continue
         if "." in key:  # e.g. data.sources.0.epochs: a field of one table in an array
             _override_item(merged.setdefault(section, {}), cls, dotted, text)
             continue
@@ -648,6 +715,22 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, str]) -> dic
             raise ConfigError(f"{dotted}: unknown key{_suggest(key, known, section)}")
         merged.setdefault(section, {})[key] = _parse_text(dotted, text, hints[key])
     return merged
+
+
+def _override_sub_table(
+    section: dict[str, Any], table: str, cls: type[_Section], dotted: str, text: str
+) -> None:
+    """One field of a sub-table (``model.rope_scaling.factor``), the table's other fields as
+    the recipe or the defaults have them."""
+    key = dotted.rsplit(".", 1)[1]
+    hints = typing.get_type_hints(cls)
+    if key not in hints or key == "SECTION":
+        known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        raise ConfigError(f"{dotted}: unknown key{_suggest(key, known, cls.SECTION)}")
+    current = section.get(table, {})
+    values = dict(current) if isinstance(current, Mapping) else dataclasses.asdict(current)
+    values[key] = _parse_text(dotted, text, hints[key])
+    section[table] = values
 
 
 def _override_item(section: dict[str, Any], cls: type[_Section], dotted: str, text: str) -> None:
@@ -709,6 +792,8 @@ def _toml_table(header: str, section: Any, with_help: bool) -> list[str]:
                 arrays.append(f"# {f.name}:{comment[3:]}")
             for item in value:
                 arrays += _toml_table(f"[[{section.SECTION}.{f.name}]]", item, with_help)
+        elif isinstance(value, _Section):
+            arrays += _toml_table(f"[{value.SECTION}]", value, with_help)
         else:
             lines.append(f"{f.name} = {_toml_value(value)}{comment}")
     return [*lines, "", *arrays]

@@ -132,7 +132,8 @@ class Transformer(nn.Module):
         if positions is None:
             start = cache.seq_len if cache is not None else 0
             positions = torch.arange(start, start + seq, device=tokens.device)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        config = self.config
+        cos, sin = rope_cos_sin(positions, config.head_dim, config.rope_theta, config.rope_scaling)
 
         mask = None if document_ids is None else document_causal_mask(document_ids)
         h = tokens if self.tok_embeddings is None else self.tok_embeddings(tokens)

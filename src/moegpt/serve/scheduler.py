@@ -13,9 +13,9 @@ cost model of step time: the step grows while the predicted time stays within th
 the batch is as large as the latency bound allows. A prefill step that cannot fit the target
 (on a GPU it leaves the decode graphs, a fixed cost of several targets) spends the time decode
 steps banked under it, so prompts join in batches every few steps and the mean step time
-that each sequence's time per output token averages stays within the target. When a running sequence needs a block and
-none is free, the newest running sequence is preempted (its blocks freed; it is recomputed
-when it runs again) rather than failing anything.
+that each sequence's time per output token averages stays within the target. When a
+running sequence needs a block and none is free, the newest running sequence is preempted
+(its blocks freed; it is recomputed when it runs again) rather than failing anything.
 """
 
 from __future__ import annotations
