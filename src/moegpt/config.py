@@ -149,7 +149,10 @@ class RopeScaling(_Section):
         self._positive("beta_fast", "beta_slow", "low_freq_factor", "high_freq_factor")
         self._non_negative("original_max_seq_len", "attention_factor")
         if self.type in ("yarn", "llama3") and self.original_max_seq_len == 0:
-            self._fail("original_max_seq_len", f"is required by {self.type!r}")
+            self._fail(
+                "original_max_seq_len",
+                f"type {self.type!r} needs the context the model was pretrained at (> 0)",
+            )
         if self.beta_fast <= self.beta_slow:
             self._fail("beta_fast", f"{self.beta_fast} must exceed beta_slow ({self.beta_slow})")
         if self.high_freq_factor <= self.low_freq_factor:

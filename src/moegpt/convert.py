@@ -8,6 +8,7 @@ or sharded; pickled ``pytorch_model.bin`` files are refused.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from contextlib import ExitStack
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from moegpt.config import ModelConfig
+from moegpt.config import ModelConfig, RopeScaling
 from moegpt.console import progress
 from moegpt.errors import ConfigError, UserError
 from moegpt.weights import (
@@ -119,13 +120,82 @@ class SafetensorsFolder:
         return str(self.get(first).dtype).removeprefix("torch.")
 
 
-def _rope_theta(hf: dict[str, Any], where: Path) -> float:
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if rope_type != "default":
-        raise UserError(f"{where}: rope type {rope_type!r} is not supported yet (only default)")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+def _rope(hf: dict[str, Any], where: Path) -> tuple[float, RopeScaling]:
+    """The rotary base and scaling of a Hugging Face config (``rope_parameters``, or the older
+    ``rope_theta`` with ``rope_scaling``)."""
+    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UserError(f"{where}: partial_rotary_factor is not supported by moegpt")
+    if rope_type == "default":
+        return theta, RopeScaling()
+    if rope_type == "dynamic":
+        raise UserError(
+            f"{where}: rope type 'dynamic' changes the rotation speeds with each sequence's "
+            "length, which cached keys cannot follow; moegpt's fixed equivalent is 'ntk'"
+        )
+    if rope_type not in ("linear", "yarn", "llama3"):
+        raise UserError(f"{where}: rope type {rope_type!r} is not supported by moegpt")
+    original = params.get("original_max_position_embeddings") or 0
+    factor = params.get("factor")
+    if factor is None and original:  # DeepSeek-style: the ratio of the two contexts
+        factor = hf.get("max_position_embeddings", original) / original
+    fields: dict[str, Any] = {"type": rope_type, "factor": factor or 1.0}
+    if rope_type == "yarn":
+        if params.get("truncate", True) is False:
+            raise UserError(f"{where}: yarn with truncate = false is not supported by moegpt")
+        attention = params.get("attention_factor")
+        mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
+        if attention is None and mscale and mscale_all and fields["factor"] > 1:
+            log = math.log(fields["factor"])
+            attention = (0.1 * mscale * log + 1.0) / (0.1 * mscale_all * log + 1.0)
+        fields |= dict(
+            original_max_seq_len=original,
+            beta_fast=params.get("beta_fast") or 32.0,
+            beta_slow=params.get("beta_slow") or 1.0,
+            attention_factor=attention or 0.0,
+        )
+    elif rope_type == "llama3":
+        fields |= dict(
+            original_max_seq_len=original,
+            low_freq_factor=params.get("low_freq_factor", 1.0),
+            high_freq_factor=params.get("high_freq_factor", 4.0),
+        )
+    try:
+        return theta, RopeScaling(**fields)
+    except ConfigError as e:
+        raise UserError(
+            f"{where}: rope scaling converts to an invalid moegpt config ({e})"
+        ) from None
+
+
+def hf_rope_parameters(config: ModelConfig) -> dict[str, Any]:
+    """``rope_parameters`` of a Hugging Face config equal to ``config``'s rotary embedding.
+
+    Hugging Face has no fixed NTK-aware type (its ``dynamic`` follows the sequence length),
+    so ``ntk`` is written as the plain rotary embedding with the base it amounts to.
+    """
+    scaling, theta = config.rope_scaling, config.rope_theta
+    if scaling.type == "none":
+        return {"rope_type": "default", "rope_theta": theta}
+    if scaling.type == "ntk":
+        d = config.head_dim
+        return {"rope_type": "default", "rope_theta": theta * scaling.factor ** (d / (d - 2))}
+    params: dict[str, Any] = {"rope_type": scaling.type, "rope_theta": theta}
+    params["factor"] = scaling.factor
+    if scaling.type in ("yarn", "llama3"):
+        params["original_max_position_embeddings"] = scaling.original_max_seq_len
+    if scaling.type == "yarn":
+        params |= {"beta_fast": scaling.beta_fast, "beta_slow": scaling.beta_slow}
+        if scaling.attention_factor:
+            params["attention_factor"] = scaling.attention_factor
+    if scaling.type == "llama3":
+        params |= {
+            "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+        }
+    return params
 
 
 def model_config_from_hf(hf: dict[str, Any], arch: str, where: Path) -> ModelConfig:
@@ -138,6 +208,7 @@ def model_config_from_hf(hf: dict[str, Any], arch: str, where: Path) -> ModelCon
         if not isinstance(hf.get(key), int):
             raise UserError(f"{where}: {key} is missing or not an integer")
     hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
+    theta, scaling = _rope(hf, where)
     unsupported = {
         "hidden_act": hf.get("hidden_act", "silu") != "silu",
         "attention_bias": bool(hf.get("attention_bias", False)),
@@ -157,7 +228,8 @@ def model_config_from_hf(hf: dict[str, Any], arch: str, where: Path) -> ModelCon
         ffn_hidden=hf["intermediate_size"],
         activation="swiglu",
         max_seq_len=hf.get("max_position_embeddings", 2048),
-        rope_theta=_rope_theta(hf, where),
+        rope_theta=theta,
+        rope_scaling=scaling,
         norm_eps=hf.get("rms_norm_eps", 1e-5),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=hf.get("initializer_range", 0.02),
@@ -188,6 +260,7 @@ def hf_config_from_model(config: ModelConfig, arch: str, dtype: str) -> dict[str
             raise UserError("model.first_k_dense: mixtral needs every layer to be MoE")
         if config.capacity_factor:
             raise UserError("model.capacity_factor: mixtral is dropless; set it to 0 to convert")
+    rope = hf_rope_parameters(config)
     hf: dict[str, Any] = {
         "architectures": [HF_ARCHITECTURES[arch]],
         "model_type": arch,
@@ -201,8 +274,8 @@ def hf_config_from_model(config: ModelConfig, arch: str, dtype: str) -> dict[str
         "hidden_act": "silu",
         "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_theta": rope["rope_theta"],
+        "rope_parameters": rope,
         "tie_word_embeddings": config.tie_embeddings,
         "initializer_range": config.init_std,
         "torch_dtype": dtype,

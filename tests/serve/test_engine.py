@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from moegpt.config import ServeConfig
+from moegpt.config import RopeScaling, ServeConfig
 from moegpt.errors import UserError
 from moegpt.model import Transformer
 from moegpt.serve import runner
@@ -83,6 +83,19 @@ def test_batched_greedy_equals_alone(model: Transformer, serve: dict, overlap: s
     assert engine.allocator.used == 0
     if serve.get("num_kv_blocks") == 24:
         assert engine.stats.preemptions > 0  # the case really preempts
+
+
+def test_yarn_scaled_model_decodes_as_its_reference_past_the_original_context() -> None:
+    """The paged engine builds its rotary tables through the model's forward, so the YaRN
+    speeds and attention factor match the no-cache reference at every position."""
+    scaling = RopeScaling("yarn", factor=4.0, original_max_seq_len=24)
+    torch.manual_seed(0)
+    yarn = Transformer(small_config(max_seq_len=96, rope_scaling=scaling)).eval()
+    engine = Engine(yarn, config=ServeConfig(block_size=8, num_kv_blocks=128))
+    requests = [(list(range(1, 41)), 40), (list(range(5, 60)), 30)]  # up to 85 tokens
+    got = run_with_arrivals(engine, requests, seed=3)
+    for (prompt, n), tokens in zip(requests, got.values(), strict=True):
+        assert tokens == reference_greedy(yarn, prompt, n)
 
 
 @pytest.mark.parametrize("graphs", [False, True])
