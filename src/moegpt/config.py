@@ -65,7 +65,7 @@ def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is tuple:
-        return "a list of tables"
+        return "a list of strings" if typing.get_args(tp)[0] is str else "a list of tables"
     if isinstance(tp, type) and issubclass(tp, _Section):
         return "a table"
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}[tp]
@@ -90,6 +90,9 @@ def _check_type(name: str, value: Any, tp: Any) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+    elif typing.get_origin(tp) is tuple and typing.get_args(tp)[0] is str:
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return tuple(value)
     elif typing.get_origin(tp) is tuple:  # tuple[Section, ...]: a TOML array of tables
         if isinstance(value, list | tuple):
             item_cls = typing.get_args(tp)[0]
@@ -364,6 +367,14 @@ class TrainConfig(_Section):
     )
     activation_checkpointing: bool = _doc(False, "recompute block activations in backward")
     compile: bool = _doc(False, "torch.compile each transformer block")
+    init_from: str = _doc(
+        "",
+        "start from these weights (an exported model folder or a training run directory) "
+        "with a fresh optimizer and schedule: a continuation stage such as context extension",
+    )
+    freeze: tuple[str, ...] = _doc(
+        (), "parameter-name patterns (fnmatch, e.g. 'layers.0.*') that this run does not train"
+    )
     seed: int = _doc(0, "random seed for initialisation and data order")
     log_every: int = _doc(10, "steps between log lines")
     eval_every: int = _doc(100, "steps between held-out evaluations; 0 = never")
@@ -690,6 +701,8 @@ def _parse_text(name: str, text: str, tp: Any) -> Any:
             return float(text)
         except ValueError:
             pass
+    elif typing.get_origin(tp) is tuple and typing.get_args(tp)[0] is str:
+        return tuple(item.strip() for item in text.split(",") if item.strip())
     else:  # str and Literal: the section's own check validates the choice
         return text
     raise ConfigError(f"{name}: expected {_type_name(tp)}, got {text!r}")
@@ -790,7 +803,10 @@ def _toml_table(header: str, section: Any, with_help: bool) -> list[str]:
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
         comment = f"  # {f.metadata['help']}" if with_help else ""
-        if isinstance(value, tuple):
+        if isinstance(value, tuple) and not all(isinstance(v, _Section) for v in value):
+            items = ", ".join(_toml_value(v) for v in value)
+            lines.append(f"{f.name} = [{items}]{comment}")
+        elif isinstance(value, tuple):
             if with_help:
                 arrays.append(f"# {f.name}:{comment[3:]}")
             for item in value:

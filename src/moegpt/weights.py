@@ -143,9 +143,13 @@ def _make_durable(folder: Path) -> None:
     fsync_path(folder)
 
 
-def checkpoint_meta(config: ModelConfig) -> dict[str, Any]:
-    """The contents of a moegpt folder's config.json."""
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "model": dataclasses.asdict(config)}
+def checkpoint_meta(config: ModelConfig, parent: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The contents of a moegpt folder's config.json (with the model it was trained from, for
+    a continuation stage)."""
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": dataclasses.asdict(config)}
+    if parent is not None:
+        meta["parent"] = parent
+    return meta
 
 
 def save_model(
@@ -153,11 +157,13 @@ def save_model(
     path: str | Path,
     overwrite: bool = False,
     extra_files: dict[str, Path] | None = None,
+    parent: dict[str, Any] | None = None,
 ) -> Path:
     """Save ``model`` as a moegpt checkpoint folder, with ``extra_files`` (name -> source
-    file, e.g. the tokenizer) copied in by the same atomic write."""
+    file, e.g. the tokenizer) copied in by the same atomic write, and ``parent`` (the model a
+    continuation started from) in its config.json."""
     state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
-    meta = checkpoint_meta(model.config)
+    meta = checkpoint_meta(model.config, parent)
 
     def write(folder: Path) -> None:
         save_file(state, folder / WEIGHTS_FILE, metadata={"format": FORMAT})

@@ -46,6 +46,16 @@ RESHARD_CHAINS = {
     "reshard-ep-zero1": [("ep2", 2), ("zero1", 2), ("single", 1)],
 }
 EXTRA = {"fsdp4": ["--parallel.dp_shard", "4"], "single": []}
+# A continuation stage (train.init_from a 2-step run, its context doubled with YaRN, its
+# embedding frozen) under these layouts, against the same continuation in one process.
+CONTINUATION_LAYOUTS = ("fsdp2", "tp2-pp2")
+CONTINUATION = [
+    "--model.max_seq_len=128",
+    "--model.rope_scaling.type=yarn",
+    "--model.rope_scaling.factor=2",
+    "--model.rope_scaling.original_max_seq_len=64",
+    "--train.freeze=tok_embeddings.*",
+]
 
 
 @dataclass
@@ -67,10 +77,12 @@ def overrides(name: str) -> list[str]:
     return BASE + (LAYOUTS[name][1] if name in LAYOUTS else EXTRA[name])
 
 
-def _job(root: Path, recipe_path: Path, name: str, run: str, steps: int) -> dict[str, Any]:
+def _job(
+    root: Path, recipe_path: Path, name: str, run: str, steps: int, extra: list[str] | None = None
+) -> dict[str, Any]:
     return {
         "recipe": str(recipe_path),
-        "overrides": overrides(name),
+        "overrides": overrides(name) + (extra or []),
         "run_dir": str(root / "runs" / run),
         "steps": steps,
         "out": str(root / "out" / f"{run}-{name}"),
@@ -96,9 +108,14 @@ def layout_runs(tmp_path_factory, prepared: Path) -> dict[str, Result]:
     root = tmp_path_factory.mktemp("parallel")
     (root / "out").mkdir()
     recipe_path = recipe(root, prepared, steps=STEPS, global_batch_size=8, micro_batch_size=2)
+    run_job(_job(root, recipe_path, "single", "parent", 2), distributed=False)
+    continuation = [*CONTINUATION, f"--train.init_from={root / 'runs' / 'parent'}"]
     by_size: dict[int, list[dict[str, Any]]] = {2: [], 4: []}
     for name, (ranks, _) in LAYOUTS.items():
         by_size[ranks].append(_job(root, recipe_path, name, name, STEPS))
+    for name in CONTINUATION_LAYOUTS:
+        job = _job(root, recipe_path, name, f"continuation-{name}", STEPS, continuation)
+        by_size[LAYOUTS[name][0]].append(job)
     for chain, legs in RESHARD_CHAINS.items():
         for name, steps in legs[:-1]:
             ranks = LAYOUTS[name][0] if name in LAYOUTS else 4
@@ -106,6 +123,8 @@ def layout_runs(tmp_path_factory, prepared: Path) -> dict[str, Result]:
     for ranks, jobs in by_size.items():
         _torchrun(ranks, jobs, root)
     run_job(_job(root, recipe_path, "single", "single", STEPS), distributed=False)
+    job = _job(root, recipe_path, "single", "continuation-single", STEPS, continuation)
+    run_job(job, distributed=False)
     for chain, legs in RESHARD_CHAINS.items():
         last, steps = legs[-1]
         run_job(_job(root, recipe_path, last, chain, steps), distributed=False)
@@ -113,6 +132,10 @@ def layout_runs(tmp_path_factory, prepared: Path) -> dict[str, Result]:
         name: _read(root / "out" / f"{name}-{name}", load_config(recipe_path, overrides(name)))
         for name in [*LAYOUTS, "single"]
     }
+    for name in [*CONTINUATION_LAYOUTS, "single"]:
+        config = load_config(recipe_path, overrides(name) + continuation)
+        out = root / "out" / f"continuation-{name}-{name}"
+        results[f"continuation-{name}"] = _read(out, config)
     for chain, legs in RESHARD_CHAINS.items():
         parts = [
             _read(root / "out" / f"{chain}-{name}", results["single"].config) for name, _ in legs

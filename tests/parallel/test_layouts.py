@@ -11,7 +11,7 @@ import torch
 from moegpt.plan.memory import model_state_bytes
 from moegpt.plan.plan import PlanOptions, train_layout
 from moegpt.train.trainer import build_model
-from tests.parallel.conftest import LAYOUTS, STEPS, Result
+from tests.parallel.conftest import CONTINUATION_LAYOUTS, LAYOUTS, STEPS, Result
 
 
 def relative_norm_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -35,6 +35,18 @@ def assert_matches(result: Result, reference: Result) -> None:
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_equals_one_process(layout: str, layout_runs: dict[str, Result]) -> None:
     assert_matches(layout_runs[layout], layout_runs["single"])
+
+
+@pytest.mark.parametrize("layout", CONTINUATION_LAYOUTS)
+def test_a_continuation_stage_equals_one_process(
+    layout: str, layout_runs: dict[str, Result]
+) -> None:
+    """Started from a run's checkpoint, its context extended and its embedding frozen: each
+    layout loads its shards of the parent and trains as one process does."""
+    single = layout_runs["continuation-single"]
+    assert_matches(layout_runs[f"continuation-{layout}"], single)
+    parent = layout_runs["single"].params  # not the parent, but it shares the initial weights
+    assert relative_norm_difference(single.params, parent) > 1e-3  # a different run's end
 
 
 def test_training_moves_the_parameters(layout_runs: dict[str, Result]) -> None:

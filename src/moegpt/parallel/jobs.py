@@ -42,13 +42,13 @@ def full_parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 
 def run_job(job: dict[str, Any], distributed: bool) -> None:
-    """Resume ``run_dir``, train ``steps`` steps, save, evaluate; write ``out``.json and
-    .safetensors."""
+    """Resume ``run_dir`` (or start it from ``train.init_from``), train ``steps`` steps,
+    save, evaluate; write ``out``.json and .safetensors."""
     config = load_config(Path(job["recipe"]), job["overrides"])
     device = local_device()
     dims = ParallelDims.build(config.parallel, device) if distributed else None
     trainer = Trainer(config, Path(job["run_dir"]), device=device, log=lambda m: None, dims=dims)
-    trainer.resume()
+    trainer.prepare()
     batches = iter(trainer.loader)
     steps = [_timed_step(trainer, batches) for _ in range(job["steps"])]
     losses = [s["loss"] for s in steps]

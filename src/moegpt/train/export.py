@@ -13,6 +13,7 @@ from moegpt.errors import UserError
 from moegpt.model import Transformer
 from moegpt.train import safe_dcp
 from moegpt.train.checkpoint import CheckpointManager
+from moegpt.train.stage import read_parent_record
 from moegpt.train.trainer import RUN_CONFIG
 from moegpt.weights import save_model
 
@@ -44,6 +45,12 @@ def export(run_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
     if not tokenizer.is_file():
         raise UserError(f"{tokenizer}: the run's tokenizer is missing")
     with torch.no_grad():
-        path = save_model(model, out_dir, overwrite, extra_files={"tokenizer.json": tokenizer})
+        path = save_model(
+            model,
+            out_dir,
+            overwrite,
+            extra_files={"tokenizer.json": tokenizer},
+            parent=read_parent_record(run_dir),
+        )
     stderr.print(f"exported step {step} of {run_dir} to {path}", highlight=False)
     return path

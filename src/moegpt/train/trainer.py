@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -48,6 +49,14 @@ from moegpt.train.checkpoint import (
 )
 from moegpt.train.metrics import MetricsWriter, device_peak_flops, router_health
 from moegpt.train.schedule import Schedule, build_schedule
+from moegpt.train.stage import (
+    Parent,
+    check_compatible,
+    check_freeze_patterns,
+    freeze,
+    load_parent,
+    write_parent_record,
+)
 
 RUN_CONFIG = "config.toml"
 # Optimizer states are saved flattened (one key per parameter and field), so a rank that holds
@@ -72,7 +81,11 @@ def build_optimizer(
     # Fused and foreach kernels cannot mix DTensors (TP/EP/FSDP shards) with plain tensors
     # (replicated norms and routers), so each kind gets its own group.
     for distributed in (False, True):
-        params = [p for p in model.parameters() if isinstance(p, DTensor) == distributed]
+        params = [
+            p
+            for p in model.parameters()
+            if isinstance(p, DTensor) == distributed and p.requires_grad  # not train.freeze's
+        ]
         for decayed in (True, False):
             chosen = [p for p in params if (p.ndim >= 2) == decayed]
             if chosen:
@@ -143,7 +156,12 @@ class Trainer:
                 f"train.steps: the run needs {self.schedule.total_sequences:,} sequences but the "
                 f"mixture holds {self.mixture.n_sequences:,} (lower train.steps or raise epochs)"
             )
+        self.parent = self._open_parent()
         self.parts: ModelParts = parallelize(config, dims, self.device)
+        if config.train.freeze:
+            check_freeze_patterns(config.model, config.train.freeze)
+            frozen = freeze(self.parts.models, config.train.freeze)
+            self.log(f"frozen: {human(frozen)} parameters ({', '.join(config.train.freeze)})")
         p = config.parallel
         zero_group = dims["dp"].get_group() if dims is not None and p.zero1 else None
         self.optimizers = [
@@ -249,6 +267,34 @@ class Trainer:
             )
         self.log(f"resuming from {checkpoint.path} (step {self.step})")
         return True
+
+    def _open_parent(self) -> Parent | None:
+        """``train.init_from``'s weights, checked against this run's model before anything
+        is written; None without one."""
+        if not self.config.train.init_from:
+            return None
+        problem, parent = None, None
+        try:
+            parent = load_parent(self.config.train.init_from)
+            check_compatible(parent, self.config.model)
+        except UserError as e:
+            problem = str(e)
+        problem = from_rank0(problem)  # every rank stops, none waits in a collective
+        if problem is not None:
+            raise UserError(problem)
+        return parent
+
+    def start_from_parent(self) -> None:
+        """Load the parent's weights into this rank's model parts (each part takes its own
+        tensors, sharded as it is) and record the parent beside the checkpoints."""
+        parent = self.parent
+        assert parent is not None
+        options = StateDictOptions(full_state_dict=True)
+        for model, (model_part, _) in zip(self.parts.models, self._part_states(), strict=True):
+            set_model_state_dict(model, {k: parent.state[k] for k in model_part}, options=options)
+        if self.rank0:
+            write_parent_record(self.run_dir, parent)
+        self.log(f"starting from {parent.path} (sha256 {parent.sha256[:12]})")
 
     # -- the loop ------------------------------------------------------------------------
     def _autocast(self) -> Any:
@@ -457,8 +503,9 @@ class Trainer:
                 line += f", peak allocated {human(m['peak_allocated'], 'B')}"
             self.log(line)
 
-    def run(self, resume: bool = True, progress: bool = True) -> dict[str, Any]:
-        """Train to the end of the schedule; return the last step's metrics."""
+    def prepare(self, resume: bool = True) -> None:
+        """Before the first step: keep the run's config beside its checkpoints, continue from
+        the newest checkpoint (``resume``), else start from ``train.init_from`` if set."""
         problem = None
         if self.rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -469,15 +516,21 @@ class Trainer:
         problem = from_rank0(problem)  # every rank stops, none waits in a collective
         if problem is not None:
             raise UserError(problem)
-        if resume:
-            self.resume()
-        elif self.checkpoints.latest() is not None:
+        resumed = self.resume() if resume else False
+        if not resume and self.checkpoints.latest() is not None:
             raise UserError(
                 f"{self.run_dir}: holds checkpoints of an earlier run; resume it (--resume auto) "
                 "or train into a new --run-dir"
             )
-        else:
+        elif not resume:
             self.checkpoints.write_off_damaged()
+        if not resumed and self.parent is not None:
+            self.start_from_parent()
+        self.parent = None  # its tensors are in the model now, or were never needed
+
+    def run(self, resume: bool = True, progress: bool = True) -> dict[str, Any]:
+        """Train to the end of the schedule; return the last step's metrics."""
+        self.prepare(resume)
         if self.dims is not None:
             self.log(self.dims.describe())
         train, every = self.config.train, self.config.checkpoint.every

@@ -1,0 +1,154 @@
+"""Continuation stages: a run that starts from another model's weights (``train.init_from``),
+with its own optimizer, schedule and data, and parameters it leaves untrained
+(``train.freeze``).
+
+GPT-4's 32k model is its 8k model trained further at the longer context; instruction tuning
+and vision start from a pretrained model the same way. The parent is an exported model folder
+or a training run directory (its newest complete checkpoint). The child may change only what
+leaves the weights' meaning intact: the context (``max_seq_len``, ``rope_scaling``) and the
+router's training-time losses. The run records its parent (path, sha256 of its weights) in
+``parent.json`` beside its checkpoints, and its export carries the record on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from moegpt.config import ModelConfig
+from moegpt.errors import UserError
+from moegpt.fileio import write_atomically
+from moegpt.model import Transformer
+from moegpt.weights import WEIGHTS_FILE, check_folder, is_model_folder
+
+PARENT_FILE = "parent.json"
+# [model] fields a continuation may change: the context, and losses that only shape training.
+CHANGEABLE = frozenset(
+    {"max_seq_len", "rope_scaling", "aux_loss_coef", "z_loss_coef", "capacity_factor"}
+)
+# Wrappers that parallelize() may put around modules, which name their parameters.
+_WRAPPER_PARTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+
+
+@dataclass
+class Parent:
+    """The weights a continuation starts from."""
+
+    path: Path
+    config: ModelConfig
+    state: dict[str, torch.Tensor]  # full tensors, on CPU
+    sha256: str  # of the model folder's weights file, or of a run checkpoint's tensors
+    step: int | None = None  # the run checkpoint's step
+
+    def record(self) -> dict[str, Any]:
+        """What the child keeps of its parent."""
+        record: dict[str, Any] = {"path": str(self.path.resolve()), "sha256": self.sha256}
+        if self.step is not None:
+            record["step"] = self.step
+        return record
+
+
+def load_parent(source: str | Path) -> Parent:
+    """The model folder or run directory at ``source``; a one-line error naming
+    ``train.init_from`` for anything else."""
+    path = Path(source)
+    if not path.exists():
+        raise UserError(f"train.init_from: {path} does not exist")
+    if is_model_folder(path):
+        checked = check_folder(path)
+        weights = path / WEIGHTS_FILE
+        return Parent(path, checked.config, load_file(weights), _file_sha256(weights))
+    # A run directory: its newest complete checkpoint (imported here: export imports the
+    # trainer, which imports this module).
+    from moegpt.train.export import load_run_model
+    from moegpt.train.trainer import RUN_CONFIG
+
+    if not (path / RUN_CONFIG).is_file():
+        raise UserError(
+            f"train.init_from: {path} is neither a model folder (config.json, "
+            f"{WEIGHTS_FILE}) nor a training run directory ({RUN_CONFIG})"
+        )
+    model, step = load_run_model(path)
+    state = {name: t.detach() for name, t in model.state_dict().items()}
+    return Parent(path, model.config, state, _tensors_sha256(state), step)
+
+
+def check_compatible(parent: Parent, child: ModelConfig) -> None:
+    """Refuse a child model that the parent's weights do not describe, naming the field."""
+    for f in dataclasses.fields(ModelConfig):
+        mine, theirs = getattr(child, f.name), getattr(parent.config, f.name)
+        if f.name not in CHANGEABLE and mine != theirs:
+            raise UserError(
+                f"model.{f.name}: {mine!r} differs from {theirs!r} in train.init_from "
+                f"({parent.path}); a continuation may change only "
+                f"{', '.join(sorted(CHANGEABLE))}"
+            )
+    if child.max_seq_len < parent.config.max_seq_len:
+        raise UserError(
+            f"model.max_seq_len: {child.max_seq_len} is below the parent's "
+            f"{parent.config.max_seq_len} (train.init_from {parent.path})"
+        )
+
+
+def write_parent_record(run_dir: Path, parent: Parent) -> None:
+    write_atomically(run_dir / PARENT_FILE, (json.dumps(parent.record(), indent=2) + "\n").encode())
+
+
+def read_parent_record(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / PARENT_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def parameter_name(name: str) -> str:
+    """A parameter's name in the plain model, whatever wrappers parallelism added."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
+def check_freeze_patterns(config: ModelConfig, patterns: tuple[str, ...]) -> None:
+    """Refuse a pattern that matches no parameter of the model (on any rank): a typo would
+    otherwise train what was meant to stay fixed."""
+    with torch.device("meta"):
+        names = [name for name, _ in Transformer(config).named_parameters()]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise UserError(f"train.freeze: {pattern!r} matches no parameter of the model")
+
+
+def freeze(modules: list[torch.nn.Module], patterns: tuple[str, ...]) -> int:
+    """Stop training the parameters of ``modules`` whose names match any of ``patterns``;
+    the elements frozen on this rank."""
+    frozen = 0
+    for module in modules:
+        for name, param in module.named_parameters():
+            if any(fnmatch.fnmatchcase(parameter_name(name), p) for p in patterns):
+                param.requires_grad_(False)
+                frozen += param.numel()
+    return frozen
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _tensors_sha256(state: dict[str, torch.Tensor]) -> str:
+    """A digest of named tensors (names, dtypes, shapes and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].contiguous().cpu()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
