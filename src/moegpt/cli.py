@@ -386,6 +386,86 @@ def cmd_report(args: argparse.Namespace) -> None:
     print((Path(args.run_dir) / "summary.txt").read_text(), end="")
 
 
+def _int_list(flag: str, text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise UserError(f"{flag}: expected positive integers, got {text!r}")
+    return values
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import json
+
+    lengths = _int_list("--lengths", args.lengths)
+    result = _passkey(args, lengths) if args.task == "passkey" else _perplexity(args, lengths)
+    if args.json:
+        print(json.dumps(result, indent=2))
+
+
+def _passkey(args: argparse.Namespace, lengths: list[int]) -> dict:
+    from moegpt.evals.passkey import run_passkey, table
+    from moegpt.serve.engine import Engine
+
+    try:
+        depths = [int(d) / 100 for d in args.depths.split(",") if d.strip()]
+    except ValueError:
+        depths = []
+    if not depths or not all(0 <= d <= 1 for d in depths):
+        raise UserError(f"--depths: percentages from 0 to 100, got {args.depths!r}")
+    if args.trials <= 0:
+        raise UserError(f"--trials: must be positive, got {args.trials}")
+    serve = dataclasses.replace(load_config().serve, calibrate=False)
+    with stderr.status(f"loading {args.model_dir}"):
+        engine = Engine.from_folder(args.model_dir, serve)
+    cells = len(lengths) * len(depths) * args.trials
+    with stderr.status(f"passkey: {cells} prompts through the engine"):
+        result = run_passkey(engine, lengths, depths, args.trials, args.seed)
+    if not args.json:
+        print(table(result))
+    if args.plot:
+        from moegpt.evals.heatmap import save_heatmap
+
+        save_heatmap(result, Path(args.plot), f"passkey: {Path(args.model_dir).resolve().name}")
+        stderr.print(f"wrote {args.plot}", highlight=False)
+    return result.to_json()
+
+
+def _perplexity(args: argparse.Namespace, lengths: list[int]) -> dict:
+    import moegpt
+    from moegpt.evals.perplexity import perplexity
+    from moegpt.serve.engine import folder_tokenizer
+
+    if not args.text:
+        raise UserError("--text: the perplexity task needs held-out documents (--text FILE)")
+    stride = args.stride or min(lengths) // 2 or 1
+    if stride > min(lengths):
+        raise UserError(f"--stride: {stride} exceeds the shortest length ({min(lengths)})")
+    tokenizer, _ = folder_tokenizer(args.model_dir)
+    if tokenizer is None:
+        raise UserError(f"{args.model_dir}: the perplexity task needs the model's tokenizer.json")
+    documents = []
+    for name in args.text:
+        path = Path(name)
+        if not path.is_file():
+            raise UserError(f"--text: {path} not found")
+        documents.append(tokenizer.encode(path.read_text(encoding="utf-8", errors="replace")).ids)
+    model = moegpt.load(args.model_dir)
+    context = model.config.max_seq_len
+    if max(lengths) > context:
+        raise UserError(f"--lengths: {max(lengths)} exceeds the model's context ({context})")
+    rows = []
+    for length in lengths:
+        with stderr.status(f"perplexity at {length} tokens (stride {stride})"):
+            value, scored = perplexity(model, documents, length, stride)
+        rows.append({"length": length, "perplexity": value, "tokens": scored})
+        if not args.json:
+            print(f"length {length:>6}: perplexity {value:10.3f} over {scored:,} tokens")
+    return {"task": "perplexity", "stride": stride, "documents": args.text, "results": rows}
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from moegpt.quickstart import quickstart
 
@@ -637,6 +717,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("run_dir")
     report.set_defaults(func=cmd_report, takes_overrides=False)
+
+    ev = verbs.add_parser(
+        "eval",
+        help="long-context evaluations: passkey retrieval and sliding-window perplexity",
+        description="Evaluate an exported model folder. passkey: a random 5-digit key hidden "
+        "at each depth of filler text at each length (prompt plus answer), --trials prompts "
+        "per cell, answered greedily on the serving engine, exact match. perplexity: "
+        "sliding-window perplexity of --text documents at each length (a window advances by "
+        "--stride and scores only tokens the previous one did not).",
+    )
+    ev.add_argument("model_dir", metavar="MODEL_DIR")
+    ev.add_argument("--task", choices=["passkey", "perplexity"], required=True)
+    ev.add_argument("--lengths", default="256,512,1024", help="context lengths in tokens")
+    ev.add_argument("--depths", default="0,25,50,75,100", help="passkey depths in percent")
+    ev.add_argument("--trials", type=int, default=5, help="passkey prompts per cell (5)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the passkeys (0)")
+    ev.add_argument("--text", action="append", help="perplexity: a document (repeatable)")
+    ev.add_argument("--stride", type=int, help="perplexity: window step (half the shortest length)")
+    ev.add_argument("--json", action="store_true", help="print the results as JSON")
+    ev.add_argument("--plot", metavar="PNG", help="passkey: save an accuracy heatmap")
+    ev.set_defaults(func=cmd_eval, takes_overrides=False)
 
     quick = verbs.add_parser(
         "quickstart",

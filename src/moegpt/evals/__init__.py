@@ -1,0 +1,1 @@
+"""Evaluations of a trained model: long-context retrieval and perplexity (`moegpt eval`)."""

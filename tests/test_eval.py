@@ -1,0 +1,124 @@
+"""`moegpt eval`: passkey prompts fill their lengths exactly with the key at its depth, answers
+are scored by exact match, the CLI runs on the serving engine and writes JSON and a heatmap;
+sliding-window perplexity equals direct forwards where windows do not overlap."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import moegpt
+from moegpt.cli import main
+from moegpt.evals.passkey import ANSWER_TOKENS, answered, build_prompt, run_passkey
+from moegpt.evals.perplexity import Windows, perplexity
+from moegpt.serve.engine import Completion, folder_tokenizer
+from tests.serve.conftest import export_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return export_model(tmp_path_factory.mktemp("eval"), max_seq_len=256)
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_passkey_prompts_fill_their_length_with_the_key_at_its_depth(
+    model_dir: Path, depth: float
+) -> None:
+    tokenizer, _ = folder_tokenizer(model_dir)
+    prompt = build_prompt(tokenizer, 200, depth, "31415")
+    assert len(prompt.token_ids) == 200 - ANSWER_TOKENS
+    text = tokenizer.decode(prompt.token_ids)
+    assert text.count("31415") == 2 and text.rstrip().endswith("The pass key is")
+    before = text.index("The pass key is 31415")
+    filler = text.count("The grass is green")
+    assert text[:before].count("The grass is green") == round(depth * filler) or 0 < depth < 1
+    if depth == 0.0:
+        assert "grass" not in text[:before]
+    if depth == 1.0:
+        assert "grass" not in text[before:]
+
+
+def test_answers_are_exact_matches() -> None:
+    assert answered("31415", " 31415.")
+    assert not answered("31415", " 31416. 31415")  # the first key-shaped answer counts
+    assert not answered("31415", " three one four")
+
+
+def test_passkey_cli_reports_json_and_a_heatmap(model_dir: Path, tmp_path: Path, capsys) -> None:
+    plot = tmp_path / "heat.png"
+    args = ["eval", str(model_dir), "--task", "passkey", "--lengths", "160,256"]
+    args += ["--depths", "0,50,100", "--trials", "2", "--json", "--plot", str(plot)]
+    assert main(args) in (0, None)
+    out = json.loads(capsys.readouterr().out)
+    assert out["lengths"] == [160, 256] and out["depths"] == [0.0, 0.5, 1.0]
+    assert len(out["accuracy"]) == 2 and all(len(row) == 3 for row in out["accuracy"])
+    assert all(0 <= a <= 1 for row in out["accuracy"] for a in row)
+    with Image.open(plot) as image:
+        assert image.format == "PNG" and image.size[0] > 3 * 50
+
+
+def test_lengths_past_the_context_fail_in_one_line(model_dir: Path, capsys) -> None:
+    code = main(["eval", str(model_dir), "--task", "passkey", "--lengths", "128,512"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and err[-1].startswith(
+        "moegpt: error: --lengths: 512 exceeds the model's context"
+    )
+
+
+def test_windows_score_every_token_once() -> None:
+    for n, length, stride in [(10, 4, 2), (10, 4, 3), (3, 8, 4), (17, 5, 3)]:
+        spans = Windows.of(n, length, stride).spans
+        scored = [p for _, end, first in spans for p in range(first, end)]
+        assert scored == list(range(1, n))
+        assert all(end - start <= length and first > start for start, end, first in spans)
+    disjoint = Windows.of(10, 4, 4).spans  # each chunk's first token has no context
+    assert [p for _, end, first in disjoint for p in range(first, end)] == [1, 2, 3, 5, 6, 7, 9]
+
+
+def test_perplexity_equals_direct_forwards(model_dir: Path) -> None:
+    model = moegpt.load(model_dir)
+    torch.manual_seed(0)
+    doc = torch.randint(0, model.config.vocab_size, (120,)).tolist()
+
+    def nll(tokens: list[int]) -> float:
+        with torch.no_grad():
+            logits = model(torch.tensor([tokens])).logits[0]
+        return float(F.cross_entropy(logits[:-1], torch.tensor(tokens[1:]), reduction="sum"))
+
+    got, scored = perplexity(model, [doc], length=128, stride=64)  # one window: the whole doc
+    assert scored == 119 and got == pytest.approx(math.exp(nll(doc) / 119), rel=1e-5)
+    got, scored = perplexity(model, [doc], length=60, stride=60)  # two independent chunks
+    want = math.exp((nll(doc[:60]) + nll(doc[60:])) / 118)
+    assert scored == 118 and got == pytest.approx(want, rel=1e-5)
+
+
+def test_passkey_cells_count_the_right_answers(model_dir: Path) -> None:
+    """A stand-in engine that reads the key out of each prompt, except at one depth: that
+    depth's column is 0%, every other cell 100%."""
+    tokenizer, _ = folder_tokenizer(model_dir)
+
+    class Reader:
+        model = moegpt.load(model_dir)
+
+        def __init__(self) -> None:
+            self.tokenizer = tokenizer
+
+        def generate(self, prompts: list[list[int]], params: object) -> list:
+            outputs = []
+            for ids in prompts:
+                text = tokenizer.decode(ids)
+                key = text.split("The pass key is ")[1][:5]
+                blind = text.split(f"{key} is the pass key.")[1].startswith(" What")  # at 100%
+                outputs.append([Completion([], " 00000" if blind else f" {key}.", "length")])
+            return outputs
+
+    result = run_passkey(Reader(), [160, 256], [0.0, 0.5, 1.0], trials=3, seed=1)
+    assert result.correct == [[3, 3, 0], [3, 3, 0]]
+    assert result.accuracy(0) == pytest.approx(2 / 3)
+    assert {e["depth"] for e in result.examples} == {1.0}
