@@ -1,0 +1,134 @@
+"""Context extension side by side (the YaRN paper's table, at the sizes a CPU runs): the
+quick-start model, trained at 256 tokens, continued at 1,024 with each rotary scaling.
+
+    python benchmarks/long_context.py --out benchmarks/results
+
+Prepares the bundled corpus, trains and exports configs/tiny.toml once (runs/tiny), then for
+none / linear / ntk / yarn runs configs/tiny-long.toml with that scaling (factor 4 from 256
+tokens; none keeps the plain rotations), exports it and evaluates it: passkey retrieval at
+each length and sliding-window perplexity of held-out long documents at 256 and 1,024 tokens,
+beside the parent's perplexity at 256 (the short-context regression). Everything goes through
+the `moegpt` verbs, as a user would run them; the table is printed and saved as JSON and text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SCALINGS = ("none", "linear", "ntk", "yarn")
+# Held-out long documents: licence texts that ship with Debian, which the stdlib corpus the
+# model trains on does not contain.
+DOCUMENTS = ("/usr/share/common-licenses/GPL-3", "/usr/share/common-licenses/Apache-2.0")
+
+
+def moegpt(*args: str) -> str:
+    """Run a verb; its stdout (a failure stops the benchmark with the verb's error)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "moegpt.cli", *args], capture_output=True, text=True, check=False
+    )
+    if done.returncode:
+        raise SystemExit(f"moegpt {' '.join(args)} failed:\n{done.stderr[-2000:]}")
+    return done.stdout
+
+
+def evaluate(model: Path, lengths: str, trials: int, documents: list[str]) -> dict:
+    texts = [a for doc in documents for a in ("--text", doc)]
+    passkey = json.loads(
+        moegpt(
+            "eval",
+            str(model),
+            "--task",
+            "passkey",
+            "--lengths",
+            lengths,
+            "--depths",
+            "0,50,100",
+            "--trials",
+            str(trials),
+            "--json",
+        )
+    )
+    ppl_lengths = "256" if lengths == "256" else "256,1024"
+    ppl = json.loads(
+        moegpt(
+            "eval",
+            str(model),
+            "--task",
+            "perplexity",
+            "--lengths",
+            ppl_lengths,
+            "--stride",
+            "128",
+            "--json",
+            *texts,
+        )
+    )
+    return {
+        "passkey": passkey["accuracy_by_length"],
+        "perplexity": {str(r["length"]): r["perplexity"] for r in ppl["results"]},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", default="runs/long-context", help="run directories go here")
+    parser.add_argument("--steps", type=int, default=100, help="continuation steps (100)")
+    parser.add_argument("--trials", type=int, default=4, help="passkey prompts per cell (4)")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    documents = [d for d in DOCUMENTS if Path(d).is_file()]
+    if not documents:
+        raise SystemExit(f"no held-out documents found ({', '.join(DOCUMENTS)})")
+    runs = Path(args.runs)
+    parent = runs / "tiny"
+    started = time.perf_counter()
+    moegpt("prepare", "--config", "configs/tiny.toml")
+    if not (parent / "export" / "model.safetensors").is_file():
+        moegpt("train", "--config", "configs/tiny.toml", "--run-dir", str(parent))
+        moegpt("export", str(parent), str(parent / "export"))
+    result = {"parent": evaluate(parent / "export", "256", args.trials, documents)}
+    result["documents"] = documents
+    for scaling in SCALINGS:
+        run = runs / f"tiny-long-{scaling}"
+        overrides = [f"--train.init_from={parent / 'export'}", f"--train.steps={args.steps}"]
+        overrides.append(f"--model.rope_scaling.type={scaling}")
+        if scaling == "none":
+            overrides.append("--model.rope_scaling.factor=1")
+        moegpt("train", "--config", "configs/tiny-long.toml", "--run-dir", str(run), *overrides)
+        if not (run / "export" / "model.safetensors").is_file():
+            moegpt("export", str(run), str(run / "export"))
+        result[scaling] = evaluate(run / "export", "256,512,1024", args.trials, documents)
+        print(f"{scaling}: {result[scaling]}", flush=True)
+    result["seconds"] = time.perf_counter() - started
+    result["steps"], result["trials"] = args.steps, args.trials
+
+    lines = [
+        f"tiny (256-token pretraining) continued {args.steps} steps at 1,024 tokens; passkey "
+        f"{args.trials} trials x 3 depths per length; perplexity of {len(documents)} held-out "
+        "documents, stride 128",
+        "scaling   passkey@256  @512  @1024   ppl@256  ppl@1024",
+        f"parent    {result['parent']['passkey']['256']:>10.0%}     -      -  "
+        f"{result['parent']['perplexity']['256']:>8.2f}         -",
+    ]
+    for scaling in SCALINGS:
+        r = result[scaling]
+        p, q = r["passkey"], r["perplexity"]
+        lines.append(
+            f"{scaling:<8}  {p['256']:>10.0%} {p['512']:>5.0%} {p['1024']:>6.0%}  "
+            f"{q['256']:>8.2f}  {q['1024']:>8.2f}"
+        )
+    text = "\n".join(lines)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "long_context-tiny-cpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "long_context-tiny-cpu.txt").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
