@@ -110,6 +110,12 @@ def cmd_data_inspect(args: argparse.Namespace) -> None:
         f"({run['mixture_fraction']:.1%} of the planned mixture)",
         highlight=False,
     )
+    if long := report["long_documents"]:
+        stdout.print(
+            f"{long['share']:.1%} of sequences hold a document longer than the original "
+            f"context ({long['original_context']} tokens)",
+            highlight=False,
+        )
     for i, sample in enumerate(report["samples"]):
         stdout.rule(f"sample {i}")
         stdout.print(sample, markup=False, highlight=False)

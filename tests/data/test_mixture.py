@@ -210,3 +210,18 @@ def test_sequences_pack_labels_and_document_positions(prepared) -> None:
     batch = next(iter(MixtureLoader(mixture, 2, document_mask=True)))
     assert set(batch) == {"input_ids", "labels", "positions", "document_ids"}
     assert batch["input_ids"].dtype == torch.long
+
+
+@pytest.mark.parametrize("span", [8, 12])
+def test_long_document_share_counts_sequences_with_a_long_run(prepared, span: int) -> None:
+    """Against the sequences themselves: a sequence counts when one document id covers more
+    than ``span`` of its (unpadded) tokens."""
+    mixture = Mixture.open(prepared.data)
+    longest = []
+    for g in range(mixture.n_sequences):
+        seq = mixture.sequence(g)
+        ids = seq["document_ids"][seq["labels"] != IGNORE_INDEX]
+        longest.append(max(Counter(ids.tolist()).values(), default=0))
+    want = sum(n > span for n in longest) / mixture.n_sequences
+    assert 0 < want < 1  # the spans chosen tell sequences apart
+    assert mixture.long_document_share(span) == pytest.approx(want)

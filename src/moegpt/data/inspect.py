@@ -63,7 +63,17 @@ def inspect_data(config: Config, samples: int = 2, sample_chars: int = 300) -> d
             "mixture_fraction": run_sequences / max(mixture.n_sequences, 1),
         },
         "samples": decoded,
+        "long_documents": _long_documents(config, mixture),
     }
+
+
+def _long_documents(config: Config, mixture: Mixture) -> dict[str, Any] | None:
+    """For a context extension (``model.rope_scaling.original_max_seq_len`` set): the share
+    of sequences in which a document runs past the original context."""
+    original = config.model.rope_scaling.original_max_seq_len
+    if not original:
+        return None
+    return {"original_context": original, "share": mixture.long_document_share(original)}
 
 
 def inspect_table(report: dict[str, Any]) -> Table:

@@ -220,6 +220,21 @@ class Mixture:
             "document_ids": doc_ids[: self.seq_len],
         }
 
+    def long_document_share(self, span: int) -> float:
+        """The share of sequences in which one document runs more than ``span`` tokens: those
+        that teach attention past a context of ``span`` (an extended model's original one)."""
+        starts = self.plan.doc_start
+        ends = np.append(starts[1:], self.plan.length)
+        long = np.flatnonzero(ends - starts > span)
+        hit = np.zeros(self.n_sequences, dtype=bool)
+        size = self.seq_len
+        for k in long:  # only documents longer than span can run that long in a sequence
+            first, last = int(starts[k]) // size, (int(ends[k]) - 1) // size
+            for g in range(first, min(last, self.n_sequences - 1) + 1):
+                if min(ends[k], (g + 1) * size) - max(starts[k], g * size) > span:
+                    hit[g] = True
+        return float(hit.mean()) if self.n_sequences else 0.0
+
     def planned_tokens(self) -> list[int]:
         """Training tokens each source contributes over the run (epochs x its tokens + EOS)."""
         return [
