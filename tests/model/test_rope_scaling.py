@@ -19,6 +19,7 @@ from moegpt.model import Transformer
 from moegpt.model.kv_cache import KVCache
 from moegpt.model.rope import rope_cos_sin, rope_frequencies, rope_inverse_frequencies
 from tests.conftest import small_config
+from tests.test_convert import SHAPE as CONVERT_SHAPE
 
 transformers = pytest.importorskip("transformers")
 rope_utils = pytest.importorskip("transformers.modeling_rope_utils")
@@ -88,16 +89,11 @@ def test_factor_one_is_exactly_unscaled(kind: str) -> None:
         assert torch.equal(got, want)
 
 
-SHAPE = dict(
-    vocab_size=101,
-    hidden_size=64,
-    intermediate_size=96,
+# test_convert's small Llama/Mixtral, with one K/V head and its base in rope_parameters.
+SHAPE = {k: v for k, v in CONVERT_SHAPE.items() if k != "rope_theta"} | dict(
     num_hidden_layers=2,
-    num_attention_heads=4,
     num_key_value_heads=1,
     head_dim=16,  # Mixtral's config leaves it None, which transformers' yarn cannot read
-    max_position_embeddings=128,
-    initializer_range=0.1,
 )
 ORIGINAL = 32
 HF_SCALINGS = {

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from moegpt.config import ModelConfig
 from moegpt.errors import UserError
-from moegpt.fileio import write_atomically
+from moegpt.fileio import sha256_file, write_atomically
 from moegpt.model import Transformer
 from moegpt.weights import WEIGHTS_FILE, check_folder, is_model_folder
 
@@ -65,7 +65,7 @@ def load_parent(source: str | Path) -> Parent:
     if is_model_folder(path):
         checked = check_folder(path)
         weights = path / WEIGHTS_FILE
-        return Parent(path, checked.config, load_file(weights), _file_sha256(weights))
+        return Parent(path, checked.config, load_file(weights), sha256_file(weights))
     # A run directory: its newest complete checkpoint (imported here: export imports the
     # trainer, which imports this module).
     from moegpt.train.export import load_run_model
@@ -134,14 +134,6 @@ def freeze(modules: list[torch.nn.Module], patterns: tuple[str, ...]) -> int:
                 param.requires_grad_(False)
                 frozen += param.numel()
     return frozen
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _tensors_sha256(state: dict[str, torch.Tensor]) -> str:
