@@ -733,9 +733,13 @@ def build_parser() -> argparse.ArgumentParser:
         "sliding-window perplexity of --text documents at each length (a window advances by "
         "--stride and scores only tokens the previous one did not).",
     )
-    ev.add_argument("model_dir", metavar="MODEL_DIR")
-    ev.add_argument("--task", choices=["passkey", "perplexity"], required=True)
-    ev.add_argument("--lengths", default="256,512,1024", help="context lengths in tokens")
+    ev.add_argument("model_dir", metavar="MODEL_DIR", help="an exported model folder")
+    ev.add_argument(
+        "--task", choices=["passkey", "perplexity"], required=True, help="what to measure"
+    )
+    ev.add_argument(
+        "--lengths", default="256,512,1024", help="context lengths in tokens (256,512,1024)"
+    )
     ev.add_argument("--depths", default="0,25,50,75,100", help="passkey depths in percent")
     ev.add_argument("--trials", type=int, default=5, help="passkey prompts per cell (5)")
     ev.add_argument("--seed", type=int, default=0, help="seed of the passkeys (0)")
