@@ -403,8 +403,6 @@ def _int_list(flag: str, text: str) -> list[int]:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    import json
-
     lengths = _int_list("--lengths", args.lengths)
     result = _passkey(args, lengths) if args.task == "passkey" else _perplexity(args, lengths)
     if args.json:
