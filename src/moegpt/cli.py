@@ -113,7 +113,13 @@ def cmd_data_inspect(args: argparse.Namespace) -> None:
     if long := report["long_documents"]:
         stdout.print(
             f"{long['share']:.1%} of sequences hold a document longer than the original "
-            f"context ({long['original_context']} tokens)",
+            f"context ({long['original_context']} tokens)"
+            + (
+                f"; documents over {long['long_doc_tokens']:,} tokens are read "
+                f"{long['long_doc_repeat']}x per epoch"
+                if long["long_doc_tokens"]
+                else "; data.long_doc_tokens upsamples them"
+            ),
             highlight=False,
         )
     for i, sample in enumerate(report["samples"]):

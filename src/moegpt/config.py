@@ -322,14 +322,20 @@ class DataConfig(_Section):
     data_dir: str = _doc("data/tiny", "folder of prepared token shards")
     seed: int = _doc(1234, "seed of the document order (independent of the model's)")
     document_mask: bool = _doc(False, "attention does not cross document boundaries")
+    long_doc_tokens: int = _doc(
+        0,
+        "documents longer than this are repeated long_doc_repeat times in each epoch of their "
+        "source (context-extension data: the original context); 0 = off",
+    )
+    long_doc_repeat: int = _doc(1, "copies of each long document per epoch (see long_doc_tokens)")
     workers: int = _doc(0, "tokenizer worker processes for `moegpt prepare`; 0 = one per core")
     sources: tuple[SourceConfig, ...] = _doc(
         DEFAULT_SOURCES, "the mixture: [[data.sources]] tables (default: stdlib code x4, text x2)"
     )
 
     def validate(self) -> None:
-        self._positive("seq_len")
-        self._non_negative("seed", "workers")
+        self._positive("seq_len", "long_doc_repeat")
+        self._non_negative("seed", "workers", "long_doc_tokens")
         if not self.sources:
             self._fail("sources", "at least one source is needed")
         names = [s.name for s in self.sources]

@@ -30,3 +30,17 @@ def test_inspect_before_prepare_is_one_line(corpus: Path, capsys) -> None:
     assert main(["data", "inspect", "--config", str(corpus / "recipe.toml")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith("run `moegpt prepare --config ...` first") and "\n" not in err
+
+
+def test_inspect_reports_long_documents_of_a_context_extension(corpus: Path, capsys) -> None:
+    make_config(corpus)
+    recipe = str(corpus / "recipe.toml")
+    assert main(["prepare", "--config", recipe]) == 0
+    extension = ["--model.max_seq_len", "64", "--model.rope_scaling.type", "linear"]
+    extension += ["--model.rope_scaling.factor", "4", "--model.rope_scaling.original_max_seq_len"]
+    extension += ["16", "--data.long_doc_tokens", "16", "--data.long_doc_repeat", "3"]
+    capsys.readouterr()
+    assert main(["data", "inspect", "--config", recipe, *extension]) == 0
+    out = capsys.readouterr().out
+    assert "hold a document longer than the original context (16 tokens)" in out
+    assert "documents over 16 tokens are read 3x per epoch" in out

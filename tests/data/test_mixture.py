@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from pathlib import Path
 
@@ -225,3 +226,36 @@ def test_long_document_share_counts_sequences_with_a_long_run(prepared, span: in
     want = sum(n > span for n in longest) / mixture.n_sequences
     assert 0 < want < 1  # the spans chosen tell sequences apart
     assert mixture.long_document_share(span) == pytest.approx(want)
+
+
+def test_long_documents_are_repeated_in_each_epoch_of_their_source(prepared) -> None:
+    """Documents longer than long_doc_tokens appear long_doc_repeat times per epoch, the rest
+    once; the planned tokens follow, and more sequences hold a long run."""
+    plain = Mixture.open(prepared.data)
+    threshold = int(np.median(np.concatenate([s.doc_lengths for s in plain.splits])))
+    data = dataclasses.replace(prepared.data, long_doc_tokens=threshold, long_doc_repeat=3)
+    mixture = Mixture.open(data)
+    docs = Counter(
+        zip(mixture.plan.doc_source.tolist(), mixture.plan.doc_index.tolist(), strict=True)
+    )
+    for s, (split, source) in enumerate(zip(mixture.splits, data.sources, strict=True)):
+        for d in range(split.documents):
+            copies = 3 if split.doc_lengths[d] > threshold else 1
+            assert docs[(s, d)] == source.epochs * copies
+    assert sum(mixture.planned_tokens()) == mixture.plan.length
+    assert mixture.planned_tokens() != plain.planned_tokens()
+    assert mixture.fingerprint != plain.fingerprint  # a resume can't mix the two streams
+    assert mixture.long_document_share(threshold) > plain.long_document_share(threshold)
+    held_out = Mixture.open(data, split="val", source=data.sources[0].name)
+    assert (
+        held_out.plan.length == Mixture.open(prepared.data, "val", data.sources[0].name).plan.length
+    )
+
+
+def test_long_doc_settings_are_validated() -> None:
+    from moegpt.config import DataConfig
+
+    with pytest.raises(UserError, match="data.long_doc_repeat"):
+        DataConfig(long_doc_repeat=0).validate()
+    with pytest.raises(UserError, match="data.long_doc_tokens"):
+        DataConfig(long_doc_tokens=-1).validate()

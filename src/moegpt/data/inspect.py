@@ -73,7 +73,12 @@ def _long_documents(config: Config, mixture: Mixture) -> dict[str, Any] | None:
     original = config.model.rope_scaling.original_max_seq_len
     if not original:
         return None
-    return {"original_context": original, "share": mixture.long_document_share(original)}
+    return {
+        "original_context": original,
+        "share": mixture.long_document_share(original),
+        "long_doc_tokens": config.data.long_doc_tokens,
+        "long_doc_repeat": config.data.long_doc_repeat,
+    }
 
 
 def inspect_table(report: dict[str, Any]) -> Table:

@@ -42,14 +42,29 @@ class StreamPlan:
     length: int  # tokens in the stream, end-of-text included
 
 
-def _epoch_order(n_docs: int, epochs: int, seed: int, name: str, shuffle: bool) -> np.ndarray:
+def _epoch_order(
+    copies: np.ndarray, epochs: int, seed: int, name: str, shuffle: bool
+) -> np.ndarray:
+    """Document indices of ``epochs`` epochs, each holding document d ``copies[d]`` times."""
+    pool = np.repeat(np.arange(len(copies)), copies)
     if not shuffle:
-        return np.tile(np.arange(n_docs), epochs)
+        return np.tile(pool, epochs)
     orders = [
-        np.random.default_rng([seed, zlib.crc32(name.encode()), epoch]).permutation(n_docs)
+        np.random.default_rng([seed, zlib.crc32(name.encode()), epoch]).permutation(pool)
         for epoch in range(epochs)
     ]
     return np.concatenate(orders) if orders else np.zeros(0, np.int64)
+
+
+def _copies(split: SplitTokens, long_doc_tokens: int, long_doc_repeat: int) -> np.ndarray:
+    """Copies of each document per epoch: ``long_doc_repeat`` for those longer than
+    ``long_doc_tokens`` (when set), one for the rest. Upsampling long documents within each
+    source keeps the mixture of sources while a context extension sees more long runs (Fu et
+    al. 2024, "Data Engineering for Scaling Language Models to 128K Context")."""
+    copies = np.ones(split.documents, dtype=np.int64)
+    if long_doc_tokens:
+        copies[split.doc_lengths > long_doc_tokens] = long_doc_repeat
+    return copies
 
 
 def plan_stream(
@@ -58,11 +73,15 @@ def plan_stream(
     weights: list[float],
     seed: int,
     shuffle: bool = True,
+    long_doc_tokens: int = 0,
+    long_doc_repeat: int = 1,
 ) -> StreamPlan:
-    """Merge the sources' epoch-shuffled document orders into one stream."""
+    """Merge the sources' epoch-shuffled document orders into one stream (documents longer
+    than ``long_doc_tokens``, when set, ``long_doc_repeat`` times in each epoch)."""
     sources, indices, finish = [], [], []
     for s, (split, n_epochs, weight) in enumerate(zip(splits, epochs, weights, strict=True)):
-        order = _epoch_order(split.documents, n_epochs, seed, split.name, shuffle)
+        copies = _copies(split, long_doc_tokens, long_doc_repeat)
+        order = _epoch_order(copies, n_epochs, seed, split.name, shuffle)
         sizes = split.doc_lengths[order] + 1  # + end-of-text
         planned = float(sizes.sum()) or 1.0
         share = weight if weight > 0 else planned  # default: sources finish together
@@ -125,13 +144,18 @@ class Mixture:
         shuffle: bool = True,
         epochs: list[int] | None = None,
         identity: str = "",
+        long_doc_tokens: int = 0,
+        long_doc_repeat: int = 1,
     ) -> None:
         self.splits = splits
         self.sources = sources
         self.seq_len = seq_len
         self.eos_id = eos_id
         self.epochs = epochs or [s.epochs for s in sources]
-        self.plan = plan_stream(splits, self.epochs, [s.weight for s in sources], seed, shuffle)
+        weights = [s.weight for s in sources]
+        self.plan = plan_stream(
+            splits, self.epochs, weights, seed, shuffle, long_doc_tokens, long_doc_repeat
+        )
         # Windows of seq_len + 1 tokens overlapping by one: the last may be short (padded).
         self.n_sequences = max(0, -(-(self.plan.length - 1) // seq_len))
         self.fingerprint = hashlib.sha256(
@@ -143,6 +167,7 @@ class Mixture:
                     shuffle,
                     self.epochs,
                     [(s.name, s.weight) for s in sources],
+                    *([long_doc_tokens, long_doc_repeat] if long_doc_tokens else []),
                 ]
             ).encode()
         ).hexdigest()[:16]
@@ -174,6 +199,9 @@ class Mixture:
             shuffle=not validation,
             epochs=[1] * len(chosen) if validation else None,
             identity=identity,
+            # Held-out documents are each read once: upsampling is for training.
+            long_doc_tokens=0 if validation else data.long_doc_tokens,
+            long_doc_repeat=data.long_doc_repeat,
         )
 
     def tokens_of(self, k: int) -> np.ndarray:
@@ -236,11 +264,11 @@ class Mixture:
         return float(hit.mean()) if self.n_sequences else 0.0
 
     def planned_tokens(self) -> list[int]:
-        """Training tokens each source contributes over the run (epochs x its tokens + EOS)."""
-        return [
-            int(e * (split.tokens + split.documents))
-            for split, e in zip(self.splits, self.epochs, strict=True)
-        ]
+        """Training tokens each source contributes over the run (epochs x its tokens + EOS,
+        long documents counted once per copy)."""
+        sizes = np.diff(np.append(self.plan.doc_start, self.plan.length))
+        per_source = np.bincount(self.plan.doc_source, weights=sizes, minlength=len(self.splits))
+        return [int(t) for t in per_source]
 
 
 class MixtureLoader:
