@@ -9,7 +9,9 @@
 3. scaling: tokens/s and MFU of `--scaling-config` at 1, 2, 4, 8 GPUs (FSDP2 with expert
    parallelism over the same ranks), weak (batch grows with the GPUs) and strong (fixed
    global batch) scaling efficiency, and the all-to-all share of a profiled EP step;
-4. serving: decode tokens/s of `moegpt generate --tp N` for N = 1, 2, 4, 8 (or
+4. context: context parallelism (ring attention) against one GPU, as in 1 (GPU only:
+   PyTorch's ring attention runs on CUDA attention kernels);
+5. serving: decode tokens/s of `moegpt generate --tp N` for N = 1, 2, 4, 8 (or
    `--serving-tp`) on a random model of each `--serving-configs` recipe.
 
 Multi-GPU hosts keep NVLink multicast off (NCCL_NVLS_ENABLE=0 and friends, set here for every
@@ -20,6 +22,7 @@ shapes, to prove the script.
     PYTHONPATH=src python benchmarks/multi_gpu.py --out benchmarks/results   # all GPUs
     python benchmarks/multi_gpu.py --ranks 2 --phases correctness,planner \\
         --scaling-config configs/tiny.toml --serving-configs configs/tiny.toml --out /tmp/mg
+    PYTHONPATH=src python benchmarks/multi_gpu.py --phases context --out DIR  # ring attention
     PYTHONPATH=src python benchmarks/multi_gpu.py --phases serving \\
         --serving-configs configs/small-moe.toml,configs/medium-moe.toml --out DIR
     PYTHONPATH=src python benchmarks/multi_gpu.py --phases serving --serving-tp 4 \\
@@ -77,6 +80,20 @@ def layouts(ranks: int) -> dict[str, list[str]]:
     if ranks >= 4:
         out["tp2-ep2"] = ["--parallel.dp_shard", str(ranks // 2), "--parallel.ep", "2"]
         out["tp2-ep2"] += ["--parallel.tp", "2"]
+    return out
+
+
+# Ring attention runs causal attention only (no document mask); the switch load-balancing loss
+# of a part of a sequence is not that of the whole, so exactness is checked without it (and
+# reported with it).
+CP_BASE = ["--data.document_mask", "false", "--model.aux_loss_coef", "0"]
+
+
+def context_layouts(ranks: int) -> dict[str, list[str]]:
+    """Context-parallel layouts on ``ranks`` GPUs: CP over all of them, and FSDP x CP2."""
+    out = {f"cp{ranks}": ["--parallel.cp", str(ranks)]}
+    if ranks >= 4:
+        out["fsdp2-cp2"] = ["--parallel.dp_shard", str(ranks // 2), "--parallel.cp", "2"]
     return out
 
 
@@ -153,6 +170,42 @@ def correctness(args, recipe: Path, root: Path, cuda: bool) -> dict[str, Any]:
             row["planner"] = planner_agreement(recipe, overrides, result[0]["ranks"], cuda)
             rows[name] = row
         report[dtype] = {"one_gpu_spread": spread, "layouts": rows}
+    return report
+
+
+def context(args, recipe: Path, root: Path) -> dict[str, Any]:
+    """Context parallelism against one GPU at the same settings, per dtype: exact (fp32
+    bounds, bf16 within the one-GPU spread) without the load-balancing loss, and the
+    difference with it."""
+    report: dict[str, Any] = {}
+    for dtype in ("float32", "bfloat16"):
+        for aux in ("off", "on"):
+            common = [*base(args.ranks, args.steps), "--train.dtype", dtype]
+            common += CP_BASE if aux == "off" else CP_BASE[:2]
+            runs = {n: common + o for n, o in context_layouts(args.ranks).items()}
+            tag = f"cp-{dtype}-aux-{aux}"
+            jobs = [job(recipe, root, f"{tag}-{n}", o, args.steps) for n, o in runs.items()]
+            torchrun(args.ranks, jobs, root, tag)
+            for repeat in ("single", "single-again"):
+                run_job(job(recipe, root, f"{tag}-{repeat}", common, args.steps), distributed=False)
+            single = read(root, f"{tag}-single")
+            spread = compare(read(root, f"{tag}-single-again"), single)
+            rows = {}
+            for name in runs:
+                row = compare(read(root, f"{tag}-{name}"), single)
+                loss_bound = 1e-5 if dtype == "float32" else max(spread["loss_rel"], 1e-5) * 2
+                param_bound = (
+                    1e-4 if dtype == "float32" else max(spread["param_rel_norm"], 1e-4) * 2
+                )
+                if aux == "off":
+                    row["pass"] = (
+                        row["loss_rel"] <= loss_bound and row["param_rel_norm"] <= param_bound
+                    )
+                rows[name] = row
+            report[f"{dtype}, load-balancing loss {aux}"] = {
+                "one_gpu_spread": spread,
+                "layouts": rows,
+            }
     return report
 
 
@@ -338,6 +391,18 @@ def main() -> None:
                             if "peak_error" in plan
                             else ""
                         )
+                    )
+        if "context" in phases and not cuda:
+            print("context parallelism: skipped (ring attention needs CUDA attention kernels)")
+        elif "context" in phases:
+            result["context"] = context(args, Path(args.recipe), root)
+            for what, part in result["context"].items():
+                print(f"context parallelism, {what} (one-GPU spread {part['one_gpu_spread']}):")
+                for name, row in part["layouts"].items():
+                    verdict = {True: "ok", False: "FAIL"}.get(row.get("pass"), "(not exact)")
+                    print(
+                        f"  {name:<16} losses {row['loss_rel']:.1e}  params "
+                        f"{row['param_rel_norm']:.1e}  {verdict}"
                     )
         if "scaling" in phases:
             result["scaling"] = scaling(args, root, sizes)

@@ -111,6 +111,24 @@ TINY = ROOT / "configs" / "tiny.toml"  # 6 heads, 1 KV head, 8 experts top-2, 4 
             {"parallel.zero1": "true", "parallel.dp_shard": "2"},
             "parallel.zero1: shards optimizer states",
         ),
+        (
+            {"parallel.cp": "2", "parallel.tp": "2"},
+            "parallel.cp: context parallelism composes with data parallelism only, not "
+            "parallel.tp = 2",
+        ),
+        (
+            {"parallel.cp": "2", "parallel.zero1": "true"},
+            "parallel.cp: context parallelism shards with FSDP2",
+        ),
+        (
+            {"parallel.cp": "2", "data.document_mask": "true"},
+            "data.document_mask: ring attention (parallel.cp = 2) runs causal attention only",
+        ),
+        (
+            {"parallel.cp": "3", "data.seq_len": "256"},
+            "data.seq_len: 256 does not split into 2 x parallel.cp = 6 equal chunks",
+        ),
+        ({"data.long_doc_repeat": "0"}, "data.long_doc_repeat: must be positive, got 0"),
         ({"serve.tp": "4"}, "serve.tp: 4 does not divide model.n_heads (6)"),
         ({"serve.pp": "9"}, "serve.pp: 9 stages exceed model.n_layers (4)"),
         ({"parallel.pp_schedule": "zb"}, "parallel.pp_schedule: expected one of 'gpipe', "),

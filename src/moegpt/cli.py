@@ -149,7 +149,7 @@ def cmd_train(args: argparse.Namespace) -> int | None:
     if nproc != config.parallel.world_size:
         raise UserError(
             f"--nproc: {nproc} ranks, but the [parallel] layout needs "
-            f"{config.parallel.world_size} (dp_replicate x dp_shard x tp x pp)"
+            f"{config.parallel.world_size} (dp_replicate x dp_shard x cp x tp x pp)"
         )
     from moegpt.parallel.apply import check_supported
 

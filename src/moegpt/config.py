@@ -449,10 +449,15 @@ class ParallelConfig(_Section):
     pp_microbatches: int = _doc(1, "micro-batches per pipeline step")
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = _doc("1f1b", "pipeline schedule")
     ep: int = _doc(1, "expert-parallel degree (divides model.n_experts and dp_shard)")
+    cp: int = _doc(
+        1,
+        "context-parallel degree: ranks that split each sequence and run ring attention "
+        "(GPU only; data.seq_len must divide into 2 x cp chunks)",
+    )
     timeout_s: float = _doc(600.0, "seconds a collective may wait before the job fails")
 
     def validate(self) -> None:
-        self._positive("dp_replicate", "dp_shard", "tp", "pp", "pp_microbatches", "ep")
+        self._positive("dp_replicate", "dp_shard", "tp", "pp", "pp_microbatches", "ep", "cp")
         self._positive("timeout_s")
         if self.zero1 and self.dp_shard > 1:
             self._fail(
@@ -466,6 +471,16 @@ class ParallelConfig(_Section):
                 f"{self.ep} must divide parallel.dp_shard ({self.dp_shard}): expert parallelism "
                 "shares the data-parallel ranks that shard parameters",
             )
+        if self.cp > 1:
+            for name in ("tp", "pp", "ep"):
+                if getattr(self, name) > 1:
+                    self._fail(
+                        "cp",
+                        f"context parallelism composes with data parallelism only, not "
+                        f"parallel.{name} = {getattr(self, name)} (yet)",
+                    )
+            if self.zero1:
+                self._fail("cp", "context parallelism shards with FSDP2; drop parallel.zero1")
         if self.pp == 1 and self.pp_schedule == "interleaved_1f1b":
             self._fail("pp_schedule", "interleaved_1f1b needs parallel.pp > 1")
         if self.pp > 1 and self.pp_schedule != "gpipe" and self.pp_microbatches < self.pp:
@@ -484,7 +499,7 @@ class ParallelConfig(_Section):
     @property
     def world_size(self) -> int:
         """Ranks the layout needs; EP borrows its ranks from dp_shard."""
-        return self.dp_replicate * self.dp_shard * self.tp * self.pp
+        return self.dp_replicate * self.dp_shard * self.cp * self.tp * self.pp
 
     @property
     def dp(self) -> int:
@@ -602,6 +617,8 @@ class Config:
                 f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len ({m.max_seq_len})"
             )
         check_parallel(m, p)
+        if p.cp > 1:
+            check_context_parallel(self.data, p)
         if m.n_heads % self.serve.tp:
             raise ConfigError(
                 f"serve.tp: {self.serve.tp} does not divide model.n_heads ({m.n_heads})"
@@ -650,6 +667,20 @@ def check_parallel(m: ModelConfig, p: ParallelConfig) -> None:
         raise ConfigError(
             "parallel.pp: tied embeddings would need the embedding on the first and the last "
             "stage; set model.tie_embeddings = false to pipeline this model"
+        )
+
+
+def check_context_parallel(d: DataConfig, p: ParallelConfig) -> None:
+    """Ring attention's limits: causal attention only, over equal head-and-tail chunks."""
+    if d.document_mask:
+        raise ConfigError(
+            f"data.document_mask: ring attention (parallel.cp = {p.cp}) runs causal attention "
+            "only; turn the document mask off to split sequences"
+        )
+    if d.seq_len % (2 * p.cp):
+        raise ConfigError(
+            f"data.seq_len: {d.seq_len} does not split into 2 x parallel.cp = {2 * p.cp} equal "
+            "chunks (each rank takes one from the head and one from the tail, for balance)"
         )
 
 

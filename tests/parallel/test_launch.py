@@ -32,7 +32,7 @@ def test_batch_must_split_over_ranks_and_micro_batches(
 
 
 def test_layout_must_match_the_world() -> None:
-    with pytest.raises(UserError, match=r"layout needs dp_replicate x dp_shard x tp x pp = 2"):
+    with pytest.raises(UserError, match=r"layout needs dp_replicate x dp_shard x cp x tp x pp = 2"):
         ParallelDims.build(ParallelConfig(tp=2), torch.device("cpu"))
 
 
@@ -40,3 +40,13 @@ def test_torchrun_command_restarts_and_runs_the_cli() -> None:
     command = torchrun_command(4, 2, ["train", "--config", "c.toml"])
     assert "--nproc-per-node=4" in command and "--max-restarts=2" in command
     assert command[-5:] == ["-m", "moegpt.cli", "train", "--config", "c.toml"]
+
+
+def test_context_parallel_on_cpu_is_one_line() -> None:
+    """PyTorch's ring attention runs on CUDA attention kernels only: a CPU job is refused
+    before any rank builds a model."""
+    from moegpt.parallel.context import check_device
+
+    check_device(1, torch.device("cpu"))  # no context parallelism: nothing to refuse
+    with pytest.raises(UserError, match=r"^parallel.cp: context parallelism \(2 ranks\) runs"):
+        check_device(2, torch.device("cpu"))

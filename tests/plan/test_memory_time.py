@@ -174,3 +174,43 @@ def test_bad_inputs_name_the_option() -> None:
         training_memory(MOE, TrainLayout(ep=3, dp=3), 80e9)
     with pytest.raises(UserError, match="^--precision fp8: a100-40g has no fp8"):
         PRESETS["a100-40g"].peak_flops("fp8")
+
+
+def test_context_parallel_divides_activations_and_logits_by_cp() -> None:
+    """CP4 at 64 tokens holds what one GPU holds at 16, and its model states are sharded."""
+    split = training_memory(MOE, TrainLayout(micro_batch=2, seq_len=64, cp=4), 80e9)
+    short = training_memory(MOE, TrainLayout(micro_batch=2, seq_len=16), 80e9)
+    assert (
+        split.activations
+        == short.activations
+        == 4 * (activation_bytes_per_token_layer(MOE, True) * 2 * 16)
+    )
+    assert split.logits == short.logits == 14 * 2 * 16 * 1000
+    with pytest.raises(UserError, match="^parallel.cp: 3 does not divide data.seq_len"):
+        training_memory(MOE, TrainLayout(seq_len=64, cp=3), 80e9)
+
+
+def test_plan_counts_context_parallel_ranks_and_shards_over_them() -> None:
+    from moegpt.config import load_config
+    from moegpt.plan.plan import PlanOptions, train_layout
+
+    overrides = ["--parallel.dp_shard", "2", "--parallel.cp", "4", "--data.seq_len", "256"]
+    layout, gpus = train_layout(load_config("configs/tiny.toml", overrides), PlanOptions())
+    assert (gpus, layout.dp, layout.cp, layout.zero_stage, layout.shard_ranks) == (8, 2, 4, 3, 8)
+    replicas = ["--parallel.dp_replicate", "2", "--parallel.cp", "2", "--data.seq_len", "256"]
+    layout, gpus = train_layout(load_config("configs/tiny.toml", replicas), PlanOptions())
+    assert (gpus, layout.dp, layout.shard_ranks) == (4, 2, 2)  # HSDP: shards over CP only
+
+
+def test_ring_attention_traffic_by_hand() -> None:
+    from moegpt.plan.training import ring_attention
+
+    h100 = PRESETS["h100-sxm"]
+    ring = ring_attention(
+        MOE, h100, cp=4, tokens_per_gpu=1000, attention_flops_per_token=1e9, mfu=0.5
+    )
+    kv_per_layer = 1000 * 2 * 16 * 2  # tokens x (K, V) x one head of 16 x bf16
+    assert ring.bytes_per_step == 4 * kv_per_layer * 4 * 3  # 4x per hop, 4 layers, 3 hops
+    assert ring.comm_seconds == pytest.approx(ring.bytes_per_step / h100.nvlink_bandwidth)
+    assert ring.attention_seconds == pytest.approx(1000 * 1e9 / (h100.peak_bf16_flops * 0.5))
+    assert ring.exposed_seconds == max(0.0, ring.comm_seconds - ring.attention_seconds)

@@ -148,7 +148,10 @@ def test_plan_tables_render(capsys) -> None:
     ("argv", "message"),
     [
         (["--gpus", "-8"], "--gpus: must be positive, got -8"),
-        (["--gpus", "100"], "--gpus: 100 is not a multiple of parallel.tp x parallel.pp = 120"),
+        (
+            ["--gpus", "100"],
+            "--gpus: 100 is not a multiple of parallel.tp x parallel.pp x parallel.cp = 120",
+        ),
         (["--gpu", "v100"], "--gpu: unknown hardware 'v100'"),
         (["--infer-gpu", "tpu"], "--infer-gpu: unknown hardware 'tpu'"),
         (["--parallel.tp", "7"], "parallel.tp: 7 does not divide model.n_heads (120)"),

@@ -21,6 +21,7 @@ from moegpt.config import Config
 from moegpt.errors import UserError
 from moegpt.model.moe import GroupedExperts
 from moegpt.model.transformer import Transformer
+from moegpt.parallel.context import check_device
 from moegpt.parallel.data import apply_ddp, apply_fsdp
 from moegpt.parallel.experts import shard_experts
 from moegpt.parallel.mesh import ParallelDims
@@ -66,6 +67,7 @@ def parallelize(config: Config, dims: ParallelDims | None, device: torch.device)
     ``dims`` None is one process with no wrappers beyond checkpointing and compile.
     """
     check_supported(config)
+    check_device(config.parallel.cp, device)
     torch.manual_seed(config.train.seed)
     full = Transformer(config.model).to(device)
     p, train = config.parallel, config.train
@@ -87,7 +89,7 @@ def parallelize(config: Config, dims: ParallelDims | None, device: torch.device)
         if train.compile:
             for block in model.layers.values():
                 block.compile()
-        if dims is not None and p.dp > 1 and not p.zero1:
+        if dims is not None and p.dp * p.cp > 1 and not p.zero1:
             bf16 = train.dtype == "bfloat16" and device.type == "cuda"
             mp = MixedPrecisionPolicy(
                 param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32

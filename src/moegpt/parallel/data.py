@@ -35,7 +35,9 @@ def apply_fsdp(model: Transformer, dims: ParallelDims, mp_policy: MixedPrecision
     there are none, FSDP leaves them alone: the all-to-all already summed their gradients.
     """
     c = dims.config
-    mesh = _dp_mesh(dims, "dp_shard")
+    # Context-parallel ranks hold the same parameters and sum their gradients: FSDP shards
+    # over them as over data-parallel ranks (EP and CP don't combine, so experts keep theirs).
+    mesh = _dp_mesh(dims, "dp_shard_cp" if c.cp > 1 else "dp_shard")
     for block in model.layers.values():
         ignored = None
         if c.ep > 1:

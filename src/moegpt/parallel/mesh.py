@@ -1,11 +1,13 @@
 """The process group and device mesh of a parallel run.
 
-The mesh has five named dimensions, outermost first: ``pp``, ``dp_replicate``,
-``dp_shard_mod_ep``, ``ep``, ``tp`` (size-1 dimensions included, so every layout has the same
-names). Expert parallelism borrows ranks from the parameter-sharding data dimension:
-``dp_shard = dp_shard_mod_ep x ep``. Tensor parallelism is innermost, so on a GPU cluster its
-ranks share a node's NVLink. Flattened views: ``dp_shard`` and ``dp`` (every rank that reads
-different data).
+The mesh has six named dimensions, outermost first: ``pp``, ``dp_replicate``,
+``dp_shard_mod_ep``, ``ep``, ``cp``, ``tp`` (size-1 dimensions included, so every layout has
+the same names). Expert parallelism borrows ranks from the parameter-sharding data dimension:
+``dp_shard = dp_shard_mod_ep x ep``. Context-parallel ranks read the same sequences, each
+attending over its part of them, and FSDP shards parameters over them too (torchtitan's
+``dp_shard_cp``). Tensor parallelism is innermost, so on a GPU cluster its ranks share a
+node's NVLink. Flattened views: ``dp_shard``, ``dp`` (every rank that reads different data)
+and ``dp_shard_cp``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from moegpt.config import ParallelConfig
 from moegpt.errors import UserError
 
-MESH_DIMS = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "tp")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "cp", "tp")
 
 
 def launched_by_torchrun() -> bool:
@@ -60,13 +62,15 @@ class ParallelDims:
         world = dist.get_world_size() if dist.is_initialized() else 1
         if world != config.world_size:
             raise UserError(
-                f"parallel: the layout needs dp_replicate x dp_shard x tp x pp = "
+                f"parallel: the layout needs dp_replicate x dp_shard x cp x tp x pp = "
                 f"{config.world_size} ranks, but the job has {world}"
             )
-        shape = (config.pp, config.dp_replicate, config.dp_shard // config.ep, config.ep, config.tp)
+        c = config
+        shape = (c.pp, c.dp_replicate, c.dp_shard // c.ep, c.ep, c.cp, c.tp)
         mesh = init_device_mesh(device.type, shape, mesh_dim_names=MESH_DIMS)
         mesh["dp_shard_mod_ep", "ep"]._flatten("dp_shard")
         mesh["dp_replicate", "dp_shard_mod_ep", "ep"]._flatten("dp")
+        mesh["dp_shard_mod_ep", "ep", "cp"]._flatten("dp_shard_cp")
         return cls(config, mesh)
 
     def __getitem__(self, names: str | tuple[str, ...]) -> DeviceMesh:
@@ -88,7 +92,7 @@ class ParallelDims:
         """One line: the layout and its mesh, for the log."""
         c = self.config
         parts = [f"pp {c.pp}", f"dp_replicate {c.dp_replicate}", f"dp_shard {c.dp_shard}"]
-        parts += [f"ep {c.ep}", f"tp {c.tp}"]
+        parts += [f"ep {c.ep}", f"cp {c.cp}", f"tp {c.tp}"]
         extras = []
         if c.zero1:
             extras.append("ZeRO-1")

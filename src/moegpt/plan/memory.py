@@ -41,6 +41,7 @@ class TrainLayout:
     pp: int = 1
     dp: int = 1
     ep: int = 1
+    cp: int = 1  # context parallelism: each rank holds seq_len / cp of every sequence
     zero_stage: int = 0  # 0 none, 1 optimizer, 2 + gradients, 3 + weights (FSDP)
     micro_batch: int = 1  # sequences per micro-batch
     seq_len: int = 2048
@@ -48,10 +49,10 @@ class TrainLayout:
     pp_schedule: str = "1f1b"
     recompute: bool = False
     states: str = "fsdp-fp32-master"
-    shard_group: int = 0  # ranks ZeRO shards over (HSDP: dp_shard of dp); 0 = all of dp
+    shard_group: int = 0  # ranks ZeRO shards over (HSDP: dp_shard of dp, x cp); 0 = all of dp
 
     def validate(self, c: ModelConfig) -> None:
-        for name in ("tp", "pp", "dp", "ep", "micro_batch", "seq_len", "pp_microbatches"):
+        for name in ("tp", "pp", "dp", "ep", "cp", "micro_batch", "seq_len", "pp_microbatches"):
             if getattr(self, name) < 1:
                 raise UserError(
                     f"--{name.replace('_', '-')}: must be positive, got {getattr(self, name)}"
@@ -67,6 +68,8 @@ class TrainLayout:
                 f"parallel.ep: {self.ep} must divide model.n_experts ({c.n_experts}) and the "
                 f"data-parallel degree ({self.dp}) it is drawn from"
             )
+        if self.seq_len % self.cp:
+            raise UserError(f"parallel.cp: {self.cp} does not divide data.seq_len ({self.seq_len})")
         if self.states not in STATE_PRECISIONS:
             raise UserError(
                 f"--states: unknown {self.states!r} (known: {', '.join(STATE_PRECISIONS)})"
@@ -232,7 +235,9 @@ def training_memory(c: ModelConfig, layout: TrainLayout, hbm_bytes: float) -> Me
     layout.validate(c)
     z = layout.zero_stage
 
-    micro_tokens = layout.micro_batch * layout.seq_len
+    # Tokens of a micro-batch one GPU holds: context parallelism splits each sequence (ring
+    # attention's in-flight K/V chunk, 2 x kv channels a token, is too small to count).
+    micro_tokens = layout.micro_batch * layout.seq_len / layout.cp
     bubble = bubble_fraction(
         layout.pp,
         layout.pp_microbatches,

@@ -18,7 +18,7 @@ from moegpt.plan.hardware import Hardware, get_hardware
 from moegpt.plan.inference import ServeLayout, decode, kv_fit
 from moegpt.plan.memory import TrainLayout, training_memory
 from moegpt.plan.params import param_breakdown
-from moegpt.plan.training import tokens_per_expert, training_time
+from moegpt.plan.training import ring_attention, tokens_per_expert, training_time
 from moegpt.train.schedule import batch_phases, build_schedule
 
 SCHEMA_VERSION = 1
@@ -74,27 +74,31 @@ def hardware(name: str, opts: PlanOptions, option: str) -> Hardware:
 
 
 def train_layout(config: Config, opts: PlanOptions) -> tuple[TrainLayout, int]:
-    """The training layout and GPU count: dp = gpus / (tp x pp)."""
+    """The training layout and GPU count: dp = gpus / (tp x pp x cp)."""
     par, train = config.parallel, config.train
     gpus = par.world_size if opts.gpus is None else opts.gpus
     if gpus < 1:
         raise UserError(f"--gpus: must be positive, got {gpus}")
-    model_parallel = par.tp * par.pp
+    model_parallel = par.tp * par.pp * par.cp
     if gpus % model_parallel:
         raise UserError(
-            f"--gpus: {gpus} is not a multiple of parallel.tp x parallel.pp = {model_parallel}"
+            f"--gpus: {gpus} is not a multiple of parallel.tp x parallel.pp x parallel.cp = "
+            f"{model_parallel}"
         )
     zero = opts.zero
     if zero is None:
-        zero = 3 if par.dp_shard > 1 else 1 if par.zero1 else 0
+        zero = 3 if par.dp_shard * par.cp > 1 else 1 if par.zero1 else 0
     dp = gpus // model_parallel
     # FSDP shards over dp_shard ranks and replicates over the rest (HSDP); ZeRO-1 over all.
     shard_group = par.dp_shard if par.dp_shard > 1 and dp % par.dp_shard == 0 else dp
+    if par.cp > 1:  # FSDP shards over the context-parallel ranks too (dp_shard x cp)
+        shard_group = (par.dp_shard if dp % par.dp_shard == 0 else dp) * par.cp
     layout = TrainLayout(
         tp=par.tp,
         pp=par.pp,
         dp=dp,
         ep=par.ep,
+        cp=par.cp,
         zero_stage=zero,
         micro_batch=train.micro_batch_size,
         seq_len=config.data.seq_len,
@@ -145,6 +149,17 @@ def build_plan(config: Config, opts: PlanOptions) -> dict[str, Any]:
     total_flops = train_flops.training * tokens
     time = training_time(total_flops, hw, gpus, opts.mfu, opts.days, opts.precision)
     memory = training_memory(m, layout, hw.hbm_bytes)
+    ring = None
+    if layout.cp > 1:
+        ring = ring_attention(
+            m,
+            hw,
+            layout.cp,
+            batch_tokens / (layout.dp * layout.cp),
+            3 * train_flops.attention,  # forward and its backward (twice the forward)
+            time.mfu,
+            opts.precision,
+        )
 
     infer_hw = hardware(opts.infer_gpu or opts.gpu, opts, "--infer-gpu")
     serve = serve_layout(config, opts)
@@ -199,6 +214,11 @@ def build_plan(config: Config, opts: PlanOptions) -> dict[str, Any]:
             "cost": time.cost(hw.price_per_hour),
             "batch_tokens": batch_tokens,
             "tokens_per_expert_per_batch": tokens_per_expert(batch_tokens, m.top_k, m.n_experts),
+            "ring_attention": (
+                {**dataclasses.asdict(ring), "exposed_seconds": ring.exposed_seconds}
+                if ring
+                else None
+            ),
         },
         "memory": {**dataclasses.asdict(memory), "total": memory.total, "fits": memory.fits},
         "kv_cache": {

@@ -42,6 +42,18 @@ def _money(n: float) -> str:
     return f"${n:.4f}" if n >= 1e-3 else f"${n:.2e}"
 
 
+def _ring_rows(ring: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """Context parallelism's ring traffic per GPU and step, against its attention compute."""
+    if ring is None:
+        return []
+    return [
+        (f"ring attention K/V sent per GPU per step (CP{ring['cp']})", _gb(ring["bytes_per_step"])),
+        ("  at NVLink bandwidth", f"{ring['comm_seconds'] * 1e3:,.1f} ms"),
+        ("  attention compute it overlaps", f"{ring['attention_seconds'] * 1e3:,.1f} ms"),
+        ("  exposed", f"{ring['exposed_seconds'] * 1e3:,.1f} ms"),
+    ]
+
+
 def plan_tables(plan: dict[str, Any]) -> list[Table]:
     inputs, p, f, t = plan["inputs"], plan["parameters"], plan["flops"], plan["training"]
     mem, kv, inf = plan["memory"], plan["kv_cache"], plan["inference"]
@@ -89,10 +101,13 @@ def plan_tables(plan: dict[str, Any]) -> list[Table]:
                 ("cost", _money(t["cost"])),
                 ("tokens per batch", human(t["batch_tokens"])),
                 ("tokens per expert per batch", human(t["tokens_per_expert_per_batch"])),
+                *_ring_rows(t["ring_attention"]),
             ],
         ),
         _table(
-            f"Memory per GPU: TP{layout['tp']} x PP{layout['pp']} x DP{layout['dp']}, "
+            f"Memory per GPU: TP{layout['tp']} x PP{layout['pp']} x DP{layout['dp']}"
+            + (f" x CP{layout['cp']}" if layout["cp"] > 1 else "")
+            + ", "
             f"EP{layout['ep']}, ZeRO-{layout['zero_stage']}, micro-batch {layout['micro_batch']} "
             f"x {layout['seq_len']}, recompute {'on' if layout['recompute'] else 'off'}",
             ("part", "bytes"),

@@ -37,6 +37,7 @@ from moegpt.errors import UserError
 from moegpt.fileio import write_atomically
 from moegpt.model import Transformer
 from moegpt.parallel.apply import ModelParts, clip_grad_norm, parallelize, state_bytes
+from moegpt.parallel.context import sequence_shards
 from moegpt.parallel.mesh import ParallelDims
 from moegpt.parallel.pipeline import build_schedule as build_pipeline_schedule
 from moegpt.plan.flops import training_token_flops
@@ -198,7 +199,8 @@ class Trainer:
 
     # -- collectives ---------------------------------------------------------------------
     def _sum_over(self, value: torch.Tensor, *dims: str) -> torch.Tensor:
-        """Sum ``value`` over the named mesh dimensions ("dp", "pp") that have > 1 rank."""
+        """Sum ``value`` over the named mesh dimensions ("dp", "pp", "cp") that have > 1
+        rank."""
         if self.dims is not None:
             for name in dims:
                 if self.dims[name].size() > 1:
@@ -304,8 +306,13 @@ class Trainer:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
+    def _sequence_shards(self, batch: dict[str, torch.Tensor]) -> Any:
+        """Context parallelism: this rank's chunks of ``batch`` (on the device) while open."""
+        cp = self.dims["cp"] if self.dims is not None else None
+        return sequence_shards(cp, batch)
+
     def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
-        batch = self._to_device(batch)
+        """LM loss sum and model output of a device batch (inside its sequence shards)."""
         with self._autocast():
             out = self.parts.modules[0](
                 batch["input_ids"],
@@ -327,13 +334,17 @@ class Trainer:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward over this rank's micro-batches; (LM loss sum, aux share)."""
         loss_sum = aux_sum = torch.zeros((), device=self.device)
-        for i, batch in enumerate(micro):
-            with self._no_sync(last=i == len(micro) - 1):
+        # Context-parallel ranks each balance their part of a sequence: their auxiliary losses
+        # are averaged (summed gradients over 1/cp each).
+        aux_weight = 1.0 / (micro_steps * self.config.parallel.cp)
+        for i, host_batch in enumerate(micro):
+            batch = self._to_device(host_batch)
+            with self._no_sync(last=i == len(micro) - 1), self._sequence_shards(batch):
                 lm, out = self._forward(batch)
-                loss = lm / label_tokens + out.aux_loss / micro_steps
+                loss = lm / label_tokens + out.aux_loss * aux_weight
                 loss.backward()
             loss_sum = loss_sum + lm.detach() / label_tokens
-            aux_sum = aux_sum + out.aux_loss.detach() / micro_steps
+            aux_sum = aux_sum + out.aux_loss.detach() * aux_weight
             self._last_stats = out.moe_stats
         return loss_sum, aux_sum
 
@@ -397,7 +408,7 @@ class Trainer:
         pp_group = self.dims["pp"].get_group() if self.pipeline is not None else None
         max_norm = train.grad_clip if train.grad_clip > 0 else math.inf
         grad_norm = clip_grad_norm(self.parts.parameters(), max_norm, pp_group)
-        sums = self._sum_over(torch.stack([loss_sum, aux_sum]).float(), "dp", "pp")
+        sums = self._sum_over(torch.stack([loss_sum, aux_sum]).float(), "dp", "pp", "cp")
         # Sums stay on the device until here: one host sync besides the label count.
         loss_value, aux_value, norm = torch.cat([sums, grad_norm.reshape(1).float()]).tolist()
         skipped = not math.isfinite(norm)
@@ -456,8 +467,10 @@ class Trainer:
                     self._run_pipeline(micro, losses, train=False)
                     sums[0] += sum((x.float() for x in losses), torch.zeros((), device=self.device))
                 else:
-                    sums[0] += self._forward(batch)[0]
-            self._sum_over(sums[:1], "pp")
+                    batch = self._to_device(batch)
+                    with self._sequence_shards(batch):
+                        sums[0] += self._forward(batch)[0]
+            self._sum_over(sums[:1], "pp", "cp")
             total, count = self._sum_over(sums, "dp").tolist()
             if count:
                 results[f"{source.name}/loss"] = total / count
