@@ -15,9 +15,10 @@ from PIL import Image
 
 import moegpt
 from moegpt.cli import main
+from moegpt.config import ServeConfig
 from moegpt.evals.passkey import ANSWER_TOKENS, answered, build_prompt, run_passkey
 from moegpt.evals.perplexity import Windows, perplexity
-from moegpt.serve.engine import Completion, folder_tokenizer
+from moegpt.serve.engine import Completion, Engine, folder_tokenizer
 from tests.serve.conftest import export_model
 
 
@@ -81,21 +82,34 @@ def test_windows_score_every_token_once() -> None:
     assert [p for _, end, first in disjoint for p in range(first, end)] == [1, 2, 3, 5, 6, 7, 9]
 
 
-def test_perplexity_equals_direct_forwards(model_dir: Path) -> None:
+@pytest.mark.parametrize("serve", [{}, {"max_tokens_per_step": 50, "block_size": 8}])
+def test_perplexity_through_the_engine_equals_direct_forwards(model_dir: Path, serve) -> None:
+    """Windows batched through the serving engine (prefill chunked or not) against one
+    no-cache forward per window."""
     model = moegpt.load(model_dir)
+    engine = Engine(model, config=ServeConfig(num_kv_blocks=128, calibrate=False, **serve))
     torch.manual_seed(0)
     doc = torch.randint(0, model.config.vocab_size, (120,)).tolist()
+    other = torch.randint(0, model.config.vocab_size, (40,)).tolist()
 
     def nll(tokens: list[int]) -> float:
         with torch.no_grad():
             logits = model(torch.tensor([tokens])).logits[0]
         return float(F.cross_entropy(logits[:-1], torch.tensor(tokens[1:]), reduction="sum"))
 
-    got, scored = perplexity(model, [doc], length=128, stride=64)  # one window: the whole doc
+    got, scored = perplexity(engine, [doc], length=128, stride=64)  # one window: the whole doc
     assert scored == 119 and got == pytest.approx(math.exp(nll(doc) / 119), rel=1e-5)
-    got, scored = perplexity(model, [doc], length=60, stride=60)  # two independent chunks
-    want = math.exp((nll(doc[:60]) + nll(doc[60:])) / 118)
-    assert scored == 118 and got == pytest.approx(want, rel=1e-5)
+    got, scored = perplexity(engine, [doc, other], length=60, stride=60)  # independent chunks
+    want = math.exp((nll(doc[:60]) + nll(doc[60:]) + nll(other)) / 157)
+    assert scored == 157 and got == pytest.approx(want, rel=1e-5)
+    got, scored = perplexity(engine, [model_context(model)], length=256, stride=256)
+    assert scored == 255  # a window may fill the whole context: it draws nothing
+    assert engine.allocator.used == 0
+
+
+def model_context(model) -> list[int]:
+    """A document exactly as long as the model's context."""
+    return torch.randint(0, model.config.vocab_size, (model.config.max_seq_len,)).tolist()
 
 
 def test_passkey_cells_count_the_right_answers(model_dir: Path) -> None:

@@ -415,9 +415,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(json.dumps(result, indent=2))
 
 
+def _eval_engine(model_dir: str) -> Engine:
+    """The serving engine over ``model_dir`` at the default settings (no step-time
+    calibration: evaluations have no latency bound)."""
+    from moegpt.serve.engine import Engine
+
+    serve = dataclasses.replace(load_config().serve, calibrate=False)
+    with stderr.status(f"loading {model_dir}"):
+        return Engine.from_folder(model_dir, serve)
+
+
 def _passkey(args: argparse.Namespace, lengths: list[int]) -> dict:
     from moegpt.evals.passkey import run_passkey, table
-    from moegpt.serve.engine import Engine
 
     try:
         depths = [int(d) / 100 for d in args.depths.split(",") if d.strip()]
@@ -427,9 +436,7 @@ def _passkey(args: argparse.Namespace, lengths: list[int]) -> dict:
         raise UserError(f"--depths: percentages from 0 to 100, got {args.depths!r}")
     if args.trials <= 0:
         raise UserError(f"--trials: must be positive, got {args.trials}")
-    serve = dataclasses.replace(load_config().serve, calibrate=False)
-    with stderr.status(f"loading {args.model_dir}"):
-        engine = Engine.from_folder(args.model_dir, serve)
+    engine = _eval_engine(args.model_dir)
     cells = len(lengths) * len(depths) * args.trials
     with stderr.status(f"passkey: {cells} prompts through the engine"):
         result = run_passkey(engine, lengths, depths, args.trials, args.seed)
@@ -444,7 +451,6 @@ def _passkey(args: argparse.Namespace, lengths: list[int]) -> dict:
 
 
 def _perplexity(args: argparse.Namespace, lengths: list[int]) -> dict:
-    import moegpt
     from moegpt.evals.perplexity import perplexity
     from moegpt.serve.engine import folder_tokenizer
 
@@ -462,14 +468,14 @@ def _perplexity(args: argparse.Namespace, lengths: list[int]) -> dict:
         if not path.is_file():
             raise UserError(f"--text: {path} not found")
         documents.append(tokenizer.encode(path.read_text(encoding="utf-8", errors="replace")).ids)
-    model = moegpt.load(args.model_dir)
-    context = model.config.max_seq_len
+    engine = _eval_engine(args.model_dir)
+    context = engine.model.config.max_seq_len
     if max(lengths) > context:
         raise UserError(f"--lengths: {max(lengths)} exceeds the model's context ({context})")
     rows = []
     for length in lengths:
-        with stderr.status(f"perplexity at {length} tokens (stride {stride})"):
-            value, scored = perplexity(model, documents, length, stride)
+        with stderr.status(f"perplexity at {length} tokens (stride {stride}) through the engine"):
+            value, scored = perplexity(engine, documents, length, stride)
         rows.append({"length": length, "perplexity": value, "tokens": scored})
         if not args.json:
             print(f"length {length:>6}: perplexity {value:10.3f} over {scored:,} tokens")

@@ -178,3 +178,74 @@ def test_overlapped_steps_draw_the_same_seeded_samples(model: Transformer) -> No
         assert engine.allocator.used == 0
     assert runs["on"] == runs["off"]
     assert all(len(samples) == 3 for samples in runs["on"])
+
+
+@torch.no_grad()
+def reference_prompt_logprobs(model: Transformer, prompt: list[int]) -> list[float]:
+    """log p(prompt[i] | prompt[:i]) for i >= 1 from one no-cache forward."""
+    logits = model(torch.tensor([prompt])).logits[0, :-1].float().log_softmax(-1)
+    return logits.gather(1, torch.tensor(prompt[1:])[:, None]).squeeze(1).tolist()
+
+
+@pytest.mark.parametrize("overlap", ["off", "on"])
+@pytest.mark.parametrize(
+    "serve",
+    [
+        {"block_size": 8, "num_kv_blocks": 128},
+        {"block_size": 8, "num_kv_blocks": 128, "max_tokens_per_step": 7},  # chunked prefill
+        {"block_size": 4, "num_kv_blocks": 30, "max_batch_size": 8},  # preemption
+    ],
+    ids=["roomy", "chunked", "preempting"],
+)
+def test_prompt_logprobs_equal_the_no_cache_forward(
+    model: Transformer, serve: dict, overlap: str
+) -> None:
+    """Scored prompts (alone with max_tokens 0, or before generating) mixed with plain
+    requests: each prompt token's log-probability is the full forward's, once, and the
+    generated tokens are unchanged; a prompt may fill the whole context when scored alone."""
+    engine = Engine(model, config=ServeConfig(**serve, overlap=overlap))
+    rng = random.Random(7)
+    vocab, context = model.config.vocab_size, model.config.max_seq_len
+    requests = []
+    for i in range(16):
+        length = context if i == 0 else rng.randint(2, 40)
+        prompt = [rng.randrange(vocab) for _ in range(length)]
+        max_tokens = 0 if i % 3 == 0 else rng.randint(1, 12)
+        scored = i % 3 != 2
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, prompt_logprobs=scored)
+        requests.append((engine.add_request(prompt, params), prompt, max_tokens, scored))
+    outputs: dict[str, list] = {rid: [] for rid, *_ in requests}
+    while engine.has_work():
+        for out in engine.step():
+            outputs[out.request_id].append(out)
+    for rid, prompt, max_tokens, scored in requests:
+        outs = outputs[rid]
+        assert outs[-1].finished
+        assert [t for o in outs for t in o.token_ids] == reference_greedy(model, prompt, max_tokens)
+        firsts = [o.prompt_logprobs for o in outs if o.prompt_logprobs is not None]
+        if not scored:
+            assert firsts == []
+            continue
+        assert len(firsts) == 1 and firsts[0][0] is None
+        assert firsts[0][1:] == pytest.approx(reference_prompt_logprobs(model, prompt), abs=1e-4)
+    assert engine.allocator.used == 0
+    if serve.get("num_kv_blocks") == 30:
+        assert engine.stats.preemptions > 0
+
+
+def test_scoring_a_prompt_alone_is_checked() -> None:
+    with pytest.raises(UserError, match=r"^max_tokens: must be >= 1 \(0 only with prompt_"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(UserError, match="^n: must be 1 when max_tokens is 0"):
+        SamplingParams(max_tokens=0, prompt_logprobs=True, n=2)
+
+
+def test_a_scored_prompt_may_fill_the_context_but_not_exceed_it(model: Transformer) -> None:
+    engine = Engine(model, config=ServeConfig(num_kv_blocks=64))
+    context = model.config.max_seq_len
+    alone = SamplingParams(max_tokens=0, prompt_logprobs=True)
+    engine.add_request([1] * context, alone)
+    with pytest.raises(UserError, match=f"^prompt: {context + 1} tokens exceed the {context}"):
+        engine.add_request([1] * (context + 1), alone)
+    with pytest.raises(UserError, match=f"^prompt: {context} tokens leave no room"):
+        engine.add_request([1] * context, SamplingParams(max_tokens=1, prompt_logprobs=True))

@@ -13,10 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-
-from moegpt.model import Transformer
+from moegpt.serve.engine import Engine
+from moegpt.serve.sequence import SamplingParams
 
 
 @dataclass
@@ -40,30 +38,24 @@ class Windows:
         return cls(spans)
 
 
-@torch.no_grad()
-def document_nll(
-    model: Transformer, tokens: list[int], length: int, stride: int
-) -> tuple[float, int]:
-    """Summed negative log-likelihood of ``tokens[1:]`` and the count scored."""
-    device = next(model.parameters()).device
-    ids = torch.tensor(tokens, device=device)
-    total, count = 0.0, 0
-    for start, end, first in Windows.of(len(tokens), length, stride).spans:
-        logits = model(ids[None, start:end]).logits[0].float()
-        # logits at position p predict token p + 1; score targets first .. end - 1
-        predicted = logits[first - 1 - start : end - 1 - start]
-        targets = ids[first:end]
-        total += float(F.cross_entropy(predicted, targets, reduction="sum"))
-        count += end - first
-    return total, count
-
-
 def perplexity(
-    model: Transformer, documents: list[list[int]], length: int, stride: int
+    engine: Engine, documents: list[list[int]], length: int, stride: int
 ) -> tuple[float, int]:
-    """Perplexity over ``documents`` at windows of ``length`` tokens, and the tokens scored."""
-    total, count = 0.0, 0
+    """Perplexity over ``documents`` at windows of ``length`` tokens, and the tokens scored.
+
+    Every window of every document is one request that scores its prompt and draws nothing
+    (``prompt_logprobs`` with ``max_tokens`` 0), all batched by the serving engine."""
+    params = SamplingParams(max_tokens=0, prompt_logprobs=True)
+    scored_from: dict[str, int] = {}  # request -> first scored index inside its window
     for tokens in documents:
-        nll, n = document_nll(model, tokens, length, stride)
-        total, count = total + nll, count + n
+        for start, end, first in Windows.of(len(tokens), length, stride).spans:
+            request = engine.add_request(tokens[start:end], params)
+            scored_from[request] = first - start
+    total, count = 0.0, 0
+    while engine.has_work():
+        for out in engine.step():
+            if out.prompt_logprobs is not None:
+                window = out.prompt_logprobs[scored_from.pop(out.request_id) :]
+                total -= math.fsum(lp for lp in window if lp is not None)
+                count += len(window)
     return math.exp(total / max(count, 1)), count

@@ -266,7 +266,7 @@ class Engine:
     ) -> str:
         params = params or SamplingParams()
         ids = self.encode(prompt)
-        self.check_prompt(ids)
+        self.check_prompt(ids, room=min(params.max_tokens, 1))
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._requests:
             raise UserError(f"request_id: {request_id!r} is already running")
@@ -288,14 +288,19 @@ class Engine:
         self.scheduler.add(seq)
         return request_id
 
-    def check_prompt(self, ids: list[int]) -> None:
-        """A prompt the engine can run: known tokens, room left to generate."""
+    def check_prompt(self, ids: list[int], room: int = 1) -> None:
+        """A prompt the engine can run: known tokens, ``room`` left to generate (0 for a
+        prompt scored alone)."""
         limit = self.max_context
         if not ids:
             raise UserError("prompt: empty")
-        if len(ids) >= limit:
+        if len(ids) + room > limit:
             what = "context" if limit == self.model.config.max_seq_len else "KV cache"
-            raise UserError(f"prompt: {len(ids)} tokens leave no room in the {limit}-token {what}")
+            if room:
+                raise UserError(
+                    f"prompt: {len(ids)} tokens leave no room in the {limit}-token {what}"
+                )
+            raise UserError(f"prompt: {len(ids)} tokens exceed the {limit}-token {what}")
         if any(not 0 <= t < self.model.config.vocab_size for t in ids):
             raise UserError(f"prompt: token ids must be in 0..{self.model.config.vocab_size - 1}")
 

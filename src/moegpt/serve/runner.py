@@ -293,6 +293,30 @@ class RunnerSequence:
     generator: torch.Generator | None
     blocks: tuple[int, ...] = ()
     draft_computed: int = 0
+    # with prompt_logprobs: prompt positions whose next token is still to score (a
+    # preempted sequence recomputing its prompt scores nothing twice)
+    unscored: range = range(0)
+
+
+@dataclass
+class PromptRows:
+    """The logits rows of a step that score prompt tokens, and the tokens they score."""
+
+    rows: list[int] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)
+    counts: dict[int, int] = field(default_factory=dict)  # per sequence, in row order
+
+    def add(self, seq_id: int, first_row: int, tokens: list[int], positions: range) -> None:
+        self.rows += range(first_row, first_row + len(positions))
+        self.targets += tokens[positions.start + 1 : positions.stop + 1]
+        self.counts[seq_id] = len(positions)
+
+    def logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each scored token's log-probability (fp32, on the device)."""
+        device = logits.device
+        picked = logits[torch.tensor(self.rows, device=device)].float().log_softmax(-1)
+        targets = torch.tensor(self.targets, device=device)
+        return picked.gather(1, targets[:, None]).squeeze(1)
 
 
 @dataclass
@@ -305,6 +329,9 @@ class Launched:
     draw: Draw | None = None
     draw_rows: dict[int, int] = field(default_factory=dict)
     result: RunnerOutput | None = None  # already complete (a speculative step)
+    # prompt log-probabilities on the device, and how many of them each sequence has
+    prompt_logprobs: torch.Tensor | None = None
+    prompt_counts: dict[int, int] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -336,7 +363,10 @@ class ModelRunner:
             generator = None
             if new.seed is not None:
                 generator = torch.Generator(device=self.device).manual_seed(new.seed)
-            self.sequences[new.seq_id] = RunnerSequence(tokens, new.params, generator)
+            seq = RunnerSequence(tokens, new.params, generator)
+            if new.params.prompt_logprobs and new.parent is None:
+                seq.unscored = range(len(new.prompt) - 1)  # the last one has no next token
+            self.sequences[new.seq_id] = seq
         for chunk in out.chunks:
             seq = self.sequences[chunk.seq_id]
             seq.blocks = chunk.blocks
@@ -359,13 +389,14 @@ class ModelRunner:
 
     def _model_input(
         self, out: SchedulerOutput, proposals: dict[int, Proposal]
-    ) -> tuple[ModelInput, dict[int, tuple[int, int]], TokenPatch | None]:
+    ) -> tuple[ModelInput, dict[int, tuple[int, int]], TokenPatch | None, PromptRows]:
         """The packed forward input; for each sampling chunk its (first logits row, rows):
-        1, or 1 + k to verify k proposed tokens (a fork shares its parent's row); and the
+        1, or 1 + k to verify k proposed tokens (a fork shares its parent's row); the
         packed rows whose token the previous step is still drawing, with where on the device
-        it will be."""
+        it will be; and the rows that score prompt tokens."""
         inp = ModelInput(copies=out.copies)
         rows: dict[int, tuple[int, int]] = {}
+        scoring = PromptRows()
         parents = {n.seq_id: n.parent for n in out.new if n.parent is not None}
         patch_rows, patch_sources = [], []
         for chunk in out.chunks:
@@ -386,6 +417,11 @@ class ModelRunner:
             inp.positions += range(chunk.start, end + len(proposed))
             new = chunk.length + len(proposed)
             inp.sequences.append((offset, new, chunk.start, list(chunk.blocks)))
+            scored = range(max(chunk.start, seq.unscored.start), min(end, seq.unscored.stop))
+            if scored:  # position p's logits score prompt token p + 1
+                scoring.add(chunk.seq_id, len(inp.logits_rows), seq.tokens, scored)
+                inp.logits_rows += (offset + p - chunk.start for p in scored)
+                seq.unscored = range(scored.stop, seq.unscored.stop)
             if chunk.sample:
                 rows[chunk.seq_id] = (len(inp.logits_rows), 1 + len(proposed))
                 inp.logits_rows += range(offset + new - 1 - len(proposed), offset + new)
@@ -394,7 +430,7 @@ class ModelRunner:
             assert self._previous is not None and self._previous.draw is not None
             sources = torch.tensor(patch_sources).to(self.device, non_blocking=True)
             patch = (patch_rows, self._previous.draw.tokens[sources])
-        return inp, rows, patch
+        return inp, rows, patch, scoring
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         """Run ``out`` and return what it drew."""
@@ -407,9 +443,12 @@ class ModelRunner:
         self._take_in(out)
         result = RunnerOutput()
         proposals = self._propose(out, result)
-        inp, rows, patch = self._model_input(out, proposals)
+        inp, rows, patch, scoring = self._model_input(out, proposals)
         launched = Launched(out, len(inp.tokens))
         logits = self.forward(inp, patch)
+        if scoring.counts:
+            launched.prompt_logprobs = scoring.logprobs(logits)
+            launched.prompt_counts = scoring.counts
         plain = [sid for sid in rows if sid not in proposals]
         if plain:
             seqs = [self.sequences[sid] for sid in plain]
@@ -434,6 +473,10 @@ class ModelRunner:
         """Wait for a launched step's tokens; what it drew."""
         result = launched.result or RunnerOutput()
         result.tokens_run = launched.tokens_run
+        if launched.prompt_logprobs is not None:
+            values = iter(launched.prompt_logprobs.tolist())
+            for sid, count in launched.prompt_counts.items():
+                result.prompt_logprobs[sid] = [next(values) for _ in range(count)]
         if launched.draw is not None:
             drawn = launched.draw.results()
             for sid, row in launched.draw_rows.items():

@@ -240,7 +240,8 @@ class Scheduler:
         start = seq.computed
         out.copies += seq.table.grow(start, start + n)
         length = min(n, seq.pending)
-        sample = length == seq.pending
+        # A prompt scored alone (max_tokens 0) ends with its last chunk: nothing is drawn.
+        sample = length == seq.pending and seq.params.max_tokens > 0
         self._announce(out, seq)
         blocks = tuple(seq.table.blocks)
         out.add(ScheduledChunk(seq.seq_id, start, length, blocks, sample, n - length))
@@ -326,8 +327,13 @@ class Scheduler:
         now = self.clock()
         for chunk in out.chunks:
             seq = self._live.get(chunk.seq_id)
+            if seq is None:  # it ended meanwhile
+                continue
+            seq.prompt_logprobs += result.prompt_logprobs.get(chunk.seq_id, ())
             drawn = result.sampled.get(chunk.seq_id)
-            if seq is None or drawn is None:  # it ended meanwhile; or a prefill chunk
+            if drawn is None:  # a prefill chunk, or a scored prompt's last
+                if chunk.start + chunk.length == len(seq.prompt) and not chunk.sample:
+                    outputs.append(self._scored(seq, now))
                 continue
             seq.in_flight -= 1
             # The cache keeps the chunk and the accepted proposals; the bonus token is next.
@@ -341,6 +347,20 @@ class Scheduler:
         if seconds is not None:
             self._learn(out, result, seconds)
         return outputs
+
+    def _scored(self, seq: Sequence, now: float) -> RequestOutput:
+        """A prompt scored alone (max_tokens 0) is done once its last chunk ran."""
+        self.finish(seq, "length")
+        return RequestOutput(
+            seq.request_id,
+            seq.index,
+            [],
+            finished=True,
+            finish_reason="length",
+            prompt_tokens=len(seq.prompt),
+            time_to_first_token=now - seq.arrival,
+            prompt_logprobs=[None, *seq.prompt_logprobs],
+        )
 
     def _append(self, seq: Sequence, drawn: list[Sampled], now: float) -> RequestOutput:
         """Append drawn tokens until one ends the sequence."""
@@ -375,6 +395,9 @@ class Scheduler:
             completion_tokens=len(seq.output),
             time_to_first_token=now - seq.arrival if first else None,
             time_per_output_token=tpot,
+            prompt_logprobs=(
+                [None, *seq.prompt_logprobs] if first and seq.params.prompt_logprobs else None
+            ),
         )
 
     def _ends_in_flight(self, seq: Sequence) -> bool:

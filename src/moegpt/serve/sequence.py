@@ -31,11 +31,18 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    # the log-probability of each prompt token after the first, given those before it
+    # (scoring, perplexity; OpenAI's echo with logprobs); with max_tokens 0 nothing is drawn
+    prompt_logprobs: bool = False
     speculate: bool = True  # may the engine speculate for this request (when it can)
 
     def __post_init__(self) -> None:
         checks = [
-            ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
+            (
+                "max_tokens",
+                self.max_tokens >= 1 or (self.max_tokens == 0 and self.prompt_logprobs),
+                "must be >= 1 (0 only with prompt_logprobs: score the prompt alone)",
+            ),
             (
                 "temperature",
                 math.isfinite(self.temperature) and self.temperature >= 0,
@@ -44,6 +51,7 @@ class SamplingParams:
             ("top_k", self.top_k >= 0, "must be >= 0 (0 = off)"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("n", self.n >= 1, "must be >= 1"),
+            ("n", self.n == 1 or self.max_tokens > 0, "must be 1 when max_tokens is 0"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in 0..20"),
             # sample i of a request draws with seed + i: keep every one a valid 64-bit seed
             (
@@ -91,6 +99,7 @@ class Sequence:
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     announced: bool = False  # the runner has been told of it
+    prompt_logprobs: list[float] = field(default_factory=list)  # of prompt tokens 1.. so far
 
     @property
     def tokens(self) -> list[int]:

@@ -76,6 +76,8 @@ class RunnerOutput:
 
     sampled: dict[int, list[Sampled]] = field(default_factory=dict)
     proposed: dict[int, int] = field(default_factory=dict)
+    # the prompt tokens' log-probabilities this step scored, per sequence, in prompt order
+    prompt_logprobs: dict[int, list[float]] = field(default_factory=dict)
     tokens_run: int = 0
     propose_seconds: float = 0.0
     verify_seconds: float = 0.0
@@ -97,3 +99,6 @@ class RequestOutput:
     completion_tokens: int = 0
     time_to_first_token: float | None = None  # on the sequence's first output
     time_per_output_token: float | None = None  # when it finishes with two tokens or more
+    # with SamplingParams.prompt_logprobs, on the first output: None for the first prompt
+    # token, then each one's log-probability given those before it
+    prompt_logprobs: list[float | None] | None = None
