@@ -5,9 +5,11 @@ quick-start model, trained at 256 tokens, continued at 1,024 with each rotary sc
 
 Prepares the bundled corpus, trains and exports configs/tiny.toml once (runs/tiny), then for
 none / linear / ntk / yarn runs configs/tiny-long.toml with that scaling (factor 4 from 256
-tokens; none keeps the plain rotations), exports it and evaluates it: passkey retrieval at
-each length and sliding-window perplexity of held-out long documents at 256 and 1,024 tokens,
-beside the parent's perplexity at 256 (the short-context regression). Everything goes through
+tokens; none keeps the plain rotations), and yarn once more with long documents upsampled
+(yarn+long); exports each and evaluates it (a finished run is evaluated again, not
+retrained): passkey retrieval at each length and sliding-window perplexity of held-out long
+documents at 256 and 1,024 tokens, beside the parent's perplexity at 256 (the short-context
+regression). Everything goes through
 the `moegpt` verbs, as a user would run them; the table is printed and saved as JSON and text.
 """
 
@@ -20,7 +22,19 @@ import sys
 import time
 from pathlib import Path
 
-SCALINGS = ("none", "linear", "ntk", "yarn")
+# Each continuation: its rotary scaling, and for "yarn+long" YaRN on data whose documents
+# longer than the original 256 tokens are read 4 times per epoch (data.long_doc_tokens).
+VARIANTS = {
+    "none": ["--model.rope_scaling.type=none", "--model.rope_scaling.factor=1"],
+    "linear": ["--model.rope_scaling.type=linear"],
+    "ntk": ["--model.rope_scaling.type=ntk"],
+    "yarn": ["--model.rope_scaling.type=yarn"],
+    "yarn+long": [
+        "--model.rope_scaling.type=yarn",
+        "--data.long_doc_tokens=256",
+        "--data.long_doc_repeat=4",
+    ],
+}
 # Held-out long documents: licence texts that ship with Debian, which the stdlib corpus the
 # model trains on does not contain.
 DOCUMENTS = ("/usr/share/common-licenses/GPL-3", "/usr/share/common-licenses/Apache-2.0")
@@ -93,12 +107,10 @@ def main() -> None:
         moegpt("export", str(parent), str(parent / "export"))
     result = {"parent": evaluate(parent / "export", "256", args.trials, documents)}
     result["documents"] = documents
-    for scaling in SCALINGS:
+    for scaling, settings in VARIANTS.items():
         run = runs / f"tiny-long-{scaling}"
         overrides = [f"--train.init_from={parent / 'export'}", f"--train.steps={args.steps}"]
-        overrides.append(f"--model.rope_scaling.type={scaling}")
-        if scaling == "none":
-            overrides.append("--model.rope_scaling.factor=1")
+        overrides += settings
         moegpt("train", "--config", "configs/tiny-long.toml", "--run-dir", str(run), *overrides)
         if not (run / "export" / "model.safetensors").is_file():
             moegpt("export", str(run), str(run / "export"))
@@ -111,15 +123,15 @@ def main() -> None:
         f"tiny (256-token pretraining) continued {args.steps} steps at 1,024 tokens; passkey "
         f"{args.trials} trials x 3 depths per length; perplexity of {len(documents)} held-out "
         "documents, stride 128",
-        "scaling   passkey@256  @512  @1024   ppl@256  ppl@1024",
-        f"parent    {result['parent']['passkey']['256']:>10.0%}     -      -  "
+        "scaling    passkey@256  @512  @1024   ppl@256  ppl@1024",
+        f"parent     {result['parent']['passkey']['256']:>10.0%}     -      -  "
         f"{result['parent']['perplexity']['256']:>8.2f}         -",
     ]
-    for scaling in SCALINGS:
+    for scaling in VARIANTS:
         r = result[scaling]
         p, q = r["passkey"], r["perplexity"]
         lines.append(
-            f"{scaling:<8}  {p['256']:>10.0%} {p['512']:>5.0%} {p['1024']:>6.0%}  "
+            f"{scaling:<9}  {p['256']:>10.0%} {p['512']:>5.0%} {p['1024']:>6.0%}  "
             f"{q['256']:>8.2f}  {q['1024']:>8.2f}"
         )
     text = "\n".join(lines)

@@ -178,7 +178,10 @@ def context(args, recipe: Path, root: Path) -> dict[str, Any]:
     bounds, bf16 within the one-GPU spread) without the load-balancing loss, and the
     difference with it."""
     report: dict[str, Any] = {}
-    for dtype in ("float32", "bfloat16"):
+    # Grouped K/V heads (the recipe's MQA) ring-attend in bf16 only (config.py says why).
+    model = load_config(recipe).model
+    dtypes = ("bfloat16",) if model.n_kv_heads < model.n_heads else ("float32", "bfloat16")
+    for dtype in dtypes:
         for aux in ("off", "on"):
             common = [*base(args.ranks, args.steps), "--train.dtype", dtype]
             common += CP_BASE if aux == "off" else CP_BASE[:2]

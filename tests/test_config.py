@@ -128,6 +128,10 @@ TINY = ROOT / "configs" / "tiny.toml"  # 6 heads, 1 KV head, 8 experts top-2, 4 
             {"parallel.cp": "3", "data.seq_len": "256"},
             "data.seq_len: 256 does not split into 2 x parallel.cp = 6 equal chunks",
         ),
+        (
+            {"parallel.cp": "2"},
+            "train.dtype: ring attention (parallel.cp) over shared K/V heads runs on the flash",
+        ),
         ({"data.long_doc_repeat": "0"}, "data.long_doc_repeat: must be positive, got 0"),
         ({"serve.tp": "4"}, "serve.tp: 4 does not divide model.n_heads (6)"),
         ({"serve.pp": "9"}, "serve.pp: 9 stages exceed model.n_layers (4)"),

@@ -619,6 +619,12 @@ class Config:
         check_parallel(m, p)
         if p.cp > 1:
             check_context_parallel(self.data, p)
+            if m.n_kv_heads < m.n_heads and self.train.dtype == "float32":
+                # SDPA sends grouped K/V in fp32 to its math kernel, which ring attention lacks.
+                raise ConfigError(
+                    "train.dtype: ring attention (parallel.cp) over shared K/V heads runs on "
+                    "the flash kernel, which needs bfloat16"
+                )
         if m.n_heads % self.serve.tp:
             raise ConfigError(
                 f"serve.tp: {self.serve.tp} does not divide model.n_heads ({m.n_heads})"
