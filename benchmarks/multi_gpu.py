@@ -179,12 +179,13 @@ def context(args, recipe: Path, root: Path) -> dict[str, Any]:
     both runs against one fp32 GPU run, the ring's error no more than twice one GPU's. Each
     without the load-balancing loss (exact), and the difference with it reported."""
     report: dict[str, Any] = {}
-    # Grouped K/V heads (the recipe's MQA) ring-attend in bf16 only (config.py says why).
-    model = load_config(recipe).model
-    dtypes = ("bfloat16",) if model.n_kv_heads < model.n_heads else ("float32", "bfloat16")
-    for dtype in dtypes:
+    # Grouped K/V heads (the recipe's MQA) ring-attend in bf16 only (config.py says why): the
+    # fp32 check gives the model one K/V head per query head.
+    heads = str(load_config(recipe).model.n_heads)
+    for dtype in args.context_dtypes.split(","):
+        mha = ["--model.n_kv_heads", heads] if dtype == "float32" else []
         for aux in ("off", "on"):
-            common = [*base(args.ranks, args.steps), "--train.dtype", dtype]
+            common = [*base(args.ranks, args.steps), *mha, "--train.dtype", dtype]
             common += CP_BASE if aux == "off" else CP_BASE[:2]
             runs = {n: common + o for n, o in context_layouts(args.ranks).items()}
             tag = f"cp-{dtype}-aux-{aux}"
@@ -365,6 +366,9 @@ def main() -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="compile the decode step before capturing its graphs (each run compiles afresh)",
+    )
+    parser.add_argument(
+        "--context-dtypes", default="float32,bfloat16", help="dtypes the context phase checks"
     )
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
