@@ -34,15 +34,21 @@ def check_device(cp: int, device: torch.device) -> None:
 
 @contextlib.contextmanager
 def sequence_shards(mesh: DeviceMesh | None, batch: dict[str, torch.Tensor]) -> Iterator[None]:
-    """While open, ``batch``'s sequence tensors hold this rank's chunks (resized in place)
-    and SDPA is ring attention over ``mesh``; run forward and backward inside. ``mesh`` None
-    or of one rank: nothing changes."""
+    """While open, ``batch``'s sequence tensors hold this rank's chunks (resized in place;
+    positions are added where the batch has none) and SDPA is ring attention over ``mesh``;
+    run forward and backward inside. ``mesh`` None or of one rank: nothing changes."""
     if mesh is None or mesh.size() == 1:
         yield
         return
     from torch.distributed.tensor.experimental import context_parallel
 
-    buffers = [batch[k] for k in SEQUENCE_KEYS if k in batch]
+    if "positions" not in batch:
+        # The model counts positions from 0 over what it is given: each rank's chunks need
+        # their places in the whole sequence, split with the tokens.
+        rows, seq = batch["input_ids"].shape
+        device = batch["input_ids"].device
+        batch["positions"] = torch.arange(seq, device=device).repeat(rows, 1)
+    buffers = [batch[k] for k in SEQUENCE_KEYS]
     # The full tensors are not needed afterwards: skip restoring them.
     with context_parallel(
         mesh, buffers=buffers, buffer_seq_dims=[1] * len(buffers), no_restore_buffers=set(buffers)
