@@ -327,7 +327,19 @@ def serving(args, root: Path, sizes: list[int]) -> list[dict[str, Any]]:
                 command += ["--tp", str(n), "--max-batch-size", "32"]
                 command += ["--compile" if args.serving_compile else "--no-compile"]
                 began = time.perf_counter()
-                done = subprocess.run(command, env=env(), capture_output=True, text=True)
+                try:
+                    done = subprocess.run(
+                        command,
+                        env=env(),
+                        capture_output=True,
+                        text=True,
+                        timeout=args.serving_timeout,
+                    )
+                except subprocess.TimeoutExpired as e:  # keep its output: where it stalled
+                    err = e.stderr.decode() if isinstance(e.stderr, bytes) else e.stderr or ""
+                    row[f"batch{batch}_error"] = [f"timed out after {args.serving_timeout} s"]
+                    row[f"batch{batch}_stderr_tail"] = err[-6000:]
+                    continue
                 if done.returncode:
                     row[f"batch{batch}_error"] = done.stderr.strip().splitlines()[-3:]
                     continue
@@ -342,6 +354,10 @@ def serving(args, root: Path, sizes: list[int]) -> list[dict[str, Any]]:
                     row["warnings"] = warnings
             rows.append(row)
             print(f"  serving {name} tp {n}: {row}", flush=True)
+            # A later run may stall past the caller's time limit: keep what was measured.
+            partial = Path(args.out) / "multi_gpu-serving-partial.json"
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(rows, indent=2, default=str))
         shutil.rmtree(folder)
     return rows
 
@@ -361,6 +377,9 @@ def main() -> None:
         "--serving-configs", default="configs/small-moe.toml", help="comma-separated recipes"
     )
     parser.add_argument("--serving-tp", help="tensor-parallel sizes (default 1, 2, 4, 8 <= ranks)")
+    parser.add_argument(
+        "--serving-timeout", type=float, default=240.0, help="seconds one generate run may take"
+    )
     parser.add_argument(
         "--serving-compile",
         action=argparse.BooleanOptionalAction,

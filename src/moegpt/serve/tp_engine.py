@@ -9,6 +9,7 @@ rather than adding a traceback of its own.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -33,6 +34,7 @@ USER_ERROR_STATUS = 2  # `moegpt` printed a UserError as one line and exited wit
 # How long a rank whose collective failed waits to be stopped: torchrun's agent notices a failed
 # rank within its monitor interval (0.1 s), then stops the others.
 STOPPED_WITHIN_S = 10.0
+SHUTDOWN_REPORT_S = 30.0  # a rank still shutting down after this long prints its stacks
 
 
 def launch(tp: int, argv: Sequence[str]) -> int:
@@ -105,6 +107,11 @@ def run_rank(
         if engine is not None:
             with engine:
                 work(engine)
+                # A shutdown that stalls prints every thread's stack (one was seen to hang at
+                # exit on two H100s, after its output was complete).
+                faulthandler.dump_traceback_later(SHUTDOWN_REPORT_S)
+        else:
+            faulthandler.dump_traceback_later(SHUTDOWN_REPORT_S)
     except UserError:  # said in one line; the ranks are in step, or torchrun stops them
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -117,3 +124,4 @@ def run_rank(
             time.sleep(STOPPED_WITHIN_S)
         raise
     dist.destroy_process_group()
+    faulthandler.cancel_dump_traceback_later()
