@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from moegpt.chat import TOKENIZER_CONFIG, chatml_tokenizer_config
 from moegpt.config import Config, SourceConfig
 from moegpt.console import progress, stderr
 from moegpt.data.shards import (
@@ -224,6 +225,16 @@ def _commit_tokenizer(data_dir: Path, tokenizer_path: Path, recipe: str | None) 
         write_atomically(stamp, recipe.encode())
 
 
+def _commit_chat_template(data_dir: Path, given_tokenizer: str) -> None:
+    """The chat template travels with the tokenizer: a configured tokenizer's own
+    tokenizer_config.json (from beside it), else moegpt's ChatML."""
+    beside = Path(given_tokenizer).with_name(TOKENIZER_CONFIG) if given_tokenizer else None
+    if beside is not None and beside.is_file():
+        write_atomically(data_dir / TOKENIZER_CONFIG, beside.read_bytes())
+    else:
+        write_atomically(data_dir / TOKENIZER_CONFIG, chatml_tokenizer_config().encode())
+
+
 def _corpora_fingerprint(corpora: list[tuple[SourceConfig, Corpus]]) -> str:
     return hashlib.sha256("".join(c.fingerprint for _, c in corpora).encode()).hexdigest()
 
@@ -305,6 +316,7 @@ def prepare(
         "sources": sources,
     }
     _commit_tokenizer(data_dir, tokenizer_path, recipe)
+    _commit_chat_template(data_dir, config.data.tokenizer)
     changed = {k: previous.get(k) for k in manifest} != manifest
     if changed or previous.get("version") != VERSION:  # only when something changed
         write_manifest(data_dir, manifest)

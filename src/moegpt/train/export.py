@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
 
+from moegpt.chat import TOKENIZER_CONFIG, chatml_tokenizer_config
 from moegpt.config import load_config
 from moegpt.console import stderr
 from moegpt.data.shards import read_manifest, tokenizer_file
@@ -37,19 +39,24 @@ def load_run_model(run_dir: Path) -> tuple[Transformer, int]:
 
 
 def export(run_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
-    """Write ``model.safetensors``, ``config.json`` and ``tokenizer.json`` to ``out_dir``."""
+    """Write ``model.safetensors``, ``config.json``, ``tokenizer.json`` and
+    ``tokenizer_config.json`` (its chat template) to ``out_dir``."""
     model, step = load_run_model(run_dir)
     config = load_config(run_dir / RUN_CONFIG)
     data_dir = Path(config.data.data_dir)
     tokenizer = tokenizer_file(data_dir, read_manifest(data_dir))  # inside data_dir
     if not tokenizer.is_file():
         raise UserError(f"{tokenizer}: the run's tokenizer is missing")
-    with torch.no_grad():
+    with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
+        template = data_dir / TOKENIZER_CONFIG
+        if not template.is_file():  # prepared before templates travelled with tokenizers
+            template = Path(tmp) / TOKENIZER_CONFIG
+            template.write_text(chatml_tokenizer_config())
         path = save_model(
             model,
             out_dir,
             overwrite,
-            extra_files={"tokenizer.json": tokenizer},
+            extra_files={"tokenizer.json": tokenizer, TOKENIZER_CONFIG: template},
             parent=read_parent_record(run_dir),
         )
     stderr.print(f"exported step {step} of {run_dir} to {path}", highlight=False)
