@@ -201,9 +201,13 @@ class ChatTemplate:
         return Encoded(ids, labels)
 
     def end_of_turn_ids(self) -> tuple[int, ...]:
-        """The special token that ends an assistant turn (the stop of chat requests)."""
+        """The special token that ends an assistant turn (the stop of chat requests); none
+        where the template ends turns without one, or cannot be read that way."""
         probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
-        encoded = self.encode_with_labels(probe)
+        try:
+            encoded = self.encode_with_labels(probe)
+        except TemplateError:
+            return ()
         last = max(p for p, trained in enumerate(encoded.labels) if trained)
         token = encoded.ids[last]
         return (token,) if token in self._special_ids.values() else ()

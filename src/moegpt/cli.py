@@ -291,6 +291,9 @@ def _generate(engine: Engine, args: argparse.Namespace) -> None:
     from moegpt.serve.prompts import PlainEncoder
     from moegpt.serve.sequence import SamplingParams
 
+    template = engine.chat_template
+    if args.chat and template is None:
+        raise UserError(f"--chat: {args.model_dir} has no chat template (tokenizer_config.json)")
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -301,11 +304,15 @@ def _generate(engine: Engine, args: argparse.Namespace) -> None:
         stop=tuple(args.stop or ()),
         logprobs=args.logprobs,
         ignore_eos=args.ignore_eos,
+        stop_token_ids=template.end_of_turn_ids() if args.chat and template else (),
     )
     stderr.print(f"engine: {engine.describe()}", highlight=False)
     prompts = args.prompt or [sys.stdin.read()]
     # Special-token strings in a prompt are text, as in /v1/completions and the training data.
-    encoded = PlainEncoder(engine.tokenizer).encode(prompts) if engine.tokenizer else prompts
+    if args.chat and template is not None:
+        encoded = [template.encode([{"role": "user", "content": p}], True) for p in prompts]
+    else:
+        encoded = PlainEncoder(engine.tokenizer).encode(prompts) if engine.tokenizer else prompts
     ids = [engine.add_request(p, params) for p in encoded]
     processors = {i: OutputProcessor(engine.tokenizer, params.stop) for i in ids}
     streaming = len(prompts) == 1 and args.n == 1
@@ -677,6 +684,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--logprobs", type=int, help="log-probabilities of N alternatives")
     gen.add_argument(
         "--ignore-eos", action="store_true", help="keep going past end-of-text (benchmarks)"
+    )
+    gen.add_argument(
+        "--chat",
+        action="store_true",
+        help="send each prompt as a user message through the model's own chat template "
+        "(tokenizer_config.json), as /v1/chat/completions does; stop at its end of turn",
     )
     _add_serve_flags(gen)
     gen.set_defaults(func=cmd_generate, takes_overrides=True)

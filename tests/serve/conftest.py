@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from moegpt.chat import chatml_tokenizer_config
 from moegpt.data.tokenizer import train_tokenizer
 from moegpt.model import Transformer
 from moegpt.weights import save_model
@@ -18,11 +19,11 @@ def export_model(root: Path, **overrides: object) -> Path:
     source = Path(torch.__file__).with_name("functional.py").read_text()
     tokenizer = train_tokenizer([source], vocab_size=384)
     tokenizer.save(str(root / "tokenizer.json"))
+    (root / "tokenizer_config.json").write_text(chatml_tokenizer_config())  # as export writes
     torch.manual_seed(0)
     config = small_config(vocab_size=tokenizer.get_vocab_size(), **overrides)
-    return save_model(
-        Transformer(config), root / "model", extra_files={"tokenizer.json": root / "tokenizer.json"}
-    )
+    files = {name: root / name for name in ("tokenizer.json", "tokenizer_config.json")}
+    return save_model(Transformer(config), root / "model", extra_files=files)
 
 
 @pytest.fixture(scope="module")

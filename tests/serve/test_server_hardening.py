@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import http.client
 import json
+import shutil
 import socket
 import threading
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from moegpt.chat import ChatTemplate
 from moegpt.cli import main
 from moegpt.config import ServeConfig
 from moegpt.data.tokenizer import SPECIAL_TOKENS
@@ -209,7 +211,8 @@ def test_text_that_cannot_fit_the_context_is_refused_before_tokenizing(
     calls: list[Any] = []
     encoder = live.server.encoder
     monkeypatch.setattr(encoder, "encode", lambda *a, **k: calls.append(a) or [[1]])
-    monkeypatch.setattr(encoder, "chat", lambda *a, **k: calls.append(a) or [1])
+    template = live.server.chat_template
+    monkeypatch.setattr(template, "encode", lambda *a, **k: calls.append(a) or [1])
     context = live.engine.engine.max_context
     huge = "x" * (context * encoder.max_bytes_per_token + 1)
     r = live.post("/v1/completions", {**GOOD, "prompt": huge})
@@ -436,3 +439,59 @@ def test_the_connection_survives_a_lone_surrogate(live: Live) -> None:
         assert good.status == 200 and conn.sock is sock
     finally:
         conn.close()
+
+
+def test_chat_needs_the_models_own_template(engine: Engine, monkeypatch) -> None:
+    """A model folder without a chat template gets a clear 400 on chat requests (completions
+    still serve); with another template, chat renders through that one."""
+    user = {"role": "user", "content": "hi"}
+    body = {"model": MODEL, "messages": [user], "max_tokens": 1}
+    monkeypatch.setattr(engine, "chat_template", None)
+    with serving(engine) as bare:
+        error = assert_openai_error(bare.post("/v1/chat/completions", body), 400, "messages")
+        assert error["message"].startswith("messages: this model has no chat template")
+        assert bare.post("/v1/completions", GOOD).status_code == 200
+    other = ChatTemplate(
+        "{% for m in messages %}<|pad|>{{ m['content'] }}<|im_end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|pad|>{% endif %}",
+        engine.tokenizer,
+    )
+    monkeypatch.setattr(engine, "chat_template", other)
+    with serving(engine) as live:
+        seen: list[list[int]] = []
+        stream = live.engine.stream
+
+        def spy(prompt: Any, *args: Any, **kwargs: Any) -> Any:
+            seen.append(list(prompt))
+            return stream(prompt, *args, **kwargs)
+
+        monkeypatch.setattr(live.engine, "stream", spy)
+        assert live.post("/v1/chat/completions", body).status_code == 200
+    assert seen == [other.encode([user], add_generation_prompt=True)]
+    assert seen[0][0] == engine.tokenizer.token_to_id("<|pad|>")
+
+
+def test_generate_chat_renders_the_models_template(
+    text_model: Path, engine: Engine, monkeypatch, capsys, tmp_path: Path
+) -> None:
+    seen: list[Any] = []
+    add = Engine.add_request
+
+    def spy(self: Engine, prompt: Any, *args: Any, **kwargs: Any) -> str:
+        seen.append((prompt, args[0] if args else kwargs.get("params")))
+        return add(self, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "add_request", spy)
+    argv = ["generate", str(text_model), "--prompt", "hi", "--max-tokens", "1", "--chat"]
+    assert main([*argv, "--num-kv-blocks", "16"]) == 0
+    ((prompt, params),) = seen
+    template = engine.chat_template
+    assert template is not None
+    assert prompt == template.encode([{"role": "user", "content": "hi"}], True)
+    assert params.stop_token_ids == (engine.tokenizer.token_to_id("<|im_end|>"),)
+    bare = tmp_path / "bare"
+    shutil.copytree(text_model, bare)
+    (bare / "tokenizer_config.json").unlink()
+    capsys.readouterr()
+    assert main(["generate", str(bare), "--prompt", "hi", "--chat"]) == 2
+    assert capsys.readouterr().err.strip().endswith("has no chat template (tokenizer_config.json)")

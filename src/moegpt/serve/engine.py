@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from moegpt.chat import ChatTemplate
 from moegpt.config import ServeConfig
 from moegpt.console import stderr
 from moegpt.errors import UserError
@@ -65,6 +66,11 @@ def folder_tokenizer(path: str | Path) -> tuple[Any, int | None]:
         return None, None
     tokenizer = load_tokenizer(tokenizer_path)
     return tokenizer, tokenizer.token_to_id(END_OF_TEXT)
+
+
+def folder_chat_template(path: str | Path, tokenizer: Any) -> ChatTemplate | None:
+    """The chat template of a model folder's tokenizer_config.json (None without one)."""
+    return ChatTemplate.from_folder(path, tokenizer) if tokenizer is not None else None
 
 
 def _dtype(model: Transformer) -> torch.dtype:
@@ -132,6 +138,7 @@ class Engine:
         started = time.perf_counter()
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.chat_template: ChatTemplate | None = None  # the model folder's, for chat requests
         self.config = config or ServeConfig()
         self.eos_id = eos_id
         self.device = next(model.parameters()).device
@@ -218,6 +225,7 @@ class Engine:
         model = load(path, device=device)
         draft = load_draft(path, config, model) if config is not None else None
         engine = cls(model, tokenizer, config, eos_id=eos_id, draft=draft)
+        engine.chat_template = folder_chat_template(path, tokenizer)
         engine.startup_seconds = time.perf_counter() - started
         return engine
 

@@ -118,7 +118,9 @@ class OpenAIServer:
         self.rejected: Counter[str] = Counter()  # requests refused, by reason
         tokenizer = engine.engine.tokenizer
         self.encoder = PlainEncoder(tokenizer) if tokenizer is not None else None
-        self.chat_ids = self.encoder.chat_ids if self.encoder is not None else None
+        self.chat_template = engine.engine.chat_template
+        # chat replies stop at the template's end of turn
+        self.chat_stop_ids = self.chat_template.end_of_turn_ids() if self.chat_template else ()
 
     # -- requests -> engine ----------------------------------------------------------------
     def _check_model(self, req: _Request) -> None:
@@ -172,13 +174,18 @@ class OpenAIServer:
         return (await asyncio.to_thread(self.encoder.encode, [prompt]))[0]
 
     async def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
-        """ChatML ids, built structurally (see :mod:`moegpt.serve.prompts`): a message's text
-        cannot open or close a turn."""
-        if self.encoder is None or self.chat_ids is None:
-            raise APIError(400, "messages: this model's tokenizer has no chat tokens", "messages")
+        """The ids of the model's own chat template over ``messages``, the assistant's turn
+        opened (see :mod:`moegpt.chat`: a message's text cannot open or close a turn)."""
+        if self.chat_template is None:
+            raise APIError(
+                400,
+                "messages: this model has no chat template (chat_template in its "
+                "tokenizer_config.json); use /v1/completions",
+                "messages",
+            )
         self._fits(sum(len(m.role) + 1 + len(m.content) for m in messages), "messages")
-        turns = [(m.role, m.content) for m in messages]
-        return await asyncio.to_thread(self.encoder.chat, turns)
+        turns = [{"role": m.role, "content": m.content} for m in messages]
+        return await asyncio.to_thread(self.chat_template.encode, turns, True)
 
     def sampling(
         self,
@@ -198,7 +205,7 @@ class OpenAIServer:
                 field_name,
             )
         default = DEFAULT_COMPLETION_TOKENS if isinstance(req, CompletionRequest) else room
-        stop_ids = (self.chat_ids[1],) if isinstance(req, ChatRequest) and self.chat_ids else ()
+        stop_ids = self.chat_stop_ids if isinstance(req, ChatRequest) else ()
         return SamplingParams(
             max_tokens=max_tokens if max_tokens is not None else min(default, room),
             temperature=req.temperature,

@@ -26,7 +26,7 @@ from moegpt.config import ServeConfig
 from moegpt.errors import UserError
 from moegpt.parallel.launch import rank_env_defaults
 from moegpt.parallel.mesh import local_device
-from moegpt.serve.engine import Engine, folder_tokenizer, load_draft
+from moegpt.serve.engine import Engine, folder_chat_template, folder_tokenizer, load_draft
 from moegpt.serve.runner import build_forward
 from moegpt.serve.tensor_parallel import follow, load_sharded
 
@@ -89,6 +89,7 @@ def open_tensor_parallel(
         tokenizer, eos_id = folder_tokenizer(path)
         draft = load_draft(path, config, model)
         engine = Engine(model, tokenizer, config, eos_id, tp_group=group, draft=draft)
+        engine.chat_template = folder_chat_template(path, tokenizer)
         engine.startup_seconds = time.perf_counter() - started
         return engine
     forward = build_forward(model, config, group)
