@@ -104,10 +104,16 @@ class ChatTemplate:
         path = Path(folder) / TOKENIZER_CONFIG
         if not path.is_file():
             return None
+        return cls.from_config(path.read_bytes(), tokenizer, str(path))
+
+    @classmethod
+    def from_config(cls, text: bytes, tokenizer: Tokenizer, where: str) -> ChatTemplate | None:
+        """The template of a ``tokenizer_config.json``'s ``text`` (None if it has none);
+        ``where`` names the file in errors."""
         try:
-            config = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not valid JSON ({e})") from None
+            config = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{where}: not valid JSON ({e})") from None
         source = config.get("chat_template") if isinstance(config, dict) else None
         if isinstance(source, list):  # named templates: transformers uses "default"
             named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
@@ -115,7 +121,7 @@ class ChatTemplate:
         if source is None:
             return None
         if not isinstance(source, str):
-            raise UserError(f"{path}: chat_template must be a string")
+            raise UserError(f"{where}: chat_template must be a string")
         special = {
             k: _token_text(v) for k, v in config.items() if k.endswith("_token") and v is not None
         }

@@ -122,6 +122,13 @@ def cmd_data_inspect(args: argparse.Namespace) -> None:
             ),
             highlight=False,
         )
+    if whole := report["whole_documents"]:
+        fate = "cut to it" if whole["policy"] == "truncate" else "left out"
+        stdout.print(
+            f"whole documents per sequence: {whole['over_seq_len']:,} longer than a sequence "
+            f"({report['seq_len']} tokens), {fate} (data.long_documents)",
+            highlight=False,
+        )
     for i, sample in enumerate(report["samples"]):
         stdout.rule(f"sample {i}")
         stdout.print(sample, markup=False, highlight=False)

@@ -328,6 +328,14 @@ class DataConfig(_Section):
         "source (context-extension data: the original context); 0 = off",
     )
     long_doc_repeat: int = _doc(1, "copies of each long document per epoch (see long_doc_tokens)")
+    packing: Literal["stream", "documents"] = _doc(
+        "stream",
+        "stream: documents back to back, cut into windows (pre-training); documents: whole "
+        "documents per sequence, padded (fine-tuning: conversations need it)",
+    )
+    long_documents: Literal["truncate", "skip"] = _doc(
+        "truncate", "packing = documents: a document longer than seq_len is cut to it or left out"
+    )
     workers: int = _doc(0, "tokenizer worker processes for `moegpt prepare`; 0 = one per core")
     sources: tuple[SourceConfig, ...] = _doc(
         DEFAULT_SOURCES, "the mixture: [[data.sources]] tables (default: stdlib code x4, text x2)"
@@ -342,6 +350,17 @@ class DataConfig(_Section):
         for name in names:
             if names.count(name) > 1:
                 self._fail("sources", f"source name {name!r} is used twice")
+        if any(s.kind == "chat" for s in self.sources):
+            if self.packing != "documents":
+                self._fail(
+                    "packing",
+                    "chat sources train on whole conversations: set data.packing = 'documents'",
+                )
+            if not self.document_mask:
+                self._fail(
+                    "document_mask",
+                    "packed conversations must not attend to each other: set it to true",
+                )
         weighted = [s.weight > 0 for s in self.sources]
         if any(weighted) and not all(weighted):
             self._fail("sources", "give every source a weight, or none (0 = by planned tokens)")

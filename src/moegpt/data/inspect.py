@@ -64,6 +64,11 @@ def inspect_data(config: Config, samples: int = 2, sample_chars: int = 300) -> d
         },
         "samples": decoded,
         "long_documents": _long_documents(config, mixture),
+        "whole_documents": (
+            {"over_seq_len": mixture.packed.over_length, "policy": config.data.long_documents}
+            if mixture.packed is not None
+            else None
+        ),
     }
 
 

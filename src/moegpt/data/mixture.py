@@ -131,6 +131,40 @@ def _check_prepared_for(
             raise UserError(f"data.tokenizer: {given} is not the tokenizer the shards used {rerun}")
 
 
+@dataclass(frozen=True)
+class PackedDocuments:
+    """Whole documents packed greedily, in stream order, into sequences of ``seq_len``:
+    sequence g holds stream documents ``order[bounds[g]:bounds[g + 1]]``."""
+
+    order: np.ndarray  # the stream documents kept, in order
+    bounds: np.ndarray  # each sequence's first position in ``order``, then the end
+    over_length: int  # documents longer than a sequence (cut to it, or left out)
+
+    @property
+    def n_sequences(self) -> int:
+        return len(self.bounds) - 1
+
+    def documents_of(self, g: int) -> np.ndarray:
+        return self.order[self.bounds[g] : self.bounds[g + 1]]
+
+
+def pack_documents(sizes: np.ndarray, seq_len: int, skip_long: bool) -> PackedDocuments:
+    """Greedy packing of documents of ``sizes`` tokens (end-of-text included): a sequence
+    closes when the next document would not fit. A longer document fills a sequence alone,
+    cut to ``seq_len``, or with ``skip_long`` is left out."""
+    long = sizes > seq_len
+    order = np.flatnonzero(~long) if skip_long else np.arange(len(sizes))
+    fitted = np.minimum(sizes[order], seq_len).tolist()
+    bounds, used = [], seq_len
+    for i, size in enumerate(fitted):
+        if used + size > seq_len:
+            bounds.append(i)
+            used = 0
+        used += size
+    bounds.append(len(order))
+    return PackedDocuments(order, np.asarray(bounds, dtype=np.int64), int(long.sum()))
+
+
 class Mixture:
     """Packed sequences of one split of the prepared data, in the planned order."""
 
@@ -146,6 +180,8 @@ class Mixture:
         identity: str = "",
         long_doc_tokens: int = 0,
         long_doc_repeat: int = 1,
+        packing: str = "stream",
+        long_documents: str = "truncate",
     ) -> None:
         self.splits = splits
         self.sources = sources
@@ -156,8 +192,15 @@ class Mixture:
         self.plan = plan_stream(
             splits, self.epochs, weights, seed, shuffle, long_doc_tokens, long_doc_repeat
         )
-        # Windows of seq_len + 1 tokens overlapping by one: the last may be short (padded).
-        self.n_sequences = max(0, -(-(self.plan.length - 1) // seq_len))
+        self.packing = packing
+        self.packed: PackedDocuments | None = None
+        if packing == "documents":
+            sizes = np.diff(np.append(self.plan.doc_start, self.plan.length))
+            self.packed = pack_documents(sizes, seq_len, skip_long=long_documents == "skip")
+            self.n_sequences = self.packed.n_sequences
+        else:
+            # Windows of seq_len + 1 tokens overlapping by one: the last may be short (padded).
+            self.n_sequences = max(0, -(-(self.plan.length - 1) // seq_len))
         self.fingerprint = hashlib.sha256(
             json.dumps(
                 [
@@ -168,6 +211,7 @@ class Mixture:
                     self.epochs,
                     [(s.name, s.weight) for s in sources],
                     *([long_doc_tokens, long_doc_repeat] if long_doc_tokens else []),
+                    *([packing, long_documents] if packing != "stream" else []),
                 ]
             ).encode()
         ).hexdigest()[:16]
@@ -202,17 +246,25 @@ class Mixture:
             # Held-out documents are each read once: upsampling is for training.
             long_doc_tokens=0 if validation else data.long_doc_tokens,
             long_doc_repeat=data.long_doc_repeat,
+            packing=data.packing,
+            long_documents=data.long_documents,
         )
 
     def tokens_of(self, k: int) -> np.ndarray:
         """The k-th stream document's tokens (without its end-of-text)."""
         return self.splits[self.plan.doc_source[k]].document(int(self.plan.doc_index[k]))
 
+    def mask_of(self, k: int) -> np.ndarray | None:
+        """The k-th stream document's trained-on tokens (None: all of them)."""
+        return self.splits[self.plan.doc_source[k]].mask(int(self.plan.doc_index[k]))
+
     def sequence(self, g: int) -> dict[str, np.ndarray]:
         """Sequence ``g``: inputs, labels (-100 on padding), positions and document ids
         restarting at every document, for a block-diagonal mask."""
         if not 0 <= g < self.n_sequences:
             raise IndexError(f"sequence {g} outside 0..{self.n_sequences - 1}")
+        if self.packed is not None:
+            return self._whole_documents(g)
         start = g * self.seq_len
         end = min(start + self.seq_len + 1, self.plan.length)
         starts = self.plan.doc_start
@@ -248,11 +300,51 @@ class Mixture:
             "document_ids": doc_ids[: self.seq_len],
         }
 
+    def _whole_documents(self, g: int) -> dict[str, np.ndarray]:
+        """Sequence ``g`` of whole documents: each with its end-of-text, labelled only inside
+        itself (and, for a conversation, only on its assistant turns), padded to seq_len."""
+        assert self.packed is not None
+        inputs, labels, positions, documents = [], [], [], []
+        for n, k in enumerate(self.packed.documents_of(g)):
+            tokens = np.append(self.tokens_of(k), self.eos_id)[: self.seq_len]
+            mask = self.mask_of(k)
+            # the end-of-text closing a conversation is not trained on: its turn's end is
+            trained = (
+                np.ones(len(tokens), bool)
+                if mask is None
+                else np.append(mask, 0)[: len(tokens)].astype(bool)
+            )
+            target = np.where(trained[1:], tokens[1:], IGNORE_INDEX)
+            inputs.append(tokens)
+            labels.append(np.append(target, IGNORE_INDEX))  # the last token predicts nothing
+            positions.append(np.arange(len(tokens)))
+            documents.append(np.full(len(tokens), n))
+        used = sum(len(t) for t in inputs)
+        pad = self.seq_len - used
+        inputs.append(np.full(pad, self.eos_id))
+        labels.append(np.full(pad, IGNORE_INDEX))
+        positions.append(np.zeros(pad, np.int64))
+        documents.append(np.full(pad, len(documents)))
+        return {
+            "input_ids": np.concatenate(inputs).astype(np.int64),
+            "labels": np.concatenate(labels).astype(np.int64),
+            "positions": np.concatenate(positions).astype(np.int64),
+            "document_ids": np.concatenate(documents).astype(np.int64),
+        }
+
     def long_document_share(self, span: int) -> float:
         """The share of sequences in which one document runs more than ``span`` tokens: those
         that teach attention past a context of ``span`` (an extended model's original one)."""
         starts = self.plan.doc_start
         ends = np.append(starts[1:], self.plan.length)
+        if self.packed is not None:  # whole documents: a sequence holding a long one
+            longest = np.array(
+                [
+                    max((ends[k] - starts[k] for k in self.packed.documents_of(g)), default=0)
+                    for g in range(self.n_sequences)
+                ]
+            )
+            return float(np.mean(longest > span)) if self.n_sequences else 0.0
         long = np.flatnonzero(ends - starts > span)
         hit = np.zeros(self.n_sequences, dtype=bool)
         size = self.seq_len

@@ -8,6 +8,7 @@ date and left alone.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from moegpt.chat import TOKENIZER_CONFIG, chatml_tokenizer_config
+from moegpt.chat import TOKENIZER_CONFIG, ChatTemplate, chatml_tokenizer_config
 from moegpt.config import Config, SourceConfig
 from moegpt.console import progress, stderr
 from moegpt.data.shards import (
@@ -135,6 +136,8 @@ def _up_to_date(
                 shard["tokens_file"]: shard["tokens"] * itemsize,
                 shard["docs_file"]: (shard["documents"] + 1) * 8,
             }
+            if "mask_file" in shard:
+                sizes[shard["mask_file"]] = shard["tokens"]
             for name, size in sizes.items():
                 path = folder / name
                 if not path.is_file() or path.stat().st_size != size:
@@ -142,17 +145,29 @@ def _up_to_date(
     return True
 
 
-def _write_split(folder: Path, prefix: str, docs: list[np.ndarray], dtype: np.dtype) -> dict:
+def _write_split(
+    folder: Path,
+    prefix: str,
+    docs: list[np.ndarray],
+    dtype: np.dtype,
+    masks: list[np.ndarray] | None = None,
+) -> dict:
     """Shards of at most SHARD_TOKENS tokens (at least one, possibly empty)."""
-    shards, current, count = [], [], 0
-    for doc in docs:
-        current.append(doc)
+    shards: list[dict] = []
+    start, count = 0, 0
+
+    def flush(end: int) -> None:
+        part = None if masks is None else masks[start:end]
+        name = f"{prefix}-{len(shards):05d}"
+        shards.append(write_shard(folder, name, docs[start:end], dtype, part))
+
+    for k, doc in enumerate(docs):
         count += len(doc)
         if count >= SHARD_TOKENS:
-            shards.append(write_shard(folder, f"{prefix}-{len(shards):05d}", current, dtype))
-            current, count = [], 0
-    if current or not shards:
-        shards.append(write_shard(folder, f"{prefix}-{len(shards):05d}", current, dtype))
+            flush(k + 1)
+            start, count = k + 1, 0
+    if start < len(docs) or not shards:
+        flush(len(docs))
     return {
         "documents": len(docs),
         "tokens": int(sum(len(d) for d in docs)),
@@ -208,6 +223,8 @@ def _tokenizer_for(
             corpus.keys, source.val_fraction, exclude_below, config.data.seed
         )
         documents = corpus.documents
+        if source.kind == "chat":
+            documents = [_conversation_text(d) for d in documents]
         texts += [documents[i] for i in train]
     tokenizer = train_tokenizer(texts, config.model.vocab_size)
     write_atomically(staged, tokenizer.to_str().encode())
@@ -225,14 +242,36 @@ def _commit_tokenizer(data_dir: Path, tokenizer_path: Path, recipe: str | None) 
         write_atomically(stamp, recipe.encode())
 
 
-def _commit_chat_template(data_dir: Path, given_tokenizer: str) -> None:
+def _tokenizer_config(given_tokenizer: str) -> tuple[bytes, str]:
     """The chat template travels with the tokenizer: a configured tokenizer's own
-    tokenizer_config.json (from beside it), else moegpt's ChatML."""
+    tokenizer_config.json (from beside it), else moegpt's ChatML; and where it comes from."""
     beside = Path(given_tokenizer).with_name(TOKENIZER_CONFIG) if given_tokenizer else None
     if beside is not None and beside.is_file():
-        write_atomically(data_dir / TOKENIZER_CONFIG, beside.read_bytes())
-    else:
-        write_atomically(data_dir / TOKENIZER_CONFIG, chatml_tokenizer_config().encode())
+        return beside.read_bytes(), str(beside)
+    return chatml_tokenizer_config().encode(), "moegpt's ChatML"
+
+
+def _commit_chat_template(data_dir: Path, config_text: bytes) -> None:
+    path = data_dir / TOKENIZER_CONFIG
+    if not path.is_file() or path.read_bytes() != config_text:  # a re-run rewrites nothing
+        write_atomically(path, config_text)
+
+
+def _conversation_text(document: str) -> str:
+    """What a tokenizer trained on the corpus learns from a conversation: its contents."""
+    return "\n".join(m["content"] for m in json.loads(document))
+
+
+def encode_conversations(
+    template: ChatTemplate, documents: list[str], label: str
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each conversation's token ids and trained-on mask (its assistant turns)."""
+    ids, masks = [], []
+    for document in progress(documents, label, len(documents)):
+        encoded = template.encode_with_labels(json.loads(document))
+        ids.append(np.asarray(encoded.ids, dtype=np.uint32))
+        masks.append(np.asarray(encoded.labels, dtype=np.uint8))
+    return ids, masks
 
 
 def _corpora_fingerprint(corpora: list[tuple[SourceConfig, Corpus]]) -> str:
@@ -266,6 +305,8 @@ def prepare(
     tokenizer_path, recipe = _tokenizer_for(config, data_dir, corpora, log)
     tok_sha = tokenizer_hash(tokenizer_path)
     tokenizer = load_tokenizer(tokenizer_path)
+    config_text, config_from = _tokenizer_config(data.tokenizer)
+    template_sha = hashlib.sha256(config_text).hexdigest()
     dtype = token_dtype(tokenizer.get_vocab_size())
     same_tokenizer = previous.get("tokenizer", {}).get("sha256") == tok_sha
     old_sources = previous.get("sources", {}) if same_tokenizer else {}
@@ -275,25 +316,44 @@ def prepare(
         folder = data_dir / source.name
         settings = source_settings(source, data.seed, exclude_below)
         entry = old_sources.get(source.name)
-        if _up_to_date(entry, corpus.fingerprint, settings, tok_sha, folder, dtype.itemsize):
+        chat = source.kind == "chat"
+        # A conversation's tokens depend on the chat template too.
+        fingerprint = corpus.fingerprint + (f":template-{template_sha}" if chat else "")
+        if _up_to_date(entry, fingerprint, settings, tok_sha, folder, dtype.itemsize):
             log(f"source {source.name!r}: up to date")
             sources[source.name] = entry
             continue
         documents = corpus.documents
         if not documents:
             raise UserError(f"data.sources[{i}] {source.name!r}: no documents in {source.path}")
-        ids = tokenize(documents, tokenizer_path, workers, f"tokenizing {source.name}")
+        masks: list[np.ndarray] | None = None
+        if chat:
+            template = ChatTemplate.from_config(config_text, tokenizer, config_from)
+            if template is None:
+                raise UserError(
+                    f"data.sources[{i}] {source.name!r}: conversations need a chat template, "
+                    f"and {config_from} has none"
+                )
+            ids, masks = encode_conversations(template, documents, f"rendering {source.name}")
+        else:
+            ids = tokenize(documents, tokenizer_path, workers, f"tokenizing {source.name}")
         train, val = split_documents(corpus.keys, source.val_fraction, exclude_below, data.seed)
         # New inputs or settings give new file names: the old shards stay readable until the
         # new manifest replaces the old one.
-        stem = hashlib.sha256(f"{corpus.fingerprint}{settings}{tok_sha}".encode()).hexdigest()
+        stem = hashlib.sha256(f"{fingerprint}{settings}{tok_sha}".encode()).hexdigest()
         splits = {
-            split: _write_split(folder, f"{split}-{stem[:16]}", [ids[j] for j in indices], dtype)
+            split: _write_split(
+                folder,
+                f"{split}-{stem[:16]}",
+                [ids[j] for j in indices],
+                dtype,
+                None if masks is None else [masks[j] for j in indices],
+            )
             for split, indices in (("train", train), ("val", val))
         }
         sources[source.name] = {
             "kind": source.kind,
-            "fingerprint": corpus.fingerprint,
+            "fingerprint": fingerprint,
             "settings": settings,
             "tokenizer_sha256": tok_sha,
             "files": len(corpus.files),
@@ -316,7 +376,7 @@ def prepare(
         "sources": sources,
     }
     _commit_tokenizer(data_dir, tokenizer_path, recipe)
-    _commit_chat_template(data_dir, config.data.tokenizer)
+    _commit_chat_template(data_dir, config_text)
     changed = {k: previous.get(k) for k in manifest} != manifest
     if changed or previous.get("version") != VERSION:  # only when something changed
         write_manifest(data_dir, manifest)
@@ -332,21 +392,25 @@ def _remove_temporary_files(data_dir: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+SHARD_SUFFIXES = (".tokens.bin", ".docs.bin", ".mask.bin")
+
+
 def _remove_unreferenced(data_dir: Path, sources: dict[str, Any]) -> None:
     """Delete shard files (and source folders) the new manifest no longer names."""
     for folder in data_dir.iterdir():
         if not folder.is_dir():
             continue
         if folder.name not in sources:
-            if any(p.name.endswith((".tokens.bin", ".docs.bin")) for p in folder.iterdir()):
+            if any(p.name.endswith(SHARD_SUFFIXES) for p in folder.iterdir()):
                 shutil.rmtree(folder)
             continue
         keep = {
             shard[key]
             for split in sources[folder.name]["splits"].values()
             for shard in split["shards"]
-            for key in ("tokens_file", "docs_file")
+            for key in ("tokens_file", "docs_file", "mask_file")
+            if key in shard
         }
         for path in folder.iterdir():
-            if path.name.endswith((".tokens.bin", ".docs.bin")) and path.name not in keep:
+            if path.name.endswith(SHARD_SUFFIXES) and path.name not in keep:
                 path.unlink()

@@ -2,10 +2,12 @@
 
 A prepared data folder holds ``tokenizer.json``, ``manifest.json`` and one folder per source
 with, per split and shard, ``*.tokens.bin`` (all documents' token ids back to back, uint16
-when the vocabulary fits, else uint32) and ``*.docs.bin`` (int64 offsets of each document in
-the tokens, plus the end). Files are written under a temporary name and renamed, new shards
-get new names, and the manifest is replaced last: an interrupted preparation leaves the
-previous data readable. Loading checks every file's size and checksum against the manifest.
+when the vocabulary fits, else uint32), ``*.docs.bin`` (int64 offsets of each document in
+the tokens, plus the end) and, for conversations, ``*.mask.bin`` (one byte a token: 1 where
+fine-tuning trains on it, the assistant's turns). Files are written under a temporary name
+and renamed, new shards get new names, and the manifest is replaced last: an interrupted
+preparation leaves the previous data readable. Loading checks every file's size and
+checksum against the manifest.
 """
 
 from __future__ import annotations
@@ -32,16 +34,24 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def write_shard(
-    folder: Path, stem: str, documents: list[np.ndarray], dtype: np.dtype
+    folder: Path,
+    stem: str,
+    documents: list[np.ndarray],
+    dtype: np.dtype,
+    masks: list[np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Write one shard of documents; return its manifest entry."""
+    """Write one shard of documents (and, for conversations, which tokens are trained on: one
+    byte a token); return its manifest entry."""
     lengths = np.array([len(d) for d in documents], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype("<i8")
     tokens = (np.concatenate(documents) if documents else np.zeros(0)).astype(
         dtype.newbyteorder("<")
     )
     entry = {"tokens": int(offsets[-1]), "documents": len(documents)}
-    for kind, array in (("tokens", tokens), ("docs", offsets)):
+    arrays = [("tokens", tokens), ("docs", offsets)]
+    if masks is not None:
+        arrays.append(("mask", np.concatenate(masks).astype(np.uint8) if masks else tokens[:0]))
+    for kind, array in arrays:
         name = f"{stem}.{kind}.bin"
         data = array.tobytes()
         write_atomically(folder / name, data)
@@ -144,8 +154,11 @@ def _check_fields(path: Path, manifest: dict[str, Any]) -> None:
         _plain_name(path, f"sources.{name}", name)
         for split in ("train", "val"):
             shards = ("sources", name, "splits", split, "shards")
-            for k in range(len(_field(path, manifest, shards, list))):
-                for key in ("tokens_file", "docs_file", "tokens_sha256", "docs_sha256"):
+            for k, shard in enumerate(_field(path, manifest, shards, list)):
+                keys = ["tokens_file", "docs_file", "tokens_sha256", "docs_sha256"]
+                if isinstance(shard, dict) and "mask_file" in shard:  # a conversation shard
+                    keys += ["mask_file", "mask_sha256"]
+                for key in keys:
                     value = _field(path, manifest, (*shards, k, key), str)
                     if key.endswith("_file"):
                         _plain_name(path, _dotted((*shards, k, key)), value)
@@ -202,6 +215,7 @@ class SplitTokens:
     doc_lengths: np.ndarray  # int64, all documents of the split in order
     doc_shard: np.ndarray  # which shard each document lives in
     doc_local: np.ndarray  # its index inside that shard
+    masks: list[np.ndarray] | None = None  # conversations: 1 on the tokens trained on
 
     @property
     def documents(self) -> int:
@@ -215,6 +229,14 @@ class SplitTokens:
         tokens, offsets = self.shards[self.doc_shard[i]]
         j = self.doc_local[i]
         return tokens[offsets[j] : offsets[j + 1]]
+
+    def mask(self, i: int) -> np.ndarray | None:
+        """Document ``i``'s trained-on tokens (None: every token is)."""
+        if self.masks is None:
+            return None
+        _, offsets = self.shards[self.doc_shard[i]]
+        j = self.doc_local[i]
+        return self.masks[self.doc_shard[i]][offsets[j] : offsets[j + 1]]
 
 
 def _check_file(path: Path, expected_bytes: int, expected_sha: str, verify: bool) -> None:
@@ -233,7 +255,7 @@ def open_split(
     """Memory-map one split of one source, checking each file against the manifest."""
     dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
     entry = manifest["sources"][source]["splits"][split]
-    shards, lengths, shard_ids, local = [], [], [], []
+    shards, lengths, shard_ids, local, masks = [], [], [], [], []
     for k, shard in enumerate(entry["shards"]):
         tokens_path = data_dir / source / shard["tokens_file"]
         docs_path = data_dir / source / shard["docs_file"]
@@ -246,6 +268,14 @@ def open_split(
         if offsets[-1] != shard["tokens"] or np.any(np.diff(offsets) < 0):
             raise UserError(f"{docs_path}: document offsets do not match the tokens file")
         shards.append((tokens, offsets))
+        if "mask_file" in shard:
+            mask_path = data_dir / source / shard["mask_file"]
+            _check_file(mask_path, shard["tokens"], shard["mask_sha256"], verify)
+            masks.append(
+                np.memmap(mask_path, dtype=np.uint8, mode="r")
+                if shard["tokens"]
+                else np.zeros(0, np.uint8)
+            )
         lengths.append(np.diff(offsets))
         shard_ids.append(np.full(shard["documents"], k, dtype=np.int32))
         local.append(np.arange(shard["documents"], dtype=np.int64))
@@ -255,4 +285,5 @@ def open_split(
         doc_lengths=np.concatenate(lengths) if lengths else np.zeros(0, np.int64),
         doc_shard=np.concatenate(shard_ids) if shard_ids else np.zeros(0, np.int32),
         doc_local=np.concatenate(local) if local else np.zeros(0, np.int64),
+        masks=masks if masks else None,
     )

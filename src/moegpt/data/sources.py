@@ -27,6 +27,7 @@ import sysconfig
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from moegpt.chat import check_messages
 from moegpt.config import SourceConfig
 from moegpt.errors import UserError
 
@@ -274,6 +275,23 @@ def _jsonl_documents(path: Path, field: str, where: str) -> Iterator[tuple[str, 
             yield f"{path}:{number}", text
 
 
+def _jsonl_conversations(path: Path) -> Iterator[tuple[str, str]]:
+    """``{"messages": [{"role", "content"}, ...]}`` lines (OpenAI fine-tuning's, TRL's and
+    torchtune's format), each checked; a document is the messages as canonical JSON."""
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            messages = record.get("messages") if isinstance(record, dict) else None
+            check_messages(messages, f"{path}:{number}: messages")
+            turns = [{"role": m["role"], "content": m["content"]} for m in messages]
+            yield f"{path}:{number}", json.dumps(turns, ensure_ascii=False)
+
+
 def load_corpus(source: SourceConfig, index: int) -> Corpus:
     """All documents of a source; a missing file or package is a one-line error."""
     where = f"data.sources[{index}].path"
@@ -293,7 +311,9 @@ def load_corpus(source: SourceConfig, index: int) -> Corpus:
             jsonl = source.format == "jsonl" or (
                 source.format == "auto" and path.suffix == ".jsonl"
             )
-            if jsonl:
+            if source.kind == "chat":
+                documents += _jsonl_conversations(path)
+            elif jsonl:
                 documents += _jsonl_documents(path, source.text_field, f"data.sources[{index}]")
             else:
                 documents.append((str(path), _read_text(path)))
