@@ -61,6 +61,16 @@ def cmd_convert(args: argparse.Namespace) -> None:
     stderr.print(f"wrote {dst}", highlight=False)
 
 
+def cmd_upcycle(args: argparse.Namespace) -> None:
+    from moegpt.upcycle import upcycle
+
+    with stderr.status(f"upcycling {args.src} to {args.experts} experts, top-{args.top_k}"):
+        dst = upcycle(
+            args.src, args.dst, args.experts, args.top_k, args.noise, args.seed, args.force
+        )
+    stderr.print(f"wrote {dst}", highlight=False)
+
+
 def cmd_plan(args: argparse.Namespace) -> None:
     from moegpt.plan.plan import PlanOptions, build_plan
     from moegpt.plan.render import plan_tables, schedule_table, seed_tables
@@ -808,6 +818,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conv.add_argument("--force", action="store_true", help="replace an existing destination")
     conv.set_defaults(func=cmd_convert, takes_overrides=False)
+
+    up = verbs.add_parser(
+        "upcycle",
+        help="turn a dense model into a Mixture-of-Experts (sparse upcycling)",
+        description="Write to DST the MoE version of the dense model folder SRC: every "
+        "feed-forward layer becomes EXPERTS copies of itself behind a new router (top-K, "
+        "weights renormalised), so the upcycled model computes what SRC does until it trains "
+        "(Komatsuzaki et al. 2022). The tokenizer and chat template are copied along.",
+    )
+    up.add_argument("src", help="a dense moegpt model folder")
+    up.add_argument("dst", help="destination folder (must not exist unless --force)")
+    up.add_argument("--experts", type=int, default=8, help="experts per layer (8)")
+    up.add_argument("--top-k", type=int, default=2, help="experts each token uses (2)")
+    up.add_argument(
+        "--noise", type=float, default=0.0, help="std of Gaussian noise added to each copy (0)"
+    )
+    up.add_argument("--seed", type=int, default=0, help="seed of the routers and the noise")
+    up.add_argument("--force", action="store_true", help="replace an existing destination")
+    up.set_defaults(func=cmd_upcycle, takes_overrides=False)
     return parser
 
 

@@ -1,0 +1,85 @@
+"""`moegpt upcycle`: a dense model as an MoE of copies of its feed-forward layers computes what
+the dense model computes (fp32, 1e-5), then trains on the MoE path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import moegpt
+from moegpt.cli import main
+from moegpt.errors import UserError
+from moegpt.upcycle import upcycle, upcycle_model
+from tests.conftest import small_config
+
+
+@pytest.fixture
+def dense_folder(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    dense = moegpt.Transformer(small_config(n_experts=0, n_layers=3))
+    folder = moegpt.save_model(dense, tmp_path / "dense")
+    (folder / "tokenizer_config.json").write_text('{"chat_template": "x"}')
+    return folder
+
+
+@pytest.mark.parametrize(("experts", "top_k"), [(4, 2), (8, 1), (3, 3)])
+def test_upcycled_logits_equal_the_dense_models(dense_folder: Path, tmp_path, experts, top_k):
+    dst = tmp_path / f"moe-{experts}-{top_k}"
+    assert (
+        main(
+            [
+                "upcycle",
+                str(dense_folder),
+                str(dst),
+                "--experts",
+                str(experts),
+                "--top-k",
+                str(top_k),
+            ]
+        )
+        == 0
+    )
+    dense, moe = moegpt.load(dense_folder), moegpt.load(dst)
+    assert (moe.config.n_experts, moe.config.top_k) == (experts, top_k)
+    assert moe.num_params().total > dense.num_params().total
+    tokens = torch.randint(0, dense.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(tokens).logits, dense(tokens).logits, rtol=1e-5, atol=1e-5)
+    meta = json.loads((dst / "config.json").read_text())
+    assert meta["parent"]["upcycled"] == {
+        "experts": experts,
+        "top_k": top_k,
+        "noise": 0.0,
+        "seed": 0,
+    }
+    assert (dst / "tokenizer_config.json").read_text() == '{"chat_template": "x"}'
+
+
+def test_noise_breaks_the_symmetry_and_the_router_trains(dense_folder: Path) -> None:
+    dense = moegpt.load(dense_folder)
+    moe = upcycle_model(dense, experts=4, top_k=2, noise=1e-2, seed=1)
+    w1 = moe.layers["0"].ffn.experts.w1
+    assert not torch.equal(w1[0], w1[1])
+    tokens = torch.randint(0, dense.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        gap = (moe(tokens).logits - dense(tokens).logits).abs().max()
+    assert 0 < gap < 1.0  # close to the dense model, not equal
+    moe.train()
+    out = moe(tokens)
+    (out.logits.float().logsumexp(-1).mean() + out.aux_loss).backward()
+    gate = moe.layers["0"].ffn.router.gate.weight.grad
+    assert gate is not None and gate.abs().sum() > 0
+
+
+def test_bad_upcycles_are_one_line(dense_folder: Path, tmp_path: Path) -> None:
+    moe = upcycle(dense_folder, tmp_path / "moe", experts=4, top_k=2)
+    with pytest.raises(UserError, match="already a Mixture-of-Experts"):
+        upcycle(moe, tmp_path / "again", experts=4, top_k=2)
+    with pytest.raises(UserError, match="^--top-k: must be in 1..4"):
+        upcycle(dense_folder, tmp_path / "bad", experts=4, top_k=5)
+    with pytest.raises(UserError, match="^--experts: an MoE needs at least 2"):
+        upcycle(dense_folder, tmp_path / "bad", experts=1, top_k=1)
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "again").exists()
