@@ -433,10 +433,36 @@ def _int_list(flag: str, text: str) -> list[int]:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    lengths = _int_list("--lengths", args.lengths)
-    result = _passkey(args, lengths) if args.task == "passkey" else _perplexity(args, lengths)
+    if args.task == "instruct":
+        result = _instruct(args)
+    else:
+        lengths = _int_list("--lengths", args.lengths)
+        result = _passkey(args, lengths) if args.task == "passkey" else _perplexity(args, lengths)
     if args.json:
         print(json.dumps(result, indent=2))
+
+
+def _instruct(args: argparse.Namespace) -> dict:
+    from moegpt.data.instruct import KINDS
+    from moegpt.data.sources import stdlib_instructions
+    from moegpt.evals.instruct import held_out, run_instruct
+
+    if args.limit <= 0:
+        raise UserError(f"--limit: must be positive, got {args.limit}")
+    with stderr.status("building the standard-library instruction set"):
+        questions = held_out(stdlib_instructions(), load_config(args.config))
+    engine = _eval_engine(args.model_dir)
+    count = min(len(questions), args.limit)
+    with stderr.status(f"instruct: {count} held-out questions through the engine"):
+        result = run_instruct(engine, questions, args.limit, args.seed)
+    if not args.json:
+        for kind in KINDS:
+            print(
+                f"{kind:<10} {result.accuracy(kind):6.1%} exact match "
+                f"({result.correct[kind]}/{result.total[kind]})"
+            )
+        print(f"{'all':<10} {result.accuracy():6.1%} exact match")
+    return result.to_json()
 
 
 def _eval_engine(model_dir: str) -> Engine:
@@ -766,25 +792,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = verbs.add_parser(
         "eval",
-        help="long-context evaluations: passkey retrieval and sliding-window perplexity",
+        help="evaluations: passkey retrieval, sliding-window perplexity, instruction following",
         description="Evaluate an exported model folder. passkey: a random 5-digit key hidden "
         "at each depth of filler text at each length (prompt plus answer), --trials prompts "
         "per cell, answered greedily on the serving engine, exact match. perplexity: "
         "sliding-window perplexity of --text documents at each length (a window advances by "
-        "--stride and scores only tokens the previous one did not).",
+        "--stride and scores only tokens the previous one did not). instruct: exact match on "
+        "the standard-library questions of the modules --config's split holds out, by kind.",
     )
     ev.add_argument("model_dir", metavar="MODEL_DIR", help="an exported model folder")
     ev.add_argument(
-        "--task", choices=["passkey", "perplexity"], required=True, help="what to measure"
+        "--task",
+        choices=["passkey", "perplexity", "instruct"],
+        required=True,
+        help="what to measure",
     )
     ev.add_argument(
         "--lengths", default="256,512,1024", help="context lengths in tokens (256,512,1024)"
     )
     ev.add_argument("--depths", default="0,25,50,75,100", help="passkey depths in percent")
     ev.add_argument("--trials", type=int, default=5, help="passkey prompts per cell (5)")
-    ev.add_argument("--seed", type=int, default=0, help="seed of the passkeys (0)")
+    ev.add_argument(
+        "--seed", type=int, default=0, help="seed of the passkeys and of the instruct sample (0)"
+    )
     ev.add_argument("--text", action="append", help="perplexity: a document (repeatable)")
     ev.add_argument("--stride", type=int, help="perplexity: window step (half the shortest length)")
+    ev.add_argument(
+        "--config",
+        metavar="TOML",
+        help="instruct: the tuning recipe, whose validation split of its stdlib:instruct "
+        "source gives the held-out modules",
+    )
+    ev.add_argument(
+        "--limit", type=int, default=300, help="instruct: held-out questions asked (300)"
+    )
     ev.add_argument("--json", action="store_true", help="print the results as JSON")
     ev.add_argument("--plot", metavar="PNG", help="passkey: save an accuracy heatmap")
     ev.set_defaults(func=cmd_eval, takes_overrides=False)

@@ -266,6 +266,7 @@ class ModelConfig(_Section):
 BUILTIN_CORPORA = (
     "stdlib:code",
     "stdlib:text",
+    "stdlib:instruct",
     "debian:wordnet",
     "debian:python-doc",
     "debian:gcide",

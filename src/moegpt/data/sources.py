@@ -29,6 +29,7 @@ from pathlib import Path
 
 from moegpt.chat import check_messages
 from moegpt.config import SourceConfig
+from moegpt.data.instruct import Instruction, build_instructions, module_name, to_document
 from moegpt.errors import UserError
 
 TEST_FOLDERS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
@@ -234,9 +235,29 @@ def debian_gcide() -> Corpus:
     return Corpus([GCIDE_DICT, index], read, "debian:gcide")
 
 
+def stdlib_instructions() -> list[Instruction]:
+    """The instruction set of the local standard library (see :mod:`moegpt.data.instruct`)."""
+    root = _stdlib_root()
+    modules = [
+        (_stdlib_key(p), module_name(p.relative_to(root)), _read_text(p))
+        for p in stdlib_python_files()
+    ]
+    return build_instructions(modules)
+
+
+def stdlib_instruct() -> Corpus:
+    """Conversations about the standard library's functions (a ``kind = "chat"`` source)."""
+
+    def read() -> list[tuple[str, str]]:
+        return [(i.key, to_document(i)) for i in stdlib_instructions()]
+
+    return Corpus(stdlib_python_files(), read, "stdlib:instruct")
+
+
 BUILTINS: dict[str, Callable[[], Corpus]] = {
     "stdlib:code": stdlib_code,
     "stdlib:text": stdlib_text,
+    "stdlib:instruct": stdlib_instruct,
     "debian:wordnet": debian_wordnet,
     "debian:python-doc": debian_python_doc,
     "debian:gcide": debian_gcide,
