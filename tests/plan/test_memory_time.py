@@ -194,10 +194,19 @@ def test_plan_counts_context_parallel_ranks_and_shards_over_them() -> None:
     from moegpt.config import load_config
     from moegpt.plan.plan import PlanOptions, train_layout
 
-    overrides = ["--parallel.dp_shard", "2", "--parallel.cp", "4", "--data.seq_len", "256"]
+    bf16 = ["--train.dtype", "bfloat16"]  # MQA ring-attends in bf16 only
+    overrides = ["--parallel.dp_shard", "2", "--parallel.cp", "4", "--data.seq_len", "256", *bf16]
     layout, gpus = train_layout(load_config("configs/tiny.toml", overrides), PlanOptions())
     assert (gpus, layout.dp, layout.cp, layout.zero_stage, layout.shard_ranks) == (8, 2, 4, 3, 8)
-    replicas = ["--parallel.dp_replicate", "2", "--parallel.cp", "2", "--data.seq_len", "256"]
+    replicas = [
+        "--parallel.dp_replicate",
+        "2",
+        "--parallel.cp",
+        "2",
+        "--data.seq_len",
+        "256",
+        *bf16,
+    ]
     layout, gpus = train_layout(load_config("configs/tiny.toml", replicas), PlanOptions())
     assert (gpus, layout.dp, layout.shard_ranks) == (4, 2, 2)  # HSDP: shards over CP only
 

@@ -336,7 +336,8 @@ class Mixture:
         """The share of sequences in which one document runs more than ``span`` tokens: those
         that teach attention past a context of ``span`` (an extended model's original one)."""
         starts = self.plan.doc_start
-        ends = np.append(starts[1:], self.plan.length)
+        # The stream's last token is a label only, never an input.
+        ends = np.append(starts[1:], self.plan.length - 1)
         if self.packed is not None:  # whole documents: a sequence holding a long one
             longest = np.array(
                 [
