@@ -353,6 +353,8 @@ def convert(
     the model has experts, llama otherwise.
     """
     src, dst = Path(src), Path(dst)
+    if src.suffix == ".gguf" and src.is_file():
+        return _convert_gguf(src, dst, to, overwrite)
     if not src.is_dir():
         raise UserError(f"{src}: checkpoint folder not found")
     source_format = detect_format(src)
@@ -370,17 +372,45 @@ def convert(
         with ExitStack() as stack:
             tensors = SafetensorsFolder(src, stack)
             if to == "moegpt":
-                state, layer_fn = _global_tensors(tensors, config, False), _layer_as_moegpt
+                state = _as_moegpt(tensors, config)
                 meta = checkpoint_meta(config)
             else:
-                state, layer_fn = _global_tensors(tensors, config, True), _layer_as_hf
+                state = _global_tensors(tensors, config, True)
+                for i in progress(range(config.n_layers), description=f"converting to {to}"):
+                    state |= _layer_as_hf(tensors, config, i)
                 meta = hf_config_from_model(config, to, tensors.dtype_name())
-            for i in progress(range(config.n_layers), description=f"converting to {to}"):
-                state |= layer_fn(tensors, config, i)
         save_file(state, folder / WEIGHTS_FILE, metadata={"format": "pt"})
         (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         for name in SIDE_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, folder / name)
+
+    return write_folder_atomically(dst, write, overwrite)
+
+
+def _as_moegpt(tensors: Any, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """moegpt's tensors from a source that serves Hugging Face names."""
+    state = _global_tensors(tensors, config, False)
+    for i in progress(range(config.n_layers), description="converting to moegpt"):
+        state |= _layer_as_moegpt(tensors, config, i)
+    return state
+
+
+def _convert_gguf(src: Path, dst: Path, to: Format | None, overwrite: bool) -> Path:
+    """A GGUF file (dequantised) as a moegpt folder, with its tokenizer and chat template."""
+    from moegpt.gguf_import import GGUFModel
+
+    if to not in (None, "moegpt"):
+        raise UserError(f"--to {to}: a GGUF file converts to a moegpt folder only")
+    gguf = GGUFModel(src)
+    config = model_config_from_hf(gguf.config, gguf.model_type, src)
+    side = gguf.tokenizer_files()
+
+    def write(folder: Path) -> None:
+        state = _as_moegpt(gguf, config)
+        save_file(state, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+        (folder / CONFIG_FILE).write_text(json.dumps(checkpoint_meta(config), indent=2) + "\n")
+        for name, text in side.items():
+            (folder / name).write_text(text)
 
     return write_folder_atomically(dst, write, overwrite)

@@ -1,0 +1,160 @@
+"""GGUF files (llama.cpp's format) as a conversion source: ``moegpt convert model.gguf DST``.
+
+A GGUF file holds the model's hyper-parameters and tokenizer as metadata and its tensors,
+often quantised, under llama.cpp's names. It is read through the ``gguf`` package: the
+metadata become the Hugging Face config they came from, tensors are dequantised to float32
+and served under their Hugging Face names (llama.cpp permutes the rows of the query and key
+projections for its rotary layout; that is undone), so the Hugging Face import path converts
+them. The tokenizer (a byte-level BPE) is rebuilt as a ``tokenizer.json`` and the chat
+template, when the file has one, goes into ``tokenizer_config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moegpt.errors import UserError
+
+# GGUF architectures moegpt expresses, and the Hugging Face model type each came from.
+ARCHITECTURES = {"llama": "llama"}
+# gguf metadata key (after "<arch>.") -> Hugging Face config key
+_CONFIG_KEYS = {
+    "context_length": "max_position_embeddings",
+    "block_count": "num_hidden_layers",
+    "feed_forward_length": "intermediate_size",
+    "embedding_length": "hidden_size",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "rope.freq_base": "rope_theta",
+}
+_CONTROL = 3  # llama.cpp's token type of special (control) tokens
+
+
+def _value(reader: Any, key: str) -> Any:
+    field = reader.get_field(key)
+    return None if field is None else field.contents()
+
+
+class GGUFModel:
+    """A GGUF file read as a Hugging Face checkpoint: its config and its tensors by name."""
+
+    def __init__(self, path: Path) -> None:
+        import gguf
+
+        self.path = path
+        try:
+            self.reader = gguf.GGUFReader(path)
+        except (ValueError, OSError) as e:
+            raise UserError(f"{path}: not a readable GGUF file ({e})") from None
+        arch = _value(self.reader, "general.architecture")
+        if arch not in ARCHITECTURES:
+            raise UserError(
+                f"{path}: GGUF architecture {arch!r} cannot be expressed by moegpt "
+                f"(it converts {', '.join(ARCHITECTURES)})"
+            )
+        if _value(self.reader, f"{arch}.expert_count"):
+            raise UserError(f"{path}: a GGUF with experts is not converted yet (dense models only)")
+        self.arch = arch
+        self.model_type = ARCHITECTURES[arch]
+        self.config = self._hf_config()
+        self._tensors = {t.name: t for t in self.reader.tensors}
+        # Hugging Face name -> llama.cpp name, as llama.cpp's converter maps them
+        model_arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
+        self._names = gguf.get_tensor_name_map(model_arch, self.config["num_hidden_layers"])
+
+    def _hf_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = {"model_type": self.model_type}
+        for key, hf_key in _CONFIG_KEYS.items():
+            value = _value(self.reader, f"{self.arch}.{key}")
+            if value is not None:
+                config[hf_key] = value
+        tokens = _value(self.reader, "tokenizer.ggml.tokens")
+        embedding = next((t for t in self.reader.tensors if t.name == "token_embd.weight"), None)
+        config["vocab_size"] = (
+            int(embedding.shape[-1]) if embedding is not None else len(tokens or [])
+        )
+        config["tie_word_embeddings"] = not any(
+            t.name == "output.weight" for t in self.reader.tensors
+        )
+        head_dim = _value(self.reader, f"{self.arch}.rope.dimension_count")
+        if head_dim is not None:
+            config["head_dim"] = head_dim
+        return config
+
+    def __contains__(self, name: str) -> bool:
+        return self._gguf_name(name) in self._tensors
+
+    def _gguf_name(self, name: str) -> str | None:
+        return self._names.get_name(name, try_suffixes=(".weight", ".bias"))
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor Hugging Face names ``name``, dequantised to float32."""
+        from gguf.quants import dequantize
+
+        gguf_name = self._gguf_name(name)
+        if gguf_name is None or gguf_name not in self._tensors:
+            raise UserError(f"{self.path}: tensor {name} ({gguf_name}) is missing from the file")
+        tensor = self._tensors[gguf_name]
+        weights = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        heads = self.config["num_attention_heads"]
+        if name.endswith("self_attn.q_proj.weight"):
+            weights = _unpermute(weights, heads)
+        elif name.endswith("self_attn.k_proj.weight"):
+            weights = _unpermute(weights, self.config.get("num_key_value_heads", heads))
+        return torch.from_numpy(np.ascontiguousarray(weights))
+
+    def dtype_name(self) -> str:
+        return "float32"
+
+    def tokenizer_files(self) -> dict[str, str]:
+        """``tokenizer.json`` (and ``tokenizer_config.json`` with the chat template) rebuilt
+        from the file's tokenizer metadata; empty when it has none."""
+        tokens = _value(self.reader, "tokenizer.ggml.tokens")
+        if not tokens:
+            return {}
+        kind = _value(self.reader, "tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise UserError(
+                f"{self.path}: tokenizer model {kind!r} is not converted (byte-level BPE only)"
+            )
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+        merges = [tuple(m.split(" ", 1)) for m in _value(self.reader, "tokenizer.ggml.merges")]
+        vocab = {token: i for i, token in enumerate(tokens)}
+        tokenizer = Tokenizer(models.BPE(vocab, merges, fuse_unk=False))
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        types = _value(self.reader, "tokenizer.ggml.token_type") or []
+        special = [tokens[i] for i, kind in enumerate(types) if kind == _CONTROL]
+        tokenizer.add_special_tokens(
+            [AddedToken(t, special=True, normalized=False) for t in special]
+        )
+        files = {"tokenizer.json": tokenizer.to_str()}
+        config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        for role in ("bos", "eos", "unknown", "padding"):
+            token_id = _value(self.reader, f"tokenizer.ggml.{role}_token_id")
+            if token_id is not None and 0 <= token_id < len(tokens):
+                name = {"unknown": "unk", "padding": "pad"}.get(role, role)
+                config[f"{name}_token"] = tokens[token_id]
+        template = _value(self.reader, "tokenizer.chat_template")
+        if template:
+            config["chat_template"] = template
+        files["tokenizer_config.json"] = json.dumps(config, indent=2) + "\n"
+        return files
+
+
+def _unpermute(weights: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's row permutation of a query or key projection (its rotary pairs are
+    adjacent; Hugging Face's are half a head apart)."""
+    rows = weights.shape[0]
+    return (
+        weights.reshape(heads, rows // heads // 2, 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )

@@ -1,0 +1,141 @@
+"""`moegpt convert model.gguf DST`: a small Llama written with gguf's own writer the way
+llama.cpp's converter writes it (q/k rows permuted, F32 or Q8_0), converted, against the
+Hugging Face model it came from and against transformers' own GGUF loader."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+
+import moegpt  # noqa: E402
+from moegpt.cli import main  # noqa: E402
+from moegpt.convert import convert  # noqa: E402
+from moegpt.data.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
+from moegpt.errors import UserError  # noqa: E402
+from moegpt.serve.engine import Engine  # noqa: E402
+from moegpt.serve.sequence import SamplingParams  # noqa: E402
+
+TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+
+
+def permute(weights: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf permutation of q/k rows (rotary pairs adjacent)."""
+    rows = weights.shape[0]
+    return (
+        weights.reshape(heads, 2, rows // heads // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    source = Path(torch.__file__).with_name("functional.py").read_text()
+    return train_tokenizer([source], vocab_size=384)
+
+
+@pytest.fixture(scope="module")
+def hf_model(tokenizer):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=tokenizer.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def write_gguf(path: Path, model, tokenizer, qtype=None, arch: str = "llama") -> Path:
+    c = model.config
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    writer.add_rope_freq_base(10000.0)  # the config's default
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    spec = json.loads(tokenizer.to_str())
+    vocab = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])
+    specials = {t["content"] for t in spec["added_tokens"] if t["special"]}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([t for t, _ in vocab])
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    writer.add_token_merges(merges)
+    writer.add_token_types([3 if t in specials else 1 for t, _ in vocab])
+    writer.add_eos_token_id(tokenizer.token_to_id("<|im_end|>"))
+    writer.add_chat_template(TEMPLATE)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
+    kv_heads = c.num_key_value_heads
+    for name, tensor in model.state_dict().items():
+        array = tensor.float().numpy()
+        if name.endswith("q_proj.weight"):
+            array = permute(array, c.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            array = permute(array, kv_heads)
+        target = names.get_name(name, try_suffixes=(".weight",))
+        if qtype is not None and array.ndim == 2:
+            writer.add_tensor(target, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(target, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("qtype", [None, "Q8_0"])
+def test_a_gguf_converts_to_the_model_it_holds(hf_model, tokenizer, tmp_path: Path, qtype):
+    quant = getattr(gguf.GGMLQuantizationType, qtype) if qtype else None
+    path = write_gguf(tmp_path / "model.gguf", hf_model, tokenizer, quant)
+    assert main(["convert", str(path), str(tmp_path / "m")]) in (0, None)
+    ours = moegpt.load(tmp_path / "m")
+    theirs = transformers.LlamaForCausalLM.from_pretrained(
+        tmp_path, gguf_file="model.gguf", torch_dtype=torch.float32
+    ).eval()
+    ids = torch.randint(0, hf_model.config.vocab_size, (2, 20))
+    with torch.no_grad():
+        logits = ours(ids).logits
+        torch.testing.assert_close(logits, theirs(ids).logits, rtol=1e-4, atol=1e-4)
+        if qtype is None:  # unquantised: the very model that was written
+            torch.testing.assert_close(logits, hf_model(ids).logits, rtol=1e-4, atol=1e-4)
+        greedy = theirs.generate(ids[:1, :8], max_new_tokens=12, do_sample=False)
+    engine_out = Engine(ours).generate(
+        [ids[0, :8].tolist()], SamplingParams(max_tokens=12, temperature=0)
+    )
+    assert engine_out[0][0].token_ids == greedy[0, 8:].tolist()
+
+
+def test_the_tokenizer_and_chat_template_come_along(hf_model, tokenizer, tmp_path: Path):
+    path = write_gguf(tmp_path / "model.gguf", hf_model, tokenizer)
+    convert(path, tmp_path / "m")
+    rebuilt = load_tokenizer(tmp_path / "m" / "tokenizer.json")
+    text = "def f(x):\n    return torch.relu(x) + 1  # <|im_end|> as text"
+    assert rebuilt.encode(text).ids == tokenizer.encode(text).ids
+    assert rebuilt.encode("<|im_start|>").ids == [tokenizer.token_to_id("<|im_start|>")]
+    config = json.loads((tmp_path / "m" / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == TEMPLATE and config["eos_token"] == "<|im_end|>"
+
+
+def test_an_architecture_moegpt_cannot_express_is_one_line(hf_model, tokenizer, tmp_path):
+    path = write_gguf(tmp_path / "bert.gguf", hf_model, tokenizer, arch="bert")
+    with pytest.raises(UserError, match="GGUF architecture 'bert' cannot be expressed"):
+        convert(path, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
