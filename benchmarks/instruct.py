@@ -13,22 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from verbs import moegpt, save
+
 RECIPE = "configs/tiny-sft.toml"
-
-
-def moegpt(*args: str) -> str:
-    """Run a verb; its stdout (a failure stops the benchmark with the verb's error)."""
-    done = subprocess.run(
-        [sys.executable, "-m", "moegpt.cli", *args], capture_output=True, text=True, check=False
-    )
-    if done.returncode:
-        raise SystemExit(f"moegpt {' '.join(args)} failed:\n{done.stderr[-2000:]}")
-    return done.stdout
 
 
 def ask(model: Path, overrides: list[str], limit: int) -> dict:
@@ -72,12 +62,7 @@ def main() -> None:
         r = result[name]
         cells = "  ".join(f"{r['by_kind'][k]['accuracy']:>9.1%}" for k in kinds)
         lines.append(f"{name:<7}  {cells}  {r['accuracy']:>9.1%}")
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "instruct-tiny-cpu.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "instruct-tiny-cpu.txt").write_text(text + "\n")
+    save(args.out, "instruct-tiny-cpu", result, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from verbs import moegpt, save
 
 # Each continuation: its rotary scaling on the plain mixture, and "yarn+long" as the recipe
 # has it, YaRN on data whose documents longer than the original 256 tokens are read 4 times
@@ -36,16 +36,6 @@ VARIANTS = {
 # Held-out long documents: licence texts that ship with Debian, which the stdlib corpus the
 # model trains on does not contain.
 DOCUMENTS = ("/usr/share/common-licenses/GPL-3", "/usr/share/common-licenses/Apache-2.0")
-
-
-def moegpt(*args: str) -> str:
-    """Run a verb; its stdout (a failure stops the benchmark with the verb's error)."""
-    done = subprocess.run(
-        [sys.executable, "-m", "moegpt.cli", *args], capture_output=True, text=True, check=False
-    )
-    if done.returncode:
-        raise SystemExit(f"moegpt {' '.join(args)} failed:\n{done.stderr[-2000:]}")
-    return done.stdout
 
 
 def evaluate(model: Path, lengths: str, trials: int, documents: list[str]) -> dict:
@@ -132,12 +122,7 @@ def main() -> None:
             f"{scaling:<9}  {p['256']:>10.0%} {p['512']:>5.0%} {p['1024']:>6.0%}  "
             f"{q['256']:>8.2f}  {q['1024']:>8.2f}"
         )
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "long_context-tiny-cpu.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "long_context-tiny-cpu.txt").write_text(text + "\n")
+    save(args.out, "long_context-tiny-cpu", result, "\n".join(lines))
 
 
 if __name__ == "__main__":

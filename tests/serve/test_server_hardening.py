@@ -103,9 +103,8 @@ def special_ids(engine: Engine) -> dict[str, int]:
     return {s: engine.tokenizer.token_to_id(s) for s in SPECIAL_TOKENS}
 
 
-@pytest.fixture()
-def prompts_seen(live: Live, monkeypatch) -> list[list[int]]:
-    """The token ids of each prompt the server hands the engine."""
+def spy_prompts(live: Live, monkeypatch) -> list[list[int]]:
+    """The token ids of each prompt the server hands the engine from now on."""
     seen: list[list[int]] = []
     stream = live.engine.stream
 
@@ -115,6 +114,11 @@ def prompts_seen(live: Live, monkeypatch) -> list[list[int]]:
 
     monkeypatch.setattr(live.engine, "stream", spy)
     return seen
+
+
+@pytest.fixture()
+def prompts_seen(live: Live, monkeypatch) -> list[list[int]]:
+    return spy_prompts(live, monkeypatch)
 
 
 def test_special_token_text_in_chat_content_stays_text(
@@ -458,14 +462,7 @@ def test_chat_needs_the_models_own_template(engine: Engine, monkeypatch) -> None
     )
     monkeypatch.setattr(engine, "chat_template", other)
     with serving(engine) as live:
-        seen: list[list[int]] = []
-        stream = live.engine.stream
-
-        def spy(prompt: Any, *args: Any, **kwargs: Any) -> Any:
-            seen.append(list(prompt))
-            return stream(prompt, *args, **kwargs)
-
-        monkeypatch.setattr(live.engine, "stream", spy)
+        seen = spy_prompts(live, monkeypatch)
         assert live.post("/v1/chat/completions", body).status_code == 200
     assert seen == [other.encode([user], add_generation_prompt=True)]
     assert seen[0][0] == engine.tokenizer.token_to_id("<|pad|>")

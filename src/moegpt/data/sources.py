@@ -26,6 +26,7 @@ import sys
 import sysconfig
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from moegpt.chat import check_messages
 from moegpt.config import SourceConfig
@@ -281,36 +282,34 @@ def _expand(pattern: str, where: str) -> list[Path]:
     return files
 
 
-def _jsonl_documents(path: Path, field: str, where: str) -> Iterator[tuple[str, str]]:
+def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """Each non-blank line's place (``path:line``) and parsed JSON value."""
     with path.open(encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield f"{path}:{number}", json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            text = record.get(field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise UserError(f"{path}:{number}: no string field {field!r} ({where}.text_field)")
-            yield f"{path}:{number}", text
+
+
+def _jsonl_documents(path: Path, field: str, where: str) -> Iterator[tuple[str, str]]:
+    for place, record in _jsonl_records(path):
+        text = record.get(field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise UserError(f"{place}: no string field {field!r} ({where}.text_field)")
+        yield place, text
 
 
 def _jsonl_conversations(path: Path) -> Iterator[tuple[str, str]]:
     """``{"messages": [{"role", "content"}, ...]}`` lines (OpenAI fine-tuning's, TRL's and
     torchtune's format), each checked; a document is the messages as canonical JSON."""
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            messages = record.get("messages") if isinstance(record, dict) else None
-            check_messages(messages, f"{path}:{number}: messages")
-            turns = [{"role": m["role"], "content": m["content"]} for m in messages]
-            yield f"{path}:{number}", json.dumps(turns, ensure_ascii=False)
+    for place, record in _jsonl_records(path):
+        messages = record.get("messages") if isinstance(record, dict) else None
+        check_messages(messages, f"{place}: messages")
+        turns = [{"role": m["role"], "content": m["content"]} for m in messages]
+        yield place, json.dumps(turns, ensure_ascii=False)
 
 
 def load_corpus(source: SourceConfig, index: int) -> Corpus:

@@ -1,0 +1,29 @@
+"""What the benchmarks that drive `moegpt` verbs share: running a verb as a user would, and
+saving a result table as JSON and text."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def moegpt(*args: str) -> str:
+    """Run a verb; its stdout (a failure stops the benchmark with the verb's error)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "moegpt.cli", *args], capture_output=True, text=True, check=False
+    )
+    if done.returncode:
+        raise SystemExit(f"moegpt {' '.join(args)} failed:\n{done.stderr[-2000:]}")
+    return done.stdout
+
+
+def save(out: str, stem: str, result: dict[str, Any], table: str) -> None:
+    """Print ``table`` and write ``OUT/STEM.json`` and ``OUT/STEM.txt``."""
+    print(table)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (folder / f"{stem}.txt").write_text(table + "\n")
