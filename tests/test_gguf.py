@@ -59,9 +59,13 @@ def hf_model(tokenizer):
     return transformers.LlamaForCausalLM(config).eval()
 
 
-def write_gguf(path: Path, model, tokenizer, qtype=None, arch: str = "llama") -> Path:
+def write_gguf(
+    path: Path, model, tokenizer, qtype=None, arch: str = "llama", pre: str | None = None
+) -> Path:
     c = model.config
     writer = gguf.GGUFWriter(path, arch)
+    if pre is not None:
+        writer.add_tokenizer_pre(pre)
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
     writer.add_block_count(c.num_hidden_layers)
@@ -139,3 +143,14 @@ def test_an_architecture_moegpt_cannot_express_is_one_line(hf_model, tokenizer, 
     with pytest.raises(UserError, match="GGUF architecture 'bert' cannot be expressed"):
         convert(path, tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_smollm_pre_tokenization_splits_every_digit(hf_model, tokenizer, tmp_path: Path):
+    write_gguf(tmp_path / "smol.gguf", hf_model, tokenizer, pre="smollm")
+    convert(tmp_path / "smol.gguf", tmp_path / "smol")
+    rebuilt = load_tokenizer(tmp_path / "smol" / "tokenizer.json")
+    assert rebuilt.encode("x = 2024").tokens[-4:] == ["2", "0", "2", "4"]
+    write_gguf(tmp_path / "odd.gguf", hf_model, tokenizer, pre="falcon")
+    with pytest.raises(UserError, match="pre-tokenizer 'falcon' is not rebuilt yet"):
+        convert(tmp_path / "odd.gguf", tmp_path / "odd")
+    assert not (tmp_path / "odd").exists()

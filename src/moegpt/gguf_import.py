@@ -34,6 +34,9 @@ _CONFIG_KEYS = {
     "rope.freq_base": "rope_theta",
 }
 _CONTROL = 3  # llama.cpp's token type of special (control) tokens
+# llama.cpp's pre-tokenizer names moegpt rebuilds: GPT-2's split, and SmolLM's, which splits
+# every digit off first (llama.cpp's "\p{N}" before GPT-2's expression).
+PRE_TOKENIZERS = {"default": "gpt2", "gpt-2": "gpt2", "smollm": "digits"}
 
 
 def _value(reader: Any, key: str) -> Any:
@@ -128,7 +131,18 @@ class GGUFModel:
         merges = [tuple(m.split(" ", 1)) for m in _value(self.reader, "tokenizer.ggml.merges")]
         vocab = {token: i for i, token in enumerate(tokens)}
         tokenizer = Tokenizer(models.BPE(vocab, merges, fuse_unk=False))
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        pre = _value(self.reader, "tokenizer.ggml.pre") or "default"
+        if pre not in PRE_TOKENIZERS:
+            raise UserError(
+                f"{self.path}: pre-tokenizer {pre!r} is not rebuilt yet "
+                f"({', '.join(PRE_TOKENIZERS)} are)"
+            )
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.pre_tokenizer = (
+            pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+            if PRE_TOKENIZERS[pre] == "digits"
+            else byte_level
+        )
         tokenizer.decoder = decoders.ByteLevel()
         types = _value(self.reader, "tokenizer.ggml.token_type") or []
         special = [tokens[i] for i, kind in enumerate(types) if kind == _CONTROL]
