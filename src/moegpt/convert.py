@@ -374,11 +374,11 @@ def convert(
             if to == "moegpt":
                 state = _as_moegpt(tensors, config)
                 meta = checkpoint_meta(config)
-            else:
+            else:  # the config first: what the target cannot hold is refused before reading
+                meta = hf_config_from_model(config, to, tensors.dtype_name())
                 state = _global_tensors(tensors, config, True)
                 for i in progress(range(config.n_layers), description=f"converting to {to}"):
                     state |= _layer_as_hf(tensors, config, i)
-                meta = hf_config_from_model(config, to, tensors.dtype_name())
         save_file(state, folder / WEIGHTS_FILE, metadata={"format": "pt"})
         (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         for name in SIDE_FILES:
