@@ -25,7 +25,7 @@ import zipfile
 from pathlib import Path
 
 import torch
-from verbs import save
+from verbs import moegpt, save
 
 PROMPTS = [
     "What is the capital of France?",
@@ -65,9 +65,9 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import moegpt
     from moegpt.serve.engine import Engine
     from moegpt.serve.sequence import SamplingParams
+    from moegpt.weights import load
 
     work = Path(args.work)
     gguf = fetch_gguf(work)
@@ -88,7 +88,11 @@ def main() -> None:
     for prompt in PROMPTS:
         messages = [{"role": "user", "content": prompt}]
         ours = template.encode(messages, add_generation_prompt=True)
-        hf_ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        hf_ids = list(
+            tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        )
         params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, stop_token_ids=stop)
         (completion,) = engine.generate([ours], params)[0]
         with torch.no_grad():
@@ -114,7 +118,7 @@ def main() -> None:
     result["chat"] = chats
 
     moegpt("upcycle", str(dense_dir), str(moe_dir), "--experts", "8", "--top-k", "2", "--force")
-    dense, moe = moegpt.load(dense_dir), moegpt.load(moe_dir)
+    dense, moe = load(dense_dir), load(moe_dir)
     ids = template.encode([{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True)
     result["upcycled"] = {
         "experts": 8,
