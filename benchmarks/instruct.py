@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from verbs import moegpt, save
+from verbs import exact_match_table, moegpt, save
 
 RECIPE = "configs/tiny-sft.toml"
 
@@ -52,17 +52,13 @@ def main() -> None:
     result["after"] = ask(run / "export", [], args.limit)
     result["steps"], result["seconds"] = args.steps, time.perf_counter() - started
 
-    kinds = list(result["before"]["by_kind"])
-    lines = [
+    questions = result["after"]["by_kind"]["module"]["questions"]
+    title = (
         f"tiny tuned {args.steps} steps on stdlib:instruct; exact match on held-out modules "
-        f"({result['after']['by_kind'][kinds[0]]['questions']}+ questions a kind, greedy)",
-        "model    " + "  ".join(f"{k:>9}" for k in kinds) + "        all",
-    ]
-    for name in ("before", "after"):
-        r = result[name]
-        cells = "  ".join(f"{r['by_kind'][k]['accuracy']:>9.1%}" for k in kinds)
-        lines.append(f"{name:<7}  {cells}  {r['accuracy']:>9.1%}")
-    save(args.out, "instruct-tiny-cpu", result, "\n".join(lines))
+        f"({questions}+ questions a kind, greedy)"
+    )
+    table = exact_match_table(title, result["before"], result["after"])
+    save(args.out, "instruct-tiny-cpu", result, table)
 
 
 if __name__ == "__main__":

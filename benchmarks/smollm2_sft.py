@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from verbs import moegpt, save
+from verbs import exact_match_table, moegpt, save
 
 from moegpt.config import Config, DataConfig, SourceConfig, TrainConfig, to_toml
 from moegpt.weights import load_model_config
@@ -79,17 +79,12 @@ def main() -> None:
     for name, folder in (("before", model_dir), ("after", run / "export")):
         result[name] = json.loads(moegpt("eval", str(folder), *ask))
     result["seconds"] = time.perf_counter() - started
-    kinds = list(result["before"]["by_kind"])
-    lines = [
+    title = (
         f"SmolLM2-135M-Instruct tuned {args.steps} steps (8 x 128 tokens, lr {args.lr}) on "
-        "stdlib:instruct; held-out exact match, greedy",
-        "model    " + "  ".join(f"{k:>9}" for k in kinds) + "        all",
-    ]
-    for name in ("before", "after"):
-        r = result[name]
-        cells = "  ".join(f"{r['by_kind'][k]['accuracy']:>9.1%}" for k in kinds)
-        lines.append(f"{name:<7}  {cells}  {r['accuracy']:>9.1%}")
-    save(args.out, "smollm2-sft-cpu", result, "\n".join(lines))
+        "stdlib:instruct; held-out exact match, greedy"
+    )
+    table = exact_match_table(title, result["before"], result["after"])
+    save(args.out, "smollm2-sft-cpu", result, table)
 
 
 if __name__ == "__main__":

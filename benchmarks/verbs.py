@@ -27,3 +27,13 @@ def save(out: str, stem: str, result: dict[str, Any], table: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (folder / f"{stem}.txt").write_text(table + "\n")
+
+
+def exact_match_table(title: str, before: dict[str, Any], after: dict[str, Any]) -> str:
+    """`moegpt eval --task instruct --json` results before and after tuning, by kind."""
+    kinds = list(before["by_kind"])
+    lines = [title, "model    " + "  ".join(f"{k:>9}" for k in kinds) + "        all"]
+    for name, r in (("before", before), ("after", after)):
+        cells = "  ".join(f"{r['by_kind'][k]['accuracy']:>9.1%}" for k in kinds)
+        lines.append(f"{name:<7}  {cells}  {r['accuracy']:>9.1%}")
+    return "\n".join(lines)
