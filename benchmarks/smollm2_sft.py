@@ -1,11 +1,15 @@
-"""SmolLM2-135M-Instruct tuned on the standard-library instruction set, on CPU: held-out exact
-match before and after, with the recipe generated from the converted model's own config.
+"""SmolLM2-135M-Instruct tuned on the standard-library instruction set: held-out exact match
+before and after, for the dense model and its 8-expert top-2 upcycling, each on the same budget,
+with the recipe generated from the converted model's own config.
 
-    python benchmarks/smollm2.py                       # converts the GGUF first
-    python benchmarks/smollm2_sft.py --steps 60 --out benchmarks/results
+    python benchmarks/smollm2.py                       # converts the GGUF and upcycles it
+    python benchmarks/smollm2_sft.py --steps 60 --out benchmarks/results            # CPU
+    python benchmarks/smollm2_sft.py --models dense,upcycled --steps 200 --batch 32  # GPU
 
 The held-out modules are those of configs/tiny-sft.toml's split (same source, seed and
-validation fraction), so the "before" figure is benchmarks/smollm2.py's.
+validation fraction), so the "before" figure is benchmarks/smollm2.py's. The question set is
+built from the running Python's standard library, so figures from another Python version are
+not comparable.
 """
 
 from __future__ import annotations
@@ -13,19 +17,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
+import torch
 from verbs import exact_match_table, moegpt, save
 
 from moegpt.config import Config, DataConfig, SourceConfig, TrainConfig, to_toml
 from moegpt.weights import load_model_config
 
+MODELS = {"dense": "moegpt", "upcycled": "moegpt-8x"}  # folders benchmarks/smollm2.py writes
 
-def recipe(model_dir: Path, work: Path, steps: int, lr: float) -> Path:
+
+def recipe(model_dir: Path, work: Path, args: argparse.Namespace) -> Path:
     """A tuning recipe whose [model] is the converted model's own."""
     source = SourceConfig(
-        name="instruct", kind="chat", path="stdlib:instruct", epochs=1, val_fraction=0.1
+        name="instruct", kind="chat", path="stdlib:instruct", epochs=args.epochs, val_fraction=0.1
     )
     config = Config(
         model=load_model_config(model_dir),
@@ -40,51 +48,83 @@ def recipe(model_dir: Path, work: Path, steps: int, lr: float) -> Path:
         train=dataclasses.replace(
             TrainConfig(),
             init_from=str(model_dir),
-            steps=steps,
-            global_batch_size=8,
-            micro_batch_size=4,
-            lr=lr,
+            steps=args.steps,
+            global_batch_size=args.batch,
+            micro_batch_size=args.micro_batch,
+            lr=args.lr,
             warmup_steps=5,
             log_every=10,
-            eval_every=steps,
+            eval_every=args.steps,
             eval_batches=8,
+            dtype="bfloat16" if torch.cuda.is_available() else "float32",
         ),
     )
-    path = work / "sft.toml"
+    path = work / f"sft-{model_dir.name}.toml"
     path.write_text(to_toml(config, with_help=False))
     return path
+
+
+def tune(model_dir: Path, work: Path, args: argparse.Namespace) -> dict:
+    """Tune one model and ask the held-out questions before and after."""
+    started = time.perf_counter()
+    config = recipe(model_dir, work, args)
+    moegpt("prepare", "--config", str(config))
+    run = work / f"sft-{model_dir.name}"
+    moegpt("train", "--config", str(config), "--run-dir", str(run))
+    moegpt("export", str(run), str(run / "export"), "--force")
+    ask = ["--task", "instruct", "--config", "configs/tiny-sft.toml", "--json"]
+    ask += ["--limit", str(args.limit)]
+    result = {}
+    for name, folder in (("before", model_dir), ("after", run / "export")):
+        result[name] = json.loads(moegpt("eval", str(folder), *ask))
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def device_tag() -> str:
+    """``cpu``, or the GPU's model as a short name (``h100``)."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name().lower()
+    return next((tag for tag in ("h200", "h100", "a100") if tag in name), "cuda")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", default="runs/smollm2", help="where smollm2.py converted it")
-    parser.add_argument("--steps", type=int, default=60, help="tuning steps of 8 sequences")
+    parser.add_argument("--models", default="dense", help=f"any of {', '.join(MODELS)}")
+    parser.add_argument("--steps", type=int, default=60, help="tuning steps")
+    parser.add_argument("--batch", type=int, default=8, help="sequences of 128 tokens a step")
+    parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--epochs", type=int, default=1, help="passes over the training split")
     parser.add_argument("--limit", type=int, default=100, help="held-out questions asked")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     work = Path(args.work)
-    model_dir = work / "moegpt"
-    if not (model_dir / "model.safetensors").is_file():
-        raise SystemExit(f"{model_dir}: run benchmarks/smollm2.py first")
-    started = time.perf_counter()
-    config = recipe(model_dir, work, args.steps, args.lr)
-    moegpt("prepare", "--config", str(config))
-    run = work / "sft"
-    moegpt("train", "--config", str(config), "--run-dir", str(run))
-    moegpt("export", str(run), str(run / "export"), "--force")
-    ask = ["--task", "instruct", "--config", "configs/tiny-sft.toml", "--json"]
-    ask += ["--limit", str(args.limit)]
-    result = {"steps": args.steps, "lr": args.lr, "batch": "8 x 128 tokens"}
-    for name, folder in (("before", model_dir), ("after", run / "export")):
-        result[name] = json.loads(moegpt("eval", str(folder), *ask))
-    result["seconds"] = time.perf_counter() - started
-    title = (
-        f"SmolLM2-135M-Instruct tuned {args.steps} steps (8 x 128 tokens, lr {args.lr}) on "
-        "stdlib:instruct; held-out exact match, greedy"
-    )
-    table = exact_match_table(title, result["before"], result["after"])
-    save(args.out, "smollm2-sft-cpu", result, table)
+    names = args.models.split(",")
+    if unknown := set(names) - set(MODELS):
+        raise SystemExit(f"--models: unknown {', '.join(sorted(unknown))}")
+    folders = {name: work / MODELS[name] for name in names}
+    for folder in folders.values():
+        if not (folder / "model.safetensors").is_file():
+            raise SystemExit(f"{folder}: run benchmarks/smollm2.py first")
+    result = {
+        "steps": args.steps,
+        "lr": args.lr,
+        "batch": f"{args.batch} x 128 tokens",
+        "python": sys.version.split()[0],
+        "device": device_tag(),
+    }
+    tables = []
+    for name, folder in folders.items():
+        result[name] = tune(folder, work, args)
+        title = (
+            f"SmolLM2-135M-Instruct, {name}, tuned {args.steps} steps ({args.batch} x 128 "
+            f"tokens, lr {args.lr}) on stdlib:instruct; held-out exact match, greedy"
+        )
+        tables.append(exact_match_table(title, result[name]["before"], result[name]["after"]))
+    save(args.out, f"smollm2-sft-{result['device']}", result, "\n\n".join(tables))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import json
+import signal
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -882,6 +884,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID` prints where a stuck run is, and goes on
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not args.takes_overrides:

@@ -3,6 +3,9 @@ path's logits, and that a failed capture leaves a working eager forward with one
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -122,3 +125,25 @@ def test_verify_graphs_only_when_speculating_fits_a_block() -> None:
     assert graph_q_lens(ServeConfig(ngram=True, spec_tokens=4, block_size=16)) == (1, 5)
     assert graph_q_lens(ServeConfig(ngram=True, speculation="off")) == (1,)
     assert graph_q_lens(ServeConfig(ngram=True, spec_tokens=4, block_size=4)) == (1,)
+
+
+def test_close_destroys_the_graphs_without_the_cycle_collector(model) -> None:
+    """NCCL's teardown waits for graphs that captured its collectives: ``close`` must destroy
+    them there and then, not leave them to a later garbage collection (a two-GPU run hung at
+    exit in ``destroy_process_group``)."""
+    forward = graph_forward(model)
+    destroyed = []
+
+    class CapturedGraph:  # stands in for a torch.cuda.CUDAGraph, which CPU cannot capture
+        def reset(self) -> None:
+            destroyed.append(self)
+
+    forward.graphs._graphs[(1, 1, 1)] = CapturedGraph()
+    graphs = weakref.ref(forward.graphs)
+    gc.disable()
+    try:
+        forward.close()
+        assert graphs() is None, "the decode graphs outlived close()"
+    finally:
+        gc.enable()
+    assert len(destroyed) == 1

@@ -129,6 +129,16 @@ class DecodeGraphs:
         if compile:
             self._logits_of = torch.compile(self._model_logits, fullgraph=True, dynamic=True)
 
+    def release(self) -> None:
+        """Destroy the captured graphs now. Dropping the last reference is not enough: this
+        object refers to itself (its step function is its own bound method), so only the cycle
+        collector would free it, and NCCL's teardown waits for graphs that captured its
+        collectives (a tensor-parallel run hung at exit in ``destroy_process_group``)."""
+        for graph in self._graphs.values():
+            graph.reset()
+        self._graphs.clear()
+        self._logits_of = self._model_logits = None  # break the cycle: free buffers with self
+
     @property
     def captured(self) -> int:
         """Buckets captured as graphs (0 before :meth:`capture`, and on CPU)."""

@@ -82,11 +82,13 @@ class ModelForward:
         self.graphs = graphs
 
     def close(self) -> None:
-        """Drop the decode graphs (before the process group goes: graphs that captured its
+        """Destroy the decode graphs (before the process group goes: graphs that captured its
         collectives keep NCCL from tearing it down)."""
         if self.graphs is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # no replay still running
+            self.graphs.release()
             self.graphs = None
-            torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def __call__(self, inp: ModelInput, patch: TokenPatch | None = None) -> torch.Tensor:
