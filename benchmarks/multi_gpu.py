@@ -182,13 +182,16 @@ def context(args, recipe: Path, root: Path) -> dict[str, Any]:
     # Grouped K/V heads (the recipe's MQA) ring-attend in bf16 only (config.py says why): the
     # fp32 check gives the model one K/V head per query head.
     heads = str(load_config(recipe).model.n_heads)
-    for dtype in args.context_dtypes.split(","):
-        mha = ["--model.n_kv_heads", heads] if dtype == "float32" else []
+    variants = [(d, d == "float32") for d in args.context_dtypes.split(",")]
+    if args.context_mha and "bfloat16" in args.context_dtypes.split(","):
+        variants.append(("bfloat16", True))  # tells the ring's bf16 rounding from the MQA path
+    for dtype, one_kv_per_query in variants:
+        mha = ["--model.n_kv_heads", heads] if one_kv_per_query else []
         for aux in ("off", "on"):
             common = [*base(args.ranks, args.steps), *mha, "--train.dtype", dtype]
             common += CP_BASE if aux == "off" else CP_BASE[:2]
             runs = {n: common + o for n, o in context_layouts(args.ranks).items()}
-            tag = f"cp-{dtype}-aux-{aux}"
+            tag = f"cp-{dtype}{'-mha' if one_kv_per_query else ''}-aux-{aux}"
             jobs = [job(recipe, root, f"{tag}-{n}", o, args.steps) for n, o in runs.items()]
             torchrun(args.ranks, jobs, root, tag)
             run_job(job(recipe, root, f"{tag}-single", common, args.steps), distributed=False)
@@ -214,7 +217,8 @@ def context(args, recipe: Path, root: Path) -> dict[str, Any]:
                     row["pass"] = exact
                 rows[name] = row
             part["layouts"] = rows
-            report[f"{dtype}, load-balancing loss {aux}"] = part
+            heads_note = ", one K/V head per query head" if one_kv_per_query else ""
+            report[f"{dtype}{heads_note}, load-balancing loss {aux}"] = part
     return report
 
 
@@ -388,6 +392,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--context-dtypes", default="float32,bfloat16", help="dtypes the context phase checks"
+    )
+    parser.add_argument(
+        "--context-mha",
+        action="store_true",
+        help="also check bf16 with one K/V head per query head (fp32 always has it)",
     )
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
