@@ -72,3 +72,22 @@ def test_unknown_arguments_to_verbs_without_config_are_rejected(capsys) -> None:
     with pytest.raises(SystemExit) as info:
         main(["convert", "a", "b", "--model.n_layers", "2"])
     assert info.value.code == 2
+
+
+def test_sigusr1_prints_every_threads_stack_and_the_run_goes_on() -> None:
+    """`kill -USR1 PID` on a stuck run says where each thread waits (how a tensor-parallel
+    exit hang was found), without stopping it."""
+    script = (
+        "import os, signal\n"
+        "from moegpt.cli import main\n"
+        "try:\n"
+        "    main(['--version'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "print('still running')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "still running" in done.stdout
+    assert "most recent call first" in done.stderr

@@ -884,8 +884,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID` prints where a stuck run is, and goes on
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # `kill -USR1 PID` prints every thread's stack and the run goes on: where a stuck run waits.
+    # To the process's own stderr (file descriptor 2), which a caller's sys.stderr may not be.
+    if hasattr(signal, "SIGUSR1") and sys.__stderr__ is not None:
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not args.takes_overrides:

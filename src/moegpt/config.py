@@ -568,8 +568,8 @@ class ServeConfig(_Section):
     overlap: Literal["auto", "on", "off"] = _doc(
         "auto",
         "plan and launch step n+1 while the device runs step n, feeding it the tokens step n "
-        "draws on the device (auto: on a GPU without speculation or tensor parallelism, "
-        "which need each step's tokens on the host first)",
+        "draws on the device (auto: on a GPU without speculation, which needs each step's "
+        "tokens on the host first)",
     )
     calibrate: bool = _doc(
         True, "time synthetic steps at start-up to fit the step-time model the targets use"

@@ -23,8 +23,9 @@ def test_step_input_round_trips() -> None:
         copies=[(2, 7)],
         logits_rows=[2, 3],
     )
-    assert unpack(pack(inp)) == inp
-    assert unpack(pack(ModelInput(copies=[(1, 2)]))) == ModelInput(copies=[(1, 2)])
+    assert unpack(pack(inp)) == (inp, [])
+    assert unpack(pack(inp, [1, 3])) == (inp, [1, 3])
+    assert unpack(pack(ModelInput(copies=[(1, 2)]))) == (ModelInput(copies=[(1, 2)]), [])
 
 
 def _generate(model_dir: Path, *flags: str) -> str:
@@ -44,3 +45,5 @@ def test_tp2_greedy_equals_one_process(text_model: Path) -> None:
     alone = _generate(text_model)
     assert all(prompt in alone for prompt in PROMPTS)
     assert _generate(text_model, "--tp", "2") == alone
+    # Overlapped, the followers get each decode token over the device group, not the host.
+    assert _generate(text_model, "--tp", "2", "--overlap", "on") == alone

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from moegpt.chat import ChatTemplate
 from moegpt.config import ServeConfig
@@ -36,7 +35,7 @@ from moegpt.serve.sequence import SamplingParams, Sequence
 from moegpt.serve.speculative import DraftProposer, NgramProposer, check_draft
 from moegpt.serve.stats import EngineStats
 from moegpt.serve.step import RequestOutput, RunnerOutput, SchedulerOutput
-from moegpt.serve.tensor_parallel import TensorParallelForward
+from moegpt.serve.tensor_parallel import TensorParallelForward, TensorParallelGroups
 
 __all__ = ["Completion", "Engine", "RequestOutput"]
 
@@ -128,10 +127,10 @@ class Engine:
         tokenizer: Any = None,
         config: ServeConfig | None = None,
         eos_id: int | None = None,
-        tp_group: dist.ProcessGroup | None = None,
+        tp: TensorParallelGroups | None = None,
         draft: Transformer | None = None,
     ) -> None:
-        """``tp_group``: ``model`` is this rank's tensor-parallel shard and the group's other
+        """``tp``: ``model`` is this rank's tensor-parallel shard and the groups' other
         ranks run :func:`moegpt.serve.tensor_parallel.follow` (see ``open_tensor_parallel``).
         ``draft``: a smaller model proposing tokens for speculative decoding (``config.ngram``
         proposes from n-grams instead)."""
@@ -145,7 +144,7 @@ class Engine:
         draft_bytes = 0 if draft is None else bytes_per_token(draft.config, _dtype(draft))
         blocks, budget = kv_cache_blocks(model, self.config, draft_bytes)
         sized = dataclasses.replace(self.config, num_kv_blocks=blocks)
-        forward = build_forward(model, sized, tp_group, draft_bytes)
+        forward = build_forward(model, sized, tp and tp.device, draft_bytes)
         self.allocator = BlockAllocator(forward.cache.num_blocks, self.config.block_size)
         # A sequence must fit the cache alone (else preempting it could never make room).
         capacity = self.allocator.num_blocks * self.config.block_size
@@ -156,12 +155,10 @@ class Engine:
                 f"cache ({budget}); prompt plus output are capped at {capacity:,} tokens",
                 highlight=False,
             )
-        self.forward: Forward = (
-            forward if tp_group is None else TensorParallelForward(forward, tp_group)
-        )
+        self.forward: Forward = forward if tp is None else TensorParallelForward(forward, tp)
         proposer, lookahead = self._speculation(draft)
         self.runner = ModelRunner(self.forward, self.device, proposer)
-        self.overlap = self._overlaps(proposer is not None, tp_group is not None)
+        self.overlap = self._overlaps(speculating=proposer is not None)
         self._in_flight: _InFlight | None = None  # the step the device is running
         self._last_taken_in = 0.0
         tpot = self.config.tpot_ms / 1e3 if self.config.tpot_ms else None
@@ -198,12 +195,11 @@ class Engine:
             return NgramProposer(config.ngram_max, config.ngram_min), LookaheadPolicy(config)
         return None, None
 
-    def _overlaps(self, speculating: bool, tensor_parallel: bool) -> bool:
+    def _overlaps(self, speculating: bool) -> bool:
         mode = self.config.overlap
-        blocker = "speculation" if speculating else "tensor parallelism" if tensor_parallel else ""
-        if mode == "on" and blocker:
-            raise UserError(f"serve.overlap: on needs each step's tokens on the host for {blocker}")
-        return mode == "on" or (mode == "auto" and not blocker and self.device.type == "cuda")
+        if mode == "on" and speculating:
+            raise UserError("serve.overlap: on needs each step's tokens on the host to speculate")
+        return mode == "on" or (mode == "auto" and not speculating and self.device.type == "cuda")
 
     @classmethod
     def from_folder(

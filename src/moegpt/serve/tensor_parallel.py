@@ -2,12 +2,19 @@
 training code's tensor-parallel plan.
 
 Rank 0 runs the whole engine (scheduler, block manager, runner state, sampler); every forward
-it broadcasts the step's :class:`ModelInput` (the scheduler's step resolved to token ids,
+it sends the step's :class:`ModelInput` (the scheduler's step resolved to token ids,
 positions and block tables, flattened to one integer tensor: no Python objects cross ranks)
 to the other ranks, and all ranks run the same forward, whose collectives join their shards.
 The followers keep their own paged cache of their K/V heads (all of them, with multi-query
 attention) at the slots rank 0 assigns, and never look at the logits. ``close()`` on rank 0
 releases them.
+
+Two channels, so that no follower waits on its device between steps (as vLLM's workers take
+their inputs from shared memory, not from the GPU): the step's host data goes over a gloo
+group, which a follower reads while its device still runs the previous step; the tokens a
+step feeds on the device (overlap: the previous step is still drawing them) go over the
+device group in stream order, never through a host. So rank 0 overlaps its host work with the
+device under tensor parallelism too.
 
 Failures: a step that fails on rank 0 (a peer died mid-collective, say) leaves the ranks out of
 step, so rank 0 sends nothing more, not even the release; torchrun stops every rank once one has
@@ -18,6 +25,8 @@ for the next step never runs into the collective timeout.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -42,9 +51,11 @@ _KEEPALIVE = 0  # a length that tells followers there is no step yet (a packed i
 KEEPALIVE_S = 1.0  # far below any sensible collective timeout, and one tiny broadcast a second
 
 
-def pack(inp: ModelInput) -> torch.Tensor:
-    """``inp`` as one int64 tensor: four counts, then each field."""
+def pack(inp: ModelInput, patch_rows: list[int] = ()) -> torch.Tensor:
+    """``inp`` and the rows a token patch overwrites, as one int64 tensor: five counts, then
+    each field."""
     flat = [len(inp.tokens), len(inp.sequences), len(inp.copies), len(inp.logits_rows)]
+    flat += [len(patch_rows), *patch_rows]
     flat += inp.tokens + inp.positions
     for offset, new, past, blocks in inp.sequences:
         flat += [offset, new, past, len(blocks), *blocks]
@@ -54,10 +65,12 @@ def pack(inp: ModelInput) -> torch.Tensor:
     return torch.tensor(flat, dtype=torch.int64)
 
 
-def unpack(packed: torch.Tensor) -> ModelInput:
+def unpack(packed: torch.Tensor) -> tuple[ModelInput, list[int]]:
+    """The step input and the patched rows of :func:`pack`."""
     flat = packed.tolist()
-    n_tokens, n_seqs, n_copies, n_rows = flat[:4]
-    at = 4
+    n_tokens, n_seqs, n_copies, n_rows, n_patched = flat[:5]
+    patch_rows = flat[5 : 5 + n_patched]
+    at = 5 + n_patched
     tokens, positions = flat[at : at + n_tokens], flat[at + n_tokens : at + 2 * n_tokens]
     at += 2 * n_tokens
     sequences = []
@@ -67,39 +80,49 @@ def unpack(packed: torch.Tensor) -> ModelInput:
         at += 4 + n_blocks
     copies = [(flat[at + 2 * i], flat[at + 2 * i + 1]) for i in range(n_copies)]
     at += 2 * n_copies
-    return ModelInput(tokens, positions, sequences, copies, flat[at : at + n_rows])
+    return ModelInput(tokens, positions, sequences, copies, flat[at : at + n_rows]), patch_rows
+
+
+@dataclass(frozen=True)
+class TensorParallelGroups:
+    """The same ranks twice: ``device`` (NCCL on GPUs) for the model's collectives and the
+    tokens a step feeds on the device, ``host`` (gloo) for the step inputs."""
+
+    device: dist.ProcessGroup
+    host: dist.ProcessGroup
 
 
 class TensorParallelForward:
     """Rank 0's forward: sends each input to the followers, then runs its own shard."""
 
-    def __init__(self, forward: ModelForward, group: dist.ProcessGroup) -> None:
+    def __init__(self, forward: ModelForward, groups: TensorParallelGroups) -> None:
         self.forward = forward
         self.cache = forward.cache
-        self.group = group
+        self.groups = groups
         self._closed = False
         self._sent = time.monotonic()  # when the followers last heard from this rank
         self.failed: BaseException | None = None  # what broke the group, once something has
 
     def _broadcast_length(self, length: int) -> None:
         self._sent = time.monotonic()
-        tensor = torch.tensor([length], dtype=torch.int64, device=self.forward.device)
-        dist.broadcast(tensor, group_src=0, group=self.group)
+        tensor = torch.tensor([length], dtype=torch.int64)
+        dist.broadcast(tensor, group_src=0, group=self.groups.host)
 
     @property
     def graphs(self) -> DecodeGraphs | None:
         return self.forward.graphs
 
     def __call__(self, inp: ModelInput, patch: TokenPatch | None = None) -> torch.Tensor:
-        # Followers get token ids from the host: a step may not feed tokens on the device.
-        assert patch is None, "tensor-parallel steps take their tokens from the host"
         if self.failed is not None:
             raise RuntimeError("tensor-parallel ranks out of step: a step failed") from self.failed
-        packed = pack(inp)
+        packed = pack(inp, patch[0] if patch is not None else [])
         try:
             self._broadcast_length(packed.numel())
-            dist.broadcast(packed.to(self.forward.device), group_src=0, group=self.group)
-            return self.forward(inp)
+            dist.broadcast(packed, group_src=0, group=self.groups.host)
+            if patch is not None:  # in stream order: the draw producing them may still run
+                values = patch[1].to(torch.int64).contiguous()
+                dist.broadcast(values, group_src=0, group=self.groups.device)
+            return self.forward(inp, patch)
         except BaseException as e:
             self.failed = e
             raise
@@ -119,32 +142,38 @@ class TensorParallelForward:
         if not self._closed and self.failed is None:
             self._closed = True
             self._broadcast_length(_STOP)
-            dist.barrier(group=self.group)  # nobody tears the group down while a peer reads
+            dist.barrier(group=self.groups.host)  # nobody tears the groups down mid-read
         self.forward.close()
 
 
-def follow(forward: ModelForward, group: dist.ProcessGroup) -> int:
-    """A follower's loop: run every step rank 0 sends until it closes; returns the steps run."""
-    device = forward.device
+def follow(forward: ModelForward, groups: TensorParallelGroups) -> int:
+    """A follower's loop: run every step rank 0 sends until it closes; returns the steps run.
+    It waits on the host channel only, so it queues step n + 1 while its device runs step n."""
     steps = 0
     while True:
-        received = torch.empty(1, dtype=torch.int64, device=device)
-        dist.broadcast(received, group_src=0, group=group)
+        received = torch.empty(1, dtype=torch.int64)
+        dist.broadcast(received, group_src=0, group=groups.host)
         length = int(received)
         if length == _STOP:
-            dist.barrier(group=group)
+            dist.barrier(group=groups.host)
             return steps
         if length == _KEEPALIVE:
             continue
-        packed = torch.empty(length, dtype=torch.int64, device=device)
-        dist.broadcast(packed, group_src=0, group=group)
-        forward(unpack(packed.cpu()))
+        packed = torch.empty(length, dtype=torch.int64)
+        dist.broadcast(packed, group_src=0, group=groups.host)
+        inp, patch_rows = unpack(packed)
+        patch = None
+        if patch_rows:
+            values = torch.empty(len(patch_rows), dtype=torch.int64, device=forward.device)
+            dist.broadcast(values, group_src=0, group=groups.device)
+            patch = (patch_rows, values)
+        forward(inp, patch)
         steps += 1
 
 
 def load_sharded(
     path: str | Path, tp: int, device: torch.device, timeout_s: float
-) -> tuple[Transformer, dist.ProcessGroup]:
+) -> tuple[Transformer, TensorParallelGroups]:
     """This rank's shard of the exported model at ``path``. The model is built on the meta
     device and split with the training code's plan; then each rank reads from the file only
     the slices it holds (replicated tensors whole) straight onto ``device``, so no rank reads,
@@ -169,4 +198,7 @@ def load_sharded(
         shard_experts(experts, dims)
     group = dims["tp"].get_group()
     fill_shards(model, folder, device, group)
-    return model.eval(), group
+    host = dist.new_group(
+        dist.get_process_group_ranks(group), timeout=timedelta(seconds=timeout_s), backend="gloo"
+    )
+    return model.eval(), TensorParallelGroups(group, host)

@@ -84,16 +84,16 @@ def open_tensor_parallel(
     """Every rank of a torchrun job calls this. Rank 0 gets the engine over its shard; the
     other ranks follow its steps and get None once rank 0 closes the engine."""
     started = time.perf_counter()
-    model, group = load_sharded(path, config.tp, local_device(), timeout_s)
+    model, groups = load_sharded(path, config.tp, local_device(), timeout_s)
     if dist.get_rank() == 0:  # the draft, if any, runs on rank 0 alone
         tokenizer, eos_id = folder_tokenizer(path)
         draft = load_draft(path, config, model)
-        engine = Engine(model, tokenizer, config, eos_id, tp_group=group, draft=draft)
+        engine = Engine(model, tokenizer, config, eos_id, tp=groups, draft=draft)
         engine.chat_template = folder_chat_template(path, tokenizer)
         engine.startup_seconds = time.perf_counter() - started
         return engine
-    forward = build_forward(model, config, group)
-    follow(forward, group)
+    forward = build_forward(model, config, groups.device)
+    follow(forward, groups)
     forward.close()
     return None
 
