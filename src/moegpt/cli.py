@@ -7,6 +7,7 @@ import dataclasses
 import faulthandler
 import json
 import signal
+import statistics
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -358,10 +359,15 @@ def _generate(engine: Engine, args: argparse.Namespace) -> None:
             stdout.print(prompt + texts.get((request, index), ""), markup=False, highlight=False)
     stats = engine.stats
     seconds = sum(stats.step_seconds)
+    # The decode rate apart from the prompt's step: a short run's total mixes the two.
+    latency = ""
+    if stats.ttft_seconds and stats.tpot_seconds:
+        ttft, tpot = statistics.median(stats.ttft_seconds), statistics.median(stats.tpot_seconds)
+        latency = f"first token {ttft * 1e3:,.1f} ms, then {tpot * 1e3:,.2f} ms a token (medians); "
     stderr.print(
         f"{stats.generated_tokens} tokens in {stats.steps} steps, "
-        f"{stats.generated_tokens / seconds if seconds else 0:,.1f} tokens/s; finish reasons: "
-        + ", ".join(sorted({str(r) for r in reasons.values()})),
+        f"{stats.generated_tokens / seconds if seconds else 0:,.1f} tokens/s; {latency}"
+        "finish reasons: " + ", ".join(sorted({str(r) for r in reasons.values()})),
         highlight=False,
     )
     spec = stats.spec
