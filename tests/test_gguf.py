@@ -1,6 +1,7 @@
-"""`moegpt convert model.gguf DST`: a small Llama written with gguf's own writer the way
-llama.cpp's converter writes it (q/k rows permuted, F32 or Q8_0), converted, against the
-Hugging Face model it came from and against transformers' own GGUF loader."""
+"""`moegpt convert model.gguf DST`: a small Llama (and a Mixtral) written with gguf's own writer
+the way llama.cpp's converter writes it (q/k rows permuted, experts stacked, F32 or Q8_0),
+converted, against the Hugging Face model it came from and against transformers' own GGUF
+loader."""
 
 from __future__ import annotations
 
@@ -85,10 +86,22 @@ def write_gguf(
     writer.add_token_types([3 if t in specials else 1 for t, _ in vocab])
     writer.add_eos_token_id(tokenizer.token_to_id("<|im_end|>"))
     writer.add_chat_template(TEMPLATE)
+    if getattr(c, "num_local_experts", None):  # Mixtral, as llama.cpp writes it
+        writer.add_expert_count(c.num_local_experts)
+        writer.add_expert_used_count(c.num_experts_per_tok)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
     kv_heads = c.num_key_value_heads
     for name, tensor in model.state_dict().items():
         array = tensor.float().numpy()
+        if name.endswith("experts.gate_up_proj"):  # (experts, 2 x hidden, d): two stacks
+            layer = name.split(".")[2]
+            gate, up = np.split(array, 2, axis=1)
+            writer.add_tensor(f"blk.{layer}.ffn_gate_exps.weight", np.ascontiguousarray(gate))
+            writer.add_tensor(f"blk.{layer}.ffn_up_exps.weight", np.ascontiguousarray(up))
+            continue
+        if name.endswith("experts.down_proj"):
+            writer.add_tensor(f"blk.{name.split('.')[2]}.ffn_down_exps.weight", array)
+            continue
         if name.endswith("q_proj.weight"):
             array = permute(array, c.num_attention_heads)
         elif name.endswith("k_proj.weight"):
@@ -125,6 +138,31 @@ def test_a_gguf_converts_to_the_model_it_holds(hf_model, tokenizer, tmp_path: Pa
         [ids[0, :8].tolist()], SamplingParams(max_tokens=12, temperature=0)
     )
     assert engine_out[0][0].token_ids == greedy[0, 8:].tolist()
+
+
+def test_a_gguf_with_experts_converts_to_the_mixtral_it_holds(tokenizer, tmp_path: Path):
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(
+        vocab_size=tokenizer.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    )
+    mixtral = transformers.MixtralForCausalLM(config).eval()
+    path = write_gguf(tmp_path / "mixtral.gguf", mixtral, tokenizer)
+    convert(path, tmp_path / "m")
+    ours = moegpt.load(tmp_path / "m")
+    assert (ours.config.n_experts, ours.config.top_k, ours.config.expert_hidden_size) == (4, 2, 48)
+    ids = torch.randint(0, config.vocab_size, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, mixtral(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_the_tokenizer_and_chat_template_come_along(hf_model, tokenizer, tmp_path: Path):

@@ -12,6 +12,7 @@ template, when the file has one, goes into ``tokenizer_config.json``.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,9 @@ _CONFIG_KEYS = {
     "rope.freq_base": "rope_theta",
 }
 _CONTROL = 3  # llama.cpp's token type of special (control) tokens
+# Mixtral's per-expert weight name: the layer's experts, the expert, and the weight (gguf maps
+# the stacked name without the expert)
+_EXPERT = re.compile(r"(model\.layers\.\d+\.block_sparse_moe\.experts)\.(\d+)\.(w[123])\.weight")
 # llama.cpp's pre-tokenizer names moegpt rebuilds: GPT-2's split, and SmolLM's, which splits
 # every digit off first (llama.cpp's "\p{N}" before GPT-2's expression).
 PRE_TOKENIZERS = {"default": "gpt2", "gpt-2": "gpt2", "smollm": "digits"}
@@ -61,12 +65,13 @@ class GGUFModel:
                 f"{path}: GGUF architecture {arch!r} cannot be expressed by moegpt "
                 f"(it converts {', '.join(ARCHITECTURES)})"
             )
-        if _value(self.reader, f"{arch}.expert_count"):
-            raise UserError(f"{path}: a GGUF with experts is not converted yet (dense models only)")
         self.arch = arch
-        self.model_type = ARCHITECTURES[arch]
+        # llama.cpp writes Mixtral as a Llama with experts (a count, and stacked expert tensors)
+        experts = _value(self.reader, f"{arch}.expert_count")
+        self.model_type = "mixtral" if experts else ARCHITECTURES[arch]
         self.config = self._hf_config()
         self._tensors = {t.name: t for t in self.reader.tensors}
+        self._stacked: tuple[str, torch.Tensor] | None = None  # the expert stack read last
         # Hugging Face name -> llama.cpp name, as llama.cpp's converter maps them
         model_arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
         self._names = gguf.get_tensor_name_map(model_arch, self.config["num_hidden_layers"])
@@ -85,32 +90,52 @@ class GGUFModel:
         config["tie_word_embeddings"] = not any(
             t.name == "output.weight" for t in self.reader.tensors
         )
+        if self.model_type == "mixtral":
+            config["num_local_experts"] = _value(self.reader, f"{self.arch}.expert_count")
+            config["num_experts_per_tok"] = _value(self.reader, f"{self.arch}.expert_used_count")
+            expert_ffn = _value(self.reader, f"{self.arch}.expert_feed_forward_length")
+            if expert_ffn is not None:
+                config["intermediate_size"] = expert_ffn
         head_dim = _value(self.reader, f"{self.arch}.rope.dimension_count")
         if head_dim is not None:
             config["head_dim"] = head_dim
         return config
 
     def __contains__(self, name: str) -> bool:
-        return self._gguf_name(name) in self._tensors
+        expert = _EXPERT.fullmatch(name)
+        stacked = f"{expert[1]}.{expert[3]}.weight" if expert else name
+        return self._gguf_name(stacked) in self._tensors
 
     def _gguf_name(self, name: str) -> str | None:
         return self._names.get_name(name, try_suffixes=(".weight", ".bias"))
 
     def get(self, name: str) -> torch.Tensor:
-        """The tensor Hugging Face names ``name``, dequantised to float32."""
+        """The tensor Hugging Face names ``name``, dequantised to float32. One expert's
+        weight (Mixtral's per-expert name) is a slice of the layer's stacked tensor, which is
+        dequantised once for all its experts."""
+        expert = _EXPERT.fullmatch(name)
+        if expert is None:
+            return torch.from_numpy(np.ascontiguousarray(self._read(name)))
+        stacked, index = f"{expert[1]}.{expert[3]}.weight", int(expert[2])
+        if self._stacked is None or self._stacked[0] != stacked:
+            self._stacked = (stacked, torch.from_numpy(np.ascontiguousarray(self._read(stacked))))
+        return self._stacked[1][index]
+
+    def _read(self, name: str) -> np.ndarray:
         from gguf.quants import dequantize
 
         gguf_name = self._gguf_name(name)
         if gguf_name is None or gguf_name not in self._tensors:
             raise UserError(f"{self.path}: tensor {name} ({gguf_name}) is missing from the file")
         tensor = self._tensors[gguf_name]
-        weights = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        # A copy: an unquantised tensor would otherwise be a read-only view of the mapped file.
+        weights = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
         heads = self.config["num_attention_heads"]
         if name.endswith("self_attn.q_proj.weight"):
             weights = _unpermute(weights, heads)
         elif name.endswith("self_attn.k_proj.weight"):
             weights = _unpermute(weights, self.config.get("num_key_value_heads", heads))
-        return torch.from_numpy(np.ascontiguousarray(weights))
+        return weights
 
     def dtype_name(self) -> str:
         return "float32"

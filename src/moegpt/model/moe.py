@@ -44,10 +44,13 @@ class Router(nn.Module):
     def forward(
         self, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return logits and probabilities (N, E), then weights and expert ids (N, k); fp32."""
-        # Routing decisions are sensitive to rounding: keep the gate in fp32 even under autocast.
+        """Return logits and probabilities (N, E), then weights and expert ids (N, k); fp32
+        (float64 for a float64 model)."""
+        # Routing decisions are sensitive to rounding: keep the gate in fp32 even under autocast
+        # (and a float64 model in float64).
+        dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.gate.weight.float())
+            logits = F.linear(x.to(dtype), self.gate.weight.to(dtype))
         probs = logits.softmax(dim=-1)
         weights, expert_ids = probs.topk(self.top_k, dim=-1)
         if self.renormalize:
@@ -188,9 +191,11 @@ class MoE(nn.Module):
         else:  # dropless; also at inference, where dropping would couple a batch's requests
             expert_out, kept = self.experts(x[order // k], counts), counts
 
-        # Combine in fp32: put each slot's weighted output back in slot order, sum over k.
-        slots = expert_out.new_zeros(n_tokens * k, shape[-1], dtype=torch.float32)
-        slots[order] = expert_out.float() * weights.reshape(-1)[order].unsqueeze(-1)
+        # Combine in fp32 at least: put each slot's weighted output back in slot order, sum
+        # over k.
+        combine = weights.dtype
+        slots = expert_out.new_zeros(n_tokens * k, shape[-1], dtype=combine)
+        slots[order] = expert_out.to(combine) * weights.reshape(-1)[order].unsqueeze(-1)
         out = slots.view(n_tokens, k, shape[-1]).sum(dim=1).to(x.dtype)
         if not torch.is_grad_enabled():  # serving: no losses, a few dozen fewer kernels
             return out.view(shape), None
