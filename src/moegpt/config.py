@@ -263,6 +263,42 @@ class ModelConfig(_Section):
         return 2 * self.n_layers * heads * self.head_dim * bytes_per_element
 
 
+@dataclass(frozen=True)
+class VisionConfig(_Section):
+    """Eyes for the language model, Flamingo-style (SPEC.md section 3): a ViT image encoder, a
+    Perceiver resampler that turns each image into a fixed number of visual tokens, and gated
+    cross-attention blocks before every ``xattn_every``-th LM layer. Off unless enabled."""
+
+    SECTION: ClassVar[str] = "vision"
+
+    enabled: bool = _doc(False, "give the model an image encoder and cross-attention")
+    image_size: int = _doc(32, "images are resized to image_size x image_size pixels")
+    channels: int = _doc(3, "colour channels of the encoder's input (1 = grey)")
+    patch_size: int = _doc(4, "the encoder cuts an image into patch_size x patch_size patches")
+    width: int = _doc(128, "width of the encoder and the resampler")
+    depth: int = _doc(2, "encoder blocks")
+    heads: int = _doc(4, "attention heads of the encoder and the resampler")
+    resampler_latents: int = _doc(8, "visual tokens per image (the resampler's learned latents)")
+    resampler_depth: int = _doc(1, "resampler blocks")
+    max_frames: int = _doc(1, "frames per media item (media-time embeddings; 1 for images)")
+    xattn_every: int = _doc(2, "a gated cross-attention block before every n-th LM layer")
+
+    def validate(self) -> None:
+        self._positive("image_size", "channels", "patch_size", "width", "depth", "heads")
+        self._positive("resampler_latents", "resampler_depth", "max_frames", "xattn_every")
+        if self.image_size % self.patch_size:
+            self._fail(
+                "image_size",
+                f"{self.image_size} is not divisible by vision.patch_size ({self.patch_size})",
+            )
+        if self.width % self.heads:
+            self._fail("width", f"{self.width} is not divisible by vision.heads ({self.heads})")
+
+    @property
+    def patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
 BUILTIN_CORPORA = (
     "stdlib:code",
     "stdlib:text",
@@ -616,6 +652,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "checkpoint": CheckpointConfig,
     "parallel": ParallelConfig,
     "serve": ServeConfig,
+    "vision": VisionConfig,
 }
 
 
@@ -629,6 +666,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
 
     def __post_init__(self) -> None:
         m, p = self.model, self.parallel

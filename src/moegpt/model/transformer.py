@@ -4,6 +4,7 @@ final norm and output head. Plain PyTorch: parallelism is applied from outside."
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -118,6 +119,8 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCacheLike | None = None,
         document_ids: torch.Tensor | None = None,
+        embeddings: torch.Tensor | None = None,
+        before_layer: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> ModelOutput:
         """Logits for ``tokens`` (batch, seq).
 
@@ -125,6 +128,10 @@ class Transformer(nn.Module):
         cache). With a cache, this step's keys and values are stored and the cache advanced.
         ``document_ids`` (batch, seq) keep packed documents from attending to each other
         (pass positions that restart per document with them).
+
+        A model built around this one (vision's cross-attention) may pass the token
+        ``embeddings`` (batch, seq, d_model) in place of embedding ``tokens``, and
+        ``before_layer(i, h)``, which returns layer i's input from the residual stream ``h``.
         """
         if document_ids is not None and cache is not None:
             raise ValueError("document_ids are for packed training sequences, not cached decoding")
@@ -136,9 +143,14 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(positions, config.head_dim, config.rope_theta, config.rope_scaling)
 
         mask = None if document_ids is None else document_causal_mask(document_ids)
-        h = tokens if self.tok_embeddings is None else self.tok_embeddings(tokens)
+        if embeddings is not None:
+            h = embeddings
+        else:
+            h = tokens if self.tok_embeddings is None else self.tok_embeddings(tokens)
         stats: list[MoEStats] = []
-        for block in self.layers.values():
+        for index, block in self.layers.items():
+            if before_layer is not None:
+                h = before_layer(int(index), h)
             h, layer_stats = block(h, cos, sin, cache, mask)
             if layer_stats is not None:
                 stats.append(layer_stats)

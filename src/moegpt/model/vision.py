@@ -1,0 +1,284 @@
+"""Eyes for the language model, as Flamingo joins them (Alayrac et al. 2022; SPEC.md section 3):
+a separate ViT image encoder, a Perceiver resampler that turns each image into a fixed number
+of visual tokens, and gated cross-attention blocks inserted before every ``xattn_every``-th
+layer of a pretrained language model, their tanh gates starting at 0 so that the model starts
+out computing exactly what the language model did. Plain PyTorch: parallelism is applied from
+outside, as for text.
+
+An ``<|image|>`` token marks where each image stands in the text; every text token attends
+only to the visual tokens of the latest image at or before it, and text before the first image
+attends to none.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moegpt.config import ModelConfig, VisionConfig
+from moegpt.model.feed_forward import FeedForward
+from moegpt.model.transformer import ModelOutput, RMSNorm, Transformer
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(batch, seq, width) -> (batch, heads, seq, width / heads)."""
+    batch, seq, width = x.shape
+    return x.view(batch, seq, heads, width // heads).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, seq, head_dim) -> (batch, seq, heads x head_dim)."""
+    batch, heads, seq, head_dim = x.shape
+    return x.transpose(1, 2).reshape(batch, seq, heads * head_dim)
+
+
+class _MLP(nn.Module):
+    """The encoder's and resampler's feed-forward: GELU over 4x the width."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, 4 * width)
+        self.fc2 = nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class _EncoderBlock(nn.Module):
+    """A pre-norm ViT block: bidirectional self-attention over the patches, then the MLP."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.mlp = _MLP(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (_heads(t, self.heads) for t in self.qkv(self.norm(x)).chunk(3, dim=-1))
+        x = x + self.proj(_merge(F.scaled_dot_product_attention(q, k, v)))
+        return x + self.mlp(x)
+
+
+class ImageEncoder(nn.Module):
+    """A ViT: non-overlapping patches embedded by one strided convolution, learned position
+    embeddings, pre-norm blocks and a final norm. (images, C, H, W) -> (images, patches, width).
+    """
+
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.patch_embedding = nn.Conv2d(
+            config.channels, config.width, config.patch_size, stride=config.patch_size
+        )
+        self.position_embedding = nn.Parameter(torch.zeros(config.patches, config.width))
+        self.blocks = nn.ModuleList(
+            _EncoderBlock(config.width, config.heads) for _ in range(config.depth)
+        )
+        self.norm = nn.LayerNorm(config.width)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        size = self.config.image_size
+        if images.shape[1:] != (self.config.channels, size, size):
+            raise ValueError(
+                f"images of shape {tuple(images.shape[1:])}; the encoder takes "
+                f"({self.config.channels}, {size}, {size})"
+            )
+        x = self.patch_embedding(images).flatten(2).transpose(1, 2) + self.position_embedding
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+class _ResamplerBlock(nn.Module):
+    """The latents attend to the media's features and to themselves (Flamingo's Perceiver
+    resampler attends over their concatenation), then the MLP."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.media_norm = nn.LayerNorm(width)
+        self.latent_norm = nn.LayerNorm(width)
+        self.q = nn.Linear(width, width, bias=False)
+        self.kv = nn.Linear(width, 2 * width, bias=False)
+        self.proj = nn.Linear(width, width, bias=False)
+        self.mlp = _MLP(width)
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        queries = self.latent_norm(latents)
+        context = torch.cat([self.media_norm(media), queries], dim=1)
+        k, v = (_heads(t, self.heads) for t in self.kv(context).chunk(2, dim=-1))
+        q = _heads(self.q(queries), self.heads)
+        latents = latents + self.proj(_merge(F.scaled_dot_product_attention(q, k, v)))
+        return latents + self.mlp(latents)
+
+
+class PerceiverResampler(nn.Module):
+    """Each media item's features (items, frames, patches, width), plus a learned embedding of
+    each frame's time, become ``resampler_latents`` visual tokens: (items, latents, width)."""
+
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(config.resampler_latents, config.width) * 0.02)
+        self.time_embedding = nn.Parameter(torch.zeros(config.max_frames, 1, config.width))
+        self.blocks = nn.ModuleList(
+            _ResamplerBlock(config.width, config.heads) for _ in range(config.resampler_depth)
+        )
+        self.norm = nn.LayerNorm(config.width)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        items, frames = features.shape[:2]
+        if frames > self.time_embedding.shape[0]:
+            raise ValueError(
+                f"{frames} frames a media item; the model has time embeddings for "
+                f"{self.time_embedding.shape[0]}"
+            )
+        media = (features + self.time_embedding[:frames]).flatten(1, 2)
+        latents = self.latents.expand(items, -1, -1)
+        for block in self.blocks:
+            latents = block(media, latents)
+        return self.norm(latents)
+
+
+def media_mask(
+    tokens: torch.Tensor, image_token_id: int, images_per_sequence: int, tokens_per_image: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which visual tokens each text token may attend to: those of the latest image at or
+    before it (its ``<|image|>`` token counts). Returns the mask (batch, 1, seq, images x
+    tokens_per_image) and whether each text token has an image at all (batch, seq)."""
+    latest = (tokens == image_token_id).cumsum(dim=1)  # 1-based index of the latest image
+    most = int(latest[:, -1].max())  # one host sync: a marker without its image is an error
+    if most > images_per_sequence:
+        raise ValueError(
+            f"a sequence has {most} <|image|> tokens but only {images_per_sequence} images "
+            "were given for it"
+        )
+    owner = torch.arange(images_per_sequence * tokens_per_image, device=tokens.device)
+    owner = owner // tokens_per_image + 1
+    mask = latest.unsqueeze(-1) == owner  # (batch, seq, visual tokens)
+    return mask.unsqueeze(1), latest > 0
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    """Flamingo's GATED XATTN-DENSE: the text attends to the visual tokens, then a
+    feed-forward layer, each added to the residual stream through tanh(gate). The gates start
+    at 0, so an inserted block changes nothing until training opens it."""
+
+    def __init__(self, config: ModelConfig, vision_width: int) -> None:
+        super().__init__()
+        self.heads = config.n_heads
+        self.attention_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.q = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.kv = nn.Linear(vision_width, 2 * config.d_model, bias=False)
+        self.wo = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.ffn = FeedForward(config, config.ffn_hidden)
+        self.attention_gate = nn.Parameter(torch.zeros(1))
+        self.ffn_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(
+        self, x: torch.Tensor, visual: torch.Tensor, mask: torch.Tensor, has_media: torch.Tensor
+    ) -> torch.Tensor:
+        """``x`` (batch, seq, d_model), ``visual`` (batch, visual tokens, vision width) and
+        :func:`media_mask`'s mask and per-token flags."""
+        q = _heads(self.q(self.attention_norm(x)), self.heads)
+        k, v = (_heads(t, self.heads) for t in self.kv(visual).chunk(2, dim=-1))
+        # A token with no image yet would have an all-False row (a NaN softmax): let it see
+        # every visual token, then zero what it got.
+        attended = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask | ~has_media[:, None, :, None]
+        )
+        attended = self.wo(_merge(attended)) * has_media.unsqueeze(-1).to(x.dtype)
+        x = x + torch.tanh(self.attention_gate) * attended
+        return x + torch.tanh(self.ffn_gate) * self.ffn(self.ffn_norm(x))
+
+
+class VisionLanguageModel(nn.Module):
+    """A language model with eyes: ``lm`` (any :class:`Transformer`, usually pretrained and
+    frozen), the image encoder, the resampler, a gated cross-attention block before every
+    ``xattn_every``-th layer, and a learned ``<|image|>`` embedding (so the marker can be
+    trained while the language model's embeddings stay frozen)."""
+
+    def __init__(self, lm: Transformer, config: VisionConfig, image_token_id: int) -> None:
+        super().__init__()
+        self.lm = lm
+        self.config = config
+        self.image_token_id = image_token_id
+        self.encoder = ImageEncoder(config)
+        self.resampler = PerceiverResampler(config)
+        self.xattn = nn.ModuleDict(
+            {
+                str(i): GatedCrossAttentionBlock(lm.config, config.width)
+                for i in range(0, lm.config.n_layers, config.xattn_every)
+            }
+        )
+        self.image_embedding = nn.Parameter(torch.zeros(lm.config.d_model))
+        self.reset_vision_parameters()
+
+    @torch.no_grad()
+    def reset_vision_parameters(self) -> None:
+        """Initialise what vision adds (the language model keeps its weights): normal weights
+        scaled by width, zero biases and gates, unit norms, and the ``<|image|>`` embedding
+        copied from the language model's row for it."""
+        for name, param in self.named_parameters():
+            if name.startswith("lm."):
+                continue
+            if name.endswith("_gate") or name.endswith("bias"):
+                nn.init.zeros_(param)
+            elif name.endswith("norm.weight"):
+                nn.init.ones_(param)
+            elif name in ("image_embedding", "encoder.position_embedding"):
+                continue
+            elif param.ndim >= 2:
+                nn.init.normal_(param, std=1 / math.sqrt(param.shape[-1]))
+        nn.init.normal_(self.encoder.position_embedding, std=0.02)
+        if self.lm.tok_embeddings is not None:
+            self.image_embedding.copy_(self.lm.tok_embeddings.weight[self.image_token_id])
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Visual tokens of each sequence's images: (batch, images, C, H, W) ->
+        (batch, images x resampler_latents, width)."""
+        batch, count = images.shape[:2]
+        features = self.encoder(images.flatten(0, 1)).unsqueeze(1)  # one frame per image
+        visual = self.resampler(features)
+        return visual.view(batch, count * visual.shape[1], visual.shape[2])
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        images: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        """Logits for ``tokens`` (batch, seq) whose ``<|image|>`` tokens stand for ``images``
+        (batch, images, C, H, W) in order; a sequence with fewer images than others leaves
+        the rest of its slots as padding, which no token attends to. Without images this is
+        the language model with the learned ``<|image|>`` embedding."""
+        is_image = (tokens == self.image_token_id).unsqueeze(-1)
+        embeddings = torch.where(is_image, self.image_embedding, self.lm.tok_embeddings(tokens))
+        if images is None:
+            if is_image.any():
+                raise ValueError("tokens hold <|image|> markers but no images were given")
+            return self.lm(tokens, positions, document_ids=document_ids, embeddings=embeddings)
+        visual = self.encode_images(images)
+        mask, has_media = media_mask(
+            tokens, self.image_token_id, images.shape[1], self.config.resampler_latents
+        )
+
+        def cross_attend(layer: int, h: torch.Tensor) -> torch.Tensor:
+            if str(layer) not in self.xattn:
+                return h
+            return self.xattn[str(layer)](h, visual, mask, has_media)
+
+        return self.lm(
+            tokens,
+            positions,
+            document_ids=document_ids,
+            embeddings=embeddings,
+            before_layer=cross_attend,
+        )
