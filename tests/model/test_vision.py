@@ -105,9 +105,8 @@ def test_cross_attention_equals_a_per_token_reference() -> None:
                 if not seen.any():
                     continue  # no image yet: the token passes through unchanged
                 q = block.q(block.attention_norm(x[b, t])).view(heads, 1, head_dim)
-                k, v = block.kv(visual[b, seen]).chunk(2, dim=-1)
-                k = k.view(-1, heads, head_dim).transpose(0, 1)
-                v = v.view(-1, heads, head_dim).transpose(0, 1)
+                k = block.k(visual[b, seen]).view(-1, heads, head_dim).transpose(0, 1)
+                v = block.v(visual[b, seen]).view(-1, heads, head_dim).transpose(0, 1)
                 out = F.scaled_dot_product_attention(q, k, v).reshape(-1)
                 expected[b, t] += torch.tanh(block.attention_gate) * block.wo(out)
     torch.testing.assert_close(batched, expected, rtol=1e-5, atol=1e-6)

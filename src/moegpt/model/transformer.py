@@ -119,7 +119,7 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCacheLike | None = None,
         document_ids: torch.Tensor | None = None,
-        embeddings: torch.Tensor | None = None,
+        edit_embeddings: Callable[[torch.Tensor], torch.Tensor] | None = None,
         before_layer: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> ModelOutput:
         """Logits for ``tokens`` (batch, seq).
@@ -129,9 +129,11 @@ class Transformer(nn.Module):
         ``document_ids`` (batch, seq) keep packed documents from attending to each other
         (pass positions that restart per document with them).
 
-        A model built around this one (vision's cross-attention) may pass the token
-        ``embeddings`` (batch, seq, d_model) in place of embedding ``tokens``, and
-        ``before_layer(i, h)``, which returns layer i's input from the residual stream ``h``.
+        A model built around this one (vision's cross-attention) may pass
+        ``edit_embeddings(h)``, which returns the residual stream's start from the token
+        embeddings, and ``before_layer(i, h)``, which returns layer i's input from the
+        residual stream. Both run inside this forward, where a sharded model's weights are
+        gathered.
         """
         if document_ids is not None and cache is not None:
             raise ValueError("document_ids are for packed training sequences, not cached decoding")
@@ -143,10 +145,9 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(positions, config.head_dim, config.rope_theta, config.rope_scaling)
 
         mask = None if document_ids is None else document_causal_mask(document_ids)
-        if embeddings is not None:
-            h = embeddings
-        else:
-            h = tokens if self.tok_embeddings is None else self.tok_embeddings(tokens)
+        h = tokens if self.tok_embeddings is None else self.tok_embeddings(tokens)
+        if edit_embeddings is not None:
+            h = edit_embeddings(h)
         stats: list[MoEStats] = []
         for index, block in self.layers.items():
             if before_layer is not None:

@@ -23,10 +23,11 @@ from moegpt.model.feed_forward import FeedForward
 from moegpt.model.transformer import ModelOutput, RMSNorm, Transformer
 
 
-def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """(batch, seq, width) -> (batch, heads, seq, width / heads)."""
+def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(batch, seq, heads x head_dim) -> (batch, heads, seq, head_dim). Heads are counted from
+    the width: under tensor parallelism a rank's projections hold only its share of them."""
     batch, seq, width = x.shape
-    return x.view(batch, seq, heads, width // heads).transpose(1, 2)
+    return x.view(batch, seq, width // head_dim, head_dim).transpose(1, 2)
 
 
 def _merge(x: torch.Tensor) -> torch.Tensor:
@@ -53,14 +54,14 @@ class _EncoderBlock(nn.Module):
 
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
-        self.heads = heads
+        self.head_dim = width // heads
         self.norm = nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
         self.mlp = _MLP(width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (_heads(t, self.heads) for t in self.qkv(self.norm(x)).chunk(3, dim=-1))
+        q, k, v = (_heads(t, self.head_dim) for t in self.qkv(self.norm(x)).chunk(3, dim=-1))
         x = x + self.proj(_merge(F.scaled_dot_product_attention(q, k, v)))
         return x + self.mlp(x)
 
@@ -101,7 +102,7 @@ class _ResamplerBlock(nn.Module):
 
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
-        self.heads = heads
+        self.head_dim = width // heads
         self.media_norm = nn.LayerNorm(width)
         self.latent_norm = nn.LayerNorm(width)
         self.q = nn.Linear(width, width, bias=False)
@@ -112,8 +113,8 @@ class _ResamplerBlock(nn.Module):
     def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         queries = self.latent_norm(latents)
         context = torch.cat([self.media_norm(media), queries], dim=1)
-        k, v = (_heads(t, self.heads) for t in self.kv(context).chunk(2, dim=-1))
-        q = _heads(self.q(queries), self.heads)
+        k, v = (_heads(t, self.head_dim) for t in self.kv(context).chunk(2, dim=-1))
+        q = _heads(self.q(queries), self.head_dim)
         latents = latents + self.proj(_merge(F.scaled_dot_product_attention(q, k, v)))
         return latents + self.mlp(latents)
 
@@ -171,10 +172,12 @@ class GatedCrossAttentionBlock(nn.Module):
 
     def __init__(self, config: ModelConfig, vision_width: int) -> None:
         super().__init__()
-        self.heads = config.n_heads
+        self.head_dim = config.head_dim
         self.attention_norm = RMSNorm(config.d_model, config.norm_eps)
         self.q = nn.Linear(config.d_model, config.d_model, bias=False)
-        self.kv = nn.Linear(vision_width, 2 * config.d_model, bias=False)
+        # Separate key and value projections, so tensor parallelism can split each by heads.
+        self.k = nn.Linear(vision_width, config.d_model, bias=False)
+        self.v = nn.Linear(vision_width, config.d_model, bias=False)
         self.wo = nn.Linear(config.d_model, config.d_model, bias=False)
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.ffn = FeedForward(config, config.ffn_hidden)
@@ -186,8 +189,8 @@ class GatedCrossAttentionBlock(nn.Module):
     ) -> torch.Tensor:
         """``x`` (batch, seq, d_model), ``visual`` (batch, visual tokens, vision width) and
         :func:`media_mask`'s mask and per-token flags."""
-        q = _heads(self.q(self.attention_norm(x)), self.heads)
-        k, v = (_heads(t, self.heads) for t in self.kv(visual).chunk(2, dim=-1))
+        q = _heads(self.q(self.attention_norm(x)), self.head_dim)
+        k, v = _heads(self.k(visual), self.head_dim), _heads(self.v(visual), self.head_dim)
         # A token with no image yet would have an all-False row (a NaN softmax): let it see
         # every visual token, then zero what it got.
         attended = F.scaled_dot_product_attention(
@@ -260,11 +263,16 @@ class VisionLanguageModel(nn.Module):
         the rest of its slots as padding, which no token attends to. Without images this is
         the language model with the learned ``<|image|>`` embedding."""
         is_image = (tokens == self.image_token_id).unsqueeze(-1)
-        embeddings = torch.where(is_image, self.image_embedding, self.lm.tok_embeddings(tokens))
+
+        def mark_images(h: torch.Tensor) -> torch.Tensor:
+            return torch.where(is_image, self.image_embedding.to(h.dtype), h)
+
         if images is None:
             if is_image.any():
                 raise ValueError("tokens hold <|image|> markers but no images were given")
-            return self.lm(tokens, positions, document_ids=document_ids, embeddings=embeddings)
+            return self.lm(
+                tokens, positions, document_ids=document_ids, edit_embeddings=mark_images
+            )
         visual = self.encode_images(images)
         mask, has_media = media_mask(
             tokens, self.image_token_id, images.shape[1], self.config.resampler_latents
@@ -279,6 +287,6 @@ class VisionLanguageModel(nn.Module):
             tokens,
             positions,
             document_ids=document_ids,
-            embeddings=embeddings,
+            edit_embeddings=mark_images,
             before_layer=cross_attend,
         )

@@ -20,7 +20,7 @@ from moegpt.model.transformer import Transformer
 from moegpt.parallel.mesh import ParallelDims
 
 
-def _dp_mesh(dims: ParallelDims, shard: str) -> Any:
+def dp_mesh(dims: ParallelDims, shard: str) -> Any:
     """The mesh FSDP shards over ``shard``, as HSDP when there are replicas too."""
     if dims.config.dp_replicate > 1:
         return dims["dp_replicate", shard]
@@ -37,19 +37,22 @@ def apply_fsdp(model: Transformer, dims: ParallelDims, mp_policy: MixedPrecision
     c = dims.config
     # Context-parallel ranks hold the same parameters and sum their gradients: FSDP shards
     # over them as over data-parallel ranks (EP and CP don't combine, so experts keep theirs).
-    mesh = _dp_mesh(dims, "dp_shard_cp" if c.cp > 1 else "dp_shard")
+    mesh = dp_mesh(dims, "dp_shard_cp" if c.cp > 1 else "dp_shard")
     for block in model.layers.values():
         ignored = None
         if c.ep > 1:
             for experts in (m for m in block.modules() if isinstance(m, GroupedExperts)):
                 if c.dp_replicate * (c.dp_shard // c.ep) > 1:
-                    fully_shard(
-                        experts, mesh=_dp_mesh(dims, "dp_shard_mod_ep"), mp_policy=mp_policy
-                    )
+                    fully_shard(experts, mesh=dp_mesh(dims, "dp_shard_mod_ep"), mp_policy=mp_policy)
                 else:
                     ignored = set(experts.parameters())
         fully_shard(block, mesh=mesh, mp_policy=mp_policy, ignored_params=ignored)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy)
+    sum_gradients(model)
+
+
+def sum_gradients(model: nn.Module) -> None:
+    """Have every FSDP module of ``model`` sum gradients over its ranks, not average them."""
     for module in model.modules():
         if isinstance(module, FSDPModule):  # plain sums (gloo has no pre-multiplied sum)
             module.set_gradient_divide_factor(1.0)
