@@ -56,6 +56,21 @@ def test_model_summary_table_for_the_seed_model(capsys) -> None:
     assert "61,440 bytes" in out  # 2 (K,V) x 120 layers x 1 head x 128 x 2 bytes
 
 
+def test_model_summary_counts_the_seeds_vision_as_the_planner_does(capsys) -> None:
+    """The summary counts vision on modules built on the meta device; the planner in closed
+    form: at the seed's scale they agree."""
+    from moegpt.plan.vision import vision_params
+
+    path = ROOT / "configs/gpt4-1.8t.toml"
+    assert main(["model", "summary", "--config", str(path), "--json"]) == 0
+    vision = json.loads(capsys.readouterr().out)["vision"]
+    config = load_config(path)
+    counted = vision_params(config.model, config.vision)
+    assert vision["cross_attention_blocks"] == 15  # before layers 0, 8, ..., 112
+    assert (vision["encoder"], vision["resampler"]) == (counted.encoder, counted.resampler)
+    assert vision["cross_attention"] == counted.cross_attention
+
+
 def test_config_show_prints_loadable_toml(tmp_path: Path, capsys) -> None:
     assert (
         main(

@@ -44,7 +44,7 @@ def cmd_model_summary(args: argparse.Namespace) -> None:
     from moegpt.summary import summarize, summary_lines, summary_table
 
     config = _load(args)
-    summary = summarize(config.model)
+    summary = summarize(config.model, config.vision)
     if args.json:
         print(json.dumps(dataclasses.asdict(summary), indent=2))
         return
@@ -76,7 +76,7 @@ def cmd_upcycle(args: argparse.Namespace) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> None:
     from moegpt.plan.plan import PlanOptions, build_plan
-    from moegpt.plan.render import plan_tables, schedule_table, seed_tables
+    from moegpt.plan.render import plan_tables, schedule_table, seed_tables, vision_table
     from moegpt.plan.seeds import seed_comparison
 
     config = _load(args)
@@ -89,6 +89,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
         print(json.dumps(plan, indent=2))
         return
     tables = [*plan_tables(plan), schedule_table(plan)]
+    if plan["vision"] is not None:
+        tables.append(vision_table(plan))
     if args.against_seeds:
         tables += seed_tables(plan["seed_comparison"])
     for table in tables:
@@ -593,6 +595,15 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--infer-mfu", type=float, help="share of peak FLOP/s reached (default 1)")
     serve.add_argument("--infer-mbu", type=float, help="share of bandwidth reached (default 1)")
     serve.add_argument("--reserve", type=float, help="share of memory kept free (default 0.1)")
+    vision = parser.add_argument_group("vision stage (with [vision] enabled)")
+    vision.add_argument(
+        "--vision-tokens",
+        type=float,
+        help="interleaved tokens of the Flamingo stage (default 2e12)",
+    )
+    vision.add_argument(
+        "--tokens-per-image", type=float, help="text tokens per image in it (default 256)"
+    )
     parser.add_argument(
         "--against-seeds",
         action="store_true",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from rich.table import Table
 
-from moegpt.config import ModelConfig
+from moegpt.config import ModelConfig, VisionConfig
 from moegpt.console import human
 from moegpt.model import ParamCount, Transformer
 from moegpt.model.transformer import count_parameters
@@ -30,14 +30,45 @@ class LayerRange:
 
 
 @dataclass(frozen=True)
+class VisionSummary:
+    """Parameters vision adds (counted on the built modules)."""
+
+    encoder: int
+    resampler: int
+    cross_attention: int
+    cross_attention_blocks: int
+    image_embedding: int
+
+
+@dataclass(frozen=True)
 class ModelSummary:
     layers: list[LayerRange]
     params: ParamCount
     kv_bytes_per_token: int  # bf16, this model's KV heads
     kv_bytes_per_token_mha: int  # bf16, the same model with one KV head per query head
+    vision: VisionSummary | None = None
 
 
-def summarize(config: ModelConfig) -> ModelSummary:
+def _size(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def summarize_vision(config: ModelConfig, vision: VisionConfig) -> VisionSummary:
+    from moegpt.model.vision import VisionLanguageModel
+
+    with torch.device("meta"):  # the marker's id changes no count
+        model = VisionLanguageModel(Transformer(config), vision, image_token_id=0)
+    return VisionSummary(
+        encoder=_size(model.encoder),
+        resampler=_size(model.resampler),
+        cross_attention=_size(model.xattn),
+        cross_attention_blocks=len(model.xattn),
+        image_embedding=model.image_embedding.numel(),
+    )
+
+
+def summarize(config: ModelConfig, vision: VisionConfig | None = None) -> ModelSummary:
+    """The model's layers and counts; with ``vision`` enabled, what vision adds too."""
     with torch.device("meta"):
         model = Transformer(config)
     ranges: list[LayerRange] = []
@@ -58,6 +89,7 @@ def summarize(config: ModelConfig) -> ModelSummary:
         params=model.num_params(),
         kv_bytes_per_token=config.kv_cache_bytes_per_token(2),
         kv_bytes_per_token_mha=config.kv_cache_bytes_per_token(2, n_kv_heads=config.n_heads),
+        vision=summarize_vision(config, vision) if vision is not None and vision.enabled else None,
     )
 
 
@@ -79,4 +111,16 @@ def summary_lines(summary: ModelSummary) -> list[str]:
         f"({p.active:,}), {human(p.embedding)} in embeddings",
         f"KV cache per token (bf16): {summary.kv_bytes_per_token:,} bytes; "
         f"{summary.kv_bytes_per_token_mha:,} with full multi-head attention ({ratio:g}x more)",
+        *_vision_lines(summary.vision),
+    ]
+
+
+def _vision_lines(v: VisionSummary | None) -> list[str]:
+    if v is None:
+        return []
+    added = v.encoder + v.resampler + v.cross_attention + v.image_embedding
+    return [
+        f"vision adds {human(added)} ({added:,}): image encoder {human(v.encoder)}, resampler "
+        f"{human(v.resampler)}, {v.cross_attention_blocks} gated cross-attention blocks "
+        f"{human(v.cross_attention)}"
     ]

@@ -107,10 +107,14 @@ def test_plan_json_schema(capsys) -> None:
         "memory",
         "kv_cache",
         "inference",
+        "vision",
         "batch_schedule",
         "seed_comparison",
     ]
     assert plan["parameters"]["total"] == 1_872_147_993_600
+    stage = plan["vision"]["stage"]  # the seed's ~2T-token vision stage
+    assert stage["tokens"] == 2e12
+    assert stage["flops"] == pytest.approx(2e12 * plan["vision"]["flops"]["stage_per_token"])
     assert plan["training"]["tokens_per_expert_per_batch"] == pytest.approx(7.5e6, rel=1e-3)
 
 
@@ -180,3 +184,10 @@ def test_impossible_inputs_get_one_line(argv: list[str], message: str, capsys) -
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"moegpt: error: {message}"), err
     assert "\n" not in err
+
+
+def test_plan_without_vision_has_none_and_bad_vision_options_are_one_line(capsys) -> None:
+    assert main(["plan", "--config", "configs/tiny.toml", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["vision"] is None
+    assert main(["plan", "--config", GPT4, "--tokens-per-image", "0"]) == 2
+    assert "--tokens-per-image: must be positive, got 0.0" in capsys.readouterr().err

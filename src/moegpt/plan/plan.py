@@ -19,6 +19,7 @@ from moegpt.plan.inference import ServeLayout, decode, kv_fit
 from moegpt.plan.memory import TrainLayout, training_memory
 from moegpt.plan.params import param_breakdown
 from moegpt.plan.training import ring_attention, tokens_per_expert, training_time
+from moegpt.plan.vision import vision_flops, vision_params
 from moegpt.train.schedule import batch_phases, build_schedule
 
 SCHEMA_VERSION = 1
@@ -50,6 +51,8 @@ class PlanOptions:
     infer_mfu: float = 1.0
     infer_mbu: float = 1.0
     reserve: float = 0.1
+    vision_tokens: float = 2e12  # the seed's vision stage: ~2T tokens after text
+    tokens_per_image: float = 256.0
 
 
 def hardware(name: str, opts: PlanOptions, option: str) -> Hardware:
@@ -232,6 +235,7 @@ def build_plan(config: Config, opts: PlanOptions) -> dict[str, Any]:
             "max_batch_mha": fit_mha.max_batch,
         },
         "inference": dataclasses.asdict(roofline),
+        "vision": vision_plan(config, opts, hw, gpus, time.mfu) if config.vision.enabled else None,
         "batch_schedule": [
             {
                 **dataclasses.asdict(phase),
@@ -241,4 +245,35 @@ def build_plan(config: Config, opts: PlanOptions) -> dict[str, Any]:
             }
             for phase in batch_phases(schedule)
         ],
+    }
+
+
+def vision_plan(
+    config: Config, opts: PlanOptions, hw: Hardware, gpus: int, mfu: float
+) -> dict[str, Any]:
+    """What vision adds, and its Flamingo stage: ``opts.vision_tokens`` interleaved tokens, an
+    image every ``opts.tokens_per_image``, the language model frozen, on the training
+    cluster at the text run's MFU."""
+    for name in ("vision_tokens", "tokens_per_image"):
+        if getattr(opts, name) <= 0:
+            flag = name.replace("_", "-")
+            raise UserError(f"--{flag}: must be positive, got {getattr(opts, name)}")
+    m, v = config.model, config.vision
+    params = vision_params(m, v)
+    flops = vision_flops(m, v, config.data.seq_len, opts.tokens_per_image)
+    total = flops.stage_per_token * opts.vision_tokens
+    stage = training_time(total, hw, gpus, mfu, None, opts.precision)
+    return {
+        "parameters": {**dataclasses.asdict(params), "total": params.total},
+        "trained_parameters": params.trained_in_flamingo_stage,
+        "flops": dataclasses.asdict(flops),
+        "stage": {
+            "tokens": opts.vision_tokens,
+            "tokens_per_image": opts.tokens_per_image,
+            "images": opts.vision_tokens / opts.tokens_per_image,
+            "flops": total,
+            "days": stage.days,
+            "gpu_hours": stage.gpu_hours,
+            "cost": stage.cost(hw.price_per_hour),
+        },
     }

@@ -151,6 +151,34 @@ def plan_tables(plan: dict[str, Any]) -> list[Table]:
     ]
 
 
+def vision_table(plan: dict[str, Any]) -> Table:
+    """What vision adds to the model, and its Flamingo stage on the training cluster."""
+    v, gpu = plan["vision"], plan["inputs"]["train_gpu"]
+    p, f, stage = v["parameters"], v["flops"], v["stage"]
+    return _table(
+        f"Vision: {human(p['total'])} parameters added; Flamingo stage on "
+        f"{plan['training']['gpus']:,} x {gpu['name']} at {plan['training']['mfu']:.1%} MFU",
+        ("figure", "value"),
+        [
+            ("image encoder (ViT)", human(p["encoder"])),
+            ("Perceiver resampler", human(p["resampler"])),
+            ("gated cross-attention (all blocks)", human(p["cross_attention"])),
+            ("trained in the Flamingo stage", human(v["trained_parameters"])),
+            ("encoder forward per image", f"{human(f['encoder_per_image'])} FLOP"),
+            ("cross-attention forward per token", f"{human(f['xattn_per_token'])} FLOP"),
+            ("stage training per token (LM frozen)", f"{human(f['stage_per_token'])} FLOP"),
+            (
+                f"stage: {human(stage['tokens'])} tokens, an image every "
+                f"{stage['tokens_per_image']:g}",
+                f"{human(stage['flops'])} FLOP",
+            ),
+            ("  days", f"{stage['days']:,.1f}"),
+            ("  GPU-hours", human(stage["gpu_hours"])),
+            ("  cost", _money(stage["cost"])),
+        ],
+    )
+
+
 def schedule_table(plan: dict[str, Any]) -> Table:
     return _table(
         "Batch-size schedule",
