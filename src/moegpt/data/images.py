@@ -1,0 +1,183 @@
+"""Image-text data that ships with the machine, for the vision stages (no downloads):
+
+- **Rendered text**: short lines of the standard library's code drawn with Pillow (a Debian
+  DejaVu font when installed, else Pillow's own), captioned with the line itself. The task is
+  to transcribe them: the seed's "rendered LaTeX/text" data and its purpose, agents that read
+  what is in images. Each line keeps its module, so held-out modules are never trained on.
+- **Fashion-MNIST** from Debian's ``dataset-fashion-mnist`` (70,000 28x28 grey images of ten
+  kinds of clothing, MIT): two items composed onto one canvas side by side or stacked and
+  captioned with where each is ("a sneaker to the left of a bag"), so a caption cannot be
+  guessed without the image.
+
+Images are grey ``uint8`` arrays (height, width); captions are plain text.
+"""
+
+from __future__ import annotations
+
+import gzip
+import string
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from moegpt.errors import UserError
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+# The dataset's class names, as captions say them
+FASHION_CLASSES = (
+    "T-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+)
+FONT_CANDIDATES = (  # Debian's fonts-dejavu-core: monospaced, so lines wrap predictably
+    Path("/usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf"),
+)
+PRINTABLE = set(string.ascii_letters + string.digits + string.punctuation + " ")
+
+
+@dataclass(frozen=True)
+class ImageText:
+    key: str  # where it came from (a module, a dataset index): what held-out splits go by
+    image: np.ndarray  # (height, width) uint8
+    caption: str
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (MNIST's format, gzipped): a magic number naming the element type and the
+    number of dimensions, each dimension's size (big-endian int32), then the elements."""
+    try:
+        data = gzip.decompress(path.read_bytes())
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise UserError(f"{path}: not a readable gzipped IDX file ({e})") from None
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+        raise UserError(f"{path}: not an IDX file of unsigned bytes")
+    ndim = data[3]
+    shape = tuple(int(n) for n in np.frombuffer(data, ">i4", count=ndim, offset=4))
+    start = 4 + 4 * ndim
+    if len(data) - start != int(np.prod(shape)):
+        raise UserError(f"{path}: holds {len(data) - start} bytes for a {shape} array")
+    return np.frombuffer(data, np.uint8, offset=start).reshape(shape)
+
+
+def fashion_mnist(split: str, folder: Path = FASHION_MNIST) -> tuple[np.ndarray, np.ndarray]:
+    """Images (n, 28, 28) and labels (n,) of the ``train`` or ``test`` split."""
+    images_file, labels_file = (folder / name for name in FASHION_FILES[split])
+    if not images_file.is_file():
+        raise UserError(
+            f"{images_file}: Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)"
+        )
+    images, labels = read_idx(images_file), read_idx(labels_file)
+    if images.ndim != 3 or labels.shape != images.shape[:1]:
+        raise UserError(f"{folder}: {images.shape[0]} images but {labels.shape} labels")
+    return images, labels
+
+
+def compose(
+    first: np.ndarray, second: np.ndarray, names: tuple[str, str], horizontal: bool
+) -> tuple[np.ndarray, str]:
+    """Two items on one canvas twice their size: ``first`` left of (or above) ``second``,
+    each centred in its half of the other direction; the caption says where each is."""
+    size = first.shape[0]
+    canvas = np.zeros((2 * size, 2 * size), np.uint8)
+    middle = size // 2
+    if horizontal:
+        canvas[middle : middle + size, :size] = first
+        canvas[middle : middle + size, size:] = second
+        return canvas, f"a {names[0]} to the left of a {names[1]}"
+    canvas[:size, middle : middle + size] = first
+    canvas[size:, middle : middle + size] = second
+    return canvas, f"a {names[0]} above a {names[1]}"
+
+
+def fashion_canvases(
+    images: np.ndarray, labels: np.ndarray, count: int, seed: int, prefix: str
+) -> Iterator[ImageText]:
+    """``count`` canvases of two items each, drawn from ``images`` with ``seed``."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        a, b = rng.choice(len(images), size=2, replace=False)
+        names = (FASHION_CLASSES[labels[a]], FASHION_CLASSES[labels[b]])
+        image, caption = compose(images[a], images[b], names, horizontal=bool(rng.integers(2)))
+        yield ImageText(f"{prefix}:{i}", image, caption)
+
+
+def short_lines(files: list[Path], root: Path, max_chars: int) -> list[tuple[str, str]]:
+    """(module, line) for each distinct line of code of ``files`` that is between 8 and
+    ``max_chars`` characters once stripped, in printable ASCII, and not a comment."""
+    from moegpt.data.instruct import module_name
+
+    seen: set[str] = set()
+    lines = []
+    for path in files:
+        module = module_name(path.relative_to(root))
+        for raw in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            line = raw.strip()
+            if not 8 <= len(line) <= max_chars or line.startswith("#") or line in seen:
+                continue
+            if set(line) <= PRINTABLE:
+                seen.add(line)
+                lines.append((module, line))
+    return lines
+
+
+def load_font(size: int):  # -> ImageFont.FreeTypeFont | ImageFont.ImageFont
+    """A monospaced DejaVu font when Debian's fonts are installed, else Pillow's own."""
+    from PIL import ImageFont
+
+    for path in FONT_CANDIDATES:
+        if path.is_file():
+            return ImageFont.truetype(str(path), size)
+    return ImageFont.load_default(size)
+
+
+def font_name() -> str:
+    """Which font :func:`render` draws with (part of a prepared source's fingerprint)."""
+    return next((p.name for p in FONT_CANDIDATES if p.is_file()), "pillow-default")
+
+
+def render(text: str, image_size: int, font_size: int) -> np.ndarray:
+    """``text`` drawn black on white, wrapped at character boundaries to the image's width,
+    as an (image_size, image_size) uint8 array. Text that does not fit is an error."""
+    from PIL import Image, ImageDraw
+
+    font = load_font(font_size)
+    margin = max(1, font_size // 4)
+    rows, row = [], ""
+    for char in text:
+        if row and font.getlength(row + char) > image_size - 2 * margin:
+            rows.append(row)
+            row = ""
+        row += char
+    rows.append(row)
+    line_height = font_size + max(1, font_size // 5)
+    if margin + len(rows) * line_height > image_size:
+        raise ValueError(
+            f"{text!r} needs {len(rows)} rows of {font_size}-pixel text; a {image_size}-pixel "
+            "image holds fewer"
+        )
+    image = Image.new("L", (image_size, image_size), 255)
+    draw = ImageDraw.Draw(image)
+    for i, content in enumerate(rows):
+        draw.text((margin, margin + i * line_height), content, fill=0, font=font)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def rendered_lines(
+    lines: list[tuple[str, str]], image_size: int, font_size: int
+) -> Iterator[ImageText]:
+    """Each (module, line) drawn, captioned with the line itself."""
+    for module, line in lines:
+        yield ImageText(module, render(line, image_size, font_size), line)

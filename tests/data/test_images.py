@@ -1,0 +1,103 @@
+"""Image-text data that ships (data/images.py): the IDX reader against arrays written here,
+Fashion-MNIST canvases whose captions say where each item is, and rendered lines of code."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moegpt.data.images import (
+    FASHION_CLASSES,
+    FASHION_MNIST,
+    compose,
+    fashion_canvases,
+    fashion_mnist,
+    read_idx,
+    render,
+    short_lines,
+)
+from moegpt.errors import UserError
+
+
+def write_idx(path: Path, array: np.ndarray) -> Path:
+    header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, ">i4").tobytes()
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+    return path
+
+
+def test_idx_files_read_back_what_was_written(tmp_path: Path) -> None:
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    assert np.array_equal(read_idx(write_idx(tmp_path / "x.gz", images)), images)
+    truncated = tmp_path / "short.gz"
+    truncated.write_bytes(gzip.compress(gzip.decompress((tmp_path / "x.gz").read_bytes())[:-7]))
+    with pytest.raises(UserError, match="short.gz: holds 3913 bytes for a \\(5, 28, 28\\) array"):
+        read_idx(truncated)
+    (tmp_path / "plain").write_bytes(b"not gzip")
+    with pytest.raises(UserError, match="plain: not a readable gzipped IDX file"):
+        read_idx(tmp_path / "plain")
+
+
+def test_a_missing_dataset_names_the_package(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="apt-get install dataset-fashion-mnist"):
+        fashion_mnist("train", tmp_path)
+
+
+def test_canvases_put_each_item_where_the_caption_says() -> None:
+    first, second = np.full((4, 4), 200, np.uint8), np.full((4, 4), 100, np.uint8)
+    side, caption = compose(first, second, ("bag", "coat"), horizontal=True)
+    assert caption == "a bag to the left of a coat" and side.shape == (8, 8)
+    assert set(np.unique(side[:, :4])) == {0, 200} and set(np.unique(side[:, 4:])) == {0, 100}
+    stacked, caption = compose(first, second, ("bag", "coat"), horizontal=False)
+    assert caption == "a bag above a coat"
+    assert set(np.unique(stacked[:4])) == {0, 200} and set(np.unique(stacked[4:])) == {0, 100}
+
+
+def test_canvases_are_reproducible_and_captioned_from_the_labels() -> None:
+    images = np.stack([np.full((4, 4), 10 * (i + 1), np.uint8) for i in range(10)])
+    labels = np.arange(10, dtype=np.uint8)
+    made = list(fashion_canvases(images, labels, 20, seed=3, prefix="train"))
+    again = list(fashion_canvases(images, labels, 20, seed=3, prefix="train"))
+    assert [m.caption for m in made] == [a.caption for a in again]
+    for item in made:
+        # Each item's brightness names its class: the caption must name the same two.
+        shades = sorted(set(np.unique(item.image)) - {0})
+        named = {FASHION_CLASSES[s // 10 - 1] for s in shades}
+        assert all(name in item.caption for name in named) and len(named) == 2
+
+
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="dataset-fashion-mnist not installed")
+def test_the_installed_fashion_mnist_is_read_whole() -> None:
+    images, labels = fashion_mnist("test")
+    assert images.shape == (10_000, 28, 28) and labels.shape == (10_000,)
+    assert np.bincount(labels).tolist() == [1000] * 10  # the test split is balanced
+
+
+def test_rendered_text_is_drawn_and_too_much_is_refused() -> None:
+    image = render("print(x)", image_size=32, font_size=8)
+    assert image.shape == (32, 32) and image.dtype == np.uint8
+    assert (image < 128).sum() > 20  # ink
+    assert np.array_equal(image, render("print(x)", 32, 8))
+    assert not np.array_equal(image, render("print(y)", 32, 8))
+    with pytest.raises(ValueError, match="needs .* rows of 8-pixel text"):
+        render("x" * 200, image_size=32, font_size=8)
+
+
+def test_short_lines_keep_their_module_and_skip_comments_and_repeats(tmp_path: Path) -> None:
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "mod.py").write_text(
+        "import os\n# a comment here\nx = compute(value)\nx = compute(value)\n"
+        + "y = 'caf\u00e9 au lait'\n"
+        + "z = "
+        + "1" * 40
+        + "\n"
+    )
+    (tmp_path / "top.py").write_text("    return result\n")
+    files = [tmp_path / "pkg" / "mod.py", tmp_path / "top.py"]
+    assert short_lines(files, tmp_path, max_chars=32) == [
+        ("pkg.mod", "import os"),
+        ("pkg.mod", "x = compute(value)"),
+        ("top", "return result"),
+    ]
