@@ -9,6 +9,7 @@ profiled step when asked, and the full final parameters.
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import time
@@ -43,7 +44,18 @@ def full_parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 def run_job(job: dict[str, Any], distributed: bool) -> None:
     """Resume ``run_dir`` (or start it from ``train.init_from``), train ``steps`` steps,
-    save, evaluate; write ``out``.json and .safetensors."""
+    save, evaluate; write ``out``.json and .safetensors. In-process, the device memory the job
+    used is handed back at the end: a caller's next job may be a torchrun child on the same
+    GPU (this process's caching allocator once kept ~53 GB from one, and the child ran out)."""
+    try:
+        _run_job(job, distributed)
+    finally:
+        if not distributed and torch.cuda.is_available():
+            gc.collect()  # the trainer's reference cycles hold its tensors until collected
+            torch.cuda.empty_cache()
+
+
+def _run_job(job: dict[str, Any], distributed: bool) -> None:
     config = load_config(Path(job["recipe"]), job["overrides"])
     device = local_device()
     dims = ParallelDims.build(config.parallel, device) if distributed else None
@@ -75,9 +87,16 @@ def _timed_step(trainer: Trainer, batches: Any) -> dict[str, Any]:
     return out | trainer.throughput(out["tokens"], time.perf_counter() - start)
 
 
+# Kernel and op names of all-to-all exchanges: PyTorch's ops on CPU ("c10d::alltoall_"), and
+# on GPUs NCCL's kernel for them, which NCCL builds from grouped sends and receives
+# ("ncclDevKernel_SendRecv"); pipeline stages' point-to-point transfers share that kernel.
+EXCHANGE_NAMES = ("alltoall", "sendrecv")
+
+
 def all_to_all_share(trainer: Trainer, batches: Any) -> float:
     """The share of one profiled training step's time spent in all-to-all exchanges (expert
-    parallelism's dispatch and combine), by the profiler's device time (host time on CPU)."""
+    parallelism's dispatch and combine), by the profiler's device time (host time on CPU).
+    With pipeline parallelism too, the stages' sends and receives are counted in it."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = trainer.device.type == "cuda"
@@ -89,7 +108,11 @@ def all_to_all_share(trainer: Trainer, batches: Any) -> float:
     events = prof.key_averages()
     attr = "self_device_time_total" if cuda else "self_cpu_time_total"
     total = sum(getattr(e, attr) for e in events)
-    exchange = sum(getattr(e, attr) for e in events if "alltoall" in e.key.lower().replace("_", ""))
+    exchange = sum(
+        getattr(e, attr)
+        for e in events
+        if any(name in e.key.lower().replace("_", "") for name in EXCHANGE_NAMES)
+    )
     return exchange / total if total else 0.0
 
 
