@@ -54,15 +54,20 @@ def test_closed_gates_give_the_language_models_logits_exactly() -> None:
         assert not torch.allclose(model(tokens, images).logits, alone)
 
 
-def reference_mask(tokens: torch.Tensor, images: int, per_image: int) -> torch.Tensor:
-    """Per token, by walking the sequence: the visual tokens of the latest image so far."""
+def reference_mask(
+    tokens: torch.Tensor, images: int, per_image: int, documents: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per token, by walking the sequence: the visual tokens of the latest image so far in
+    the token's document (images numbered in row order)."""
     batch, seq = tokens.shape
     mask = torch.zeros(batch, seq, images * per_image, dtype=torch.bool)
     for b in range(batch):
-        latest = None
+        seen, latest = 0, None
         for t in range(seq):
+            if documents is not None and t and documents[b, t] != documents[b, t - 1]:
+                latest = None  # a new document sees none of the earlier ones' images
             if tokens[b, t] == IMAGE:
-                latest = 0 if latest is None else latest + 1
+                latest, seen = seen, seen + 1
             if latest is not None:
                 mask[b, t, latest * per_image : (latest + 1) * per_image] = True
     return mask
@@ -75,6 +80,24 @@ def test_media_mask_matches_a_per_token_loop(places) -> None:
     expected = reference_mask(tokens, 3, 4)
     assert torch.equal(mask[:, 0], expected)
     assert torch.equal(has_media, expected.any(-1))
+
+
+def test_packed_documents_see_only_their_own_images() -> None:
+    """Rows packing several documents, e.g. [doc 0: image, text | doc 1: text only | doc 2:
+    image, text]; a token's image is the latest one of its own document."""
+    tokens = tokens_with_images([[0, 6, 9], [2], [4, 5]], seq=12)
+    documents = torch.tensor(
+        [
+            [0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2, 2],
+            [0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2],
+            [0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2],
+        ]
+    )
+    mask, has_media = media_mask(tokens, IMAGE, 3, 2, documents)
+    expected = reference_mask(tokens, 3, 2, documents)
+    assert torch.equal(mask[:, 0], expected)
+    assert torch.equal(has_media, expected.any(-1))
+    assert not has_media[0, 3:6].any()  # document 1 follows an image but has none of its own
 
 
 def test_a_marker_without_its_image_is_refused() -> None:
@@ -113,8 +136,10 @@ def test_cross_attention_equals_a_per_token_reference() -> None:
 
 
 def test_each_token_sees_only_its_own_image() -> None:
-    """Changing the second image changes the tokens from its marker on, and nothing before."""
-    model = VisionLanguageModel(Transformer(small_config()), VISION, IMAGE).eval()
+    """Changing the second image changes the tokens from its marker on, and nothing before.
+    (A dense language model: the CPU expert loop's matmul shapes follow the whole batch's
+    routing, which would move earlier tokens' logits by rounding.)"""
+    model = VisionLanguageModel(Transformer(small_config(n_experts=0)), VISION, IMAGE).eval()
     open_gates(model)
     tokens = tokens_with_images([[2, 7]])
     images = torch.randn(1, 2, 1, 8, 8)

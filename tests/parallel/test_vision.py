@@ -112,3 +112,14 @@ def test_forward_and_backward_equal_one_process(tmp_path: Path, layout: str) -> 
     for name, grad in expected.items():
         assert grad is not None and grad.abs().sum() > 0, f"{name} got no gradient"
         torch.testing.assert_close(result["grads"][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_context_parallelism_is_refused_for_vision() -> None:
+    """A rank holding part of a sequence cannot tell which image its tokens follow."""
+    from types import SimpleNamespace
+
+    from moegpt.errors import UserError
+
+    dims = SimpleNamespace(config=ParallelConfig(cp=2))
+    with pytest.raises(UserError, match="parallel.cp: context parallelism does not support"):
+        apply_vision_fsdp(build(), dims, MixedPrecisionPolicy())

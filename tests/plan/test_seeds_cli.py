@@ -191,3 +191,12 @@ def test_plan_without_vision_has_none_and_bad_vision_options_are_one_line(capsys
     assert json.loads(capsys.readouterr().out)["vision"] is None
     assert main(["plan", "--config", GPT4, "--tokens-per-image", "0"]) == 2
     assert "--tokens-per-image: must be positive, got 0.0" in capsys.readouterr().err
+
+
+def test_the_vision_stage_runs_at_the_mfu_days_imply(capsys) -> None:
+    """Even an impossible one (above 1), which the text plan reports rather than refuses."""
+    assert main(["plan", "--config", GPT4, "--json", "--days", "1"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    stage, mfu = plan["vision"]["stage"], plan["training"]["mfu"]
+    peak = plan["inputs"]["train_gpu"]["peak_bf16_flops"]
+    assert stage["days"] == pytest.approx(stage["flops"] / (120 * peak * mfu) / 86400)

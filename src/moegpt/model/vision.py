@@ -147,22 +147,36 @@ class PerceiverResampler(nn.Module):
 
 
 def media_mask(
-    tokens: torch.Tensor, image_token_id: int, images_per_sequence: int, tokens_per_image: int
+    tokens: torch.Tensor,
+    image_token_id: int,
+    images_per_sequence: int,
+    tokens_per_image: int,
+    document_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Which visual tokens each text token may attend to: those of the latest image at or
-    before it (its ``<|image|>`` token counts). Returns the mask (batch, 1, seq, images x
-    tokens_per_image) and whether each text token has an image at all (batch, seq)."""
-    latest = (tokens == image_token_id).cumsum(dim=1)  # 1-based index of the latest image
+    before it (its ``<|image|>`` token counts) within its own document, when ``document_ids``
+    (batch, seq) pack several into a row. Images are numbered in row order. Returns the mask
+    (batch, 1, seq, images x tokens_per_image) and whether each token has an image at all
+    (batch, seq)."""
+    is_image = tokens == image_token_id
+    latest = is_image.cumsum(dim=1)  # 1-based index of the row's latest image so far
     most = int(latest[:, -1].max())  # one host sync: a marker without its image is an error
     if most > images_per_sequence:
         raise ValueError(
             f"a sequence has {most} <|image|> tokens but only {images_per_sequence} images "
             "were given for it"
         )
+    has_media = latest > 0
+    if document_ids is not None:  # images before a token's document started are not its own
+        starts = torch.ones_like(is_image)
+        starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+        before = latest - is_image.long()
+        before_document = torch.where(starts, before, 0).cummax(dim=1).values
+        has_media = latest > before_document
     owner = torch.arange(images_per_sequence * tokens_per_image, device=tokens.device)
     owner = owner // tokens_per_image + 1
-    mask = latest.unsqueeze(-1) == owner  # (batch, seq, visual tokens)
-    return mask.unsqueeze(1), latest > 0
+    mask = (latest.unsqueeze(-1) == owner) & has_media.unsqueeze(-1)
+    return mask.unsqueeze(1), has_media
 
 
 class GatedCrossAttentionBlock(nn.Module):
@@ -237,8 +251,8 @@ class VisionLanguageModel(nn.Module):
                 nn.init.ones_(param)
             elif name in ("image_embedding", "encoder.position_embedding"):
                 continue
-            elif param.ndim >= 2:
-                nn.init.normal_(param, std=1 / math.sqrt(param.shape[-1]))
+            elif param.ndim >= 2:  # by fan-in: a convolution's is channels x patch area
+                nn.init.normal_(param, std=1 / math.sqrt(param[0].numel()))
         nn.init.normal_(self.encoder.position_embedding, std=0.02)
         if self.lm.tok_embeddings is not None:
             self.image_embedding.copy_(self.lm.tok_embeddings.weight[self.image_token_id])
@@ -275,7 +289,11 @@ class VisionLanguageModel(nn.Module):
             )
         visual = self.encode_images(images)
         mask, has_media = media_mask(
-            tokens, self.image_token_id, images.shape[1], self.config.resampler_latents
+            tokens,
+            self.image_token_id,
+            images.shape[1],
+            self.config.resampler_latents,
+            document_ids,
         )
 
         def cross_attend(layer: int, h: torch.Tensor) -> torch.Tensor:

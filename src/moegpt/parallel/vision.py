@@ -9,6 +9,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+from moegpt.errors import UserError
 from moegpt.model.vision import VisionLanguageModel
 from moegpt.parallel.data import apply_fsdp, dp_mesh, sum_gradients
 from moegpt.parallel.mesh import ParallelDims
@@ -34,7 +35,11 @@ def apply_vision_fsdp(
     model: VisionLanguageModel, dims: ParallelDims, mp_policy: MixedPrecisionPolicy
 ) -> None:
     """``fully_shard`` the language model as for text, each cross-attention block, the
-    encoder and the resampler, then the rest (the ``<|image|>`` embedding) as the root."""
+    encoder and the resampler, then the rest (the ``<|image|>`` embedding) as the root.
+    Context parallelism is refused: a rank holding part of a sequence cannot tell which image
+    its tokens follow."""
+    if dims.config.cp > 1:
+        raise UserError("parallel.cp: context parallelism does not support vision models yet")
     apply_fsdp(model.lm, dims, mp_policy)
     mesh = dp_mesh(dims, "dp_shard")
     for part in [*model.xattn.values(), model.encoder, model.resampler]:

@@ -18,7 +18,12 @@ from moegpt.plan.hardware import Hardware, get_hardware
 from moegpt.plan.inference import ServeLayout, decode, kv_fit
 from moegpt.plan.memory import TrainLayout, training_memory
 from moegpt.plan.params import param_breakdown
-from moegpt.plan.training import ring_attention, tokens_per_expert, training_time
+from moegpt.plan.training import (
+    TrainingEstimate,
+    ring_attention,
+    tokens_per_expert,
+    training_time,
+)
 from moegpt.plan.vision import vision_flops, vision_params
 from moegpt.train.schedule import batch_phases, build_schedule
 
@@ -262,7 +267,10 @@ def vision_plan(
     params = vision_params(m, v)
     flops = vision_flops(m, v, config.data.seq_len, opts.tokens_per_image)
     total = flops.stage_per_token * opts.vision_tokens
-    stage = training_time(total, hw, gpus, mfu, None, opts.precision)
+    # At the text run's MFU, taken as given: with --days it is what those days imply, which
+    # the text plan reports even where it exceeds 1.
+    peak = hw.peak_flops(opts.precision)
+    stage = TrainingEstimate(total, gpus, peak, mfu, total / (gpus * peak * mfu))
     return {
         "parameters": {**dataclasses.asdict(params), "total": params.total},
         "trained_parameters": params.trained_in_flamingo_stage,

@@ -141,6 +141,11 @@ class Engine:
         self.config = config or ServeConfig()
         self.eos_id = eos_id
         self.device = next(model.parameters()).device
+        # Settings are checked before the forward exists: under tensor parallelism its decode
+        # graphs hold collectives, and a rank that left without closing them would hang.
+        if draft is not None:
+            check_draft(model, draft)
+        self.overlap = self._overlaps(speculating=draft is not None or self.config.ngram)
         draft_bytes = 0 if draft is None else bytes_per_token(draft.config, _dtype(draft))
         blocks, budget = kv_cache_blocks(model, self.config, draft_bytes)
         sized = dataclasses.replace(self.config, num_kv_blocks=blocks)
@@ -158,7 +163,6 @@ class Engine:
         self.forward: Forward = forward if tp is None else TensorParallelForward(forward, tp)
         proposer, lookahead = self._speculation(draft)
         self.runner = ModelRunner(self.forward, self.device, proposer)
-        self.overlap = self._overlaps(speculating=proposer is not None)
         self._in_flight: _InFlight | None = None  # the step the device is running
         self._last_taken_in = 0.0
         tpot = self.config.tpot_ms / 1e3 if self.config.tpot_ms else None
@@ -187,8 +191,7 @@ class Engine:
         self, draft: Transformer | None
     ) -> tuple[Proposer | None, LookaheadPolicy | None]:
         config = self.config
-        if draft is not None:
-            check_draft(self.model, draft)
+        if draft is not None:  # checked against the model before the forward was built
             proposer = DraftProposer(draft, config, self.allocator.num_blocks)
             return proposer, LookaheadPolicy(config, draft.config.max_seq_len)
         if config.ngram:

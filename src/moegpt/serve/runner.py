@@ -270,6 +270,8 @@ def _capture(graphs: DecodeGraphs, tp_group: dist.ProcessGroup | None) -> str | 
         dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=tp_group)
         if failure is None and not int(ok):
             failure = "another tensor-parallel rank could not capture"
+    if failure is not None:  # what was captured goes now (its collectives block teardown)
+        graphs.release()
     return failure
 
 
