@@ -299,6 +299,7 @@ class VisionConfig(_Section):
         return (self.image_size // self.patch_size) ** 2
 
 
+IMAGE_CORPORA = ("stdlib:rendered", "debian:fashion-mnist")
 BUILTIN_CORPORA = (
     "stdlib:code",
     "stdlib:text",
@@ -316,7 +317,9 @@ class SourceConfig(_Section):
     SECTION: ClassVar[str] = "data.sources"
 
     name: str = _doc("", "unique name: used in reports, shard folders and eval metrics")
-    kind: Literal["text", "code", "chat"] = _doc("text", "what the documents are")
+    kind: Literal["text", "code", "chat", "image_text"] = _doc(
+        "text", "what the documents are (image_text: an image and its caption each)"
+    )
     path: str = _doc(
         "",
         "files, a glob, a folder, or a built-in corpus: " + ", ".join(BUILTIN_CORPORA),
@@ -330,8 +333,16 @@ class SourceConfig(_Section):
         0.0, "interleaving weight; 0 = proportional to epochs x tokens (sources end together)"
     )
     val_fraction: float = _doc(0.01, "share of the documents held out for validation")
+    items: int = _doc(
+        0, "image_text: how many images to make (0 = every rendered line, 10,000 canvases)"
+    )
 
     def validate(self) -> None:
+        self._non_negative("items")
+        if self.kind == "image_text" and self.path not in IMAGE_CORPORA:
+            self._fail(
+                "path", f"image_text sources are {', '.join(IMAGE_CORPORA)}, not {self.path!r}"
+            )
         if not self.name or not all(ch.isalnum() or ch in "-_" for ch in self.name):
             self._fail("name", f"must be non-empty letters, digits, - or _, got {self.name!r}")
         if not self.path:
@@ -670,6 +681,11 @@ class Config:
 
     def __post_init__(self) -> None:
         m, p = self.model, self.parallel
+        images = [s.name for s in self.data.sources if s.kind == "image_text"]
+        if images and not self.vision.enabled:
+            raise ConfigError(
+                f"vision.enabled: image_text source {images[0]!r} needs a model with vision"
+            )
         if self.data.seq_len > m.max_seq_len:
             raise ConfigError(
                 f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len ({m.max_seq_len})"

@@ -181,3 +181,89 @@ def rendered_lines(
     """Each (module, line) drawn, captioned with the line itself."""
     for module, line in lines:
         yield ImageText(module, render(line, image_size, font_size), line)
+
+
+RENDERED_MAX_CHARS = 32
+FASHION_ITEMS = 10_000  # canvases made when a source asks for 0 (all)
+
+
+@dataclass
+class ImageCorpus:
+    """An image_text source's items: captions (the documents), keys, images (n, size, size),
+    and, where the dataset has its own test split, which items are held out."""
+
+    files: list[Path]
+    fingerprint: str
+    keys: list[str]
+    documents: list[str]
+    images: np.ndarray
+    held_out: np.ndarray | None = None  # bool per item; None: split by key as text is
+
+
+def _resized(image: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    if image.shape == (size, size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR), np.uint8)
+
+
+def load_image_corpus(
+    path: str, items: int, val_fraction: float, image_size: int, seed: int, where: str
+) -> ImageCorpus:
+    """The items of the built-in image-text corpus ``path`` at ``image_size`` pixels.
+
+    ``stdlib:rendered``: ``items`` lines (0: all) of at most 32 characters, in a seeded order,
+    drawn at a font size of a sixth of the image (lines that do not fit are left out), keyed
+    by module. ``debian:fashion-mnist``: ``items`` canvases (0: 10,000), the held-out share
+    made from the dataset's test images."""
+    from moegpt.data.sources import (
+        EXTRACTION_VERSION,
+        files_fingerprint,
+        stdlib_python_files,
+        stdlib_root,
+    )
+
+    settings = f"{EXTRACTION_VERSION}:{path}:{items}:{image_size}:{seed}:{val_fraction}"
+    if path == "stdlib:rendered":
+        files = stdlib_python_files()
+        lines = short_lines(files, stdlib_root(), RENDERED_MAX_CHARS)
+        order = np.random.default_rng(seed).permutation(len(lines))
+        font_size = max(6, image_size // 6)
+        made = []
+        for i in order:
+            try:
+                made.append(
+                    ImageText(lines[i][0], render(lines[i][1], image_size, font_size), lines[i][1])
+                )
+            except ValueError:  # too long for this image at this font size
+                continue
+            if items and len(made) == items:
+                break
+        fingerprint = files_fingerprint(files, f"{settings}:{font_name()}")
+        return ImageCorpus(
+            files,
+            fingerprint,
+            [m.key for m in made],
+            [m.caption for m in made],
+            np.stack([m.image for m in made])
+            if made
+            else np.zeros((0, image_size, image_size), np.uint8),
+        )
+    if path != "debian:fashion-mnist":
+        raise UserError(f"{where}: unknown image-text corpus {path!r}")
+    count = items or FASHION_ITEMS
+    held = round(count * val_fraction)
+    parts = []
+    for split, n, salt in (("train", count - held, 0), ("test", held, 1)):
+        images, labels = fashion_mnist(split)
+        parts += list(fashion_canvases(images, labels, n, seed + salt, split))
+    files = [FASHION_MNIST / name for pair in FASHION_FILES.values() for name in pair]
+    return ImageCorpus(
+        files,
+        files_fingerprint(files, settings),
+        [p.key for p in parts],
+        [p.caption for p in parts],
+        np.stack([_resized(p.image, image_size) for p in parts]),
+        held_out=np.array([p.key.startswith("test:") for p in parts]),
+    )

@@ -22,6 +22,7 @@ import numpy as np
 from moegpt.chat import TOKENIZER_CONFIG, ChatTemplate, chatml_tokenizer_config
 from moegpt.config import Config, SourceConfig
 from moegpt.console import progress, stderr
+from moegpt.data.images import ImageCorpus, load_image_corpus
 from moegpt.data.shards import (
     MANIFEST,
     TOKENIZER,
@@ -34,6 +35,7 @@ from moegpt.data.shards import (
 from moegpt.data.sources import Corpus, load_corpus
 from moegpt.data.tokenizer import (
     END_OF_TEXT,
+    IMAGE,
     encode_documents,
     load_tokenizer,
     tokenizer_hash,
@@ -112,11 +114,18 @@ def split_documents(
     return np.flatnonzero(train_mask), val
 
 
+def shaping_settings(source: SourceConfig) -> dict[str, Any]:
+    """The source's settings that shape its documents: not epochs and weight, which only
+    steer the mixture, nor ``items`` outside image-text sources (so that text folders
+    prepared before the field existed stay up to date)."""
+    unused = ("epochs", "weight") + (() if source.kind == "image_text" else ("items",))
+    return {k: v for k, v in asdict(source).items() if k not in unused}
+
+
 def source_settings(source: SourceConfig, seed: int, exclude_below: float) -> dict[str, Any]:
-    """What shapes a source's shards besides its files (epochs and weight only steer the
-    mixture, so changing them re-tokenizes nothing)."""
-    shaping = {k: v for k, v in asdict(source).items() if k not in ("epochs", "weight")}
-    return {**shaping, "seed": seed, "exclude_below": exclude_below}
+    """What shapes a source's shards besides its files (changing anything else re-tokenizes
+    nothing)."""
+    return {**shaping_settings(source), "seed": seed, "exclude_below": exclude_below}
 
 
 def _up_to_date(
@@ -138,6 +147,8 @@ def _up_to_date(
             }
             if "mask_file" in shard:
                 sizes[shard["mask_file"]] = shard["tokens"]
+            if "images_file" in shard:
+                sizes[shard["images_file"]] = shard["documents"] * shard["image_size"] ** 2
             for name, size in sizes.items():
                 path = folder / name
                 if not path.is_file() or path.stat().st_size != size:
@@ -151,6 +162,7 @@ def _write_split(
     docs: list[np.ndarray],
     dtype: np.dtype,
     masks: list[np.ndarray] | None = None,
+    images: np.ndarray | None = None,
 ) -> dict:
     """Shards of at most SHARD_TOKENS tokens (at least one, possibly empty)."""
     shards: list[dict] = []
@@ -158,8 +170,9 @@ def _write_split(
 
     def flush(end: int) -> None:
         part = None if masks is None else masks[start:end]
+        pictures = None if images is None else images[start:end]
         name = f"{prefix}-{len(shards):05d}"
-        shards.append(write_shard(folder, name, docs[start:end], dtype, part))
+        shards.append(write_shard(folder, name, docs[start:end], dtype, part, pictures))
 
     for k, doc in enumerate(docs):
         count += len(doc)
@@ -204,10 +217,7 @@ def _tokenizer_for(
             return path, None
         write_atomically(staged, given.read_bytes())
         return staged, None
-    shaping = [
-        {k: v for k, v in asdict(s).items() if k not in ("epochs", "weight")}
-        for s in config.data.sources
-    ]
+    shaping = [shaping_settings(s) for s in config.data.sources]
     recipe = hashlib.sha256(
         repr((shaping, config.data.seed, config.model.vocab_size)).encode()
     ).hexdigest()
@@ -274,6 +284,21 @@ def encode_conversations(
     return ids, masks
 
 
+def encode_captions(tokenizer: Any, captions: list[str], where: str) -> tuple[list, list]:
+    """Each image-text document as ``<|image|>``, its caption and end-of-text, with the
+    caption and its end-of-text trained on, so the model learns where a caption stops (the
+    marker is an input, never a target; the end-of-text the packer appends after every
+    document is not trained on, as after a conversation)."""
+    marker, eos = tokenizer.token_to_id(IMAGE), tokenizer.token_to_id(END_OF_TEXT)
+    if marker is None:
+        raise UserError(f"{where}: the tokenizer has no {IMAGE} token to mark images with")
+    ids, masks = [], []
+    for caption in encode_documents(tokenizer, captions):
+        ids.append(np.asarray([marker, *caption, eos], dtype=np.uint32))
+        masks.append(np.asarray([0] + [1] * (len(caption) + 1), dtype=np.uint8))
+    return ids, masks
+
+
 def _corpora_fingerprint(corpora: list[tuple[SourceConfig, Corpus]]) -> str:
     return hashlib.sha256("".join(c.fingerprint for _, c in corpora).encode()).hexdigest()
 
@@ -297,10 +322,19 @@ def prepare(
     workers = data.workers or os.cpu_count() or 1
     exclude_below = max(s.val_fraction for s in data.sources)
 
-    corpora = []
+    corpora: list[tuple[SourceConfig, Corpus | ImageCorpus]] = []
     for i, source in enumerate(data.sources):
         log(f"checking source {source.name!r} ({source.path})")
-        corpora.append((source, load_corpus(source, i)))
+        if source.kind == "image_text":
+            where = f"data.sources[{i}].path"
+            size = config.vision.image_size
+            with stderr.status(f"drawing {source.name}'s images ({source.path})"):
+                corpus: Corpus | ImageCorpus = load_image_corpus(
+                    source.path, source.items, source.val_fraction, size, data.seed, where
+                )
+        else:
+            corpus = load_corpus(source, i)
+        corpora.append((source, corpus))
 
     tokenizer_path, recipe = _tokenizer_for(config, data_dir, corpora, log)
     tok_sha = tokenizer_hash(tokenizer_path)
@@ -327,7 +361,10 @@ def prepare(
         if not documents:
             raise UserError(f"data.sources[{i}] {source.name!r}: no documents in {source.path}")
         masks: list[np.ndarray] | None = None
-        if chat:
+        images = corpus.images if isinstance(corpus, ImageCorpus) else None
+        if images is not None:
+            ids, masks = encode_captions(tokenizer, documents, f"data.sources[{i}]")
+        elif chat:
             template = ChatTemplate.from_config(config_text, tokenizer, config_from)
             if template is None:
                 raise UserError(
@@ -337,7 +374,11 @@ def prepare(
             ids, masks = encode_conversations(template, documents, f"rendering {source.name}")
         else:
             ids = tokenize(documents, tokenizer_path, workers, f"tokenizing {source.name}")
-        train, val = split_documents(corpus.keys, source.val_fraction, exclude_below, data.seed)
+        held_out = corpus.held_out if isinstance(corpus, ImageCorpus) else None
+        if held_out is not None:  # the dataset's own test split
+            train, val = np.flatnonzero(~held_out), np.flatnonzero(held_out)
+        else:
+            train, val = split_documents(corpus.keys, source.val_fraction, exclude_below, data.seed)
         # New inputs or settings give new file names: the old shards stay readable until the
         # new manifest replaces the old one.
         stem = hashlib.sha256(f"{fingerprint}{settings}{tok_sha}".encode()).hexdigest()
@@ -348,6 +389,7 @@ def prepare(
                 [ids[j] for j in indices],
                 dtype,
                 None if masks is None else [masks[j] for j in indices],
+                None if images is None else images[indices],
             )
             for split, indices in (("train", train), ("val", val))
         }
@@ -361,7 +403,8 @@ def prepare(
             "splits": splits,
         }
         log(
-            f"source {source.name!r}: {len(ids):,} documents, "
+            f"source {source.name!r}: {len(ids):,} "
+            f"{'images with captions' if images is not None else 'documents'}, "
             f"{splits['train']['tokens']:,} training and "
             f"{splits['val']['tokens']:,} validation tokens"
         )
@@ -392,7 +435,7 @@ def _remove_temporary_files(data_dir: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-SHARD_SUFFIXES = (".tokens.bin", ".docs.bin", ".mask.bin")
+SHARD_SUFFIXES = (".tokens.bin", ".docs.bin", ".mask.bin", ".images.bin")
 
 
 def _remove_unreferenced(data_dir: Path, sources: dict[str, Any]) -> None:
@@ -408,7 +451,7 @@ def _remove_unreferenced(data_dir: Path, sources: dict[str, Any]) -> None:
             shard[key]
             for split in sources[folder.name]["splits"].values()
             for shard in split["shards"]
-            for key in ("tokens_file", "docs_file", "mask_file")
+            for key in ("tokens_file", "docs_file", "mask_file", "images_file")
             if key in shard
         }
         for path in folder.iterdir():

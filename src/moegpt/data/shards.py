@@ -3,11 +3,12 @@
 A prepared data folder holds ``tokenizer.json``, ``manifest.json`` and one folder per source
 with, per split and shard, ``*.tokens.bin`` (all documents' token ids back to back, uint16
 when the vocabulary fits, else uint32), ``*.docs.bin`` (int64 offsets of each document in
-the tokens, plus the end) and, for conversations, ``*.mask.bin`` (one byte a token: 1 where
-fine-tuning trains on it, the assistant's turns). Files are written under a temporary name
-and renamed, new shards get new names, and the manifest is replaced last: an interrupted
-preparation leaves the previous data readable. Loading checks every file's size and
-checksum against the manifest.
+the tokens, plus the end) and, for conversations and image captions, ``*.mask.bin`` (one byte
+a token: 1 where training learns it: the assistant's turns, the caption). Image-text shards
+add ``*.images.bin``: each document's image, grey uint8 pixels (documents, size, size).
+Files are written under a temporary name and renamed, new shards get new names, and the
+manifest is replaced last: an interrupted preparation leaves the previous data readable.
+Loading checks every file's size and checksum against the manifest.
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ def write_shard(
     documents: list[np.ndarray],
     dtype: np.dtype,
     masks: list[np.ndarray] | None = None,
+    images: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Write one shard of documents (and, for conversations, which tokens are trained on: one
-    byte a token); return its manifest entry."""
+    """Write one shard of documents (and, for conversations and captions, which tokens are
+    trained on: one byte a token; for image-text documents, each one's image); return its
+    manifest entry."""
     lengths = np.array([len(d) for d in documents], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype("<i8")
     tokens = (np.concatenate(documents) if documents else np.zeros(0)).astype(
@@ -51,6 +54,11 @@ def write_shard(
     arrays = [("tokens", tokens), ("docs", offsets)]
     if masks is not None:
         arrays.append(("mask", np.concatenate(masks).astype(np.uint8) if masks else tokens[:0]))
+    if images is not None:
+        if images.shape[0] != len(documents) or images.ndim != 3:
+            raise ValueError(f"{images.shape} images for {len(documents)} documents")
+        entry["image_size"] = int(images.shape[1])
+        arrays.append(("images", np.ascontiguousarray(images, dtype=np.uint8)))
     for kind, array in arrays:
         name = f"{stem}.{kind}.bin"
         data = array.tobytes()
@@ -156,8 +164,12 @@ def _check_fields(path: Path, manifest: dict[str, Any]) -> None:
             shards = ("sources", name, "splits", split, "shards")
             for k, shard in enumerate(_field(path, manifest, shards, list)):
                 keys = ["tokens_file", "docs_file", "tokens_sha256", "docs_sha256"]
-                if isinstance(shard, dict) and "mask_file" in shard:  # a conversation shard
+                if isinstance(shard, dict) and "mask_file" in shard:  # conversations, captions
                     keys += ["mask_file", "mask_sha256"]
+                if isinstance(shard, dict) and "images_file" in shard:  # image-text documents
+                    keys += ["images_file", "images_sha256"]
+                    if _field(path, manifest, (*shards, k, "image_size"), int) < 1:
+                        raise UserError(f"{path}: field {_dotted((*shards, k, 'image_size'))} < 1")
                 for key in keys:
                     value = _field(path, manifest, (*shards, k, key), str)
                     if key.endswith("_file"):
@@ -215,7 +227,8 @@ class SplitTokens:
     doc_lengths: np.ndarray  # int64, all documents of the split in order
     doc_shard: np.ndarray  # which shard each document lives in
     doc_local: np.ndarray  # its index inside that shard
-    masks: list[np.ndarray] | None = None  # conversations: 1 on the tokens trained on
+    masks: list[np.ndarray] | None = None  # conversations, captions: 1 on the tokens trained on
+    images: list[np.ndarray] | None = None  # image-text: (documents, size, size) per shard
 
     @property
     def documents(self) -> int:
@@ -238,6 +251,12 @@ class SplitTokens:
         j = self.doc_local[i]
         return self.masks[self.doc_shard[i]][offsets[j] : offsets[j + 1]]
 
+    def image(self, i: int) -> np.ndarray | None:
+        """Document ``i``'s image (size, size) uint8, if the split has images."""
+        if self.images is None:
+            return None
+        return self.images[self.doc_shard[i]][self.doc_local[i]]
+
 
 def _check_file(path: Path, expected_bytes: int, expected_sha: str, verify: bool) -> None:
     if not path.is_file():
@@ -255,7 +274,7 @@ def open_split(
     """Memory-map one split of one source, checking each file against the manifest."""
     dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
     entry = manifest["sources"][source]["splits"][split]
-    shards, lengths, shard_ids, local, masks = [], [], [], [], []
+    shards, lengths, shard_ids, local, masks, images = [], [], [], [], [], []
     for k, shard in enumerate(entry["shards"]):
         tokens_path = data_dir / source / shard["tokens_file"]
         docs_path = data_dir / source / shard["docs_file"]
@@ -276,6 +295,16 @@ def open_split(
                 if shard["tokens"]
                 else np.zeros(0, np.uint8)
             )
+        if "images_file" in shard:
+            images_path = data_dir / source / shard["images_file"]
+            size, count = shard["image_size"], shard["documents"]
+            _check_file(images_path, count * size * size, shard["images_sha256"], verify)
+            shape = (count, size, size)
+            images.append(
+                np.memmap(images_path, dtype=np.uint8, mode="r", shape=shape)
+                if count
+                else np.zeros(shape, np.uint8)
+            )
         lengths.append(np.diff(offsets))
         shard_ids.append(np.full(shard["documents"], k, dtype=np.int32))
         local.append(np.arange(shard["documents"], dtype=np.int64))
@@ -286,4 +315,5 @@ def open_split(
         doc_shard=np.concatenate(shard_ids) if shard_ids else np.zeros(0, np.int32),
         doc_local=np.concatenate(local) if local else np.zeros(0, np.int64),
         masks=masks if masks else None,
+        images=images if images else None,
     )

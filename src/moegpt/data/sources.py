@@ -50,7 +50,7 @@ class Corpus:
         self, files: list[Path], read: Callable[[], list[tuple[str, str]]], extra: str = ""
     ) -> None:
         self.files = files
-        self.fingerprint = _files_fingerprint(files, f"{EXTRACTION_VERSION}:{extra}")
+        self.fingerprint = files_fingerprint(files, f"{EXTRACTION_VERSION}:{extra}")
         self._read = read
         self._entries: list[tuple[str, str]] | None = None
 
@@ -70,12 +70,12 @@ class Corpus:
         return [key for key, _ in self._loaded()]
 
 
-def _stdlib_root() -> Path:
+def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
 def stdlib_python_files() -> list[Path]:
-    root = _stdlib_root()
+    root = stdlib_root()
     files = []
     for path in sorted(root.rglob("*.py")):
         if not TEST_FOLDERS.intersection(path.relative_to(root).parts[:-1]):
@@ -83,7 +83,7 @@ def stdlib_python_files() -> list[Path]:
     return files
 
 
-def _files_fingerprint(files: list[Path], extra: str = "") -> str:
+def files_fingerprint(files: list[Path], extra: str = "") -> str:
     digest = hashlib.sha256(extra.encode())
     for path in files:
         stat = path.stat()
@@ -96,7 +96,7 @@ def _read_text(path: Path) -> str:
 
 
 def _stdlib_key(path: Path) -> str:
-    return f"stdlib/{path.relative_to(_stdlib_root())}"
+    return f"stdlib/{path.relative_to(stdlib_root())}"
 
 
 def stdlib_code() -> Corpus:
@@ -238,7 +238,7 @@ def debian_gcide() -> Corpus:
 
 def stdlib_instructions() -> list[Instruction]:
     """The instruction set of the local standard library (see :mod:`moegpt.data.instruct`)."""
-    root = _stdlib_root()
+    root = stdlib_root()
     modules = [
         (_stdlib_key(p), module_name(p.relative_to(root)), _read_text(p))
         for p in stdlib_python_files()

@@ -15,8 +15,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from moegpt.errors import UserError
 
 END_OF_TEXT = "<|endoftext|>"
+IMAGE = "<|image|>"  # where an image stands in the text (vision)
 # Reserved now so every later stage (chat fine-tuning, vision) keeps the same ids.
-SPECIAL_TOKENS = (END_OF_TEXT, "<|pad|>", "<|im_start|>", "<|im_end|>", "<|image|>")
+SPECIAL_TOKENS = (END_OF_TEXT, "<|pad|>", "<|im_start|>", "<|im_end|>", IMAGE)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:

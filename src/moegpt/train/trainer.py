@@ -149,6 +149,13 @@ class Trainer:
         self.dims = dims
         self.rank0 = is_rank0()
         self.log = log if self.rank0 else lambda m: None
+        for i, source in enumerate(config.data.sources):
+            if source.kind == "image_text":  # a text model would learn captions blind
+                raise UserError(
+                    f"data.sources[{i}] {source.name!r}: training on image_text sources (the "
+                    "vision stages) is not built yet; `moegpt prepare` and `data inspect` "
+                    "handle them"
+                )
         self.schedule = build_schedule(config.train)
         check_batches(self.schedule, config)
         self.mixture = Mixture.open(config.data)

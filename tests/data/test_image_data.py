@@ -1,0 +1,99 @@
+"""`kind = "image_text"` sources in `moegpt prepare`: each item becomes <|image|>, its caption
+and end-of-text (the caption and end trained on, the marker not), with its image in the shard
+beside it, checked by size and checksum on loading; the dataset's own test split stays held
+out; and a recipe that cannot use images is refused in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moegpt.config import ConfigError, load_config
+from moegpt.data.images import FASHION_MNIST, load_image_corpus
+from moegpt.data.prepare import prepare
+from moegpt.data.shards import open_split, read_manifest
+from moegpt.data.tokenizer import END_OF_TEXT, IMAGE, encode_documents, load_tokenizer
+from moegpt.errors import UserError
+
+
+def recipe(root: Path, source: str, items: int, *extra: str):
+    path = root / "vision.toml"
+    path.write_text(
+        "[model]\nvocab_size = 400\n"
+        f'[data]\nseq_len = 64\ndata_dir = "{root / "prepared"}"\nworkers = 1\n'
+        f'[[data.sources]]\nname = "images"\nkind = "image_text"\npath = "{source}"\n'
+        f"items = {items}\nval_fraction = 0.25\n"
+        "[vision]\nenabled = true\nimage_size = 32\nchannels = 1\n"
+    )
+    return load_config(path, list(extra))
+
+
+def test_rendered_lines_are_prepared_with_their_images(tmp_path: Path) -> None:
+    config = recipe(tmp_path, "stdlib:rendered", 40)
+    data_dir = Path(config.data.data_dir)
+    prepare(config, log=lambda m: None)
+    manifest = read_manifest(data_dir)
+    tokenizer = load_tokenizer(data_dir / "tokenizer.json")
+    marker, eos = tokenizer.token_to_id(IMAGE), tokenizer.token_to_id(END_OF_TEXT)
+    made = load_image_corpus("stdlib:rendered", 40, 0.25, 32, config.data.seed, "test")
+    by_caption = {c: made.images[i] for i, c in enumerate(made.documents)}
+    seen = 0
+    for split in ("train", "val"):
+        opened = open_split(data_dir, manifest, "images", split)
+        assert opened.images is not None
+        for i in range(opened.documents):
+            tokens, mask = opened.document(i), opened.mask(i)
+            assert tokens[0] == marker and tokens[-1] == eos
+            assert mask.tolist() == [0] + [1] * (len(tokens) - 1)
+            caption = tokenizer.decode(tokens[1:-1].tolist())
+            assert encode_documents(tokenizer, [caption])[0] == tokens[1:-1].tolist()
+            assert np.array_equal(opened.image(i), by_caption[caption])  # its own image
+            seen += 1
+    assert seen == 40
+    logs: list[str] = []
+    prepare(config, log=logs.append)
+    assert "source 'images': up to date" in logs
+
+
+def test_a_damaged_image_file_is_caught_on_loading(tmp_path: Path) -> None:
+    config = recipe(tmp_path, "stdlib:rendered", 12)
+    data_dir = Path(config.data.data_dir)
+    prepare(config, log=lambda m: None)
+    manifest = read_manifest(data_dir)
+    shard = manifest["sources"]["images"]["splits"]["train"]["shards"][0]
+    path = data_dir / "images" / shard["images_file"]
+    pixels = bytearray(path.read_bytes())
+    pixels[100] ^= 0xFF
+    path.write_bytes(bytes(pixels))
+    with pytest.raises(UserError, match="images.bin: checksum differs from the manifest"):
+        open_split(data_dir, manifest, "images", "train")
+
+
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="dataset-fashion-mnist not installed")
+def test_fashion_canvases_hold_out_the_datasets_test_split(tmp_path: Path) -> None:
+    config = recipe(tmp_path, "debian:fashion-mnist", 40)
+    prepare(config, log=lambda m: None)
+    manifest = read_manifest(Path(config.data.data_dir))
+    splits = manifest["sources"]["images"]["splits"]
+    assert (splits["train"]["documents"], splits["val"]["documents"]) == (30, 10)
+    made = load_image_corpus("debian:fashion-mnist", 40, 0.25, 32, config.data.seed, "test")
+    assert [k.split(":")[0] for k, held in zip(made.keys, made.held_out, strict=True) if held] == [
+        "test"
+    ] * 10
+
+
+def test_recipes_that_cannot_use_images_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="vision.enabled: image_text source 'images' needs"):
+        recipe(tmp_path, "stdlib:rendered", 4, "--vision.enabled", "false")
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].path: image_text sources are"):
+        recipe(tmp_path, "stdlib:code", 4)
+
+
+def test_training_on_images_is_refused_until_the_vision_stages_exist(tmp_path: Path) -> None:
+    from moegpt.train.trainer import Trainer
+
+    config = recipe(tmp_path, "stdlib:rendered", 8)
+    with pytest.raises(UserError, match="training on image_text sources .* is not built yet"):
+        Trainer(config, tmp_path / "run")
