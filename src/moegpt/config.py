@@ -398,16 +398,19 @@ class DataConfig(_Section):
         for name in names:
             if names.count(name) > 1:
                 self._fail("sources", f"source name {name!r} is used twice")
-        if any(s.kind == "chat" for s in self.sources):
+        whole = {"chat": "conversations", "image_text": "images with their captions"}
+        for kind, what in whole.items():
+            if not any(s.kind == kind for s in self.sources):
+                continue
             if self.packing != "documents":
                 self._fail(
                     "packing",
-                    "chat sources train on whole conversations: set data.packing = 'documents'",
+                    f"{kind} sources train on whole {what}: set data.packing = 'documents'",
                 )
             if not self.document_mask:
                 self._fail(
                     "document_mask",
-                    "packed conversations must not attend to each other: set it to true",
+                    f"packed {what} must not attend to each other: set it to true",
                 )
         weighted = [s.weight > 0 for s in self.sources]
         if any(weighted) and not all(weighted):

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from moegpt.config import ConfigError, load_config
 from moegpt.data.images import FASHION_MNIST, load_image_corpus
+from moegpt.data.mixture import Mixture, MixtureLoader
 from moegpt.data.prepare import prepare
 from moegpt.data.shards import open_split, read_manifest
 from moegpt.data.tokenizer import END_OF_TEXT, IMAGE, encode_documents, load_tokenizer
@@ -23,6 +25,7 @@ def recipe(root: Path, source: str, items: int, *extra: str):
     path.write_text(
         "[model]\nvocab_size = 400\n"
         f'[data]\nseq_len = 64\ndata_dir = "{root / "prepared"}"\nworkers = 1\n'
+        'packing = "documents"\ndocument_mask = true\n'
         f'[[data.sources]]\nname = "images"\nkind = "image_text"\npath = "{source}"\n'
         f"items = {items}\nval_fraction = 0.25\n"
         "[vision]\nenabled = true\nimage_size = 32\nchannels = 1\n"
@@ -84,11 +87,39 @@ def test_fashion_canvases_hold_out_the_datasets_test_split(tmp_path: Path) -> No
     ] * 10
 
 
+def test_sequences_carry_their_documents_images_in_order(tmp_path: Path) -> None:
+    config = recipe(tmp_path, "stdlib:rendered", 30)
+    prepare(config, log=lambda m: None)
+    mixture = Mixture.open(config.data)
+    tokenizer = load_tokenizer(Path(config.data.data_dir) / "tokenizer.json")
+    marker = tokenizer.token_to_id(IMAGE)
+    made = load_image_corpus("stdlib:rendered", 30, 0.25, 32, config.data.seed, "test")
+    by_caption = {c: made.images[i] for i, c in enumerate(made.documents)}
+    for g in range(mixture.n_sequences):
+        row = mixture.sequence(g)
+        starts = np.flatnonzero(row["input_ids"] == marker)
+        assert len(row["images"]) == len(starts) >= 1
+        for image, start in zip(row["images"], starts, strict=True):
+            end = (
+                start
+                + 1
+                + np.argmax(row["input_ids"][start + 1 :] == tokenizer.token_to_id(END_OF_TEXT))
+            )
+            caption = tokenizer.decode(row["input_ids"][start + 1 : end].tolist())
+            assert np.array_equal(image, by_caption[caption])
+    batch = next(iter(MixtureLoader(mixture, batch_size=3, document_mask=True)))
+    counts = (batch["input_ids"] == marker).sum(dim=1)
+    assert batch["images"].shape == (3, int(counts.max()), 32, 32)
+    assert batch["images"].dtype == torch.uint8
+
+
 def test_recipes_that_cannot_use_images_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="vision.enabled: image_text source 'images' needs"):
         recipe(tmp_path, "stdlib:rendered", 4, "--vision.enabled", "false")
     with pytest.raises(ConfigError, match=r"data.sources\[0\].path: image_text sources are"):
         recipe(tmp_path, "stdlib:code", 4)
+    with pytest.raises(ConfigError, match="data.packing: image_text sources train on whole"):
+        recipe(tmp_path, "stdlib:rendered", 4, "--data.packing", "stream")
 
 
 def test_training_on_images_is_refused_until_the_vision_stages_exist(tmp_path: Path) -> None:

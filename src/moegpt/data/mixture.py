@@ -106,6 +106,17 @@ def _sizes(splits: list[SplitTokens], doc_source: np.ndarray, doc_index: np.ndar
     return sizes
 
 
+def _image_size(splits: list[SplitTokens]) -> int:
+    """The pixel size of the splits' images (0: no split has images); one for all."""
+    sizes = {s.images[0].shape[1] for s in splits if s.images is not None}
+    if len(sizes) > 1:
+        raise UserError(
+            f"data.sources: image_text sources prepared at different sizes {sorted(sizes)}; "
+            "re-run `moegpt prepare --config ...`"
+        )
+    return sizes.pop() if sizes else 0
+
+
 def _check_prepared_for(
     data: DataConfig, manifest: dict[str, Any], data_dir: Path, chosen: list[SourceConfig]
 ) -> None:
@@ -193,6 +204,8 @@ class Mixture:
             splits, self.epochs, weights, seed, shuffle, long_doc_tokens, long_doc_repeat
         )
         self.packing = packing
+        # Image-text sources give every sequence the images of its documents, in order.
+        self.image_size = _image_size(splits)
         self.packed: PackedDocuments | None = None
         if packing == "documents":
             sizes = np.diff(np.append(self.plan.doc_start, self.plan.length))
@@ -258,6 +271,10 @@ class Mixture:
         """The k-th stream document's trained-on tokens (None: all of them)."""
         return self.splits[self.plan.doc_source[k]].mask(int(self.plan.doc_index[k]))
 
+    def image_of(self, k: int) -> np.ndarray | None:
+        """The k-th stream document's image (None: a text document)."""
+        return self.splits[self.plan.doc_source[k]].image(int(self.plan.doc_index[k]))
+
     def sequence(self, g: int) -> dict[str, np.ndarray]:
         """Sequence ``g``: inputs, labels (-100 on padding), positions and document ids
         restarting at every document, for a block-diagonal mask."""
@@ -304,8 +321,11 @@ class Mixture:
         """Sequence ``g`` of whole documents: each with its end-of-text, labelled only inside
         itself (and, for a conversation, only on its assistant turns), padded to seq_len."""
         assert self.packed is not None
-        inputs, labels, positions, documents = [], [], [], []
+        inputs, labels, positions, documents, images = [], [], [], [], []
         for n, k in enumerate(self.packed.documents_of(g)):
+            image = self.image_of(k)
+            if image is not None:  # its <|image|> marker comes first: never cut off
+                images.append(image)
             tokens = np.append(self.tokens_of(k), self.eos_id)[: self.seq_len]
             mask = self.mask_of(k)
             # the end-of-text closing a conversation is not trained on: its turn's end is
@@ -325,12 +345,16 @@ class Mixture:
         labels.append(np.full(pad, IGNORE_INDEX))
         positions.append(np.zeros(pad, np.int64))
         documents.append(np.full(pad, len(documents)))
-        return {
+        sequence = {
             "input_ids": np.concatenate(inputs).astype(np.int64),
             "labels": np.concatenate(labels).astype(np.int64),
             "positions": np.concatenate(positions).astype(np.int64),
             "document_ids": np.concatenate(documents).astype(np.int64),
         }
+        if self.image_size:
+            size = self.image_size
+            sequence["images"] = np.stack(images) if images else np.zeros((0, size, size), np.uint8)
+        return sequence
 
     def long_document_share(self, span: int) -> float:
         """The share of sequences in which one document runs more than ``span`` tokens: those
@@ -409,13 +433,16 @@ class MixtureLoader:
 
     def _padding_row(self) -> dict[str, np.ndarray]:
         """A row that trains on nothing (all labels ignored), to even out the last batch."""
-        n = self.mixture.seq_len
-        return {
+        n, size = self.mixture.seq_len, self.mixture.image_size
+        row = {
             "input_ids": np.full(n, self.mixture.eos_id, dtype=np.int64),
             "labels": np.full(n, IGNORE_INDEX, dtype=np.int64),
             "positions": np.arange(n),
             "document_ids": np.zeros(n, dtype=np.int64),
         }
+        if size:
+            row["images"] = np.zeros((0, size, size), np.uint8)
+        return row
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         """Batches of exactly ``batch_size`` rows on every rank; at the end of the stream the
@@ -429,4 +456,18 @@ class MixtureLoader:
             keys = ("input_ids", "labels", "positions", "document_ids")
             if not self.document_mask:
                 keys = keys[:2]
-            yield {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in keys}
+            batch = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in keys}
+            if self.mixture.image_size:
+                batch["images"] = _stack_images([r["images"] for r in rows])
+            yield batch
+
+
+def _stack_images(per_row: list[np.ndarray]) -> torch.Tensor:
+    """Rows' images (count, size, size) as (rows, most, size, size) uint8: a row with fewer
+    images than the most leaves zeros, which no token attends to (it has no marker for them)."""
+    most = max(len(images) for images in per_row)
+    size = per_row[0].shape[1]
+    out = np.zeros((len(per_row), most, size, size), np.uint8)
+    for i, images in enumerate(per_row):
+        out[i, : len(images)] = images
+    return torch.from_numpy(out)
