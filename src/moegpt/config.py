@@ -282,10 +282,12 @@ class VisionConfig(_Section):
     resampler_depth: int = _doc(1, "resampler blocks")
     max_frames: int = _doc(1, "frames per media item (media-time embeddings; 1 for images)")
     xattn_every: int = _doc(2, "a gated cross-attention block before every n-th LM layer")
+    image_token_id: int = _doc(4, "the <|image|> token's id (moegpt's tokenizers reserve 4)")
 
     def validate(self) -> None:
         self._positive("image_size", "channels", "patch_size", "width", "depth", "heads")
         self._positive("resampler_latents", "resampler_depth", "max_frames", "xattn_every")
+        self._non_negative("image_token_id")
         if self.image_size % self.patch_size:
             self._fail(
                 "image_size",
@@ -689,6 +691,12 @@ class Config:
             raise ConfigError(
                 f"vision.enabled: image_text source {images[0]!r} needs a model with vision"
             )
+        if self.vision.enabled and self.vision.image_token_id >= m.vocab_size:
+            raise ConfigError(
+                f"vision.image_token_id: {self.vision.image_token_id} is not below "
+                f"model.vocab_size ({m.vocab_size})"
+            )
+
         if self.data.seq_len > m.max_seq_len:
             raise ConfigError(
                 f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len ({m.max_seq_len})"

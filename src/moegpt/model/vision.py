@@ -257,6 +257,16 @@ class VisionLanguageModel(nn.Module):
         if self.lm.tok_embeddings is not None:
             self.image_embedding.copy_(self.lm.tok_embeddings.weight[self.image_token_id])
 
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """Grey uint8 images (batch, images, H, W), as prepared data stores them, as the
+        encoder's input: values in [0, 1], the grey channel repeated to ``channels``, in the
+        model's dtype. Float images (batch, images, C, H, W) pass through."""
+        if images.dtype != torch.uint8:
+            return images
+        dtype = self.image_embedding.dtype
+        grey = images.to(dtype).div_(255.0).unsqueeze(2)
+        return grey.expand(-1, -1, self.config.channels, -1, -1)
+
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Visual tokens of each sequence's images: (batch, images, C, H, W) ->
         (batch, images x resampler_latents, width)."""
@@ -273,21 +283,22 @@ class VisionLanguageModel(nn.Module):
         document_ids: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Logits for ``tokens`` (batch, seq) whose ``<|image|>`` tokens stand for ``images``
-        (batch, images, C, H, W) in order; a sequence with fewer images than others leaves
-        the rest of its slots as padding, which no token attends to. Without images this is
-        the language model with the learned ``<|image|>`` embedding."""
+        (batch, images, C, H, W), or grey uint8 (batch, images, H, W), in order; a sequence
+        with fewer images than others leaves the rest of its slots as padding, which no token
+        attends to. Without images (None, or none in the batch) this is the language model
+        with the learned ``<|image|>`` embedding."""
         is_image = (tokens == self.image_token_id).unsqueeze(-1)
 
         def mark_images(h: torch.Tensor) -> torch.Tensor:
             return torch.where(is_image, self.image_embedding.to(h.dtype), h)
 
-        if images is None:
+        if images is None or images.shape[1] == 0:
             if is_image.any():
                 raise ValueError("tokens hold <|image|> markers but no images were given")
             return self.lm(
                 tokens, positions, document_ids=document_ids, edit_embeddings=mark_images
             )
-        visual = self.encode_images(images)
+        visual = self.encode_images(self.pixels(images))
         mask, has_media = media_mask(
             tokens,
             self.image_token_id,
@@ -308,3 +319,14 @@ class VisionLanguageModel(nn.Module):
             edit_embeddings=mark_images,
             before_layer=cross_attend,
         )
+
+
+def model_for(model: ModelConfig, vision: VisionConfig) -> Transformer | VisionLanguageModel:
+    """The network a recipe describes: its language model, with eyes when vision is on."""
+    lm = Transformer(model)
+    return VisionLanguageModel(lm, vision, vision.image_token_id) if vision.enabled else lm
+
+
+def language_model(network: nn.Module) -> Transformer:
+    """The language model inside ``network`` (itself, for a text model)."""
+    return network.lm if isinstance(network, VisionLanguageModel) else network

@@ -21,19 +21,22 @@ from moegpt.config import Config
 from moegpt.errors import UserError
 from moegpt.model.moe import GroupedExperts
 from moegpt.model.transformer import Transformer
+from moegpt.model.vision import VisionLanguageModel, language_model, model_for
 from moegpt.parallel.context import check_device
 from moegpt.parallel.data import apply_ddp, apply_fsdp
 from moegpt.parallel.experts import shard_experts
 from moegpt.parallel.mesh import ParallelDims
 from moegpt.parallel.pipeline import StageModule, stage_ids, stage_model
 from moegpt.parallel.tensor import apply_tensor_parallel
+from moegpt.parallel.vision import apply_vision_fsdp, apply_vision_tensor_parallel
 
 
 @dataclass
 class ModelParts:
     """The model chunks one rank trains (one, or two with the interleaved pipeline)."""
 
-    models: list[Transformer]  # unwrapped chunks: parameters and state dicts come from here
+    # Unwrapped chunks: parameters and state dicts come from here.
+    models: list[Transformer | VisionLanguageModel]
     modules: list[nn.Module]  # what runs each chunk (a DDP wrapper under ZeRO-1, else the model)
     stages: list[StageModule] = field(default_factory=list)  # pipeline stages, if any
     stage_ids: list[int] = field(default_factory=list)
@@ -57,6 +60,9 @@ def check_supported(config: Config) -> None:
             "parallel.zero1: the trainer runs ZeRO-1 with data parallelism only; with tp, pp "
             "or ep use parallel.dp_shard (FSDP2)"
         )
+    if config.vision.enabled and (p.pp > 1 or p.cp > 1):
+        which = "pp" if p.pp > 1 else "cp"
+        raise UserError(f"parallel.{which}: the trainer does not run vision models with it yet")
     if p.zero1 and config.train.compile:
         raise UserError("train.compile: not supported with parallel.zero1 (DDP) yet")
 
@@ -69,8 +75,9 @@ def parallelize(config: Config, dims: ParallelDims | None, device: torch.device)
     check_supported(config)
     check_device(config.parallel.cp, device)
     torch.manual_seed(config.train.seed)
-    full = Transformer(config.model).to(device)
+    full = model_for(config.model, config.vision).to(device)
     p, train = config.parallel, config.train
+    vision = isinstance(full, VisionLanguageModel)  # no pipeline or context parallelism
     ids = [0]
     chunks = [full]
     if dims is not None and p.pp > 1:
@@ -78,23 +85,30 @@ def parallelize(config: Config, dims: ParallelDims | None, device: torch.device)
         ids = stage_ids(p, dims.pp_rank)
         chunks = [stage_model(full, s, n_stages) for s in ids]
     for model in chunks:
+        lm = language_model(model)
         if dims is not None and p.tp > 1:
-            apply_tensor_parallel(model, dims["tp"])
+            if vision:
+                apply_vision_tensor_parallel(model, dims["tp"])
+            else:
+                apply_tensor_parallel(model, dims["tp"])
         if dims is not None and (p.tp > 1 or p.ep > 1):
             for experts in [m for m in model.modules() if isinstance(m, GroupedExperts)]:
                 shard_experts(experts, dims)
         if train.activation_checkpointing:
-            for name, block in list(model.layers.items()):
-                model.layers[name] = checkpoint_wrapper(block)
+            for name, block in list(lm.layers.items()):
+                lm.layers[name] = checkpoint_wrapper(block)
         if train.compile:
-            for block in model.layers.values():
+            for block in lm.layers.values():
                 block.compile()
         if dims is not None and p.dp * p.cp > 1 and not p.zero1:
             bf16 = train.dtype == "bfloat16" and device.type == "cuda"
             mp = MixedPrecisionPolicy(
                 param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32
             )
-            apply_fsdp(model, dims, mp)
+            if vision:
+                apply_vision_fsdp(model, dims, mp)
+            else:
+                apply_fsdp(model, dims, mp)
 
     n_moe = sum(config.model.is_moe_layer(i) for i in range(config.model.n_layers))
     stages = [StageModule(m, n_moe) for m in chunks] if dims is not None and p.pp > 1 else []

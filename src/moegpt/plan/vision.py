@@ -88,8 +88,16 @@ class VisionFlops:
 
 
 def vision_flops(
-    m: ModelConfig, v: VisionConfig, seq_len: int, tokens_per_image: float
+    m: ModelConfig,
+    v: VisionConfig,
+    seq_len: int,
+    tokens_per_image: float,
+    lm_frozen: bool = True,
+    encoder_frozen: bool = True,
 ) -> VisionFlops:
+    """Forward FLOPs of each part, and a training step's per text token. A frozen language
+    model still runs backward through its activations (2x forward instead of 3x); a frozen
+    encoder, first in line, runs forward only."""
     w, d, patches, latents = v.width, m.d_model, v.patches, v.resampler_latents
     encoder = patches * (
         2 * v.channels * v.patch_size**2 * w  # patch embedding
@@ -104,12 +112,12 @@ def vision_flops(
     blocks = xattn_blocks(m, v)
     visual_kv = blocks * 2 * latents * 2 * w * d
     xattn = blocks * (2 * (2 * d * d + ffn_params(m, m.ffn_hidden)) + 4 * d * latents)
-    frozen_lm = 2 * training_token_flops(m, seq_len).forward
-    per_image = encoder + 3 * (resampler + visual_kv)
+    lm = (2 if lm_frozen else 3) * training_token_flops(m, seq_len).forward
+    per_image = (1 if encoder_frozen else 3) * encoder + 3 * (resampler + visual_kv)
     return VisionFlops(
         encoder_per_image=encoder,
         resampler_per_image=resampler,
         visual_kv_per_image=visual_kv,
         xattn_per_token=xattn,
-        stage_per_token=frozen_lm + 3 * xattn + per_image / tokens_per_image,
+        stage_per_token=lm + 3 * xattn + per_image / tokens_per_image,
     )

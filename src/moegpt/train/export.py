@@ -26,6 +26,11 @@ def load_run_model(run_dir: Path) -> tuple[Transformer, int]:
     if not config_path.is_file():
         raise UserError(f"{run_dir}: not a training run directory (no {RUN_CONFIG})")
     config = load_config(config_path)
+    if config.vision.enabled:  # model folders hold a language model's weights and config only
+        raise UserError(
+            f"{run_dir}: a vision model's run; exporting it (or starting from it) is not built "
+            "yet: resume the run itself"
+        )
     checkpoint = CheckpointManager(
         run_dir / "checkpoints", log=lambda m: stderr.print(m, highlight=False)
     ).latest()

@@ -23,10 +23,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from moegpt.config import ModelConfig
+from moegpt.config import ModelConfig, VisionConfig
 from moegpt.errors import UserError
 from moegpt.fileio import sha256_file, write_atomically
-from moegpt.model import Transformer
 from moegpt.weights import WEIGHTS_FILE, check_folder, is_model_folder
 
 PARENT_FILE = "parent.json"
@@ -114,11 +113,34 @@ def parameter_name(name: str) -> str:
     return name
 
 
-def check_freeze_patterns(config: ModelConfig, patterns: tuple[str, ...]) -> None:
+def parent_state(parent: Parent, names: list[str]) -> dict[str, torch.Tensor]:
+    """The parent's tensors for a child's parameter ``names``: the same names, or, for a
+    vision model started from a text model, its language model's (``lm.`` + the parent's
+    name). The vision parts a text parent lacks keep their initialisation; a language-model
+    weight the parent lacks is an error."""
+    state = {}
+    for name in names:
+        if name in parent.state:
+            state[name] = parent.state[name]
+        elif name.startswith("lm.") and name[3:] in parent.state:
+            state[name] = parent.state[name[3:]]
+        elif name.split(".")[0] not in VISION_PARTS:
+            raise UserError(f"train.init_from: {parent.path} has no weights for {name}")
+    return state
+
+
+VISION_PARTS = ("encoder", "resampler", "xattn", "image_embedding")
+
+
+def check_freeze_patterns(
+    config: ModelConfig, vision: VisionConfig, patterns: tuple[str, ...]
+) -> None:
     """Refuse a pattern that matches no parameter of the model (on any rank): a typo would
     otherwise train what was meant to stay fixed."""
+    from moegpt.model.vision import model_for
+
     with torch.device("meta"):
-        names = [name for name, _ in Transformer(config).named_parameters()]
+        names = [name for name, _ in model_for(config, vision).named_parameters()]
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             raise UserError(f"train.freeze: {pattern!r} matches no parameter of the model")

@@ -41,6 +41,7 @@ from moegpt.parallel.context import sequence_shards
 from moegpt.parallel.mesh import ParallelDims
 from moegpt.parallel.pipeline import build_schedule as build_pipeline_schedule
 from moegpt.plan.flops import training_token_flops
+from moegpt.plan.vision import vision_flops
 from moegpt.train.checkpoint import (
     CheckpointManager,
     from_rank0,
@@ -56,6 +57,7 @@ from moegpt.train.stage import (
     check_freeze_patterns,
     freeze,
     load_parent,
+    parent_state,
     write_parent_record,
 )
 
@@ -106,6 +108,20 @@ def _local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
 
 
+def check_image_token(config: Config) -> None:
+    """The prepared tokenizer's ``<|image|>`` must be the id the model marks images with."""
+    from moegpt.data.shards import read_manifest, tokenizer_file
+    from moegpt.data.tokenizer import IMAGE, load_tokenizer
+
+    data_dir = Path(config.data.data_dir)
+    tokenizer = load_tokenizer(tokenizer_file(data_dir, read_manifest(data_dir)))
+    found, wanted = tokenizer.token_to_id(IMAGE), config.vision.image_token_id
+    if found != wanted:
+        raise UserError(
+            f"vision.image_token_id: {wanted}, but {data_dir}'s tokenizer has {IMAGE} at {found}"
+        )
+
+
 def build_model(config: Config, device: torch.device) -> Transformer:
     """The one-process training model (checkpointing and compile as the config asks)."""
     return parallelize(config, None, device).models[0]
@@ -149,16 +165,11 @@ class Trainer:
         self.dims = dims
         self.rank0 = is_rank0()
         self.log = log if self.rank0 else lambda m: None
-        for i, source in enumerate(config.data.sources):
-            if source.kind == "image_text":  # a text model would learn captions blind
-                raise UserError(
-                    f"data.sources[{i}] {source.name!r}: training on image_text sources (the "
-                    "vision stages) is not built yet; `moegpt prepare` and `data inspect` "
-                    "handle them"
-                )
         self.schedule = build_schedule(config.train)
         check_batches(self.schedule, config)
         self.mixture = Mixture.open(config.data)
+        if config.vision.enabled:
+            check_image_token(config)
         if self.schedule.total_sequences > self.mixture.n_sequences:
             raise UserError(
                 f"train.steps: the run needs {self.schedule.total_sequences:,} sequences but the "
@@ -167,7 +178,7 @@ class Trainer:
         self.parent = self._open_parent()
         self.parts: ModelParts = parallelize(config, dims, self.device)
         if config.train.freeze:
-            check_freeze_patterns(config.model, config.train.freeze)
+            check_freeze_patterns(config.model, config.vision, config.train.freeze)
             frozen = freeze(self.parts.models, config.train.freeze)
             self.log(f"frozen: {human(frozen)} parameters ({', '.join(config.train.freeze)})")
         p = config.parallel
@@ -198,13 +209,35 @@ class Trainer:
         self.checkpoints = CheckpointManager(run_dir / "checkpoints", config.checkpoint.keep, log)
         self.step = 0
         self.tokens_seen = 0
-        self.flops_per_token = training_token_flops(config.model, config.data.seq_len).training
+        self.flops_per_token = self._flops_per_token()
         self.peak_flops = device_peak_flops(self.device)
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self._validation: dict[str, Mixture] = {}
         self._last_stats: list = []
 
     # -- collectives ---------------------------------------------------------------------
+    def _flops_per_token(self) -> float:
+        """Training FLOPs per token, for MFU: the language model's; with vision, the stage's,
+        which counts what is frozen (backward through a frozen language model's activations,
+        the encoder's forward alone) and the images, one per ``tokens_per_image`` tokens."""
+        config = self.config
+        if not config.vision.enabled:
+            return training_token_flops(config.model, config.data.seq_len).training
+        model = self.parts.models[0]
+        images = sum(
+            split.documents * epochs
+            for split, epochs in zip(self.mixture.splits, self.mixture.epochs, strict=True)
+            if split.images is not None
+        )
+        tokens_per_image = sum(self.mixture.planned_tokens()) / max(images, 1)
+        frozen = [
+            not any(p.requires_grad for p in part.parameters())
+            for part in (model.lm, model.encoder)
+        ]
+        return vision_flops(
+            config.model, config.vision, config.data.seq_len, tokens_per_image, *frozen
+        ).stage_per_token
+
     def _sum_over(self, value: torch.Tensor, *dims: str) -> torch.Tensor:
         """Sum ``value`` over the named mesh dimensions ("dp", "pp", "cp") that have > 1
         rank."""
@@ -298,9 +331,10 @@ class Trainer:
         tensors, sharded as it is) and record the parent beside the checkpoints."""
         parent = self.parent
         assert parent is not None
-        options = StateDictOptions(full_state_dict=True)
+        # Not strict: a text parent gives a vision model only its language model's weights.
+        options = StateDictOptions(full_state_dict=True, strict=False)
         for model, (model_part, _) in zip(self.parts.models, self._part_states(), strict=True):
-            set_model_state_dict(model, {k: parent.state[k] for k in model_part}, options=options)
+            set_model_state_dict(model, parent_state(parent, list(model_part)), options=options)
         if self.rank0:
             write_parent_record(self.run_dir, parent)
         self.log(f"starting from {parent.path} (sha256 {parent.sha256[:12]})")
@@ -320,11 +354,13 @@ class Trainer:
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
         """LM loss sum and model output of a device batch (inside its sequence shards)."""
+        images = {"images": batch["images"]} if "images" in batch else {}
         with self._autocast():
             out = self.parts.modules[0](
                 batch["input_ids"],
                 positions=batch.get("positions"),
                 document_ids=batch.get("document_ids"),
+                **images,
             )
         return lm_loss_sum(out.logits, batch["labels"]), out
 

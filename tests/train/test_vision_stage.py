@@ -1,0 +1,110 @@
+"""The Flamingo stage through `moegpt train`: a text model's export as the parent, frozen
+(`train.freeze = ["lm.*"]`); the image encoder, resampler, cross-attention and <|image|>
+embedding train on prepared image-text data, and the language model's weights stay exactly
+the parent's. Checkpoints resume it like any run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import moegpt
+from moegpt.config import load_config
+from moegpt.data.prepare import prepare
+from moegpt.errors import UserError
+from moegpt.model import Transformer
+from moegpt.train.trainer import Trainer
+
+MODEL = (
+    "[model]\nvocab_size = 400\nd_model = 32\nn_layers = 2\nn_heads = 4\nn_kv_heads = 1\n"
+    "ffn_hidden = 64\nn_experts = 0\nmax_seq_len = 64\naux_loss_coef = 0.0\nz_loss_coef = 0.0\n"
+)
+VISION = (
+    "[vision]\nenabled = true\nimage_size = 32\nchannels = 1\npatch_size = 8\nwidth = 32\n"
+    "depth = 1\nheads = 2\nresampler_latents = 4\nxattn_every = 1\n"
+)
+
+
+def recipe(root: Path, *overrides: str, init_from: str = "", steps: int = 3):
+    path = root / "vision.toml"
+    path.write_text(
+        MODEL + f'[data]\nseq_len = 64\ndata_dir = "{root / "data"}"\nworkers = 1\n'
+        'packing = "documents"\ndocument_mask = true\n'
+        '[[data.sources]]\nname = "rendered"\nkind = "image_text"\npath = "stdlib:rendered"\n'
+        "items = 60\nepochs = 2\nval_fraction = 0.2\n"
+        f"[train]\nsteps = {steps}\nglobal_batch_size = 4\nmicro_batch_size = 2\nlr = 1e-2\n"
+        f'warmup_steps = 1\neval_every = 0\ninit_from = "{init_from}"\n'
+        + ('freeze = ["lm.*"]\n' if init_from else "")
+        + "[checkpoint]\nevery = 2\n"
+        + VISION
+    )
+    return load_config(path, list(overrides))
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory) -> Path:
+    """A text model of the recipe's [model] (random weights stand in for pretraining)."""
+    root = tmp_path_factory.mktemp("parent")
+    torch.manual_seed(3)
+    config = recipe(root)
+    return moegpt.save_model(Transformer(config.model), root / "export")
+
+
+def test_the_flamingo_stage_trains_vision_and_leaves_the_language_model(tmp_path, parent):
+    config = recipe(tmp_path, init_from=str(parent))
+    prepare(config, log=lambda m: None)
+    trainer = Trainer(config, tmp_path / "run", log=lambda m: None)
+    trainer.run(progress=False)
+    model = trainer.parts.models[0]
+    before = moegpt.load(parent).state_dict()
+    for name, tensor in model.lm.state_dict().items():
+        assert torch.equal(tensor, before[name]), f"lm.{name} changed"
+    gates = [float(b.attention_gate.detach()) for b in model.xattn.values()]
+    assert all(g != 0 for g in gates), "the gates never opened"
+    fresh = Trainer(recipe(tmp_path, init_from=str(parent)), tmp_path / "fresh", log=lambda m: None)
+    fresh.prepare(resume=False)
+    trained, initial = model.state_dict(), fresh.parts.models[0].state_dict()
+    assert not torch.equal(trained["resampler.latents"], initial["resampler.latents"])
+
+
+def test_a_vision_run_resumes_where_it_stopped(tmp_path, parent) -> None:
+    """Three steps in one go equal two steps, a checkpoint, and one more."""
+    config = recipe(tmp_path, init_from=str(parent), steps=3)
+    prepare(config, log=lambda m: None)
+    whole = Trainer(config, tmp_path / "whole", log=lambda m: None)
+    whole.run(progress=False)
+    first = Trainer(recipe(tmp_path, init_from=str(parent), steps=2), tmp_path / "split")
+    first.log = lambda m: None
+    first.run(progress=False)
+    second = Trainer(config, tmp_path / "split", log=lambda m: None)
+    second.run(progress=False)
+    expected = whole.parts.models[0].state_dict()
+    for name, tensor in second.parts.models[0].state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_the_image_token_must_be_the_tokenizers(tmp_path) -> None:
+    config = recipe(tmp_path, "--vision.image_token_id", "5")
+    prepare(config, log=lambda m: None)
+    with pytest.raises(UserError, match="vision.image_token_id: 5, but .* has <\\|image\\|> at 4"):
+        Trainer(config, tmp_path / "run", log=lambda m: None)
+
+
+def test_exporting_a_vision_run_is_refused_in_one_line(tmp_path, parent, capsys) -> None:
+    from moegpt.cli import main
+
+    config = recipe(tmp_path, init_from=str(parent), steps=2)
+    prepare(config, log=lambda m: None)
+    Trainer(config, tmp_path / "run", log=lambda m: None).run(progress=False)
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 2
+    assert "a vision model's run; exporting it" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_layouts_the_trainer_cannot_run_with_vision_are_refused(tmp_path, parent) -> None:
+    config = recipe(tmp_path, "--parallel.pp", "2", "--parallel.pp_microbatches", "2")
+    prepare(config, log=lambda m: None)
+    with pytest.raises(UserError, match="parallel.pp: the trainer does not run vision models"):
+        Trainer(config, tmp_path / "run", log=lambda m: None)
