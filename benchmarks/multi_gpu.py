@@ -152,6 +152,17 @@ def bf16_within(versus_fp32: dict[str, float], one_gpu_versus_fp32: dict[str, fl
     return all(versus_fp32[k] <= BF16_FACTOR * max(one_gpu_versus_fp32[k], floor[k]) for k in floor)
 
 
+def heading(title: str, part: dict[str, Any]) -> str:
+    """A report section's first line, with one GPU's bf16 distance from fp32 when measured."""
+    bf16 = part.get("one_gpu_bf16_vs_fp32")
+    if not bf16:
+        return f"{title}:"
+    return (
+        f"{title} (one GPU's bf16 vs fp32: losses {bf16['loss_rel']:.1e}, params "
+        f"{bf16['param_rel_norm']:.1e}):"
+    )
+
+
 def correctness(args, recipe: Path, root: Path, cuda: bool) -> dict[str, Any]:
     """Every layout against one process, per dtype: fp32 to rounding, bf16 by
     :func:`bf16_within` against the fp32 one-GPU run; plus the planner comparison's inputs."""
@@ -441,17 +452,7 @@ def main() -> None:
         if "correctness" in phases:
             result["correctness"] = correctness(args, Path(args.recipe), root, cuda)
             for dtype, part in result["correctness"].items():
-                bf16 = part.get("one_gpu_bf16_vs_fp32")
-                print(
-                    f"correctness, {dtype}"
-                    + (
-                        f" (one GPU's bf16 vs fp32: losses {bf16['loss_rel']:.1e}, params "
-                        f"{bf16['param_rel_norm']:.1e})"
-                        if bf16
-                        else ""
-                    )
-                    + ":"
-                )
+                print(heading(f"correctness, {dtype}", part))
                 for name, row in part["layouts"].items():
                     plan = row["planner"]
                     versus = row.get("vs_fp32")
@@ -476,17 +477,7 @@ def main() -> None:
         elif "context" in phases:
             result["context"] = context(args, Path(args.recipe), root)
             for what, part in result["context"].items():
-                bf16 = part.get("one_gpu_bf16_vs_fp32")
-                print(
-                    f"context parallelism, {what}"
-                    + (
-                        f" (one GPU's bf16 vs fp32: losses {bf16['loss_rel']:.1e}, params "
-                        f"{bf16['param_rel_norm']:.1e})"
-                        if bf16
-                        else ""
-                    )
-                    + ":"
-                )
+                print(heading(f"context parallelism, {what}", part))
                 for name, row in part["layouts"].items():
                     verdict = {True: "ok", False: "FAIL"}.get(row.get("pass"), "(not exact)")
                     versus = row.get("vs_fp32")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moegpt.config import Config, ModelConfig, load_config
+from moegpt.config import Config, ModelConfig, VisionConfig, load_config
 from moegpt.data.prepare import prepare
 
 
@@ -31,6 +31,24 @@ def small_config(**overrides: object) -> ModelConfig:
     )
     fields.update(overrides)
     return ModelConfig(**fields)  # type: ignore[arg-type]
+
+
+def small_vision_config(**overrides: object) -> VisionConfig:
+    """Vision small enough for reference loops: 8x8 grey images, 4 patches, 3 visual tokens
+    each, cross-attention before every layer."""
+    fields: dict[str, object] = dict(
+        enabled=True,
+        image_size=8,
+        channels=1,
+        patch_size=4,
+        width=16,
+        depth=1,
+        heads=2,
+        resampler_latents=3,
+        xattn_every=1,
+    )
+    fields.update(overrides)
+    return VisionConfig(**fields)  # type: ignore[arg-type]
 
 
 @pytest.fixture(autouse=True)

@@ -11,20 +11,10 @@ import torch.nn.functional as F
 from moegpt.config import ConfigError, VisionConfig
 from moegpt.model import Transformer
 from moegpt.model.vision import GatedCrossAttentionBlock, VisionLanguageModel, media_mask
-from tests.conftest import small_config
+from tests.conftest import small_config, small_vision_config
 
 IMAGE = 5  # the <|image|> id in these tests' vocabulary
-VISION = VisionConfig(
-    enabled=True,
-    image_size=8,
-    channels=1,
-    patch_size=4,
-    width=16,
-    depth=1,
-    heads=2,
-    resampler_latents=3,
-    xattn_every=1,
-)
+VISION = small_vision_config()
 
 
 def tokens_with_images(batch_images: list[list[int]], seq: int = 12) -> torch.Tensor:

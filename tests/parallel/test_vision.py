@@ -15,26 +15,16 @@ import torch.nn.functional as F
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 
-from moegpt.config import ParallelConfig, VisionConfig
+from moegpt.config import ParallelConfig
 from moegpt.model import Transformer
 from moegpt.model.vision import VisionLanguageModel
 from moegpt.parallel.mesh import ParallelDims
 from moegpt.parallel.vision import apply_vision_fsdp, apply_vision_tensor_parallel
-from tests.conftest import small_config
+from tests.conftest import small_config, small_vision_config
 from tests.parallel.test_context import free_port
 
 IMAGE, RANKS = 5, 2
-VISION = VisionConfig(
-    enabled=True,
-    image_size=8,
-    channels=1,
-    patch_size=4,
-    width=16,
-    depth=1,
-    heads=2,
-    resampler_latents=3,
-    xattn_every=1,
-)
+VISION = small_vision_config()
 
 
 def build() -> VisionLanguageModel:

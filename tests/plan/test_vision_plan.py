@@ -13,20 +13,15 @@ from moegpt.config import VisionConfig
 from moegpt.model import Transformer
 from moegpt.model.vision import VisionLanguageModel, media_mask
 from moegpt.plan.vision import vision_flops, vision_params
-from tests.conftest import small_config
+from tests.conftest import small_config, small_vision_config
 
 CONFIGS = [
     (small_config(), VisionConfig(enabled=True)),
     (
         small_config(n_experts=0, activation="gelu", n_layers=3),
-        VisionConfig(
-            enabled=True,
-            channels=1,
-            image_size=8,
+        small_vision_config(
             patch_size=2,
-            width=16,
             depth=3,
-            heads=2,
             resampler_latents=5,
             resampler_depth=2,
             max_frames=3,
