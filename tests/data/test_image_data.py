@@ -120,11 +120,3 @@ def test_recipes_that_cannot_use_images_are_refused(tmp_path: Path) -> None:
         recipe(tmp_path, "stdlib:code", 4)
     with pytest.raises(ConfigError, match="data.packing: image_text sources train on whole"):
         recipe(tmp_path, "stdlib:rendered", 4, "--data.packing", "stream")
-
-
-def test_training_on_images_is_refused_until_the_vision_stages_exist(tmp_path: Path) -> None:
-    from moegpt.train.trainer import Trainer
-
-    config = recipe(tmp_path, "stdlib:rendered", 8)
-    with pytest.raises(UserError, match="training on image_text sources .* is not built yet"):
-        Trainer(config, tmp_path / "run")
