@@ -302,6 +302,8 @@ class VisionConfig(_Section):
 
 
 IMAGE_CORPORA = ("stdlib:rendered", "debian:fashion-mnist")
+# Corpora with a held-out split of their own: their val_fraction sizes it and splits nothing else
+OWN_SPLIT_CORPORA = ("debian:fashion-mnist",)
 BUILTIN_CORPORA = (
     "stdlib:code",
     "stdlib:text",
@@ -390,6 +392,14 @@ class DataConfig(_Section):
     sources: tuple[SourceConfig, ...] = _doc(
         DEFAULT_SOURCES, "the mixture: [[data.sources]] tables (default: stdlib code x4, text x2)"
     )
+
+    @property
+    def exclude_below(self) -> float:
+        """Documents whose held-out score is below this are never trained on: the largest
+        validation fraction of the sources split by key, so that documents shared between
+        sources are held out of all of them (see ``prepare.split_documents``)."""
+        by_key = [s.val_fraction for s in self.sources if s.path not in OWN_SPLIT_CORPORA]
+        return max(by_key, default=0.0)
 
     def validate(self) -> None:
         self._positive("seq_len", "long_doc_repeat")

@@ -5,6 +5,7 @@ out; and a recipe that cannot use images is refused in one line."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,17 @@ def test_sequences_carry_their_documents_images_in_order(tmp_path: Path) -> None
     counts = (batch["input_ids"] == marker).sum(dim=1)
     assert batch["images"].shape == (3, int(counts.max()), 32, 32)
     assert batch["images"].dtype == torch.uint8
+
+
+def test_a_dataset_with_its_own_test_split_does_not_shrink_other_sources(tmp_path) -> None:
+    """Fashion-MNIST's val_fraction sizes its own held-out canvases; the documents other
+    sources never train on are set by the sources split by key alone."""
+    config = recipe(tmp_path, "stdlib:rendered", 4)
+    fashion = dataclasses.replace(
+        config.data.sources[0], name="fashion", path="debian:fashion-mnist", val_fraction=0.5
+    )
+    data = dataclasses.replace(config.data, sources=(*config.data.sources, fashion))
+    assert data.exclude_below == 0.25
 
 
 def test_recipes_that_cannot_use_images_are_refused(tmp_path: Path) -> None:

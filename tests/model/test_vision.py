@@ -141,6 +141,18 @@ def test_each_token_sees_only_its_own_image() -> None:
     assert not torch.allclose(before[0, 7:], after[0, 7:])
 
 
+def test_a_text_row_computes_the_same_with_or_without_images_beside_it() -> None:
+    """Text passes the blocks' feed-forward layers either way (a batch without images encodes
+    a blank one no token sees), so its logits do not depend on its neighbours."""
+    model = VisionLanguageModel(Transformer(small_config(n_experts=0)), VISION, IMAGE).eval()
+    open_gates(model)
+    tokens = tokens_with_images([[3], []])
+    with torch.no_grad():
+        together = model(tokens, torch.randn(2, 1, 1, 8, 8)).logits[1]
+        alone = model(tokens[1:]).logits[0]
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
+
+
 def test_the_language_model_can_stay_frozen_while_vision_learns() -> None:
     model = VisionLanguageModel(Transformer(small_config()), VISION, IMAGE)
     model.lm.requires_grad_(False)

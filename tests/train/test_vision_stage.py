@@ -69,6 +69,15 @@ def test_the_flamingo_stage_trains_vision_and_leaves_the_language_model(tmp_path
     assert not torch.equal(trained["resampler.latents"], initial["resampler.latents"])
 
 
+def test_the_image_marker_starts_from_the_parents_row(tmp_path, parent) -> None:
+    config = recipe(tmp_path, init_from=str(parent))
+    prepare(config, log=lambda m: None)
+    trainer = Trainer(config, tmp_path / "run", log=lambda m: None)
+    trainer.prepare(resume=False)
+    row = moegpt.load(parent).tok_embeddings.weight[config.vision.image_token_id]
+    assert torch.equal(trainer.parts.models[0].image_embedding.detach(), row.detach())
+
+
 def test_a_vision_run_resumes_where_it_stopped(tmp_path, parent) -> None:
     """Three steps in one go equal two steps, a checkpoint, and one more."""
     config = recipe(tmp_path, init_from=str(parent), steps=3)
@@ -107,4 +116,11 @@ def test_layouts_the_trainer_cannot_run_with_vision_are_refused(tmp_path, parent
     config = recipe(tmp_path, "--parallel.pp", "2", "--parallel.pp_microbatches", "2")
     prepare(config, log=lambda m: None)
     with pytest.raises(UserError, match="parallel.pp: the trainer does not run vision models"):
+        Trainer(config, tmp_path / "run", log=lambda m: None)
+
+
+def test_images_prepared_at_another_size_are_refused(tmp_path) -> None:
+    prepare(recipe(tmp_path), log=lambda m: None)
+    config = recipe(tmp_path, "--vision.image_size", "16")
+    with pytest.raises(UserError, match="vision.image_size: 16, but .* images are 32 pixels"):
         Trainer(config, tmp_path / "run", log=lambda m: None)

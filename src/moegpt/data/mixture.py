@@ -124,7 +124,7 @@ def _check_prepared_for(
     from moegpt.data.prepare import source_settings  # prepare imports this module's siblings
 
     rerun = "(run `moegpt prepare --config ...`)"
-    exclude_below = max(s.val_fraction for s in data.sources)
+    exclude_below = data.exclude_below
     for i, s in enumerate(data.sources):
         if s not in chosen:
             continue

@@ -227,7 +227,7 @@ def _tokenizer_for(
         return path, recipe
     log(f"training a {config.model.vocab_size}-token byte-level BPE on the recipe's training split")
     texts = []
-    exclude_below = max(s.val_fraction for s in config.data.sources)
+    exclude_below = config.data.exclude_below
     for source, corpus in corpora:
         train, _ = split_documents(
             corpus.keys, source.val_fraction, exclude_below, config.data.seed
@@ -320,7 +320,7 @@ def prepare(
     except UserError:
         previous = {}  # unreadable, edited or inconsistent: rebuild everything, trust nothing
     workers = data.workers or os.cpu_count() or 1
-    exclude_below = max(s.val_fraction for s in data.sources)
+    exclude_below = data.exclude_below
 
     corpora: list[tuple[SourceConfig, Corpus | ImageCorpus]] = []
     for i, source in enumerate(data.sources):

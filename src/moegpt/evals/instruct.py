@@ -28,7 +28,7 @@ def held_out(instructions: list[Instruction], config: Config) -> list[Instructio
         raise UserError(
             f"--config: the recipe has no {SOURCE_PATH} source to take the held-out modules from"
         )
-    exclude_below = max(s.val_fraction for s in data.sources)
+    exclude_below = data.exclude_below
     _, val = split_documents(
         [i.key for i in instructions], sources[0].val_fraction, exclude_below, data.seed
     )

@@ -285,8 +285,13 @@ class VisionLanguageModel(nn.Module):
         """Logits for ``tokens`` (batch, seq) whose ``<|image|>`` tokens stand for ``images``
         (batch, images, C, H, W), or grey uint8 (batch, images, H, W), in order; a sequence
         with fewer images than others leaves the rest of its slots as padding, which no token
-        attends to. Without images (None, or none in the batch) this is the language model
-        with the learned ``<|image|>`` embedding."""
+        attends to.
+
+        Every part runs whatever the batch holds, as in Flamingo: text with no image before it
+        gets no cross-attention but does pass the blocks' feed-forward layers, so a text
+        sequence computes the same with or without images beside it. A batch without images
+        (None, or none) encodes one blank image that no token sees: its ranks then run the
+        same collectives as those with images (FSDP gathers each vision part)."""
         is_image = (tokens == self.image_token_id).unsqueeze(-1)
 
         def mark_images(h: torch.Tensor) -> torch.Tensor:
@@ -295,16 +300,15 @@ class VisionLanguageModel(nn.Module):
         if images is None or images.shape[1] == 0:
             if is_image.any():
                 raise ValueError("tokens hold <|image|> markers but no images were given")
-            return self.lm(
-                tokens, positions, document_ids=document_ids, edit_embeddings=mark_images
-            )
-        visual = self.encode_images(self.pixels(images))
+            size = self.config.image_size
+            blank = torch.zeros(1, 1, size, size, dtype=torch.uint8, device=tokens.device)
+            visual = self.encode_images(self.pixels(blank)).expand(tokens.shape[0], -1, -1)
+            count = 1
+        else:
+            visual = self.encode_images(self.pixels(images))
+            count = images.shape[1]
         mask, has_media = media_mask(
-            tokens,
-            self.image_token_id,
-            images.shape[1],
-            self.config.resampler_latents,
-            document_ids,
+            tokens, self.image_token_id, count, self.config.resampler_latents, document_ids
         )
 
         def cross_attend(layer: int, h: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from moegpt.parallel.mesh import ParallelDims
 from moegpt.parallel.pipeline import StageModule, stage_ids, stage_model
 from moegpt.parallel.tensor import apply_tensor_parallel
 from moegpt.parallel.vision import apply_vision_fsdp, apply_vision_tensor_parallel
+from moegpt.train.stage import check_freeze_patterns, freeze
 
 
 @dataclass
@@ -40,6 +41,7 @@ class ModelParts:
     modules: list[nn.Module]  # what runs each chunk (a DDP wrapper under ZeRO-1, else the model)
     stages: list[StageModule] = field(default_factory=list)  # pipeline stages, if any
     stage_ids: list[int] = field(default_factory=list)
+    frozen: int = 0  # elements of train.freeze's parameters (of the whole model)
 
     def parameters(self) -> Iterable[nn.Parameter]:
         for model in self.models:
@@ -74,8 +76,13 @@ def parallelize(config: Config, dims: ParallelDims | None, device: torch.device)
     """
     check_supported(config)
     check_device(config.parallel.cp, device)
+    if config.train.freeze:
+        check_freeze_patterns(config.model, config.vision, config.train.freeze)
     torch.manual_seed(config.train.seed)
     full = model_for(config.model, config.vision).to(device)
+    # Frozen before any wrapper: DDP (ZeRO-1) registers the parameters that need gradients
+    # when it is built, and would wait for frozen ones forever.
+    frozen = freeze([full], config.train.freeze) if config.train.freeze else 0
     p, train = config.parallel, config.train
     vision = isinstance(full, VisionLanguageModel)  # no pipeline or context parallelism
     ids = [0]
@@ -115,7 +122,7 @@ def parallelize(config: Config, dims: ParallelDims | None, device: torch.device)
     runnable: list[nn.Module] = list(stages or chunks)
     if dims is not None and p.zero1 and p.dp > 1:
         runnable = [apply_ddp(m, dims) for m in runnable]
-    return ModelParts(models=chunks, modules=runnable, stages=stages, stage_ids=ids)
+    return ModelParts(models=chunks, modules=runnable, stages=stages, stage_ids=ids, frozen=frozen)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -113,17 +113,23 @@ def parameter_name(name: str) -> str:
     return name
 
 
-def parent_state(parent: Parent, names: list[str]) -> dict[str, torch.Tensor]:
+def parent_state(
+    parent: Parent, names: list[str], image_token_id: int | None = None
+) -> dict[str, torch.Tensor]:
     """The parent's tensors for a child's parameter ``names``: the same names, or, for a
     vision model started from a text model, its language model's (``lm.`` + the parent's
-    name). The vision parts a text parent lacks keep their initialisation; a language-model
-    weight the parent lacks is an error."""
+    name), and the ``<|image|>`` embedding from the parent's row for ``image_token_id``. The
+    other vision parts a text parent lacks keep their initialisation; a language-model weight
+    the parent lacks is an error."""
     state = {}
+    rows = parent.state.get("tok_embeddings.weight")
     for name in names:
         if name in parent.state:
             state[name] = parent.state[name]
         elif name.startswith("lm.") and name[3:] in parent.state:
             state[name] = parent.state[name[3:]]
+        elif name == "image_embedding" and rows is not None and image_token_id is not None:
+            state[name] = rows[image_token_id].clone()
         elif name.split(".")[0] not in VISION_PARTS:
             raise UserError(f"train.init_from: {parent.path} has no weights for {name}")
     return state

@@ -54,8 +54,6 @@ from moegpt.train.schedule import Schedule, build_schedule
 from moegpt.train.stage import (
     Parent,
     check_compatible,
-    check_freeze_patterns,
-    freeze,
     load_parent,
     parent_state,
     write_parent_record,
@@ -170,6 +168,12 @@ class Trainer:
         self.mixture = Mixture.open(config.data)
         if config.vision.enabled:
             check_image_token(config)
+            prepared = self.mixture.image_size
+            if prepared and prepared != config.vision.image_size:
+                raise UserError(
+                    f"vision.image_size: {config.vision.image_size}, but {config.data.data_dir}'s "
+                    f"images are {prepared} pixels (run `moegpt prepare --config ...`)"
+                )
         if self.schedule.total_sequences > self.mixture.n_sequences:
             raise UserError(
                 f"train.steps: the run needs {self.schedule.total_sequences:,} sequences but the "
@@ -178,9 +182,8 @@ class Trainer:
         self.parent = self._open_parent()
         self.parts: ModelParts = parallelize(config, dims, self.device)
         if config.train.freeze:
-            check_freeze_patterns(config.model, config.vision, config.train.freeze)
-            frozen = freeze(self.parts.models, config.train.freeze)
-            self.log(f"frozen: {human(frozen)} parameters ({', '.join(config.train.freeze)})")
+            frozen = human(self.parts.frozen)
+            self.log(f"frozen: {frozen} parameters ({', '.join(config.train.freeze)})")
         p = config.parallel
         zero_group = dims["dp"].get_group() if dims is not None and p.zero1 else None
         self.optimizers = [
@@ -334,7 +337,10 @@ class Trainer:
         # Not strict: a text parent gives a vision model only its language model's weights.
         options = StateDictOptions(full_state_dict=True, strict=False)
         for model, (model_part, _) in zip(self.parts.models, self._part_states(), strict=True):
-            set_model_state_dict(model, parent_state(parent, list(model_part)), options=options)
+            vision = self.config.vision
+            image_id = vision.image_token_id if vision.enabled else None
+            state = parent_state(parent, list(model_part), image_id)
+            set_model_state_dict(model, state, options=options)
         if self.rank0:
             write_parent_record(self.run_dir, parent)
         self.log(f"starting from {parent.path} (sha256 {parent.sha256[:12]})")
