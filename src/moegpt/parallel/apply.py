@@ -41,7 +41,7 @@ class ModelParts:
     modules: list[nn.Module]  # what runs each chunk (a DDP wrapper under ZeRO-1, else the model)
     stages: list[StageModule] = field(default_factory=list)  # pipeline stages, if any
     stage_ids: list[int] = field(default_factory=list)
-    frozen: int = 0  # elements of train.freeze's parameters (of the whole model)
+    frozen: int = 0  # elements of train.freeze's parameters on this rank
 
     def parameters(self) -> Iterable[nn.Parameter]:
         for model in self.models:
@@ -80,9 +80,6 @@ def parallelize(config: Config, dims: ParallelDims | None, device: torch.device)
         check_freeze_patterns(config.model, config.vision, config.train.freeze)
     torch.manual_seed(config.train.seed)
     full = model_for(config.model, config.vision).to(device)
-    # Frozen before any wrapper: DDP (ZeRO-1) registers the parameters that need gradients
-    # when it is built, and would wait for frozen ones forever.
-    frozen = freeze([full], config.train.freeze) if config.train.freeze else 0
     p, train = config.parallel, config.train
     vision = isinstance(full, VisionLanguageModel)  # no pipeline or context parallelism
     ids = [0]
@@ -119,6 +116,10 @@ def parallelize(config: Config, dims: ParallelDims | None, device: torch.device)
 
     n_moe = sum(config.model.is_moe_layer(i) for i in range(config.model.n_layers))
     stages = [StageModule(m, n_moe) for m in chunks] if dims is not None and p.pp > 1 else []
+    # Frozen once the parameters are laid out (tensor parallelism makes new ones) and before
+    # DDP (ZeRO-1), which registers the parameters that need gradients when it is built and
+    # would wait for frozen ones forever.
+    frozen = freeze(chunks, train.freeze) if train.freeze else 0
     runnable: list[nn.Module] = list(stages or chunks)
     if dims is not None and p.zero1 and p.dp > 1:
         runnable = [apply_ddp(m, dims) for m in runnable]
