@@ -30,6 +30,7 @@ from moegpt.serve.paged import (
     PagedKVCache,
     PagedStep,
     SequenceSlice,
+    VarlenStep,
 )
 
 DEVICE = torch.device("cuda")
@@ -144,6 +145,46 @@ def attention_error(config: ModelConfig, block: int, q_lens: tuple[int, ...]) ->
     return errors
 
 
+def varlen_attention_error(config: ModelConfig, block: int) -> float:
+    """Relative error of the eager mixed step's attention (every sequence in one
+    variable-length FlashAttention call, bf16) against the per-sequence path in fp32 over the
+    same keys, for 8 sequences each running 1 to 64 new tokens after 0 to half a context."""
+    window = math.ceil(config.max_seq_len / block)
+    cache = PagedKVCache(config, 8 * window, block, torch.bfloat16, DEVICE)
+    cache.k.normal_()
+    cache.v.normal_()
+    reference = PagedKVCache(config, 8 * window, block, torch.float32, DEVICE)
+    reference.k.copy_(cache.k)
+    reference.v.copy_(cache.v)
+    order = torch.randperm(cache.num_blocks).tolist()
+    news = torch.randint(1, 65, (8,)).tolist()
+    pasts = torch.randint(0, config.max_seq_len // 2, (8,)).tolist()
+    sequences, slots, new_slots, cu_q, cu_k = [], [], [], [0], [0]
+    for i, (new, past) in enumerate(zip(news, pasts, strict=True)):
+        table = order[i * window : (i + 1) * window]
+        seq_slots = [table[p // block] * block + p % block for p in range(past + new)]
+        sequences.append(SequenceSlice(cu_q[-1], new, past, len(slots)))
+        slots += seq_slots
+        new_slots += seq_slots[past:]
+        cu_q.append(cu_q[-1] + new)
+        cu_k.append(cu_k[-1] + past + new)
+    longest = max(past + new for past, new in zip(pasts, news, strict=True))
+    slots_at, new_at = (torch.tensor(v, device=DEVICE) for v in (slots, new_slots))
+    cu_q_at, cu_k_at = (torch.tensor(v, device=DEVICE, dtype=torch.int32) for v in (cu_q, cu_k))
+    fast = VarlenStep(cache, slots_at, new_at, cu_q_at, cu_k_at, max(news), longest)
+    slow = PagedStep(reference, slots_at, new_at, sequences)
+    q, k, v = (
+        torch.randn(
+            1, sum(news), n, config.head_dim, device=DEVICE, dtype=torch.bfloat16
+        ).transpose(1, 2)
+        for n in (config.n_heads, config.n_kv_heads, config.n_kv_heads)
+    )
+    with torch.inference_mode(), sdpa_kernel(SDPA_BACKENDS):
+        got = fast.attend(0, q, k, v).float()
+        want = slow.attend(0, q.float(), k.float(), v.float())
+    return relative_error(got, want)
+
+
 def kernel_profile(graphs: DecodeGraphs, step: dict) -> dict:
     """Kernels one eager step launches and their summed GPU time: what a replay runs."""
     activities = [torch.profiler.ProfilerActivity.CUDA]
@@ -194,6 +235,7 @@ def main() -> None:
     config = load_config(args.config).model
     reference_error = per_sequence_error(config, args.block_size, (1, verify))
     flash_error = attention_error(config, args.block_size, (1, verify))
+    varlen_error = varlen_attention_error(config, args.block_size)
     model = Transformer(config).to(device=DEVICE, dtype=torch.bfloat16).eval()
     block = args.block_size
     per_sequence = math.ceil(config.max_seq_len / block)
@@ -259,6 +301,7 @@ def main() -> None:
         graphs=len(graphs.batch_sizes) * len(graphs.window_sizes) * len(graphs.q_lens),
         eager_vs_per_sequence_rel_error=reference_error,
         bf16_attention_vs_fp32_per_sequence_rel_error=flash_error,
+        bf16_varlen_attention_vs_fp32_per_sequence_rel_error=varlen_error,
         first_runs_s=first_runs_s,
         capture_s=capture_s,
         graph_pool_mib=pool_mib,
@@ -285,6 +328,7 @@ def main() -> None:
         )
     print(f"fp32 eager block-table step vs per-sequence path, relative error: {reference_error}")
     print(f"bf16 block-table attention vs fp32 per-sequence path, relative error: {flash_error}")
+    print(f"bf16 mixed-step (varlen) attention vs fp32 per-sequence path: {varlen_error:.1e}")
     print(f"batch 1: {result[f'batch_1_context_{contexts[0]}_kernels']['kernels']} kernels a step")
     if max(r["rel_error_vs_eager"] for r in rows) > 1e-2:  # the same kernels: 0 expected
         raise SystemExit("graph replay logits differ from the eager step's")
@@ -292,6 +336,8 @@ def main() -> None:
         raise SystemExit("the block-table step differs from the per-sequence path")
     if max(flash_error.values()) > 1e-2:  # bf16 probabilities: about 2e-3
         raise SystemExit("the bf16 block-table attention differs from the per-sequence path")
+    if varlen_error > 1e-2:
+        raise SystemExit("the bf16 mixed-step attention differs from the per-sequence path")
 
 
 if __name__ == "__main__":

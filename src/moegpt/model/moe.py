@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moegpt.config import ModelConfig
+from moegpt.model.expert_gemv import expert_gemv
 from moegpt.model.feed_forward import gated_activation
 
 
@@ -72,14 +73,6 @@ def grouped_linear(
     return torch.cat([chunk @ weight[e].T for e, chunk in enumerate(chunks)])
 
 
-def gathered_linear(
-    x: torch.Tensor, weight: torch.Tensor, expert_ids: torch.Tensor
-) -> torch.Tensor:
-    """Each row ``x[s]`` times ``weight[expert_ids[s]].T``: one batched GEMV over the gathered
-    weights, whose cost follows the rows rather than the experts."""
-    return torch.bmm(weight[expert_ids], x.unsqueeze(-1)).squeeze(-1)
-
-
 class GroupedExperts(nn.Module):
     """``n_experts`` feed-forward networks stored as 3-D weights (expert, out, in).
 
@@ -87,10 +80,10 @@ class GroupedExperts(nn.Module):
     per-expert loop elsewhere; True or False forces one (tests compare the two).
 
     Where the grouped GEMM would run, an inference step of at most ``max_gathered_slots`` routed
-    slots gathers each slot's expert weights and runs batched GEMVs instead: at a decode step's
-    few rows the grouped GEMM reads its experts' weights at a fraction of the memory bandwidth,
-    and the copy of a few expert matrices costs less. The choice depends only on shapes, so
-    CUDA graphs capture either.
+    slots runs one matrix-vector product per slot over its expert's weights instead
+    (:func:`moegpt.model.expert_gemv.expert_gemv`): at a decode step's few rows the grouped
+    GEMM reads its experts' weights at a fraction of the memory bandwidth. The choice depends
+    only on shapes, so CUDA graphs capture either.
     """
 
     # One token, top-2: on an H100 (small-moe, bf16) an MoE layer of one token took 84 us with
@@ -146,7 +139,7 @@ class GroupedExperts(nn.Module):
             ids = torch.repeat_interleave(
                 torch.arange(counts.numel(), device=x.device), counts, output_size=x.shape[0]
             )
-            return self._feed_forward(x, weights, lambda x, w: gathered_linear(x, w, ids))
+            return self._feed_forward(x, weights, lambda x, w: expert_gemv(x, w, ids))
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
         return self._feed_forward(x, weights, lambda x, w: grouped_linear(x, w, offsets))
 

@@ -59,6 +59,35 @@ def store_kv(
     values[slots] = new_values.to(values.dtype)
 
 
+def flash_applies(cache: PagedKVCache) -> bool:
+    """Whether attention over ``cache`` can run FlashAttention-2's variable-length kernel: on
+    a GPU in half precision (it has no fp32 or CPU kernel)."""
+    return cache.k.device.type == "cuda" and cache.k.dtype in (torch.float16, torch.bfloat16)
+
+
+def flash_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    max_q: int,
+    max_k: int,
+    seqused_k: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """FlashAttention-2 over packed sequences: sequence i's queries are rows ``cu_q[i] ..
+    cu_q[i + 1]`` of ``q`` (tokens, heads, d) and its keys rows ``cu_k[i] .. cu_k[i + 1]`` of
+    ``k``/``v`` (keys, kv_heads, d), the first ``seqused_k[i]`` of them if given; causal with
+    the last query aligned to the last key (a chunk after a cached prefix). Offsets int32.
+
+    The aten op because torch 2.11 has no public variable-length entry point (torch 2.13's
+    ``torch.nn.attention.varlen`` wraps the same kernel).
+    """
+    return torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, seqused_k=seqused_k
+    )[0]
+
+
 @torch.library.custom_op("moegpt::block_table_flash_attention", mutates_args=())
 def block_table_flash_attention(
     q: torch.Tensor,
@@ -77,28 +106,14 @@ def block_table_flash_attention(
     code (ATen's index kernel for the window gather, then this kernel), which the GPU
     benchmark checks against the per-sequence path. Measured on H100s against letting
     inductor generate the gather, it was neither clearly faster nor slower (704 against 813
-    tokens/s at batch 1, 57.5k against 52.2k at batch 256; two machines). The aten op because
-    torch 2.11 has no public variable-length entry point taking per-sequence key counts
-    (torch 2.13's ``torch.nn.attention.varlen`` wraps it).
+    tokens/s at batch 1, 57.5k against 52.2k at batch 256; two machines).
     """
     batch, blocks = block_tables.shape
     window = blocks * keys.shape[1]
     starts = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
     k = keys[block_tables].flatten(0, 2).to(q.dtype)  # (batch * window, kv_heads, d)
     v = values[block_tables].flatten(0, 2).to(q.dtype)
-    return torch.ops.aten._flash_attention_forward(
-        q,
-        k,
-        v,
-        starts * q_len,
-        starts * window,
-        q_len,
-        window,
-        0.0,
-        True,
-        False,
-        seqused_k=key_counts,
-    )[0]
+    return flash_varlen(q, k, v, starts * q_len, starts * window, q_len, window, key_counts)
 
 
 @block_table_flash_attention.register_fake
@@ -246,7 +261,7 @@ class BlockTableStep:
         self.window = block_tables.shape[1] * cache.block_size
         device = block_tables.device
         # Computed once per forward, shared by every layer.
-        self.flash = device.type == "cuda" and cache.k.dtype in (torch.float16, torch.bfloat16)
+        self.flash = flash_applies(cache)
         if self.flash:
             self.key_counts = context_lens.to(torch.int32)
             return
@@ -329,6 +344,56 @@ class PagedStep:
             rows = slice(s.offset, s.offset + s.new)
             out[:, :, rows] = prefix_attention(q[:, :, rows], sk, sv)
         return out
+
+    def advance(self, new_tokens: int) -> None:
+        """Positions and lengths live in the scheduler's sequences, not here."""
+
+
+class VarlenStep:
+    """What the model sees as its cache for one packed forward on a GPU in half precision
+    (``KVCacheLike``): every sequence of the step, prompt chunks and decodes alike, attends in
+    one FlashAttention-2 call per layer over its gathered slots.
+
+    A step of 256 prompts would otherwise launch 256 attention calls per layer (the
+    per-sequence path), which leaves the GPU waiting on the host while prompts fill the batch.
+    Not batch-invariant: a sequence's numbers may depend on how the kernel splits the batch.
+    """
+
+    def __init__(
+        self,
+        cache: PagedKVCache,
+        slots: torch.Tensor,
+        new_slots: torch.Tensor,
+        cu_q: torch.Tensor,
+        cu_k: torch.Tensor,
+        max_q: int,
+        max_k: int,
+    ) -> None:
+        """``slots``: every sequence's ``past + new`` cache slots in packing order;
+        ``new_slots``: where the new keys go; ``cu_q``/``cu_k`` (sequences + 1,) int32 offsets
+        of each sequence's rows in the packed batch and in ``slots``."""
+        self.cache = cache
+        self.seq_len = 0  # positions are always given explicitly
+        self.slots = slots
+        self.new_slots = new_slots
+        self.cu_q, self.cu_k = cu_q, cu_k
+        self.max_q, self.max_k = max_q, max_k
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``q`` (1, heads, tokens, d) and ``k``/``v`` (1, kv_heads, tokens, d) of the packed
+        batch: store the new keys/values, then attend."""
+        keys, values = self.cache.k[layer], self.cache.v[layer]
+        store_kv(keys, values, self.new_slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
+        out = flash_varlen(
+            q[0].transpose(0, 1),
+            keys[self.slots].to(q.dtype),
+            values[self.slots].to(q.dtype),
+            self.cu_q,
+            self.cu_k,
+            self.max_q,
+            self.max_k,
+        )
+        return out.transpose(0, 1).unsqueeze(0)
 
     def advance(self, new_tokens: int) -> None:
         """Positions and lengths live in the scheduler's sequences, not here."""

@@ -22,6 +22,7 @@ from torch.nn.attention import sdpa_kernel
 from moegpt.config import ServeConfig
 from moegpt.console import stderr
 from moegpt.model import Transformer
+from moegpt.model.attention import KVCacheLike
 from moegpt.serve.graphs import DecodeGraphs
 from moegpt.serve.paged import (
     SDPA_BACKENDS,
@@ -29,7 +30,9 @@ from moegpt.serve.paged import (
     PagedKVCache,
     PagedStep,
     SequenceSlice,
+    VarlenStep,
     bytes_per_token,
+    flash_applies,
 )
 from moegpt.serve.sampler import Draw, Proposal, Sampled, draw, verify_batch
 from moegpt.serve.sequence import SamplingParams
@@ -134,15 +137,21 @@ class ModelForward:
         return logits.float()  # every row, in order (see _uniform)
 
     def _eager(self, inp: ModelInput, patch: TokenPatch | None = None) -> torch.Tensor:
-        padded = not self.batch_invariant and sum(new == 1 for _, new, _, _ in inp.sequences) > 1
+        varlen = not self.batch_invariant and flash_applies(self.cache)
+        padded = not varlen and not self.batch_invariant
+        padded = padded and sum(new == 1 for _, new, _, _ in inp.sequences) > 1
         slots: list[int] = []
         new_slots: list[int] = []
         singles: list[SequenceSlice] = []
         decodes: list[list[int]] = [[], [], []]  # rows, starts, lengths
+        offsets: list[list[int]] = [[0], [0]]  # cumulative new tokens, cumulative keys
         size = self.cache.block_size
         for offset, new, past, blocks in inp.sequences:
             seq_slots = [blocks[i // size] * size + i % size for i in range(past + new)]
-            if padded and new == 1:
+            if varlen:
+                offsets[0].append(offsets[0][-1] + new)
+                offsets[1].append(offsets[1][-1] + past + new)
+            elif padded and new == 1:
                 for column, value in zip(decodes, (offset, len(slots), past + 1), strict=True):
                     column.append(value)
             else:
@@ -151,16 +160,22 @@ class ModelForward:
             slots += seq_slots
         # Everything the step needs on the device travels as one host-to-device copy.
         parts = [inp.tokens, inp.positions, new_slots, slots, inp.logits_rows, *decodes]
+        parts += offsets if varlen else []
         flat = torch.tensor([v for part in parts for v in part]).to(self.device, non_blocking=True)
-        tokens, positions, new_at, slots_at, logits_rows, rows, starts, lengths = flat.split(
+        tokens, positions, new_at, slots_at, logits_rows, rows, starts, lengths, *cu = flat.split(
             [len(part) for part in parts]
         )
         if patch is not None:
             tokens[patch[0]] = patch[1]
-        batch = None
-        if padded:
-            batch = DecodeBatch(rows, starts, lengths, max(decodes[2]))
-        step = PagedStep(self.cache, slots_at, new_at, singles, batch)
+        step: KVCacheLike
+        if varlen:
+            news = [new for _, new, _, _ in inp.sequences]
+            longest = max(past + new for _, new, past, _ in inp.sequences)
+            cu_q, cu_k = (c.to(torch.int32) for c in cu)
+            step = VarlenStep(self.cache, slots_at, new_at, cu_q, cu_k, max(news), longest)
+        else:
+            batch = DecodeBatch(rows, starts, lengths, max(decodes[2])) if padded else None
+            step = PagedStep(self.cache, slots_at, new_at, singles, batch)
         with sdpa_kernel(SDPA_BACKENDS):
             out = self.model(tokens[None], positions=positions[None], cache=step)
         return out.logits[0, logits_rows].float()

@@ -1,0 +1,102 @@
+"""Matrix-vector products with per-row expert weights, reading the weights where they are.
+
+A decode step routes a handful of tokens, so each expert multiplies one or two rows. Gathering
+the routed experts' matrices first (``weight[expert_ids]``) copies them, which reads every
+expert byte three times (read, write, read again); a grouped GEMM reads them once but tiles
+for many rows. This Triton kernel reads each routed row's expert matrix once, in place, and
+accumulates in fp32: a decode step's expert layers become bound by the bytes of the experts
+they touch, as a bandwidth-bound step should be.
+
+Without Triton (CPU builds of PyTorch) or off CUDA, the gathered batched GEMV runs instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU wheels of PyTorch ship without Triton
+    triton = None
+
+# Output rows and reduction columns per program. The grid is (rows, ceil(out / BLOCK_N)): a
+# few rows of a 2,048-wide expert still spread over more programs than an H100 has SMs.
+BLOCK_N = 16
+BLOCK_K = 256
+
+
+if triton is not None:
+
+    @triton.jit
+    def _expert_gemv_kernel(
+        x_ptr,
+        w_ptr,
+        ids_ptr,
+        out_ptr,
+        n_out,
+        n_in,
+        stride_x,
+        stride_expert,
+        stride_row,
+        stride_out,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        block = tl.program_id(1)
+        expert = tl.load(ids_ptr + row).to(tl.int64)
+        outs = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        out_ok = outs < n_out
+        w_rows = w_ptr + expert * stride_expert + outs[:, None].to(tl.int64) * stride_row
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for start in range(0, n_in, BLOCK_K):
+            cols = start + tl.arange(0, BLOCK_K)
+            col_ok = cols < n_in
+            x = tl.load(x_ptr + row * stride_x + cols, mask=col_ok, other=0.0).to(tl.float32)
+            w = tl.load(w_rows + cols[None, :], mask=out_ok[:, None] & col_ok[None, :], other=0.0)
+            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        tl.store(out_ptr + row * stride_out + outs, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+
+    @torch.library.triton_op("moegpt::expert_gemv", mutates_args=())
+    def _expert_gemv(
+        x: torch.Tensor, weight: torch.Tensor, expert_ids: torch.Tensor
+    ) -> torch.Tensor:
+        rows, n_in = x.shape
+        n_out = weight.shape[1]
+        out = x.new_empty(rows, n_out)
+        grid = (rows, triton.cdiv(n_out, BLOCK_N))
+        torch.library.wrap_triton(_expert_gemv_kernel)[grid](
+            x,
+            weight,
+            expert_ids,
+            out,
+            n_out,
+            n_in,
+            x.stride(0),
+            weight.stride(0),
+            weight.stride(1),
+            out.stride(0),
+            BLOCK_N=BLOCK_N,
+            BLOCK_K=BLOCK_K,
+        )
+        return out
+
+
+def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`expert_gemv` runs the Triton kernel for these operands."""
+    return (
+        triton is not None
+        and x.is_cuda
+        and weight.is_cuda
+        and x.dtype == weight.dtype
+        and weight.stride(-1) == 1
+    )
+
+
+def expert_gemv(x: torch.Tensor, weight: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    """Each row ``x[s]`` (rows, in) times ``weight[expert_ids[s]].T`` ((experts, out, in)
+    weights): (rows, out) in ``x``'s dtype."""
+    if kernel_applies(x, weight):
+        return _expert_gemv(x.contiguous(), weight, expert_ids)
+    return torch.bmm(weight[expert_ids], x.unsqueeze(-1)).squeeze(-1)

@@ -1,0 +1,103 @@
+"""The GPU's eager step (every sequence in one variable-length FlashAttention call per layer)
+packs rows, slots and offsets so that each sequence attends to exactly its own keys.
+
+FlashAttention has no CPU kernel, so the kernel is replaced by a reference written here from
+its documented contract; what is tested is the packing around it, against the per-sequence
+path (one SDPA call per sequence over its own slots)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moegpt.model import Transformer
+from moegpt.serve import paged, runner
+from moegpt.serve.paged import PagedKVCache
+from moegpt.serve.runner import ModelForward, ModelInput
+from tests.conftest import small_config
+
+BLOCK = 4
+
+
+def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k=None):
+    """Causal attention per packed sequence, the last query aligned with the last key."""
+    assert seqused_k is None
+    assert max_q == int((cu_q[1:] - cu_q[:-1]).max()) and max_k == int((cu_k[1:] - cu_k[:-1]).max())
+    out = torch.empty_like(q)
+    group = q.shape[1] // k.shape[1]
+    for i in range(len(cu_q) - 1):
+        qs = q[cu_q[i] : cu_q[i + 1]]  # (n, heads, d)
+        ks = k[cu_k[i] : cu_k[i + 1]].repeat_interleave(group, dim=1)  # (m, heads, d)
+        vs = v[cu_k[i] : cu_k[i + 1]].repeat_interleave(group, dim=1)
+        n, m = qs.shape[0], ks.shape[0]
+        scores = torch.einsum("nhd,mhd->hnm", qs, ks) / math.sqrt(q.shape[-1])
+        query_pos = torch.arange(n).unsqueeze(1) + m - n
+        scores = scores.masked_fill(torch.arange(m).unsqueeze(0) > query_pos, float("-inf"))
+        out[cu_q[i] : cu_q[i + 1]] = torch.einsum("hnm,mhd->nhd", scores.softmax(-1), vs)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(small_config(max_seq_len=64)).eval()
+
+
+def forward_for(model: Transformer, batch_invariant: bool) -> ModelForward:
+    cache = PagedKVCache(model.config, 32, BLOCK, torch.float32, torch.device("cpu"))
+    return ModelForward(model, cache, torch.device("cpu"), batch_invariant=batch_invariant)
+
+
+def mixed_steps() -> list[ModelInput]:
+    """A first step of three prompts, then one mixing a decode, a chunk after a cached prefix
+    and a fresh prompt, each sequence in blocks that are not consecutive."""
+    tables = [[7, 2, 9], [0, 5, 6], [3, 11, 4], [12, 1, 8]]
+    first, second = ModelInput(), ModelInput()
+    for blocks, prompt in zip(
+        tables, ([5, 6, 7, 8, 9], [11, 12], [3, 1, 4, 1, 5, 9, 2]), strict=False
+    ):
+        first.sequences.append((len(first.tokens), len(prompt), 0, blocks))
+        first.tokens += prompt
+        first.positions += range(len(prompt))
+        first.logits_rows += range(len(first.tokens) - len(prompt), len(first.tokens))
+    for blocks, past, new in (
+        (tables[0], 5, [20]),
+        (tables[2], 7, [21, 22, 23]),
+        (tables[3], 0, [4, 4, 2]),
+    ):
+        offset = len(second.tokens)
+        second.sequences.append((offset, len(new), past, blocks))
+        second.tokens += new
+        second.positions += range(past, past + len(new))
+        second.logits_rows += range(offset, offset + len(new))
+    return [first, second]
+
+
+def test_one_varlen_call_equals_attention_per_sequence(
+    model: Transformer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    per_sequence = forward_for(model, batch_invariant=True)
+    expected = [per_sequence(inp) for inp in mixed_steps()]
+
+    calls: list[int] = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return reference_varlen(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "flash_applies", lambda cache: True)
+    monkeypatch.setattr(paged, "flash_varlen", counted)
+    varlen = forward_for(model, batch_invariant=False)
+    for inp, want in zip(mixed_steps(), expected, strict=True):
+        torch.testing.assert_close(varlen(inp), want, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2 * model.config.n_layers  # one call per layer and step
+
+
+def test_the_batch_invariant_mode_never_takes_the_varlen_path(
+    model: Transformer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runner, "flash_applies", lambda cache: True)
+    monkeypatch.setattr(paged, "flash_varlen", lambda *a, **k: pytest.fail("varlen ran"))
+    forward_for(model, batch_invariant=True)(mixed_steps()[0])
