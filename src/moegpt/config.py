@@ -605,7 +605,7 @@ class ServeConfig(_Section):
     block_size: int = _doc(16, "tokens per paged KV-cache block")
     num_kv_blocks: int = _doc(0, "KV-cache blocks to allocate; 0 = size from free memory")
     max_batch_size: int = _doc(64, "most sequences decoded in one step")
-    max_tokens_per_step: int = _doc(2048, "tokens one engine step may process (prefill + decode)")
+    max_tokens_per_step: int = _doc(8192, "tokens one engine step may process (prefill + decode)")
     tpot_ms: float = _doc(
         0.0, "time-per-output-token target the scheduler sizes steps for; 0 = off"
     )

@@ -20,10 +20,13 @@ try:
 except ImportError:  # CPU wheels of PyTorch ship without Triton
     triton = None
 
-# Output rows and reduction columns per program. The grid is (rows, ceil(out / BLOCK_N)): a
-# few rows of a 2,048-wide expert still spread over more programs than an H100 has SMs.
-BLOCK_N = 16
-BLOCK_K = 256
+# Output rows and reduction columns per program; the grid is (rows, ceil(out / BLOCK_N)), so
+# even one row spreads over more programs than an H100 has SMs. On an H100, for one row of a
+# (2048 x 2048) bf16 expert: 4 x 512 took 4.6 us (1.8 TB/s of its bytes), 8 x 256 7.2 us,
+# 16 x 256 10.7 us, against 20.8 us gathering the matrix for a batched GEMV and 14.5 us for
+# the grouped GEMM (benchmarks/expert_gemv.py, benchmarks/results/expert_gemv-h100.txt).
+BLOCK_N = 4
+BLOCK_K = 512
 
 
 if triton is not None:

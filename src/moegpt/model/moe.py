@@ -86,9 +86,10 @@ class GroupedExperts(nn.Module):
     only on shapes, so CUDA graphs capture either.
     """
 
-    # One token, top-2: on an H100 (small-moe, bf16) an MoE layer of one token took 84 us with
-    # gathered weights and 95 with the grouped GEMM; at 2 tokens 107 against 104.
-    max_gathered_slots = 2
+    # On an H100 (medium-moe's experts, bf16) one projection of 8 rows took 25 us this way
+    # against 35 us through the grouped GEMM, and 4.6 against 14.5 us at one row
+    # (benchmarks/results/expert_gemv-h100.txt): up to 4 tokens of top-2 routing.
+    max_gathered_slots = 8
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
