@@ -128,23 +128,28 @@ def test_buckets_pick_the_smallest_that_fits() -> None:
         graphs.run([1] * 9, [0] * 9, [0] * 9, [[0]] * 9, [1] * 9, q_len=1)
 
 
-def test_compiled_step_matches_eager_and_compiles_once_across_buckets() -> None:
+def test_compiled_step_matches_eager_and_compiles_once_across_buckets_and_layers() -> None:
     """The compiled step (bf16: the grouped GEMM, as on a GPU) gives the uncompiled step's
-    logits, and buckets of any batch above one and any window share one compilation."""
+    logits and writes the same keys and values into every layer; compiled by block, the
+    compilations grow neither with the buckets nor with depth."""
     torch._dynamo.reset()
-    model = Transformer(small_config()).to(torch.bfloat16).eval()
+    model = Transformer(small_config(n_layers=4)).to(torch.bfloat16).eval()
     for module in model.modules():
         if isinstance(module, GroupedExperts):
             module.use_grouped_mm = True  # the sync-free path CUDA graphs capture
-    cache = PagedKVCache(
-        model.config, BLOCKS, BLOCK, torch.bfloat16, torch.device("cpu"), spare_block=True
-    )
-    cache.k.normal_()
-    cache.v.normal_()
-    eager = DecodeGraphs(model, cache, max_batch_size=8, max_context=32)
-    compiled = DecodeGraphs(model, cache, max_batch_size=8, max_context=32, compile=True)
+    caches = [
+        PagedKVCache(
+            model.config, BLOCKS, BLOCK, torch.bfloat16, torch.device("cpu"), spare_block=True
+        )
+        for _ in range(2)
+    ]
+    for ours, theirs in ((caches[1].k, caches[0].k), (caches[1].v, caches[0].v)):
+        ours.copy_(theirs.normal_())
+    eager = DecodeGraphs(model, caches[0], max_batch_size=8, max_context=32)
+    compiled = DecodeGraphs(model, caches[1], max_batch_size=8, max_context=32, compile=True)
     assert compiled.compiled and not eager.compiled
     counters = torch._dynamo.utils.counters
+    before = counters["stats"]["unique_graphs"]
     frames = []
     for batch, context in ((7, 12), (3, 6), (2, 30), (1, 9)):
         need = math.ceil(context / BLOCK)
@@ -160,9 +165,12 @@ def test_compiled_step_matches_eager_and_compiles_once_across_buckets() -> None:
         want = eager.run(**step).float().clone()
         got = compiled.run(**step).float()
         torch.testing.assert_close(got, want, rtol=0, atol=0.05 * want.abs().max().item())
-        frames.append(counters["stats"]["unique_graphs"])
-    assert frames[0] == frames[1] == frames[2] == 1  # batches 8, 4 and 2; windows 4, 2 and 8
-    assert frames[3] == 2  # a batch of one specialises (and takes the gathered-expert path)
+        for ours, theirs in ((caches[1].k, caches[0].k), (caches[1].v, caches[0].v)):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0.05)
+        frames.append(counters["stats"]["unique_graphs"] - before)
+    # Batch 8 (16 routed rows: the grouped GEMM); batches 4 and 2 (at most 8 rows: the expert
+    # GEMV) share one compilation across windows 2 and 8; a batch of one specialises.
+    assert frames == [1, 2, 2, 3]
 
 
 def test_capture_refuses_what_it_cannot_capture() -> None:

@@ -59,6 +59,19 @@ class TransformerBlock(nn.Module):
         return x + self.ffn(self.ffn_norm(x)), None
 
 
+BlockCall = Callable[
+    [
+        TransformerBlock,
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        KVCacheLike | None,
+        torch.Tensor | None,
+    ],
+    tuple[torch.Tensor, MoEStats | None],
+]
+
+
 @dataclass
 class ModelOutput:
     """Logits, plus the MoE auxiliary loss to add to the LM loss and per-layer router stats."""
@@ -121,6 +134,7 @@ class Transformer(nn.Module):
         document_ids: torch.Tensor | None = None,
         edit_embeddings: Callable[[torch.Tensor], torch.Tensor] | None = None,
         before_layer: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        call_block: BlockCall | None = None,
     ) -> ModelOutput:
         """Logits for ``tokens`` (batch, seq).
 
@@ -134,6 +148,9 @@ class Transformer(nn.Module):
         embeddings, and ``before_layer(i, h)``, which returns layer i's input from the
         residual stream. Both run inside this forward, where a sharded model's weights are
         gathered.
+
+        ``call_block(block, h, cos, sin, cache, mask)`` runs each block in place of calling it
+        (a server compiles that one function once for every layer).
         """
         if document_ids is not None and cache is not None:
             raise ValueError("document_ids are for packed training sequences, not cached decoding")
@@ -152,7 +169,10 @@ class Transformer(nn.Module):
         for index, block in self.layers.items():
             if before_layer is not None:
                 h = before_layer(int(index), h)
-            h, layer_stats = block(h, cos, sin, cache, mask)
+            if call_block is None:
+                h, layer_stats = block(h, cos, sin, cache, mask)
+            else:
+                h, layer_stats = call_block(block, h, cos, sin, cache, mask)
             if layer_stats is not None:
                 stats.append(layer_stats)
         if cache is not None:

@@ -45,18 +45,22 @@ def bytes_per_token(config: ModelConfig, dtype: torch.dtype, tp: int = 1) -> int
 def store_kv(
     keys: torch.Tensor,
     values: torch.Tensor,
+    layer: int,
     slots: torch.Tensor,
     new_keys: torch.Tensor,
     new_values: torch.Tensor,
 ) -> None:
-    """Write ``new_keys``/``new_values`` (tokens, kv_heads, d) into cache ``slots`` in place.
+    """Write ``new_keys``/``new_values`` (tokens, kv_heads, d) into cache ``slots`` of
+    ``layer`` in place (``keys``/``values``: (layers, slots, kv_heads, d)).
 
     An opaque operator so that ``torch.compile`` writes the few new slots where they are: traced
     as an index assignment into a view of the cache, the step would be functionalised into a
-    copy of the whole cache per layer (milliseconds a step, measured on an H100).
+    copy of the whole cache per layer (milliseconds a step, measured on an H100). It takes the
+    whole cache and the layer rather than the layer's view: compiled by block with the layer
+    as an input, a mutated view was written back to the wrong layer (torch 2.13, CPU).
     """
-    keys[slots] = new_keys.to(keys.dtype)
-    values[slots] = new_values.to(values.dtype)
+    keys[layer, slots] = new_keys.to(keys.dtype)
+    values[layer, slots] = new_values.to(values.dtype)
 
 
 def flash_applies(cache: PagedKVCache) -> bool:
@@ -275,8 +279,11 @@ class BlockTableStep:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``q`` (1, heads, batch * q_len, d) and ``k``/``v`` (1, kv_heads, batch * q_len, d):
         store the new keys/values, then attend."""
-        keys, values = self.cache.k[layer], self.cache.v[layer]
-        store_kv(keys, values, self.slot_mapping, k[0].transpose(0, 1), v[0].transpose(0, 1))
+        cache_k, cache_v = self.cache.k, self.cache.v
+        store_kv(
+            cache_k, cache_v, layer, self.slot_mapping, k[0].transpose(0, 1), v[0].transpose(0, 1)
+        )
+        keys, values = cache_k[layer], cache_v[layer]
         heads, tokens, d = q.shape[1:]
         if self.flash:  # token-major in and out, as the projections lay heads out
             blocks = (-1, self.cache.block_size, *keys.shape[1:])
@@ -331,8 +338,11 @@ class PagedStep:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``q`` (1, heads, tokens, d) and ``k``/``v`` (1, kv_heads, tokens, d) of the packed
         batch: store the new keys/values, then attend."""
-        keys, values = self.cache.k[layer], self.cache.v[layer]
-        store_kv(keys, values, self.new_slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
+        cache_k, cache_v = self.cache.k, self.cache.v
+        store_kv(
+            cache_k, cache_v, layer, self.new_slots, k[0].transpose(0, 1), v[0].transpose(0, 1)
+        )
+        keys, values = cache_k[layer], cache_v[layer]
         out = torch.empty_like(q)
         if self.decodes is not None:
             decoded = self.decodes.attend(q, keys, values, self.slots)
@@ -382,8 +392,11 @@ class VarlenStep:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``q`` (1, heads, tokens, d) and ``k``/``v`` (1, kv_heads, tokens, d) of the packed
         batch: store the new keys/values, then attend."""
-        keys, values = self.cache.k[layer], self.cache.v[layer]
-        store_kv(keys, values, self.new_slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
+        cache_k, cache_v = self.cache.k, self.cache.v
+        store_kv(
+            cache_k, cache_v, layer, self.new_slots, k[0].transpose(0, 1), v[0].transpose(0, 1)
+        )
+        keys, values = cache_k[layer], cache_v[layer]
         out = flash_varlen(
             q[0].transpose(0, 1),
             keys[self.slots].to(q.dtype),
