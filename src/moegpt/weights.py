@@ -22,10 +22,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from moegpt.config import ModelConfig, section_from_dict
+from moegpt.config import ModelConfig, VisionConfig, section_from_dict
 from moegpt.errors import ConfigError, UserError
 from moegpt.fileio import fsync_path
 from moegpt.model import Transformer
+from moegpt.model.vision import VisionLanguageModel, language_model
 
 FORMAT = "moegpt"
 FORMAT_VERSION = 1
@@ -143,17 +144,23 @@ def _make_durable(folder: Path) -> None:
     fsync_path(folder)
 
 
-def checkpoint_meta(config: ModelConfig, parent: dict[str, Any] | None = None) -> dict[str, Any]:
+def checkpoint_meta(
+    config: ModelConfig,
+    parent: dict[str, Any] | None = None,
+    vision: VisionConfig | None = None,
+) -> dict[str, Any]:
     """The contents of a moegpt folder's config.json (with the model it was trained from, for
-    a continuation stage)."""
+    a continuation stage, and a vision model's ``vision`` section)."""
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": dataclasses.asdict(config)}
+    if vision is not None:
+        meta["vision"] = dataclasses.asdict(vision)
     if parent is not None:
         meta["parent"] = parent
     return meta
 
 
 def save_model(
-    model: Transformer,
+    model: Transformer | VisionLanguageModel,
     path: str | Path,
     overwrite: bool = False,
     extra_files: dict[str, Path] | None = None,
@@ -161,9 +168,11 @@ def save_model(
 ) -> Path:
     """Save ``model`` as a moegpt checkpoint folder, with ``extra_files`` (name -> source
     file, e.g. the tokenizer) copied in by the same atomic write, and ``parent`` (the model a
-    continuation started from) in its config.json."""
+    continuation started from) in its config.json. A vision model's tensors keep their names
+    (its language model's under ``lm.``) and its config.json gains a ``vision`` section."""
     state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
-    meta = checkpoint_meta(model.config, parent)
+    vision = model.config if isinstance(model, VisionLanguageModel) else None
+    meta = checkpoint_meta(language_model(model).config, parent, vision)
 
     def write(folder: Path) -> None:
         save_file(state, folder / WEIGHTS_FILE, metadata={"format": FORMAT})
@@ -187,8 +196,8 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_model_config(path: str | Path) -> ModelConfig:
-    """The model config of a moegpt checkpoint folder."""
+def _folder_meta(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """A moegpt checkpoint folder's config.json path and contents, format checked."""
     config_path = Path(path) / CONFIG_FILE
     meta = read_json(config_path)
     if meta.get("format") != FORMAT:
@@ -197,10 +206,30 @@ def load_model_config(path: str | Path) -> ModelConfig:
     if meta.get("format_version", 0) > FORMAT_VERSION:
         version = meta["format_version"]
         raise UserError(f"{config_path}: format_version {version} is newer than this moegpt reads")
+    return config_path, meta
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """The (language) model config of a moegpt checkpoint folder."""
+    config_path, meta = _folder_meta(path)
     try:
         return section_from_dict(ModelConfig, meta.get("model", {}))
     except ConfigError as e:
         raise UserError(f"{config_path}: {e}") from None
+
+
+def load_vision_config(path: str | Path) -> VisionConfig:
+    """The vision config of a moegpt checkpoint folder (disabled for a language model)."""
+    config_path, meta = _folder_meta(path)
+    if "vision" not in meta:
+        return VisionConfig()
+    try:
+        vision = section_from_dict(VisionConfig, meta["vision"])
+    except ConfigError as e:
+        raise UserError(f"{config_path}: vision: {e}") from None
+    if not vision.enabled:
+        raise UserError(f"{config_path}: vision.enabled is false in a vision section")
+    return vision
 
 
 # Weight dtypes a model folder may hold. float32 and bfloat16 (what moegpt saves) load as
@@ -314,16 +343,73 @@ class ExpectedTensors:
                 yield name
 
 
+@dataclass(frozen=True)
+class ExpectedVisionTensors:
+    """The tensors a vision model's config implies: its language model's under ``lm.``, the
+    image encoder's, the resampler's and the ``<|image|>`` embedding (``fixed``), and one
+    cross-attention block (``block``) before each layer in ``blocks``, built as
+    :class:`ExpectedTensors` is, from a one-layer model on the meta device."""
+
+    lm: ExpectedTensors
+    fixed: dict[str, tuple[int, ...]]
+    block: dict[str, tuple[int, ...]]  # names after "xattn.{i}."
+    blocks: range
+
+    @classmethod
+    def of(cls, config: ModelConfig, vision: VisionConfig) -> ExpectedVisionTensors:
+        one_layer = dataclasses.replace(config, n_layers=1, first_k_dense=0)
+        with torch.device("meta"):
+            lm = Transformer(one_layer)
+            every = dataclasses.replace(vision, xattn_every=1)
+            model = VisionLanguageModel(lm, every, vision.image_token_id)
+        fixed: dict[str, tuple[int, ...]] = {}
+        block: dict[str, tuple[int, ...]] = {}
+        for name, tensor in model.state_dict().items():
+            if name.startswith("xattn."):
+                block[name.split(".", 2)[2]] = tuple(tensor.shape)
+            elif not name.startswith("lm."):
+                fixed[name] = tuple(tensor.shape)
+        blocks = range(0, config.n_layers, vision.xattn_every)
+        return cls(ExpectedTensors.of(config), fixed, block, blocks)
+
+    @property
+    def count(self) -> int:
+        return self.lm.count + len(self.fixed) + len(self.blocks) * len(self.block)
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        if name.startswith("lm."):
+            return self.lm.shape(name[3:])
+        if name in self.fixed:
+            return self.fixed[name]
+        parts = name.split(".", 2)
+        if len(parts) != 3 or parts[0] != "xattn" or not parts[1].isdecimal():
+            return None
+        if str(int(parts[1])) != parts[1] or int(parts[1]) not in self.blocks:
+            return None
+        return self.block.get(parts[2])
+
+    def names(self) -> Iterator[str]:
+        yield from (f"lm.{name}" for name in self.lm.names())
+        yield from self.fixed
+        for i in self.blocks:
+            yield from (f"xattn.{i}.{rest}" for rest in self.block)
+
+
 def _listed(names: list[str], total: int) -> str:
     return f"{names}{'...' if total > len(names) else ''}"
 
 
 def check_weights(
-    weights_path: Path, config: ModelConfig, header: dict[str, tuple[str, tuple[int, ...]]]
+    weights_path: Path,
+    config: ModelConfig,
+    header: dict[str, tuple[str, tuple[int, ...]]],
+    vision: VisionConfig | None = None,
 ) -> None:
-    """The file's tensor names, shapes and dtypes are the ones ``config`` implies, checked
-    before anything is built or allocated."""
-    expected = ExpectedTensors.of(config)
+    """The file's tensor names, shapes and dtypes are the ones ``config`` (and an enabled
+    ``vision``) implies, checked before anything is built or allocated."""
+    expected: ExpectedTensors | ExpectedVisionTensors = ExpectedTensors.of(config)
+    if vision is not None and vision.enabled:
+        expected = ExpectedVisionTensors.of(config, vision)
     unexpected = [name for name in header if expected.shape(name) is None]
     missing_count = expected.count - (len(header) - len(unexpected))
     missing = []
@@ -360,6 +446,7 @@ class CheckedFolder:
     weights_path: Path
     header: dict[str, tuple[str, tuple[int, ...]]]
     dtype: torch.dtype  # the dtype the model loads in
+    vision: VisionConfig  # disabled for a language model
 
 
 def check_folder(path: str | Path, dtype: torch.dtype | None = None) -> CheckedFolder:
@@ -371,15 +458,16 @@ def check_folder(path: str | Path, dtype: torch.dtype | None = None) -> CheckedF
     if not path.is_dir():
         raise UserError(f"{path}: checkpoint folder not found")
     config = load_model_config(path)
+    vision = load_vision_config(path)
     weights_path = path / WEIGHTS_FILE
     if not weights_path.is_file():
         raise UserError(f"{weights_path}: file not found")
     header = read_safetensors_header(weights_path)
-    check_weights(weights_path, config, header)
+    check_weights(weights_path, config, header, vision)
     stored = {stored_dtype for stored_dtype, _ in header.values()}
     if dtype is None:
         dtype = WEIGHT_DTYPES[stored.pop()] if stored in ({"F32"}, {"BF16"}) else torch.float32
-    return CheckedFolder(config, weights_path, header, dtype)
+    return CheckedFolder(config, weights_path, header, dtype, vision)
 
 
 def open_weights(weights_path: Path, device: torch.device | str = "cpu") -> Any:
@@ -412,6 +500,11 @@ def load(
     loads as float32, which holds every such value exactly.
     """
     folder = check_folder(path, dtype)
+    if folder.vision.enabled:
+        raise UserError(
+            f"{path}: a vision model; generating, serving and evaluating with images is not "
+            "built yet (train.init_from takes it, and its language model)"
+        )
     with torch.device("meta"):
         model = Transformer(folder.config)
     state = {}

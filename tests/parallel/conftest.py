@@ -48,7 +48,7 @@ RESHARD_CHAINS = {
 EXTRA = {"fsdp4": ["--parallel.dp_shard", "4"], "single": []}
 # A continuation stage (train.init_from a 2-step run, its context doubled with YaRN, its
 # embedding frozen) under these layouts, against the same continuation in one process.
-CONTINUATION_LAYOUTS = ("fsdp2", "tp2-pp2")
+CONTINUATION_LAYOUTS = ("fsdp2", "zero1", "tp2-pp2")
 CONTINUATION = [
     "--model.max_seq_len=128",
     "--model.rope_scaling.type=yarn",

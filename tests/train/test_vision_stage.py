@@ -101,15 +101,57 @@ def test_the_image_token_must_be_the_tokenizers(tmp_path) -> None:
         Trainer(config, tmp_path / "run", log=lambda m: None)
 
 
-def test_exporting_a_vision_run_is_refused_in_one_line(tmp_path, parent, capsys) -> None:
+def test_a_vision_run_exports_and_starts_the_next_stage(tmp_path, parent, capsys) -> None:
+    """`moegpt export` writes a vision run's every tensor and its [vision] section; the folder
+    passes the header checks, starts a vision stage with exactly its weights and a text stage
+    with its language model, and refuses (one line) a vision stage of other vision shapes and
+    the text-only loaders."""
     from moegpt.cli import main
+    from moegpt.train.export import load_run_model
+    from moegpt.train.stage import load_parent, parent_state
+    from moegpt.weights import check_folder
 
     config = recipe(tmp_path, init_from=str(parent), steps=2)
     prepare(config, log=lambda m: None)
     Trainer(config, tmp_path / "run", log=lambda m: None).run(progress=False)
-    assert main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 2
-    assert "a vision model's run; exporting it" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    run_model, _ = load_run_model(tmp_path / "run")
+    checked = check_folder(tmp_path / "out")
+    assert checked.vision == config.vision and checked.config == config.model
+    trained = run_model.state_dict()
+    assert set(checked.header) == set(trained)
+
+    child = Trainer(recipe(tmp_path, init_from=str(tmp_path / "out")), tmp_path / "child-run")
+    child.log = lambda m: None
+    child.prepare(resume=False)
+    for name, tensor in child.parts.models[0].state_dict().items():
+        assert torch.equal(tensor, trained[name]), name
+
+    vision_parent = load_parent(tmp_path / "out")
+    text_names = list(Transformer(config.model).state_dict())
+    for name, tensor in parent_state(vision_parent, text_names).items():
+        assert torch.equal(tensor, trained[f"lm.{name}"]), name  # a text stage's start
+
+    other = recipe(tmp_path, "--vision.width", "16", init_from=str(tmp_path / "out"))
+    with pytest.raises(UserError, match="vision.width: 16 differs from 32 in train.init_from"):
+        Trainer(other, tmp_path / "other-run", log=lambda m: None).prepare(resume=False)
+    with pytest.raises(UserError, match="a vision model; generating, serving and evaluating"):
+        moegpt.load(tmp_path / "out")
+
+
+def test_a_vision_folder_whose_tensors_do_not_match_its_config_is_refused(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from moegpt.model.vision import model_for
+    from moegpt.weights import WEIGHTS_FILE, check_folder
+
+    config = recipe(tmp_path)
+    folder = moegpt.save_model(model_for(config.model, config.vision), tmp_path / "folder")
+    state = load_file(folder / WEIGHTS_FILE)
+    state.pop("xattn.1.attention_gate")
+    save_file(state, folder / WEIGHTS_FILE)
+    with pytest.raises(UserError, match=r"missing \['xattn.1.attention_gate'\]"):
+        check_folder(folder)
 
 
 def test_layouts_the_trainer_cannot_run_with_vision_are_refused(tmp_path, parent) -> None:

@@ -13,6 +13,7 @@ from moegpt.console import stderr
 from moegpt.data.shards import read_manifest, tokenizer_file
 from moegpt.errors import UserError
 from moegpt.model import Transformer
+from moegpt.model.vision import VisionLanguageModel, model_for
 from moegpt.train import safe_dcp
 from moegpt.train.checkpoint import CheckpointManager
 from moegpt.train.stage import read_parent_record
@@ -20,23 +21,19 @@ from moegpt.train.trainer import RUN_CONFIG
 from moegpt.weights import save_model
 
 
-def load_run_model(run_dir: Path) -> tuple[Transformer, int]:
-    """The model of a run's newest complete checkpoint, on CPU, and its step."""
+def load_run_model(run_dir: Path) -> tuple[Transformer | VisionLanguageModel, int]:
+    """The model of a run's newest complete checkpoint (with eyes for a vision run), on CPU,
+    and its step."""
     config_path = run_dir / RUN_CONFIG
     if not config_path.is_file():
         raise UserError(f"{run_dir}: not a training run directory (no {RUN_CONFIG})")
     config = load_config(config_path)
-    if config.vision.enabled:  # model folders hold a language model's weights and config only
-        raise UserError(
-            f"{run_dir}: a vision model's run; exporting it (or starting from it) is not built "
-            "yet: resume the run itself"
-        )
     checkpoint = CheckpointManager(
         run_dir / "checkpoints", log=lambda m: stderr.print(m, highlight=False)
     ).latest()
     if checkpoint is None:
         raise UserError(f"{run_dir}: no complete checkpoint to export")
-    model = Transformer(config.model)
+    model = model_for(config.model, config.vision)
     state = {"model": model.state_dict()}
     safe_dcp.load(state, checkpoint.path)  # in place; only the model is read
     model.load_state_dict(state["model"])

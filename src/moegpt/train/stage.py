@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from moegpt.config import ModelConfig, VisionConfig
 from moegpt.errors import UserError
 from moegpt.fileio import sha256_file, write_atomically
+from moegpt.model.vision import VisionLanguageModel, language_model
 from moegpt.weights import WEIGHTS_FILE, check_folder, is_model_folder
 
 PARENT_FILE = "parent.json"
@@ -45,6 +46,7 @@ class Parent:
     config: ModelConfig
     state: dict[str, torch.Tensor]  # full tensors, on CPU
     sha256: str  # of the model folder's weights file, or of a run checkpoint's tensors
+    vision: VisionConfig  # disabled for a language model
     step: int | None = None  # the run checkpoint's step
 
     def record(self) -> dict[str, Any]:
@@ -64,7 +66,8 @@ def load_parent(source: str | Path) -> Parent:
     if is_model_folder(path):
         checked = check_folder(path)
         weights = path / WEIGHTS_FILE
-        return Parent(path, checked.config, load_file(weights), sha256_file(weights))
+        state = load_file(weights)
+        return Parent(path, checked.config, state, sha256_file(weights), checked.vision)
     # A run directory: its newest complete checkpoint (imported here: export imports the
     # trainer, which imports this module).
     from moegpt.train.export import load_run_model
@@ -77,11 +80,23 @@ def load_parent(source: str | Path) -> Parent:
         )
     model, step = load_run_model(path)
     state = {name: t.detach() for name, t in model.state_dict().items()}
-    return Parent(path, model.config, state, _tensors_sha256(state), step)
+    vision = model.config if isinstance(model, VisionLanguageModel) else VisionConfig()
+    lm = language_model(model).config
+    return Parent(path, lm, state, _tensors_sha256(state), vision, step)
 
 
-def check_compatible(parent: Parent, child: ModelConfig) -> None:
-    """Refuse a child model that the parent's weights do not describe, naming the field."""
+def check_compatible(parent: Parent, child: ModelConfig, vision: VisionConfig) -> None:
+    """Refuse a child model that the parent's weights do not describe, naming the field: its
+    language model may change only what a continuation may, and a vision child of a vision
+    parent has the parent's vision parts."""
+    if parent.vision.enabled and vision.enabled:
+        for f in dataclasses.fields(VisionConfig):
+            mine, theirs = getattr(vision, f.name), getattr(parent.vision, f.name)
+            if mine != theirs:
+                raise UserError(
+                    f"vision.{f.name}: {mine!r} differs from {theirs!r} in train.init_from "
+                    f"({parent.path})"
+                )
     for f in dataclasses.fields(ModelConfig):
         mine, theirs = getattr(child, f.name), getattr(parent.config, f.name)
         if f.name not in CHANGEABLE and mine != theirs:
@@ -118,7 +133,8 @@ def parent_state(
 ) -> dict[str, torch.Tensor]:
     """The parent's tensors for a child's parameter ``names``: the same names, or, for a
     vision model started from a text model, its language model's (``lm.`` + the parent's
-    name), and the ``<|image|>`` embedding from the parent's row for ``image_token_id``. The
+    name), and the ``<|image|>`` embedding from the parent's row for ``image_token_id``; a
+    text model started from a vision model takes the vision model's language model. The
     other vision parts a text parent lacks keep their initialisation; a language-model weight
     the parent lacks is an error."""
     state = {}
@@ -128,6 +144,8 @@ def parent_state(
             state[name] = parent.state[name]
         elif name.startswith("lm.") and name[3:] in parent.state:
             state[name] = parent.state[name[3:]]
+        elif f"lm.{name}" in parent.state:
+            state[name] = parent.state[f"lm.{name}"]
         elif name == "image_embedding" and rows is not None and image_token_id is not None:
             state[name] = rows[image_token_id].clone()
         elif name.split(".")[0] not in VISION_PARTS:

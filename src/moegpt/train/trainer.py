@@ -321,7 +321,7 @@ class Trainer:
         problem, parent = None, None
         try:
             parent = load_parent(self.config.train.init_from)
-            check_compatible(parent, self.config.model)
+            check_compatible(parent, self.config.model, self.config.vision)
         except UserError as e:
             problem = str(e)
         problem = from_rank0(problem)  # every rank stops, none waits in a collective
