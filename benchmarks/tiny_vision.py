@@ -1,8 +1,10 @@
 """The Flamingo stage of configs/tiny-vision.toml on CPU, end to end: prepare the image-text
 sources, train vision on the frozen quick-start model, and report each source's held-out
 caption loss before (gates closed: the language model alone) and after, after again with
-each row given another row's images (how much of the gain needs the right image), the gates'
-values, and the time it all took.
+each row given another row's images (how much of the gain needs the right image), then
+export the run and evaluate it with `moegpt eval --task transcribe` (character error rate on
+held-out rendered lines) and `--task classify` (0- and 4-shot accuracy on held-out
+Fashion-MNIST canvases), the gates' values, and the time it all took.
 
     moegpt quickstart                                   # exports runs/tiny/export, the parent
     python benchmarks/tiny_vision.py --out benchmarks/results
@@ -11,6 +13,7 @@ values, and the time it all took.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +23,7 @@ from verbs import moegpt, save
 
 from moegpt.config import load_config
 from moegpt.data.mixture import IGNORE_INDEX, Mixture, MixtureLoader
+from moegpt.evals.vision import gate_values
 from moegpt.train.trainer import Trainer, lm_loss_sum
 
 
@@ -61,6 +65,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/tiny-vision.toml")
     parser.add_argument("--run-dir", default="runs/tiny-vision")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--eval-items", type=int, default=200, help="held-out items per task")
     args = parser.parse_args()
     started = time.perf_counter()
     moegpt("prepare", "--config", args.config)
@@ -71,16 +76,16 @@ def main() -> None:
     moegpt("train", "--config", args.config, "--run-dir", args.run_dir)
     trained = time.perf_counter() - began
     after, trainer = held_out_loss(args.config, Path(args.run_dir), resume=True)
-    model = trainer.parts.models[0]
-    gates = {
-        layer: {
-            "attention": float(torch.tanh(block.attention_gate.detach())),
-            "ffn": float(torch.tanh(block.ffn_gate.detach())),
-        }
-        for layer, block in model.xattn.items()
-    }
+    gates = gate_values(trainer.parts.models[0])
     sources = [s.name for s in trainer.config.data.sources]
     swapped = {s: caption_loss(trainer, s, swap_images=True) for s in sources}
+    export = Path(args.run_dir) / "export"
+    moegpt("export", args.run_dir, str(export), "--force")
+    evaluated = time.perf_counter()
+    common = ["--config", args.config, "--limit", str(args.eval_items), "--json"]
+    transcribed = json.loads(moegpt("eval", str(export), "--task", "transcribe", *common))
+    classified = json.loads(moegpt("eval", str(export), "--task", "classify", *common))
+    evaluated = time.perf_counter() - evaluated
     result = {
         "config": args.config,
         "steps": trainer.config.train.steps,
@@ -88,6 +93,9 @@ def main() -> None:
         "after": after,
         "gates": gates,
         "after_with_other_rows_images": swapped,
+        "transcribe": transcribed["transcribe"],
+        "classify": classified["classify"],
+        "eval_seconds": evaluated,
         "prepare_seconds": prepared,
         "train_seconds": trained,
         "seconds": time.perf_counter() - started,
@@ -102,6 +110,16 @@ def main() -> None:
         lines.append(f"{name:<23} {cells}")
     cells = "  ".join(f"{swapped[s]:>9.3f}" for s in sources)
     lines.append(f"{'after, images swapped':<23} {cells}")
+    found = transcribed["transcribe"]
+    lines.append(
+        f"transcribe: character error rate {found['character_error_rate']:.1%} over "
+        f"{found['lines']} held-out lines ({found['exact_match']:.1%} exact)"
+    )
+    for shots in classified["classify"]:
+        lines.append(
+            f"classify, {shots['shots']}-shot: accuracy {shots['accuracy']:.1%} over "
+            f"{shots['items']} held-out items (chance 10%)"
+        )
     lines.append(
         "gates, tanh (attention / ffn) before each layer: "
         + ", ".join(f"{k}: {g['attention']:+.3f} / {g['ffn']:+.3f}" for k, g in gates.items())

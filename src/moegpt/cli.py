@@ -445,6 +445,8 @@ def _int_list(flag: str, text: str) -> list[int]:
 def cmd_eval(args: argparse.Namespace) -> None:
     if args.task == "instruct":
         result = _instruct(args)
+    elif args.task in ("transcribe", "classify"):
+        result = _vision(args)
     else:
         lengths = _int_list("--lengths", args.lengths)
         result = _passkey(args, lengths) if args.task == "passkey" else _perplexity(args, lengths)
@@ -473,6 +475,65 @@ def _instruct(args: argparse.Namespace) -> dict:
             )
         print(f"{'all':<10} {result.accuracy():6.1%} exact match")
     return result.to_json()
+
+
+def _vision(args: argparse.Namespace) -> dict:
+    from moegpt.evals.vision import classify, gate_values, held_out_items, transcribe
+    from moegpt.serve.engine import folder_tokenizer
+    from moegpt.weights import load_vision
+
+    if not args.config:
+        raise UserError(
+            f"--config: the {args.task} task needs the vision recipe that held out its items"
+        )
+    if args.limit <= 0:
+        raise UserError(f"--limit: must be positive, got {args.limit}")
+    try:
+        shots = [int(v) for v in args.shots.split(",")]
+    except ValueError:
+        shots = [-1]
+    if not shots or min(shots) < 0:
+        raise UserError(f"--shots: expected counts of 0 or more, got {args.shots!r}")
+    with stderr.status(f"loading {args.model_dir}"):
+        model = load_vision(args.model_dir)
+    tokenizer, _ = folder_tokenizer(args.model_dir)
+    if tokenizer is None:
+        raise UserError(f"{args.model_dir}: the {args.task} task needs the model's tokenizer.json")
+    config = load_config(args.config)
+    if config.vision.image_size != model.config.image_size:
+        raise UserError(
+            f"--config: vision.image_size {config.vision.image_size}, but the model reads "
+            f"{model.config.image_size}-pixel images"
+        )
+    path = "stdlib:rendered" if args.task == "transcribe" else "debian:fashion-mnist"
+    with stderr.status(f"drawing the held-out items of {path}"):
+        items = held_out_items(config, path, args.limit)
+    result: dict = {"gates": gate_values(model)}
+    if args.task == "transcribe":
+        with stderr.status(f"transcribe: {len(items.captions)} held-out lines"):
+            result["transcribe"] = found = transcribe(model, tokenizer, items)
+        if not args.json:
+            print(
+                f"character error rate {found['character_error_rate']:.1%} over {found['lines']} "
+                f"held-out lines; {found['exact_match']:.1%} transcribed exactly"
+            )
+            for example in found["worst"]:
+                print(f"  {example['line']!r} -> {example['transcribed']!r}")
+    else:
+        result["classify"] = []
+        for count in shots:
+            with stderr.status(f"classify: {len(items.captions)} canvases, {count}-shot"):
+                found = classify(model, tokenizer, items, count, args.seed)
+            result["classify"].append(found)
+            if not args.json:
+                print(f"{count}-shot accuracy {found['accuracy']:.1%} over {found['items']} items")
+    if not args.json:
+        for layer, gates in result["gates"].items():
+            print(
+                f"gates before layer {layer}: attention {gates['attention']:+.4f}, "
+                f"feed-forward {gates['ffn']:+.4f}"
+            )
+    return result
 
 
 def _eval_engine(model_dir: str) -> Engine:
@@ -811,18 +872,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = verbs.add_parser(
         "eval",
-        help="evaluations: passkey retrieval, sliding-window perplexity, instruction following",
+        help="evaluations: passkey retrieval, sliding-window perplexity, instruction following, "
+        "and a vision model's transcription and classification",
         description="Evaluate an exported model folder. passkey: a random 5-digit key hidden "
         "at each depth of filler text at each length (prompt plus answer), --trials prompts "
         "per cell, answered greedily on the serving engine, exact match. perplexity: "
         "sliding-window perplexity of --text documents at each length (a window advances by "
         "--stride and scores only tokens the previous one did not). instruct: exact match on "
-        "the standard-library questions of the modules --config's split holds out, by kind.",
+        "the standard-library questions of the modules --config's split holds out, by kind. "
+        "transcribe (a vision model): character error rate of greedy transcriptions of the "
+        "rendered lines --config's split holds out. classify (a vision model): accuracy of "
+        "likelihood classification of the items of held-out Fashion-MNIST canvases, after "
+        "--shots training canvases. Both also print the cross-attention gates.",
     )
     ev.add_argument("model_dir", metavar="MODEL_DIR", help="an exported model folder")
     ev.add_argument(
         "--task",
-        choices=["passkey", "perplexity", "instruct"],
+        choices=["passkey", "perplexity", "instruct", "transcribe", "classify"],
         required=True,
         help="what to measure",
     )
@@ -840,10 +906,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         metavar="TOML",
         help="instruct: the tuning recipe, whose validation split of its stdlib:instruct "
-        "source gives the held-out modules",
+        "source gives the held-out modules; transcribe, classify: the vision recipe, whose "
+        "image_text source's validation split gives the held-out items",
     )
     ev.add_argument(
-        "--limit", type=int, default=300, help="instruct: held-out questions asked (300)"
+        "--limit",
+        type=int,
+        default=300,
+        help="instruct: held-out questions asked; transcribe, classify: held-out items (300)",
+    )
+    ev.add_argument(
+        "--shots", default="0,4", help="classify: training canvases before each query (0,4)"
     )
     ev.add_argument("--json", action="store_true", help="print the results as JSON")
     ev.add_argument("--plot", metavar="PNG", help="passkey: save an accuracy heatmap")

@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import safe_open
@@ -502,11 +502,31 @@ def load(
     folder = check_folder(path, dtype)
     if folder.vision.enabled:
         raise UserError(
-            f"{path}: a vision model; generating, serving and evaluating with images is not "
-            "built yet (train.init_from takes it, and its language model)"
+            f"{path}: a vision model; generating and serving with images are not built yet "
+            "(`moegpt eval --task transcribe|classify` and train.init_from take it)"
         )
     with torch.device("meta"):
         model = Transformer(folder.config)
+    return _filled(folder, model, device)
+
+
+def load_vision(
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> VisionLanguageModel:
+    """Load a vision model's folder (exported from a vision run) as :func:`load` loads a
+    language model's."""
+    folder = check_folder(path, dtype)
+    if not folder.vision.enabled:
+        raise UserError(f"{path}: a language model; this needs a vision model's folder")
+    with torch.device("meta"):
+        model = VisionLanguageModel(
+            Transformer(folder.config), folder.vision, folder.vision.image_token_id
+        )
+    return _filled(folder, model, device)
+
+
+def _filled(folder: CheckedFolder, model: ModelT, device: torch.device | str) -> ModelT:
+    """``model``, built on the meta device, with the folder's tensors, in eval mode."""
     state = {}
     with open_weights(folder.weights_path, device) as f:
         for name in model.state_dict():
@@ -516,3 +536,6 @@ def load(
             state[name] = cast
     model.load_state_dict(state, assign=True)
     return model.eval()
+
+
+ModelT = TypeVar("ModelT", Transformer, VisionLanguageModel)

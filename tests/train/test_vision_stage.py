@@ -5,6 +5,7 @@ the parent's. Checkpoints resume it like any run."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -132,10 +133,21 @@ def test_a_vision_run_exports_and_starts_the_next_stage(tmp_path, parent, capsys
     for name, tensor in parent_state(vision_parent, text_names).items():
         assert torch.equal(tensor, trained[f"lm.{name}"]), name  # a text stage's start
 
+    args = ["eval", str(tmp_path / "out"), "--task", "transcribe", "--limit", "3", "--json"]
+    capsys.readouterr()
+    assert main([*args, "--config", str(tmp_path / "vision.toml")]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["transcribe"]["lines"] == 3 and 0 <= found["transcribe"]["exact_match"] <= 1
+    assert len(found["gates"]) == config.model.n_layers  # a block before every layer
+    assert main(args) == 2
+    assert "--config: the transcribe task needs the vision recipe" in capsys.readouterr().err
+    assert main(["eval", str(parent), *args[2:], "--config", str(tmp_path / "vision.toml")]) == 2
+    assert "a language model; this needs a vision model's folder" in capsys.readouterr().err
+
     other = recipe(tmp_path, "--vision.width", "16", init_from=str(tmp_path / "out"))
     with pytest.raises(UserError, match="vision.width: 16 differs from 32 in train.init_from"):
         Trainer(other, tmp_path / "other-run", log=lambda m: None).prepare(resume=False)
-    with pytest.raises(UserError, match="a vision model; generating, serving and evaluating"):
+    with pytest.raises(UserError, match="a vision model; generating and serving with images"):
         moegpt.load(tmp_path / "out")
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from moegpt.chat import TOKENIZER_CONFIG, ChatTemplate, chatml_tokenizer_config
-from moegpt.config import Config, SourceConfig
+from moegpt.config import Config, DataConfig, SourceConfig
 from moegpt.console import progress, stderr
 from moegpt.data.images import ImageCorpus, load_image_corpus
 from moegpt.data.shards import (
@@ -86,6 +86,17 @@ def tokenize(
     ) as pool:
         results = pool.map(_worker_encode, chunks)
         return [ids for chunk in progress(results, label, len(chunks)) for ids in chunk]
+
+
+def corpus_split(
+    corpus: Corpus | ImageCorpus, source: SourceConfig, data: DataConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) indices of a source's documents: an image dataset's own test split
+    where it has one, else by key (:func:`split_documents`)."""
+    held_out = corpus.held_out if isinstance(corpus, ImageCorpus) else None
+    if held_out is not None:
+        return np.flatnonzero(~held_out), np.flatnonzero(held_out)
+    return split_documents(corpus.keys, source.val_fraction, data.exclude_below, data.seed)
 
 
 def held_out_score(key: str, seed: int) -> float:
@@ -227,11 +238,8 @@ def _tokenizer_for(
         return path, recipe
     log(f"training a {config.model.vocab_size}-token byte-level BPE on the recipe's training split")
     texts = []
-    exclude_below = config.data.exclude_below
     for source, corpus in corpora:
-        train, _ = split_documents(
-            corpus.keys, source.val_fraction, exclude_below, config.data.seed
-        )
+        train, _ = corpus_split(corpus, source, config.data)
         documents = corpus.documents
         if source.kind == "chat":
             documents = [_conversation_text(d) for d in documents]
@@ -374,11 +382,7 @@ def prepare(
             ids, masks = encode_conversations(template, documents, f"rendering {source.name}")
         else:
             ids = tokenize(documents, tokenizer_path, workers, f"tokenizing {source.name}")
-        held_out = corpus.held_out if isinstance(corpus, ImageCorpus) else None
-        if held_out is not None:  # the dataset's own test split
-            train, val = np.flatnonzero(~held_out), np.flatnonzero(held_out)
-        else:
-            train, val = split_documents(corpus.keys, source.val_fraction, exclude_below, data.seed)
+        train, val = corpus_split(corpus, source, data)
         # New inputs or settings give new file names: the old shards stay readable until the
         # new manifest replaces the old one.
         stem = hashlib.sha256(f"{fingerprint}{settings}{tok_sha}".encode()).hexdigest()
