@@ -15,9 +15,24 @@ from moegpt.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize(
-    "argv", [[], ["model"], ["model", "summary"], ["config", "show"], ["convert"]]
-)
+def every_verb() -> list[list[str]]:
+    """The argv of every verb and sub-verb the parser has, and of none."""
+    import argparse
+
+    from moegpt.cli import build_parser
+
+    def walk(parser: argparse.ArgumentParser, prefix: list[str]) -> list[list[str]]:
+        found = [prefix]
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    found += walk(sub, [*prefix, name])
+        return found
+
+    return walk(build_parser(), [])
+
+
+@pytest.mark.parametrize("argv", every_verb(), ids=lambda argv: " ".join(argv) or "moegpt")
 def test_every_verb_has_help(argv: list[str], capsys) -> None:
     with pytest.raises(SystemExit) as info:
         main([*argv, "--help"])

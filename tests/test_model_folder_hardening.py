@@ -192,6 +192,27 @@ def test_explicit_kv_blocks_must_fit_the_budget(long_context: Path) -> None:
     assert engine.max_context == 128
 
 
+def test_max_model_len_sizes_the_cpu_cache_and_caps_requests(long_context: Path, capsys) -> None:
+    """`--max-model-len` as vLLM has it: the CPU cache holds max_batch_size requests of that
+    length (4 x 64 tokens here, far under the budget's 8192), and longer ones are refused."""
+    config = ServeConfig(max_model_len=64, max_batch_size=4, calibrate=False)
+    engine = Engine.from_folder(long_context, config, device="cpu")
+    assert engine.allocator.num_blocks * 16 == 4 * 64 and engine.max_context == 64
+    assert capsys.readouterr().err.count("does not fit the KV cache") == 0
+    _one_line(
+        r"^prompt: 64 tokens leave no room in the 64-token request limit \(serve.max_model_len\)",
+        engine.add_request,
+        [1] * 64,
+    )
+    _one_line(
+        r"^serve.max_model_len: 2,000,000,000 exceeds the model's context \(model.max_seq_len",
+        Engine.from_folder,
+        long_context,
+        ServeConfig(max_model_len=2_000_000_000, calibrate=False),
+        "cpu",
+    )
+
+
 def test_a_bad_budget_setting_is_one_line(long_context: Path, monkeypatch) -> None:
     monkeypatch.setenv("MOEGPT_CPU_KV_GIB", "lots")
     _one_line(

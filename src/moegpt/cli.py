@@ -386,6 +386,7 @@ SERVE_FLAGS = (
     "tp",
     "block_size",
     "num_kv_blocks",
+    "max_model_len",
     "max_batch_size",
     "max_tokens_per_step",
     "tpot_ms",

@@ -603,7 +603,15 @@ class ServeConfig(_Section):
     tp: int = _doc(1, "tensor-parallel degree of the serving engine (divides model.n_heads)")
     pp: int = _doc(1, "pipeline stages of the serving cluster (used by `moegpt plan`)")
     block_size: int = _doc(16, "tokens per paged KV-cache block")
-    num_kv_blocks: int = _doc(0, "KV-cache blocks to allocate; 0 = size from free memory")
+    num_kv_blocks: int = _doc(
+        0,
+        "KV-cache blocks to allocate; 0 = as many as the memory budget holds (GPU: 0.9 of free "
+        "memory; CPU: a share of available memory, at most what max_batch_size requests of "
+        "max_model_len tokens need)",
+    )
+    max_model_len: int = _doc(
+        0, "most tokens of one request, prompt plus output; 0 = the model's max_seq_len"
+    )
     max_batch_size: int = _doc(64, "most sequences decoded in one step")
     max_tokens_per_step: int = _doc(8192, "tokens one engine step may process (prefill + decode)")
     tpot_ms: float = _doc(
@@ -660,7 +668,7 @@ class ServeConfig(_Section):
 
     def validate(self) -> None:
         self._positive("tp", "pp", "block_size", "max_batch_size", "max_tokens_per_step")
-        self._non_negative("num_kv_blocks", "tpot_ms", "ttft_ms", "max_waiting")
+        self._non_negative("num_kv_blocks", "max_model_len", "tpot_ms", "ttft_ms", "max_waiting")
         self._positive("max_body_bytes")
         self._positive("spec_tokens", "ngram_min")
         if self.ngram_max < self.ngram_min:

@@ -29,7 +29,14 @@ from moegpt.serve.calibrate import calibrate
 from moegpt.serve.lookahead import LookaheadPolicy
 from moegpt.serve.output import OutputProcessor
 from moegpt.serve.paged import bytes_per_token
-from moegpt.serve.runner import Forward, Launched, ModelRunner, Proposer, build_forward
+from moegpt.serve.runner import (
+    Forward,
+    Launched,
+    ModelRunner,
+    Proposer,
+    build_forward,
+    context_limit,
+)
 from moegpt.serve.scheduler import Scheduler, SchedulerConfig
 from moegpt.serve.sequence import SamplingParams, Sequence
 from moegpt.serve.speculative import DraftProposer, NgramProposer, check_draft
@@ -81,8 +88,9 @@ def kv_cache_blocks(
 ) -> tuple[int, str]:
     """KV-cache blocks for ``model``, sized by memory and never by ``max_seq_len`` alone, and
     where the size comes from, in words. On a GPU: as many as fit the budget (90% of the free
-    memory); on CPU: enough for ``max_batch_size`` sequences at full context, at most what
-    fits the budget (see :mod:`moegpt.memory`). ``serve.num_kv_blocks`` must fit it too.
+    memory); on CPU: enough for ``max_batch_size`` sequences of ``serve.max_model_len`` (the
+    model's context by default), at most what fits the budget (see :mod:`moegpt.memory`).
+    ``serve.num_kv_blocks`` must fit it too.
     ``extra_token_bytes``: another cache sharing the block tables (a draft model's)."""
     device = next(model.parameters()).device
     token_bytes = bytes_per_token(model.config, _dtype(model), config.tp) + extra_token_bytes
@@ -100,7 +108,8 @@ def kv_cache_blocks(
     if fits < 1:
         raise UserError(f"serve: one KV-cache block ({gib(block_bytes)}) exceeds the {words}")
     if device.type != "cuda":
-        fits = min(fits, config.max_batch_size * -(-model.config.max_seq_len // config.block_size))
+        needed = config.max_batch_size * -(-context_limit(model, config) // config.block_size)
+        fits = min(fits, needed)
     return fits, words
 
 
@@ -153,11 +162,13 @@ class Engine:
         self.allocator = BlockAllocator(forward.cache.num_blocks, self.config.block_size)
         # A sequence must fit the cache alone (else preempting it could never make room).
         capacity = self.allocator.num_blocks * self.config.block_size
-        self.max_context = min(model.config.max_seq_len, capacity)
-        if capacity < model.config.max_seq_len:
+        requested = context_limit(model, self.config)
+        self.max_context = min(requested, capacity)
+        if capacity < requested:
+            source = "serve.max_model_len" if self.config.max_model_len else "model.max_seq_len"
             stderr.print(
-                f"serve: model.max_seq_len ({model.config.max_seq_len:,}) does not fit the KV "
-                f"cache ({budget}); prompt plus output are capped at {capacity:,} tokens",
+                f"serve: {source} ({requested:,}) does not fit the KV cache ({budget}); "
+                f"prompt plus output are capped at {capacity:,} tokens",
                 highlight=False,
             )
         self.forward: Forward = forward if tp is None else TensorParallelForward(forward, tp)
@@ -302,7 +313,11 @@ class Engine:
         if not ids:
             raise UserError("prompt: empty")
         if len(ids) + room > limit:
-            what = "context" if limit == self.model.config.max_seq_len else "KV cache"
+            what = "KV cache"
+            if limit == self.config.max_model_len:
+                what = "request limit (serve.max_model_len)"
+            elif limit == self.model.config.max_seq_len:
+                what = "context"
             if room:
                 raise UserError(
                     f"prompt: {len(ids)} tokens leave no room in the {limit}-token {what}"

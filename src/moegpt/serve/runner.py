@@ -21,6 +21,7 @@ from torch.nn.attention import sdpa_kernel
 
 from moegpt.config import ServeConfig
 from moegpt.console import stderr
+from moegpt.errors import UserError
 from moegpt.model import Transformer
 from moegpt.model.attention import KVCacheLike
 from moegpt.serve.graphs import DecodeGraphs
@@ -181,10 +182,22 @@ class ModelForward:
         return out.logits[0, logits_rows].float()
 
 
+def context_limit(model: Transformer, config: ServeConfig) -> int:
+    """Most tokens one request may hold, prompt plus output: ``serve.max_model_len``, or the
+    model's whole context."""
+    limit = config.max_model_len or model.config.max_seq_len
+    if limit > model.config.max_seq_len:
+        raise UserError(
+            f"serve.max_model_len: {limit:,} exceeds the model's context "
+            f"(model.max_seq_len = {model.config.max_seq_len:,})"
+        )
+    return limit
+
+
 def default_num_blocks(
     model: Transformer, config: ServeConfig, dtype: torch.dtype, extra_token_bytes: int = 0
 ) -> int:
-    """Blocks for every sequence at full context on CPU; on a GPU, 90% of the free memory,
+    """Blocks for every sequence at its longest on CPU; on a GPU, 90% of the free memory,
     shared with ``extra_token_bytes`` per token of another cache on the same block tables
     (a draft model's)."""
     token_bytes = bytes_per_token(model.config, dtype, config.tp) + extra_token_bytes
@@ -193,8 +206,7 @@ def default_num_blocks(
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return max(int(free * 0.9) // block_bytes, 1)
-    per_sequence = -(-model.config.max_seq_len // config.block_size)
-    return config.max_batch_size * per_sequence
+    return config.max_batch_size * -(-context_limit(model, config) // config.block_size)
 
 
 def build_forward(
@@ -252,7 +264,7 @@ def capture_graphs(
     compiled first; if that fails the graphs are captured uncompiled (one warning line).
     Tensor-parallel ranks capture together and fall back together (all of them or none run
     graphs, or their collectives would not pair up)."""
-    context = min(model.config.max_seq_len, cache.num_blocks * cache.block_size)
+    context = min(context_limit(model, config), cache.num_blocks * cache.block_size)
     q_lens = graph_q_lens(config)
     started = time.perf_counter()
     graphs = DecodeGraphs(model, cache, config.max_batch_size, context, q_lens, config.compile)
