@@ -150,6 +150,14 @@ class PagedKVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
+    def store(
+        self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write a step's new keys and values (1, kv_heads, tokens, d) to ``slots`` of
+        ``layer``; that layer's keys and values (slots, kv_heads, d), the new ones included."""
+        store_kv(self.k, self.v, layer, slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
+        return self.k[layer], self.v[layer]
+
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate ``source`` blocks into ``destination`` blocks."""
         size = self.block_size
@@ -279,11 +287,7 @@ class BlockTableStep:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``q`` (1, heads, batch * q_len, d) and ``k``/``v`` (1, kv_heads, batch * q_len, d):
         store the new keys/values, then attend."""
-        cache_k, cache_v = self.cache.k, self.cache.v
-        store_kv(
-            cache_k, cache_v, layer, self.slot_mapping, k[0].transpose(0, 1), v[0].transpose(0, 1)
-        )
-        keys, values = cache_k[layer], cache_v[layer]
+        keys, values = self.cache.store(layer, self.slot_mapping, k, v)
         heads, tokens, d = q.shape[1:]
         if self.flash:  # token-major in and out, as the projections lay heads out
             blocks = (-1, self.cache.block_size, *keys.shape[1:])
@@ -338,11 +342,7 @@ class PagedStep:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``q`` (1, heads, tokens, d) and ``k``/``v`` (1, kv_heads, tokens, d) of the packed
         batch: store the new keys/values, then attend."""
-        cache_k, cache_v = self.cache.k, self.cache.v
-        store_kv(
-            cache_k, cache_v, layer, self.new_slots, k[0].transpose(0, 1), v[0].transpose(0, 1)
-        )
-        keys, values = cache_k[layer], cache_v[layer]
+        keys, values = self.cache.store(layer, self.new_slots, k, v)
         out = torch.empty_like(q)
         if self.decodes is not None:
             decoded = self.decodes.attend(q, keys, values, self.slots)
@@ -392,11 +392,7 @@ class VarlenStep:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``q`` (1, heads, tokens, d) and ``k``/``v`` (1, kv_heads, tokens, d) of the packed
         batch: store the new keys/values, then attend."""
-        cache_k, cache_v = self.cache.k, self.cache.v
-        store_kv(
-            cache_k, cache_v, layer, self.new_slots, k[0].transpose(0, 1), v[0].transpose(0, 1)
-        )
-        keys, values = cache_k[layer], cache_v[layer]
+        keys, values = self.cache.store(layer, self.new_slots, k, v)
         out = flash_varlen(
             q[0].transpose(0, 1),
             keys[self.slots].to(q.dtype),
