@@ -40,6 +40,13 @@ def test_every_verb_has_help(argv: list[str], capsys) -> None:
     assert "usage: moegpt" in capsys.readouterr().out
 
 
+def test_python_dash_m_runs_the_command_line() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "moegpt", "--version"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and result.stdout.startswith("moegpt ")
+
+
 def test_console_script_is_installed() -> None:
     result = subprocess.run(
         [Path(sys.executable).with_name("moegpt"), "--version"], capture_output=True, text=True
