@@ -329,7 +329,8 @@ def _generate(engine: Engine, args: argparse.Namespace) -> None:
         stop_token_ids=template.end_of_turn_ids() if args.chat and template else (),
     )
     stderr.print(f"engine: {engine.describe()}", highlight=False)
-    prompts = args.prompt or [sys.stdin.read()]
+    # A piped prompt loses the one newline that ends its last line (`echo` adds it).
+    prompts = args.prompt or [sys.stdin.read().removesuffix("\n").removesuffix("\r")]
     # Special-token strings in a prompt are text, as in /v1/completions and the training data.
     if args.chat and template is not None:
         encoded = [template.encode([{"role": "user", "content": p}], True) for p in prompts]

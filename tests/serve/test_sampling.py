@@ -3,6 +3,7 @@ n > 1 samples sharing their prompt's blocks; and `moegpt generate`."""
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
@@ -182,3 +183,22 @@ def test_generate_cli_says_how_the_engine_started(text_model: Path, capsys) -> N
         r"no step-time model, overlap off; ready in [\d.]+ s",
         line,
     ), line
+
+
+def test_generate_cli_drops_the_newline_that_ends_a_piped_prompt(
+    text_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moegpt.serve.engine import folder_tokenizer
+
+    seen: list[list[int]] = []
+    real = Engine.add_request
+
+    def recording(self, ids, *args, **kwargs):
+        seen.append(list(ids))
+        return real(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "add_request", recording)
+    monkeypatch.setattr("sys.stdin", io.StringIO("def foo(\n"))
+    assert main(["generate", str(text_model), "--max-tokens", "1", "--num-kv-blocks", "32"]) == 0
+    tokenizer, _ = folder_tokenizer(text_model)
+    assert seen == [tokenizer.encode("def foo(").ids]
