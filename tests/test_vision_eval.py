@@ -13,7 +13,14 @@ import torch
 
 from moegpt.data.images import FASHION_CLASSES
 from moegpt.data.tokenizer import END_OF_TEXT, IMAGE, train_tokenizer
-from moegpt.evals.vision import HeldOut, classify, edit_distance, transcribe
+from moegpt.evals.vision import (
+    HeldOut,
+    Query,
+    classify,
+    edit_distance,
+    name_scores,
+    transcribe,
+)
 
 
 def reference_distance(a: str, b: str) -> int:
@@ -101,3 +108,46 @@ def test_classification_by_likelihood_picks_the_preferred_name(tokenizer, shots)
     # The model always answers "sneaker": right for 2 of the 6 items.
     assert result == {"items": 6, "accuracy": pytest.approx(2 / 6), "shots": shots}
     assert tokenizer.token_to_id(IMAGE) is not None
+
+
+class Bigram(torch.nn.Module):
+    """A stand-in whose next-token logits depend on the token before and on the last image
+    (each image's pixel value picks a bias row)."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.image_embedding = torch.nn.Parameter(torch.zeros(1))
+        self.table = torch.randn(vocab, vocab, generator=generator)
+        self.by_image = torch.randn(4, vocab, generator=generator)
+
+    def forward(self, tokens: torch.Tensor, images: torch.Tensor) -> SimpleNamespace:
+        bias = self.by_image[images[:, -1, 0, 0].long()]
+        return SimpleNamespace(logits=self.table[tokens] + bias[:, None])
+
+
+def test_name_scores_equal_each_candidate_scored_alone(tokenizer) -> None:
+    """Batched, padded and gathered, each name's score is the sum of its own tokens'
+    log-probabilities after what all names share, as one row alone gives it."""
+    model = Bigram(tokenizer.get_vocab_size())
+    marker = tokenizer.token_to_id(IMAGE)
+    images = np.stack([np.full((8, 8), i, np.uint8) for i in range(3)])
+    context = [marker, *tokenizer.encode("a bag above a coat").ids, 0, marker]
+    queries = [
+        Query([marker], images[:1], "a ", "bag"),
+        Query(context, images[1:], "a sneaker to the left of a ", "coat"),
+    ]
+    got = name_scores(model, tokenizer, queries, rows_per_batch=7)  # batches split queries
+    for query, scores in zip(queries, got, strict=True):
+        encoded = [tokenizer.encode(query.prefix + name).ids for name in FASHION_CLASSES]
+        shared = min(
+            next((i for i, (a, b) in enumerate(zip(e, encoded[0], strict=False)) if a != b), len(e))
+            for e in encoded
+        )
+        pixels = torch.from_numpy(query.images)[None]
+        for name_ids, score in zip(encoded, scores, strict=True):
+            row = torch.tensor([query.context + name_ids])
+            logprobs = model(row, pixels).logits[0].log_softmax(-1)
+            first = len(query.context) + shared
+            want = sum(float(logprobs[p - 1, row[0, p]]) for p in range(first, row.shape[1]))
+            assert score == pytest.approx(want, abs=1e-4)

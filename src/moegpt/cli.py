@@ -510,6 +510,10 @@ def _vision(args: argparse.Namespace) -> dict:
     path = "stdlib:rendered" if args.task == "transcribe" else "debian:fashion-mnist"
     with stderr.status(f"drawing the held-out items of {path}"):
         items = held_out_items(config, path, args.limit)
+    if args.task == "classify" and max(shots) > len(items.train_captions):
+        raise UserError(
+            f"--shots: {max(shots)} exceeds the {len(items.train_captions)} training canvases"
+        )
     result: dict = {"gates": gate_values(model)}
     if args.task == "transcribe":
         with stderr.status(f"transcribe: {len(items.captions)} held-out lines"):
@@ -856,7 +860,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a serving checkpoint from a run's newest checkpoint",
         description="Write model.safetensors, config.json and tokenizer.json from the newest "
         "complete checkpoint of RUN_DIR into OUT_DIR (loadable by moegpt.load, convertible "
-        "with `moegpt convert`).",
+        "with `moegpt convert`; a vision run's folder also has its vision parts and a vision "
+        "section, for `moegpt eval --task transcribe|classify` and train.init_from).",
     )
     export.add_argument("run_dir")
     export.add_argument("out_dir")

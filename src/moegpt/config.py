@@ -623,7 +623,9 @@ class ServeConfig(_Section):
     decode_attention: Literal["auto", "per_sequence", "padded"] = _doc(
         "auto",
         "per_sequence (batch-invariant: greedy output independent of the batch), padded "
-        "(one SDPA call for all decodes), auto (per_sequence on CPU, padded on GPU)",
+        "(all sequences of a step in one attention call: FlashAttention's variable-length "
+        "kernel on a GPU in half precision, else one SDPA call for the decodes), auto "
+        "(per_sequence on CPU, padded on GPU)",
     )
     cuda_graphs: bool = _doc(
         True,

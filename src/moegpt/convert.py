@@ -28,6 +28,7 @@ from moegpt.weights import (
     WEIGHTS_FILE,
     checkpoint_meta,
     load_model_config,
+    load_vision_config,
     read_json,
     write_folder_atomically,
 )
@@ -360,6 +361,10 @@ def convert(
     source_format = detect_format(src)
     if source_format == "moegpt":
         config = load_model_config(src)
+        if load_vision_config(src).enabled:
+            raise UserError(
+                f"{src}: a vision model; other formats have no place for its vision parts"
+            )
         to = to or ("mixtral" if config.n_moe_layers else "llama")
     else:
         hf_config = read_json(src / CONFIG_FILE)

@@ -212,6 +212,8 @@ def _folder_meta(path: str | Path) -> tuple[Path, dict[str, Any]]:
 def load_model_config(path: str | Path) -> ModelConfig:
     """The (language) model config of a moegpt checkpoint folder."""
     config_path, meta = _folder_meta(path)
+    if not isinstance(meta.get("model", {}), dict):
+        raise UserError(f"{config_path}: model: expected an object")
     try:
         return section_from_dict(ModelConfig, meta.get("model", {}))
     except ConfigError as e:
@@ -223,12 +225,20 @@ def load_vision_config(path: str | Path) -> VisionConfig:
     config_path, meta = _folder_meta(path)
     if "vision" not in meta:
         return VisionConfig()
+    if not isinstance(meta["vision"], dict):
+        raise UserError(f"{config_path}: vision: expected an object")
     try:
         vision = section_from_dict(VisionConfig, meta["vision"])
     except ConfigError as e:
         raise UserError(f"{config_path}: vision: {e}") from None
     if not vision.enabled:
         raise UserError(f"{config_path}: vision.enabled is false in a vision section")
+    vocab = load_model_config(path).vocab_size
+    if not 0 <= vision.image_token_id < vocab:
+        raise UserError(
+            f"{config_path}: vision.image_token_id {vision.image_token_id} is outside the "
+            f"model's vocabulary (model.vocab_size {vocab})"
+        )
     return vision
 
 
@@ -500,14 +510,20 @@ def load(
     loads as float32, which holds every such value exactly.
     """
     folder = check_folder(path, dtype)
-    if folder.vision.enabled:
-        raise UserError(
-            f"{path}: a vision model; generating and serving with images are not built yet "
-            "(`moegpt eval --task transcribe|classify` and train.init_from take it)"
-        )
+    refuse_vision(folder)
     with torch.device("meta"):
         model = Transformer(folder.config)
     return _filled(folder, model, device)
+
+
+def refuse_vision(folder: CheckedFolder) -> None:
+    """One line for a vision model's folder where only a language model will do."""
+    if folder.vision.enabled:
+        raise UserError(
+            f"{folder.weights_path.parent}: a vision model; generating, serving and converting "
+            "it are not built yet (`moegpt eval --task transcribe|classify` and "
+            "train.init_from take it)"
+        )
 
 
 def load_vision(

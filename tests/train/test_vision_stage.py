@@ -147,7 +147,7 @@ def test_a_vision_run_exports_and_starts_the_next_stage(tmp_path, parent, capsys
     other = recipe(tmp_path, "--vision.width", "16", init_from=str(tmp_path / "out"))
     with pytest.raises(UserError, match="vision.width: 16 differs from 32 in train.init_from"):
         Trainer(other, tmp_path / "other-run", log=lambda m: None).prepare(resume=False)
-    with pytest.raises(UserError, match="a vision model; generating and serving with images"):
+    with pytest.raises(UserError, match="a vision model; generating, serving and converting it"):
         moegpt.load(tmp_path / "out")
 
 
@@ -178,3 +178,24 @@ def test_images_prepared_at_another_size_are_refused(tmp_path) -> None:
     config = recipe(tmp_path, "--vision.image_size", "16")
     with pytest.raises(UserError, match="vision.image_size: 16, but .* images are 32 pixels"):
         Trainer(config, tmp_path / "run", log=lambda m: None)
+
+
+def test_vision_folders_with_bad_sections_or_in_other_formats_are_one_line(
+    tmp_path, capsys
+) -> None:
+    from moegpt.cli import main
+    from moegpt.model.vision import model_for
+    from moegpt.weights import CONFIG_FILE, check_folder
+
+    config = recipe(tmp_path)
+    folder = moegpt.save_model(model_for(config.model, config.vision), tmp_path / "folder")
+    assert main(["convert", str(folder), str(tmp_path / "hf")]) == 2
+    assert "a vision model; other formats have no place" in capsys.readouterr().err
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    for section, message in (
+        ({**meta["vision"], "image_token_id": 999}, "vision.image_token_id 999 is outside"),
+        ([1], "vision: expected an object"),
+    ):
+        (folder / CONFIG_FILE).write_text(json.dumps({**meta, "vision": section}))
+        with pytest.raises(UserError, match=message):
+            check_folder(folder)

@@ -163,13 +163,28 @@ def classify(
     return {"items": len(queries), "accuracy": correct / len(queries), "shots": shots}
 
 
-@torch.inference_mode()
 def name_scores(
     model: VisionLanguageModel, tokenizer: Any, queries: list[Query], rows_per_batch: int = 200
 ) -> list[list[float]]:
     """Each query's log-likelihood of each class name continuing its caption: the tokens after
     what all ten candidates' encodings share (a name may merge with the text before it). The
-    candidates of many queries run as the rows of one batch."""
+    candidates of many queries with as many images run as the rows of one batch."""
+    by_count: dict[int, list[int]] = {}
+    for i, query in enumerate(queries):
+        by_count.setdefault(len(query.images), []).append(i)
+    scores: list[list[float]] = [[] for _ in queries]
+    for indices in by_count.values():
+        group = [queries[i] for i in indices]
+        for i, found in zip(indices, _scores(model, tokenizer, group, rows_per_batch), strict=True):
+            scores[i] = found
+    return scores
+
+
+@torch.inference_mode()
+def _scores(
+    model: VisionLanguageModel, tokenizer: Any, queries: list[Query], rows_per_batch: int
+) -> list[list[float]]:
+    """:func:`name_scores` of queries with the same number of images."""
     device = model.image_embedding.device
     rows, spans, images = [], [], []
     for query in queries:

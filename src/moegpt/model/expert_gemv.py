@@ -20,7 +20,7 @@ try:
 except ImportError:  # CPU wheels of PyTorch ship without Triton
     triton = None
 
-# Output rows and reduction columns per program; the grid is (rows, ceil(out / BLOCK_N)), so
+# Output rows and reduction columns per program; the grid is (ceil(out / BLOCK_N), rows), so
 # even one row spreads over more programs than an H100 has SMs. On an H100, for one row of a
 # (2048 x 2048) bf16 expert: 4 x 512 took 4.6 us (1.8 TB/s of its bytes), 8 x 256 7.2 us,
 # 16 x 256 10.7 us, against 20.8 us gathering the matrix for a batched GEMV and 14.5 us for
@@ -46,8 +46,8 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
-        row = tl.program_id(0)
-        block = tl.program_id(1)
+        block = tl.program_id(0)
+        row = tl.program_id(1)
         expert = tl.load(ids_ptr + row).to(tl.int64)
         outs = block * BLOCK_N + tl.arange(0, BLOCK_N)
         out_ok = outs < n_out
@@ -66,9 +66,16 @@ if triton is not None:
         x: torch.Tensor, weight: torch.Tensor, expert_ids: torch.Tensor
     ) -> torch.Tensor:
         rows, n_in = x.shape
+        if weight.shape[2] != n_in or expert_ids.shape != (rows,):
+            raise ValueError(
+                f"expert_gemv: rows {tuple(x.shape)}, weights {tuple(weight.shape)} and ids "
+                f"{tuple(expert_ids.shape)} do not match"
+            )
+        x, expert_ids = x.contiguous(), expert_ids.contiguous()  # the kernel reads rows densely
         n_out = weight.shape[1]
         out = x.new_empty(rows, n_out)
-        grid = (rows, triton.cdiv(n_out, BLOCK_N))
+        # Output blocks on the first grid axis: CUDA caps the second at 65,535.
+        grid = (triton.cdiv(n_out, BLOCK_N), rows)
         torch.library.wrap_triton(_expert_gemv_kernel)[grid](
             x,
             weight,
@@ -101,5 +108,5 @@ def expert_gemv(x: torch.Tensor, weight: torch.Tensor, expert_ids: torch.Tensor)
     """Each row ``x[s]`` (rows, in) times ``weight[expert_ids[s]].T`` ((experts, out, in)
     weights): (rows, out) in ``x``'s dtype."""
     if kernel_applies(x, weight):
-        return _expert_gemv(x.contiguous(), weight, expert_ids)
+        return _expert_gemv(x, weight, expert_ids)
     return torch.bmm(weight[expert_ids], x.unsqueeze(-1)).squeeze(-1)

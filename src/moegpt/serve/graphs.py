@@ -311,8 +311,8 @@ def call_block(
 COMPILE_OPTIONS: dict = dict(fullgraph=True, dynamic=True)
 DYNAMO_CONFIG = dict(
     # A block's layer index (which cache layer it reads) is an input, not a constant, so
-    # layers share a compilation; only 0 and 1 specialise, as sizes do.
+    # every layer shares one compilation.
     allow_unspec_int_on_nn_module=True,
-    # (batch 1, a few, many) x (layer 0, 1, others) x (decode, verify) specialisations.
+    # (batch 1, up to 8 routed rows, more) x (decode, verify) x (dense, MoE blocks), with room.
     recompile_limit=32,
 )

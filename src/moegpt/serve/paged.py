@@ -8,8 +8,11 @@ multi-head attention.
 In the batch-invariant mode attention runs per sequence: its slots are gathered and SDPA
 attends over exactly its own keys, so a sequence's numbers never depend on what else is in
 the batch (the linear layers are row-wise), which makes batched greedy decoding on CPU in fp32
-token-for-token equal to decoding alone. The padded mode (the GPU default) attends to all
-decoding sequences in one call instead, equal up to rounding. :class:`BlockTableStep` is that
+token-for-token equal to decoding alone. The padded mode (the GPU default) attends to many
+sequences in one call instead, equal up to rounding: on a GPU in half precision every
+sequence of an eager step through FlashAttention's variable-length kernel
+(:class:`VarlenStep`), elsewhere the step's decodes through one SDPA call
+(:class:`PagedStep` with a :class:`DecodeBatch`). :class:`BlockTableStep` is that
 batched attention for a uniform step (every sequence runs the same number of new tokens) with
 fixed shapes and no host sync, so a CUDA graph can capture it (:mod:`moegpt.serve.graphs`).
 """
@@ -64,9 +67,14 @@ def store_kv(
 
 
 def flash_applies(cache: PagedKVCache) -> bool:
-    """Whether attention over ``cache`` can run FlashAttention-2's variable-length kernel: on
-    a GPU in half precision (it has no fp32 or CPU kernel)."""
-    return cache.k.device.type == "cuda" and cache.k.dtype in (torch.float16, torch.bfloat16)
+    """Whether attention over ``cache`` can run FlashAttention-2's variable-length kernel: in
+    half precision on an Ampere or newer GPU, for a head size that is a multiple of 8 up to
+    256 (the aten op does not pad heads as SDPA does; there is no fp32 or CPU kernel)."""
+    k = cache.k
+    if k.device.type != "cuda" or k.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    head = k.shape[-1]
+    return head % 8 == 0 and head <= 256 and torch.cuda.get_device_capability(k.device) >= (8, 0)
 
 
 def flash_varlen(

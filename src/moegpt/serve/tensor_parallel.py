@@ -179,12 +179,13 @@ def load_sharded(
     the slices it holds (replicated tensors whole) straight onto ``device``, so no rank reads,
     or holds in host memory, a whole sharded tensor."""
     from moegpt.serve.sharded_load import fill_shards
-    from moegpt.weights import check_folder
+    from moegpt.weights import check_folder, refuse_vision
 
     if not launched_by_torchrun():
         raise UserError(f"serve.tp: {tp} ranks need torchrun (moegpt generate --tp starts it)")
     init_distributed(device, timeout_s)
     folder = check_folder(path)
+    refuse_vision(folder)
     layout = ParallelConfig(tp=tp)
     try:
         check_parallel(folder.config, layout)
