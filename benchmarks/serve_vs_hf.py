@@ -52,6 +52,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -187,6 +188,24 @@ def batch_decode_1(engine: Engine, prompt: list[int], output_len: int) -> dict:
         "tokens_per_second": tokens / seconds,
         "step_ms": seconds / tokens * 1e3,
     }
+
+
+def blocking_calls_per_step(engine: Engine, prompt: list[int], steps: int) -> float:
+    """Synchronising CUDA calls (a blocking copy, ``.item()``, ...) per decode step, counted by
+    torch's sync debug mode: an overlapped step should make none (it waits on events only),
+    or the host stalls until the device drains and the overlap is lost."""
+    params = SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True)
+    engine.add_request(prompt, params)
+    engine.step()  # prefill and the first token
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            while engine.has_work():
+                engine.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught) / steps
 
 
 # Hugging Face, in a child process per variant -------------------------------------------------
@@ -543,6 +562,8 @@ def main() -> None:
         fraction_of_roofline=one["tokens_per_second"] / roofline,
         **bandwidth_fields(nbytes, one["step_ms"], bandwidth),
     )
+    if cuda:
+        one["blocking_calls_per_step"] = blocking_calls_per_step(engine, prompts[0], 16)
     result["batch1"] = one
 
     out = Path(args.out)
@@ -624,7 +645,12 @@ def report(result: dict, concurrency: list[int]) -> str:
         f"{one['roofline_tokens_per_second']:,.1f} tokens/s",
         f"batch 1 decode, moegpt: {one['tokens_per_second']:,.1f} tokens/s, step "
         f"{one['step_ms']:.2f} ms, {one['achieved_gbs']:,.1f} GB/s achieved = "
-        f"{one['achieved_fraction_of_copy']:.1%} of copy bandwidth (of the roofline)",
+        f"{one['achieved_fraction_of_copy']:.1%} of copy bandwidth (of the roofline)"
+        + (
+            f"; {one['blocking_calls_per_step']:.1f} blocking CUDA calls a step"
+            if "blocking_calls_per_step" in one
+            else ""
+        ),
     ]
     for variant, info in result["hf"].items():
         h = info["results"][0]

@@ -110,7 +110,8 @@ class DecodeGraphs:
         self.max_blocks = math.ceil(max_context / cache.block_size)
         self.batch_sizes = batch_ladder(max_batch_size)
         self.window_sizes = window_ladder(self.max_blocks)
-        biggest = max_batch_size * (3 * max(q_lens) + 1 + self.max_blocks)
+        # A bucket's inputs, then the rows a token patch overwrites (at most one a row).
+        biggest = max_batch_size * (4 * max(q_lens) + 1 + self.max_blocks)
         self._inputs = torch.zeros(biggest, dtype=torch.long, device=self.device)
         cuda = self.device.type == "cuda"
         self._staging = torch.zeros(biggest, dtype=torch.long, pin_memory=cuda)
@@ -186,7 +187,7 @@ class DecodeGraphs:
             for blocks in self.window_sizes
         ]
         for bucket in sorted(buckets, key=lambda b: (b[0] * b[1], b[2]), reverse=True):
-            inputs = self._fill(bucket, [], [], [], [], [])  # padding rows only
+            inputs, _ = self._fill(bucket, [], [], [], [], [])  # padding rows only
             # Lazy initialisation (cuBLAS workspaces, kernel loading) must happen outside the
             # capture, on a side stream as torch.cuda.graphs documents.
             side = torch.cuda.Stream()
@@ -219,10 +220,12 @@ class DecodeGraphs:
         """
         batch = len(context_lens)
         bucket = self.bucket(batch, q_len, max(context_lens, default=0))
-        inputs = self._fill(bucket, tokens, positions, slot_mapping, block_tables, context_lens)
-        if token_patch is not None:
-            rows, values = token_patch
-            inputs.tokens[rows] = values
+        rows, values = token_patch if token_patch is not None else ([], None)
+        inputs, patched = self._fill(
+            bucket, tokens, positions, slot_mapping, block_tables, context_lens, rows
+        )
+        if values is not None:
+            inputs.tokens[patched] = values
         graph = self._graphs.get(bucket)
         if graph is None:
             self._forward(inputs)
@@ -238,9 +241,12 @@ class DecodeGraphs:
         slot_mapping: list[int],
         block_tables: list[list[int]],
         context_lens: list[int],
-    ) -> StepInputs:
+        patch_rows: list[int] = (),
+    ) -> tuple[StepInputs, torch.Tensor]:
         """Pack a step padded to ``bucket`` into staging, copy it to the device buffer in one
-        copy, and return the bucket's views of that buffer.
+        copy, and return the bucket's views of that buffer, and of ``patch_rows`` there. (An
+        index list used on the device directly would be copied to it synchronously, waiting
+        for the step still running.)
 
         Padding rows are token 0 at position 0 writing the scratch block's first ``q_len``
         slots, with a context of ``q_len`` keys there: they attend to themselves only, so they
@@ -272,10 +278,12 @@ class DecodeGraphs:
             entries, dtype=np.int64, count=int(lengths.sum())
         )
         total = 3 * rows + batch * (1 + blocks)
-        self._inputs[:total].copy_(self._staging[:total], non_blocking=True)
+        staged[total : total + len(patch_rows)] = patch_rows
+        end = total + len(patch_rows)
+        self._inputs[:end].copy_(self._staging[:end], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
-        return StepInputs.view(self._inputs, batch, q_len, blocks)
+        return StepInputs.view(self._inputs, batch, q_len, blocks), self._inputs[total:end]
 
     def _forward(self, inputs: StepInputs) -> None:
         """The step's forward over the bucket's buffers, logits into the shared buffer."""

@@ -160,14 +160,16 @@ class ModelForward:
             new_slots += seq_slots[past:]
             slots += seq_slots
         # Everything the step needs on the device travels as one host-to-device copy.
-        parts = [inp.tokens, inp.positions, new_slots, slots, inp.logits_rows, *decodes]
-        parts += offsets if varlen else []
-        flat = torch.tensor([v for part in parts for v in part]).to(self.device, non_blocking=True)
-        tokens, positions, new_at, slots_at, logits_rows, rows, starts, lengths, *cu = flat.split(
-            [len(part) for part in parts]
+        # (The patched rows too: a list index would be copied on its own, synchronously.)
+        patch_rows, patch_values = patch if patch is not None else ([], None)
+        parts = [inp.tokens, inp.positions, new_slots, slots, inp.logits_rows, patch_rows]
+        parts += [*decodes, *offsets] if varlen else decodes
+        flat = pinned_tensor([v for part in parts for v in part]).to(self.device, non_blocking=True)
+        tokens, positions, new_at, slots_at, logits_rows, patched, rows, starts, lengths, *cu = (
+            flat.split([len(part) for part in parts])
         )
-        if patch is not None:
-            tokens[patch[0]] = patch[1]
+        if patch_values is not None:
+            tokens[patched] = patch_values
         step: KVCacheLike
         if varlen:
             news = [new for _, new, _, _ in inp.sequences]
@@ -180,6 +182,14 @@ class ModelForward:
         with sdpa_kernel(SDPA_BACKENDS):
             out = self.model(tokens[None], positions=positions[None], cache=step)
         return out.logits[0, logits_rows].float()
+
+
+def pinned_tensor(values: list[int]) -> torch.Tensor:
+    """``values`` as an int64 tensor in pinned memory where there is a GPU: copied to the
+    device with ``non_blocking``, it neither waits for the device nor goes through a staging
+    copy."""
+    tensor = torch.tensor(values, dtype=torch.int64)
+    return tensor.pin_memory() if torch.cuda.is_available() else tensor
 
 
 def context_limit(model: Transformer, config: ServeConfig) -> int:
@@ -459,7 +469,7 @@ class ModelRunner:
         patch = None
         if patch_rows:
             assert self._previous is not None and self._previous.draw is not None
-            sources = torch.tensor(patch_sources).to(self.device, non_blocking=True)
+            sources = pinned_tensor(patch_sources).to(self.device, non_blocking=True)
             patch = (patch_rows, self._previous.draw.tokens[sources])
         return inp, rows, patch, scoring
 

@@ -49,6 +49,10 @@ from moegpt.serve.runner import ModelForward, ModelInput, TokenPatch
 _STOP = -1  # a length that tells followers to leave their loop
 _KEEPALIVE = 0  # a length that tells followers there is no step yet (a packed input is longer)
 KEEPALIVE_S = 1.0  # far below any sensible collective timeout, and one tiny broadcast a second
+# Integers in a step's first message: its length, then the packed input. A decode step of 64
+# sequences at a few thousand tokens fits, so it costs one broadcast, not a length and then
+# the data (each a round trip between processes, on the step's critical path).
+FIRST_MESSAGE = 4096
 
 
 def pack(inp: ModelInput, patch_rows: list[int] = ()) -> torch.Tensor:
@@ -103,10 +107,16 @@ class TensorParallelForward:
         self._sent = time.monotonic()  # when the followers last heard from this rank
         self.failed: BaseException | None = None  # what broke the group, once something has
 
-    def _broadcast_length(self, length: int) -> None:
+    def _send(self, length: int, packed: torch.Tensor | None = None) -> None:
+        """One message of ``length`` and as much of ``packed`` as fits; the rest after it."""
         self._sent = time.monotonic()
-        tensor = torch.tensor([length], dtype=torch.int64)
-        dist.broadcast(tensor, group_src=0, group=self.groups.host)
+        first = torch.empty(FIRST_MESSAGE, dtype=torch.int64)
+        first[0] = length
+        if packed is not None:
+            first[1 : 1 + min(length, FIRST_MESSAGE - 1)] = packed[: FIRST_MESSAGE - 1]
+        dist.broadcast(first, group_src=0, group=self.groups.host)
+        if packed is not None and length > FIRST_MESSAGE - 1:
+            dist.broadcast(packed[FIRST_MESSAGE - 1 :], group_src=0, group=self.groups.host)
 
     @property
     def graphs(self) -> DecodeGraphs | None:
@@ -117,8 +127,7 @@ class TensorParallelForward:
             raise RuntimeError("tensor-parallel ranks out of step: a step failed") from self.failed
         packed = pack(inp, patch[0] if patch is not None else [])
         try:
-            self._broadcast_length(packed.numel())
-            dist.broadcast(packed, group_src=0, group=self.groups.host)
+            self._send(packed.numel(), packed)
             if patch is not None:  # in stream order: the draw producing them may still run
                 values = patch[1].to(torch.int64).contiguous()
                 dist.broadcast(values, group_src=0, group=self.groups.device)
@@ -132,7 +141,7 @@ class TensorParallelForward:
         ``KEEPALIVE_S``. A failure is kept for the next step to raise."""
         if self.failed is None and time.monotonic() - self._sent >= KEEPALIVE_S:
             try:
-                self._broadcast_length(_KEEPALIVE)
+                self._send(_KEEPALIVE)
             except Exception as e:
                 self.failed = e
 
@@ -141,7 +150,7 @@ class TensorParallelForward:
         torchrun stops them when this rank exits."""
         if not self._closed and self.failed is None:
             self._closed = True
-            self._broadcast_length(_STOP)
+            self._send(_STOP)
             dist.barrier(group=self.groups.host)  # nobody tears the groups down mid-read
         self.forward.close()
 
@@ -151,16 +160,19 @@ def follow(forward: ModelForward, groups: TensorParallelGroups) -> int:
     It waits on the host channel only, so it queues step n + 1 while its device runs step n."""
     steps = 0
     while True:
-        received = torch.empty(1, dtype=torch.int64)
-        dist.broadcast(received, group_src=0, group=groups.host)
-        length = int(received)
+        first = torch.empty(FIRST_MESSAGE, dtype=torch.int64)
+        dist.broadcast(first, group_src=0, group=groups.host)
+        length = int(first[0])
         if length == _STOP:
             dist.barrier(group=groups.host)
             return steps
         if length == _KEEPALIVE:
             continue
-        packed = torch.empty(length, dtype=torch.int64)
-        dist.broadcast(packed, group_src=0, group=groups.host)
+        packed = first[1 : 1 + length]
+        if length > FIRST_MESSAGE - 1:
+            rest = torch.empty(length - (FIRST_MESSAGE - 1), dtype=torch.int64)
+            dist.broadcast(rest, group_src=0, group=groups.host)
+            packed = torch.cat([packed, rest])
         inp, patch_rows = unpack(packed)
         patch = None
         if patch_rows:
