@@ -1,9 +1,10 @@
 """Tensor-parallel loading reads only each rank's slices: two gloo ranks under torchrun load
 model folders with ``load_sharded`` while ``safe_open`` is spied on. Every local shard equals
-DTensor's own split of the whole tensor, no sharded tensor is read whole (``get_tensor``), each
-rank reads about half of the sharded tensors' elements, and a tensor refused on one rank's
-slice is refused by both ranks, naming it. One torchrun launch covers MQA with MoE and an
-uneven vocabulary, GQA with split K/V and a tied embedding in bfloat16, and a NaN."""
+DTensor's own split of the whole tensor under the training plan, no sharded tensor is read
+whole (``get_tensor``), each rank reads about half of the sharded tensors' elements, and a
+tensor refused on one rank's slice is refused by both ranks, naming it. One torchrun launch
+covers MQA with MoE and an uneven vocabulary, GQA with split K/V and a tied embedding in
+bfloat16, and a NaN."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any, ClassVar
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 from moegpt.model import Transformer
 from moegpt.weights import WEIGHTS_FILE, save_model
@@ -81,6 +83,9 @@ def test_each_rank_reads_only_its_slices(reports: list[dict[str, Any]], name: st
         assert 0.45 < sum(run["sliced"].values()) / sharded_total < 0.55
     for tensor in runs[0]["sharded"]:  # the ranks' blocks make up each tensor exactly
         assert sum(run["sliced"][tensor] for run in runs) == runs[0]["sharded"][tensor]
+    # Sums in another order: fp32 rounding, or bf16's.
+    tolerance = 2e-2 if name.endswith("bf16") else 1e-5
+    assert all(run["logits_error"] < tolerance for run in runs), [r["logits_error"] for r in runs]
 
 
 def test_a_refused_slice_stops_every_rank(reports: list[dict[str, Any]]) -> None:
@@ -132,9 +137,30 @@ class _SpyFile:
         return _SpySlice(self.inner.get_slice(name), count)
 
 
-def _check_one(folder: str) -> dict[str, Any]:
-    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+def _training_layout(folder: str) -> dict[str, DTensor]:
+    """The training code's DTensor split of the folder's model (on the meta device): the
+    reference for which block of each tensor a serving rank must hold."""
+    from moegpt.config import ParallelConfig
+    from moegpt.model.moe import GroupedExperts
+    from moegpt.parallel.experts import shard_experts
+    from moegpt.parallel.mesh import ParallelDims
+    from moegpt.parallel.tensor import apply_tensor_parallel
+    from moegpt.weights import check_folder
 
+    dims = ParallelDims.build(ParallelConfig(tp=TP), torch.device("cpu"))
+    with torch.device("meta"):
+        model = Transformer(check_folder(folder).config)
+    apply_tensor_parallel(model, dims["tp"])
+    for experts in [m for m in model.modules() if isinstance(m, GroupedExperts)]:
+        shard_experts(experts, dims)
+    return {
+        name: t
+        for name, t in model.state_dict().items()
+        if isinstance(t, DTensor) and any(p != Replicate() for p in t.placements)
+    }
+
+
+def _check_one(folder: str) -> dict[str, Any]:
     import moegpt.weights
     from moegpt.errors import UserError
     from moegpt.serve.tensor_parallel import load_sharded
@@ -149,20 +175,27 @@ def _check_one(folder: str) -> dict[str, Any]:
     finally:
         moegpt.weights.safe_open = real
     full = load_file(Path(folder) / WEIGHTS_FILE)
+    training = _training_layout(folder)
     sharded, replicated, mismatched = {}, [], []
-    for name, param in model.state_dict().items():
-        if isinstance(param, DTensor) and any(p != Replicate() for p in param.placements):
-            sharded[name] = param.numel()
+    for name, have in model.state_dict().items():
+        if name in training:
+            sharded[name] = training[name].numel()
+            reference = training[name]
             want = distribute_tensor(
-                full[name], param.device_mesh, param.placements, src_data_rank=None
+                full[name], reference.device_mesh, reference.placements, src_data_rank=None
             ).to_local()
-            have = param.to_local()
         else:
             replicated.append(name)
-            want, have = full[name], param.to_local() if isinstance(param, DTensor) else param
+            want = full[name]
         if have.dtype != want.dtype or not torch.equal(have, want):
             mismatched.append(name)
+    # The split model's forward (its all-reduces and the head's gather) against one process.
+    ids = torch.arange(11).remainder(model.config.vocab_size)[None] * 7 % model.config.vocab_size
+    with torch.inference_mode():
+        got = model(ids).logits.float()
+        want = moegpt.weights.load(folder, device="cpu")(ids).logits.float()
     return {
+        "logits_error": (got - want).abs().max().item() / want.abs().max().item(),
         "sharded": sharded,
         "replicated": replicated,
         "mismatched": mismatched,

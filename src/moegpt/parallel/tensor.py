@@ -10,7 +10,8 @@ on all TP ranks.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -59,34 +60,56 @@ def _shard_like_param(param: nn.Parameter) -> None:
         param.grad = param.grad.redistribute(param.device_mesh, param.placements)
 
 
-def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
-    """Split ``model`` (a whole model or a pipeline stage) over ``tp_mesh`` in place.
+# How tensor parallelism splits a module (the one plan, applied as DTensors in training by
+# :func:`apply_tensor_parallel` and as plain blocks in serving by
+# :func:`moegpt.parallel.serving.shard_for_serving`):
+#   column: output features split (its input is whole on every rank);
+#   row: input features split, the ranks' partial outputs summed;
+#   vocab_embedding: vocabulary rows split, each rank embedding its own ids, the rows summed;
+#   vocab_head: vocabulary split, the logits gathered whole;
+#   replicated_kv: whole on every rank (MQA's one K/V head), each rank reading its own heads.
+Split = Literal["column", "row", "vocab_embedding", "vocab_head", "replicated_kv"]
 
-    Expert weights are split separately (:func:`moegpt.parallel.experts.shard_experts`).
-    """
-    tp = tp_mesh.size()
-    top: dict[str, ParallelStyle] = {}
+
+def tensor_parallel_plan(model: Transformer, tp: int) -> dict[str, Split]:
+    """How each split module of ``model`` (a whole model or a pipeline stage) is split over
+    ``tp`` ranks, by module name; the experts are split apart (by hidden unit)."""
+    plan: dict[str, Split] = {}
     if not model.config.tie_embeddings:  # vocabulary-parallel embedding and head (a tied
         # pair stays replicated: the head reads the embedding's weight directly)
         if model.output is not None:
-            top["output"] = ColwiseParallel(output_layouts=Replicate())
+            plan["output"] = "vocab_head"
         if model.tok_embeddings is not None:
-            top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate())
-    if top:
-        parallelize_module(model, tp_mesh, top)
-    if "tok_embeddings" in top:
-        model.tok_embeddings.weight.register_post_accumulate_grad_hook(_shard_like_param)
-    kv = ColwiseParallel() if model.config.n_kv_heads % tp == 0 else ReplicatedKV()
-    for block in model.layers.values():
-        plan: dict[str, ParallelStyle] = {
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": kv,
-            "attention.wv": kv,
-            "attention.wo": RowwiseParallel(),
-        }
+            plan["tok_embeddings"] = "vocab_embedding"
+    kv: Split = "column" if model.config.n_kv_heads % tp == 0 else "replicated_kv"
+    for name, block in model.layers.items():
+        layer = f"layers.{name}"
+        plan |= {f"{layer}.attention.wq": "column", f"{layer}.attention.wk": kv}
+        plan |= {f"{layer}.attention.wv": kv, f"{layer}.attention.wo": "row"}
         if isinstance(block.ffn, FeedForward):
-            plan["ffn.w1"] = ColwiseParallel()
+            plan[f"{layer}.ffn.w1"] = "column"
             if hasattr(block.ffn, "w3"):
-                plan["ffn.w3"] = ColwiseParallel()
-            plan["ffn.w2"] = RowwiseParallel()
-        parallelize_module(block, tp_mesh, plan)
+                plan[f"{layer}.ffn.w3"] = "column"
+            plan[f"{layer}.ffn.w2"] = "row"
+    return plan
+
+
+_STYLES: dict[Split, Callable[[], ParallelStyle]] = {
+    "column": ColwiseParallel,
+    "row": RowwiseParallel,
+    "vocab_embedding": lambda: RowwiseParallel(input_layouts=Replicate()),
+    "vocab_head": lambda: ColwiseParallel(output_layouts=Replicate()),
+    "replicated_kv": ReplicatedKV,
+}
+
+
+def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
+    """Split ``model`` (a whole model or a pipeline stage) over ``tp_mesh`` in place, as
+    DTensors.
+
+    Expert weights are split separately (:func:`moegpt.parallel.experts.shard_experts`).
+    """
+    plan = tensor_parallel_plan(model, tp_mesh.size())
+    parallelize_module(model, tp_mesh, {name: _STYLES[split]() for name, split in plan.items()})
+    if "tok_embeddings" in plan:
+        model.tok_embeddings.weight.register_post_accumulate_grad_hook(_shard_like_param)

@@ -35,14 +35,12 @@ import torch.distributed as dist
 from moegpt.config import ConfigError, ParallelConfig, check_parallel
 from moegpt.errors import UserError
 from moegpt.model import Transformer
-from moegpt.model.moe import GroupedExperts
-from moegpt.parallel.experts import shard_experts
 from moegpt.parallel.mesh import (
     ParallelDims,
     init_distributed,
     launched_by_torchrun,
 )
-from moegpt.parallel.tensor import apply_tensor_parallel
+from moegpt.parallel.serving import shard_for_serving
 from moegpt.serve.graphs import DecodeGraphs
 from moegpt.serve.runner import ModelForward, ModelInput, TokenPatch
 
@@ -187,9 +185,10 @@ def load_sharded(
     path: str | Path, tp: int, device: torch.device, timeout_s: float
 ) -> tuple[Transformer, TensorParallelGroups]:
     """This rank's shard of the exported model at ``path``. The model is built on the meta
-    device and split with the training code's plan; then each rank reads from the file only
-    the slices it holds (replicated tensors whole) straight onto ``device``, so no rank reads,
-    or holds in host memory, a whole sharded tensor."""
+    device and split with the training code's plan, on plain tensors
+    (:func:`moegpt.parallel.serving.shard_for_serving`); then each rank reads from the file
+    only the slices it holds (replicated tensors whole) straight onto ``device``, so no rank
+    reads, or holds in host memory, a whole sharded tensor."""
     from moegpt.serve.sharded_load import fill_shards
     from moegpt.weights import check_folder, refuse_vision
 
@@ -203,14 +202,11 @@ def load_sharded(
         check_parallel(folder.config, layout)
     except ConfigError as e:
         raise UserError(str(e).replace("parallel.tp", "serve.tp")) from None
-    dims = ParallelDims.build(layout, device)
+    group = ParallelDims.build(layout, device)["tp"].get_group()
     with torch.device("meta"):
         model = Transformer(folder.config)
-    apply_tensor_parallel(model, dims["tp"])
-    for experts in [m for m in model.modules() if isinstance(m, GroupedExperts)]:
-        shard_experts(experts, dims)
-    group = dims["tp"].get_group()
-    fill_shards(model, folder, device, group)
+    blocks = shard_for_serving(model, group)
+    fill_shards(model, folder, device, blocks, group)
     host = dist.new_group(
         dist.get_process_group_ranks(group), timeout=timedelta(seconds=timeout_s), backend="gloo"
     )
