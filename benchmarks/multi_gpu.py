@@ -12,8 +12,8 @@
    global batch) scaling efficiency, and the all-to-all share of a profiled EP step;
 4. context: context parallelism (ring attention) against one GPU, as in 1 (GPU only:
    PyTorch's ring attention runs on CUDA attention kernels);
-5. serving: decode tokens/s of `moegpt generate --tp N` for N = 1, 2, 4, 8 (or
-   `--serving-tp`) on a random model of each `--serving-configs` recipe.
+5. serving: tokens/s of the serving engine at tensor-parallel sizes N = 1, 2, 4, 8 (or
+   `--serving-tp`) on a random model of each `--serving-configs` recipe (`serve_tp.py`).
 
 Multi-GPU hosts keep NVLink multicast off (NCCL_NVLS_ENABLE=0 and friends, set here for every
 child). Every phase is one or a few torchrun jobs, so the whole script fits ten minutes on
@@ -36,7 +36,6 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -334,13 +333,15 @@ def random_model_folder(config_path: str, vocab: int, tokenizer: Path, folder: P
 
 
 def serving(args, root: Path, sizes: list[int]) -> list[dict[str, Any]]:
-    """Decode tokens/s of `moegpt generate --tp N` for each `--serving-configs` model (batch 1
-    and a batch of 32 prompts), at each N of `--serving-tp` its heads divide."""
-    # The prepared corpus's tokenizer gives the CLI text in and out (its vocabulary replaces
-    # the config's).
+    """Decode rates of the serving engine at each N of `--serving-tp` the recipe's heads
+    divide, for each `--serving-configs` model (random weights): `serve_tp.py` under torchrun,
+    batch 1 and 32, warmed up, the median of three runs."""
+    # The prepared corpus's tokenizer gives the engine text in and out (its vocabulary
+    # replaces the config's).
     tokenizer = Path(load_config(args.recipe).data.data_dir) / "tokenizer.json"
     vocab = load_tokenizer(tokenizer).get_vocab_size()
     tps = [int(n) for n in args.serving_tp.split(",")] if args.serving_tp else sizes
+    script = Path(__file__).with_name("serve_tp.py")
     rows = []
     for config_path in args.serving_configs.split(","):
         name = Path(config_path).stem
@@ -350,45 +351,25 @@ def serving(args, root: Path, sizes: list[int]) -> list[dict[str, Any]]:
         heads = load_config(config_path).model.n_heads
         for n in [n for n in tps if heads % n == 0]:
             row: dict[str, Any] = {"config": name, "tp": n, "model_seconds": made}
-            for batch in (1, 32):
-                command = [sys.executable, "-m", "moegpt.cli", "generate", str(folder)]
-                for i in range(batch):
-                    command += ["--prompt", f"def function_{i}(x, y):\n    return"]
-                command += ["--max-tokens", "64", "--temperature", "0", "--ignore-eos"]
-                command += ["--tp", str(n), "--max-batch-size", "32"]
-                command += ["--compile" if args.serving_compile else "--no-compile"]
-                began = time.perf_counter()
-                try:
-                    done = subprocess.run(
-                        command,
-                        env=env(),
-                        capture_output=True,
-                        text=True,
-                        timeout=args.serving_timeout,
-                    )
-                except subprocess.TimeoutExpired as e:  # keep its output: where it stalled
-                    err = e.stderr.decode() if isinstance(e.stderr, bytes) else e.stderr or ""
-                    row[f"batch{batch}_error"] = [f"timed out after {args.serving_timeout} s"]
-                    row[f"batch{batch}_stderr_tail"] = err[-6000:]
-                    continue
+            out = root / f"serving-{name}-tp{n}.json"
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+            command += [f"--nproc-per-node={n}", str(script), str(folder), "--tp", str(n)]
+            command += ["--out", str(out)]
+            command += ["--compile" if args.serving_compile else "--no-compile"]
+            began = time.perf_counter()
+            try:
+                done = subprocess.run(
+                    command, env=env(), capture_output=True, text=True, timeout=args.serving_timeout
+                )
                 if done.returncode:
-                    row[f"batch{batch}_error"] = done.stderr.strip().splitlines()[-3:]
-                    continue
-                rate = re.search(r"([\d,.]+) tokens/s", done.stderr)
-                row[f"batch{batch}_tokens_per_second"] = float(rate.group(1).replace(",", ""))
-                # Decoding alone (the run's total includes the prompt's eager step): each of
-                # the batch's sequences gains a token every median time per output token.
-                tpot = re.search(r"then ([\d,.]+) ms a token", done.stderr)
-                if tpot:
-                    per_token = float(tpot.group(1).replace(",", "")) / 1e3
-                    row[f"batch{batch}_decode_tokens_per_second"] = batch / per_token
-                row[f"batch{batch}_wall_seconds"] = time.perf_counter() - began
-                # The engine's set-up line: its decode graphs (compiled or not) and start-up.
-                engine = re.search(r"engine: (.*)", done.stderr)
-                row["engine"] = engine.group(1).strip() if engine else "none"
-                warnings = re.findall(r".*(?:failed|capturing it uncompiled).*", done.stderr)
-                if warnings:
-                    row["warnings"] = warnings
+                    row["error"] = done.stderr.strip().splitlines()[-3:]
+                else:
+                    row.update(json.loads(out.read_text()))
+            except subprocess.TimeoutExpired as e:  # keep its output: where it stalled
+                err = e.stderr.decode() if isinstance(e.stderr, bytes) else e.stderr or ""
+                row["error"] = [f"timed out after {args.serving_timeout} s"]
+                row["stderr_tail"] = err[-6000:]
+            row["wall_seconds"] = time.perf_counter() - began
             rows.append(row)
             print(f"  serving {name} tp {n}: {row}", flush=True)
             # A later run may stall past the caller's time limit: keep what was measured.
@@ -415,7 +396,7 @@ def main() -> None:
     )
     parser.add_argument("--serving-tp", help="tensor-parallel sizes (default 1, 2, 4, 8 <= ranks)")
     parser.add_argument(
-        "--serving-timeout", type=float, default=240.0, help="seconds one generate run may take"
+        "--serving-timeout", type=float, default=300.0, help="seconds one TP size's run may take"
     )
     parser.add_argument(
         "--serving-compile",
@@ -506,13 +487,13 @@ def main() -> None:
                 )
         if "serving" in phases:
             result["serving"] = serving(args, root, sizes)
-            print("serving (moegpt generate: whole run / decoding alone, tokens/s):")
+            print("serving (tokens/s: whole run, prompt step included / decoding alone):")
             for r in result["serving"]:
-                cells = []
-                for b in (1, 32):
-                    run = r.get(f"batch{b}_tokens_per_second", float("nan"))
-                    decode = r.get(f"batch{b}_decode_tokens_per_second", float("nan"))
-                    cells.append(f"batch {b} {run:,.1f} / {decode:,.1f}")
+                cells = [
+                    f"batch {b['batch']} {b['tokens_per_second']:,.1f} / "
+                    f"{b['decode_tokens_per_second']:,.1f}"
+                    for b in r.get("batches", [])
+                ] or [f"error: {r.get('error')}"]
                 print(f"  {r['config']:<12} tp {r['tp']}: {', '.join(cells)} ({r.get('engine')})")
     result["seconds"] = time.perf_counter() - started
     out = Path(args.out)
