@@ -213,6 +213,27 @@ def test_running_out_of_data_is_caught_before_training(tmp_path: Path, prepared:
         Trainer(config, tmp_path / "run", log=lambda m: None)
 
 
+def test_model_vocab_size_is_checked_against_the_prepared_tokenizer(
+    tmp_path: Path, prepared: Path
+) -> None:
+    ids = json.loads((prepared / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+    small = make_config(tmp_path, prepared, "--model.vocab_size", str(ids - 1))
+    with pytest.raises(moegpt.errors.UserError) as refused:
+        Trainer(small, tmp_path / "small", log=lambda m: None)
+    assert str(refused.value).startswith(f"model.vocab_size: {ids - 1:,} rows for ")
+    assert f"{ids:,}-id tokenizer" in str(refused.value)
+    said: list[str] = []
+    Trainer(
+        make_config(tmp_path, prepared, "--model.vocab_size", str(ids + 8)),
+        tmp_path / "big",
+        log=said.append,
+    )
+    assert [m for m in said if m.startswith("model.vocab_size")] == [
+        f"model.vocab_size: {ids + 8:,} rows for {prepared}'s {ids:,}-id tokenizer: 8 embedding "
+        "and output rows never see a token"
+    ]
+
+
 def test_checkpoint_manager_prunes_to_keep(tmp_path: Path) -> None:
     manager = CheckpointManager(tmp_path, keep=2, log=lambda m: None)
     for step in (1, 2, 3):

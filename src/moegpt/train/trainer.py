@@ -106,6 +106,26 @@ def _local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
 
 
+def check_vocabulary(config: Config, log: Callable[[str], None]) -> None:
+    """``model.vocab_size`` against the prepared tokenizer's ids: fewer rows than ids fail at
+    the first id past them (an IndexError deep in the embedding); more rows than ids train
+    rows no token ever reaches, which is said once."""
+    from moegpt.data.shards import read_manifest
+
+    data_dir = Path(config.data.data_dir)
+    ids, rows = read_manifest(data_dir)["tokenizer"]["vocab_size"], config.model.vocab_size
+    if rows < ids:
+        raise UserError(
+            f"model.vocab_size: {rows:,} rows for {data_dir}'s {ids:,}-id tokenizer (set it to "
+            f"{ids:,})"
+        )
+    if rows > ids:
+        log(
+            f"model.vocab_size: {rows:,} rows for {data_dir}'s {ids:,}-id tokenizer: "
+            f"{rows - ids:,} embedding and output rows never see a token"
+        )
+
+
 def check_image_token(config: Config) -> None:
     """The prepared tokenizer's ``<|image|>`` must be the id the model marks images with."""
     from moegpt.data.shards import read_manifest, tokenizer_file
@@ -166,6 +186,7 @@ class Trainer:
         self.schedule = build_schedule(config.train)
         check_batches(self.schedule, config)
         self.mixture = Mixture.open(config.data)
+        check_vocabulary(config, self.log)
         if config.vision.enabled:
             check_image_token(config)
             prepared = self.mixture.image_size
