@@ -26,6 +26,11 @@ OVERRIDES_HELP = (
     "Any config field can be overridden after the options in dotted form, e.g. "
     "--model.n_layers 4 --train.lr 3e-4 (see `moegpt config show` for every field)."
 )
+SERVE_OVERRIDES_HELP = (
+    "Any [serve] field without a flag of its own can be set after the options in dotted form, "
+    "e.g. --serve.block_size 32 --serve.max_tokens_per_step 4096 (see `moegpt config show` "
+    "for every field)."
+)
 
 
 def _add_config_argument(parser: argparse.ArgumentParser) -> None:
@@ -292,6 +297,16 @@ def cmd_serve(args: argparse.Namespace) -> int | None:
     serve = dataclasses.replace(serve, **{k: v for k, v in flags.items() if v is not None})
     serve.validate()
     limits = {"max_body_bytes": serve.max_body_bytes, "max_waiting": serve.max_waiting}
+    # The port is taken before the model loads, so a busy one fails at once, in one line. A
+    # tensor-parallel launcher only checks it: its rank 0 serves, and binds it again.
+    from moegpt.parallel.mesh import launched_by_torchrun
+    from moegpt.serve.server import listening_socket
+
+    sock = None
+    if serve.tp == 1 or int(os.environ.get("RANK", "0")) == 0:
+        sock = listening_socket(host, port)
+        if serve.tp > 1 and not launched_by_torchrun():
+            sock.close()
 
     def run(engine: Engine) -> None:
         from moegpt.serve.async_engine import AsyncEngine
@@ -302,7 +317,7 @@ def cmd_serve(args: argparse.Namespace) -> int | None:
             f" ({engine.describe()})",
             highlight=False,
         )
-        serve_http(AsyncEngine(engine), name, host, port, api_key, **limits)
+        serve_http(AsyncEngine(engine), name, sock, api_key, **limits)
 
     return _with_engine(args, serve, run)
 
@@ -799,6 +814,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Continue each --prompt (or standard input) with the continuous-batching "
         "engine over MODEL_DIR (an exported folder: model.safetensors, config.json, "
         "tokenizer.json). One prompt streams to the terminal as it is generated.",
+        epilog=SERVE_OVERRIDES_HELP,
     )
     gen.add_argument("model_dir", metavar="MODEL_DIR")
     _add_config_argument(gen)
@@ -830,6 +846,7 @@ def build_parser() -> argparse.ArgumentParser:
         "/v1/chat/completions and /v1/models, with /health and Prometheus /metrics. Binds "
         "127.0.0.1 unless --host says otherwise; SIGTERM lets running requests finish (up to "
         "30 s) and cancels the rest.",
+        epilog=SERVE_OVERRIDES_HELP,
     )
     srv.add_argument("model_dir", metavar="MODEL_DIR")
     _add_config_argument(srv)

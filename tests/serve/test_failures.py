@@ -158,3 +158,19 @@ def test_requests_the_kv_cache_cannot_hold_get_400s_naming_the_field(text_model:
         assert "must be in 1..60" in message["message"]
         assert live.post("/v1/completions", {**body, "max_tokens": 60}).status_code == 200
         assert engine.allocator.used == 0
+
+
+@pytest.mark.parametrize("tp", ["1", "2"])
+def test_a_busy_port_fails_in_one_line_before_the_model_loads(text_model: Path, tp: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "moegpt.cli", "serve", str(text_model)]
+        command += ["--port", str(port), "--tp", tp]
+        done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert_one_line(
+        done.stderr, rf"--port: cannot listen on 127\.0\.0\.1:{port} \(Address already in use\)"
+    )
+    assert "serving" not in done.stderr and "loading" not in done.stderr

@@ -20,6 +20,7 @@ import asyncio
 import hmac
 import json
 import logging
+import socket
 import time
 import uuid
 from collections import Counter
@@ -645,20 +646,34 @@ def build_app(
     return app
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` for :func:`serve`, or one line saying why not (taken
+    before the model loads: uvicorn would find a busy port only after it)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise UserError(f"--host: cannot resolve {host!r} ({e.strerror})") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UserError(f"--port: cannot listen on {host}:{port} ({e.strerror})") from None
+    return sock
+
+
 def serve(
     engine: AsyncEngine,
     model_name: str,
-    host: str,
-    port: int,
+    sock: socket.socket,
     api_key: str | None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_waiting: int = DEFAULT_MAX_WAITING,
 ) -> None:
-    """Run until SIGINT/SIGTERM."""
+    """Serve on ``sock`` (:func:`listening_socket`) until SIGINT/SIGTERM."""
     import uvicorn
 
     app = build_app(engine, model_name, api_key, max_body_bytes, max_waiting)
-    config = uvicorn.Config(
-        app, host=host, port=port, timeout_graceful_shutdown=GRACE_S, log_level="warning"
-    )
-    uvicorn.Server(config).run()
+    config = uvicorn.Config(app, timeout_graceful_shutdown=GRACE_S, log_level="warning")
+    uvicorn.Server(config).run(sockets=[sock])
