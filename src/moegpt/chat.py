@@ -27,6 +27,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
+from moegpt.data.tokenizer import IMAGE
 from moegpt.errors import UserError
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -41,6 +42,10 @@ CHATML_TEMPLATE = (
 # A content's stand-in while the template renders: no template adds or strips NUL bytes.
 _MARKER = "\x00moegpt-content-{}\x00"
 _MARKERS = re.compile("\x00moegpt-content-(\\d+)\x00")
+
+# An image's place in a message's content: a server puts one where each image part stood,
+# and it becomes the tokenizer's <|image|> token (IMAGE) whatever the text around it.
+IMAGE_PLACE = "\x00moegpt-image\x00"
 
 Message = Mapping[str, str]
 
@@ -153,16 +158,24 @@ class ChatTemplate:
             # The template changes contents (Llama 3 trims them): encode its text as
             # transformers does, which is safe only while no content holds a special token.
             for i, content in enumerate(contents):
-                if self._special_re is not None and self._special_re.search(content):
+                plain = content.replace(IMAGE_PLACE, "")
+                if self._special_re is not None and self._special_re.search(plain):
                     raise TemplateError(
                         f"messages[{i}].content: holds special-token text, which this chat "
                         "template (it rewrites contents) cannot keep plain"
                     )
+            if IMAGE_PLACE in rendered:
+                self._image_id()  # the tokenizer has the token the places become
+            rendered = rendered.replace(IMAGE_PLACE, IMAGE)
             return self.tokenizer.encode(rendered, add_special_tokens=False).ids
         pieces: list[str | int] = []  # text runs and special-token ids
         for i, template_text in enumerate(_MARKERS.split(text)):
             if i % 2:  # a content: plain text, joined to the text around it
-                _append_text(pieces, messages[int(template_text)]["content"])
+                runs = messages[int(template_text)]["content"].split(IMAGE_PLACE)
+                for k, run in enumerate(runs):
+                    if k:
+                        pieces.append(self._image_id())
+                    _append_text(pieces, run)
                 continue
             at = 0
             for match in self._special_re.finditer(template_text) if self._special_re else ():
@@ -176,6 +189,11 @@ class ChatTemplate:
         for piece in pieces:
             ids += [piece] if isinstance(piece, int) else next(encoded).ids
         return ids
+
+    def _image_id(self) -> int:
+        if IMAGE not in self._special_ids:
+            raise TemplateError(f"messages: an image, but this tokenizer has no {IMAGE} token")
+        return self._special_ids[IMAGE]
 
     def encode_with_labels(self, messages: Sequence[Message]) -> Encoded:
         """The conversation's ids with its assistant turns marked for training.

@@ -657,6 +657,11 @@ class ServeConfig(_Section):
     spec_tokens: int = _doc(4, "most tokens proposed per sequence and step")
     ngram_max: int = _doc(3, "longest n-gram prompt lookup matches")
     ngram_min: int = _doc(1, "shortest n-gram prompt lookup matches")
+    max_images: int = _doc(
+        4,
+        "most images one request may send to a vision model; the KV-cache budget keeps room "
+        "for max_batch_size requests with this many",
+    )
     host: str = _doc("127.0.0.1", "address the HTTP server binds")
     port: int = _doc(8000, "port the HTTP server listens on")
     max_body_bytes: int = _doc(
@@ -671,6 +676,7 @@ class ServeConfig(_Section):
     def validate(self) -> None:
         self._positive("tp", "pp", "block_size", "max_batch_size", "max_tokens_per_step")
         self._non_negative("num_kv_blocks", "max_model_len", "tpot_ms", "ttft_ms", "max_waiting")
+        self._non_negative("max_images")
         self._positive("max_body_bytes")
         self._positive("spec_tokens", "ngram_min")
         if self.ngram_max < self.ngram_min:

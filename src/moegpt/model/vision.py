@@ -203,15 +203,34 @@ class GatedCrossAttentionBlock(nn.Module):
     ) -> torch.Tensor:
         """``x`` (batch, seq, d_model), ``visual`` (batch, visual tokens, vision width) and
         :func:`media_mask`'s mask and per-token flags."""
+        k, v = self.keys_values(visual)
+        return self.feed_forward(self.cross_attend(x, k, v, mask, has_media))
+
+    def keys_values(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The visual tokens' keys and values (batch, heads, visual tokens, head_dim): what
+        a server computes once per request and keeps."""
+        return _heads(self.k(visual), self.head_dim), _heads(self.v(visual), self.head_dim)
+
+    def cross_attend(
+        self,
+        x: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor,
+        has_media: torch.Tensor,
+    ) -> torch.Tensor:
+        """The residual stream after the gated cross-attention."""
         q = _heads(self.q(self.attention_norm(x)), self.head_dim)
-        k, v = _heads(self.k(visual), self.head_dim), _heads(self.v(visual), self.head_dim)
         # A token with no image yet would have an all-False row (a NaN softmax): let it see
         # every visual token, then zero what it got.
         attended = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask | ~has_media[:, None, :, None]
         )
         attended = self.wo(_merge(attended)) * has_media.unsqueeze(-1).to(x.dtype)
-        x = x + torch.tanh(self.attention_gate) * attended
+        return x + torch.tanh(self.attention_gate) * attended
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual stream after the gated feed-forward layer (every token passes it)."""
         return x + torch.tanh(self.ffn_gate) * self.ffn(self.ffn_norm(x))
 
 
@@ -275,6 +294,12 @@ class VisionLanguageModel(nn.Module):
         visual = self.resampler(features)
         return visual.view(batch, count * visual.shape[1], visual.shape[2])
 
+    def mark_images(self, tokens: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Embeddings ``h`` of ``tokens`` with each ``<|image|>`` token's replaced by the
+        learned image embedding."""
+        is_image = (tokens == self.image_token_id).unsqueeze(-1)
+        return torch.where(is_image, self.image_embedding.to(h.dtype), h)
+
     def forward(
         self,
         tokens: torch.Tensor,
@@ -292,13 +317,8 @@ class VisionLanguageModel(nn.Module):
         sequence computes the same with or without images beside it. A batch without images
         (None, or none) encodes one blank image that no token sees: its ranks then run the
         same collectives as those with images (FSDP gathers each vision part)."""
-        is_image = (tokens == self.image_token_id).unsqueeze(-1)
-
-        def mark_images(h: torch.Tensor) -> torch.Tensor:
-            return torch.where(is_image, self.image_embedding.to(h.dtype), h)
-
         if images is None or images.shape[1] == 0:
-            if is_image.any():
+            if (tokens == self.image_token_id).any():
                 raise ValueError("tokens hold <|image|> markers but no images were given")
             size = self.config.image_size
             blank = torch.zeros(1, 1, size, size, dtype=torch.uint8, device=tokens.device)
@@ -320,7 +340,7 @@ class VisionLanguageModel(nn.Module):
             tokens,
             positions,
             document_ids=document_ids,
-            edit_embeddings=mark_images,
+            edit_embeddings=lambda h: self.mark_images(tokens, h),
             before_layer=cross_attend,
         )
 

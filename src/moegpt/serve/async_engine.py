@@ -14,6 +14,8 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import torch
+
 from moegpt.serve.engine import Engine, RequestOutput
 from moegpt.serve.metrics import EngineCollector
 from moegpt.serve.output import OutputProcessor
@@ -26,6 +28,7 @@ class _Submission:
     request_id: str
     ids: list[int]
     params: SamplingParams
+    images: list[torch.Tensor]
 
 
 class AsyncEngine:
@@ -48,17 +51,21 @@ class AsyncEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        images: list[torch.Tensor] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as the engine produces them, until all ``n`` samples end.
-        Call from a coroutine. A bad prompt raises here, before anything is queued."""
+        Call from a coroutine. A bad prompt (or images that do not match it) raises here,
+        before anything is queued."""
         params = params or SamplingParams()
         ids = self.engine.encode(prompt)
         self.engine.check_prompt(ids)
+        images = images or []
+        self.engine.check_images(ids, images)
         rid = request_id or uuid.uuid4().hex
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (asyncio.get_running_loop(), queue)
         self._posted += 1  # before the append: the engine thread may take it at once
-        self._mailbox.append(_Submission(rid, ids, params))
+        self._mailbox.append(_Submission(rid, ids, params, images))
         self._wake.set()
         return self._follow(rid, queue, params)
 
@@ -127,7 +134,7 @@ class AsyncEngine:
                 self.engine.finish(*item)
                 continue
             try:
-                self.engine.add_request(item.ids, item.params, item.request_id)
+                self.engine.add_request(item.ids, item.params, item.request_id, item.images)
             except Exception as e:  # e.g. a request id already running: that stream fails
                 self._deliver(item.request_id, e)
             finally:

@@ -24,9 +24,11 @@ from moegpt.console import stderr
 from moegpt.errors import UserError
 from moegpt.memory import gib, kv_budget_bytes
 from moegpt.model import Transformer
+from moegpt.model.vision import VisionLanguageModel
 from moegpt.serve.blocks import BlockAllocator, BlockTable
 from moegpt.serve.calibrate import calibrate
 from moegpt.serve.lookahead import LookaheadPolicy
+from moegpt.serve.media import visual_bytes_per_image
 from moegpt.serve.output import OutputProcessor
 from moegpt.serve.paged import bytes_per_token
 from moegpt.serve.runner import (
@@ -84,20 +86,23 @@ def _dtype(model: Transformer) -> torch.dtype:
 
 
 def kv_cache_blocks(
-    model: Transformer, config: ServeConfig, extra_token_bytes: int = 0
+    model: Transformer, config: ServeConfig, extra_token_bytes: int = 0, reserved_bytes: int = 0
 ) -> tuple[int, str]:
     """KV-cache blocks for ``model``, sized by memory and never by ``max_seq_len`` alone, and
     where the size comes from, in words. On a GPU: as many as fit the budget (90% of the free
     memory); on CPU: enough for ``max_batch_size`` sequences of ``serve.max_model_len`` (the
     model's context by default), at most what fits the budget (see :mod:`moegpt.memory`).
     ``serve.num_kv_blocks`` must fit it too.
-    ``extra_token_bytes``: another cache sharing the block tables (a draft model's)."""
+    ``extra_token_bytes``: another cache sharing the block tables (a draft model's);
+    ``reserved_bytes``: what else the budget must hold (requests' image caches)."""
     device = next(model.parameters()).device
     token_bytes = bytes_per_token(model.config, _dtype(model), config.tp) + extra_token_bytes
     block_bytes = token_bytes * config.block_size
     budget, source = kv_budget_bytes(device)
-    fits = budget // block_bytes
+    fits = max(budget - reserved_bytes, 0) // block_bytes
     words = f"budget {gib(budget)}: {source}"
+    if reserved_bytes:
+        words += f"; {gib(reserved_bytes)} of it kept for image caches"
     if config.num_kv_blocks:
         if config.num_kv_blocks > fits:
             raise UserError(
@@ -138,11 +143,13 @@ class Engine:
         eos_id: int | None = None,
         tp: TensorParallelGroups | None = None,
         draft: Transformer | None = None,
+        vision: VisionLanguageModel | None = None,
     ) -> None:
         """``tp``: ``model`` is this rank's tensor-parallel shard and the groups' other
         ranks run :func:`moegpt.serve.tensor_parallel.follow` (see ``open_tensor_parallel``).
         ``draft``: a smaller model proposing tokens for speculative decoding (``config.ngram``
-        proposes from n-grams instead)."""
+        proposes from n-grams instead). ``vision``: the vision model ``model`` is the
+        language model of; requests may then send images."""
         started = time.perf_counter()
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -155,10 +162,17 @@ class Engine:
         if draft is not None:
             check_draft(model, draft)
         self.overlap = self._overlaps(speculating=draft is not None or self.config.ngram)
+        if vision is not None and (tp is not None or vision.lm is not model):
+            raise ValueError("a vision engine runs in one process, over the vision model's LM")
+        self.vision = vision
         draft_bytes = 0 if draft is None else bytes_per_token(draft.config, _dtype(draft))
-        blocks, budget = kv_cache_blocks(model, self.config, draft_bytes)
+        images = 0  # room for every running request's images
+        if vision is not None:
+            images = self.config.max_batch_size * self.config.max_images
+            images *= visual_bytes_per_image(vision)
+        blocks, budget = kv_cache_blocks(model, self.config, draft_bytes, images)
         sized = dataclasses.replace(self.config, num_kv_blocks=blocks)
-        forward = build_forward(model, sized, tp and tp.device, draft_bytes)
+        forward = build_forward(model, sized, tp and tp.device, draft_bytes, vision)
         self.allocator = BlockAllocator(forward.cache.num_blocks, self.config.block_size)
         # A sequence must fit the cache alone (else preempting it could never make room).
         capacity = self.allocator.num_blocks * self.config.block_size
@@ -173,7 +187,7 @@ class Engine:
             )
         self.forward: Forward = forward if tp is None else TensorParallelForward(forward, tp)
         proposer, lookahead = self._speculation(draft)
-        self.runner = ModelRunner(self.forward, self.device, proposer)
+        self.runner = ModelRunner(self.forward, self.device, proposer, vision)
         self._in_flight: _InFlight | None = None  # the step the device is running
         self._last_taken_in = 0.0
         tpot = self.config.tpot_ms / 1e3 if self.config.tpot_ms else None
@@ -225,16 +239,21 @@ class Engine:
         """An engine over an exported model folder (its tokenizer.json, when present, gives
         text in and out and the end-of-text token that stops generation). For
         ``config.tp > 1`` use :func:`moegpt.serve.tp_engine.open_tensor_parallel`."""
-        from moegpt.weights import load
+        from moegpt.weights import load, load_vision, load_vision_config
 
         if config is not None and config.tp > 1:
             raise UserError("serve.tp: a tensor-parallel engine opens with open_tensor_parallel")
         started = time.perf_counter()
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         tokenizer, eos_id = folder_tokenizer(path)
-        model = load(path, device=device)
+        vision = None
+        if load_vision_config(path).enabled:
+            vision = load_vision(path, device=device)
+            model = vision.lm
+        else:
+            model = load(path, device=device)
         draft = load_draft(path, config, model) if config is not None else None
-        engine = cls(model, tokenizer, config, eos_id=eos_id, draft=draft)
+        engine = cls(model, tokenizer, config, eos_id=eos_id, draft=draft, vision=vision)
         engine.chat_template = folder_chat_template(path, tokenizer)
         engine.startup_seconds = time.perf_counter() - started
         return engine
@@ -281,10 +300,18 @@ class Engine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        images: list[torch.Tensor] | None = None,
     ) -> str:
+        """Queue a request; ``images`` (grey uint8 squares of the model's image size, see
+        :func:`moegpt.serve.media.decode_image`) stand, in order, for the prompt's
+        ``<|image|>`` tokens."""
         params = params or SamplingParams()
         ids = self.encode(prompt)
         self.check_prompt(ids, room=min(params.max_tokens, 1))
+        stacked = self.check_images(ids, images or [])
+        if self.vision is not None:  # an image the model names has no pixels: stop there
+            stops = (*params.stop_token_ids, self.vision.image_token_id)
+            params = dataclasses.replace(params, stop_token_ids=stops)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._requests:
             raise UserError(f"request_id: {request_id!r} is already running")
@@ -301,10 +328,34 @@ class Engine:
             params,
             BlockTable(self.allocator),
             seed,
+            images=stacked,
         )
         self._requests[request_id] = params.n
         self.scheduler.add(seq)
         return request_id
+
+    def check_images(self, ids: list[int], images: list[torch.Tensor]) -> torch.Tensor | None:
+        """The request's images as one (count, H, W) tensor, once they match its markers."""
+        if self.vision is None:
+            if images:
+                raise UserError("images: this model has no vision encoder (a text model)")
+            return None
+        markers = ids.count(self.vision.image_token_id)
+        if len(images) > self.config.max_images:
+            raise UserError(
+                f"images: {len(images)} images, more than the {self.config.max_images} a "
+                "request may send (serve.max_images)"
+            )
+        if markers != len(images):
+            raise UserError(
+                f"images: the prompt marks {markers} image(s) with <|image|> but {len(images)} "
+                "were sent"
+            )
+        size = self.vision.config.image_size
+        for i, image in enumerate(images):
+            if image.dtype != torch.uint8 or tuple(image.shape) != (size, size):
+                raise UserError(f"images[{i}]: expected a {size}x{size} grey uint8 image")
+        return torch.stack(images) if images else None
 
     def check_prompt(self, ids: list[int], room: int = 1) -> None:
         """A prompt the engine can run: known tokens, ``room`` left to generate (0 for a

@@ -94,9 +94,27 @@ class CompletionRequest(_Request):
     logprobs: int | None = Field(None, ge=0, le=5)
 
 
+class ImageURL(_Strict):
+    url: str  # a data: URL (base64 PNG or JPEG); the server fetches nothing
+    detail: Literal["auto", "low", "high"] = "auto"
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: Text
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant"]
-    content: Text
+    content: Text | list[ContentPart]
 
 
 class ChatRequest(_Request):

@@ -24,7 +24,9 @@ from moegpt.console import stderr
 from moegpt.errors import UserError
 from moegpt.model import Transformer
 from moegpt.model.attention import KVCacheLike
+from moegpt.model.vision import VisionLanguageModel
 from moegpt.serve.graphs import DecodeGraphs
+from moegpt.serve.media import VisualCache, cross_attention
 from moegpt.serve.paged import (
     SDPA_BACKENDS,
     DecodeBatch,
@@ -61,7 +63,12 @@ class Forward(Protocol):
     cache: PagedKVCache
     graphs: DecodeGraphs | None
 
-    def __call__(self, inp: ModelInput, patch: TokenPatch | None = None) -> torch.Tensor: ...
+    def __call__(
+        self,
+        inp: ModelInput,
+        patch: TokenPatch | None = None,
+        media: list[VisualCache | None] | None = None,
+    ) -> torch.Tensor: ...
 
     def close(self) -> None: ...
 
@@ -69,7 +76,10 @@ class Forward(Protocol):
 class ModelForward:
     """Packed forwards over one paged cache: a uniform step (every sequence runs the same
     number of new tokens and every row is sampled: decoding, or verifying equal numbers of
-    proposals) through ``graphs`` when it has a bucket for it, anything else eagerly."""
+    proposals) through ``graphs`` when it has a bucket for it, anything else eagerly.
+
+    With ``vision`` (whose language model ``model`` is), every forward runs its
+    cross-attention blocks, each sequence's tokens attending to its own images (``media``)."""
 
     def __init__(
         self,
@@ -78,12 +88,16 @@ class ModelForward:
         device: torch.device,
         batch_invariant: bool = True,
         graphs: DecodeGraphs | None = None,
+        vision: VisionLanguageModel | None = None,
     ) -> None:
+        if vision is not None and (graphs is not None or vision.lm is not model):
+            raise ValueError("a vision forward runs eagerly, over the vision model's own LM")
         self.model = model
         self.cache = cache
         self.device = device
         self.batch_invariant = batch_invariant
         self.graphs = graphs
+        self.vision = vision
 
     def close(self) -> None:
         """Destroy the decode graphs (before the process group goes: graphs that captured its
@@ -95,16 +109,22 @@ class ModelForward:
             self.graphs = None
 
     @torch.inference_mode()
-    def __call__(self, inp: ModelInput, patch: TokenPatch | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        inp: ModelInput,
+        patch: TokenPatch | None = None,
+        media: list[VisualCache | None] | None = None,
+    ) -> torch.Tensor:
         """Logits (len(logits_rows), vocab) in fp32. ``patch`` overwrites tokens on the
-        device (ones the previous step is still drawing)."""
+        device (ones the previous step is still drawing); ``media`` are the sequences' images
+        (a vision forward's, in ``inp.sequences`` order; None: none)."""
         self.cache.copy_blocks(inp.copies)
         if not inp.tokens:
             return torch.empty(0)
         q_len = self._uniform(inp)
         if q_len:
             return self._replay(inp, q_len, patch)
-        return self._eager(inp, patch)
+        return self._eager(inp, patch, media)
 
     def _uniform(self, inp: ModelInput) -> int:
         """The new tokens per sequence of a step the graphs can run (0: none can)."""
@@ -137,7 +157,12 @@ class ModelForward:
         )
         return logits.float()  # every row, in order (see _uniform)
 
-    def _eager(self, inp: ModelInput, patch: TokenPatch | None = None) -> torch.Tensor:
+    def _eager(
+        self,
+        inp: ModelInput,
+        patch: TokenPatch | None = None,
+        media: list[VisualCache | None] | None = None,
+    ) -> torch.Tensor:
         varlen = not self.batch_invariant and flash_applies(self.cache)
         padded = not varlen and not self.batch_invariant
         padded = padded and sum(new == 1 for _, new, _, _ in inp.sequences) > 1
@@ -179,8 +204,17 @@ class ModelForward:
         else:
             batch = DecodeBatch(rows, starts, lengths, max(decodes[2])) if padded else None
             step = PagedStep(self.cache, slots_at, new_at, singles, batch)
+        hooks = {}
+        if self.vision is not None:
+            vision = self.vision
+            media = media or [None] * len(inp.sequences)
+            slices = [(o, n, p, m) for (o, n, p, _), m in zip(inp.sequences, media, strict=True)]
+            hooks = {
+                "edit_embeddings": lambda h: vision.mark_images(tokens[None], h),
+                "before_layer": cross_attention(vision, slices),
+            }
         with sdpa_kernel(SDPA_BACKENDS):
-            out = self.model(tokens[None], positions=positions[None], cache=step)
+            out = self.model(tokens[None], positions=positions[None], cache=step, **hooks)
         return out.logits[0, logits_rows].float()
 
 
@@ -224,10 +258,11 @@ def build_forward(
     config: ServeConfig,
     tp_group: dist.ProcessGroup | None = None,
     extra_token_bytes: int = 0,
+    vision: VisionLanguageModel | None = None,
 ) -> ModelForward:
     """A forward over a new paged cache of ``config.num_kv_blocks`` blocks (or as many as
     fit; tensor-parallel ranks agree on the smallest count), with decode graphs where
-    :func:`graphs_wanted`."""
+    :func:`graphs_wanted` (never with ``vision``: its steps run eagerly)."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     blocks = config.num_kv_blocks or default_num_blocks(model, config, dtype, extra_token_bytes)
@@ -239,14 +274,14 @@ def build_forward(
     mode = config.decode_attention
     if mode == "auto":
         mode = "padded" if device.type == "cuda" else "per_sequence"
-    wants_graphs = graphs_wanted(config, device, mode)
+    wants_graphs = graphs_wanted(config, device, mode) and vision is None
     cache = PagedKVCache(
         model.config, blocks, config.block_size, dtype, device, tp=tp, spare_block=wants_graphs
     )
     graphs = None
     if wants_graphs:
         graphs = capture_graphs(model, cache, config, tp_group)
-    return ModelForward(model, cache, device, mode == "per_sequence", graphs)
+    return ModelForward(model, cache, device, mode == "per_sequence", graphs, vision)
 
 
 def graphs_wanted(config: ServeConfig, device: torch.device, mode: str) -> bool:
@@ -334,6 +369,8 @@ class RunnerSequence:
     generator: torch.Generator | None
     blocks: tuple[int, ...] = ()
     draft_computed: int = 0
+    images: torch.Tensor | None = None  # (count, H, W) grey uint8, encoded at its first step
+    visual: VisualCache | None = None
     # with prompt_logprobs: prompt positions whose next token is still to score (a
     # preempted sequence recomputing its prompt scores nothing twice)
     unscored: range = range(0)
@@ -385,12 +422,17 @@ class ModelRunner:
     previous draw on the device, never through the host."""
 
     def __init__(
-        self, forward: Forward, device: torch.device, proposer: Proposer | None = None
+        self,
+        forward: Forward,
+        device: torch.device,
+        proposer: Proposer | None = None,
+        vision: VisionLanguageModel | None = None,
     ) -> None:
         self.forward = forward
         self.cache = forward.cache
         self.device = device
         self.proposer = proposer
+        self.vision = vision
         self.sequences: dict[int, RunnerSequence] = {}
         self._previous: Launched | None = None  # the last launched plain draw
 
@@ -398,13 +440,14 @@ class ModelRunner:
         for seq_id in out.finished:
             self.sequences.pop(seq_id, None)
         for new in out.new:
-            tokens = list(new.prompt)
+            tokens, images = list(new.prompt), new.images
             if new.parent is not None:
-                tokens = list(self.sequences[new.parent].tokens)
+                parent = self.sequences[new.parent]
+                tokens, images = list(parent.tokens), parent.images
             generator = None
             if new.seed is not None:
                 generator = torch.Generator(device=self.device).manual_seed(new.seed)
-            seq = RunnerSequence(tokens, new.params, generator)
+            seq = RunnerSequence(tokens, new.params, generator, images=images)
             if new.params.prompt_logprobs and new.parent is None:
                 seq.unscored = range(len(new.prompt) - 1)  # the last one has no next token
             self.sequences[new.seq_id] = seq
@@ -428,14 +471,31 @@ class ModelRunner:
         result.proposed = {i: len(p.tokens) for i, p in found.items()}
         return found
 
+    def _visual(self, seq: RunnerSequence) -> VisualCache | None:
+        """The sequence's images as the cross-attention reads them, encoded on first use."""
+        if seq.images is None or self.vision is None:
+            return None
+        if seq.visual is None:
+            image_id = self.vision.image_token_id
+            markers = [p for p, t in enumerate(seq.tokens) if t == image_id]
+            seq.visual = VisualCache.encode(self.vision, seq.images, markers)
+        return seq.visual
+
     def _model_input(
         self, out: SchedulerOutput, proposals: dict[int, Proposal]
-    ) -> tuple[ModelInput, dict[int, tuple[int, int]], TokenPatch | None, PromptRows]:
+    ) -> tuple[
+        ModelInput,
+        dict[int, tuple[int, int]],
+        TokenPatch | None,
+        PromptRows,
+        list[VisualCache | None],
+    ]:
         """The packed forward input; for each sampling chunk its (first logits row, rows):
         1, or 1 + k to verify k proposed tokens (a fork shares its parent's row); the
         packed rows whose token the previous step is still drawing, with where on the device
-        it will be; and the rows that score prompt tokens."""
+        it will be; the rows that score prompt tokens; and each packed sequence's images."""
         inp = ModelInput(copies=out.copies)
+        media: list[VisualCache | None] = []
         rows: dict[int, tuple[int, int]] = {}
         scoring = PromptRows()
         parents = {n.seq_id: n.parent for n in out.new if n.parent is not None}
@@ -458,6 +518,7 @@ class ModelRunner:
             inp.positions += range(chunk.start, end + len(proposed))
             new = chunk.length + len(proposed)
             inp.sequences.append((offset, new, chunk.start, list(chunk.blocks)))
+            media.append(self._visual(seq))
             scored = range(max(chunk.start, seq.unscored.start), min(end, seq.unscored.stop))
             if scored:  # position p's logits score prompt token p + 1
                 scoring.add(chunk.seq_id, len(inp.logits_rows), seq.tokens, scored)
@@ -471,7 +532,7 @@ class ModelRunner:
             assert self._previous is not None and self._previous.draw is not None
             sources = pinned_tensor(patch_sources).to(self.device, non_blocking=True)
             patch = (patch_rows, self._previous.draw.tokens[sources])
-        return inp, rows, patch, scoring
+        return inp, rows, patch, scoring, media
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         """Run ``out`` and return what it drew."""
@@ -484,9 +545,9 @@ class ModelRunner:
         self._take_in(out)
         result = RunnerOutput()
         proposals = self._propose(out, result)
-        inp, rows, patch, scoring = self._model_input(out, proposals)
+        inp, rows, patch, scoring, media = self._model_input(out, proposals)
         launched = Launched(out, len(inp.tokens))
-        logits = self.forward(inp, patch)
+        logits = self.forward(inp, patch, media if self.vision is not None else None)
         if scoring.counts:
             launched.prompt_logprobs = scoring.logprobs(logits)
             launched.prompt_counts = scoring.counts

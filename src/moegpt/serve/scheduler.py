@@ -154,6 +154,7 @@ class Scheduler:
             in_flight=1,
             arrival=parent.arrival,
             status=Status.RUNNING,
+            images=parent.images,
         )
         self._live[child.seq_id] = child
         self.running.insert(self.running.index(parent) + index, child)
@@ -262,7 +263,10 @@ class Scheduler:
     def _announce(self, out: SchedulerOutput, seq: Sequence, parent: int | None = None) -> None:
         if not seq.announced:
             seq.announced = True
-            out.new.append(NewSequence(seq.seq_id, tuple(seq.prompt), seq.params, seq.seed, parent))
+            prompt = tuple(seq.prompt)
+            out.new.append(
+                NewSequence(seq.seq_id, prompt, seq.params, seq.seed, parent, seq.images)
+            )
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()

@@ -6,9 +6,13 @@ import enum
 import math
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from moegpt.errors import UserError
 from moegpt.serve.blocks import BlockTable
+
+if TYPE_CHECKING:
+    import torch
 
 SEED_LIMIT = 2**63 - 1024
 
@@ -100,6 +104,7 @@ class Sequence:
     first_token_at: float | None = None
     announced: bool = False  # the runner has been told of it
     prompt_logprobs: list[float] = field(default_factory=list)  # of prompt tokens 1.. so far
+    images: torch.Tensor | None = None  # (count, H, W) grey uint8, for a vision model
 
     @property
     def tokens(self) -> list[int]:

@@ -36,11 +36,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from torch import Tensor
 
+from moegpt.chat import IMAGE_PLACE
 from moegpt.config import ServeConfig
 from moegpt.errors import UserError
 from moegpt.serve.async_engine import AsyncEngine
 from moegpt.serve.engine import RequestOutput
+from moegpt.serve.media import decode_image, image_bytes
 from moegpt.serve.metrics import RejectedCollector
 from moegpt.serve.prompts import PlainEncoder
 from moegpt.serve.protocol import (
@@ -48,6 +51,7 @@ from moegpt.serve.protocol import (
     ChatMessage,
     ChatRequest,
     CompletionRequest,
+    ImagePart,
     _Request,
     error_body,
 )
@@ -174,9 +178,11 @@ class OpenAIServer:
         self._fits(len(prompt), "prompt")
         return (await asyncio.to_thread(self.encoder.encode, [prompt]))[0]
 
-    async def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
+    async def chat_prompt(self, messages: list[ChatMessage]) -> tuple[list[int], list[Tensor]]:
         """The ids of the model's own chat template over ``messages``, the assistant's turn
-        opened (see :mod:`moegpt.chat`: a message's text cannot open or close a turn)."""
+        opened (see :mod:`moegpt.chat`: a message's text cannot open or close a turn), and the
+        images of its ``image_url`` parts, decoded, in order (each becomes an ``<|image|>``
+        token where it stood)."""
         if self.chat_template is None:
             raise APIError(
                 400,
@@ -184,9 +190,37 @@ class OpenAIServer:
                 "tokenizer_config.json); use /v1/completions",
                 "messages",
             )
-        self._fits(sum(len(m.role) + 1 + len(m.content) for m in messages), "messages")
-        turns = [{"role": m.role, "content": m.content} for m in messages]
-        return await asyncio.to_thread(self.chat_template.encode, turns, True)
+        turns, urls = [], []
+        for i, message in enumerate(messages):
+            content = message.content
+            if not isinstance(content, str):
+                texts = []
+                for j, part in enumerate(content):
+                    if isinstance(part, ImagePart):
+                        urls.append((f"messages[{i}].content[{j}].image_url", part.image_url.url))
+                        texts.append(IMAGE_PLACE)
+                    else:
+                        texts.append(part.text)
+                content = "".join(texts)
+            turns.append({"role": message.role, "content": content})
+        self._fits(sum(len(t["role"]) + 1 + len(t["content"]) for t in turns), "messages")
+        images = await asyncio.to_thread(self.decode_images, urls)
+        return await asyncio.to_thread(self.chat_template.encode, turns, True), images
+
+    def decode_images(self, urls: list[tuple[str, str]]) -> list[Tensor]:
+        """Each (field, data URL) as the model's input image; one line naming the field of
+        the first that is refused."""
+        vision = self.engine.engine.vision
+        if urls and vision is None:
+            raise UserError(f"{urls[0][0]}: this model has no vision encoder (a text model)")
+        limit = self.engine.engine.config.max_images
+        if len(urls) > limit:
+            raise UserError(
+                f"{urls[limit][0]}: more than the {limit} images a request may send "
+                "(serve.max_images)"
+            )
+        size = vision.config.image_size if vision is not None else 0
+        return [decode_image(image_bytes(url, field), size, field) for field, url in urls]
 
     def sampling(
         self,
@@ -221,22 +255,23 @@ class OpenAIServer:
 
     async def prepare(
         self, req: CompletionRequest | ChatRequest
-    ) -> tuple[list[int], SamplingParams]:
+    ) -> tuple[list[int], SamplingParams, list[Tensor]]:
+        """The request's prompt ids, sampling parameters and images."""
         self._check_model(req)
         param = "prompt" if isinstance(req, CompletionRequest) else "messages"
         try:
             if isinstance(req, CompletionRequest):
                 ids = await self.encode_prompt(req.prompt)
                 self.engine.engine.check_prompt(ids)
-                return ids, self.sampling(req, ids, req.max_tokens, req.logprobs)
-            ids = await self.chat_prompt(req.messages)
+                return ids, self.sampling(req, ids, req.max_tokens, req.logprobs), []
+            ids, images = await self.chat_prompt(req.messages)
             self.engine.engine.check_prompt(ids)
             logprobs = (req.top_logprobs or 0) if req.logprobs else None
             if req.max_completion_tokens is not None:
-                return ids, self.sampling(
-                    req, ids, req.max_completion_tokens, logprobs, "max_completion_tokens"
-                )
-            return ids, self.sampling(req, ids, req.max_tokens, logprobs)
+                field_name = "max_completion_tokens"
+                params = self.sampling(req, ids, req.max_completion_tokens, logprobs, field_name)
+                return ids, params, images
+            return ids, self.sampling(req, ids, req.max_tokens, logprobs), images
         except UserError as e:
             raise _user_error(e, param) from None
 
@@ -602,9 +637,9 @@ def build_app(
     ) -> Response:
         server._check_model(req)
         rid = f"{prefix}-{uuid.uuid4().hex}"
-        ids, params = await server.prepare(req)
+        ids, params, images = await server.prepare(req)
         try:  # queued now, so a bad request fails before any response is started
-            outputs = engine.stream(ids, params, rid)
+            outputs = engine.stream(ids, params, rid, images)
         except UserError as e:
             raise _user_error(e, "prompt") from None
         request.scope[TICKET].release()  # counted as waiting by the engine from now on

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from moegpt.serve.sampler import Sampled
 from moegpt.serve.sequence import SamplingParams
 
@@ -27,6 +29,7 @@ class NewSequence:
     params: SamplingParams
     seed: int | None  # the sequence's own sampling seed (None: greedy)
     parent: int | None = None
+    images: torch.Tensor | None = None  # (count, H, W) grey uint8, for a vision model
 
 
 @dataclass(frozen=True)

@@ -120,7 +120,11 @@ class TensorParallelForward:
     def graphs(self) -> DecodeGraphs | None:
         return self.forward.graphs
 
-    def __call__(self, inp: ModelInput, patch: TokenPatch | None = None) -> torch.Tensor:
+    def __call__(
+        self, inp: ModelInput, patch: TokenPatch | None = None, media: None = None
+    ) -> torch.Tensor:
+        if media is not None:  # vision folders are refused under TP (load_sharded)
+            raise ValueError("tensor-parallel serving has no images")
         if self.failed is not None:
             raise RuntimeError("tensor-parallel ranks out of step: a step failed") from self.failed
         packed = pack(inp, patch[0] if patch is not None else [])

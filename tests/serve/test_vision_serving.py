@@ -1,0 +1,181 @@
+"""Images in serving: a vision model's folder, served with images, gives the greedy tokens of
+the no-cache vision forward (the per-sequence mode, a batch of requests with two, one and no
+images), each request seeing only its own images; chat ``image_url`` parts become
+``<|image|>`` tokens; a bad image gets a 400 naming its field and the server goes on serving."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from moegpt.chat import chatml_tokenizer_config
+from moegpt.config import ServeConfig
+from moegpt.data.tokenizer import IMAGE, train_tokenizer
+from moegpt.errors import UserError
+from moegpt.model import Transformer
+from moegpt.model.vision import VisionLanguageModel
+from moegpt.serve.engine import Engine
+from moegpt.serve.sequence import SamplingParams
+from moegpt.weights import load_vision, save_model
+from tests.conftest import small_config, small_vision_config
+from tests.serve.test_server_hardening import MODEL, assert_openai_error, serving
+
+SIZE = small_vision_config().image_size
+
+
+@pytest.fixture(scope="module")
+def vision_model(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("vision-model")
+    source = Path(torch.__file__).with_name("functional.py").read_text()
+    tokenizer = train_tokenizer([source], vocab_size=384)
+    tokenizer.save(str(root / "tokenizer.json"))
+    (root / "tokenizer_config.json").write_text(chatml_tokenizer_config())
+    torch.manual_seed(0)
+    lm = Transformer(small_config(vocab_size=tokenizer.get_vocab_size(), n_layers=3))
+    model = VisionLanguageModel(lm, small_vision_config(), tokenizer.token_to_id(IMAGE))
+    with torch.no_grad():  # open the gates: the images change the text
+        for name, param in model.named_parameters():
+            if name.endswith("_gate"):
+                param.fill_(1.0)
+    files = {name: root / name for name in ("tokenizer.json", "tokenizer_config.json")}
+    return save_model(model, root / "model", extra_files=files)
+
+
+def image(seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (SIZE, SIZE), dtype=torch.uint8, generator=generator)
+
+
+@torch.inference_mode()
+def reference(
+    model: VisionLanguageModel, ids: list[int], images: list[torch.Tensor], n: int
+) -> list[tuple[int, float]]:
+    """Greedy tokens and their log-probabilities from the whole forward, recomputed from
+    scratch at every token; an ``<|image|>`` ends it, as the engine stops there."""
+    tokens, out = list(ids), []
+    pixels = torch.stack(images)[None] if images else None
+    for _ in range(n):
+        logprobs = model(torch.tensor([tokens]), pixels).logits[0, -1].log_softmax(-1)
+        token = int(logprobs.argmax())
+        if token == model.image_token_id:
+            break
+        out.append((token, float(logprobs[token])))
+        tokens.append(token)
+    return out
+
+
+def run(
+    engine: Engine, requests: list[tuple[list[int], list[torch.Tensor]]], n: int
+) -> list[list[tuple[int, float]]]:
+    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=0)
+    ids = [engine.add_request(p, params, images=imgs) for p, imgs in requests]
+    got: dict[str, list[tuple[int, float]]] = {i: [] for i in ids}
+    while engine.has_work():
+        for out in engine.step():
+            got[out.request_id] += [(e["token"], e["logprob"]) for e in out.logprobs]
+    return [got[i] for i in ids]
+
+
+def test_served_tokens_equal_the_no_cache_forward(vision_model: Path) -> None:
+    engine = Engine.from_folder(vision_model, ServeConfig(calibrate=False), device="cpu")
+    model = load_vision(vision_model)
+    marker = model.image_token_id
+    text = lambda s: engine.tokenizer.encode(s).ids  # noqa: E731
+    requests = [
+        ([marker, *text("def f(x):")], [image(1)]),
+        ([*text("import os\n"), marker, *text("x = "), marker], [image(2), image(3)]),
+        (text("class A:"), []),
+        ([marker, *text("def f(x):")], [image(4)]),  # request 0 with another image
+    ]
+    want = [reference(model, ids, images, 12) for ids, images in requests]
+    # Each request's images move its log-probabilities: the comparison below can tell.
+    assert abs(want[0][0][1] - want[3][0][1]) > 1e-2
+    got = run(engine, requests, 12)
+    for have, expected in zip(got, want, strict=True):
+        assert [t for t, _ in have] == [t for t, _ in expected]
+        assert np.allclose([lp for _, lp in have], [lp for _, lp in expected], atol=1e-4)
+    assert engine.allocator.used == 0
+
+
+def test_images_that_do_not_fit_the_request_are_refused(
+    vision_model: Path, text_model: Path
+) -> None:
+    engine = Engine.from_folder(
+        vision_model, ServeConfig(calibrate=False, max_images=1), device="cpu"
+    )
+    marker = engine.vision.image_token_id
+    with pytest.raises(
+        UserError, match=r"^images: the prompt marks 1 image\(s\) with <\|image\|> but 0"
+    ):
+        engine.add_request([marker, 10, 11])
+    with pytest.raises(UserError, match=r"^images: 2 images, more than the 1"):
+        engine.add_request([marker, marker], images=[image(1), image(2)])
+    with pytest.raises(UserError, match=r"^images\[0\]: expected a 8x8 grey uint8 image"):
+        engine.add_request([marker, 10], images=[torch.zeros(4, 4, dtype=torch.uint8)])
+    text = Engine.from_folder(text_model, ServeConfig(calibrate=False), device="cpu")
+    with pytest.raises(UserError, match="^images: this model has no vision encoder"):
+        text.add_request([10, 11], images=[image(1)])
+
+
+def data_url(pixels: np.ndarray, kind: str = "PNG") -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=kind)
+    mime = "png" if kind == "PNG" else "jpeg"
+    return f"data:image/{mime};base64,{base64.b64encode(buffer.getvalue()).decode()}"
+
+
+def chat(*parts: dict) -> dict:
+    content = [{"type": "text", "text": "What is this?"}, *parts]
+    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 4}
+
+
+def image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def test_chat_image_parts_are_served_and_bad_ones_get_a_400(vision_model: Path) -> None:
+    engine = Engine.from_folder(
+        vision_model, ServeConfig(calibrate=False, max_images=2), device="cpu"
+    )
+    grey = np.arange(SIZE * SIZE, dtype=np.uint8).reshape(SIZE, SIZE) * 3
+    good = chat(image_part(data_url(grey)))
+    with serving(engine) as live:
+        r = live.post("/v1/chat/completions", good)
+        assert r.status_code == 200, r.text
+        # The template's tokens, plus the one <|image|> the part became.
+        turns = [{"role": "user", "content": "What is this?"}]
+        text_only = len(engine.chat_template.encode(turns, True))
+        assert r.json()["usage"]["prompt_tokens"] == text_only + 1
+        rgb = np.stack([grey, grey, grey], axis=-1)
+        assert (
+            live.post("/v1/chat/completions", chat(image_part(data_url(rgb, "JPEG")))).status_code
+            == 200
+        )
+        field = "messages[0].content[1].image_url"
+        bad = [
+            (
+                "data:image/png;base64," + base64.b64encode(b"not an image").decode(),
+                "not an image that decodes",
+            ),
+            ("data:image/png;base64,%%%", "base64 is malformed"),
+            ("https://example.com/cat.png", "remote image URLs are not fetched"),
+            ("data:text/plain;base64,aGk=", "expected a data:image/png;base64"),
+        ]
+        for url, reason in bad:
+            error = assert_openai_error(
+                live.post("/v1/chat/completions", chat(image_part(url))), 400, field
+            )
+            assert reason in error["message"]
+        three = chat(*[image_part(data_url(grey))] * 3)
+        error = assert_openai_error(
+            live.post("/v1/chat/completions", three), 400, "messages[0].content[3].image_url"
+        )
+        assert "more than the 2 images" in error["message"]
+        assert live.post("/v1/chat/completions", good).status_code == 200  # still serving
+        assert engine.allocator.used == 0
