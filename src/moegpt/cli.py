@@ -20,6 +20,8 @@ from moegpt.console import stderr, stdout
 from moegpt.errors import UserError
 
 if TYPE_CHECKING:
+    import torch
+
     from moegpt.serve.engine import Engine
 
 OVERRIDES_HELP = (
@@ -322,8 +324,26 @@ def cmd_serve(args: argparse.Namespace) -> int | None:
     return _with_engine(args, serve, run)
 
 
+def _images(engine: Engine, files: list[str]) -> list[torch.Tensor]:
+    """Each ``--image`` FILE decoded for the model (one line naming a file that is not)."""
+    from moegpt.serve.media import decode_image
+
+    if files and engine.vision is None:
+        raise UserError("--image: this model has no vision encoder (a text model)")
+    images = []
+    for name in files:
+        path = Path(name)
+        if not path.is_file():
+            raise UserError(f"--image: {path}: no such file")
+        assert engine.vision is not None
+        size = engine.vision.config.image_size
+        images.append(decode_image(path.read_bytes(), size, f"--image {path}"))
+    return images
+
+
 def _generate(engine: Engine, args: argparse.Namespace) -> None:
     """Stream one prompt to the terminal, or print each prompt's samples when done."""
+    from moegpt.chat import IMAGE_PLACE
     from moegpt.serve.output import OutputProcessor
     from moegpt.serve.prompts import PlainEncoder
     from moegpt.serve.sequence import SamplingParams
@@ -346,12 +366,19 @@ def _generate(engine: Engine, args: argparse.Namespace) -> None:
     stderr.print(f"engine: {engine.describe()}", highlight=False)
     # A piped prompt loses the one newline that ends its last line (`echo` adds it).
     prompts = args.prompt or [sys.stdin.read().removesuffix("\n").removesuffix("\r")]
+    images = _images(engine, args.image or [])
     # Special-token strings in a prompt are text, as in /v1/completions and the training data.
+    # The images come first in each prompt (each as an <|image|> token), then its text.
     if args.chat and template is not None:
-        encoded = [template.encode([{"role": "user", "content": p}], True) for p in prompts]
+        places = IMAGE_PLACE * len(images)
+        turns = [[{"role": "user", "content": places + p}] for p in prompts]
+        encoded = [template.encode(turn, True) for turn in turns]
     else:
         encoded = PlainEncoder(engine.tokenizer).encode(prompts) if engine.tokenizer else prompts
-    ids = [engine.add_request(p, params) for p in encoded]
+        if images:
+            assert engine.vision is not None
+            encoded = [[engine.vision.image_token_id] * len(images) + p for p in encoded]
+    ids = [engine.add_request(p, params, images=images) for p in encoded]
     processors = {i: OutputProcessor(engine.tokenizer, params.stop) for i in ids}
     streaming = len(prompts) == 1 and args.n == 1
     if streaming:
@@ -829,6 +856,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--logprobs", type=int, help="log-probabilities of N alternatives")
     gen.add_argument(
         "--ignore-eos", action="store_true", help="keep going past end-of-text (benchmarks)"
+    )
+    gen.add_argument(
+        "--image",
+        action="append",
+        metavar="FILE",
+        help="a PNG or JPEG for a vision model, before each prompt's text (repeatable, "
+        "at most serve.max_images)",
     )
     gen.add_argument(
         "--chat",

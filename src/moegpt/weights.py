@@ -516,13 +516,13 @@ def load(
     return _filled(folder, model, device)
 
 
-def refuse_vision(folder: CheckedFolder) -> None:
+def refuse_vision(folder: CheckedFolder, where: str = "moegpt.load") -> None:
     """One line for a vision model's folder where only a language model will do."""
     if folder.vision.enabled:
         raise UserError(
-            f"{folder.weights_path.parent}: a vision model; generating, serving and converting "
-            "it are not built yet (`moegpt eval --task transcribe|classify` and "
-            "train.init_from take it)"
+            f"{folder.weights_path.parent}: a vision model, which {where} does not take "
+            "(`moegpt generate`/`serve` in one process, `moegpt eval --task "
+            "transcribe|classify` and train.init_from do; load it with moegpt.weights.load_vision)"
         )
 
 

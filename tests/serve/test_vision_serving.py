@@ -179,3 +179,20 @@ def test_chat_image_parts_are_served_and_bad_ones_get_a_400(vision_model: Path) 
         assert "more than the 2 images" in error["message"]
         assert live.post("/v1/chat/completions", good).status_code == 200  # still serving
         assert engine.allocator.used == 0
+
+
+def test_generate_takes_images_from_files(vision_model: Path, tmp_path: Path, capsys) -> None:
+    from moegpt.cli import main
+
+    picture = tmp_path / "picture.png"
+    Image.fromarray(image(5).numpy()).save(picture)
+    base = ["generate", str(vision_model), "--temperature", "0", "--max-tokens", "6"]
+    assert main([*base, "--prompt", "def f(x):", "--image", str(picture)]) == 0
+    printed = capsys.readouterr().out
+    engine = Engine.from_folder(vision_model, ServeConfig(calibrate=False), device="cpu")
+    marker = engine.vision.image_token_id
+    ids = [marker, *engine.tokenizer.encode("def f(x):").ids]
+    want = [t for t, _ in reference(load_vision(vision_model), ids, [image(5)], 6)]
+    assert printed == "def f(x):" + engine.tokenizer.decode(want) + "\n"
+    assert main([*base, "--prompt", "x", "--image", str(tmp_path / "missing.png")]) == 2
+    assert "--image: " in capsys.readouterr().err

@@ -200,7 +200,7 @@ def load_sharded(
         raise UserError(f"serve.tp: {tp} ranks need torchrun (moegpt generate --tp starts it)")
     init_distributed(device, timeout_s)
     folder = check_folder(path)
-    refuse_vision(folder)
+    refuse_vision(folder, "tensor-parallel serving")
     layout = ParallelConfig(tp=tp)
     try:
         check_parallel(folder.config, layout)
