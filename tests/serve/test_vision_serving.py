@@ -21,12 +21,14 @@ from moegpt.errors import UserError
 from moegpt.model import Transformer
 from moegpt.model.vision import VisionLanguageModel
 from moegpt.serve.engine import Engine
+from moegpt.serve.media import VisualCache
 from moegpt.serve.sequence import SamplingParams
 from moegpt.weights import load_vision, save_model
 from tests.conftest import small_config, small_vision_config
 from tests.serve.test_server_hardening import MODEL, assert_openai_error, serving
 
 SIZE = small_vision_config().image_size
+openai = pytest.importorskip("openai")
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +180,35 @@ def test_chat_image_parts_are_served_and_bad_ones_get_a_400(vision_model: Path) 
         )
         assert "more than the 2 images" in error["message"]
         assert live.post("/v1/chat/completions", good).status_code == 200  # still serving
+        # The official client sends the same parts.
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model=MODEL, messages=good["messages"], max_tokens=4)
+        assert reply.usage.prompt_tokens == text_only + 1
+        with pytest.raises(openai.BadRequestError, match="remote image URLs are not fetched"):
+            client.chat.completions.create(
+                model=MODEL, messages=chat(image_part("http://x/y.png"))["messages"], max_tokens=4
+            )
         assert engine.allocator.used == 0
+
+
+def test_image_caches_are_kept_out_of_the_kv_cache_budget(vision_model: Path, monkeypatch) -> None:
+    from moegpt.serve import engine as engine_module
+    from moegpt.serve.media import visual_bytes_per_image
+
+    model = load_vision(vision_model)
+    per_image = visual_bytes_per_image(model)
+    config = ServeConfig(calibrate=False, max_batch_size=2, max_images=3, num_kv_blocks=10)
+    block = engine_module.bytes_per_token(model.lm.config, torch.float32) * config.block_size
+    # A budget of exactly 10 blocks and the images' room: it fits; one byte less, it does not.
+    room = 2 * 3 * per_image
+    monkeypatch.setattr(engine_module, "kv_budget_bytes", lambda d: (10 * block + room, "test"))
+    assert engine_module.kv_cache_blocks(model.lm, config, reserved_bytes=room)[0] == 10
+    monkeypatch.setattr(engine_module, "kv_budget_bytes", lambda d: (10 * block + room - 1, "t"))
+    with pytest.raises(UserError, match="serve.num_kv_blocks: 10 blocks"):
+        Engine.from_folder(vision_model, config, device="cpu")
+    # A cached image holds exactly what was reserved for it.
+    cache = VisualCache.encode(model, image(1)[None], [0])
+    assert cache.nbytes == per_image
 
 
 def test_generate_takes_images_from_files(vision_model: Path, tmp_path: Path, capsys) -> None:

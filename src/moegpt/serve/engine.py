@@ -166,11 +166,11 @@ class Engine:
             raise ValueError("a vision engine runs in one process, over the vision model's LM")
         self.vision = vision
         draft_bytes = 0 if draft is None else bytes_per_token(draft.config, _dtype(draft))
-        images = 0  # room for every running request's images
+        self.image_cache_bytes = 0  # room for every running request's images
         if vision is not None:
-            images = self.config.max_batch_size * self.config.max_images
-            images *= visual_bytes_per_image(vision)
-        blocks, budget = kv_cache_blocks(model, self.config, draft_bytes, images)
+            per_image = visual_bytes_per_image(vision)
+            self.image_cache_bytes = self.config.max_batch_size * self.config.max_images * per_image
+        blocks, budget = kv_cache_blocks(model, self.config, draft_bytes, self.image_cache_bytes)
         sized = dataclasses.replace(self.config, num_kv_blocks=blocks)
         forward = build_forward(model, sized, tp and tp.device, draft_bytes, vision)
         self.allocator = BlockAllocator(forward.cache.num_blocks, self.config.block_size)
@@ -275,6 +275,9 @@ class Engine:
             "step-time model calibrated" if self.scheduler.cost else "no step-time model",
             f"overlap {'on' if self.overlap else 'off'}",
         ]
+        if self.vision is not None:
+            room = self.image_cache_bytes / 2**20
+            parts.append(f"up to {self.config.max_images} images a request ({room:,.1f} MiB kept)")
         return ", ".join(parts) + f"; ready in {self.startup_seconds:.1f} s"
 
     def close(self) -> None:
