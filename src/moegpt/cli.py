@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import faulthandler
 import json
+import os
 import signal
 import statistics
 import sys
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 from moegpt import __version__
 from moegpt.config import Config, ServeConfig, load_config, to_toml
 from moegpt.console import stderr, stdout
-from moegpt.errors import UserError
+from moegpt.errors import TrainingStopped, UserError
 
 if TYPE_CHECKING:
     import torch
@@ -1050,6 +1051,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("moegpt: interrupted", file=sys.stderr)
         return 130
+    except TrainingStopped as e:
+        if os.environ.get("RANK", "0") == "0":  # every rank stops; one says so
+            print(f"moegpt: {e}", file=sys.stderr)
+        return e.status
     return code or 0
 
 

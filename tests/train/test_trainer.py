@@ -4,6 +4,12 @@ SIGKILL at random moments, export/report work."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -197,7 +203,9 @@ def test_quickstart_runs_end_to_end(tmp_path: Path, prepared: Path, capsys) -> N
 def test_supervisor_relaunches_until_success(monkeypatch) -> None:
     codes = iter([137, 1, 0])
     calls: list[list[str]] = []
-    monkeypatch.setattr("subprocess.call", lambda cmd: calls.append(cmd) or next(codes))
+    monkeypatch.setattr(
+        "moegpt.train.supervisor._run", lambda cmd: calls.append(cmd) or next(codes)
+    )
     messages: list[str] = []
     assert supervise(["train"], max_restarts=3, log=messages.append) == 0
     assert len(calls) == 3 and len(messages) == 2
@@ -205,6 +213,54 @@ def test_supervisor_relaunches_until_success(monkeypatch) -> None:
     assert supervise(["train"], max_restarts=1, log=messages.append) == 137
     codes = iter([2])
     assert supervise(["train"], max_restarts=5, log=messages.append) == 2  # usage errors stop
+    codes = iter([143])
+    assert supervise(["train"], max_restarts=5, log=messages.append) == 143  # so does SIGTERM
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_training_after_its_step_with_a_checkpoint(
+    tmp_path: Path, prepared: Path, signum: int
+) -> None:
+    config = recipe(tmp_path, prepared, steps=400, log_every=1)
+    command = [sys.executable, "-m", "moegpt.cli", "train", "--config", str(config)]
+    command += ["--run-dir", str(tmp_path / "run")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+
+    def logged() -> list[int]:  # every train row written, repeats included
+        lines = metrics.read_text().splitlines()
+        rows = [json.loads(line) for line in lines if line.endswith("}")]  # not one half-written
+        return [r["step"] for r in rows if r["kind"] == "train"]
+
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and len(logged()) >= 4):  # past the first save
+        assert child.poll() is None and time.monotonic() < deadline, child.stderr.read()[-2000:]
+        time.sleep(0.05)
+    child.send_signal(signum)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 128 + signum, err[-2000:]
+    said = re.search(
+        r"training stopped by (\w+) after step (\d+); checkpoint (\S+): the same "
+        r"command resumes from step (\d+)",
+        err,
+    )
+    assert said is not None, err[-2000:]
+    assert said.group(1) == signal.Signals(signum).name and said.group(2) == said.group(4)
+    step = int(said.group(2))
+    assert step < 400 and Path(said.group(3)).name == f"step-{step:08d}"
+    assert logged()[-1] == step
+    # The rerun resumes there: every step logged once.
+    done = subprocess.run(
+        [*command, "--train.steps", str(step + 3)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"step {step}" in done.stderr
+    assert logged() == list(range(1, step + 4))
 
 
 def test_running_out_of_data_is_caught_before_training(tmp_path: Path, prepared: Path) -> None:

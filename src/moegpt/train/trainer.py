@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from moegpt.config import Config, load_config, to_toml
 from moegpt.console import human, stderr
 from moegpt.data.mixture import IGNORE_INDEX, Mixture, MixtureLoader
-from moegpt.errors import UserError
+from moegpt.errors import TrainingStopped, UserError
 from moegpt.fileio import write_atomically
 from moegpt.model import Transformer
 from moegpt.parallel.apply import ModelParts, clip_grad_norm, parallelize, state_bytes
@@ -611,8 +613,28 @@ class Trainer:
             self.start_from_parent()
         self.parent = None  # its tensors are in the model now, or were never needed
 
+    def _stop_signal(self, stops: StopSignals) -> int:
+        """The signal that asked this run to stop (0: none), agreed by every rank: torchrun
+        passes a signal to each rank, which may get it during different steps."""
+        if self.dims is None:
+            return stops.received
+        flag = torch.tensor([stops.received], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag)
+
+    def _stop(self, signum: int, saved: Path | None) -> None:
+        """Save (unless this step just did), say where the rerun resumes, and stop."""
+        path = saved or self.save()
+        raise TrainingStopped(
+            f"training stopped by {signal.Signals(signum).name} after step {self.step}; "
+            f"checkpoint {path}: the same command resumes from step {self.step}",
+            128 + signum,
+        )
+
     def run(self, resume: bool = True, progress: bool = True) -> dict[str, Any]:
-        """Train to the end of the schedule; return the last step's metrics."""
+        """Train to the end of the schedule; return the last step's metrics. SIGINT or
+        SIGTERM ends the run after the step in progress, with a checkpoint of it
+        (:class:`TrainingStopped`); a second SIGINT stops at once."""
         self.prepare(resume)
         if self.dims is not None:
             self.log(self.dims.describe())
@@ -624,7 +646,7 @@ class Trainer:
         bar = _progress(self.schedule.steps, self.step, enabled=progress and self.rank0)
         first_step = True
         try:
-            with bar:
+            with bar, StopSignals() as stops:
                 task = bar.add_task("training", total=self.schedule.steps, completed=self.step)
                 while self.step < self.schedule.steps:
                     last = self.train_step(batches)
@@ -653,15 +675,47 @@ class Trainer:
                         if metrics is not None:
                             metrics.write("eval", self.step, scores)
                             bar.console.print(_eval_line(self.step, scores), highlight=False)
-                    if (every and self.step % every == 0) or final:
-                        self.save()
+                    saved = self.save() if (every and self.step % every == 0) or final else None
                     if logging or final or (every and self.step % every == 0):
                         # evaluation and saving are not training time
                         window_tokens, window_start = 0, time.perf_counter()
+                    signum = self._stop_signal(stops)
+                    if signum and not final:
+                        self._stop(signum, saved)
         finally:
             if metrics is not None:
                 metrics.close()
         return last
+
+
+class StopSignals:
+    """While inside: SIGINT and SIGTERM are recorded (``received``) rather than ending the
+    process, so the training loop can finish its step and save. A second SIGINT raises
+    KeyboardInterrupt at once. Outside the main thread it records nothing."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self._previous: dict[int, Any] = {}
+
+    def _record(self, signum: int, frame: Any) -> None:
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = self.received or signum
+        stderr.print(
+            f"{signal.Signals(signum).name}: stopping after this step, with a checkpoint "
+            "(Ctrl-C again stops at once)",
+            highlight=False,
+        )
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._record)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 def batch_rows(batch: dict[str, torch.Tensor], rows: int) -> Iterator[dict[str, torch.Tensor]]:
