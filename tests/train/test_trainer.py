@@ -204,7 +204,7 @@ def test_supervisor_relaunches_until_success(monkeypatch) -> None:
     codes = iter([137, 1, 0])
     calls: list[list[str]] = []
     monkeypatch.setattr(
-        "moegpt.train.supervisor._run", lambda cmd: calls.append(cmd) or next(codes)
+        "moegpt.train.supervisor.run_child", lambda cmd: calls.append(cmd) or next(codes)
     )
     messages: list[str] = []
     assert supervise(["train"], max_restarts=3, log=messages.append) == 0
@@ -217,13 +217,19 @@ def test_supervisor_relaunches_until_success(monkeypatch) -> None:
     assert supervise(["train"], max_restarts=5, log=messages.append) == 143  # so does SIGTERM
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize(
+    "signum, ranks", [(signal.SIGTERM, 1), (signal.SIGINT, 1), (signal.SIGTERM, 2)]
+)
 def test_a_signal_stops_training_after_its_step_with_a_checkpoint(
-    tmp_path: Path, prepared: Path, signum: int
+    tmp_path: Path, prepared: Path, signum: int, ranks: int
 ) -> None:
-    config = recipe(tmp_path, prepared, steps=400, log_every=1)
+    """One process, or the launcher of two FSDP ranks (which passes SIGTERM on to them,
+    and they agree on the step to stop after)."""
+    config = recipe(tmp_path, prepared, steps=4000 if ranks > 1 else 400, log_every=1)
     command = [sys.executable, "-m", "moegpt.cli", "train", "--config", str(config)]
     command += ["--run-dir", str(tmp_path / "run")]
+    if ranks > 1:
+        command += ["--nproc", str(ranks), "--parallel.dp_shard", str(ranks)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     child = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
@@ -240,6 +246,7 @@ def test_a_signal_stops_training_after_its_step_with_a_checkpoint(
     child.send_signal(signum)
     _, err = child.communicate(timeout=120)
     assert child.returncode == 128 + signum, err[-2000:]
+    assert err.count("training stopped by") == 1, err[-3000:]
     said = re.search(
         r"training stopped by (\w+) after step (\d+); checkpoint (\S+): the same "
         r"command resumes from step (\d+)",

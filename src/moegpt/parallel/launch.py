@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from collections.abc import Sequence
+
+from moegpt.children import run_child
 
 # Multi-GPU hosts here must keep NVLink multicast (NVLS) off; set for every rank unless the
 # user chose otherwise.
@@ -40,4 +41,4 @@ def rank_env_defaults(nproc: int) -> dict[str, str]:
 
 def launch(nproc: int, max_restarts: int, child_argv: Sequence[str]) -> int:
     env = {**rank_env_defaults(nproc), **os.environ}
-    return subprocess.call(torchrun_command(nproc, max_restarts, child_argv), env=env)
+    return run_child(torchrun_command(nproc, max_restarts, child_argv), env)

@@ -8,9 +8,10 @@ by SIGINT or SIGTERM.
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
 from collections.abc import Callable, Sequence
+
+from moegpt.children import run_child
 
 # Exit statuses that end supervision: success, a usage error, and a stop the user asked for
 # (SIGINT, SIGTERM: the run saved its last step).
@@ -22,25 +23,10 @@ def supervise(child_argv: Sequence[str], max_restarts: int, log: Callable[[str],
     command = [sys.executable, "-m", "moegpt.cli", *child_argv]
     attempt = 0
     while True:
-        code = _run(command)
+        code = run_child(command)
         if code in FINAL or attempt >= max_restarts:
             if code not in FINAL:
                 log(f"training failed with status {code} after {attempt} restarts; giving up")
             return code
         attempt += 1
         log(f"training exited with status {code}; restart {attempt} of {max_restarts}")
-
-
-def _run(command: list[str]) -> int:
-    """The child's exit status. A signal for the run (Ctrl-C, SIGTERM) is the child's to act
-    on: it saves its last step and exits; this process waits for it instead of killing it."""
-    child = subprocess.Popen(command)
-    previous = {
-        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),  # the child got it too
-        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda s, f: child.send_signal(s)),
-    }
-    try:
-        return child.wait()
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
