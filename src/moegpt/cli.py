@@ -127,6 +127,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> None:
         print(json.dumps(report, indent=2))
         return
     stdout.print(inspect_table(report))
+    stdout.print(f"verified: the {report['verified']}", highlight=False)
     run = report["run"]
     stdout.print(
         f"a run of {run['steps']:,} steps reads {run['sequences']:,} sequences "

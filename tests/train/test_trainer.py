@@ -305,3 +305,20 @@ def test_checkpoint_manager_prunes_to_keep(tmp_path: Path) -> None:
     latest = manager.latest()
     tensors = {"x": torch.tensor([0])}
     assert manager.load(latest, tensors) == {"step": 3} and tensors["x"].item() == 3
+
+
+def test_a_damaged_validation_file_stops_train_and_inspect_before_any_step(
+    tmp_path: Path, prepared: Path, capsys
+) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared, data)
+    shard = next((data / "text").glob("val-*.tokens.bin"))
+    shard.write_bytes(shard.read_bytes()[:-2])  # truncated
+    config = make_config(tmp_path, data)
+    with pytest.raises(moegpt.errors.UserError, match=f"^{shard}: .* bytes, the manifest says"):
+        Trainer(config, tmp_path / "run", log=lambda m: None)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert main(["data", "inspect", "--config", str(tmp_path / "recipe.toml")]) == 2
+    assert f"{shard}: " in capsys.readouterr().err

@@ -18,7 +18,9 @@ def inspect_data(config: Config, samples: int = 2, sample_chars: int = 300) -> d
     """Per-source documents and tokens, planned shares, run coverage and decoded samples."""
     data_dir = Path(config.data.data_dir)
     manifest = read_manifest(data_dir)
-    mixture = Mixture.open(config.data)  # verifies every training shard
+    mixture = Mixture.open(config.data)  # checks every training file's size and sha256
+    for source in config.data.sources:  # and every held-out file's
+        Mixture.open(config.data, split="val", source=source.name)
     planned = mixture.planned_tokens()
     total_planned = sum(planned) or 1
     rows = []
@@ -50,6 +52,7 @@ def inspect_data(config: Config, samples: int = 2, sample_chars: int = 300) -> d
     ]
     return {
         "data_dir": str(data_dir),
+        "verified": "size and sha256 of every training and validation file",
         "tokenizer": manifest["tokenizer"],
         "seq_len": mixture.seq_len,
         "sources": rows,

@@ -188,6 +188,12 @@ class Trainer:
         self.schedule = build_schedule(config.train)
         check_batches(self.schedule, config)
         self.mixture = Mixture.open(config.data)
+        # The held-out files are checked now too (sizes and sha256), not at the first
+        # evaluation, which may come hours into the run.
+        self._validation = {
+            s.name: Mixture.open(config.data, split="val", source=s.name)
+            for s in config.data.sources
+        }
         check_vocabulary(config, self.log)
         if config.vision.enabled:
             check_image_token(config)
@@ -238,7 +244,6 @@ class Trainer:
         self.flops_per_token = self._flops_per_token()
         self.peak_flops = device_peak_flops(self.device)
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
-        self._validation: dict[str, Mixture] = {}
         self._last_stats: list = []
 
     # -- collectives ---------------------------------------------------------------------
@@ -515,12 +520,8 @@ class Trainer:
         rows = self.config.train.micro_batch_size * (p.pp_microbatches if self.pipeline else 1)
         self._label_tokens = 1.0
         for source in self.config.data.sources:
-            mixture = self._validation.get(source.name)
-            if mixture is None:
-                mixture = Mixture.open(self.config.data, split="val", source=source.name)
-                self._validation[source.name] = mixture
             loader = MixtureLoader(
-                mixture,
+                self._validation[source.name],
                 rows,
                 rank=self.dp_rank,
                 world_size=self.dp_size,
