@@ -97,3 +97,18 @@ def prepared(tmp_path_factory) -> Path:
 
 def make_config(root: Path, data_dir: Path, *overrides: str, **train: object) -> Config:
     return load_config(recipe(root, data_dir, **train), list(overrides))
+
+
+def restamp_weights(folder: Path) -> None:
+    """Record the folder's (edited) weights file in its config.json, as export does: a test
+    that plants a bad value reaches the check it is about, not the checksum's."""
+    from moegpt.fileio import sha256_file
+
+    weights, config = folder / "model.safetensors", folder / "config.json"
+    meta = json.loads(config.read_text())
+    meta["weights"] = {
+        "file": weights.name,
+        "bytes": weights.stat().st_size,
+        "sha256": sha256_file(weights),
+    }
+    config.write_text(json.dumps(meta, indent=2))

@@ -21,7 +21,7 @@ from moegpt.generate import generate
 from moegpt.model import KVCache
 from moegpt.serve.engine import Engine
 from moegpt.serve.sequence import SamplingParams
-from tests.conftest import small_config
+from tests.conftest import restamp_weights, small_config
 
 
 @pytest.fixture
@@ -39,6 +39,7 @@ def _rewrite(folder: Path, change) -> dict[str, torch.Tensor]:
     weights = load_file(folder / "model.safetensors")
     weights = change(weights)
     save_file(weights, folder / "model.safetensors")
+    restamp_weights(folder)
     return weights
 
 
@@ -248,3 +249,21 @@ def test_convert_refuses_weights_of_other_dtypes(tmp_path: Path, capsys) -> None
     err = capsys.readouterr().err
     assert "is float64; moegpt converts float32, bfloat16 and float16 weights" in err
     assert not (tmp_path / "hf").exists()
+
+
+def test_damaged_weights_are_caught_by_the_recorded_checksum(folder: Path, capsys) -> None:
+    """Export records the weights' size and sha256; a same-size file with 4 KB overwritten
+    loads silently without it."""
+    path = folder / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-8192:-4096] = bytes(4096)  # inside the last tensor: the header still parses
+    path.write_bytes(bytes(data))
+    _one_line(
+        "model.safetensors: sha256 differs from config.json's weights.sha256", moegpt.load, folder
+    )
+    assert moegpt.load(folder, verify=False) is not None  # the switch for huge files
+    quick = ServeConfig(verify_weights=False, calibrate=False)
+    assert Engine.from_folder(folder, quick, device="cpu").model is not None
+    _one_line("sha256 differs", Engine.from_folder, folder, ServeConfig(calibrate=False), "cpu")
+    path.write_bytes(bytes(data[:-4]))
+    _one_line("model.safetensors: ", moegpt.load, folder, verify=False)  # a size is always checked

@@ -444,6 +444,7 @@ SERVE_FLAGS = (
     "ngram",
     "speculation",
     "spec_tokens",
+    "verify_weights",
 )
 
 

@@ -657,6 +657,11 @@ class ServeConfig(_Section):
     spec_tokens: int = _doc(4, "most tokens proposed per sequence and step")
     ngram_max: int = _doc(3, "longest n-gram prompt lookup matches")
     ngram_min: int = _doc(1, "shortest n-gram prompt lookup matches")
+    verify_weights: bool = _doc(
+        True,
+        "check model.safetensors against the sha256 its config.json records before loading "
+        "(reads the file once more; false for huge files: its size is still checked)",
+    )
     max_images: int = _doc(
         4,
         "most images one request may send to a vision model; the KV-cache budget keeps room "

@@ -31,6 +31,7 @@ from moegpt.weights import (
     load_vision_config,
     read_json,
     write_folder_atomically,
+    write_weights,
 )
 
 Format = Literal["moegpt", "mixtral", "llama"]
@@ -384,8 +385,11 @@ def convert(
                 state = _global_tensors(tensors, config, True)
                 for i in progress(range(config.n_layers), description=f"converting to {to}"):
                     state |= _layer_as_hf(tensors, config, i)
-        save_file(state, folder / WEIGHTS_FILE, metadata={"format": "pt"})
-        (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if to == "moegpt":
+            write_weights(folder, state, meta, file_format="pt")
+        else:
+            save_file(state, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+            (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         for name in SIDE_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, folder / name)
@@ -412,9 +416,7 @@ def _convert_gguf(src: Path, dst: Path, to: Format | None, overwrite: bool) -> P
     side = gguf.tokenizer_files()
 
     def write(folder: Path) -> None:
-        state = _as_moegpt(gguf, config)
-        save_file(state, folder / WEIGHTS_FILE, metadata={"format": "pt"})
-        (folder / CONFIG_FILE).write_text(json.dumps(checkpoint_meta(config), indent=2) + "\n")
+        write_weights(folder, _as_moegpt(gguf, config), checkpoint_meta(config), file_format="pt")
         for name, text in side.items():
             (folder / name).write_text(text)
 

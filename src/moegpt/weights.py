@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from moegpt.config import ModelConfig, VisionConfig, section_from_dict
 from moegpt.errors import ConfigError, UserError
-from moegpt.fileio import fsync_path
+from moegpt.fileio import fsync_path, sha256_file
 from moegpt.model import Transformer
 from moegpt.model.vision import VisionLanguageModel, language_model
 
@@ -175,12 +175,22 @@ def save_model(
     meta = checkpoint_meta(language_model(model).config, parent, vision)
 
     def write(folder: Path) -> None:
-        save_file(state, folder / WEIGHTS_FILE, metadata={"format": FORMAT})
-        (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        write_weights(folder, state, meta)
         for name, source in (extra_files or {}).items():
             shutil.copyfile(source, folder / name)
 
     return write_folder_atomically(path, write, overwrite)
+
+
+def write_weights(
+    folder: Path, state: dict[str, torch.Tensor], meta: dict[str, Any], file_format: str = FORMAT
+) -> None:
+    """``state`` as the folder's model.safetensors and ``meta`` as its config.json, which
+    records the weights' size and sha256 for loading to check (``weights``)."""
+    weights = folder / WEIGHTS_FILE
+    save_file(state, weights, metadata={"format": file_format})
+    record = {"file": WEIGHTS_FILE, "bytes": weights.stat().st_size, "sha256": sha256_file(weights)}
+    (folder / CONFIG_FILE).write_text(json.dumps({**meta, "weights": record}, indent=2) + "\n")
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -459,11 +469,17 @@ class CheckedFolder:
     vision: VisionConfig  # disabled for a language model
 
 
-def check_folder(path: str | Path, dtype: torch.dtype | None = None) -> CheckedFolder:
+def check_folder(
+    path: str | Path, dtype: torch.dtype | None = None, verify: bool = True
+) -> CheckedFolder:
     """The config and weights header of the moegpt folder at ``path``, names, shapes and dtypes
     checked against config.json before anything is allocated. Without ``dtype`` the model
     keeps the file's dtype when that is float32 or bfloat16 throughout, else (float16, or a
-    mix) loads as float32, which holds every such value exactly."""
+    mix) loads as float32, which holds every such value exactly.
+
+    The weights file's size is checked against the one config.json records, and with
+    ``verify`` its sha256 too (reading the whole file once: skip it for huge files). Folders
+    written before config.json recorded them are not checked."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path}: checkpoint folder not found")
@@ -474,10 +490,31 @@ def check_folder(path: str | Path, dtype: torch.dtype | None = None) -> CheckedF
         raise UserError(f"{weights_path}: file not found")
     header = read_safetensors_header(weights_path)
     check_weights(weights_path, config, header, vision)
+    _check_recorded(weights_path, _folder_meta(path)[1].get("weights"), verify)
     stored = {stored_dtype for stored_dtype, _ in header.values()}
     if dtype is None:
         dtype = WEIGHT_DTYPES[stored.pop()] if stored in ({"F32"}, {"BF16"}) else torch.float32
     return CheckedFolder(config, weights_path, header, dtype, vision)
+
+
+def _check_recorded(weights_path: Path, record: Any, verify: bool) -> None:
+    """The weights file against config.json's ``weights`` record (size, then sha256)."""
+    if record is None:
+        return
+    config_path = weights_path.with_name(CONFIG_FILE)
+    if not isinstance(record, dict) or not isinstance(record.get("bytes"), int):
+        raise UserError(f"{config_path}: weights: expected an object with bytes and sha256")
+    size = weights_path.stat().st_size
+    if size != record["bytes"]:
+        raise UserError(
+            f"{weights_path}: {size:,} bytes, {CONFIG_FILE} says {record['bytes']:,} "
+            "(truncated or replaced)"
+        )
+    if verify and sha256_file(weights_path) != record.get("sha256"):
+        raise UserError(
+            f"{weights_path}: sha256 differs from {CONFIG_FILE}'s weights.sha256 (damaged or "
+            "replaced; --no-verify-weights skips this check)"
+        )
 
 
 def open_weights(weights_path: Path, device: torch.device | str = "cpu") -> Any:
@@ -500,16 +537,20 @@ def weight_problem(tensor: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tens
 
 
 def load(
-    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    verify: bool = True,
 ) -> Transformer:
     """Load a moegpt checkpoint folder as a model in eval mode, its config at ``model.config``.
 
     Names, shapes and dtypes are checked against config.json from the file's header before
     anything is allocated, and every tensor must be finite. Without ``dtype`` the model keeps
     the file's dtype when that is float32 or bfloat16 throughout, else (float16, or a mix)
-    loads as float32, which holds every such value exactly.
+    loads as float32, which holds every such value exactly. ``verify``: check the weights'
+    sha256 against config.json's record (see :func:`check_folder`).
     """
-    folder = check_folder(path, dtype)
+    folder = check_folder(path, dtype, verify)
     refuse_vision(folder)
     with torch.device("meta"):
         model = Transformer(folder.config)
@@ -527,11 +568,14 @@ def refuse_vision(folder: CheckedFolder, where: str = "moegpt.load") -> None:
 
 
 def load_vision(
-    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    verify: bool = True,
 ) -> VisionLanguageModel:
     """Load a vision model's folder (exported from a vision run) as :func:`load` loads a
     language model's."""
-    folder = check_folder(path, dtype)
+    folder = check_folder(path, dtype, verify)
     if not folder.vision.enabled:
         raise UserError(f"{path}: a language model; this needs a vision model's folder")
     with torch.device("meta"):

@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 from moegpt.model import Transformer
 from moegpt.weights import WEIGHTS_FILE, save_model
-from tests.conftest import small_config
+from tests.conftest import restamp_weights, small_config
 
 TP = 2
 MODELS = {
@@ -50,6 +50,7 @@ def _folders(root: Path) -> dict[str, str]:
     bad.mkdir()
     (bad / "config.json").write_text((path / "config.json").read_text())
     save_file(state, bad / WEIGHTS_FILE, metadata={"format": "moegpt"})
+    restamp_weights(bad)
     folders["nan"] = str(bad)
     return folders
 

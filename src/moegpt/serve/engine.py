@@ -247,11 +247,12 @@ class Engine:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         tokenizer, eos_id = folder_tokenizer(path)
         vision = None
+        verify = config.verify_weights if config is not None else True
         if load_vision_config(path).enabled:
-            vision = load_vision(path, device=device)
+            vision = load_vision(path, device=device, verify=verify)
             model = vision.lm
         else:
-            model = load(path, device=device)
+            model = load(path, device=device, verify=verify)
         draft = load_draft(path, config, model) if config is not None else None
         engine = cls(model, tokenizer, config, eos_id=eos_id, draft=draft, vision=vision)
         engine.chat_template = folder_chat_template(path, tokenizer)

@@ -186,7 +186,7 @@ def follow(forward: ModelForward, groups: TensorParallelGroups) -> int:
 
 
 def load_sharded(
-    path: str | Path, tp: int, device: torch.device, timeout_s: float
+    path: str | Path, tp: int, device: torch.device, timeout_s: float, verify: bool = True
 ) -> tuple[Transformer, TensorParallelGroups]:
     """This rank's shard of the exported model at ``path``. The model is built on the meta
     device and split with the training code's plan, on plain tensors
@@ -199,7 +199,7 @@ def load_sharded(
     if not launched_by_torchrun():
         raise UserError(f"serve.tp: {tp} ranks need torchrun (moegpt generate --tp starts it)")
     init_distributed(device, timeout_s)
-    folder = check_folder(path)
+    folder = check_folder(path, verify=verify)
     refuse_vision(folder, "tensor-parallel serving")
     layout = ParallelConfig(tp=tp)
     try:
