@@ -25,6 +25,14 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def umask_mode(directory: bool) -> int:
+    """The mode a plain ``open``/``mkdir`` would give under the process's umask (temporary
+    files and folders are created private; what is published should not stay so)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -34,7 +42,7 @@ def write_atomically(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, umask_mode(directory=False))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

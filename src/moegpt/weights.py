@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from moegpt.config import ModelConfig, VisionConfig, section_from_dict
 from moegpt.errors import ConfigError, UserError
-from moegpt.fileio import fsync_path, sha256_file
+from moegpt.fileio import fsync_path, sha256_file, umask_mode
 from moegpt.model import Transformer
 from moegpt.model.vision import VisionLanguageModel, language_model
 
@@ -134,12 +134,12 @@ def _swap_in(tmp: Path, dst: Path, kept: list[str]) -> None:
 
 
 def _make_durable(folder: Path) -> None:
-    """fsync every file and give the folder the permissions a plain mkdir would have had
-    (mkdtemp creates it private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
+    """fsync every file, and give the folder and its files the permissions a plain mkdir
+    and open would have had (mkdtemp and safetensors create them private)."""
+    folder.chmod(umask_mode(directory=True))
     for path in folder.iterdir():
+        if path.is_file():  # safetensors writes its file private
+            path.chmod(umask_mode(directory=False))
         fsync_path(path)
     fsync_path(folder)
 

@@ -23,7 +23,7 @@ from moegpt.train.faults import launch_training, train_with_kills
 from moegpt.train.metrics import data_stream, read_metrics
 from moegpt.train.supervisor import supervise
 from moegpt.train.trainer import Trainer
-from tests.conftest import make_config, recipe
+from tests.conftest import make_config, recipe, small_config
 
 
 def test_loss_falls(tmp_path: Path, prepared: Path) -> None:
@@ -322,3 +322,22 @@ def test_a_damaged_validation_file_stops_train_and_inspect_before_any_step(
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert main(["data", "inspect", "--config", str(tmp_path / "recipe.toml")]) == 2
     assert f"{shard}: " in capsys.readouterr().err
+
+
+def test_checkpoints_and_exports_follow_the_umask(tmp_path: Path) -> None:
+    """Another account of the same group may read a shared model (umask 027: rwxr-x---)."""
+    import os
+    import stat
+
+    previous = os.umask(0o027)
+    try:
+        CheckpointManager(tmp_path / "checkpoints", keep=2, log=lambda m: None).save(
+            1, {"x": torch.tensor([1])}, {"step": 1}
+        )
+        folder = moegpt.save_model(moegpt.Transformer(small_config()), tmp_path / "export")
+    finally:
+        os.umask(previous)
+    step = tmp_path / "checkpoints" / "step-00000001"
+    for path in [step, *step.rglob("*"), folder, *folder.iterdir()]:
+        want = 0o750 if path.is_dir() else 0o640
+        assert stat.S_IMODE(path.stat().st_mode) == want, path

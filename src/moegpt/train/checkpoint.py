@@ -28,7 +28,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException
 
 from moegpt.errors import UserError
-from moegpt.fileio import fsync_path, sha256_file
+from moegpt.fileio import fsync_path, sha256_file, umask_mode
 from moegpt.train import safe_dcp
 from moegpt.train.safe_dcp import rank_errors
 
@@ -101,6 +101,7 @@ class CheckpointManager:
             try:
                 self.folder.mkdir(parents=True, exist_ok=True)
                 tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=self.folder))
+                tmp.chmod(umask_mode(directory=True))  # mkdtemp's is private
             except OSError as e:
                 problem = self._cause(e)
         tmp, problem = from_rank0((tmp, problem))
