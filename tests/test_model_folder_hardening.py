@@ -267,3 +267,9 @@ def test_damaged_weights_are_caught_by_the_recorded_checksum(folder: Path, capsy
     _one_line("sha256 differs", Engine.from_folder, folder, ServeConfig(calibrate=False), "cpu")
     path.write_bytes(bytes(data[:-4]))
     _one_line("model.safetensors: ", moegpt.load, folder, verify=False)  # a size is always checked
+
+
+def test_generate_without_a_tokenizer_says_what_to_copy(folder: Path, capsys) -> None:
+    assert main(["generate", str(folder), "--prompt", "def f"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"moegpt: error: {folder}: no tokenizer.json") and err.count("\n") == 1

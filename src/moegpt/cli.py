@@ -282,6 +282,12 @@ def _with_engine(
 
 def cmd_generate(args: argparse.Namespace) -> int | None:
     serve = _serve_config(args)
+    if not (Path(args.model_dir) / "tokenizer.json").is_file() and Path(args.model_dir).is_dir():
+        # The engine takes token ids; this verb takes text.
+        raise UserError(
+            f"{args.model_dir}: no tokenizer.json, so text cannot become tokens; copy in the "
+            "tokenizer.json the model was trained with (a run's data_dir holds it)"
+        )
     if serve.tp > 1 and not args.prompt:
         raise UserError("--prompt: a tensor-parallel run takes its prompts as flags")
     return _with_engine(args, serve, lambda engine: _generate(engine, args))
@@ -376,7 +382,7 @@ def _generate(engine: Engine, args: argparse.Namespace) -> None:
         turns = [[{"role": "user", "content": places + p}] for p in prompts]
         encoded = [template.encode(turn, True) for turn in turns]
     else:
-        encoded = PlainEncoder(engine.tokenizer).encode(prompts) if engine.tokenizer else prompts
+        encoded = PlainEncoder(engine.tokenizer).encode(prompts)
         if images:
             assert engine.vision is not None
             encoded = [[engine.vision.image_token_id] * len(images) + p for p in encoded]
@@ -391,7 +397,7 @@ def _generate(engine: Engine, args: argparse.Namespace) -> None:
         while engine.has_work():
             for out in engine.text_step(processors):
                 key = (out.request_id, out.index)
-                piece = out.text if engine.tokenizer else " ".join(map(str, out.token_ids)) + " "
+                piece = out.text
                 texts[key] = texts.get(key, "") + piece
                 reasons[key] = out.finish_reason
                 if streaming:

@@ -117,6 +117,11 @@ def test_report_writes_plots_and_summary(tmp_path: Path, prepared: Path, capsys)
         assert (tmp_path / "run" / name).read_bytes()[:4] == b"\x89PNG"
     out = capsys.readouterr().out
     assert "steps: 6" in out and "held-out loss at step 6" in out and "MFU n/a" in out
+    # The throughput is the run's median step, not its last.
+    rates = [e["tokens_per_second"] for e in read_metrics(tmp_path / "run") if e["kind"] == "train"]
+    rates.sort()
+    median = (rates[2] + rates[3]) / 2
+    assert f"throughput (median over 6 steps): {median:,.0f} tokens/s" in out
 
 
 def test_dry_run_prints_the_ramp(tmp_path: Path, prepared: Path, capsys) -> None:

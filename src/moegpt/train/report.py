@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,18 @@ def summary(events: list[dict[str, Any]]) -> str:
     if not train:
         return "no training steps recorded\n"
     first, last = train[0], train[-1]
+    # The run's median step, not the last one's (a step that waited on a save or an
+    # evaluation would stand for the whole run).
+    rate = _median(train, "tokens_per_second")
+    flops = _median(train, "flops_per_second")
+    mfu = _median(train, "mfu")
     lines = [
         f"steps: {last['step']}, tokens: {sum(e['tokens'] for e in train):,}",
         f"loss: {first['loss']:.4f} at step {first['step']} -> "
         f"{last['loss']:.4f} at step {last['step']}",
-        f"throughput: {last['tokens_per_second']:,.0f} tokens/s, "
-        f"{last['flops_per_second'] / 1e12:.2f} TFLOP/s, "
-        + ("MFU n/a (no known peak)" if last.get("mfu") is None else f"MFU {last['mfu']:.1%}"),
+        f"throughput (median over {len(train)} steps): {rate:,.0f} tokens/s, "
+        f"{flops / 1e12:.2f} TFLOP/s, "
+        + ("MFU n/a (no known peak)" if mfu is None else f"MFU {mfu:.1%}"),
     ]
     if "expert_load_max" in last:
         lines.append(
@@ -40,6 +46,11 @@ def summary(events: list[dict[str, Any]]) -> str:
             + ", ".join(f"{k[:-5]} {v:.4f}" for k, v in sorted(scores.items()))
         )
     return "\n".join(lines) + "\n"
+
+
+def _median(steps: list[dict[str, Any]], key: str) -> float | None:
+    values = [e[key] for e in steps if e.get(key) is not None]
+    return statistics.median(values) if values else None
 
 
 def write_report(run_dir: Path) -> list[Path]:
