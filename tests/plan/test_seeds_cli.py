@@ -77,10 +77,18 @@ def test_utilisation_needed_is_the_cost_ratio(seeds: dict) -> None:
             )
 
 
-def test_against_seeds_needs_a_model_the_seed_layouts_fit(capsys) -> None:
+def test_against_seeds_refuses_another_model(capsys) -> None:
+    """The seeds' prose (6B per expert, their MFU range) is false for any other model."""
     tiny = str(ROOT / "configs" / "tiny.toml")
     assert main(["plan", "--config", tiny, "--against-seeds"]) == 2
-    assert "--against-seeds: the seed's layouts" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--against-seeds: the seeds' figures describe one model" in err
+    assert "model.n_layers 4" in err and err.count("\n") == 1
+    mixtral = ["--model.n_layers", "32", "--model.d_model", "4096", "--model.n_heads", "32"]
+    assert main(["plan", "--config", GPT4, "--against-seeds", *mixtral]) == 2
+    assert "model.d_model 4096" in capsys.readouterr().err
+    assert main(["plan", "--config", GPT4, "--against-seeds"]) == 0
+    assert "SPEC.md" not in capsys.readouterr().out  # a file outside this repository
 
 
 def test_claims_are_evaluated_not_asserted(seeds: dict) -> None:
@@ -199,4 +207,6 @@ def test_the_vision_stage_runs_at_the_mfu_days_imply(capsys) -> None:
     plan = json.loads(capsys.readouterr().out)
     stage, mfu = plan["vision"]["stage"], plan["training"]["mfu"]
     peak = plan["inputs"]["train_gpu"]["peak_bf16_flops"]
-    assert stage["days"] == pytest.approx(stage["flops"] / (120 * peak * mfu) / 86400)
+    gpus = plan["training"]["gpus"]
+    assert gpus == 24_960  # the preset's cluster: the seed's ~25,000 GPUs
+    assert stage["days"] == pytest.approx(stage["flops"] / (gpus * peak * mfu) / 86400)

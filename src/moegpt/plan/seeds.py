@@ -22,7 +22,7 @@ from moegpt.plan.memory import TrainLayout, stage_params, training_memory
 from moegpt.plan.params import param_breakdown
 from moegpt.plan.training import tokens_per_expert, training_time
 
-# The seed's figures (../shared/SPEC.md), as published.
+# The seed's figures: the leaked descriptions of GPT-4, as published.
 SEED = {
     "total_params": 1.8e12,
     "active_params": 280e9,
@@ -41,6 +41,16 @@ SEED = {
     "node_params": 130e9,
     "cost_per_1k_a100": 0.0049,
     "cost_per_1k_h100": 0.0021,
+}
+# The model the seeds describe (configs/gpt4-1.8t.toml): its figures are only comparable with
+# a config of this shape. Another model's plan has no seed to be held against.
+SEED_SHAPE = {
+    "n_layers": 120,
+    "d_model": 15360,
+    "n_heads": 120,
+    "n_kv_heads": 1,
+    "n_experts": 16,
+    "top_k": 2,
 }
 TRAIN_TP, TRAIN_PP, TRAIN_MICROBATCHES = 8, 15, 64
 SERVE = ServeLayout(tp=8, pp=16)
@@ -62,11 +72,13 @@ def _row(figure: str, seed: float, computed: float, unit: str, note: str) -> dic
 
 def seed_comparison(config: Config) -> dict[str, Any]:
     m = config.model
-    if m.n_heads % TRAIN_TP or m.n_layers < SERVE.pp:
+    differs = [f"model.{k} {getattr(m, k)}" for k, v in SEED_SHAPE.items() if getattr(m, k) != v]
+    if differs:
+        shape = ", ".join(f"{k} {v}" for k, v in SEED_SHAPE.items())
         raise UserError(
-            f"--against-seeds: the seed's layouts (TP{TRAIN_TP} x PP{TRAIN_PP} and "
-            f"TP{SERVE.tp} x PP{SERVE.pp}) need model.n_heads divisible by {TRAIN_TP} and at "
-            f"least {SERVE.pp} layers"
+            f"--against-seeds: the seeds' figures describe one model ({shape}: "
+            f"configs/gpt4-1.8t.toml); this config is another ({', '.join(differs)}), so "
+            "`moegpt plan` without the flag is its plan"
         )
     p = param_breakdown(m)
     fwd = token_flops(m, 0)
@@ -97,7 +109,7 @@ def seed_comparison(config: Config) -> dict[str, Any]:
             SEED["total_params"],
             p.total,
             "params",
-            "another source says 1.76T; the preset's shape (SPEC.md §1) gives "
+            "another source says 1.76T; the seeds' shape gives "
             f"{p.experts / m.n_experts / 1e9:.0f}B per expert, {p.attention / 1e9:.0f}B attention",
         ),
         _row(
