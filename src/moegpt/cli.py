@@ -206,7 +206,8 @@ def cmd_train(args: argparse.Namespace) -> int | None:
         seq = config.data.seq_len
         stdout.print(
             f"{schedule.steps:,} steps, {schedule.total_sequences:,} sequences, "
-            f"{schedule.total_sequences * seq:,} tokens of {seq}",
+            f"{schedule.total_sequences * seq:,} tokens of {seq}; peak learning rate "
+            f"{config.train.lr:.2e} after {config.train.warmup_steps:,} warm-up steps",
             highlight=False,
         )
         for phase in batch_phases(schedule):

@@ -117,6 +117,7 @@ def test_plan_json_schema(capsys) -> None:
         "inference",
         "vision",
         "batch_schedule",
+        "learning_rate",
         "seed_comparison",
     ]
     assert plan["parameters"]["total"] == 1_872_147_993_600
@@ -210,3 +211,19 @@ def test_the_vision_stage_runs_at_the_mfu_days_imply(capsys) -> None:
     gpus = plan["training"]["gpus"]
     assert gpus == 24_960  # the preset's cluster: the seed's ~25,000 GPUs
     assert stage["days"] == pytest.approx(stage["flops"] / (gpus * peak * mfu) / 86400)
+
+
+def test_tokens_lengthen_the_schedule_and_the_peak_lr_is_shown(capsys) -> None:
+    small = str(ROOT / "configs" / "small-moe.toml")
+    assert main(["plan", "--config", small, "--json", "--tokens", "8e12"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    trained = sum(p["tokens"] for p in plan["batch_schedule"])
+    seq, batch = plan["inputs"]["seq_len"], plan["batch_schedule"][-1]["batch_size"]
+    assert 8e12 <= trained < 8e12 + batch * seq  # the fewest steps that train them
+    config = load_config(small)
+    assert plan["learning_rate"] == {
+        "peak": config.train.lr,
+        "warmup_steps": config.train.warmup_steps,
+    }
+    assert main(["plan", "--config", small]) == 0
+    assert f"peak learning rate {config.train.lr:.2e}" in " ".join(capsys.readouterr().out.split())

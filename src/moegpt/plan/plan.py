@@ -25,7 +25,7 @@ from moegpt.plan.training import (
     training_time,
 )
 from moegpt.plan.vision import vision_flops, vision_params
-from moegpt.train.schedule import batch_phases, build_schedule
+from moegpt.train.schedule import Schedule, batch_phases, build_schedule
 
 SCHEMA_VERSION = 1
 
@@ -139,6 +139,19 @@ def _check_finite(opts: PlanOptions) -> None:
             raise UserError(f"--{f.name.replace('_', '-')}: must be a finite number, got {value}")
 
 
+def schedule_for_tokens(config: Config, tokens: float) -> Schedule:
+    """The config's schedule (batch ramp, warm-up, decay) with as many steps as it takes to
+    train at least ``tokens`` tokens."""
+    seq, batch = config.data.seq_len, config.train.global_batch_size
+    steps = max(math.ceil(tokens / (batch * seq)), 1)
+    while True:  # a ramp's small early batches need a few more steps
+        schedule = build_schedule(dataclasses.replace(config.train, steps=steps))
+        short = tokens - schedule.total_sequences * seq
+        if short <= 0:
+            return schedule
+        steps += math.ceil(short / (batch * seq))
+
+
 def build_plan(config: Config, opts: PlanOptions) -> dict[str, Any]:
     _check_finite(opts)
     m = config.model
@@ -151,6 +164,8 @@ def build_plan(config: Config, opts: PlanOptions) -> dict[str, Any]:
     tokens = schedule.total_sequences * seq if opts.tokens is None else opts.tokens
     if tokens <= 0:
         raise UserError(f"--tokens: must be positive, got {tokens}")
+    if opts.tokens is not None:  # the schedule that trains them: the config's, lengthened
+        schedule = schedule_for_tokens(config, tokens)
 
     hw = hardware(opts.gpu, opts, "--gpu")
     layout, gpus = train_layout(config, opts)
@@ -250,6 +265,7 @@ def build_plan(config: Config, opts: PlanOptions) -> dict[str, Any]:
             }
             for phase in batch_phases(schedule)
         ],
+        "learning_rate": {"peak": config.train.lr, "warmup_steps": config.train.warmup_steps},
     }
 
 

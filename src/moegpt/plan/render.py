@@ -180,8 +180,10 @@ def vision_table(plan: dict[str, Any]) -> Table:
 
 
 def schedule_table(plan: dict[str, Any]) -> Table:
+    lr = plan["learning_rate"]
     return _table(
-        "Batch-size schedule",
+        f"Batch-size schedule (peak learning rate {lr['peak']:.2e} after "
+        f"{lr['warmup_steps']:,} warm-up steps)",
         ("steps", "batch (sequences)", "tokens", "learning rate"),
         [
             (
