@@ -166,7 +166,7 @@ def test_train_flag_combinations(tmp_path: Path, prepared: Path, monkeypatch, ca
     assert main([*run, "--max-restarts", "-1"]) == 2
     assert main([*run, "--max-restarts", "2", "--resume", "never"]) == 2
     calls: list[list[str]] = []
-    monkeypatch.setattr("subprocess.call", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.setattr("moegpt.train.supervisor.run_child", lambda cmd: calls.append(cmd) or 0)
     assert main([*run, "--max-restarts", "2", "--dry-run"]) == 0  # prints, never launches
     assert calls == [] and not (tmp_path / "run").exists()
     assert main([*run, "--max-restarts", "2", "--train.lr", "0.002"]) == 0
