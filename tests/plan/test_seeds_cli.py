@@ -227,3 +227,18 @@ def test_tokens_lengthen_the_schedule_and_the_peak_lr_is_shown(capsys) -> None:
     }
     assert main(["plan", "--config", small]) == 0
     assert f"peak learning rate {config.train.lr:.2e}" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_serving_layout_that_cannot_hold_the_weights_is_refused_naming_one_that_can(
+    capsys,
+) -> None:
+    """Mixtral's shape on one H100 at TP1: it printed a negative free memory, batch 0, and
+    still a decode roofline and a price."""
+    small = str(ROOT / "configs" / "small-moe.toml")
+    mixtral = ["--model.n_layers", "32", "--model.d_model", "4096", "--model.n_heads", "32"]
+    mixtral += ["--model.n_experts", "8", "--model.expert_hidden", "14336"]
+    assert main(["plan", "--config", small, *mixtral]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "serve layout TP1 x PP1 on h100-sxm: the weights take" in err
+    assert err.rstrip().endswith("--infer-tp 2 --infer-pp 1 would fit")
+    assert main(["plan", "--config", small, *mixtral, "--infer-tp", "2"]) == 0

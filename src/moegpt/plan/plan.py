@@ -11,11 +11,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from moegpt.config import Config
+from moegpt.config import Config, ModelConfig
 from moegpt.errors import UserError
 from moegpt.plan.flops import token_flops, training_token_flops
 from moegpt.plan.hardware import Hardware, get_hardware
-from moegpt.plan.inference import ServeLayout, decode, kv_fit
+from moegpt.plan.inference import KVFit, ServeLayout, decode, kv_fit
 from moegpt.plan.memory import TrainLayout, training_memory
 from moegpt.plan.params import param_breakdown
 from moegpt.plan.training import (
@@ -152,6 +152,30 @@ def schedule_for_tokens(config: Config, tokens: float) -> Schedule:
         steps += math.ceil(short / (batch * seq))
 
 
+def _serving_misfit(
+    m: ModelConfig, hw: Hardware, serve: ServeLayout, context: int, fit: KVFit
+) -> str:
+    """One line on why the serving layout cannot hold one sequence, and the smallest one
+    (TP up to 8, then pipeline stages) that can."""
+    gb = 1e9
+    why = (
+        f"serve layout TP{serve.tp} x PP{serve.pp} on {hw.name}: the weights take "
+        f"{fit.weights_per_gpu / gb:.1f} GB a GPU, "
+        + (
+            f"leaving no room for a {context:,}-token sequence's KV cache"
+            if fit.free_per_gpu > 0
+            else f"more than the {hw.hbm_bytes * (1 - serve.reserve) / gb:.1f} GB it offers"
+        )
+    )
+    for pp in range(1, m.n_layers + 1):
+        for tp in (1, 2, 4, 8):
+            if m.n_heads % tp == 0 and tp * pp >= serve.tp * serve.pp:
+                layout = dataclasses.replace(serve, tp=tp, pp=pp)
+                if kv_fit(m, hw, layout, context).max_batch >= 1:
+                    return f"{why}; --infer-tp {tp} --infer-pp {pp} would fit"
+    return f"{why}; no layout of up to 8-way TP and {m.n_layers} stages fits"
+
+
 def build_plan(config: Config, opts: PlanOptions) -> dict[str, Any]:
     _check_finite(opts)
     m = config.model
@@ -193,6 +217,8 @@ def build_plan(config: Config, opts: PlanOptions) -> dict[str, Any]:
     if context > m.max_seq_len:
         raise UserError(f"--context: {context} exceeds model.max_seq_len ({m.max_seq_len})")
     fit = kv_fit(m, infer_hw, serve, context)
+    if fit.max_batch < 1:  # no roofline or price for a layout that cannot serve one sequence
+        raise UserError(_serving_misfit(m, infer_hw, serve, context, fit))
     fit_mha = kv_fit(m, infer_hw, serve, context, n_kv_heads=m.n_heads)
     batch = max(fit.max_batch, 1) if opts.infer_batch is None else opts.infer_batch
     roofline = decode(m, infer_hw, serve, batch, context)
