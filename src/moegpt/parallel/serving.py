@@ -26,6 +26,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
+from moegpt.errors import UserError
 from moegpt.model import Transformer
 from moegpt.model.moe import GroupedExperts
 from moegpt.parallel.experts import HIDDEN_DIM
@@ -67,6 +68,9 @@ def shard_for_serving(model: Transformer, group: dist.ProcessGroup) -> dict[str,
     for name, kind in tensor_parallel_plan(model, ranks).items():
         if kind == "replicated_kv":
             continue
+        last = chunk_of(vocab, ranks - 1, ranks)
+        if kind.startswith("vocab") and last.start == last.stop:  # every rank sees the same
+            raise UserError(f"serve.tp: a {vocab}-token vocabulary leaves rank {ranks - 1} no rows")
         module = model.get_submodule(name)
         rows = split(module, name, "weight", _SPLIT_DIM[kind])
         if kind == "row":

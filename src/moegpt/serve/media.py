@@ -60,6 +60,10 @@ def decode_image(data: bytes, size: int, field: str) -> torch.Tensor:
                     f"{MAX_IMAGE_PIXELS:,} an image may have"
                 )
             grey = image.convert("L").resize((size, size), Image.Resampling.BILINEAR)
+    except Image.DecompressionBombError:  # Pillow's own limit, above ours: same answer
+        raise UserError(
+            f"{field}: more than the {MAX_IMAGE_PIXELS:,} pixels an image may have"
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise UserError(f"{field}: not an image that decodes ({type(e).__name__})") from None
     return torch.from_numpy(np.asarray(grey, dtype=np.uint8).copy())

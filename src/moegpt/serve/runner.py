@@ -360,6 +360,15 @@ class Proposer(Protocol):
 
 
 @dataclass
+class RequestImages:
+    """A request's images (count, H, W) grey uint8, encoded at its first step, once for all
+    of its samples."""
+
+    pixels: torch.Tensor
+    visual: VisualCache | None = None
+
+
+@dataclass
 class RunnerSequence:
     """The runner's own record of a sequence: its tokens (the prompt and every token the
     runner drew for it), how it samples, and what the draft model has cached."""
@@ -369,8 +378,7 @@ class RunnerSequence:
     generator: torch.Generator | None
     blocks: tuple[int, ...] = ()
     draft_computed: int = 0
-    images: torch.Tensor | None = None  # (count, H, W) grey uint8, encoded at its first step
-    visual: VisualCache | None = None
+    images: RequestImages | None = None  # shared by the samples of one request
     # with prompt_logprobs: prompt positions whose next token is still to score (a
     # preempted sequence recomputing its prompt scores nothing twice)
     unscored: range = range(0)
@@ -440,8 +448,9 @@ class ModelRunner:
         for seq_id in out.finished:
             self.sequences.pop(seq_id, None)
         for new in out.new:
-            tokens, images = list(new.prompt), new.images
-            if new.parent is not None:
+            tokens = list(new.prompt)
+            images = RequestImages(new.images) if new.images is not None else None
+            if new.parent is not None:  # a fork shares its parent's images, encoded or not
                 parent = self.sequences[new.parent]
                 tokens, images = list(parent.tokens), parent.images
             generator = None
@@ -473,13 +482,14 @@ class ModelRunner:
 
     def _visual(self, seq: RunnerSequence) -> VisualCache | None:
         """The sequence's images as the cross-attention reads them, encoded on first use."""
-        if seq.images is None or self.vision is None:
+        images = seq.images
+        if images is None or self.vision is None:
             return None
-        if seq.visual is None:
+        if images.visual is None:  # the prompt's markers (the model never writes one)
             image_id = self.vision.image_token_id
             markers = [p for p, t in enumerate(seq.tokens) if t == image_id]
-            seq.visual = VisualCache.encode(self.vision, seq.images, markers)
-        return seq.visual
+            images.visual = VisualCache.encode(self.vision, images.pixels, markers)
+        return images.visual
 
     def _model_input(
         self, out: SchedulerOutput, proposals: dict[int, Proposal]

@@ -193,6 +193,13 @@ class OpenAIServer:
         turns, urls = [], []
         for i, message in enumerate(messages):
             content = message.content
+            texts_sent = (
+                [content]
+                if isinstance(content, str)
+                else [part.text for part in content if not isinstance(part, ImagePart)]
+            )
+            if any(IMAGE_PLACE in text for text in texts_sent):  # only an image part makes one
+                raise APIError(400, f"messages[{i}].content: holds a reserved marker", "messages")
             if not isinstance(content, str):
                 texts = []
                 for j, part in enumerate(content):
@@ -692,6 +699,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
     try:
         sock.bind((host, port))
+        sock.listen(2048)  # at once: two sockets may bind one port with SO_REUSEADDR, not listen
     except OSError as e:
         sock.close()
         raise UserError(f"--port: cannot listen on {host}:{port} ({e.strerror})") from None

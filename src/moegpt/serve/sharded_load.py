@@ -9,6 +9,7 @@ are read whole, since every rank needs them whole.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -69,7 +70,7 @@ def fill_shards(
             else:
                 stored = f.get_slice(name)[block]
                 stats.sharded_elements += stored.numel()
-                stats.sharded_total += target.numel()
+                stats.sharded_total += math.prod(folder.header[name][1])  # the whole tensor
             stats.elements += stored.numel()
             cast, problem = weight_problem(stored, folder.dtype)
             if problem is not None:

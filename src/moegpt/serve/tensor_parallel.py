@@ -199,7 +199,7 @@ def load_sharded(
     if not launched_by_torchrun():
         raise UserError(f"serve.tp: {tp} ranks need torchrun (moegpt generate --tp starts it)")
     init_distributed(device, timeout_s)
-    folder = check_folder(path, verify=verify)
+    folder = check_folder(path, verify=verify and dist.get_rank() == 0)  # one rank reads it all
     refuse_vision(folder, "tensor-parallel serving")
     layout = ParallelConfig(tp=tp)
     try:

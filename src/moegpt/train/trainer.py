@@ -625,6 +625,8 @@ class Trainer:
 
     def _stop(self, signum: int, saved: Path | None) -> None:
         """Save (unless this step just did), say where the rerun resumes, and stop."""
+        if not saved:
+            self.log(f"{signal.Signals(signum).name}: saving step {self.step}, then stopping")
         path = saved or self.save()
         raise TrainingStopped(
             f"training stopped by {signal.Signals(signum).name} after step {self.step}; "
@@ -699,14 +701,10 @@ class StopSignals:
         self._previous: dict[int, Any] = {}
 
     def _record(self, signum: int, frame: Any) -> None:
+        # Only a flag: printing here could re-enter a write the loop is in the middle of.
         if self.received == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = self.received or signum
-        stderr.print(
-            f"{signal.Signals(signum).name}: stopping after this step, with a checkpoint "
-            "(Ctrl-C again stops at once)",
-            highlight=False,
-        )
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
