@@ -283,12 +283,6 @@ def _with_engine(
 
 def cmd_generate(args: argparse.Namespace) -> int | None:
     serve = _serve_config(args)
-    if not (Path(args.model_dir) / "tokenizer.json").is_file() and Path(args.model_dir).is_dir():
-        # The engine takes token ids; this verb takes text.
-        raise UserError(
-            f"{args.model_dir}: no tokenizer.json, so text cannot become tokens; copy in the "
-            "tokenizer.json the model was trained with (a run's data_dir holds it)"
-        )
     if serve.tp > 1 and not args.prompt:
         raise UserError("--prompt: a tensor-parallel run takes its prompts as flags")
     return _with_engine(args, serve, lambda engine: _generate(engine, args))
@@ -358,6 +352,11 @@ def _generate(engine: Engine, args: argparse.Namespace) -> None:
     from moegpt.serve.sequence import SamplingParams
 
     template = engine.chat_template
+    if engine.tokenizer is None:  # the engine takes token ids; this verb takes text
+        raise UserError(
+            f"{args.model_dir}: no tokenizer.json, so text cannot become tokens; copy in the "
+            "tokenizer.json the model was trained with (a run's data_dir holds it)"
+        )
     if args.chat and template is None:
         raise UserError(f"--chat: {args.model_dir} has no chat template (tokenizer_config.json)")
     params = SamplingParams(

@@ -170,7 +170,7 @@ def test_generate_cli_streams_tokens(tmp_path: Path, model: Transformer, capsys)
     save_model(model, tmp_path / "m")
     stdin_free = ["generate", str(tmp_path / "m"), "--prompt", "x"]
     assert main(stdin_free) == 2  # text without a tokenizer: a one-line error
-    assert "prompt: text needs a tokenizer" in capsys.readouterr().err
+    assert "no tokenizer.json, so text cannot become tokens" in capsys.readouterr().err
 
 
 def test_generate_cli_says_how_the_engine_started(text_model: Path, capsys) -> None:
