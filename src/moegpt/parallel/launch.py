@@ -39,6 +39,16 @@ def rank_env_defaults(nproc: int) -> dict[str, str]:
     return {**GPU_ENV_DEFAULTS, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
 
 
+# How long torchrun's agent lets its ranks finish after passing them a SIGTERM or Ctrl-C (its
+# default is 30 s) before it kills them: a step and a checkpoint save of a large model take
+# longer. (Read by torch >= 2.13's agent; older agents keep 30 s.)
+SHUTDOWN_TIMEOUT_S = 600
+
+
 def launch(nproc: int, max_restarts: int, child_argv: Sequence[str]) -> int:
-    env = {**rank_env_defaults(nproc), **os.environ}
+    env = {
+        **rank_env_defaults(nproc),
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(SHUTDOWN_TIMEOUT_S),
+        **os.environ,
+    }
     return run_child(torchrun_command(nproc, max_restarts, child_argv), env)
