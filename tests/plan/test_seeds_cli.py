@@ -242,3 +242,23 @@ def test_a_serving_layout_that_cannot_hold_the_weights_is_refused_naming_one_tha
     assert err.count("\n") == 1 and "serve layout TP1 x PP1 on h100-sxm: the weights take" in err
     assert err.rstrip().endswith("--infer-tp 2 --infer-pp 1 would fit")
     assert main(["plan", "--config", small, *mixtral, "--infer-tp", "2"]) == 0
+
+
+def test_a_batch_beyond_what_the_cache_holds_is_refused_with_the_largest_that_fits(
+    capsys,
+) -> None:
+    """It used to be priced as if it fitted: 100,000 sequences on one H100 at 2k tokens."""
+    small = str(ROOT / "configs" / "small-moe.toml")
+    assert main(["plan", "--config", small, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    fits, context = plan["kv_cache"]["max_batch"], plan["inputs"]["context"]
+    assert main(["plan", "--config", small, "--infer-batch", str(fits)]) == 0
+    capsys.readouterr()
+    assert main(["plan", "--config", small, "--infer-batch", str(fits + 1)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"moegpt: error: --infer-batch: {fits + 1:,}")
+    assert f"at most {fits:,} fit" in err
+    shorter = int(err.rstrip().rsplit("--context ", 1)[1].replace(",", ""))
+    assert shorter < context  # and that context does hold them
+    argv = ["--infer-batch", str(fits + 1), "--context", str(shorter)]
+    assert main(["plan", "--config", small, *argv]) == 0

@@ -176,6 +176,20 @@ def _serving_misfit(
     return f"{why}; no layout of up to 8-way TP and {m.n_layers} stages fits"
 
 
+def _batch_misfit(serve: ServeLayout, context: int, fit: KVFit, batch: int) -> str:
+    """One line on why ``--infer-batch`` sequences do not fit, with the largest batch that
+    does and the context at which the asked batch would."""
+    gb = 1e9
+    need = batch * fit.kv_per_sequence_per_gpu
+    line = (
+        f"--infer-batch: {batch:,} sequences of {context:,} tokens need {need / gb:.1f} GB of "
+        f"KV cache a GPU on TP{serve.tp} x PP{serve.pp}, {fit.free_per_gpu / gb:.1f} GB is free; "
+        f"at most {fit.max_batch:,} fit"
+    )
+    shorter = int(fit.free_per_gpu * context // need)  # the context at which all of them fit
+    return f"{line}, or {batch:,} at --context {shorter:,}" if shorter >= 1 else line
+
+
 def build_plan(config: Config, opts: PlanOptions) -> dict[str, Any]:
     _check_finite(opts)
     m = config.model
@@ -220,7 +234,9 @@ def build_plan(config: Config, opts: PlanOptions) -> dict[str, Any]:
     if fit.max_batch < 1:  # no roofline or price for a layout that cannot serve one sequence
         raise UserError(_serving_misfit(m, infer_hw, serve, context, fit))
     fit_mha = kv_fit(m, infer_hw, serve, context, n_kv_heads=m.n_heads)
-    batch = max(fit.max_batch, 1) if opts.infer_batch is None else opts.infer_batch
+    batch = fit.max_batch if opts.infer_batch is None else opts.infer_batch
+    if batch > fit.max_batch:  # a roofline and price for a batch the cache cannot hold mislead
+        raise UserError(_batch_misfit(serve, context, fit, batch))
     roofline = decode(m, infer_hw, serve, batch, context)
 
     return {
