@@ -196,6 +196,11 @@ def kernel_profile(graphs: DecodeGraphs, step: dict) -> dict:
         kernels=sum(e.count for e in ops),
         kernel_ms=sum(e.self_device_time_total for e in ops) / 1e3,
         top=[(e.key[:80], e.count, round(e.self_device_time_total)) for e in ops[:15]],
+        # Every kernel, most launched first: what fusing would remove.
+        launches=[
+            (e.key[:120], e.count, round(e.self_device_time_total))
+            for e in sorted(ops, key=lambda e: e.count, reverse=True)
+        ],
     )
 
 

@@ -64,10 +64,21 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--verify-weights",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="hash the weights file against config.json at load (serve.verify_weights)",
+    )
     parser.add_argument("--out", required=True, help="JSON file rank 0 writes")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    config = ServeConfig(tp=args.tp, compile=args.compile, max_batch_size=max(batches))
+    config = ServeConfig(
+        tp=args.tp,
+        compile=args.compile,
+        max_batch_size=max(batches),
+        verify_weights=args.verify_weights,
+    )
 
     def work(engine: Engine) -> None:
         rows = [measure(engine, b, args.output_len, args.repeats) for b in batches]

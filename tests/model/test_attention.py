@@ -149,3 +149,27 @@ def test_document_mask_makes_packed_documents_independent() -> None:
         leaky = model(packed).logits
     torch.testing.assert_close(together[:, 5:], alone, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(leaky[:, 5:], alone, atol=1e-3)
+
+
+def test_fused_projections_compute_the_same_and_keep_the_weights_and_their_names() -> None:
+    """Serving reads Q, K and V with one matmul; the weights stay the module's parameters
+    (views of the fused matrix), so the state dict and in-place updates are unchanged."""
+    torch.manual_seed(0)
+    model = Transformer(small_config(n_kv_heads=2)).double().eval()
+    tokens = torch.randint(model.config.vocab_size, (2, 9))
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    want = model(tokens).logits
+    model.fuse_projections()
+    torch.testing.assert_close(model(tokens).logits, want, rtol=1e-12, atol=1e-12)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[name], t) for name, t in before.items())
+    attention = model.layers["0"].attention
+    assert attention.qkv_weight is not None and "qkv_weight" not in after
+    with torch.no_grad():
+        attention.wk.weight.mul_(0.5)  # as an optimizer step would
+    torch.testing.assert_close(
+        attention.qkv_weight,
+        torch.cat([attention.wq.weight, attention.wk.weight, attention.wv.weight]),
+    )
+    assert not torch.allclose(model(tokens).logits, want)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moegpt.model.moe import MoE
+from moegpt.model.moe import MoE, top_k
 from tests.conftest import small_config
 
 
@@ -193,3 +193,16 @@ def test_gathered_inference_path_equals_grouped_path(tokens: int) -> None:
         grouped, _ = moe(x)
     torch.testing.assert_close(gathered, grouped, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gathered, reference_moe(moe, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 6])
+def test_top_k_by_max_reductions_equals_topk_and_passes_the_same_gradient(k: int) -> None:
+    logits = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    probs = logits.softmax(dim=-1)
+    values, ids = top_k(probs, k)
+    want_values, want_ids = probs.topk(k, dim=-1)
+    assert torch.equal(ids, want_ids) and torch.equal(values, want_values)
+    weights = torch.randn(37, k, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((values * weights).sum(), logits, retain_graph=True)
+    (want,) = torch.autograd.grad((want_values * weights).sum(), logits)
+    torch.testing.assert_close(grad, want, rtol=0, atol=1e-15)

@@ -75,6 +75,25 @@ class Attention(nn.Module):
         self.wk = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.d_model, bias=False)
+        # After fuse_projections: wq, wk and wv as rows of one matrix (not in the state dict).
+        self.register_buffer("qkv_weight", None, persistent=False)
+        self.qkv_widths: tuple[int, int, int] = (0, 0, 0)
+
+    def fuse_projections(self) -> None:
+        """Make wq, wk and wv row views of one matrix that a single matmul reads: a decode
+        step launches one kernel for them, not three. Names, values and the state dict stay
+        as they were; an in-place update of any of the three is seen by the fused matrix.
+        Call it once the model has its final device and dtype: ``.to()`` copies the views
+        and the matrix apart."""
+        if self.qkv_weight is not None:
+            return
+        projections = (self.wq, self.wk, self.wv)
+        fused = torch.cat([proj.weight.detach() for proj in projections])
+        widths = tuple(proj.weight.shape[0] for proj in projections)
+        for proj, rows in zip(projections, fused.split(widths), strict=True):
+            proj.weight = nn.Parameter(rows, requires_grad=proj.weight.requires_grad)
+        self.qkv_weight = fused
+        self.qkv_widths = widths
 
     def _heads(self, projected: torch.Tensor) -> torch.Tensor:
         """(batch, seq, heads x head_dim) -> (batch, heads, seq, head_dim)."""
@@ -94,7 +113,11 @@ class Attention(nn.Module):
         batch, seq, _ = x.shape
         # Head counts come from the projections' widths, not the config: under tensor
         # parallelism each rank's wq holds only its share of the heads.
-        q, k, v = (self._heads(proj(x)) for proj in (self.wq, self.wk, self.wv))
+        if self.qkv_weight is not None:
+            projected = F.linear(x, self.qkv_weight).split(self.qkv_widths, dim=-1)
+        else:
+            projected = tuple(proj(x) for proj in (self.wq, self.wk, self.wv))
+        q, k, v = (self._heads(p) for p in projected)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if cache is not None:

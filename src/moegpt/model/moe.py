@@ -31,6 +31,21 @@ class MoEStats:
     aux_loss: torch.Tensor  # () the two losses weighted by their coefficients
 
 
+def top_k(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``probs.topk(k, dim=-1)`` (values and indices, largest first). For a few experts it
+    runs as k max-reductions, which torch.compile fuses with the softmax before them: topk
+    launches a sort of two kernels per layer on CUDA, a tenth of a batch-1 decode step."""
+    if k > 4:
+        return probs.topk(k, dim=-1)
+    values, ids = [], []
+    for _ in range(k):
+        value, index = probs.max(dim=-1, keepdim=True)
+        values.append(value)
+        ids.append(index)
+        probs = probs.scatter(-1, index, float("-inf"))  # the next pick excludes this one
+    return torch.cat(values, dim=-1), torch.cat(ids, dim=-1)
+
+
 class Router(nn.Module):
     """Learned top-k gate: fp32 logits, softmax over experts, top-k, weights renormalised to
     sum to 1 (Mixtral) unless ``router_renormalize`` is off (Switch-style top-1 keeps the raw
@@ -53,7 +68,7 @@ class Router(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.to(dtype), self.gate.weight.to(dtype))
         probs = logits.softmax(dim=-1)
-        weights, expert_ids = probs.topk(self.top_k, dim=-1)
+        weights, expert_ids = top_k(probs, self.top_k)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return logits, probs, weights, expert_ids
@@ -82,8 +97,10 @@ class GroupedExperts(nn.Module):
     Where the grouped GEMM would run, an inference step of at most ``max_gathered_slots`` routed
     slots runs one matrix-vector product per slot over its expert's weights instead
     (:func:`moegpt.model.expert_gemv.expert_gemv`): at a decode step's few rows the grouped
-    GEMM reads its experts' weights at a fraction of the memory bandwidth. The choice depends
-    only on shapes, so CUDA graphs capture either.
+    GEMM reads its experts' weights at a fraction of the memory bandwidth. Those rows come in
+    token order with their expert ids (:meth:`routes_in_place`), so the step skips the sort,
+    the counts and the scatter back. The choice depends only on shapes, so CUDA graphs
+    capture either.
     """
 
     # On an H100 (medium-moe's experts, bf16) one projection of 8 rows took 25 us this way
@@ -112,23 +129,47 @@ class GroupedExperts(nn.Module):
         aligned = w1.shape[1] % 8 == 0 and w1.shape[2] % 8 == 0
         return device.type == "cuda" and dtype == torch.bfloat16 and aligned
 
+    def routes_in_place(self, x: torch.Tensor, n_slots: int) -> bool:
+        """Whether ``n_slots`` routed rows of ``x`` run as per-row GEMVs in token order (pass
+        ``expert_ids`` to :meth:`forward`) rather than sorted by expert (pass ``counts``)."""
+        if torch.is_grad_enabled() or n_slots > self.max_gathered_slots:
+            return False
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        return self.wants_grouped_mm(x.device, dtype, self.w1)
+
     def weights(self) -> dict[str, torch.Tensor]:
         """The expert weights by name (w1, w3 for SwiGLU, w2)."""
         names = ("w1", "w3", "w2") if self.activation == "swiglu" else ("w1", "w2")
         return {name: getattr(self, name) for name in names}
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """``x``: (slots, d_model) sorted by expert; ``counts``: (n_experts,) slots per expert."""
-        return self.compute(x, counts, self.weights())
+    def forward(
+        self,
+        x: torch.Tensor,
+        counts: torch.Tensor | None = None,
+        expert_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``x``: (slots, d_model) sorted by expert with ``counts`` (n_experts,) slots per
+        expert; or, where :meth:`routes_in_place`, in any order with ``expert_ids`` (slots,)."""
+        return self.compute(x, counts, self.weights(), expert_ids)
 
     def compute(
-        self, x: torch.Tensor, counts: torch.Tensor, weights: dict[str, torch.Tensor]
+        self,
+        x: torch.Tensor,
+        counts: torch.Tensor | None,
+        weights: dict[str, torch.Tensor],
+        expert_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The experts' math with explicit weights, so that expert or tensor parallelism can
         run it on a rank's own experts or hidden slice (weights (E', out', in'), ``counts``
         (E',))."""
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        if expert_ids is not None:  # per-row GEMVs in the rows' own order (routes_in_place)
+            x = x.to(dtype)
+            weights = {name: w.to(dtype) for name, w in weights.items()}
+            return self._feed_forward(x, weights, lambda x, w: expert_gemv(x, w, expert_ids))
+        assert counts is not None, "sorted rows need their counts per expert"
         grouped = self.wants_grouped_mm(x.device, dtype, weights["w1"])
         if not grouped:  # the loop needs split sizes on the host (one sync)
             groups: torch.Tensor | list[int] = counts.tolist()
@@ -136,11 +177,6 @@ class GroupedExperts(nn.Module):
         # grouped_mm is not an autocast op (the loop's matmuls follow autocast by themselves).
         x = x.to(dtype)
         weights = {name: w.to(dtype) for name, w in weights.items()}
-        if not torch.is_grad_enabled() and x.shape[0] <= self.max_gathered_slots:
-            ids = torch.repeat_interleave(
-                torch.arange(counts.numel(), device=x.device), counts, output_size=x.shape[0]
-            )
-            return self._feed_forward(x, weights, lambda x, w: expert_gemv(x, w, ids))
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
         return self._feed_forward(x, weights, lambda x, w: grouped_linear(x, w, offsets))
 
@@ -174,6 +210,13 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         n_tokens, k = x.shape[0], self.top_k
         logits, probs, weights, expert_ids = self.router(x)
+        combine = weights.dtype  # fp32 at least: the weighted sum over a token's k slots
+
+        if self.experts.routes_in_place(x, n_tokens * k):  # a decode step: no sort, no scatter
+            rows = x.repeat_interleave(k, dim=0)  # slot s belongs to token s // k
+            expert_out = self.experts(rows, expert_ids=expert_ids.reshape(-1))
+            slots = expert_out.to(combine).view(n_tokens, k, -1) * weights.unsqueeze(-1)
+            return slots.sum(dim=1).to(x.dtype).view(shape), None
 
         # Static shapes and no host sync on this path, so torch.compile sees one graph.
         flat_ids = expert_ids.reshape(-1)  # slot s belongs to token s // k
@@ -185,9 +228,7 @@ class MoE(nn.Module):
         else:  # dropless; also at inference, where dropping would couple a batch's requests
             expert_out, kept = self.experts(x[order // k], counts), counts
 
-        # Combine in fp32 at least: put each slot's weighted output back in slot order, sum
-        # over k.
-        combine = weights.dtype
+        # Combine: put each slot's weighted output back in slot order, sum over k.
         slots = expert_out.new_zeros(n_tokens * k, shape[-1], dtype=combine)
         slots[order] = expert_out.to(combine) * weights.reshape(-1)[order].unsqueeze(-1)
         out = slots.view(n_tokens, k, shape[-1]).sum(dim=1).to(x.dtype)

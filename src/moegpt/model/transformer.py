@@ -114,6 +114,12 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Serving's layout: each block's Q/K/V projections as one matmul (see
+        :meth:`Attention.fuse_projections`); weights and state dict are unchanged."""
+        for block in self.layers.values():
+            block.attention.fuse_projections()
+
     def reset_parameters(self) -> None:
         """Normal(0, init_std) weights; projections into the residual scaled by 1/sqrt(2L)."""
         std = self.config.init_std

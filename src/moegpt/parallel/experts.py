@@ -107,17 +107,24 @@ def shard_experts(experts: GroupedExperts, dims: ParallelDims) -> None:
         setattr(experts, name, torch.nn.Parameter(sharded))
 
     ep_group = dims["ep"].get_group() if ep > 1 else None
+    if ep_group is not None:  # the exchange sends rows sorted by expert, never in token order
+        experts.max_gathered_slots = 0
     tp_mesh = dims["tp"] if tp > 1 else None
     n_local = experts.w1.shape[0] // ep
 
-    def forward(self: GroupedExperts, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self: GroupedExperts,
+        x: torch.Tensor,
+        counts: torch.Tensor | None = None,
+        expert_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if tp_mesh is not None:
             x = _replicated_input(x, tp_mesh)
         exchange = None
         if ep_group is not None:
             x, counts, exchange = _dispatch(x, counts, ep_group, n_local)
         local = {name: w.to_local() for name, w in self.weights().items()}
-        y = self.compute(x, counts, local)
+        y = self.compute(x, counts, local, expert_ids)
         if tp_mesh is not None:
             y = _sum_partial(y, tp_mesh)
         return y if exchange is None else _combine(y, exchange, ep_group)
