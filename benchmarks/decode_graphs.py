@@ -242,6 +242,7 @@ def main() -> None:
     flash_error = attention_error(config, args.block_size, (1, verify))
     varlen_error = varlen_attention_error(config, args.block_size)
     model = Transformer(config).to(device=DEVICE, dtype=torch.bfloat16).eval()
+    model.fuse_projections()  # as the engine does
     block = args.block_size
     per_sequence = math.ceil(config.max_seq_len / block)
     sequences = max(batches) + 8  # the verify step's 8 sequences come last
