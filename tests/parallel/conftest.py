@@ -65,12 +65,15 @@ class Result:
     ranks: list[dict[str, int]]
     params: dict[str, torch.Tensor]
     eval: dict[str, float]
+    initial: dict[str, torch.Tensor] | None = None  # before the first step, where recorded
 
 
 def _read(out: Path, config: Config) -> Result:
     info = json.loads(out.with_suffix(".json").read_text())
     params = load_file(out.with_suffix(".safetensors"))
-    return Result(config, info["losses"], info["ranks"], params, info["eval"])
+    first = out.with_suffix(".initial.safetensors")
+    initial = load_file(first) if first.is_file() else None
+    return Result(config, info["losses"], info["ranks"], params, info["eval"], initial)
 
 
 def overrides(name: str) -> list[str]:
@@ -112,7 +115,7 @@ def layout_runs(tmp_path_factory, prepared: Path) -> dict[str, Result]:
     continuation = [*CONTINUATION, f"--train.init_from={root / 'runs' / 'parent'}"]
     by_size: dict[int, list[dict[str, Any]]] = {2: [], 4: []}
     for name, (ranks, _) in LAYOUTS.items():
-        by_size[ranks].append(_job(root, recipe_path, name, name, STEPS))
+        by_size[ranks].append({**_job(root, recipe_path, name, name, STEPS), "initial": True})
     for name in CONTINUATION_LAYOUTS:
         job = _job(root, recipe_path, name, f"continuation-{name}", STEPS, continuation)
         by_size[LAYOUTS[name][0]].append(job)
@@ -122,7 +125,7 @@ def layout_runs(tmp_path_factory, prepared: Path) -> dict[str, Result]:
             by_size[ranks].append(_job(root, recipe_path, name, chain, steps))
     for ranks, jobs in by_size.items():
         _torchrun(ranks, jobs, root)
-    run_job(_job(root, recipe_path, "single", "single", STEPS), distributed=False)
+    run_job({**_job(root, recipe_path, "single", "single", STEPS), "initial": True}, False)
     job = _job(root, recipe_path, "single", "continuation-single", STEPS, continuation)
     run_job(job, distributed=False)
     for chain, legs in RESHARD_CHAINS.items():

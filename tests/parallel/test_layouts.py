@@ -37,6 +37,19 @@ def test_layout_equals_one_process(layout: str, layout_runs: dict[str, Result]) 
     assert_matches(layout_runs[layout], layout_runs["single"])
 
 
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_starts_from_the_weights_one_process_draws(
+    layout: str, layout_runs: dict[str, Result]
+) -> None:
+    """Built on the meta device, each rank draws only its own shards (its parameters in full
+    from per-name generators, one at a time), and they are exactly one process's weights."""
+    got, want = layout_runs[layout].initial, layout_runs["single"].initial
+    assert got is not None and want is not None and got.keys() == want.keys()
+    assert all(torch.equal(got[name], want[name]) for name in want)
+    built = build_model(layout_runs["single"].config, torch.device("cpu")).state_dict()
+    assert all(torch.equal(built[name], want[name]) for name in want)
+
+
 @pytest.mark.parametrize("layout", CONTINUATION_LAYOUTS)
 def test_a_continuation_stage_equals_one_process(
     layout: str, layout_runs: dict[str, Result]

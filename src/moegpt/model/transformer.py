@@ -120,17 +120,27 @@ class Transformer(nn.Module):
         for block in self.layers.values():
             block.attention.fuse_projections()
 
-    def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights; projections into the residual scaled by 1/sqrt(2L)."""
+    def init_parameter(
+        self, name: str, tensor: torch.Tensor, generator: torch.Generator | None = None
+    ) -> None:
+        """Fill ``tensor`` (the whole of parameter ``name``) as this model initialises it:
+        Normal(0, init_std), projections into the residual scaled by 1/sqrt(2L), unit norms.
+        A meta-built model laid out over ranks draws each parameter this way with its own
+        ``generator`` (:mod:`moegpt.parallel.init`)."""
         std = self.config.init_std
-        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        if name.endswith("norm.weight"):
+            nn.init.ones_(tensor)
+        elif name.endswith(("wo.weight", "w2.weight", ".w2")):
+            nn.init.normal_(
+                tensor, std=std / math.sqrt(2 * self.config.n_layers), generator=generator
+            )
+        else:
+            nn.init.normal_(tensor, std=std, generator=generator)
+
+    def reset_parameters(self) -> None:
+        """Initialise every parameter (:meth:`init_parameter`) from the global generator."""
         for name, param in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(param)
-            elif name.endswith(("wo.weight", "w2.weight", ".w2")):
-                nn.init.normal_(param, std=residual_std)
-            else:
-                nn.init.normal_(param, std=std)
+            self.init_parameter(name, param)
 
     def forward(
         self,

@@ -256,23 +256,35 @@ class VisionLanguageModel(nn.Module):
         self.image_embedding = nn.Parameter(torch.zeros(lm.config.d_model))
         self.reset_vision_parameters()
 
+    def init_parameter(
+        self, name: str, tensor: torch.Tensor, generator: torch.Generator | None = None
+    ) -> None:
+        """Fill ``tensor`` (the whole of parameter ``name``) as this model initialises it:
+        the language model's by its own rules; normal weights scaled by fan-in (a
+        convolution's is channels x patch area), zero biases and gates, unit norms, and the
+        ``<|image|>`` embedding drawn as a row of the token embeddings is."""
+        if name.startswith("lm."):
+            self.lm.init_parameter(name.removeprefix("lm."), tensor, generator)
+        elif name.endswith(("_gate", "bias")):
+            nn.init.zeros_(tensor)
+        elif name.endswith("norm.weight"):
+            nn.init.ones_(tensor)
+        elif name == "image_embedding":
+            nn.init.normal_(tensor, std=self.lm.config.init_std, generator=generator)
+        elif name == "encoder.position_embedding":
+            nn.init.normal_(tensor, std=0.02, generator=generator)
+        elif tensor.ndim >= 2:
+            nn.init.normal_(tensor, std=1 / math.sqrt(tensor[0].numel()), generator=generator)
+        else:
+            raise ValueError(f"{name}: no initialisation rule for a {tensor.ndim}-D parameter")
+
     @torch.no_grad()
     def reset_vision_parameters(self) -> None:
-        """Initialise what vision adds (the language model keeps its weights): normal weights
-        scaled by width, zero biases and gates, unit norms, and the ``<|image|>`` embedding
-        copied from the language model's row for it."""
+        """Initialise what vision adds (:meth:`init_parameter`); the language model keeps its
+        weights, and the ``<|image|>`` embedding starts as its row for the token."""
         for name, param in self.named_parameters():
-            if name.startswith("lm."):
-                continue
-            if name.endswith("_gate") or name.endswith("bias"):
-                nn.init.zeros_(param)
-            elif name.endswith("norm.weight"):
-                nn.init.ones_(param)
-            elif name in ("image_embedding", "encoder.position_embedding"):
-                continue
-            elif param.ndim >= 2:  # by fan-in: a convolution's is channels x patch area
-                nn.init.normal_(param, std=1 / math.sqrt(param[0].numel()))
-        nn.init.normal_(self.encoder.position_embedding, std=0.02)
+            if not name.startswith("lm."):
+                self.init_parameter(name, param)
         if self.lm.tok_embeddings is not None:
             self.image_embedding.copy_(self.lm.tok_embeddings.weight[self.image_token_id])
 

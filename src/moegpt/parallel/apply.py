@@ -25,9 +25,10 @@ from moegpt.model.vision import VisionLanguageModel, language_model, model_for
 from moegpt.parallel.context import check_device
 from moegpt.parallel.data import apply_ddp, apply_fsdp
 from moegpt.parallel.experts import shard_experts
+from moegpt.parallel.init import materialize
 from moegpt.parallel.mesh import ParallelDims
 from moegpt.parallel.pipeline import StageModule, stage_ids, stage_model
-from moegpt.parallel.tensor import apply_tensor_parallel
+from moegpt.parallel.tensor import apply_tensor_parallel, keep_gradient_layouts
 from moegpt.parallel.vision import apply_vision_fsdp, apply_vision_tensor_parallel
 from moegpt.train.stage import check_freeze_patterns, freeze
 
@@ -70,7 +71,8 @@ def check_supported(config: Config) -> None:
 
 
 def parallelize(config: Config, dims: ParallelDims | None, device: torch.device) -> ModelParts:
-    """Build the model (same initialisation on every rank and in one process) and lay it out.
+    """Build the model on the meta device, lay it out, then materialise this rank's shards
+    with the weights one process would hold (:func:`moegpt.parallel.init.materialize`).
 
     ``dims`` None is one process with no wrappers beyond checkpointing and compile.
     """
@@ -79,7 +81,8 @@ def parallelize(config: Config, dims: ParallelDims | None, device: torch.device)
     if config.train.freeze:
         check_freeze_patterns(config.model, config.vision, config.train.freeze)
     torch.manual_seed(config.train.seed)
-    full = model_for(config.model, config.vision).to(device)
+    with torch.device("meta"):  # each rank materialises only its shards, below
+        full = model_for(config.model, config.vision)
     p, train = config.parallel, config.train
     vision = isinstance(full, VisionLanguageModel)  # no pipeline or context parallelism
     ids = [0]
@@ -114,6 +117,10 @@ def parallelize(config: Config, dims: ParallelDims | None, device: torch.device)
             else:
                 apply_fsdp(model, dims, mp)
 
+    for model in chunks:  # the weights one process draws, each rank its part
+        materialize(model, device, config.train.seed)
+        if dims is not None and p.tp > 1:
+            keep_gradient_layouts(model)
     n_moe = sum(config.model.is_moe_layer(i) for i in range(config.model.n_layers))
     stages = [StageModule(m, n_moe) for m in chunks] if dims is not None and p.pp > 1 else []
     # Frozen once the parameters are laid out (tensor parallelism makes new ones) and before

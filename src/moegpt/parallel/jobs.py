@@ -61,6 +61,9 @@ def _run_job(job: dict[str, Any], distributed: bool) -> None:
     dims = ParallelDims.build(config.parallel, device) if distributed else None
     trainer = Trainer(config, Path(job["run_dir"]), device=device, log=lambda m: None, dims=dims)
     trainer.prepare()
+    # The weights before the first step, when asked: every layout must start from the
+    # one-process weights (meta-device initialisation).
+    initial = full_parameters(trainer) if job.get("initial") else None
     batches = iter(trainer.loader)
     steps = [_timed_step(trainer, batches) for _ in range(job["steps"])]
     losses = [s["loss"] for s in steps]
@@ -76,6 +79,9 @@ def _run_job(job: dict[str, Any], distributed: bool) -> None:
         record["mfu"] = [s.get("mfu") for s in steps]
         out.with_suffix(".json").write_text(json.dumps(record))
         save_file({k: v.contiguous() for k, v in params.items()}, out.with_suffix(".safetensors"))
+        if initial is not None:
+            path = out.with_suffix(".initial.safetensors")
+            save_file({k: v.contiguous() for k, v in initial.items()}, path)
 
 
 def _timed_step(trainer: Trainer, batches: Any) -> dict[str, Any]:

@@ -33,12 +33,11 @@ class ReplicatedKV(ParallelStyle):
     declared partial so that the weight's and the input's gradients are summed over ranks."""
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        module = distribute_module(
+        # Its weight's partial gradient is summed once, not per reader, by the hook that
+        # keep_gradient_layouts adds once the parameters have their storage.
+        return distribute_module(
             module, device_mesh, input_fn=self._prepare_input, output_fn=self._prepare_output
         )
-        for param in module.parameters():  # sum the partial gradient once, not per reader
-            param.register_post_accumulate_grad_hook(_shard_like_param)
-        return module
 
     @staticmethod
     def _prepare_input(module: nn.Module, inputs: Any, mesh: DeviceMesh) -> Any:
@@ -111,5 +110,14 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
     """
     plan = tensor_parallel_plan(model, tp_mesh.size())
     parallelize_module(model, tp_mesh, {name: _STYLES[split]() for name, split in plan.items()})
-    if "tok_embeddings" in plan:
-        model.tok_embeddings.weight.register_post_accumulate_grad_hook(_shard_like_param)
+
+
+def keep_gradient_layouts(model: nn.Module) -> None:
+    """Give every DTensor parameter's gradient that parameter's layout after each backward
+    (:func:`_shard_like_param`). Called once the parameters have their storage: materialising
+    a meta-built model replaces the parameter objects, and hooks on the old ones are lost.
+    Where the layouts already agree the hook does nothing; FSDP2 sets its shards' gradients
+    itself, so it never runs for them."""
+    for param in model.parameters():
+        if isinstance(param, DTensor) and param.requires_grad:
+            param.register_post_accumulate_grad_hook(_shard_like_param)
