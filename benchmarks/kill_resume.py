@@ -17,8 +17,8 @@ import torch
 
 from moegpt.config import load_config
 from moegpt.data.prepare import prepare
+from moegpt.harness.faults import launch_training, train_with_kills
 from moegpt.train.export import load_run_model
-from moegpt.train.faults import launch_training, train_with_kills
 from moegpt.train.metrics import data_stream
 
 RECIPE = """

@@ -50,7 +50,7 @@ from safetensors.torch import load_file
 
 from moegpt.config import load_config
 from moegpt.data.tokenizer import load_tokenizer
-from moegpt.parallel.jobs import run_job
+from moegpt.harness.jobs import run_job
 from moegpt.parallel.launch import GPU_ENV_DEFAULTS
 from moegpt.plan.memory import model_state_bytes, training_memory
 from moegpt.plan.plan import PlanOptions, train_layout
@@ -106,7 +106,7 @@ def torchrun(ranks: int, jobs: list[dict[str, Any]], root: Path, name: str) -> N
     jobs_file = root / f"{name}.json"
     jobs_file.write_text(json.dumps(jobs))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += [f"--nproc-per-node={ranks}", "-m", "moegpt.parallel.jobs", str(jobs_file)]
+    command += [f"--nproc-per-node={ranks}", "-m", "moegpt.harness.jobs", str(jobs_file)]
     done = subprocess.run(command, env=env(), capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"{name} failed:\n{done.stderr[-4000:]}")

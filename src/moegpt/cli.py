@@ -166,7 +166,7 @@ def _run_dir(args: argparse.Namespace) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int | None:
     from moegpt.parallel.mesh import launched_by_torchrun
-    from moegpt.train.schedule import batch_phases, build_schedule
+    from moegpt.plan.schedule import batch_phases, build_schedule
 
     config = _load(args)
     run_dir = _run_dir(args)

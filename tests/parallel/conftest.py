@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from moegpt.config import Config, load_config
-from moegpt.parallel.jobs import run_job
+from moegpt.harness.jobs import run_job
 from tests.conftest import recipe
 
 STEPS = 5
@@ -96,7 +96,7 @@ def _torchrun(ranks: int, jobs: list[dict[str, Any]], root: Path) -> None:
     jobs_file = root / f"jobs-{ranks}.json"
     jobs_file.write_text(json.dumps(jobs))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += [f"--nproc-per-node={ranks}", "-m", "moegpt.parallel.jobs", str(jobs_file)]
+    command += [f"--nproc-per-node={ranks}", "-m", "moegpt.harness.jobs", str(jobs_file)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     if done.returncode:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from moegpt.train.faults import child_pids, launch_training, wait_for_step
+from moegpt.harness.faults import child_pids, launch_training, wait_for_step
 from moegpt.train.metrics import read_metrics
 from moegpt.train.trainer import Trainer
 from tests.conftest import make_config, recipe

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from moegpt.config import ServeConfig
+from moegpt.harness.faults import child_pids
 from moegpt.serve.engine import Engine
-from moegpt.train.faults import child_pids
 from tests.serve.test_server_hardening import MODEL, assert_openai_error, serving
 
 httpx = pytest.importorskip("httpx")

@@ -8,7 +8,7 @@ import pytest
 
 from moegpt.config import TrainConfig
 from moegpt.errors import ConfigError
-from moegpt.train.schedule import batch_phases, build_schedule, ramp_batch_size
+from moegpt.plan.schedule import batch_phases, build_schedule, ramp_batch_size
 
 
 def test_ramp_follows_megatrons_rule() -> None:

@@ -17,9 +17,9 @@ import torch
 
 import moegpt
 from moegpt.cli import main
+from moegpt.harness.faults import launch_training, train_with_kills
 from moegpt.train.checkpoint import CheckpointManager
 from moegpt.train.export import load_run_model
-from moegpt.train.faults import launch_training, train_with_kills
 from moegpt.train.metrics import data_stream, read_metrics
 from moegpt.train.supervisor import supervise
 from moegpt.train.trainer import Trainer

@@ -27,10 +27,10 @@ from moegpt.parallel.data import apply_ddp, apply_fsdp
 from moegpt.parallel.experts import shard_experts
 from moegpt.parallel.init import materialize
 from moegpt.parallel.mesh import ParallelDims
+from moegpt.parallel.names import check_freeze_patterns, freeze
 from moegpt.parallel.pipeline import StageModule, stage_ids, stage_model
 from moegpt.parallel.tensor import apply_tensor_parallel, keep_gradient_layouts
 from moegpt.parallel.vision import apply_vision_fsdp, apply_vision_tensor_parallel
-from moegpt.train.stage import check_freeze_patterns, freeze
 
 
 @dataclass

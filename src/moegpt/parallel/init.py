@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from moegpt.model.transformer import Transformer
 from moegpt.model.vision import VisionLanguageModel
-from moegpt.train.stage import parameter_name
+from moegpt.parallel.names import parameter_name
 
 
 def parameter_seed(seed: int, name: str) -> int:

@@ -18,6 +18,7 @@ from moegpt.plan.hardware import Hardware, get_hardware
 from moegpt.plan.inference import KVFit, ServeLayout, decode, kv_fit
 from moegpt.plan.memory import TrainLayout, training_memory
 from moegpt.plan.params import param_breakdown
+from moegpt.plan.schedule import Schedule, batch_phases, build_schedule
 from moegpt.plan.training import (
     TrainingEstimate,
     ring_attention,
@@ -25,7 +26,6 @@ from moegpt.plan.training import (
     training_time,
 )
 from moegpt.plan.vision import vision_flops, vision_params
-from moegpt.train.schedule import Schedule, batch_phases, build_schedule
 
 SCHEMA_VERSION = 1
 

@@ -13,7 +13,6 @@ router's training-time losses. The run records its parent (path, sha256 of its w
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import hashlib
 import json
 from dataclasses import dataclass
@@ -34,8 +33,6 @@ PARENT_FILE = "parent.json"
 CHANGEABLE = frozenset(
     {"max_seq_len", "rope_scaling", "aux_loss_coef", "z_loss_coef", "capacity_factor"}
 )
-# Wrappers that parallelize() may put around modules, which name their parameters.
-_WRAPPER_PARTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 
 
 @dataclass
@@ -121,13 +118,6 @@ def read_parent_record(run_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def parameter_name(name: str) -> str:
-    """A parameter's name in the plain model, whatever wrappers parallelism added."""
-    for part in _WRAPPER_PARTS:
-        name = name.replace(part, "")
-    return name
-
-
 def parent_state(
     parent: Parent, names: list[str], image_token_id: int | None = None
 ) -> dict[str, torch.Tensor]:
@@ -154,32 +144,6 @@ def parent_state(
 
 
 VISION_PARTS = ("encoder", "resampler", "xattn", "image_embedding")
-
-
-def check_freeze_patterns(
-    config: ModelConfig, vision: VisionConfig, patterns: tuple[str, ...]
-) -> None:
-    """Refuse a pattern that matches no parameter of the model (on any rank): a typo would
-    otherwise train what was meant to stay fixed."""
-    from moegpt.model.vision import model_for
-
-    with torch.device("meta"):
-        names = [name for name, _ in model_for(config, vision).named_parameters()]
-    for pattern in patterns:
-        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
-            raise UserError(f"train.freeze: {pattern!r} matches no parameter of the model")
-
-
-def freeze(modules: list[torch.nn.Module], patterns: tuple[str, ...]) -> int:
-    """Stop training the parameters of ``modules`` whose names match any of ``patterns``;
-    the elements frozen on this rank."""
-    frozen = 0
-    for module in modules:
-        for name, param in module.named_parameters():
-            if any(fnmatch.fnmatchcase(parameter_name(name), p) for p in patterns):
-                param.requires_grad_(False)
-                frozen += param.numel()
-    return frozen
 
 
 def _tensors_sha256(state: dict[str, torch.Tensor]) -> str:

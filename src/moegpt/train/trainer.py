@@ -43,6 +43,7 @@ from moegpt.parallel.context import sequence_shards
 from moegpt.parallel.mesh import ParallelDims
 from moegpt.parallel.pipeline import build_schedule as build_pipeline_schedule
 from moegpt.plan.flops import training_token_flops
+from moegpt.plan.schedule import Schedule, build_schedule
 from moegpt.plan.vision import vision_flops
 from moegpt.train.checkpoint import (
     CheckpointManager,
@@ -52,7 +53,6 @@ from moegpt.train.checkpoint import (
     set_rng_state,
 )
 from moegpt.train.metrics import MetricsWriter, device_peak_flops, router_health
-from moegpt.train.schedule import Schedule, build_schedule
 from moegpt.train.stage import (
     Parent,
     check_compatible,

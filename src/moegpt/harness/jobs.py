@@ -4,7 +4,7 @@ resumes its run directory, trains a few steps, saves, and rank 0 writes the loss
 rank's state bytes (and peak device memory), the step times, the all-to-all share of a
 profiled step when asked, and the full final parameters.
 
-    torchrun --nproc-per-node N -m moegpt.parallel.jobs JOBS.json
+    torchrun --nproc-per-node N -m moegpt.harness.jobs JOBS.json
 """
 
 from __future__ import annotations
