@@ -185,10 +185,14 @@ def cmd_train(args: argparse.Namespace) -> int | None:
     from moegpt.parallel.apply import check_supported
 
     check_supported(config)  # before any rank starts
+    if args.memory_check:
+        _check_training_memory(config)
     relaunch = not args.dry_run and not launched_by_torchrun()
     if relaunch and (nproc > 1 or args.max_restarts):
         child = ["train", "--run-dir", str(run_dir), *args.overrides]
         child += ["--resume", "auto" if args.max_restarts else args.resume]
+        if not args.memory_check:
+            child.append("--no-memory-check")
         if args.config:
             child += ["--config", args.config]
         if nproc > 1:
@@ -220,6 +224,21 @@ def cmd_train(args: argparse.Namespace) -> int | None:
         return None
     _train(config, run_dir, resume=args.resume == "auto")
     return None
+
+
+def _check_training_memory(config: Config) -> None:
+    """Refuse, before any rank starts, a layout the planner says this machine's GPUs cannot
+    hold (no check on CPU, where the model shares host memory with everything else)."""
+    import torch
+
+    from moegpt.plan.plan import training_misfit
+
+    if not torch.cuda.is_available():
+        return
+    device = torch.cuda.get_device_properties(0)
+    misfit = training_misfit(config, float(device.total_memory), device.name)
+    if misfit is not None:
+        raise UserError(misfit)
 
 
 def _train(config: Config, run_dir: Path, resume: bool) -> None:
@@ -828,6 +847,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run",
         action="store_true",
         help="print the batch-size and learning-rate schedule, do not train",
+    )
+    train.add_argument(
+        "--memory-check",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on GPUs, refuse before launch a layout whose planned peak memory per GPU "
+        "(`moegpt plan`'s figure) exceeds the GPU's (default: on)",
     )
     train.add_argument(
         "--max-restarts",

@@ -50,3 +50,41 @@ def test_context_parallel_on_cpu_is_one_line() -> None:
     check_device(1, torch.device("cpu"))  # no context parallelism: nothing to refuse
     with pytest.raises(UserError, match=r"^parallel.cp: context parallelism \(2 ranks\) runs"):
         check_device(2, torch.device("cpu"))
+
+
+class _FakeGPU:
+    """What ``torch.cuda.get_device_properties`` reports, for a GPU this machine lacks."""
+
+    def __init__(self, total_memory: int) -> None:
+        self.total_memory = total_memory
+        self.name = "Fake GPU"
+
+
+@pytest.mark.parametrize("layout", [[], ["--parallel.dp_shard", "2"]])
+def test_a_layout_the_gpus_cannot_hold_is_refused_before_any_rank_starts(
+    tmp_path: Path, prepared: Path, capsys, monkeypatch, layout: list[str]
+) -> None:
+    """On GPUs smaller than the planner's peak for the most loaded GPU, `train` stops with
+    one line giving that figure, before launching ranks or writing the run directory; on
+    GPUs that hold it, or with --no-memory-check, it goes on."""
+    from moegpt.config import load_config
+    from moegpt.plan.memory import training_memory
+    from moegpt.plan.plan import PlanOptions, train_layout
+
+    path = str(recipe(tmp_path, prepared, steps=1))
+    config = load_config(path, layout)
+    planned = training_memory(config.model, train_layout(config, PlanOptions())[0], 0).total
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: _FakeGPU(int(planned) - 1))
+    argv = ["train", "--config", path, "--run-dir", str(run_dir), *layout]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("moegpt: error: parallel: `moegpt plan` puts")
+    assert f"at {planned / 1e9:.1f} GB" in err and "Fake GPU" in err
+    assert not run_dir.exists()
+    # Held: the check passes and the command goes on (to its dry run, to keep this quick).
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: _FakeGPU(int(planned)))
+    assert main([*argv, "--dry-run"]) == 0
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: _FakeGPU(1))
+    assert main([*argv, "--dry-run", "--no-memory-check"]) == 0

@@ -119,6 +119,31 @@ def train_layout(config: Config, opts: PlanOptions) -> tuple[TrainLayout, int]:
     return layout, gpus
 
 
+def training_misfit(config: Config, device_bytes: float, device_name: str) -> str | None:
+    """Why the ``[parallel]`` layout does not fit GPUs of ``device_bytes``, by the planner's
+    figure for its most loaded GPU (what ``moegpt plan`` prints), or None when it does. The
+    plan is close where model states dominate and low for tiny models, so it refuses only
+    what it is sure of."""
+    layout, _ = train_layout(config, PlanOptions())
+    memory = training_memory(config.model, layout, device_bytes)
+    if memory.fits:
+        return None
+    gb = 1e9
+    parts = (
+        f"weights {memory.weights / gb:.1f}, grads {memory.grads / gb:.1f}, optimizer "
+        f"{memory.optimizer / gb:.1f}, activations {memory.activations / gb:.1f}, logits "
+        f"{memory.logits / gb:.1f}, gathered weights {memory.gathered_weights / gb:.1f}"
+    )
+    hint = "shard further (parallel.dp_shard, tp, pp or ep)"
+    if not config.train.activation_checkpointing:
+        hint += " or set train.activation_checkpointing = true"
+    return (
+        f"parallel: `moegpt plan` puts this layout's most loaded GPU at "
+        f"{memory.total / gb:.1f} GB ({parts}), more than the {device_bytes / gb:.1f} GB of "
+        f"{device_name}; {hint} (--no-memory-check skips this check)"
+    )
+
+
 def serve_layout(config: Config, opts: PlanOptions) -> ServeLayout:
     fp8 = opts.infer_precision == "fp8"
     return ServeLayout(
