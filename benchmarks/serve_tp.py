@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -81,7 +82,11 @@ def main() -> None:
     )
 
     def work(engine: Engine) -> None:
-        rows = [measure(engine, b, args.output_len, args.repeats) for b in batches]
+        print(f"serve_tp: {engine.describe()}", file=sys.stderr, flush=True)
+        rows = []
+        for batch in batches:  # a run cut short by its caller's limit still shows its rows
+            rows.append(measure(engine, batch, args.output_len, args.repeats))
+            print(f"serve_tp: {rows[-1]}", file=sys.stderr, flush=True)
         result = {"tp": args.tp, "compile": args.compile, "engine": engine.describe()}
         result["output_len"], result["repeats"], result["batches"] = (
             args.output_len,

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from moegpt.config import ConfigError, ParallelConfig, check_parallel
+from moegpt.console import stderr
 from moegpt.errors import UserError
 from moegpt.model import Transformer
 from moegpt.parallel.mesh import (
@@ -210,7 +211,15 @@ def load_sharded(
     with torch.device("meta"):
         model = Transformer(folder.config)
     blocks = shard_for_serving(model, group)
-    fill_shards(model, folder, device, blocks, group)
+    started = time.perf_counter()
+    read = fill_shards(model, folder, device, blocks, group)
+    if dist.get_rank() == 0:  # a large model's load takes minutes: say what it took
+        gigabytes = read.elements * folder.dtype.itemsize / 1e9
+        stderr.print(
+            f"serve: rank 0 read its TP{tp} shard ({gigabytes:.1f} GB) in "
+            f"{time.perf_counter() - started:.1f} s",
+            highlight=False,
+        )
     host = dist.new_group(
         dist.get_process_group_ranks(group), timeout=timedelta(seconds=timeout_s), backend="gloo"
     )
