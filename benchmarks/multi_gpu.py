@@ -16,7 +16,8 @@
    `--serving-tp`) on a random model of each `--serving-configs` recipe (`serve_tp.py`).
 
 Multi-GPU hosts keep NVLink multicast off (NCCL_NVLS_ENABLE=0 and friends, set here for every
-child). Every phase is one or a few torchrun jobs, so the whole script fits ten minutes on
+child). Every phase is one or a few torchrun jobs, and every one-GPU baseline runs in a child
+process of its own (so no cached GPU memory stays in this one), so the whole script fits ten minutes on
 eight H200s. On a machine without GPUs it runs the same phases on gloo CPU ranks at tiny
 shapes, to prove the script.
 
@@ -50,7 +51,6 @@ from safetensors.torch import load_file
 
 from moegpt.config import load_config
 from moegpt.data.tokenizer import load_tokenizer
-from moegpt.harness.jobs import run_job
 from moegpt.parallel.launch import GPU_ENV_DEFAULTS
 from moegpt.plan.memory import model_state_bytes, training_memory
 from moegpt.plan.plan import PlanOptions, train_layout
@@ -102,11 +102,14 @@ def env() -> dict[str, str]:
     return {**os.environ, **GPU_ENV_DEFAULTS, "PYTHONPATH": str(Path.cwd() / "src")}
 
 
-def torchrun(ranks: int, jobs: list[dict[str, Any]], root: Path, name: str) -> None:
+def run_jobs(ranks: int, jobs: list[dict[str, Any]], root: Path, name: str) -> None:
+    """Run ``jobs`` on ``ranks`` GPUs under torchrun; ranks 1 is one process without it (a
+    child all the same, so a one-GPU baseline's cached memory never stays in this one)."""
     jobs_file = root / f"{name}.json"
     jobs_file.write_text(json.dumps(jobs))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += [f"--nproc-per-node={ranks}", "-m", "moegpt.harness.jobs", str(jobs_file)]
+    command = [sys.executable, "-m", "moegpt.harness.jobs", str(jobs_file)]
+    if ranks > 1:
+        command[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
     done = subprocess.run(command, env=env(), capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"{name} failed:\n{done.stderr[-4000:]}")
@@ -171,7 +174,7 @@ def correctness(args, recipe: Path, root: Path, cuda: bool) -> dict[str, Any]:
     for dtype in dtypes:
         extra = ["--train.dtype", dtype]
         runs = {n: base(args.ranks, args.steps) + o + extra for n, o in layouts(args.ranks).items()}
-        torchrun(
+        run_jobs(
             args.ranks,
             [job(recipe, root, f"{dtype}-{n}", o, args.steps) for n, o in runs.items()],
             root,
@@ -180,7 +183,7 @@ def correctness(args, recipe: Path, root: Path, cuda: bool) -> dict[str, Any]:
         single = job(
             recipe, root, f"{dtype}-single", base(args.ranks, args.steps) + extra, args.steps
         )
-        run_job(single, distributed=False)
+        run_jobs(1, [single], root, f"correctness-{dtype}-single")
         single = read(root, f"{dtype}-single")
         part: dict[str, Any] = {}
         if dtype == "bfloat16":  # the fp32 loop ran first: its one-GPU run is the truth
@@ -221,14 +224,14 @@ def context(args, recipe: Path, root: Path) -> dict[str, Any]:
             runs = {n: common + o for n, o in context_layouts(args.ranks).items()}
             tag = f"cp-{dtype}{'-mha' if one_kv_per_query else ''}-aux-{aux}"
             jobs = [job(recipe, root, f"{tag}-{n}", o, args.steps) for n, o in runs.items()]
-            torchrun(args.ranks, jobs, root, tag)
-            run_job(job(recipe, root, f"{tag}-single", common, args.steps), distributed=False)
+            run_jobs(args.ranks, jobs, root, tag)
+            run_jobs(1, [job(recipe, root, f"{tag}-single", common, args.steps)], root, f"{tag}-1")
             single = read(root, f"{tag}-single")
             truth = single
             part: dict[str, Any] = {}
             if dtype == "bfloat16":
                 fp32 = [*common, "--train.dtype", "float32"]
-                run_job(job(recipe, root, f"{tag}-fp32", fp32, args.steps), distributed=False)
+                run_jobs(1, [job(recipe, root, f"{tag}-fp32", fp32, args.steps)], root, f"{tag}-f")
                 truth = read(root, f"{tag}-fp32")
                 part["one_gpu_bf16_vs_fp32"] = compare(single, truth)
             rows = {}
@@ -290,11 +293,7 @@ def scaling(args, root: Path, sizes: list[int]) -> list[dict[str, Any]]:
             ),
             job(Path(args.scaling_config), root, f"strong-{n}", strong, args.scaling_steps),
         ]
-        if n == 1:
-            for j in jobs:
-                run_job(j, distributed=False)
-        else:
-            torchrun(n, jobs, root, f"scaling-{n}")
+        run_jobs(n, jobs, root, f"scaling-{n}")
         row: dict[str, Any] = {"gpus": n, "layout": " ".join(layout) or "one GPU"}
         for kind in ("weak", "strong"):
             record, _ = read(root, f"{kind}-{n}")

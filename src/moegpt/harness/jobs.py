@@ -5,6 +5,7 @@ rank's state bytes (and peak device memory), the step times, the all-to-all shar
 profiled step when asked, and the full final parameters.
 
     torchrun --nproc-per-node N -m moegpt.harness.jobs JOBS.json
+    python -m moegpt.harness.jobs JOBS.json        # one process, no torchrun
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from moegpt.config import load_config
-from moegpt.parallel.mesh import ParallelDims, init_distributed, local_device
+from moegpt.parallel.mesh import ParallelDims, init_distributed, launched_by_torchrun, local_device
 from moegpt.train.trainer import Trainer
 
 
@@ -123,8 +124,14 @@ def all_to_all_share(trainer: Trainer, batches: Any) -> float:
 
 
 def main(jobs_file: str) -> None:
+    """Run the jobs as ranks of the torchrun job this process belongs to, or alone."""
+    jobs = json.loads(Path(jobs_file).read_text())
+    if not launched_by_torchrun():
+        for job in jobs:
+            run_job(job, distributed=False)
+        return
     init_distributed(local_device(), timeout_s=300)
-    for job in json.loads(Path(jobs_file).read_text()):
+    for job in jobs:
         run_job(job, distributed=True)
     # Rank 0 may still be writing results: tearing gloo down under it can abort a peer.
     dist.barrier()
