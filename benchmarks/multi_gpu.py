@@ -17,8 +17,8 @@
 
 Multi-GPU hosts keep NVLink multicast off (NCCL_NVLS_ENABLE=0 and friends, set here for every
 child). Every phase is one or a few torchrun jobs, and every one-GPU baseline runs in a child
-process of its own (so no cached GPU memory stays in this one), so the whole script fits ten minutes on
-eight H200s. On a machine without GPUs it runs the same phases on gloo CPU ranks at tiny
+process of its own (so no cached GPU memory stays in this one); the whole script fits ten
+minutes on eight H200s. On a machine without GPUs it runs the same phases on gloo CPU ranks at tiny
 shapes, to prove the script.
 
     PYTHONPATH=src python benchmarks/multi_gpu.py --out benchmarks/results   # all GPUs

@@ -186,7 +186,7 @@ def cmd_train(args: argparse.Namespace) -> int | None:
 
     check_supported(config)  # before any rank starts
     if args.memory_check:
-        _check_training_memory(config)
+        _check_training_memory(config, args.dry_run)
     relaunch = not args.dry_run and not launched_by_torchrun()
     if relaunch and (nproc > 1 or args.max_restarts):
         child = ["train", "--run-dir", str(run_dir), *args.overrides]
@@ -226,19 +226,27 @@ def cmd_train(args: argparse.Namespace) -> int | None:
     return None
 
 
-def _check_training_memory(config: Config) -> None:
+def _check_training_memory(config: Config, dry_run: bool) -> None:
     """Refuse, before any rank starts, a layout the planner says this machine's GPUs cannot
-    hold (no check on CPU, where the model shares host memory with everything else)."""
+    hold (:func:`moegpt.plan.plan.training_misfit`); warn for one near the edge, and in a dry
+    run. Only the launcher (or rank 0 of an outside torchrun) judges; on CPU nothing is, since
+    the model shares host memory with everything else."""
+    import os
+
     import torch
 
     from moegpt.plan.plan import training_misfit
 
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() or os.environ.get("RANK", "0") != "0":
         return
     device = torch.cuda.get_device_properties(0)
     misfit = training_misfit(config, float(device.total_memory), device.name)
-    if misfit is not None:
-        raise UserError(misfit)
+    if misfit is None:
+        return
+    line, refuse = misfit
+    if refuse and not dry_run:
+        raise UserError(f"{line} (--no-memory-check skips this check)")
+    stderr.print(f"moegpt: warning: {line}", highlight=False)
 
 
 def _train(config: Config, run_dir: Path, resume: bool) -> None:
@@ -853,7 +861,8 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="on GPUs, refuse before launch a layout whose planned peak memory per GPU "
-        "(`moegpt plan`'s figure) exceeds the GPU's (default: on)",
+        "(`moegpt plan`'s figure) exceeds the GPU's by more than 15%%, and warn nearer the "
+        "edge (default: on; not judged with train.freeze or vision, which the plan omits)",
     )
     train.add_argument(
         "--max-restarts",

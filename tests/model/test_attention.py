@@ -153,23 +153,34 @@ def test_document_mask_makes_packed_documents_independent() -> None:
 
 def test_fused_projections_compute_the_same_and_keep_the_weights_and_their_names() -> None:
     """Serving reads Q, K and V with one matmul; the weights stay the module's parameters
-    (views of the fused matrix), so the state dict and in-place updates are unchanged."""
+    (views of the fused matrix), so the state dict and in-place updates are unchanged, a
+    conversion or a load that replaces the weights is fused again, and with gradients on
+    the three projections still get theirs."""
     torch.manual_seed(0)
     model = Transformer(small_config(n_kv_heads=2)).double().eval()
     tokens = torch.randint(model.config.vocab_size, (2, 9))
     before = {name: t.clone() for name, t in model.state_dict().items()}
-    want = model(tokens).logits
+    with torch.no_grad():
+        want = model(tokens).logits
     model.fuse_projections()
-    torch.testing.assert_close(model(tokens).logits, want, rtol=1e-12, atol=1e-12)
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    assert all(torch.equal(after[name], t) for name, t in before.items())
     attention = model.layers["0"].attention
-    assert attention.qkv_weight is not None and "qkv_weight" not in after
+
+    def fused_logits() -> torch.Tensor:
+        with torch.no_grad():
+            return model(tokens).logits
+
+    torch.testing.assert_close(fused_logits(), want, rtol=1e-12, atol=1e-12)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and "qkv_weight" not in after
+    assert all(torch.equal(after[name], t) for name, t in before.items())
     with torch.no_grad():
         attention.wk.weight.mul_(0.5)  # as an optimizer step would
-    torch.testing.assert_close(
-        attention.qkv_weight,
-        torch.cat([attention.wq.weight, attention.wk.weight, attention.wv.weight]),
-    )
-    assert not torch.allclose(model(tokens).logits, want)
+    assert not torch.allclose(fused_logits(), want)
+    model.load_state_dict(before, assign=True)  # new storage for every weight
+    torch.testing.assert_close(fused_logits(), want, rtol=1e-12, atol=1e-12)
+    model.float()  # a conversion copies the weights and the matrix apart
+    assert attention.qkv_weight.dtype == torch.float32
+    assert attention.wq.weight.data_ptr() == attention.qkv_weight.data_ptr()
+    torch.testing.assert_close(fused_logits().double(), want, rtol=1e-4, atol=1e-4)
+    model(tokens).logits.square().sum().backward()  # gradients on: the three projections
+    assert all(p.weight.grad is not None for p in (attention.wq, attention.wk, attention.wv))

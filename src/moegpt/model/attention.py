@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -78,15 +78,16 @@ class Attention(nn.Module):
         # After fuse_projections: wq, wk and wv as rows of one matrix (not in the state dict).
         self.register_buffer("qkv_weight", None, persistent=False)
         self.qkv_widths: tuple[int, int, int] = (0, 0, 0)
+        self.register_load_state_dict_post_hook(Attention._fuse_after_load)
 
+    @torch.no_grad()
     def fuse_projections(self) -> None:
-        """Make wq, wk and wv row views of one matrix that a single matmul reads: a decode
-        step launches one kernel for them, not three. Names, values and the state dict stay
-        as they were; an in-place update of any of the three is seen by the fused matrix.
-        Call it once the model has its final device and dtype: ``.to()`` copies the views
-        and the matrix apart."""
-        if self.qkv_weight is not None:
-            return
+        """Make wq, wk and wv row views of one matrix that a single matmul reads when no
+        gradient is wanted: a decode step launches one kernel for them, not three. Names,
+        values and the state dict stay as they were, an in-place update of any of the three
+        is seen by the fused matrix, and the fusion is redone after ``.to()`` or a
+        ``load_state_dict`` that replaces the weights (``assign=True``). With gradients on,
+        the three projections run as before, so training still reaches each weight."""
         projections = (self.wq, self.wk, self.wv)
         fused = torch.cat([proj.weight.detach() for proj in projections])
         widths = tuple(proj.weight.shape[0] for proj in projections)
@@ -94,6 +95,18 @@ class Attention(nn.Module):
             proj.weight = nn.Parameter(rows, requires_grad=proj.weight.requires_grad)
         self.qkv_weight = fused
         self.qkv_widths = widths
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Attention:
+        # A conversion copies the weights and the fused matrix apart: fuse the new weights.
+        super()._apply(fn, recurse)
+        if self.qkv_weight is not None:
+            self.fuse_projections()
+        return self
+
+    @staticmethod
+    def _fuse_after_load(module: nn.Module, _incompatible: Any) -> None:
+        if isinstance(module, Attention) and module.qkv_weight is not None:
+            module.fuse_projections()  # assign=True gave the weights storage of their own
 
     def _heads(self, projected: torch.Tensor) -> torch.Tensor:
         """(batch, seq, heads x head_dim) -> (batch, heads, seq, head_dim)."""
@@ -113,7 +126,7 @@ class Attention(nn.Module):
         batch, seq, _ = x.shape
         # Head counts come from the projections' widths, not the config: under tensor
         # parallelism each rank's wq holds only its share of the heads.
-        if self.qkv_weight is not None:
+        if self.qkv_weight is not None and not torch.is_grad_enabled():
             projected = F.linear(x, self.qkv_weight).split(self.qkv_widths, dim=-1)
         else:
             projected = tuple(proj(x) for proj in (self.wq, self.wk, self.wv))

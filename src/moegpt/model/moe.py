@@ -212,7 +212,8 @@ class MoE(nn.Module):
         logits, probs, weights, expert_ids = self.router(x)
         combine = weights.dtype  # fp32 at least: the weighted sum over a token's k slots
 
-        if self.experts.routes_in_place(x, n_tokens * k):  # a decode step: no sort, no scatter
+        capped = self.capacity_factor > 0 and self.training  # else dropless
+        if not capped and self.experts.routes_in_place(x, n_tokens * k):  # no sort or scatter
             rows = x.repeat_interleave(k, dim=0)  # slot s belongs to token s // k
             expert_out = self.experts(rows, expert_ids=expert_ids.reshape(-1))
             slots = expert_out.to(combine).view(n_tokens, k, -1) * weights.unsqueeze(-1)
@@ -223,7 +224,7 @@ class MoE(nn.Module):
         counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device)
         counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
         order = torch.argsort(flat_ids, stable=True)  # slots grouped by expert, token order kept
-        if self.capacity_factor > 0 and self.training:
+        if capped:
             expert_out, kept = self._run_with_capacity(x, order, flat_ids, counts)
         else:  # dropless; also at inference, where dropping would couple a batch's requests
             expert_out, kept = self.experts(x[order // k], counts), counts

@@ -262,7 +262,9 @@ class VisionLanguageModel(nn.Module):
         """Fill ``tensor`` (the whole of parameter ``name``) as this model initialises it:
         the language model's by its own rules; normal weights scaled by fan-in (a
         convolution's is channels x patch area), zero biases and gates, unit norms, and the
-        ``<|image|>`` embedding drawn as a row of the token embeddings is."""
+        ``<|image|>`` embedding drawn as a row of the token embeddings is (a model built
+        around an existing language model copies that row instead: see
+        :meth:`reset_vision_parameters`; a training run gets it from its parent)."""
         if name.startswith("lm."):
             self.lm.init_parameter(name.removeprefix("lm."), tensor, generator)
         elif name.endswith(("_gate", "bias")):

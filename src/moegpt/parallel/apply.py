@@ -80,7 +80,7 @@ def parallelize(config: Config, dims: ParallelDims | None, device: torch.device)
     check_device(config.parallel.cp, device)
     if config.train.freeze:
         check_freeze_patterns(config.model, config.vision, config.train.freeze)
-    torch.manual_seed(config.train.seed)
+    torch.manual_seed(config.train.seed)  # the weights have their own generators (materialize)
     with torch.device("meta"):  # each rank materialises only its shards, below
         full = model_for(config.model, config.vision)
     p, train = config.parallel, config.train

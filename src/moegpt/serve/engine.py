@@ -152,7 +152,6 @@ class Engine:
         language model of; requests may then send images."""
         started = time.perf_counter()
         self.model = model.eval()
-        model.fuse_projections()  # one Q/K/V matmul a layer: fewer kernels a decode step
         self.tokenizer = tokenizer
         self.chat_template: ChatTemplate | None = None  # the model folder's, for chat requests
         self.config = config or ServeConfig()

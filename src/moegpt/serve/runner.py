@@ -262,7 +262,10 @@ def build_forward(
 ) -> ModelForward:
     """A forward over a new paged cache of ``config.num_kv_blocks`` blocks (or as many as
     fit; tensor-parallel ranks agree on the smallest count), with decode graphs where
-    :func:`graphs_wanted` (never with ``vision``: its steps run eagerly)."""
+    :func:`graphs_wanted` (never with ``vision``: its steps run eagerly). Every rank fuses
+    ``model``'s Q/K/V projections in place (one matmul a layer, see
+    :meth:`Transformer.fuse_projections`)."""
+    model.fuse_projections()
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     blocks = config.num_kv_blocks or default_num_blocks(model, config, dtype, extra_token_bytes)
