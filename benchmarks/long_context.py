@@ -1,30 +1,39 @@
-"""Context extension side by side (the YaRN paper's table, at the sizes a CPU runs): the
-quick-start model, trained at 256 tokens, continued at 1,024 with each rotary scaling.
+"""Context extension side by side (the YaRN paper's table): a model pretrained at its
+original context, continued at 4x with each rotary scaling, then evaluated at each length.
 
-    python benchmarks/long_context.py --out benchmarks/results
+    python benchmarks/long_context.py --out benchmarks/results                       # CPU
+    python benchmarks/long_context.py --base configs/small-moe.toml \
+        --long configs/small-moe-long.toml --base-steps 600 --steps 200 --trials 10  # GPU
 
-Prepares the bundled corpus, trains and exports configs/tiny.toml once (runs/tiny), then for
-none / linear / ntk / yarn runs configs/tiny-long.toml with that scaling (factor 4 from 256
-tokens; none keeps the plain rotations), and yarn once more with long documents upsampled
-(yarn+long); exports each and evaluates it (a finished run is evaluated again, not
-retrained): passkey retrieval at each length and sliding-window perplexity of held-out long
-documents at 256 and 1,024 tokens, beside the parent's perplexity at 256 (the short-context
-regression). Everything goes through
-the `moegpt` verbs, as a user would run them; the table is printed and saved as JSON and text.
+Prepares the base recipe's corpus, trains and exports the base recipe once (``--base-steps``
+shortens it: "briefly pretrained"), then for none / linear / ntk / yarn runs the long recipe
+with that scaling (its factor from the original context; none keeps the plain rotations),
+and yarn once more with long documents upsampled as the recipe has it (yarn+long); exports
+each and evaluates it (a finished run is evaluated again, not retrained): passkey retrieval
+at the original context, twice it and the extended one, and sliding-window perplexity of
+held-out long documents at the original and the extended context, beside the parent's at
+the original (the short-context regression). The table also gives the median training
+tokens/s of the base run and of each continuation. Everything goes through the `moegpt`
+verbs, as a user would run them; the table is printed and saved as JSON and text.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
+import torch
 from verbs import moegpt, save
 
+from moegpt.config import load_config
+from moegpt.train.metrics import read_metrics
+
 # Each continuation: its rotary scaling on the plain mixture, and "yarn+long" as the recipe
-# has it, YaRN on data whose documents longer than the original 256 tokens are read 4 times
-# per epoch (data.long_doc_tokens).
+# has it, YaRN on data whose documents longer than the original context are read several
+# times per epoch (data.long_doc_tokens, data.long_doc_repeat).
 PLAIN = "--data.long_doc_tokens=0"
 VARIANTS = {
     "none": ["--model.rope_scaling.type=none", "--model.rope_scaling.factor=1", PLAIN],
@@ -38,8 +47,11 @@ VARIANTS = {
 DOCUMENTS = ("/usr/share/common-licenses/GPL-3", "/usr/share/common-licenses/Apache-2.0")
 
 
-def evaluate(model: Path, lengths: str, trials: int, documents: list[str]) -> dict:
+def evaluate(
+    model: Path, lengths: list[int], trials: int, documents: list[str], stride: int
+) -> dict:
     texts = [a for doc in documents for a in ("--text", doc)]
+    joined = ",".join(str(n) for n in lengths)
     passkey = json.loads(
         moegpt(
             "eval",
@@ -47,7 +59,7 @@ def evaluate(model: Path, lengths: str, trials: int, documents: list[str]) -> di
             "--task",
             "passkey",
             "--lengths",
-            lengths,
+            joined,
             "--depths",
             "0,50,100",
             "--trials",
@@ -55,7 +67,7 @@ def evaluate(model: Path, lengths: str, trials: int, documents: list[str]) -> di
             "--json",
         )
     )
-    ppl_lengths = "256" if lengths == "256" else "256,1024"
+    ppl_lengths = ",".join(str(n) for n in sorted({lengths[0], lengths[-1]}))
     ppl = json.loads(
         moegpt(
             "eval",
@@ -65,7 +77,7 @@ def evaluate(model: Path, lengths: str, trials: int, documents: list[str]) -> di
             "--lengths",
             ppl_lengths,
             "--stride",
-            "128",
+            str(stride),
             "--json",
             *texts,
         )
@@ -76,53 +88,78 @@ def evaluate(model: Path, lengths: str, trials: int, documents: list[str]) -> di
     }
 
 
+def median_tokens_per_second(run: Path) -> float | None:
+    """The run's median training tokens/s, from its metrics.jsonl."""
+    rates = [e["tokens_per_second"] for e in read_metrics(run) if e.get("kind") == "train"]
+    return statistics.median(rates) if rates else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", default="runs/long-context", help="run directories go here")
+    parser.add_argument("--base", default="configs/tiny.toml", help="the pretraining recipe")
+    parser.add_argument("--long", default="configs/tiny-long.toml", help="the continuation")
+    parser.add_argument("--base-steps", type=int, help="pretraining steps (default: recipe's)")
     parser.add_argument("--steps", type=int, default=100, help="continuation steps (100)")
     parser.add_argument("--trials", type=int, default=4, help="passkey prompts per cell (4)")
+    parser.add_argument("--runs", default="runs/long-context", help="run directories go here")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     documents = [d for d in DOCUMENTS if Path(d).is_file()]
     if not documents:
         raise SystemExit(f"no held-out documents found ({', '.join(DOCUMENTS)})")
+    long = load_config(args.long).model
+    original = long.rope_scaling.original_max_seq_len
+    lengths = [original, 2 * original, long.max_seq_len]
+    stride = original // 2
+    base = Path(args.base).stem
     runs = Path(args.runs)
-    parent = runs / "tiny"
+    parent = runs / base
     started = time.perf_counter()
-    moegpt("prepare", "--config", "configs/tiny.toml")
+    moegpt("prepare", "--config", args.base)
     if not (parent / "export" / "model.safetensors").is_file():
-        moegpt("train", "--config", "configs/tiny.toml", "--run-dir", str(parent))
+        steps = [] if args.base_steps is None else [f"--train.steps={args.base_steps}"]
+        moegpt("train", "--config", args.base, "--run-dir", str(parent), *steps)
         moegpt("export", str(parent), str(parent / "export"))
-    result = {"parent": evaluate(parent / "export", "256", args.trials, documents)}
-    result["documents"] = documents
+    result = {"parent": evaluate(parent / "export", lengths[:1], args.trials, documents, stride)}
+    result["parent"]["tokens_per_second"] = median_tokens_per_second(parent)
+    result["documents"], result["lengths"] = documents, lengths
     for scaling, settings in VARIANTS.items():
-        run = runs / f"tiny-long-{scaling}"
+        run = runs / f"{Path(args.long).stem}-{scaling}"
         overrides = [f"--train.init_from={parent / 'export'}", f"--train.steps={args.steps}"]
         overrides += settings
-        moegpt("train", "--config", "configs/tiny-long.toml", "--run-dir", str(run), *overrides)
+        moegpt("train", "--config", args.long, "--run-dir", str(run), *overrides)
         if not (run / "export" / "model.safetensors").is_file():
             moegpt("export", str(run), str(run / "export"))
-        result[scaling] = evaluate(run / "export", "256,512,1024", args.trials, documents)
+        result[scaling] = evaluate(run / "export", lengths, args.trials, documents, stride)
+        result[scaling]["tokens_per_second"] = median_tokens_per_second(run)
         print(f"{scaling}: {result[scaling]}", flush=True)
     result["seconds"] = time.perf_counter() - started
     result["steps"], result["trials"] = args.steps, args.trials
+    result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
+    first, last = (str(n) for n in (lengths[0], lengths[-1]))
+    rate = result["parent"]["tokens_per_second"]
     lines = [
-        f"tiny (256-token pretraining) continued {args.steps} steps at 1,024 tokens; passkey "
-        f"{args.trials} trials x 3 depths per length; perplexity of {len(documents)} held-out "
-        "documents, stride 128",
-        "scaling    passkey@256  @512  @1024   ppl@256  ppl@1024",
-        f"parent     {result['parent']['passkey']['256']:>10.0%}     -      -  "
-        f"{result['parent']['perplexity']['256']:>8.2f}         -",
+        f"{base} ({first}-token pretraining, {rate or 0:,.0f} tokens/s) continued {args.steps} "
+        f"steps at {last} tokens on {result['device']}; passkey {args.trials} trials x 3 "
+        f"depths per length; perplexity of {len(documents)} held-out documents, stride {stride}",
+        "scaling    "
+        + "".join(f"passkey@{n:<6}" for n in lengths)
+        + f"ppl@{first:<7}ppl@{last:<7}tokens/s",
+        f"parent     {result['parent']['passkey'][first]:>12.0%}  "
+        + " " * 14 * (len(lengths) - 1)
+        + f"{result['parent']['perplexity'][first]:>8.2f}          -  {rate or 0:>9,.0f}",
     ]
     for scaling in VARIANTS:
         r = result[scaling]
         p, q = r["passkey"], r["perplexity"]
         lines.append(
-            f"{scaling:<9}  {p['256']:>10.0%} {p['512']:>5.0%} {p['1024']:>6.0%}  "
-            f"{q['256']:>8.2f}  {q['1024']:>8.2f}"
+            f"{scaling:<9}  "
+            + "".join(f"{p[str(n)]:>12.0%}  " for n in lengths)
+            + f"{q[first]:>8.2f}  {q[last]:>8.2f}  {r['tokens_per_second'] or 0:>9,.0f}"
         )
-    save(args.out, "long_context-tiny-cpu", result, "\n".join(lines))
+    device = "cpu" if result["device"] == "cpu" else "gpu"
+    save(args.out, f"long_context-{base}-{device}", result, "\n".join(lines))
 
 
 if __name__ == "__main__":
