@@ -108,58 +108,84 @@ def main() -> None:
     if not documents:
         raise SystemExit(f"no held-out documents found ({', '.join(DOCUMENTS)})")
     long = load_config(args.long).model
-    original = long.rope_scaling.original_max_seq_len
-    lengths = [original, 2 * original, long.max_seq_len]
+    scaling = long.rope_scaling
+    original = scaling.original_max_seq_len or int(long.max_seq_len / scaling.factor)
+    # Passkey at the original context, twice it and the extended one (fewer when they meet).
+    lengths = sorted({original, min(2 * original, long.max_seq_len), long.max_seq_len})
     stride = original // 2
+    base_recipe = load_config(args.base).train
     base = Path(args.base).stem
     runs = Path(args.runs)
-    parent = runs / base
+    # Run folders name what made them, so a changed setting never reuses an old run.
+    parent = runs / f"{base}-{args.base_steps or base_recipe.steps}"
     started = time.perf_counter()
     moegpt("prepare", "--config", args.base)
+    # One checkpoint a run, at its end (what export reads): 8 GB each at small-moe's size.
+    once = "--checkpoint.every=0"
     if not (parent / "export" / "model.safetensors").is_file():
-        steps = [] if args.base_steps is None else [f"--train.steps={args.base_steps}"]
-        moegpt("train", "--config", args.base, "--run-dir", str(parent), *steps)
+        brief = []
+        if args.base_steps is not None:  # a brief pretraining warms up and decays in its steps
+            warmup = min(base_recipe.warmup_steps, max(1, args.base_steps // 10))
+            brief = [f"--train.steps={args.base_steps}", f"--train.warmup_steps={warmup}"]
+        moegpt("train", "--config", args.base, "--run-dir", str(parent), once, *brief)
         moegpt("export", str(parent), str(parent / "export"))
     result = {"parent": evaluate(parent / "export", lengths[:1], args.trials, documents, stride)}
     result["parent"]["tokens_per_second"] = median_tokens_per_second(parent)
     result["documents"], result["lengths"] = documents, lengths
-    for scaling, settings in VARIANTS.items():
-        run = runs / f"{Path(args.long).stem}-{scaling}"
+    for variant, settings in VARIANTS.items():
+        run = runs / f"{parent.name}-{Path(args.long).stem}-{args.steps}-{variant}"
         overrides = [f"--train.init_from={parent / 'export'}", f"--train.steps={args.steps}"]
-        overrides += settings
+        overrides += [once, *settings]
         moegpt("train", "--config", args.long, "--run-dir", str(run), *overrides)
         if not (run / "export" / "model.safetensors").is_file():
             moegpt("export", str(run), str(run / "export"))
-        result[scaling] = evaluate(run / "export", lengths, args.trials, documents, stride)
-        result[scaling]["tokens_per_second"] = median_tokens_per_second(run)
-        print(f"{scaling}: {result[scaling]}", flush=True)
+        result[variant] = evaluate(run / "export", lengths, args.trials, documents, stride)
+        result[variant]["tokens_per_second"] = median_tokens_per_second(run)
+        print(f"{variant}: {result[variant]}", flush=True)
     result["seconds"] = time.perf_counter() - started
     result["steps"], result["trials"] = args.steps, args.trials
+    result["base_steps"] = args.base_steps or base_recipe.steps
     result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
-    first, last = (str(n) for n in (lengths[0], lengths[-1]))
-    rate = result["parent"]["tokens_per_second"]
+    kind = "cpu" if result["device"] == "cpu" else "gpu"
+    save(args.out, f"long_context-{base}-{kind}", result, table(result, base))
+
+
+def table(result: dict, base: str) -> str:
+    """The side-by-side table: passkey at each length, perplexity at the first and last,
+    and training tokens/s, a row for the parent and each continuation."""
+    lengths = [str(n) for n in result["lengths"]]
+    first, last = lengths[0], lengths[-1]
+
+    def row(label: str, cells: list[str]) -> str:
+        return f"{label:<10}" + "".join(f"{cell:>14}" for cell in cells)
+
+    def rate(r: dict) -> str:
+        return f"{r['tokens_per_second'] or 0:,.0f}"
+
+    parent = result["parent"]
     lines = [
-        f"{base} ({first}-token pretraining, {rate or 0:,.0f} tokens/s) continued {args.steps} "
-        f"steps at {last} tokens on {result['device']}; passkey {args.trials} trials x 3 "
-        f"depths per length; perplexity of {len(documents)} held-out documents, stride {stride}",
-        "scaling    "
-        + "".join(f"passkey@{n:<6}" for n in lengths)
-        + f"ppl@{first:<7}ppl@{last:<7}tokens/s",
-        f"parent     {result['parent']['passkey'][first]:>12.0%}  "
-        + " " * 14 * (len(lengths) - 1)
-        + f"{result['parent']['perplexity'][first]:>8.2f}          -  {rate or 0:>9,.0f}",
+        f"{base} ({first}-token pretraining, {result['base_steps']} steps) continued "
+        f"{result['steps']} steps at {last} tokens on {result['device']}; passkey "
+        f"{result['trials']} trials x 3 depths per length; perplexity of "
+        f"{len(result['documents'])} held-out documents",
+        row(
+            "scaling",
+            [f"passkey@{n}" for n in lengths] + [f"ppl@{first}", f"ppl@{last}", "tokens/s"],
+        ),
+        row(
+            "parent",
+            [f"{parent['passkey'][first]:.0%}"]
+            + ["-"] * (len(lengths) - 1)
+            + [f"{parent['perplexity'][first]:.2f}", "-", rate(parent)],
+        ),
     ]
-    for scaling in VARIANTS:
-        r = result[scaling]
-        p, q = r["passkey"], r["perplexity"]
-        lines.append(
-            f"{scaling:<9}  "
-            + "".join(f"{p[str(n)]:>12.0%}  " for n in lengths)
-            + f"{q[first]:>8.2f}  {q[last]:>8.2f}  {r['tokens_per_second'] or 0:>9,.0f}"
-        )
-    device = "cpu" if result["device"] == "cpu" else "gpu"
-    save(args.out, f"long_context-{base}-{device}", result, "\n".join(lines))
+    for variant in VARIANTS:
+        r = result[variant]
+        passkey = [f"{r['passkey'][n]:.0%}" for n in lengths]
+        ppl = [f"{r['perplexity'][first]:.2f}", f"{r['perplexity'][last]:.2f}"]
+        lines.append(row(variant, passkey + ppl + [rate(r)]))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

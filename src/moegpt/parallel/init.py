@@ -73,9 +73,11 @@ def _draw_experts(
     local = param.to_local() if isinstance(param, DTensor) else param
     offset: tuple[int, ...] = (0, 0, 0)
     if isinstance(param, DTensor):  # the block of the whole tensor this rank holds
-        _, offset = compute_local_shape_and_global_offset(
+        shape, offset = compute_local_shape_and_global_offset(
             param.shape, param.device_mesh, param.placements
         )
+        # A box: true of every layout parallelize makes (EP, TP, FSDP2's strided shards).
+        assert tuple(shape) == tuple(local.shape), (name, shape, tuple(local.shape))
     rows = slice(offset[1], offset[1] + local.shape[1])
     cols = slice(offset[2], offset[2] + local.shape[2])
     for index in range(local.shape[0]):
