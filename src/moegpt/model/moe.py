@@ -88,6 +88,12 @@ def grouped_linear(
     return torch.cat([chunk @ weight[e].T for e, chunk in enumerate(chunks)])
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the experts compute ``x`` in: autocast's where it is on, else ``x``'s."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 class GroupedExperts(nn.Module):
     """``n_experts`` feed-forward networks stored as 3-D weights (expert, out, in).
 
@@ -134,8 +140,7 @@ class GroupedExperts(nn.Module):
         ``expert_ids`` to :meth:`forward`) rather than sorted by expert (pass ``counts``)."""
         if torch.is_grad_enabled() or n_slots > self.max_gathered_slots:
             return False
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        dtype = _compute_dtype(x)
         return self.wants_grouped_mm(x.device, dtype, self.w1)
 
     def weights(self) -> dict[str, torch.Tensor]:
@@ -163,8 +168,7 @@ class GroupedExperts(nn.Module):
         """The experts' math with explicit weights, so that expert or tensor parallelism can
         run it on a rank's own experts or hidden slice (weights (E', out', in'), ``counts``
         (E',))."""
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        dtype = _compute_dtype(x)
         if expert_ids is not None:  # per-row GEMVs in the rows' own order (routes_in_place)
             x = x.to(dtype)
             weights = {name: w.to(dtype) for name, w in weights.items()}
