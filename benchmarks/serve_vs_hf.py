@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import faulthandler
 import json
 import os
@@ -63,6 +64,7 @@ from moegpt.model import Transformer
 from moegpt.model.moe import GroupedExperts
 from moegpt.serve.engine import Engine
 from moegpt.serve.paged import bytes_per_token
+from moegpt.serve.scheduler import _mixed
 from moegpt.serve.sequence import SamplingParams
 from moegpt.serve.stats import EngineStats
 from moegpt.weights import save_model
@@ -161,6 +163,39 @@ def run_engine(engine: Engine, prompts: list[list[int]], output_len: int) -> dic
         "preemptions": stats.preemptions,
         "bound_misses": dict(stats.bound_misses),
     }
+
+
+TRACE_FIELDS = (
+    "tokens",
+    "keys",
+    "sequences",
+    "mixed",
+    "predicted_ms",
+    "measured_ms",
+    "over_bound",
+    "limited_by",
+    "headroom",
+    "slack_ms",
+)
+
+
+def trace_steps(engine: Engine) -> list[tuple]:
+    """Record every step the engine's scheduler takes in from now on (``TRACE_FIELDS``): how
+    the latency bound's decisions compare with what the steps then cost."""
+    trace: list[tuple] = []
+    scheduler = engine.scheduler
+    update = scheduler.update
+
+    def traced(out, result, seconds=None):
+        predicted = None if out.predicted_s is None else out.predicted_s * 1e3
+        row = (out.tokens, out.keys, len(out.chunks), int(_mixed(out)), predicted)
+        measured = None if seconds is None else seconds * 1e3
+        state = (scheduler.headroom, scheduler.slack * 1e3)
+        trace.append((*row, measured, out.over_bound, out.limited_by, *state))
+        return update(out, result, seconds)
+
+    scheduler.update = traced
+    return trace
 
 
 def run_engine_warm(
@@ -510,6 +545,11 @@ def main() -> None:
         help="seconds for the whole run: each HF variant gets at most what is left, less 15 s",
     )
     parser.add_argument("--profile", action="store_true", help="save profiler tables of steps")
+    parser.add_argument(
+        "--bound-trace",
+        action="store_true",
+        help="save every step of the latency-bound run (predicted and measured times, why)",
+    )
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--hf-worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -584,7 +624,14 @@ def main() -> None:
     target = args.tpot_ms or 2 * one["step_ms"]
     bounded = Engine(model, config=ServeConfig(**{**serve.__dict__, "tpot_ms": target}))
     del engine
+    for _ in range(args.warmup):
+        run_engine(bounded, prompts, args.output_len)
+    trace = trace_steps(bounded) if args.bound_trace else None
     result["bound"] = {"tpot_target_ms": target, **run_engine(bounded, prompts, args.output_len)}
+    if trace is not None:
+        result["bound"]["cost_model"] = dataclasses.asdict(bounded.scheduler.cost)
+        result["bound"]["trace_fields"] = list(TRACE_FIELDS)
+        result["bound"]["trace"] = trace
     del bounded
 
     result["hf"] = {}

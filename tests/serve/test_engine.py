@@ -4,6 +4,7 @@ preempted greedy decoding produces exactly each request's tokens alone; nothing 
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -249,3 +250,38 @@ def test_a_scored_prompt_may_fill_the_context_but_not_exceed_it(model: Transform
         engine.add_request([1] * (context + 1), alone)
     with pytest.raises(UserError, match=f"^prompt: {context} tokens leave no room"):
         engine.add_request([1] * context, SamplingParams(max_tokens=1, prompt_logprobs=True))
+
+
+@pytest.mark.parametrize("overlap", ["off", "on"])
+def test_a_step_is_charged_its_own_launch_time(model: Transformer, overlap: str) -> None:
+    """With overlap the next step is planned and launched before the last one's tokens come
+    in. Launching a step with a prompt chunk is made to cost 0.3 s of host time (as an
+    eager launch costs on a GPU); the step-time samples the latency bound learns from must
+    charge it to that step, not to the decode step it was launched behind."""
+    engine = Engine(model, config=ServeConfig(overlap=overlap, num_kv_blocks=64))
+    launch = engine.runner.launch
+
+    def slow_prefill_launch(scheduled):
+        if any(c.length > 1 for c in scheduled.chunks):
+            time.sleep(0.3)
+        return launch(scheduled)
+
+    engine.runner.launch = slow_prefill_launch
+    charged: list[tuple[bool, float]] = []
+    update = engine.scheduler.update
+
+    def record(out, result, seconds=None):
+        charged.append((any(c.length > 1 for c in out.chunks), seconds))
+        return update(out, result, seconds)
+
+    engine.scheduler.update = record
+    params = SamplingParams(max_tokens=6, temperature=0)
+    engine.add_request([1, 2, 3], params)
+    for step in range(12):
+        if step == 3:
+            engine.add_request([4, 5, 6, 7], params)  # a prefill behind running decodes
+        engine.step()
+    prefills = [seconds for has_prompt, seconds in charged if has_prompt]
+    decodes = [seconds for has_prompt, seconds in charged if not has_prompt]
+    assert len(prefills) == 2 and len(decodes) >= 6
+    assert min(prefills) >= 0.3 and max(decodes) < 0.3

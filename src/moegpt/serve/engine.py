@@ -53,6 +53,7 @@ __all__ = ["Completion", "Engine", "RequestOutput"]
 class _InFlight:
     launched: Launched
     started: float
+    host_seconds: float  # planning and launching it, before the device ran it
     prompt_lengths: dict[int, int]
 
 
@@ -409,18 +410,27 @@ class Engine:
         self.stats.preemptions += len(scheduled.preempted)
         prompt_lengths = {s.seq_id: len(s.prompt) for s in self.scheduler.running}
         launched = self.runner.launch(scheduled) if scheduled.chunks else None
-        step = None if launched is None else _InFlight(launched, started, prompt_lengths)
+        host = time.perf_counter() - started
+        step = None if launched is None else _InFlight(launched, started, host, prompt_lengths)
         if not self.overlap:
             return [] if step is None else self._take_in(step)
         previous, self._in_flight = self._in_flight, step
-        return [] if previous is None else self._take_in(previous)
+        return [] if previous is None else self._take_in(previous, host)
 
-    def _take_in(self, step: _InFlight) -> list[RequestOutput]:
-        """Wait for a launched step's tokens and hand them to the scheduler."""
+    def _take_in(self, step: _InFlight, host_since: float = 0.0) -> list[RequestOutput]:
+        """Wait for a launched step's tokens and hand them to the scheduler. ``host_since``:
+        the seconds spent planning and launching the next step before this one was taken in
+        (with overlap), which are that step's cost, not this one's."""
         result = self.runner.collect(step.launched)
         now = time.perf_counter()
-        # Overlapped steps follow each other: a step's time starts where the last one ended.
-        elapsed = now - max(step.started, self._last_taken_in)
+        # Overlapped steps follow each other: a step's time starts where the last one ended,
+        # plus its own planning and launch (done while the step before it ran), less the
+        # next one's. An eager step's launch alone can cost several decode steps: charged to
+        # the step before it, it made decodes look slow and mixed steps cheap.
+        origin = max(step.started, self._last_taken_in)
+        elapsed = now - origin - host_since
+        if origin > step.started:
+            elapsed += step.host_seconds
         self._last_taken_in = now
         scheduled = step.launched.out
         outputs = self.scheduler.update(scheduled, result, elapsed)

@@ -92,6 +92,9 @@ class Scheduler:
         # targets whatever its size, so prompts join in batches every few steps and every
         # sequence's time per token stays within the target on average (what TPOT measures).
         self.slack = 0.0
+        # What the steps planned but not yet taken in are predicted to spend of it (with
+        # overlap the next step is planned while the last one runs): spent once, not twice.
+        self._committed: dict[int, float] = {}
         self.clock = clock
         self.max_context = max_context
         self.eos_id = eos_id
@@ -189,13 +192,18 @@ class Scheduler:
             predicted = cost.predict(out.tokens + n, step_keys, sequences, mixed)
             if predicted <= limit:
                 break
-            if mixed and (not stake or predicted <= limit + self.slack):
+            if mixed and (not stake or predicted <= limit + self.banked()):
                 out.over_bound = out.over_bound or (
                     "spending slack banked under it" if stake else "nobody decoding"
                 )
                 break
             n = n // 2 if n > 1 else 0
         return n
+
+    def banked(self) -> float:
+        """The slack a step planned now may spend: what decode steps banked, less what the
+        steps still running are predicted to spend of it."""
+        return self.slack - sum(self._committed.values())
 
     def _late(self, seq: Sequence) -> bool:
         ttft = self.config.ttft_s
@@ -316,6 +324,9 @@ class Scheduler:
             self._place(out, seq, n)  # its forks come after it: the running loop is done
         if self.cost is not None:
             out.predicted_s = self.cost.predict(out.tokens, keys, len(out.chunks), _mixed(out))
+            target = self.config.tpot_s
+            if target is not None and _decodes(out):
+                self._committed[id(out)] = out.predicted_s - target
         out.finished, self._gone = self._gone, []
         return out
 
@@ -329,6 +340,7 @@ class Scheduler:
         sequence gained."""
         outputs = []
         now = self.clock()
+        self._committed.pop(id(out), None)
         for chunk in out.chunks:
             seq = self._live.get(chunk.seq_id)
             if seq is None:  # it ended meanwhile
