@@ -109,14 +109,16 @@ class GroupedExperts(nn.Module):
     capture either.
     """
 
-    # On an H100 (medium-moe's experts, bf16) one projection of 8 rows took 25 us this way
-    # against 35 us through the grouped GEMM, and 4.6 against 14.5 us at one row
-    # (benchmarks/results/expert_gemv-h100.txt): up to 4 tokens of top-2 routing.
-    max_gathered_slots = 8
-
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         n, d, h = config.n_experts, config.d_model, config.expert_hidden_size
+        # On an H100 (medium-moe's experts, bf16) one projection of 8 rows took 25 us this
+        # way against 35 us through the grouped GEMM, and 4.6 against 14.5 us at one row
+        # (benchmarks/results/expert_gemv-h100.txt). Up to one slot per expert the rows read
+        # no more weight bytes than the grouped GEMM reads when they hit every expert, and
+        # the step skips its sort, counts and scatter: on an H200, small-moe's decode step
+        # rose from 1.05 to 1.66 ms between 4 and 5 sequences when this stopped at 8 slots.
+        self.max_gathered_slots = n
         self.activation = config.activation
         self.w1 = nn.Parameter(torch.empty(n, h, d))
         if config.activation == "swiglu":

@@ -19,6 +19,9 @@ class BlockAllocator:
         self.block_size = block_size
         self._free: deque[int] = deque(range(num_blocks))
         self._refs = [0] * num_blocks
+        # Blocks more than one table points at. Forks are rare: with none, a write never
+        # copies, and a decode step's tables skip looking block by block.
+        self.shared = 0
 
     @property
     def free(self) -> int:
@@ -43,11 +46,13 @@ class BlockAllocator:
         """Another table now points at ``block``."""
         assert self._refs[block] > 0, f"block {block} is free"
         self._refs[block] += 1
+        self.shared += self._refs[block] == 2
         return block
 
     def release(self, block: int) -> None:
         assert self._refs[block] > 0, f"block {block} released twice"
         self._refs[block] -= 1
+        self.shared -= self._refs[block] == 1
         if self._refs[block] == 0:
             self._free.append(block)
 
@@ -75,6 +80,8 @@ class BlockTable:
         """Blocks to allocate before tokens ``filled .. tokens`` can be written: new ones,
         plus copies of shared blocks the write touches."""
         new = max(self.allocator.blocks_for(tokens) - len(self.blocks), 0)
+        if not self.allocator.shared:
+            return new
         shared = sum(
             self.allocator.is_shared(self.blocks[i]) for i in self._touched(filled, tokens)
         )
@@ -84,7 +91,7 @@ class BlockTable:
         """Make room for tokens ``filled .. tokens``; return (source, destination) block
         copies the cache must make first (copy-on-write of shared blocks being written)."""
         copies = []
-        for index in self._touched(filled, tokens):
+        for index in self._touched(filled, tokens) if self.allocator.shared else ():
             block = self.blocks[index]
             if self.allocator.is_shared(block):
                 fresh = self.allocator.allocate()

@@ -221,12 +221,13 @@ class Scheduler:
         room = self.config.max_tokens_per_step - out.tokens
         # A decode may also verify the tokens proposed for it (speculative decoding); they
         # are the first thing the token budget and the latency bound cut.
-        n = min(seq.pending + (lookahead if seq.pending == 1 else 0), room)
+        pending = seq.pending
+        n = min(pending + (lookahead if pending == 1 else 0), room)
         if n <= 0:
             out.limited_by = "token budget"
             return 0
         fitted = self._fit_latency(out, keys, seq, n)
-        if fitted == 0 and seq.status is Status.RUNNING and seq.pending == 1:
+        if fitted == 0 and seq.status is Status.RUNNING and pending == 1:
             # A running sequence decodes every step: the target limits how many run (the
             # admissions), never which of them wait a step, which would double their TPOT.
             out.over_bound = "running decodes exceed it"
@@ -246,11 +247,13 @@ class Scheduler:
         """Grow ``seq``'s table for ``n`` tokens (speculative ones past its pending tokens
         included), add its chunk, and count its tokens computed and its draw in flight from
         now on; an n > 1 prompt that ends here forks its other samples (their ids return)."""
-        start = seq.computed
-        out.copies += seq.table.grow(start, start + n)
-        length = min(n, seq.pending)
+        start, pending = seq.computed, seq.pending
+        copies = seq.table.grow(start, start + n)
+        if copies:
+            out.copies += copies
+        length = min(n, pending)
         # A prompt scored alone (max_tokens 0) ends with its last chunk: nothing is drawn.
-        sample = length == seq.pending and seq.params.max_tokens > 0
+        sample = length == pending and seq.params.max_tokens > 0
         self._announce(out, seq)
         blocks = tuple(seq.table.blocks)
         out.add(ScheduledChunk(seq.seq_id, start, length, blocks, sample, n - length))
@@ -359,7 +362,7 @@ class Scheduler:
             proposed = result.proposed.get(chunk.seq_id, 0)
             if proposed:
                 record_acceptance(seq, proposed, len(drawn) - 1)
-            outputs.append(self._append(seq, drawn, now))
+            outputs.append(self._append(seq, drawn, now, chunk.lookahead > 0))
         if seconds is not None:
             self._learn(out, result, seconds)
         return outputs
@@ -378,8 +381,11 @@ class Scheduler:
             prompt_logprobs=[None, *seq.prompt_logprobs],
         )
 
-    def _append(self, seq: Sequence, drawn: list[Sampled], now: float) -> RequestOutput:
-        """Append drawn tokens until one ends the sequence."""
+    def _append(
+        self, seq: Sequence, drawn: list[Sampled], now: float, speculated: bool
+    ) -> RequestOutput:
+        """Append drawn tokens until one ends the sequence; with ``speculated``, give back
+        the room of the proposals it rejected."""
         first = seq.first_token_at is None
         if first:
             seq.first_token_at = now
@@ -398,7 +404,7 @@ class Scheduler:
             self.finish(seq, reason)
             if len(seq.output) > 1:
                 tpot = (now - seq.first_token_at) / (len(seq.output) - 1)
-        else:  # the room of rejected proposals goes back
+        elif speculated:  # the room of rejected proposals goes back
             seq.table.truncate(seq.length + seq.in_flight)
         return RequestOutput(
             seq.request_id,
