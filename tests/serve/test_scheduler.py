@@ -4,14 +4,16 @@ tokens, stops, speculative rollback, forks) to the scheduler's own sequences."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from moegpt.serve.blocks import BlockAllocator, BlockTable
 from moegpt.serve.cost import StepCostModel
 from moegpt.serve.sampler import Sampled
-from moegpt.serve.scheduler import SLACK_TARGETS, Scheduler, SchedulerConfig
+from moegpt.serve.scheduler import SLACK_TARGETS, Scheduler, SchedulerConfig, _mixed
 from moegpt.serve.sequence import SamplingParams, Sequence, Status
-from moegpt.serve.step import RunnerOutput, SchedulerOutput
+from moegpt.serve.step import RunnerOutput, ScheduledChunk, SchedulerOutput
 
 
 def make(
@@ -377,11 +379,17 @@ def test_scheduler_output_is_plain_data(with_forks: bool) -> None:
     assert all(isinstance(c.blocks, tuple) for c in out.chunks)
 
 
-def simulate(s: Scheduler, clock: list[float], overlap: bool) -> list[float]:
-    """Run ``s`` to the end on a machine whose steps take what its cost model predicts;
-    returns each sequence's time per output token. With ``overlap`` the next step is
-    planned while the last one runs, as the engine does: step n + 1 is scheduled when step
-    n - 1's tokens come in, and step n's come in when it ends."""
+def simulate(
+    s: Scheduler,
+    clock: list[float],
+    overlap: bool,
+    truth: Callable[[SchedulerOutput], float] | None = None,
+) -> list[float]:
+    """Run ``s`` to the end on a machine whose steps take ``truth(step)`` seconds (default:
+    what the scheduler's cost model predicts); returns each sequence's time per output
+    token. With ``overlap`` the next step is planned while the last one runs, as the engine
+    does: step n + 1 is scheduled when step n - 1's tokens come in, and step n's come in
+    when it ends."""
     tpots: list[float] = []
     in_flight: list[SchedulerOutput] = []
     steps = 0
@@ -391,13 +399,14 @@ def simulate(s: Scheduler, clock: list[float], overlap: bool) -> list[float]:
             in_flight.append(out)
         if in_flight and (not overlap or len(in_flight) == 2 or not out.chunks):
             done = in_flight.pop(0)
-            clock[0] += done.predicted_s
+            seconds = done.predicted_s if truth is None else truth(done)
+            clock[0] += seconds
             drawn = {c.seq_id: [Sampled(7)] for c in done.chunks if c.sample}
-            for result in s.update(done, RunnerOutput(sampled=drawn), done.predicted_s):
+            for result in s.update(done, RunnerOutput(sampled=drawn), seconds):
                 if result.time_per_output_token is not None:
                     tpots.append(result.time_per_output_token)
         steps += 1
-        assert steps < 5000, "no progress"
+        assert steps < 20_000, "no progress"
     return tpots
 
 
@@ -421,3 +430,38 @@ def test_every_sequence_keeps_its_time_per_token_within_the_target(overlap: bool
     tpots = simulate(s, clock, overlap)
     assert len(tpots) == 256
     assert max(tpots) <= 1.005 * target
+
+
+def test_the_bound_holds_on_a_machine_whose_decode_time_is_a_staircase() -> None:
+    """A GPU replays the graph of the next padded batch, and past 8 sequences the experts
+    switch kernels: decode steps cost 0.9 ms up to 4 sequences, 1.2 up to 8, 1.8 up to 16
+    (a 1.72 ms target holds 8). The step-time model is fitted to a start-up calibration at
+    powers of two, as the engine's is. A line through those points priced 9 to 16
+    sequences under the target and admitted them (as on an H200), and decode steps then
+    ran over it: here this run never finished."""
+    target = 1.72e-3
+    stairs = {1: 0.9e-3, 2: 0.9e-3, 4: 0.9e-3, 8: 1.2e-3, 16: 1.8e-3}
+
+    def truth(out: SchedulerOutput) -> float:
+        if _mixed(out):
+            return 20e-3 + 1e-6 * out.tokens
+        batch = next(b for b in (*stairs, 1 << 30) if b >= len(out.chunks))
+        return stairs.get(batch, 1.9e-3)
+
+    calibration = []
+    for batch in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+        step = SchedulerOutput()
+        for i in range(batch):
+            step.add(ScheduledChunk(i, 100, 1, (), True))
+        calibration.append((batch, step.keys, batch, 0, truth(step)))
+    for chunk in (16, 128, 1024):
+        calibration.append((chunk, chunk * chunk, 1, 1, 20e-3 + 1e-6 * chunk))
+    clock = [0.0]
+    config = SchedulerConfig(tpot_s=target, max_tokens_per_step=2048, max_batch_size=256)
+    allocator = BlockAllocator(256 * 16 + 16, 16)
+    s = Scheduler(config, allocator, StepCostModel.fit(calibration), clock=lambda: clock[0])
+    s.calibration = calibration
+    for _ in range(256):
+        make(s, 128, params=SamplingParams(max_tokens=128))
+    tpots = sorted(simulate(s, clock, overlap=True, truth=truth))
+    assert tpots[int(0.99 * len(tpots))] <= 1.01 * target

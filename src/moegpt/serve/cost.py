@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import bisect
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
 
 import numpy as np
 
 # One measured step: (tokens, attention keys, sequences, mixed, seconds); ``mixed`` is 1 when the
 # step runs more than one-token decodes (prefill chunks, verifications), 0 otherwise.
 Sample = tuple[int, int, int, int, float]
+
+# Recent decode steps of one batch size whose median times it (the machine drifts as it runs).
+DECODE_WINDOW = 16
 
 
 @dataclass
@@ -17,27 +23,53 @@ class StepCostModel:
     (sum over sequences of new tokens x their context) + per_sequence x sequences (the
     per-sequence attention calls and bookkeeping) + per_mixed_step when the step runs more
     than one-token decodes (on a GPU such a step leaves the captured decode graphs for the
-    eager forward, whose kernel launches cost a fixed time of their own)."""
+    eager forward, whose kernel launches cost a fixed time of their own).
+
+    A decode step's time is a staircase in its batch, not a line: a GPU replays the graph of
+    the next padded batch size, and past a size the experts switch kernels (small-moe on an
+    H200: 1.0 ms up to 4 sequences, 1.2 ms up to 8, 1.8 ms from 9). ``decode_seconds``
+    holds the measured time of decode steps by batch size; a decode step is predicted the
+    larger of the line and the measured time of the smallest batch at least as large (the
+    line alone underestimated the step past each riser, and the latency bound admitted
+    sequences the target could not hold)."""
 
     base: float
     per_token: float
     per_key: float
     per_sequence: float = 0.0
     per_mixed_step: float = 0.0
+    decode_seconds: dict[int, float] = field(default_factory=dict)
+    _batches: list[int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._batches = sorted(self.decode_seconds)  # predict runs per sequence per step
 
     def predict(self, tokens: int, keys: int, sequences: int, mixed: bool = False) -> float:
-        return (
+        line = (
             self.base
             + self.per_token * tokens
             + self.per_key * keys
             + self.per_sequence * sequences
             + self.per_mixed_step * mixed
         )
+        if mixed or not self.decode_seconds:
+            return line
+        batches = self._batches
+        at = bisect.bisect_left(batches, sequences)
+        return line if at == len(batches) else max(line, self.decode_seconds[batches[at]])
 
     @classmethod
     def fit(cls, samples: list[Sample]) -> StepCostModel:
         """Non-negative least squares over measured steps (a coefficient that comes out
-        negative is dropped and the rest refitted)."""
+        negative is dropped and the rest refitted), and each decode batch size's median
+        time over its latest ``DECODE_WINDOW`` samples (``samples`` in the order measured)."""
+        decodes: defaultdict[int, list[float]] = defaultdict(list)
+        for _, _, sequences, mixed, seconds in samples:
+            if not mixed:
+                decodes[sequences].append(seconds)
+        decode_seconds = {
+            n: statistics.median(times[-DECODE_WINDOW:]) for n, times in decodes.items()
+        }
         a = np.array([[1.0, t, k, n, m] for t, k, n, m, _ in samples])
         y = np.array([s for *_, s in samples])
         active = list(range(a.shape[1]))
@@ -48,4 +80,4 @@ class StepCostModel:
                 coef[active] = solution
                 break
             active.pop(int(np.argmin(solution)))
-        return cls(*map(float, coef))
+        return cls(*map(float, coef), decode_seconds=decode_seconds)
