@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -53,6 +54,30 @@ def _synthetic_input(shape: list[tuple[int, int]], tables: list[BlockTable]) -> 
     return inp
 
 
+@contextmanager
+def _borrowed(allocator: BlockAllocator, shape: list[tuple[int, int]]) -> Iterator[ModelInput]:
+    """A synthetic step of ``shape`` in cache blocks borrowed from ``allocator`` for the
+    duration."""
+    tables = [BlockTable(allocator) for _ in shape]
+    try:
+        for (past, new), table in zip(shape, tables, strict=True):
+            table.grow(0, past + new)
+        yield _synthetic_input(shape, tables)
+    finally:
+        for table in tables:
+            table.free()
+
+
+@torch.no_grad()
+def warm_up_packed_steps(forward: Forward, allocator: BlockAllocator) -> None:
+    """Run two packed steps (prompt chunks, and a prompt chunk beside a decode) before the
+    first request: the compiled block specialises for packed steps on its first one, which
+    would otherwise stall the first requests for the length of a compilation."""
+    for shape in ([(0, 24), (0, 40)], [(0, 17), (8, 1)]):
+        with _borrowed(allocator, shape) as inp:
+            _run_and_sample(forward, inp)
+
+
 def _run_and_sample(forward: Forward, inp: ModelInput) -> None:
     """The forward and the batch's draw: what an engine step costs besides its bookkeeping
     (the draw also waits for the device)."""
@@ -72,20 +97,13 @@ def measure(
     capacity = allocator.free * allocator.block_size
     samples = []
     for shape in step_shapes(config, max_context, capacity):
-        tables = [BlockTable(allocator) for _ in shape]
-        try:
-            for (past, new), table in zip(shape, tables, strict=True):
-                table.grow(0, past + new)
-            inp = _synthetic_input(shape, tables)
+        with _borrowed(allocator, shape) as inp:
             _run_and_sample(forward, inp)  # warm-up
             best = float("inf")
             for _ in range(repeats):
                 start = time.perf_counter()
                 _run_and_sample(forward, inp)
                 best = min(best, time.perf_counter() - start)
-        finally:
-            for table in tables:
-                table.free()
         keys = sum(new * (past + new) for past, new in shape)
         mixed = any(new != 1 for _, new in shape)
         samples.append((len(inp.tokens), keys, len(shape), int(mixed), best))

@@ -26,7 +26,7 @@ from moegpt.memory import gib, kv_budget_bytes
 from moegpt.model import Transformer
 from moegpt.model.vision import VisionLanguageModel
 from moegpt.serve.blocks import BlockAllocator, BlockTable
-from moegpt.serve.calibrate import calibrate
+from moegpt.serve.calibrate import calibrate, warm_up_packed_steps
 from moegpt.serve.lookahead import LookaheadPolicy
 from moegpt.serve.media import visual_bytes_per_image
 from moegpt.serve.output import OutputProcessor
@@ -203,6 +203,8 @@ class Engine:
             lookahead=lookahead,
         )
         self.stats = EngineStats()
+        if forward.graphs is not None and forward.graphs.compiled:
+            warm_up_packed_steps(self.forward, self.allocator)
         adaptive = lookahead is not None and self.config.speculation == "adaptive"
         if (tpot or ttft or adaptive) and self.config.calibrate:
             self.scheduler.cost, self.scheduler.calibration = calibrate(

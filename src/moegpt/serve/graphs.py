@@ -291,17 +291,25 @@ class DecodeGraphs:
         view = BlockTableStep(
             self.cache, inputs.slot_mapping, inputs.block_tables, inputs.context_lens, q_len
         )
+        logits = self.forward(inputs.tokens, inputs.positions, view)
+        self._logits[: inputs.tokens.numel()].copy_(logits)
+
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCacheLike
+    ) -> torch.Tensor:
+        """The model's logits for one packed sequence of ``tokens`` over ``cache``, its
+        blocks through the compiled block when the graphs are compiled: the decode graphs'
+        forward, and the eager steps' too (a step with prompt chunks then launches a
+        fraction of its kernels: small-moe's cost about 22 ms of host time on an H200
+        whatever their size, uncompiled)."""
         # Sizes that merely coincide (a batch of as many sequences as the model has layers)
         # must not become one symbol, or a bucket of another batch would recompile.
         no_duck_shapes = fx_config.patch(use_duck_shape=False)
         with sdpa_kernel(SDPA_BACKENDS), dynamo_config.patch(**DYNAMO_CONFIG), no_duck_shapes:
             out = self.model(
-                inputs.tokens[None],
-                positions=inputs.positions[None],
-                cache=view,
-                call_block=self._call_block,
+                tokens[None], positions=positions[None], cache=cache, call_block=self._call_block
             )
-        self._logits[: inputs.tokens.numel()].copy_(out.logits[0])
+        return out.logits[0]
 
 
 def call_block(
@@ -321,6 +329,7 @@ DYNAMO_CONFIG = dict(
     # A block's layer index (which cache layer it reads) is an input, not a constant, so
     # every layer shares one compilation.
     allow_unspec_int_on_nn_module=True,
-    # (batch 1, up to 8 routed rows, more) x (decode, verify) x (dense, MoE blocks), with room.
+    # (batch 1, rows routed in place, more) x (decode, verify, packed eager step) x (dense,
+    # MoE blocks), with room.
     recompile_limit=32,
 )
