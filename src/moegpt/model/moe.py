@@ -117,8 +117,9 @@ class GroupedExperts(nn.Module):
         # (benchmarks/results/expert_gemv-h100.txt). Up to one slot per expert the rows read
         # no more weight bytes than the grouped GEMM reads when they hit every expert, and
         # the step skips its sort, counts and scatter: on an H200, small-moe's decode step
-        # rose from 1.05 to 1.66 ms between 4 and 5 sequences when this stopped at 8 slots.
-        self.max_gathered_slots = n
+        # rose from 1.05 to 1.66 ms between 4 and 5 sequences when this stopped at 8 slots,
+        # and to 1.2 ms only with it at 16 (one per expert).
+        self.max_gathered_slots = max(8, n)
         self.activation = config.activation
         self.w1 = nn.Parameter(torch.empty(n, h, d))
         if config.activation == "swiglu":
