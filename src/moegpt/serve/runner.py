@@ -12,6 +12,7 @@ verified proposals.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -47,7 +48,7 @@ class ModelInput:
     tokens: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
     # per sequence: (offset in the packed batch, new tokens, tokens already cached, blocks)
-    sequences: list[tuple[int, int, int, list[int]]] = field(default_factory=list)
+    sequences: list[tuple[int, int, int, Sequence[int]]] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)
     logits_rows: list[int] = field(default_factory=list)  # packed rows to return logits of
 
@@ -515,6 +516,7 @@ class ModelRunner:
         scoring = PromptRows()
         parents = {n.seq_id: n.parent for n in out.new if n.parent is not None}
         patch_rows, patch_sources = [], []
+        vision = self.vision is not None
         for chunk in out.chunks:
             if chunk.seq_id in parents:
                 rows[chunk.seq_id] = rows[parents[chunk.seq_id]]
@@ -532,10 +534,11 @@ class ModelRunner:
             inp.tokens += known + proposed
             inp.positions += range(chunk.start, end + len(proposed))
             new = chunk.length + len(proposed)
-            inp.sequences.append((offset, new, chunk.start, list(chunk.blocks)))
-            media.append(self._visual(seq))
-            scored = range(max(chunk.start, seq.unscored.start), min(end, seq.unscored.stop))
-            if scored:  # position p's logits score prompt token p + 1
+            inp.sequences.append((offset, new, chunk.start, chunk.blocks))
+            media.append(self._visual(seq) if vision else None)
+            unscored = seq.unscored
+            scored = range(max(chunk.start, unscored.start), min(end, unscored.stop))
+            if unscored and scored:  # position p's logits score prompt token p + 1
                 scoring.add(chunk.seq_id, len(inp.logits_rows), seq.tokens, scored)
                 inp.logits_rows += (offset + p - chunk.start for p in scored)
                 seq.unscored = range(scored.stop, seq.unscored.stop)
