@@ -1,0 +1,157 @@
+"""The serving engine's host time per sequence per decode step, with the device taken out.
+
+At hundreds of concurrent requests a decode step on a GPU is bound by the host: planning the
+step, packing its inputs, reading its tokens back and taking them in, in Python, once per
+sequence. (On H200s small-moe's decode step at 256 sequences took 3.9 to 8.0 ms on
+different machines while the GPU's share stayed put: `serve_vs_hf-small-moe-h200*.txt`.)
+This measures that host work on any machine: an engine at ``--batch`` running decodes, its
+model forward replaced by a stand-in that returns zero logits at once, timed by phase:
+
+- schedule: ``Scheduler.schedule`` (the step's plan);
+- pack: the runner's packed model input (``ModelRunner._model_input``);
+- launch, rest: the rest of launching (the draw's set-up and its copy to the host; on a
+  CPU also the greedy argmax itself);
+- collect: reading the drawn tokens back into the runner;
+- update: ``Scheduler.update`` (appending, stops, the per-sequence outputs);
+- account: the engine's statistics.
+
+Each figure is the fastest of ``--repeats`` runs of ``--steps`` steps, in microseconds per
+sequence per step. A GPU step's host time at that batch is about batch x the total.
+
+    python benchmarks/serve_host.py                       # tiny, 256 sequences, on CPU
+    python benchmarks/serve_host.py --batch 64 --steps 20 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from moegpt.config import ServeConfig, load_config
+from moegpt.model import Transformer
+from moegpt.serve.engine import Engine
+from moegpt.serve.output import OutputProcessor
+from moegpt.serve.sequence import SamplingParams
+
+PHASES = ("schedule", "pack", "launch, rest", "collect", "update", "account", "total")
+
+
+def _timed(owner: object, name: str, spent: Counter, phase: str) -> None:
+    """Wrap ``owner.name`` so that its calls add their seconds to ``spent[phase]``."""
+    inner: Callable = getattr(owner, name)
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            spent[phase] += time.perf_counter() - start
+
+    setattr(owner, name, timed)
+
+
+def host_engine(config_path: str, batch: int, prompt_len: int) -> tuple[Engine, Counter]:
+    """An engine on CPU, overlapped as on a GPU, whose forward returns zero logits at once,
+    with ``batch`` requests through their prompts; and the per-phase seconds it will add
+    up."""
+    config = load_config(config_path)
+    torch.manual_seed(0)
+    model = Transformer(config.model).eval()
+    vocab = config.model.vocab_size
+    blocks = batch * -(-(prompt_len + 4096) // 16)
+    serve = ServeConfig(max_batch_size=batch, num_kv_blocks=blocks, overlap="on")
+    engine = Engine(model, config=serve)
+
+    def stand_in(inp, patch=None, media=None) -> torch.Tensor:
+        return torch.zeros(len(inp.logits_rows), vocab)
+
+    engine.runner.forward = stand_in
+    spent: Counter = Counter()
+    _timed(engine.scheduler, "schedule", spent, "schedule")
+    _timed(engine.scheduler, "update", spent, "update")
+    _timed(engine.runner, "_model_input", spent, "pack")
+    _timed(engine.runner, "launch", spent, "launch")
+    _timed(engine.runner, "collect", spent, "collect")
+    _timed(engine, "_account", spent, "account")
+    prompts = torch.randint(vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(max_tokens=1_000_000, temperature=0, ignore_eos=True)
+    for prompt in prompts.tolist():
+        engine.add_request(prompt, params)
+    while engine.scheduler.waiting or any(s.prefilling for s in engine.scheduler.running):
+        engine.step()
+    return engine, spent
+
+
+def measure(engine: Engine, spent: Counter, steps: int, repeats: int) -> dict[str, float]:
+    """The fastest of ``repeats`` runs of ``steps`` decode steps, per phase, in us a
+    sequence a step (the steps' outputs are turned into text, as ``generate`` does)."""
+    batch = len(engine.scheduler.running)
+    processors = {
+        s.request_id: OutputProcessor(engine.tokenizer, ()) for s in engine.scheduler.running
+    }
+    best = dict.fromkeys(PHASES, float("inf"))
+    for _ in range(repeats):
+        spent.clear()
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.text_step(processors)
+        spent["total"] = time.perf_counter() - start
+        spent["launch, rest"] = spent["launch"] - spent["pack"]
+        for phase in PHASES:
+            best[phase] = min(best[phase], spent[phase] / steps / batch * 1e6)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default="configs/tiny.toml", help="the model's shapes")
+    parser.add_argument("--batch", type=int, default=256, help="sequences decoding at once")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=40, help="decode steps a run")
+    parser.add_argument("--repeats", type=int, default=7, help="runs; the fastest is reported")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    if min(args.batch, args.prompt_len, args.steps, args.repeats) < 1:
+        parser.error("--batch, --prompt-len, --steps and --repeats must be at least 1")
+    engine, spent = host_engine(args.config, args.batch, args.prompt_len)
+    engine.text_step({})  # the first overlapped step: nothing taken in yet
+    best = measure(engine, spent, args.steps, args.repeats)
+    result = {
+        "config": args.config,
+        "batch": args.batch,
+        "prompt_len": args.prompt_len,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "statistic": "min",
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "us_per_sequence_step": best,
+        "ms_per_step": best["total"] * args.batch / 1e3,
+    }
+    lines = [
+        f"serving host time, {args.batch} sequences decoding ({args.config}, forward stood in "
+        f"for; fastest of {args.repeats} runs of {args.steps} steps), us a sequence a step:",
+        *(f"  {phase:<13} {best[phase]:6.2f}" for phase in PHASES),
+        f"  = {result['ms_per_step']:.2f} ms of host time a step",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"serve_host-{Path(args.config).stem}-{args.batch}-cpu"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{stem}.txt").write_text(text + "\n")
+    print(f"wrote {out / stem}.json and .txt")
+
+
+if __name__ == "__main__":
+    main()
