@@ -101,9 +101,19 @@ def main() -> None:
     parser.add_argument("--base-steps", type=int, help="pretraining steps (default: recipe's)")
     parser.add_argument("--steps", type=int, default=100, help="continuation steps (100)")
     parser.add_argument("--trials", type=int, default=4, help="passkey prompts per cell (4)")
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"continuations to run, comma-separated (default all: {','.join(VARIANTS)}); "
+        "fewer fit a GPU call of limited length",
+    )
     parser.add_argument("--runs", default="runs/long-context", help="run directories go here")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or not variants:
+        parser.error(f"--variants: {', '.join(unknown) or 'none'}; known: {', '.join(VARIANTS)}")
     documents = [d for d in DOCUMENTS if Path(d).is_file()]
     if not documents:
         raise SystemExit(f"no held-out documents found ({', '.join(DOCUMENTS)})")
@@ -132,7 +142,8 @@ def main() -> None:
     result = {"parent": evaluate(parent / "export", lengths[:1], args.trials, documents, stride)}
     result["parent"]["tokens_per_second"] = median_tokens_per_second(parent)
     result["documents"], result["lengths"] = documents, lengths
-    for variant, settings in VARIANTS.items():
+    for variant in variants:
+        settings = VARIANTS[variant]
         run = runs / f"{parent.name}-{Path(args.long).stem}-{args.steps}-{variant}"
         overrides = [f"--train.init_from={parent / 'export'}", f"--train.steps={args.steps}"]
         overrides += [once, *settings]
@@ -143,7 +154,7 @@ def main() -> None:
         result[variant]["tokens_per_second"] = median_tokens_per_second(run)
         print(f"{variant}: {result[variant]}", flush=True)
     result["seconds"] = time.perf_counter() - started
-    result["steps"], result["trials"] = args.steps, args.trials
+    result["steps"], result["trials"], result["variants"] = args.steps, args.trials, variants
     result["base_steps"] = args.base_steps or base_recipe.steps
     result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
@@ -180,7 +191,7 @@ def table(result: dict, base: str) -> str:
             + [f"{parent['perplexity'][first]:.2f}", "-", rate(parent)],
         ),
     ]
-    for variant in VARIANTS:
+    for variant in result.get("variants", VARIANTS):
         r = result[variant]
         passkey = [f"{r['passkey'][n]:.0%}" for n in lengths]
         ppl = [f"{r['perplexity'][first]:.2f}", f"{r['perplexity'][last]:.2f}"]
