@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -52,6 +51,7 @@ from moegpt.train.checkpoint import (
     rng_state,
     set_rng_state,
 )
+from moegpt.train.loss import cross_entropy_sum
 from moegpt.train.metrics import MetricsWriter, device_peak_flops, router_health
 from moegpt.train.stage import (
     Parent,
@@ -148,10 +148,9 @@ def build_model(config: Config, device: torch.device) -> Transformer:
 
 
 def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy over label tokens (padding carries IGNORE_INDEX)."""
-    return F.cross_entropy(
-        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    """Summed cross-entropy over label tokens (padding carries IGNORE_INDEX), in fp32 without
+    an fp32 copy of the logits (:func:`moegpt.train.loss.cross_entropy_sum`)."""
+    return cross_entropy_sum(logits, labels, IGNORE_INDEX)
 
 
 def check_batches(schedule: Schedule, config: Config) -> None:
