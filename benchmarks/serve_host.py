@@ -15,8 +15,9 @@ model forward replaced by a stand-in that returns zero logits at once, timed by 
 - update: ``Scheduler.update`` (appending, stops, the per-sequence outputs);
 - account: the engine's statistics.
 
-Each figure is the fastest of ``--repeats`` runs of ``--steps`` steps, in microseconds per
-sequence per step. A GPU step's host time at that batch is about batch x the total.
+Each figure is from the fastest of ``--repeats`` runs of ``--steps`` steps (its phases add
+up to its total), in microseconds per sequence per step. A GPU step's host time at that
+batch is about batch x the total.
 
     python benchmarks/serve_host.py                       # tiny, 256 sequences, on CPU
     python benchmarks/serve_host.py --batch 64 --steps 20 --repeats 3
@@ -90,7 +91,7 @@ def host_engine(config_path: str, batch: int, prompt_len: int) -> tuple[Engine, 
 
 
 def measure(engine: Engine, spent: Counter, steps: int, repeats: int) -> dict[str, float]:
-    """The fastest of ``repeats`` runs of ``steps`` decode steps, per phase, in us a
+    """The phases of the fastest of ``repeats`` runs of ``steps`` decode steps, in us a
     sequence a step (the steps' outputs are turned into text, as ``generate`` does)."""
     batch = len(engine.scheduler.running)
     processors = {
@@ -104,8 +105,9 @@ def measure(engine: Engine, spent: Counter, steps: int, repeats: int) -> dict[st
             engine.text_step(processors)
         spent["total"] = time.perf_counter() - start
         spent["launch, rest"] = spent["launch"] - spent["pack"]
-        for phase in PHASES:
-            best[phase] = min(best[phase], spent[phase] / steps / batch * 1e6)
+        assert len(engine.scheduler.running) == batch, "a sequence ended mid-run"
+        if spent["total"] / steps / batch * 1e6 < best["total"]:
+            best = {phase: spent[phase] / steps / batch * 1e6 for phase in PHASES}
     return best
 
 
@@ -122,6 +124,12 @@ def main() -> None:
     args = parser.parse_args()
     if min(args.batch, args.prompt_len, args.steps, args.repeats) < 1:
         parser.error("--batch, --prompt-len, --steps and --repeats must be at least 1")
+    context = load_config(args.config).model.max_seq_len
+    if args.prompt_len + args.steps * args.repeats + 4 > context:
+        parser.error(
+            f"--prompt-len + --steps x --repeats: {args.prompt_len} + {args.steps} x "
+            f"{args.repeats} tokens would run past {args.config}'s {context}-token context"
+        )
     engine, spent = host_engine(args.config, args.batch, args.prompt_len)
     engine.text_step({})  # the first overlapped step: nothing taken in yet
     best = measure(engine, spent, args.steps, args.repeats)

@@ -64,7 +64,7 @@ from moegpt.model import Transformer
 from moegpt.model.moe import GroupedExperts
 from moegpt.serve.engine import Engine
 from moegpt.serve.paged import bytes_per_token
-from moegpt.serve.scheduler import _mixed
+from moegpt.serve.scheduler import mixed_step
 from moegpt.serve.sequence import SamplingParams
 from moegpt.serve.stats import EngineStats
 from moegpt.weights import save_model
@@ -175,7 +175,7 @@ TRACE_FIELDS = (
     "over_bound",
     "limited_by",
     "headroom",
-    "slack_ms",
+    "banked_ms",
 )
 
 
@@ -188,9 +188,9 @@ def trace_steps(engine: Engine) -> list[tuple]:
 
     def traced(out, result, seconds=None):
         predicted = None if out.predicted_s is None else out.predicted_s * 1e3
-        row = (out.tokens, out.keys, len(out.chunks), int(_mixed(out)), predicted)
+        row = (out.tokens, out.keys, len(out.chunks), int(mixed_step(out)), predicted)
         measured = None if seconds is None else seconds * 1e3
-        state = (scheduler.headroom, scheduler.slack * 1e3)
+        state = (scheduler.headroom, scheduler.banked() * 1e3)
         trace.append((*row, measured, out.over_bound, out.limited_by, *state))
         return update(out, result, seconds)
 
@@ -629,7 +629,8 @@ def main() -> None:
     trace = trace_steps(bounded) if args.bound_trace else None
     result["bound"] = {"tpot_target_ms": target, **run_engine(bounded, prompts, args.output_len)}
     if trace is not None:
-        result["bound"]["cost_model"] = dataclasses.asdict(bounded.scheduler.cost)
+        cost = bounded.scheduler.cost
+        result["bound"]["cost_model"] = None if cost is None else dataclasses.asdict(cost)
         result["bound"]["trace_fields"] = list(TRACE_FIELDS)
         result["bound"]["trace"] = trace
     del bounded

@@ -13,6 +13,7 @@ from moegpt.config import RopeScaling, ServeConfig
 from moegpt.errors import UserError
 from moegpt.model import Transformer
 from moegpt.serve import runner
+from moegpt.serve.cost import StepCostModel
 from moegpt.serve.engine import Engine
 from moegpt.serve.graphs import DecodeGraphs
 from moegpt.serve.sequence import SamplingParams
@@ -285,3 +286,34 @@ def test_a_step_is_charged_its_own_launch_time(model: Transformer, overlap: str)
     decodes = [seconds for has_prompt, seconds in charged if not has_prompt]
     assert len(prefills) == 2 and len(decodes) >= 6
     assert min(prefills) >= 0.3 and max(decodes) < 0.3
+
+
+def test_a_step_that_fails_spends_no_slack(model: Transformer) -> None:
+    """A step whose launch raises (a CUDA error, say; the server aborts its requests and
+    goes on) must not stay counted as spending banked slack, or prompts could never join
+    running decodes again."""
+    engine = Engine(model, config=ServeConfig(overlap="on", num_kv_blocks=64, tpot_ms=10))
+    scheduler = engine.scheduler
+    scheduler.cost = StepCostModel(base=1e-3, per_token=0.0, per_key=0.0, per_mixed_step=19e-3)
+    params = SamplingParams(max_tokens=20, temperature=0)
+    engine.add_request([1, 2, 3], params, "a")
+    for _ in range(3):
+        engine.step()
+    launch = engine.runner.launch
+
+    def failing_prefill(scheduled):
+        if any(c.length > 1 for c in scheduled.chunks):
+            raise RuntimeError("CUDA error")
+        return launch(scheduled)
+
+    engine.runner.launch = failing_prefill
+    scheduler.slack = 0.15
+    engine.add_request([4, 5, 6, 7], params, "b")  # a prefill beside a's decodes
+    with pytest.raises(RuntimeError, match="CUDA error"):
+        engine.step()
+    for request in ("a", "b"):
+        engine.abort(request)
+    engine.runner.launch = launch
+    while engine.has_work():
+        engine.step()
+    assert scheduler.banked() == scheduler.slack

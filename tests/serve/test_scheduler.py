@@ -11,7 +11,7 @@ import pytest
 from moegpt.serve.blocks import BlockAllocator, BlockTable
 from moegpt.serve.cost import StepCostModel
 from moegpt.serve.sampler import Sampled
-from moegpt.serve.scheduler import SLACK_TARGETS, Scheduler, SchedulerConfig, _mixed
+from moegpt.serve.scheduler import SLACK_TARGETS, Scheduler, SchedulerConfig, mixed_step
 from moegpt.serve.sequence import SamplingParams, Sequence, Status
 from moegpt.serve.step import RunnerOutput, ScheduledChunk, SchedulerOutput
 
@@ -406,7 +406,7 @@ def simulate(
                 if result.time_per_output_token is not None:
                     tpots.append(result.time_per_output_token)
         steps += 1
-        assert steps < 20_000, "no progress"
+        assert steps < 100_000, "no progress"
     return tpots
 
 
@@ -436,14 +436,13 @@ def test_the_bound_holds_on_a_machine_whose_decode_time_is_a_staircase() -> None
     """A GPU replays the graph of the next padded batch, and past 8 sequences the experts
     switch kernels: decode steps cost 0.9 ms up to 4 sequences, 1.2 up to 8, 1.8 up to 16
     (a 1.72 ms target holds 8). The step-time model is fitted to a start-up calibration at
-    powers of two, as the engine's is. A line through those points priced 9 to 16
-    sequences under the target and admitted them (as on an H200), and decode steps then
-    ran over it: here this run never finished."""
+    powers of two. A line through those points priced 9 to 16 sequences under the target
+    and admitted them (as on an H200), and decode steps then ran over it: p99 9% over."""
     target = 1.72e-3
     stairs = {1: 0.9e-3, 2: 0.9e-3, 4: 0.9e-3, 8: 1.2e-3, 16: 1.8e-3}
 
     def truth(out: SchedulerOutput) -> float:
-        if _mixed(out):
+        if mixed_step(out):
             return 20e-3 + 1e-6 * out.tokens
         batch = next(b for b in (*stairs, 1 << 30) if b >= len(out.chunks))
         return stairs.get(batch, 1.9e-3)

@@ -13,6 +13,7 @@ import torch
 
 from moegpt.serve.blocks import BlockAllocator, BlockTable
 from moegpt.serve.cost import Sample, StepCostModel
+from moegpt.serve.graphs import batch_ladder
 from moegpt.serve.runner import Forward, ModelInput
 from moegpt.serve.sampler import sample_batch
 from moegpt.serve.scheduler import SchedulerConfig
@@ -35,7 +36,9 @@ def step_shapes(
     """Synthetic steps as lists of (tokens already cached, new tokens) per sequence, each
     fitting ``capacity`` cached tokens."""
     contexts = sorted({min(64, max_context // 4), max_context // 2})
-    for batch in _powers_of_two(config.max_batch_size):
+    # Decodes at the decode graphs' padded batch sizes: a decode step costs what its bucket
+    # costs, and the step-time model prices a batch by the smallest measured one above it.
+    for batch in batch_ladder(config.max_batch_size):
         for context in contexts:
             if batch * (context + 1) <= capacity:
                 yield [(context, 1)] * batch

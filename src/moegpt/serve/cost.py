@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import functools
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -38,11 +39,11 @@ class StepCostModel:
     per_key: float
     per_sequence: float = 0.0
     per_mixed_step: float = 0.0
-    decode_seconds: dict[int, float] = field(default_factory=dict)
-    _batches: list[int] = field(init=False, repr=False, compare=False)
+    decode_seconds: dict[int, float] = field(default_factory=dict)  # fixed once built
 
-    def __post_init__(self) -> None:
-        self._batches = sorted(self.decode_seconds)  # predict runs per sequence per step
+    @functools.cached_property
+    def _batches(self) -> list[int]:
+        return sorted(self.decode_seconds)  # predict runs per sequence per step
 
     def predict(self, tokens: int, keys: int, sequences: int, mixed: bool = False) -> float:
         line = (

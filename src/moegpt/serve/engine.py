@@ -411,7 +411,11 @@ class Engine:
         scheduled = self.scheduler.schedule()
         self.stats.preemptions += len(scheduled.preempted)
         prompt_lengths = {s.seq_id: len(s.prompt) for s in self.scheduler.running}
-        launched = self.runner.launch(scheduled) if scheduled.chunks else None
+        try:
+            launched = self.runner.launch(scheduled) if scheduled.chunks else None
+        except BaseException:
+            self.scheduler.discard(scheduled)
+            raise
         host = time.perf_counter() - started
         step = None if launched is None else _InFlight(launched, started, host, prompt_lengths)
         if not self.overlap:
@@ -423,7 +427,11 @@ class Engine:
         """Wait for a launched step's tokens and hand them to the scheduler. ``host_since``:
         the seconds spent planning and launching the next step before this one was taken in
         (with overlap), which are that step's cost, not this one's."""
-        result = self.runner.collect(step.launched)
+        try:
+            result = self.runner.collect(step.launched)
+        except BaseException:
+            self.scheduler.discard(step.launched.out)
+            raise
         now = time.perf_counter()
         # Overlapped steps follow each other: a step's time starts where the last one ended,
         # plus its own planning and launch (done while the step before it ran), less the

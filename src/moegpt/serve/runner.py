@@ -214,7 +214,7 @@ class ModelForward:
                 "edit_embeddings": lambda h: vision.mark_images(tokens[None], h),
                 "before_layer": cross_attention(vision, slices),
             }
-        if self.graphs is not None and self.graphs.compiled and varlen:
+        if self.graphs is not None and self.graphs.compiled and varlen and not hooks:
             return self.graphs.forward(tokens, positions, step)[logits_rows].float()
         with sdpa_kernel(SDPA_BACKENDS):
             out = self.model(tokens[None], positions=positions[None], cache=step, **hooks)

@@ -65,7 +65,7 @@ def _decodes(out: SchedulerOutput) -> bool:
     return any(c.length == 1 and c.sample for c in out.chunks)
 
 
-def _mixed(out: SchedulerOutput) -> bool:
+def mixed_step(out: SchedulerOutput) -> bool:
     """Whether the step runs more than one-token decodes (see :class:`StepCostModel`)."""
     return any(c.length != 1 or c.lookahead or not c.sample for c in out.chunks)
 
@@ -188,7 +188,7 @@ class Scheduler:
         stake = any(s.computed >= len(s.prompt) for s in self.running if s is not seq)
         while n > 0:
             step_keys = keys + _keys(seq.computed, n)
-            mixed = _mixed(out) or not (n == 1 and seq.pending == 1)
+            mixed = mixed_step(out) or not (n == 1 and seq.pending == 1)
             predicted = cost.predict(out.tokens + n, step_keys, sequences, mixed)
             if predicted <= limit:
                 break
@@ -199,6 +199,10 @@ class Scheduler:
                 break
             n = n // 2 if n > 1 else 0
         return n
+
+    def discard(self, out: SchedulerOutput) -> None:
+        """Forget a step that failed before its results came in: it spends no slack."""
+        self._committed.pop(id(out), None)
 
     def banked(self) -> float:
         """The slack a step planned now may spend: what decode steps banked, less what the
@@ -326,7 +330,7 @@ class Scheduler:
             keys += _keys(seq.computed, n)
             self._place(out, seq, n)  # its forks come after it: the running loop is done
         if self.cost is not None:
-            out.predicted_s = self.cost.predict(out.tokens, keys, len(out.chunks), _mixed(out))
+            out.predicted_s = self.cost.predict(out.tokens, keys, len(out.chunks), mixed_step(out))
             target = self.config.tpot_s
             if target is not None and _decodes(out):
                 self._committed[id(out)] = out.predicted_s - target
@@ -445,7 +449,7 @@ class Scheduler:
         """Train the step-time model, the latency headroom and the lookahead policy on a
         measured step."""
         self._steps += 1
-        sample = (result.tokens_run, out.keys, len(out.chunks), int(_mixed(out)), seconds)
+        sample = (result.tokens_run, out.keys, len(out.chunks), int(mixed_step(out)), seconds)
         self._cost_samples.append(sample)
         target = self.config.tpot_s
         if target is not None:
