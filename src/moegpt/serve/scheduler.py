@@ -332,7 +332,8 @@ class Scheduler:
         if self.cost is not None:
             out.predicted_s = self.cost.predict(out.tokens, keys, len(out.chunks), mixed_step(out))
             target = self.config.tpot_s
-            if target is not None and _decodes(out):
+            if target is not None and _decodes(out) and out.predicted_s > target:
+                # Only spending counts: time a step in flight may bank is not there yet.
                 self._committed[id(out)] = out.predicted_s - target
         out.finished, self._gone = self._gone, []
         return out
