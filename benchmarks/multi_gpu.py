@@ -355,13 +355,16 @@ def serving(args, root: Path, sizes: list[int]) -> list[dict[str, Any]]:
         folder = random_model_folder(config_path, vocab, tokenizer, root / f"serving-{name}")
         made = time.perf_counter() - started
         heads = load_config(config_path).model.n_heads
-        for n in [n for n in tps if heads % n == 0]:
+        runs = [(n, True) for n in tps if heads % n == 0]
+        runs += [(n, False) for n, _ in runs if n > 1 and args.serving_nccl_too]
+        for n, custom in runs:
             row: dict[str, Any] = {"config": name, "tp": n, "model_seconds": made}
-            out = root / f"serving-{name}-tp{n}.json"
+            out = root / f"serving-{name}-tp{n}{'' if custom else '-nccl'}.json"
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
             command += [f"--nproc-per-node={n}", str(script), str(folder), "--tp", str(n)]
             command += ["--out", str(out)]
             command += ["--compile" if args.serving_compile else "--no-compile"]
+            command += ["--custom-all-reduce" if custom else "--no-custom-all-reduce"]
             # Weights written moments ago by this process: hashing them again (90 GB for
             # large-moe) would only lengthen the run. Their size is still checked.
             command += ["--no-verify-weights"]
@@ -380,7 +383,7 @@ def serving(args, root: Path, sizes: list[int]) -> list[dict[str, Any]]:
                 row["stderr_tail"] = err[-6000:]
             row["wall_seconds"] = time.perf_counter() - began
             rows.append(row)
-            print(f"  serving {name} tp {n}: {row}", flush=True)
+            print(f"  serving {name} tp {n}{'' if custom else ' (NCCL)'}: {row}", flush=True)
             # A later run may stall past the caller's time limit: keep what was measured.
             partial = Path(args.out) / "multi_gpu-serving-partial.json"
             partial.parent.mkdir(parents=True, exist_ok=True)
@@ -406,6 +409,12 @@ def main() -> None:
     parser.add_argument("--serving-tp", help="tensor-parallel sizes (default 1, 2, 4, 8 <= ranks)")
     parser.add_argument(
         "--serving-timeout", type=float, default=300.0, help="seconds one TP size's run may take"
+    )
+    parser.add_argument(
+        "--serving-nccl-too",
+        action="store_true",
+        help="run each TP size > 1 a second time with every sum through NCCL "
+        "(serve.custom_all_reduce = false), for comparison",
     )
     parser.add_argument(
         "--serving-compile",
@@ -503,7 +512,9 @@ def main() -> None:
                     f"{b['decode_tokens_per_second']:,.1f}"
                     for b in r.get("batches", [])
                 ] or [f"error: {r.get('error')}"]
-                print(f"  {r['config']:<12} tp {r['tp']}: {', '.join(cells)} ({r.get('engine')})")
+                sums = "" if r.get("custom_all_reduce", True) else " NCCL"
+                label = f"{r['config']:<12} tp {r['tp']}{sums}"
+                print(f"  {label}: {', '.join(cells)} ({r.get('engine')})")
     result["seconds"] = time.perf_counter() - started
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

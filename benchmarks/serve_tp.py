@@ -71,6 +71,12 @@ def main() -> None:
         default=True,
         help="hash the weights file against config.json at load (serve.verify_weights)",
     )
+    parser.add_argument(
+        "--custom-all-reduce",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="sum small activations through symmetric memory (serve.custom_all_reduce)",
+    )
     parser.add_argument("--out", required=True, help="JSON file rank 0 writes")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -79,6 +85,7 @@ def main() -> None:
         compile=args.compile,
         max_batch_size=max(batches),
         verify_weights=args.verify_weights,
+        custom_all_reduce=args.custom_all_reduce,
     )
 
     def work(engine: Engine) -> None:
@@ -88,6 +95,7 @@ def main() -> None:
             rows.append(measure(engine, batch, args.output_len, args.repeats))
             print(f"serve_tp: {rows[-1]}", file=sys.stderr, flush=True)
         result = {"tp": args.tp, "compile": args.compile, "engine": engine.describe()}
+        result["custom_all_reduce"] = args.custom_all_reduce and args.tp > 1
         result["output_len"], result["repeats"], result["batches"] = (
             args.output_len,
             args.repeats,

@@ -643,6 +643,12 @@ class ServeConfig(_Section):
         "draws on the device (auto: on a GPU without speculation, which needs each step's "
         "tokens on the host first)",
     )
+    custom_all_reduce: bool = _doc(
+        True,
+        "under tp on the GPUs of one host, sum small activations through symmetric memory (one "
+        "kernel reading every peer's buffer over NVLink) rather than NCCL, as vLLM does; false: "
+        "NCCL for every sum",
+    )
     calibrate: bool = _doc(
         True, "time synthetic steps at start-up to fit the step-time model the targets use"
     )

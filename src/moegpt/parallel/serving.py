@@ -5,7 +5,8 @@ Training splits the model into DTensors, whose placements autograd needs. Servin
 gradients, and DTensor's dispatch costs host time on every operation: an eager prefill step of
 small-moe took 193 ms at TP2 against 18 ms in one process (H200). Here each rank holds plain
 blocks of the same tensors, and the few collectives a forward needs are explicit functional
-ones, which CUDA graphs capture and ``torch.compile`` traces:
+ones, which CUDA graphs capture and ``torch.compile`` traces (sums through symmetric memory on
+the GPUs of one host where :func:`moegpt.parallel.symmetric.enable` set it up):
 
 - an all-reduce after each row-split projection (attention output, dense ``w2``) and after the
   experts (each rank runs its slice of every expert's hidden units);
@@ -30,6 +31,7 @@ from moegpt.errors import UserError
 from moegpt.model import Transformer
 from moegpt.model.moe import GroupedExperts
 from moegpt.parallel.experts import HIDDEN_DIM
+from moegpt.parallel.symmetric import all_reduce_sum
 from moegpt.parallel.tensor import tensor_parallel_plan
 
 Block = tuple[slice, ...]  # a rank's block of a whole tensor, one slice per dimension
@@ -74,7 +76,7 @@ def shard_for_serving(model: Transformer, group: dist.ProcessGroup) -> dict[str,
         module = model.get_submodule(name)
         rows = split(module, name, "weight", _SPLIT_DIM[kind])
         if kind == "row":
-            module.register_forward_hook(lambda _m, _i, out: _sum(out, group))
+            module.register_forward_hook(lambda _m, _i, out: all_reduce_sum(out, group))
         elif kind == "vocab_head":
             module.register_forward_hook(lambda _m, _i, out: _gather_vocab(out, vocab, group))
         elif kind == "vocab_embedding":
@@ -83,12 +85,8 @@ def shard_for_serving(model: Transformer, group: dist.ProcessGroup) -> dict[str,
         if isinstance(experts, GroupedExperts):
             for weight in experts.weights():
                 split(experts, name, weight, HIDDEN_DIM[weight])
-            experts.register_forward_hook(lambda _m, _i, out: _sum(out, group))
+            experts.register_forward_hook(lambda _m, _i, out: all_reduce_sum(out, group))
     return blocks
-
-
-def _sum(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    return funcol.all_reduce(x, "sum", group)
 
 
 def _gather_vocab(logits: torch.Tensor, vocab: int, group: dist.ProcessGroup) -> torch.Tensor:
@@ -110,6 +108,6 @@ def _embedding_forward(rows: slice, group: dist.ProcessGroup):
         local = ids - rows.start
         outside = (local < 0) | (local >= rows.stop - rows.start)
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
-        return _sum(out.masked_fill(outside[..., None], 0), group)
+        return all_reduce_sum(out.masked_fill(outside[..., None], 0), group)
 
     return forward

@@ -36,6 +36,7 @@ from moegpt.config import ConfigError, ParallelConfig, check_parallel
 from moegpt.console import stderr
 from moegpt.errors import UserError
 from moegpt.model import Transformer
+from moegpt.parallel import symmetric
 from moegpt.parallel.mesh import (
     ParallelDims,
     init_distributed,
@@ -187,13 +188,19 @@ def follow(forward: ModelForward, groups: TensorParallelGroups) -> int:
 
 
 def load_sharded(
-    path: str | Path, tp: int, device: torch.device, timeout_s: float, verify: bool = True
+    path: str | Path,
+    tp: int,
+    device: torch.device,
+    timeout_s: float,
+    verify: bool = True,
+    custom_all_reduce: bool = True,
 ) -> tuple[Transformer, TensorParallelGroups]:
     """This rank's shard of the exported model at ``path``. The model is built on the meta
     device and split with the training code's plan, on plain tensors
     (:func:`moegpt.parallel.serving.shard_for_serving`); then each rank reads from the file
     only the slices it holds (replicated tensors whole) straight onto ``device``, so no rank
-    reads, or holds in host memory, a whole sharded tensor."""
+    reads, or holds in host memory, a whole sharded tensor. ``custom_all_reduce``: sum small
+    activations through symmetric memory where the GPUs allow (:mod:`moegpt.parallel.symmetric`)."""
     from moegpt.serve.sharded_load import fill_shards
     from moegpt.weights import check_folder, refuse_vision
 
@@ -220,6 +227,8 @@ def load_sharded(
             f"{time.perf_counter() - started:.1f} s",
             highlight=False,
         )
+    if custom_all_reduce:
+        symmetric.enable(group, device, folder.dtype)
     host = dist.new_group(
         dist.get_process_group_ranks(group), timeout=timedelta(seconds=timeout_s), backend="gloo"
     )

@@ -84,7 +84,9 @@ def open_tensor_parallel(
     """Every rank of a torchrun job calls this. Rank 0 gets the engine over its shard; the
     other ranks follow its steps and get None once rank 0 closes the engine."""
     started = time.perf_counter()
-    model, groups = load_sharded(path, config.tp, local_device(), timeout_s, config.verify_weights)
+    model, groups = load_sharded(
+        path, config.tp, local_device(), timeout_s, config.verify_weights, config.custom_all_reduce
+    )
     if dist.get_rank() == 0:  # the draft, if any, runs on rank 0 alone
         tokenizer, eos_id = folder_tokenizer(path)
         draft = load_draft(path, config, model)
