@@ -283,9 +283,18 @@ class VisionConfig(_Section):
     max_frames: int = _doc(1, "frames per media item (media-time embeddings; 1 for images)")
     xattn_every: int = _doc(2, "a gated cross-attention block before every n-th LM layer")
     image_token_id: int = _doc(4, "the <|image|> token's id (moegpt's tokenizers reserve 4)")
+    objective: Literal["flamingo", "clip"] = _doc(
+        "flamingo",
+        "what a run trains: flamingo (next-token loss on text that reads the images through "
+        "the cross-attention) or clip (stage (a): the image encoder alone, contrastively "
+        "against the frozen language model's mean caption state through two projection "
+        "heads; everything else stays frozen)",
+    )
+    clip_dim: int = _doc(128, "width of the joint space the clip objective's heads project to")
 
     def validate(self) -> None:
         self._positive("image_size", "channels", "patch_size", "width", "depth", "heads")
+        self._positive("clip_dim")
         self._positive("resampler_latents", "resampler_depth", "max_frames", "xattn_every")
         self._non_negative("image_token_id")
         if self.image_size % self.patch_size:

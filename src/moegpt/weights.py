@@ -578,6 +578,12 @@ def load_vision(
     folder = check_folder(path, dtype, verify)
     if not folder.vision.enabled:
         raise UserError(f"{path}: a language model; this needs a vision model's folder")
+    if folder.vision.objective == "clip":
+        raise UserError(
+            f'{path}: a CLIP-stage model (vision.objective = "clip") trains only its image '
+            "encoder and reads no images into text; train the Flamingo stage from it "
+            "(train.init_from) and use that"
+        )
     with torch.device("meta"):
         model = VisionLanguageModel(
             Transformer(folder.config), folder.vision, folder.vision.image_token_id

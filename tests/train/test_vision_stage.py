@@ -199,3 +199,53 @@ def test_vision_folders_with_bad_sections_or_in_other_formats_are_one_line(
         (folder / CONFIG_FILE).write_text(json.dumps({**meta, "vision": section}))
         with pytest.raises(UserError, match=message):
             check_folder(folder)
+
+
+def test_the_clip_stage_trains_the_encoder_and_hands_it_to_the_flamingo_stage(
+    tmp_path, parent, capsys
+) -> None:
+    """Stage (a) through `moegpt train` (`vision.objective = "clip"`): only the image encoder
+    and the contrastive heads change, the loss is a mean over captioned images (no
+    perplexity), and its export starts stage (b) with that encoder; the export is refused
+    where a model that reads images into text is needed."""
+    from moegpt.cli import main
+
+    clip = ("--vision.objective", "clip", "--train.eval_every", "2")
+    config = recipe(tmp_path, *clip, init_from=str(parent), steps=2)
+    prepare(config, log=lambda m: None)
+    lines: list[str] = []
+    trainer = Trainer(config, tmp_path / "clip", log=lines.append)
+    trainer.run(progress=False)
+    assert any("frozen:" in line and "resampler.*" in line for line in lines)
+    evaluated = trainer.evaluate()
+    assert "rendered/loss" in evaluated and "rendered/ppl" not in evaluated
+    fresh = Trainer(recipe(tmp_path, *clip, init_from=str(parent)), tmp_path / "fresh")
+    fresh.log = lambda m: None
+    fresh.prepare(resume=False)
+    trained = trainer.parts.models[0].state_dict()
+    initial = fresh.parts.models[0].state_dict()
+    changed = {n for n in trained if not torch.equal(trained[n], initial[n])}
+    assert "encoder.patch_embedding.weight" in changed and "clip.logit_scale" in changed
+    assert all(n.startswith(("encoder.", "clip.")) for n in changed), changed
+
+    assert main(["export", str(tmp_path / "clip"), str(tmp_path / "clip-out")]) == 0
+    stage_b = Trainer(recipe(tmp_path, init_from=str(tmp_path / "clip-out")), tmp_path / "b")
+    stage_b.log = lambda m: None
+    stage_b.prepare(resume=False)
+    started = stage_b.parts.models[0].state_dict()
+    assert not any(n.startswith("clip.") for n in started)
+    for name, tensor in started.items():
+        if name.startswith(("encoder.", "lm.")):
+            assert torch.equal(tensor, trained[name]), name
+
+    args = ["eval", str(tmp_path / "clip-out"), "--task", "transcribe", "--limit", "3"]
+    capsys.readouterr()
+    assert main([*args, "--config", str(tmp_path / "vision.toml")]) == 2
+    assert "a CLIP-stage model" in capsys.readouterr().err
+
+
+def test_the_clip_stage_refuses_tensor_parallelism(tmp_path, parent) -> None:
+    config = recipe(tmp_path, "--vision.objective", "clip", "--parallel.tp", "2")
+    prepare(config, log=lambda m: None)
+    with pytest.raises(UserError, match="parallel.tp: the CLIP stage trains only the image"):
+        Trainer(config, tmp_path / "run", log=lambda m: None)

@@ -79,6 +79,9 @@ class ModelOutput:
     logits: torch.Tensor
     aux_loss: torch.Tensor
     moe_stats: list[MoEStats] = field(default_factory=list)
+    # A loss the model computes itself, summed over its units (the CLIP stage's contrastive
+    # loss over images), which training takes in place of the LM loss of ``logits``.
+    loss_sum: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -151,8 +154,10 @@ class Transformer(nn.Module):
         edit_embeddings: Callable[[torch.Tensor], torch.Tensor] | None = None,
         before_layer: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
         call_block: BlockCall | None = None,
+        head: bool = True,
     ) -> ModelOutput:
-        """Logits for ``tokens`` (batch, seq).
+        """Logits for ``tokens`` (batch, seq); with ``head`` false, the final norm's output
+        (batch, seq, d_model) in their place (a text tower's features).
 
         ``positions`` (seq,) or (batch, seq) default to the cache's length onward (0 without a
         cache). With a cache, this step's keys and values are stored and the cache advanced.
@@ -195,6 +200,8 @@ class Transformer(nn.Module):
             cache.advance(seq)
         if self.norm is None:  # a pipeline stage before the last
             logits = h
+        elif not head:
+            logits = self.norm(h)
         elif self.output is None:  # tied embeddings
             logits = F.linear(self.norm(h), self.tok_embeddings.weight)
         else:

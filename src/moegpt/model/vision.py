@@ -179,6 +179,79 @@ def media_mask(
     return mask.unsqueeze(1), has_media
 
 
+def caption_owners(
+    tokens: torch.Tensor,
+    image_token_id: int,
+    images_per_sequence: int,
+    document_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(batch, seq, images) True where a token belongs to an image's caption: the text after
+    its ``<|image|>`` marker, up to the next marker or the end of its document."""
+    mask, _ = media_mask(tokens, image_token_id, images_per_sequence, 1, document_ids)
+    return mask[:, 0] & (tokens != image_token_id).unsqueeze(-1)
+
+
+def caption_count(
+    tokens: torch.Tensor, image_token_id: int, document_ids: torch.Tensor | None = None
+) -> int:
+    """Images of a batch with a caption (the contrastive loss's units): markers followed by
+    text of their own document."""
+    slots = int((tokens == image_token_id).sum(dim=1).max()) if tokens.numel() else 0
+    if slots == 0:
+        return 0
+    return int(caption_owners(tokens, image_token_id, slots, document_ids).any(dim=1).sum())
+
+
+# An odd 64-bit multiplier (2^64 / golden ratio): captions hash as polynomials in it, mod 2^64.
+_HASH = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64
+
+
+def _caption_signatures(tokens: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
+    """(batch, images) int64 hashes of each caption's tokens in order: equal captions hash
+    equal, and different ones collide with odds of about 2^-64."""
+    offsets = (owners.long().cumsum(dim=1) - 1).clamp(min=0)  # place within the caption
+    powers = torch.full((tokens.shape[1],), _HASH, dtype=torch.long, device=tokens.device)
+    powers = powers.cumprod(0)  # wraps mod 2^64
+    terms = (tokens.unsqueeze(-1) + 1) * powers[offsets]
+    return torch.where(owners, terms, 0).sum(dim=1)
+
+
+class ContrastiveHeads(nn.Module):
+    """CLIP's heads (Radford et al. 2021) for stage (a): linear projections of an image's
+    pooled encoder features and of its caption's features into one space, and a learned
+    temperature, kept as the log of the logit scale (from 1/0.07, capped at 100)."""
+
+    def __init__(self, image_width: int, text_width: int, dim: int) -> None:
+        super().__init__()
+        self.image_projection = nn.Linear(image_width, dim, bias=False)
+        self.text_projection = nn.Linear(text_width, dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        captions: torch.Tensor,
+        signatures: torch.Tensor,
+        valid: torch.Tensor,
+    ) -> torch.Tensor:
+        """The symmetric contrastive loss of ``images`` (n, image width) against their
+        ``captions`` (n, text width), summed over the ``valid`` pairs, with every other valid
+        pair of the batch as negatives. Pairs whose captions are the same text (equal
+        ``signatures``) are all positives, each row's target spread evenly over them, so two
+        images of "a coat above a shirt" are not pushed apart. Shapes stay fixed (invalid
+        rows and columns are masked), so no host sync."""
+        x = F.normalize(self.image_projection(images).float(), dim=-1)
+        y = F.normalize(self.text_projection(captions).float(), dim=-1)
+        scale = self.logit_scale.float().clamp(max=math.log(100.0)).exp()
+        pairs = valid.unsqueeze(0) & valid.unsqueeze(1)
+        logits = (scale * x @ y.T).masked_fill(~pairs, torch.finfo(torch.float32).min)
+        same = (signatures.unsqueeze(0) == signatures.unsqueeze(1)) & pairs
+        targets = same.float() / same.sum(dim=1, keepdim=True).clamp(min=1)  # symmetric
+        image_to_text = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1)
+        text_to_image = -(targets * F.log_softmax(logits, dim=0)).sum(dim=0)
+        return torch.where(valid, image_to_text + text_to_image, 0).sum() / 2
+
+
 class GatedCrossAttentionBlock(nn.Module):
     """Flamingo's GATED XATTN-DENSE: the text attends to the visual tokens, then a
     feed-forward layer, each added to the residual stream through tanh(gate). The gates start
@@ -254,6 +327,8 @@ class VisionLanguageModel(nn.Module):
             }
         )
         self.image_embedding = nn.Parameter(torch.zeros(lm.config.d_model))
+        if config.objective == "clip":
+            self.clip = ContrastiveHeads(config.width, lm.config.d_model, config.clip_dim)
         self.reset_vision_parameters()
 
     def init_parameter(
@@ -273,6 +348,8 @@ class VisionLanguageModel(nn.Module):
             nn.init.ones_(tensor)
         elif name == "image_embedding":
             nn.init.normal_(tensor, std=self.lm.config.init_std, generator=generator)
+        elif name == "clip.logit_scale":
+            nn.init.constant_(tensor, math.log(1 / 0.07))
         elif name == "encoder.position_embedding":
             nn.init.normal_(tensor, std=0.02, generator=generator)
         elif tensor.ndim >= 2:
@@ -330,7 +407,12 @@ class VisionLanguageModel(nn.Module):
         gets no cross-attention but does pass the blocks' feed-forward layers, so a text
         sequence computes the same with or without images beside it. A batch without images
         (None, or none) encodes one blank image that no token sees: its ranks then run the
-        same collectives as those with images (FSDP gathers each vision part)."""
+        same collectives as those with images (FSDP gathers each vision part).
+
+        With ``vision.objective = "clip"`` the output's ``loss_sum`` is the contrastive loss
+        (:meth:`contrastive`) and its logits are the language model's final states."""
+        if self.config.objective == "clip":
+            return self.contrastive(tokens, images, positions, document_ids)
         if images is None or images.shape[1] == 0:
             if (tokens == self.image_token_id).any():
                 raise ValueError("tokens hold <|image|> markers but no images were given")
@@ -356,6 +438,51 @@ class VisionLanguageModel(nn.Module):
             document_ids=document_ids,
             edit_embeddings=lambda h: self.mark_images(tokens, h),
             before_layer=cross_attend,
+        )
+
+    def contrastive(
+        self,
+        tokens: torch.Tensor,
+        images: torch.Tensor | None,
+        positions: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        """Stage (a), CLIP's objective: each image's encoder features, averaged over its
+        patches, against its caption's features, the frozen language model's final states
+        averaged over the caption's tokens (the text after the image's marker in its
+        document), both through :class:`ContrastiveHeads`; the batch's other images are the
+        negatives. A batch without images encodes blank ones that no caption matches (every
+        rank runs the same collectives)."""
+        if images is None or images.shape[1] == 0:
+            if (tokens == self.image_token_id).any():
+                raise ValueError("tokens hold <|image|> markers but no images were given")
+            size = self.config.image_size
+            images = tokens.new_zeros((tokens.shape[0], 1, size, size), dtype=torch.uint8)
+        count = images.shape[1]
+        pooled = self.encoder(self.pixels(images).flatten(0, 1)).mean(dim=1)
+        with torch.no_grad():  # the text tower is the frozen language model
+            out = self.lm(
+                tokens,
+                positions,
+                document_ids=document_ids,
+                edit_embeddings=lambda h: self.mark_images(tokens, h),
+                head=False,
+            )
+        states = out.logits
+        owners = caption_owners(tokens, self.image_token_id, count, document_ids)
+        weights = owners.to(states.dtype)
+        lengths = owners.sum(dim=1)  # (batch, images)
+        captions = torch.einsum("bsi,bsd->bid", weights, states)
+        captions = captions / lengths.clamp(min=1).unsqueeze(-1).to(states.dtype)
+        signatures = _caption_signatures(tokens, owners)
+        loss = self.clip(
+            pooled,
+            captions.flatten(0, 1),
+            signatures.flatten(),
+            (lengths > 0).flatten(),
+        )
+        return ModelOutput(
+            logits=states, aux_loss=out.aux_loss, moe_stats=out.moe_stats, loss_sum=loss
         )
 
 

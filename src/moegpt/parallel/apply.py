@@ -27,7 +27,7 @@ from moegpt.parallel.data import apply_ddp, apply_fsdp
 from moegpt.parallel.experts import shard_experts
 from moegpt.parallel.init import materialize
 from moegpt.parallel.mesh import ParallelDims
-from moegpt.parallel.names import check_freeze_patterns, freeze
+from moegpt.parallel.names import check_freeze_patterns, freeze, freeze_patterns
 from moegpt.parallel.pipeline import StageModule, stage_ids, stage_model
 from moegpt.parallel.tensor import apply_tensor_parallel, keep_gradient_layouts
 from moegpt.parallel.vision import apply_vision_fsdp, apply_vision_tensor_parallel
@@ -62,6 +62,11 @@ def check_supported(config: Config) -> None:
         raise UserError(
             "parallel.zero1: the trainer runs ZeRO-1 with data parallelism only; with tp, pp "
             "or ep use parallel.dp_shard (FSDP2)"
+        )
+    if config.vision.enabled and config.vision.objective == "clip" and p.tp > 1:
+        raise UserError(
+            "parallel.tp: the CLIP stage trains only the image encoder, which tensor "
+            "parallelism does not split; shard it with parallel.dp_shard (FSDP2)"
         )
     if config.vision.enabled and (p.pp > 1 or p.cp > 1):
         which = "pp" if p.pp > 1 else "cp"
@@ -126,7 +131,8 @@ def parallelize(config: Config, dims: ParallelDims | None, device: torch.device)
     # Frozen once the parameters are laid out (tensor parallelism makes new ones) and before
     # DDP (ZeRO-1), which registers the parameters that need gradients when it is built and
     # would wait for frozen ones forever.
-    frozen = freeze(chunks, train.freeze) if train.freeze else 0
+    patterns = freeze_patterns(config)
+    frozen = freeze(chunks, patterns) if patterns else 0
     runnable: list[nn.Module] = list(stages or chunks)
     if dims is not None and p.zero1 and p.dp > 1:
         runnable = [apply_ddp(m, dims) for m in runnable]

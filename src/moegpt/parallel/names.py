@@ -7,7 +7,7 @@ import fnmatch
 
 import torch
 
-from moegpt.config import ModelConfig, VisionConfig
+from moegpt.config import Config, ModelConfig, VisionConfig
 from moegpt.errors import UserError
 from moegpt.model.vision import model_for
 
@@ -20,6 +20,20 @@ def parameter_name(name: str) -> str:
     for part in _WRAPPER_PARTS:
         name = name.replace(part, "")
     return name
+
+
+# What the CLIP stage (vision.objective = "clip") does not train: all but the image encoder
+# and the contrastive heads, whatever train.freeze lists.
+CLIP_FROZEN = ("lm.*", "resampler.*", "xattn.*", "image_embedding")
+
+
+def freeze_patterns(config: Config) -> tuple[str, ...]:
+    """The parameter-name patterns a run freezes: ``train.freeze``'s, and for the CLIP stage
+    everything it does not train."""
+    patterns = config.train.freeze
+    if config.vision.enabled and config.vision.objective == "clip":
+        patterns += tuple(p for p in CLIP_FROZEN if p not in patterns)
+    return patterns
 
 
 def check_freeze_patterns(

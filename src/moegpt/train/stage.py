@@ -89,7 +89,7 @@ def check_compatible(parent: Parent, child: ModelConfig, vision: VisionConfig) -
     if parent.vision.enabled and vision.enabled:
         for f in dataclasses.fields(VisionConfig):
             mine, theirs = getattr(vision, f.name), getattr(parent.vision, f.name)
-            if mine != theirs:
+            if mine != theirs and f.name not in VISION_CHANGEABLE:
                 raise UserError(
                     f"vision.{f.name}: {mine!r} differs from {theirs!r} in train.init_from "
                     f"({parent.path})"
@@ -143,7 +143,10 @@ def parent_state(
     return state
 
 
-VISION_PARTS = ("encoder", "resampler", "xattn", "image_embedding")
+VISION_PARTS = ("encoder", "resampler", "xattn", "image_embedding", "clip")
+# A vision stage may follow one with another objective (the Flamingo stage after the CLIP
+# stage); the contrastive heads' width matters only to the heads, which the other drops.
+VISION_CHANGEABLE = ("objective", "clip_dim")
 
 
 def _tensors_sha256(state: dict[str, torch.Tensor]) -> str:

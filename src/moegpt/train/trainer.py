@@ -37,9 +37,11 @@ from moegpt.data.mixture import IGNORE_INDEX, Mixture, MixtureLoader
 from moegpt.errors import TrainingStopped, UserError
 from moegpt.fileio import write_atomically
 from moegpt.model import Transformer
+from moegpt.model.vision import caption_count
 from moegpt.parallel.apply import ModelParts, clip_grad_norm, parallelize, state_bytes
 from moegpt.parallel.context import sequence_shards
 from moegpt.parallel.mesh import ParallelDims
+from moegpt.parallel.names import freeze_patterns
 from moegpt.parallel.pipeline import build_schedule as build_pipeline_schedule
 from moegpt.plan.flops import training_token_flops
 from moegpt.plan.schedule import Schedule, build_schedule
@@ -209,9 +211,9 @@ class Trainer:
             )
         self.parent = self._open_parent()
         self.parts: ModelParts = parallelize(config, dims, self.device)
-        if config.train.freeze:
+        if patterns := freeze_patterns(config):
             frozen = human(self.parts.frozen)
-            self.log(f"frozen: {frozen} parameters ({', '.join(config.train.freeze)})")
+            self.log(f"frozen: {frozen} parameters ({', '.join(patterns)})")
         p = config.parallel
         zero_group = dims["dp"].get_group() if dims is not None and p.zero1 else None
         self.optimizers = [
@@ -395,7 +397,18 @@ class Trainer:
                 document_ids=batch.get("document_ids"),
                 **images,
             )
+        if out.loss_sum is not None:  # the CLIP stage's own loss
+            return out.loss_sum, out
         return lm_loss_sum(out.logits, batch["labels"]), out
+
+    def _loss_units(self, batch: dict[str, torch.Tensor]) -> int:
+        """What a batch's loss is the sum over: its label tokens, or for the CLIP stage its
+        captioned images."""
+        vision = self.config.vision
+        if vision.enabled and vision.objective == "clip":
+            ids = batch.get("document_ids")
+            return caption_count(batch["input_ids"], vision.image_token_id, ids)
+        return int((batch["labels"] != IGNORE_INDEX).sum())
 
     def _no_sync(self, last: bool) -> Any:
         """DDP (ZeRO-1) must not all-reduce the gradients of a micro-batch that is not the
@@ -462,7 +475,7 @@ class Trainer:
         train = self.config.train
         micro_steps = self.schedule.batch_size(self.step) // train.micro_batch_size
         micro = [next(batches) for _ in range(micro_steps // self.dp_size)]
-        local_labels = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)
+        local_labels = sum(self._loss_units(b) for b in micro)
         label_tokens = self._sum_over(
             torch.tensor(float(local_labels), device=self.device), "dp"
         ).item()
@@ -532,7 +545,7 @@ class Trainer:
                 started_at = loader.consumed - rows * self.dp_size
                 if limit and started_at >= limit * self.config.train.micro_batch_size:
                     break
-                sums[1] += int((batch["labels"] != IGNORE_INDEX).sum())
+                sums[1] += self._loss_units(batch)
                 if self.pipeline is not None:
                     losses: list[torch.Tensor] = []
                     micro = list(batch_rows(batch, self.config.train.micro_batch_size))
@@ -546,7 +559,8 @@ class Trainer:
             total, count = self._sum_over(sums, "dp").tolist()
             if count:
                 results[f"{source.name}/loss"] = total / count
-                results[f"{source.name}/ppl"] = math.exp(min(total / count, 50))
+                if not (self.config.vision.enabled and self.config.vision.objective == "clip"):
+                    results[f"{source.name}/ppl"] = math.exp(min(total / count, 50))
         self.parts.train(True)
         return results
 
@@ -781,7 +795,10 @@ def _log_line(step: int, total: int, m: dict[str, Any]) -> str:
 
 
 def _eval_line(step: int, scores: dict[str, float]) -> str:
+    """Each source's held-out loss, and its perplexity where the loss is a language model's."""
     sources = sorted({k.split("/")[0] for k in scores})
-    return f"eval @ {step}: " + ", ".join(
-        f"{s} loss {scores[f'{s}/loss']:.4f} ppl {scores[f'{s}/ppl']:.1f}" for s in sources
-    )
+    parts = []
+    for s in sources:
+        ppl = f" ppl {scores[f'{s}/ppl']:.1f}" if f"{s}/ppl" in scores else ""
+        parts.append(f"{s} loss {scores[f'{s}/loss']:.4f}{ppl}")
+    return f"eval @ {step}: " + ", ".join(parts)
