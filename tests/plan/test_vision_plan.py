@@ -28,6 +28,7 @@ CONFIGS = [
             xattn_every=2,
         ),
     ),
+    (small_config(), small_vision_config(objective="clip", clip_dim=24)),
 ]
 
 

@@ -225,7 +225,8 @@ class ContrastiveHeads(nn.Module):
         super().__init__()
         self.image_projection = nn.Linear(image_width, dim, bias=False)
         self.text_projection = nn.Linear(text_width, dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # One element, not a scalar: FSDP2 shards no 0-D parameter.
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
 
     def forward(
         self,

@@ -42,10 +42,12 @@ class VisionParams:
     resampler: int
     cross_attention: int  # every block
     image_embedding: int
+    contrastive_heads: int = 0  # the CLIP stage's projections and temperature (its runs only)
 
     @property
     def total(self) -> int:
-        return self.encoder + self.resampler + self.cross_attention + self.image_embedding
+        parts = self.encoder + self.resampler + self.cross_attention + self.image_embedding
+        return parts + self.contrastive_heads
 
     @property
     def trained_in_flamingo_stage(self) -> int:
@@ -75,6 +77,7 @@ def vision_params(m: ModelConfig, v: VisionConfig) -> VisionParams:
         resampler=resampler,
         cross_attention=xattn_blocks(m, v) * block,
         image_embedding=d,
+        contrastive_heads=(w + d) * v.clip_dim + 1 if v.objective == "clip" else 0,
     )
 
 
