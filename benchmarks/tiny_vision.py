@@ -1,13 +1,17 @@
-"""The Flamingo stage of configs/tiny-vision.toml on CPU, end to end: prepare the image-text
-sources, train vision on the frozen quick-start model, and report each source's held-out
-caption loss before (gates closed: the language model alone) and after, after again with
-each row given another row's images (how much of the gain needs the right image), then
-export the run and evaluate it with `moegpt eval --task transcribe` (character error rate on
-held-out rendered lines) and `--task classify` (0- and 4-shot accuracy on held-out
-Fashion-MNIST canvases), the gates' values, and the time it all took.
+"""Both vision stages of configs/tiny-vision*.toml on CPU, end to end, and which start of the
+Flamingo stage is better: its image encoder trained from scratch inside it, or pretrained by
+the CLIP stage (a) and then frozen.
+
+For each, the Flamingo stage's report: each source's held-out caption loss before (gates
+closed: the language model alone) and after, after again with each row given another row's
+images (how much of the gain needs the right image), `moegpt eval --task transcribe`
+(character error rate on held-out rendered lines) and `--task classify` (0- and 4-shot
+accuracy on held-out Fashion-MNIST canvases) of its export, the gates' values, and the time
+it took; for the CLIP stage, its held-out contrastive loss before and after.
 
     moegpt quickstart                                   # exports runs/tiny/export, the parent
-    python benchmarks/tiny_vision.py --out benchmarks/results
+    python benchmarks/tiny_vision.py --out benchmarks/results           # both starts
+    python benchmarks/tiny_vision.py --starts clip                      # stage (a), then (b)
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ from moegpt.evals.vision import gate_values
 from moegpt.train.trainer import Trainer, lm_loss_sum
 
 
-def held_out_loss(config_path: str, run_dir: Path, resume: bool) -> tuple[dict, Trainer]:
+def held_out_loss(
+    config_path: str, run_dir: Path, resume: bool, overrides: list[str] = ()
+) -> tuple[dict, Trainer]:
     """Per-source held-out loss of the run's newest checkpoint (``resume``), or of the model
     the stage starts from."""
-    trainer = Trainer(load_config(config_path), run_dir, log=lambda m: None)
+    trainer = Trainer(load_config(config_path, overrides), run_dir, log=lambda m: None)
     trainer.prepare(resume=resume)
     return trainer.evaluate(), trainer
 
@@ -60,70 +66,127 @@ def caption_loss(trainer: Trainer, source: str, swap_images: bool) -> float:
     return total / count
 
 
+def flamingo_stage(args: argparse.Namespace, run_dir: str, overrides: list[str]) -> dict:
+    """Train, evaluate and export the Flamingo stage with ``overrides`` to its recipe."""
+    with tempfile.TemporaryDirectory() as tmp:
+        before, _ = held_out_loss(args.config, Path(tmp) / "start", False, overrides)
+    began = time.perf_counter()
+    moegpt("train", "--config", args.config, "--run-dir", run_dir, *overrides)
+    trained = time.perf_counter() - began
+    after, trainer = held_out_loss(args.config, Path(run_dir), True, overrides)
+    sources = [s.name for s in trainer.config.data.sources]
+    result = {
+        "steps": trainer.config.train.steps,
+        "frozen": list(trainer.config.train.freeze),
+        "before": before,
+        "after": after,
+        "gates": gate_values(trainer.parts.models[0]),
+        "after_with_other_rows_images": {s: caption_loss(trainer, s, True) for s in sources},
+        "train_seconds": trained,
+    }
+    export = Path(run_dir) / "export"
+    moegpt("export", run_dir, str(export), "--force")
+    began = time.perf_counter()
+    common = ["--config", args.config, "--limit", str(args.eval_items), "--json"]
+    for task in ("transcribe", "classify"):
+        result[task] = json.loads(moegpt("eval", str(export), "--task", task, *common))[task]
+    result["eval_seconds"] = time.perf_counter() - began
+    return result
+
+
+def clip_stage(args: argparse.Namespace) -> dict:
+    """Train and export the CLIP stage; its held-out contrastive loss before and after."""
+    run_dir = Path(args.run_dir + "-clip")
+    with tempfile.TemporaryDirectory() as tmp:
+        before, _ = held_out_loss(args.clip_config, Path(tmp) / "start", resume=False)
+    began = time.perf_counter()
+    moegpt("train", "--config", args.clip_config, "--run-dir", str(run_dir))
+    trained = time.perf_counter() - began
+    after, trainer = held_out_loss(args.clip_config, run_dir, resume=True)
+    moegpt("export", str(run_dir), str(run_dir / "export"), "--force")
+    return {
+        "steps": trainer.config.train.steps,
+        "before": before,
+        "after": after,
+        "train_seconds": trained,
+        "export": str(run_dir / "export"),
+    }
+
+
+def stage_lines(name: str, result: dict) -> list[str]:
+    sources = sorted({k.split("/")[0] for k in result["before"]})
+    lines = [
+        f"{name}: {result['steps']} steps, frozen {', '.join(result['frozen'])} "
+        f"(train {result['train_seconds']:.0f} s, eval {result['eval_seconds']:.0f} s)",
+        "  held-out caption loss   " + "  ".join(f"{s:>9}" for s in sources),
+    ]
+    for label, scores in (("before (gates closed)", result["before"]), ("after", result["after"])):
+        cells = "  ".join(f"{scores[f'{s}/loss']:>9.3f}" for s in sources)
+        lines.append(f"  {label:<23} {cells}")
+    swapped = result["after_with_other_rows_images"]
+    cells = "  ".join(f"{swapped[s]:>9.3f}" for s in sources)
+    lines.append(f"  {'after, images swapped':<23} {cells}")
+    found = result["transcribe"]
+    lines.append(
+        f"  transcribe: character error rate {found['character_error_rate']:.1%} over "
+        f"{found['lines']} held-out lines ({found['exact_match']:.1%} exact)"
+    )
+    for shots in result["classify"]:
+        lines.append(
+            f"  classify, {shots['shots']}-shot: accuracy {shots['accuracy']:.1%} over "
+            f"{shots['items']} held-out items (chance 10%)"
+        )
+    gates = result["gates"]
+    lines.append(
+        "  gates, tanh (attention / ffn) before each layer: "
+        + ", ".join(f"{k}: {g['attention']:+.3f} / {g['ffn']:+.3f}" for k, g in gates.items())
+    )
+    return lines
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/tiny-vision.toml")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default="configs/tiny-vision.toml", help="stage (b)")
+    parser.add_argument("--clip-config", default="configs/tiny-vision-clip.toml", help="stage (a)")
+    parser.add_argument(
+        "--starts",
+        default="scratch,clip",
+        help="the Flamingo stage's encoder: scratch (trained inside it), clip (stage (a) "
+        "first, then frozen), or both",
+    )
     parser.add_argument("--run-dir", default="runs/tiny-vision")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--eval-items", type=int, default=200, help="held-out items per task")
     args = parser.parse_args()
+    starts = args.starts.split(",")
+    if unknown := set(starts) - {"scratch", "clip"}:
+        raise SystemExit(f"--starts: unknown {', '.join(sorted(unknown))}")
     started = time.perf_counter()
     moegpt("prepare", "--config", args.config)
-    prepared = time.perf_counter() - started
-    with tempfile.TemporaryDirectory() as tmp:
-        before, _ = held_out_loss(args.config, Path(tmp) / "start", resume=False)
-    began = time.perf_counter()
-    moegpt("train", "--config", args.config, "--run-dir", args.run_dir)
-    trained = time.perf_counter() - began
-    after, trainer = held_out_loss(args.config, Path(args.run_dir), resume=True)
-    gates = gate_values(trainer.parts.models[0])
-    sources = [s.name for s in trainer.config.data.sources]
-    swapped = {s: caption_loss(trainer, s, swap_images=True) for s in sources}
-    export = Path(args.run_dir) / "export"
-    moegpt("export", args.run_dir, str(export), "--force")
-    evaluated = time.perf_counter()
-    common = ["--config", args.config, "--limit", str(args.eval_items), "--json"]
-    transcribed = json.loads(moegpt("eval", str(export), "--task", "transcribe", *common))
-    classified = json.loads(moegpt("eval", str(export), "--task", "classify", *common))
-    evaluated = time.perf_counter() - evaluated
-    result = {
-        "config": args.config,
-        "steps": trainer.config.train.steps,
-        "before": before,
-        "after": after,
-        "gates": gates,
-        "after_with_other_rows_images": swapped,
-        "transcribe": transcribed["transcribe"],
-        "classify": classified["classify"],
-        "eval_seconds": evaluated,
-        "prepare_seconds": prepared,
-        "train_seconds": trained,
-        "seconds": time.perf_counter() - started,
-    }
-    lines = [
-        f"{args.config}: the Flamingo stage on CPU, {result['steps']} steps "
-        f"(prepare {prepared:.0f} s, train {trained:.0f} s, all {result['seconds']:.0f} s)",
-        "held-out caption loss   " + "  ".join(f"{s:>9}" for s in sources),
-    ]
-    for name, scores in (("before (gates closed)", before), ("after", after)):
-        cells = "  ".join(f"{scores[f'{s}/loss']:>9.3f}" for s in sources)
-        lines.append(f"{name:<23} {cells}")
-    cells = "  ".join(f"{swapped[s]:>9.3f}" for s in sources)
-    lines.append(f"{'after, images swapped':<23} {cells}")
-    found = transcribed["transcribe"]
-    lines.append(
-        f"transcribe: character error rate {found['character_error_rate']:.1%} over "
-        f"{found['lines']} held-out lines ({found['exact_match']:.1%} exact)"
-    )
-    for shots in classified["classify"]:
+    result: dict = {"config": args.config, "prepare_seconds": time.perf_counter() - started}
+    lines: list[str] = []
+    if "scratch" in starts:
+        result["scratch"] = flamingo_stage(args, args.run_dir, [])
+        lines += stage_lines("Flamingo stage, encoder from scratch", result["scratch"])
+    if "clip" in starts:
+        result["clip_stage"] = clip_stage(args)
+        clip = result["clip_stage"]
+        sources = sorted({k.split("/")[0] for k in clip["before"]})
         lines.append(
-            f"classify, {shots['shots']}-shot: accuracy {shots['accuracy']:.1%} over "
-            f"{shots['items']} held-out items (chance 10%)"
+            f"CLIP stage ({args.clip_config}): {clip['steps']} steps, train "
+            f"{clip['train_seconds']:.0f} s; held-out contrastive loss per image "
+            + ", ".join(
+                f"{s} {clip['before'][f'{s}/loss']:.3f} -> {clip['after'][f'{s}/loss']:.3f}"
+                for s in sources
+            )
         )
-    lines.append(
-        "gates, tanh (attention / ffn) before each layer: "
-        + ", ".join(f"{k}: {g['attention']:+.3f} / {g['ffn']:+.3f}" for k, g in gates.items())
-    )
+        overrides = ["--train.init_from", clip["export"], "--train.freeze", "lm.*,encoder.*"]
+        result["from_clip"] = flamingo_stage(args, args.run_dir + "-from-clip", overrides)
+        lines += stage_lines("Flamingo stage, encoder from the CLIP stage", result["from_clip"])
+    result["seconds"] = time.perf_counter() - started
+    lines.insert(0, f"vision stages on CPU ({result['seconds']:.0f} s in all)")
     save(args.out, "tiny_vision-cpu", result, "\n".join(lines))
 
 
