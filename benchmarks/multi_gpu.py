@@ -304,6 +304,11 @@ def scaling(args, root: Path, sizes: list[int]) -> list[dict[str, Any]]:
             if kind == "weak":
                 row["all_to_all_share"] = record.get("all_to_all_share")
         rows.append(row)
+        print(f"  scaling at {n} GPUs: {row}", flush=True)
+        # A later size may outrun the caller's time limit: keep what was measured.
+        partial = Path(args.out) / "multi_gpu-scaling-partial.json"
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(rows, indent=2, default=str))
     base = rows[0]
     for row in rows:
         n = row["gpus"]
@@ -355,11 +360,11 @@ def serving(args, root: Path, sizes: list[int]) -> list[dict[str, Any]]:
         folder = random_model_folder(config_path, vocab, tokenizer, root / f"serving-{name}")
         made = time.perf_counter() - started
         heads = load_config(config_path).model.n_heads
-        runs = [(n, True) for n in tps if heads % n == 0]
-        runs += [(n, False) for n, _ in runs if n > 1 and args.serving_nccl_too]
+        runs = [(n, False) for n in tps if heads % n == 0]
+        runs += [(n, True) for n, _ in runs if n > 1 and args.serving_symmetric_too]
         for n, custom in runs:
             row: dict[str, Any] = {"config": name, "tp": n, "model_seconds": made}
-            out = root / f"serving-{name}-tp{n}{'' if custom else '-nccl'}.json"
+            out = root / f"serving-{name}-tp{n}{'-symmetric' if custom else ''}.json"
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
             command += [f"--nproc-per-node={n}", str(script), str(folder), "--tp", str(n)]
             command += ["--out", str(out)]
@@ -383,7 +388,7 @@ def serving(args, root: Path, sizes: list[int]) -> list[dict[str, Any]]:
                 row["stderr_tail"] = err[-6000:]
             row["wall_seconds"] = time.perf_counter() - began
             rows.append(row)
-            print(f"  serving {name} tp {n}{'' if custom else ' (NCCL)'}: {row}", flush=True)
+            print(f"  serving {name} tp {n}{' (symmetric)' if custom else ''}: {row}", flush=True)
             # A later run may stall past the caller's time limit: keep what was measured.
             partial = Path(args.out) / "multi_gpu-serving-partial.json"
             partial.parent.mkdir(parents=True, exist_ok=True)
@@ -411,10 +416,10 @@ def main() -> None:
         "--serving-timeout", type=float, default=300.0, help="seconds one TP size's run may take"
     )
     parser.add_argument(
-        "--serving-nccl-too",
+        "--serving-symmetric-too",
         action="store_true",
-        help="run each TP size > 1 a second time with every sum through NCCL "
-        "(serve.custom_all_reduce = false), for comparison",
+        help="run each TP size > 1 a second time with small sums through symmetric memory "
+        "(serve.custom_all_reduce = true), for comparison",
     )
     parser.add_argument(
         "--serving-compile",
@@ -512,7 +517,7 @@ def main() -> None:
                     f"{b['decode_tokens_per_second']:,.1f}"
                     for b in r.get("batches", [])
                 ] or [f"error: {r.get('error')}"]
-                sums = "" if r.get("custom_all_reduce", True) else " NCCL"
+                sums = " symmetric" if r.get("custom_all_reduce") else ""
                 label = f"{r['config']:<12} tp {r['tp']}{sums}"
                 print(f"  {label}: {', '.join(cells)} ({r.get('engine')})")
     result["seconds"] = time.perf_counter() - started

@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument(
         "--custom-all-reduce",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=False,
         help="sum small activations through symmetric memory (serve.custom_all_reduce)",
     )
     parser.add_argument("--out", required=True, help="JSON file rank 0 writes")

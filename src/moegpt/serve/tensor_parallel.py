@@ -193,7 +193,7 @@ def load_sharded(
     device: torch.device,
     timeout_s: float,
     verify: bool = True,
-    custom_all_reduce: bool = True,
+    custom_all_reduce: bool = False,
 ) -> tuple[Transformer, TensorParallelGroups]:
     """This rank's shard of the exported model at ``path``. The model is built on the meta
     device and split with the training code's plan, on plain tensors
