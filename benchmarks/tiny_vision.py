@@ -9,7 +9,7 @@ images (how much of the gain needs the right image), `moegpt eval --task transcr
 accuracy on held-out Fashion-MNIST canvases) of its export, the gates' values, and the time
 it took; for the CLIP stage, its held-out contrastive loss before and after.
 
-    moegpt quickstart                                   # exports runs/tiny/export, the parent
+    moegpt quickstart --run-dir runs/tiny               # exports runs/tiny/export, the parent
     python benchmarks/tiny_vision.py --out benchmarks/results           # both starts
     python benchmarks/tiny_vision.py --starts clip                      # stage (a), then (b)
 """
