@@ -157,6 +157,9 @@ def main() -> None:
         "first, then frozen), or both",
     )
     parser.add_argument("--run-dir", default="runs/tiny-vision")
+    parser.add_argument(
+        "--text-parent", default="runs/tiny/export", help="the language model (quickstart's)"
+    )
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--eval-items", type=int, default=200, help="held-out items per task")
     args = parser.parse_args()
@@ -167,8 +170,9 @@ def main() -> None:
     moegpt("prepare", "--config", args.config)
     result: dict = {"config": args.config, "prepare_seconds": time.perf_counter() - started}
     lines: list[str] = []
-    if "scratch" in starts:
-        result["scratch"] = flamingo_stage(args, args.run_dir, [])
+    if "scratch" in starts:  # the recipe's parent is the CLIP stage's: start from text instead
+        scratch = ["--train.init_from", args.text_parent, "--train.freeze", "lm.*"]
+        result["scratch"] = flamingo_stage(args, args.run_dir, scratch)
         lines += stage_lines("Flamingo stage, encoder from scratch", result["scratch"])
     if "clip" in starts:
         result["clip_stage"] = clip_stage(args)

@@ -20,12 +20,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from moegpt.config import load_config
 from moegpt.plan.flops import training_token_flops
 from moegpt.train.metrics import device_peak_flops
-from moegpt.train.trainer import build_model, build_optimizer
+from moegpt.train.trainer import build_model, build_optimizer, lm_loss_sum
 
 
 def hf_mixtral(config, device: torch.device) -> torch.nn.Module:
@@ -73,9 +72,8 @@ def bench_moegpt(config, device, inputs, labels, autocast, args) -> list[float]:
 
     def step() -> None:
         with autocast:
-            out = model(inputs)
-            logits = out.logits.float().flatten(0, 1)
-            loss = F.cross_entropy(logits, labels.flatten()) + out.aux_loss
+            out = model(inputs)  # the trainer's own loss: fp32 chunked cross-entropy
+            loss = lm_loss_sum(out.logits, labels) / labels.numel() + out.aux_loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
