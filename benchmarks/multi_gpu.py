@@ -364,6 +364,7 @@ def serving(args, root: Path, sizes: list[int]) -> list[dict[str, Any]]:
         runs += [(n, True) for n, _ in runs if n > 1 and args.serving_symmetric_too]
         for n, custom in runs:
             row: dict[str, Any] = {"config": name, "tp": n, "model_seconds": made}
+            row["custom_all_reduce"] = custom  # also when the run fails
             out = root / f"serving-{name}-tp{n}{'-symmetric' if custom else ''}.json"
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
             command += [f"--nproc-per-node={n}", str(script), str(folder), "--tp", str(n)]

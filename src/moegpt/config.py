@@ -738,6 +738,11 @@ class Config:
             raise ConfigError(
                 f"vision.enabled: image_text source {images[0]!r} needs a model with vision"
             )
+        if self.vision.enabled and self.vision.objective == "clip" and not images:
+            raise ConfigError(
+                "vision.objective: the clip stage learns from image_text sources, and "
+                "data.sources has none"
+            )
         if self.vision.enabled and self.vision.image_token_id >= m.vocab_size:
             raise ConfigError(
                 f"vision.image_token_id: {self.vision.image_token_id} is not below "

@@ -61,6 +61,18 @@ def test_images_that_share_a_caption_are_all_positives() -> None:
     torch.testing.assert_close(loss, expected)
 
 
+def test_the_loss_is_fp32_under_bf16_autocast() -> None:
+    """As training on a GPU runs it: the scores' matmul stays fp32 (bf16 could not hold the
+    mask's fill), so the loss equals the one without autocast."""
+    heads, images, captions = heads_and_features(6, seed=3)
+    valid = torch.tensor([True, True, False, True, True, True])
+    plain = heads(images, captions, torch.arange(6), valid)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = heads(images, captions, torch.arange(6), valid)
+    assert mixed.dtype == torch.float32 and torch.isfinite(mixed)
+    torch.testing.assert_close(mixed, plain, rtol=2e-2, atol=0)  # bf16 projections
+
+
 def test_slots_without_a_caption_change_nothing() -> None:
     heads, images, captions = heads_and_features(7, seed=2)
     valid = torch.tensor([True, False, True, True, False, True, True])

@@ -63,3 +63,23 @@ def test_no_label_gives_zero_loss_and_zero_gradient() -> None:
     value = cross_entropy_sum(logits, labels)
     value.backward()
     assert value.item() == 0.0 and logits.grad is not None and not logits.grad.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_compiled_chunks_equal_the_eager_ones(monkeypatch, dtype: torch.dtype) -> None:
+    """On a GPU each chunk runs compiled (fused): forced here on the CPU, the loss and the
+    gradient equal the eager chunks' (and so PyTorch's)."""
+    vocab = 96
+    monkeypatch.setattr(loss, "CHUNK_VALUES", 8 * vocab)
+    gen = torch.Generator().manual_seed(2)
+    logits = (torch.randn(2, 10, vocab, generator=gen) * 3).to(dtype)
+    labels = torch.randint(vocab, (2, 10), generator=gen)
+    labels[0, :3] = -100
+    eager, eager_grad = loss_and_grad(cross_entropy_sum, logits, labels, 0.25)
+    monkeypatch.setattr(loss, "COMPILED_ON", ("cpu",))
+    fused, fused_grad = loss_and_grad(cross_entropy_sum, logits, labels, 0.25)
+    assert loss._compiled, "the chunks did not run compiled"
+    torch.testing.assert_close(fused, eager, rtol=1e-6, atol=1e-5)
+    assert fused_grad.dtype == dtype
+    tolerance = {"rtol": 1e-5, "atol": 1e-7} if dtype == torch.float32 else {}
+    torch.testing.assert_close(fused_grad.float(), eager_grad.float(), **tolerance)

@@ -244,6 +244,20 @@ def test_the_clip_stage_trains_the_encoder_and_hands_it_to_the_flamingo_stage(
     assert "a CLIP-stage model" in capsys.readouterr().err
 
 
+def test_a_clip_stage_after_a_clip_stage_keeps_its_heads_width(tmp_path, parent) -> None:
+    from moegpt.config import ConfigError
+
+    clip = ("--vision.objective", "clip")
+    config = recipe(tmp_path, *clip, init_from=str(parent), steps=1)
+    prepare(config, log=lambda m: None)
+    Trainer(config, tmp_path / "clip", log=lambda m: None).run(progress=False)
+    wider = recipe(tmp_path, *clip, "--vision.clip_dim", "64", init_from=str(tmp_path / "clip"))
+    with pytest.raises(UserError, match="vision.clip_dim: 64 differs from 128 in train.init"):
+        Trainer(wider, tmp_path / "wider", log=lambda m: None).prepare(resume=False)
+    with pytest.raises(ConfigError, match="vision.objective: the clip stage learns from"):
+        recipe(tmp_path, *clip, "--data.sources.0.kind", "text")
+
+
 def test_the_clip_stage_refuses_tensor_parallelism(tmp_path, parent) -> None:
     config = recipe(tmp_path, "--vision.objective", "clip", "--parallel.tp", "2")
     prepare(config, log=lambda m: None)

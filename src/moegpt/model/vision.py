@@ -207,8 +207,9 @@ _HASH = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64
 
 
 def _caption_signatures(tokens: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
-    """(batch, images) int64 hashes of each caption's tokens in order: equal captions hash
-    equal, and different ones collide with odds of about 2^-64."""
+    """(batch, images) int64 hashes of each caption's tokens in order, as polynomials mod
+    2^64: equal captions hash equal, and different ones of caption length practically never
+    collide."""
     offsets = (owners.long().cumsum(dim=1) - 1).clamp(min=0)  # place within the caption
     powers = torch.full((tokens.shape[1],), _HASH, dtype=torch.long, device=tokens.device)
     powers = powers.cumprod(0)  # wraps mod 2^64
@@ -245,7 +246,11 @@ class ContrastiveHeads(nn.Module):
         y = F.normalize(self.text_projection(captions).float(), dim=-1)
         scale = self.logit_scale.float().clamp(max=math.log(100.0)).exp()
         pairs = valid.unsqueeze(0) & valid.unsqueeze(1)
-        logits = (scale * x @ y.T).masked_fill(~pairs, torch.finfo(torch.float32).min)
+        # In fp32 under autocast too: bf16 cannot hold the mask's fill (float32's lowest), and
+        # the scores' softmax wants the precision.
+        with torch.autocast(x.device.type, enabled=False):
+            scores = scale * x @ y.T
+        logits = scores.masked_fill(~pairs, torch.finfo(torch.float32).min)
         same = (signatures.unsqueeze(0) == signatures.unsqueeze(1)) & pairs
         targets = same.float() / same.sum(dim=1, keepdim=True).clamp(min=1)  # symmetric
         image_to_text = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1)

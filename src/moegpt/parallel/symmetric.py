@@ -29,7 +29,7 @@ import torch.distributed._functional_collectives as funcol
 ONE_SHOT_MAX_BYTES = 128 * 2**10
 TWO_SHOT_MAX_BYTES = 16 * 2**20
 _WORLD_SIZES = (2, 4, 8)  # the kernels' compiled world sizes
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_DTYPES = (torch.bfloat16, torch.float32)  # the kernels' (no float16)
 _ALIGN = 16  # bytes: the kernels' widest vector access
 
 # (group name, dtype) -> this rank's rendezvoused buffer of TWO_SHOT_MAX_BYTES
@@ -53,12 +53,6 @@ def enable(group: dist.ProcessGroup, device: torch.device, dtype: torch.dtype) -
     return True
 
 
-def disable(group: dist.ProcessGroup) -> None:
-    """Forget ``group``'s buffers: its sums go to NCCL again."""
-    for key in [k for k in _buffers if k[0] == group.group_name]:
-        del _buffers[key]
-
-
 def _route(x: torch.Tensor, group_name: str, ranks: int) -> str:
     """ "one_shot", "two_shot" or "nccl" for ``x``, from its shape and dtype alone."""
     if (group_name, x.dtype) not in _buffers:
@@ -79,16 +73,17 @@ def all_reduce_sum(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     route = _route(x, group.group_name, dist.get_world_size(group))
     if route == "nccl":
         return funcol.all_reduce(x, "sum", group)
-    return torch.ops.moegpt.symmetric_all_reduce(x.contiguous(), group.group_name, route)
+    return torch.ops.moegpt.symmetric_all_reduce(x, group.group_name, route)
 
 
 @torch.library.custom_op("moegpt::symmetric_all_reduce", mutates_args=())
 def symmetric_all_reduce(x: torch.Tensor, group_name: str, route: str) -> torch.Tensor:
     buffer = _buffers[(group_name, x.dtype)]
-    if x.data_ptr() % _ALIGN:  # the kernels need the input as aligned as the buffer
-        x = x.clone()
+    # The kernels need a contiguous input as aligned as the buffer (16 bytes).
+    if not x.is_contiguous() or (x.storage_offset() * x.element_size()) % _ALIGN:
+        x = x.clone(memory_format=torch.contiguous_format)
     staged = buffer[: x.numel()].view_as(x)
-    out = torch.empty_like(x)
+    out = x.new_empty(x.shape)
     if route == "one_shot":  # copies x into the buffer itself
         torch.ops.symm_mem.one_shot_all_reduce_copy_out(staged, x, "sum", group_name, out)
     else:
@@ -99,4 +94,4 @@ def symmetric_all_reduce(x: torch.Tensor, group_name: str, route: str) -> torch.
 
 @symmetric_all_reduce.register_fake
 def _(x: torch.Tensor, group_name: str, route: str) -> torch.Tensor:
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from moegpt.config import ModelConfig, VisionConfig
 from moegpt.plan.flops import training_token_flops
-from moegpt.plan.params import ffn_params
+from moegpt.plan.params import ffn_params, param_breakdown
 
 
 def _layer_norm(width: int) -> int:
@@ -88,6 +88,7 @@ class VisionFlops:
     visual_kv_per_image: float  # forward: every block's K and V of the visual tokens
     xattn_per_token: float  # forward: every block, attention to one image included
     stage_per_token: float  # the Flamingo stage's training FLOPs per text token, images included
+    clip_stage_per_token: float  # the CLIP stage's: the text tower's forward, encoder trained
 
 
 def vision_flops(
@@ -115,12 +116,18 @@ def vision_flops(
     blocks = xattn_blocks(m, v)
     visual_kv = blocks * 2 * latents * 2 * w * d
     xattn = blocks * (2 * (2 * d * d + ffn_params(m, m.ffn_hidden)) + 4 * d * latents)
-    lm = (2 if lm_frozen else 3) * training_token_flops(m, seq_len).forward
+    forward = training_token_flops(m, seq_len).forward
+    lm = (2 if lm_frozen else 3) * forward
     per_image = (1 if encoder_frozen else 3) * encoder + 3 * (resampler + visual_kv)
+    # CLIP: the frozen language model runs forward only, without its head (its final states
+    # are the caption's features); the encoder and the two projections train.
+    text_tower = forward - 2 * param_breakdown(m).output_head
+    heads = 2 * (w + d) * v.clip_dim
     return VisionFlops(
         encoder_per_image=encoder,
         resampler_per_image=resampler,
         visual_kv_per_image=visual_kv,
         xattn_per_token=xattn,
         stage_per_token=lm + 3 * xattn + per_image / tokens_per_image,
+        clip_stage_per_token=text_tower + 3 * (encoder + heads) / tokens_per_image,
     )

@@ -10,18 +10,55 @@ gradient once in the logits' dtype. Arithmetic is fp32 throughout, as in the pla
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 # Rows a chunk: about 64M fp32 values of temporaries (256 MB) whatever the vocabulary.
 CHUNK_VALUES = 1 << 26
+# Devices whose chunks run compiled: each chunk's forward then is one fused reduction over its
+# logits and its backward one pass that reads them and writes the gradient. Eager, the casts,
+# exponent, one-hot and scaling are a pass over fp32 temporaries each: on an H200 that took
+# small-moe's loss from 12 ms (the plain fp32 ``F.cross_entropy``) to 24 ms a step.
+COMPILED_ON = ("cuda",)
 
 
 def _row_chunks(rows: int, vocab: int) -> Iterator[slice]:
     step = max(1, CHUNK_VALUES // vocab)
     return (slice(start, start + step) for start in range(0, rows, step))
+
+
+def _chunk_loss(
+    logits: torch.Tensor, safe: torch.Tensor, kept: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's log-sum-exp, and the chunk's summed loss over the rows ``kept``."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    losses = lse - x.gather(1, safe[:, None]).squeeze(1)
+    return lse, torch.where(kept, losses, 0.0).sum()
+
+
+def _chunk_grad(
+    logits: torch.Tensor, lse: torch.Tensor, safe: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """d(lse - picked)/d(logits) = softmax - one-hot, times each row's ``scale`` (the loss's
+    gradient for rows with a label, 0 for the rest), in the logits' dtype."""
+    soft = (logits.float() - lse[:, None]).exp()
+    target = torch.arange(logits.shape[1], device=logits.device) == safe[:, None]
+    return ((soft - target.float()) * scale[:, None]).to(logits.dtype)
+
+
+_compiled: dict[Callable, Callable] = {}
+
+
+def _on(device: torch.device, fn: Callable) -> Callable:
+    """``fn`` compiled where :data:`COMPILED_ON` says so, else as it is."""
+    if device.type not in COMPILED_ON:
+        return fn
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
+    return _compiled[fn]
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -33,11 +70,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         safe = torch.where(kept, labels, 0)
         lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        chunk_loss = _on(logits.device, _chunk_loss)
         for rows in _row_chunks(*logits.shape):
-            chunk = logits[rows].float()
-            lse[rows] = torch.logsumexp(chunk, dim=-1)
-            losses = lse[rows] - chunk.gather(1, safe[rows, None]).squeeze(1)
-            total += losses.masked_fill(~kept[rows], 0.0).sum()
+            lse[rows], summed = chunk_loss(logits[rows], safe[rows], kept[rows])
+            total += summed
         ctx.save_for_backward(logits, safe, kept, lse)
         return total
 
@@ -45,11 +81,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         logits, safe, kept, lse = ctx.saved_tensors
         grad = torch.empty_like(logits)
+        scale = grad_total.float() * kept  # rows without a label get no gradient
+        chunk_grad = _on(logits.device, _chunk_grad)
         for rows in _row_chunks(*logits.shape):
-            # d(lse - picked)/d(logits) = softmax - one-hot, for rows with a label only.
-            soft = (logits[rows].float() - lse[rows, None]).exp_()
-            soft.scatter_add_(1, safe[rows, None], soft.new_full((soft.shape[0], 1), -1.0))
-            grad[rows] = soft.mul_(grad_total.float() * kept[rows, None])
+            grad[rows] = chunk_grad(logits[rows], lse[rows], safe[rows], scale[rows])
         return grad, None, None
 
 

@@ -6,6 +6,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from moegpt.config import load_config
 from moegpt.errors import UserError
 from moegpt.train.metrics import read_metrics
 
@@ -48,6 +49,14 @@ def summary(events: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _loss_unit(run_dir: Path) -> str:
+    """What the run's loss is a mean over: label tokens, or images for the CLIP stage."""
+    recipe = run_dir / "config.toml"  # the trainer's copy of the run's recipe
+    if recipe.is_file() and load_config(recipe).vision.objective == "clip":
+        return "image"
+    return "token"
+
+
 def _median(steps: list[dict[str, Any]], key: str) -> float | None:
     values = [e[key] for e in steps if e.get(key) is not None]
     return statistics.median(values) if values else None
@@ -67,6 +76,7 @@ def write_report(run_dir: Path) -> list[Path]:
         raise UserError("plots need matplotlib: pip install 'moegpt[report]'") from None
 
     written = []
+    unit = _loss_unit(run_dir)
 
     def plot(name: str, title: str, ylabel: str, lines: dict[str, tuple[list, list]]) -> None:
         lines = {label: xy for label, xy in lines.items() if xy[0]}
@@ -88,14 +98,14 @@ def write_report(run_dir: Path) -> list[Path]:
     plot(
         "loss.png",
         "training loss",
-        "loss (nats/token)",
+        f"loss (nats/{unit})",
         {"train": _series(events, "train", "loss")},
     )
     eval_keys = sorted({k for e in events if e["kind"] == "eval" for k in e if k.endswith("/loss")})
     plot(
         "eval_loss.png",
         "held-out loss",
-        "loss (nats/token)",
+        f"loss (nats/{unit})",
         {k[:-5]: _series(events, "eval", k) for k in eval_keys},
     )
     mfu = _series(events, "train", "mfu")

@@ -89,7 +89,8 @@ def check_compatible(parent: Parent, child: ModelConfig, vision: VisionConfig) -
     if parent.vision.enabled and vision.enabled:
         for f in dataclasses.fields(VisionConfig):
             mine, theirs = getattr(vision, f.name), getattr(parent.vision, f.name)
-            if mine != theirs and f.name not in VISION_CHANGEABLE:
+            both_clip = vision.objective == parent.vision.objective == "clip"
+            if mine != theirs and (f.name not in VISION_CHANGEABLE or both_clip):
                 raise UserError(
                     f"vision.{f.name}: {mine!r} differs from {theirs!r} in train.init_from "
                     f"({parent.path})"
@@ -145,7 +146,8 @@ def parent_state(
 
 VISION_PARTS = ("encoder", "resampler", "xattn", "image_embedding", "clip")
 # A vision stage may follow one with another objective (the Flamingo stage after the CLIP
-# stage); the contrastive heads' width matters only to the heads, which the other drops.
+# stage); the contrastive heads' width matters only to the heads, which the other drops (a
+# CLIP stage after a CLIP stage keeps them, so there it may not change).
 VISION_CHANGEABLE = ("objective", "clip_dim")
 
 

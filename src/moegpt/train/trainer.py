@@ -251,7 +251,8 @@ class Trainer:
     def _flops_per_token(self) -> float:
         """Training FLOPs per token, for MFU: the language model's; with vision, the stage's,
         which counts what is frozen (backward through a frozen language model's activations,
-        the encoder's forward alone) and the images, one per ``tokens_per_image`` tokens."""
+        the encoder's forward alone; for the CLIP stage, the text tower's forward alone) and
+        the images, one per ``tokens_per_image`` tokens."""
         config = self.config
         if not config.vision.enabled:
             return training_token_flops(config.model, config.data.seq_len).training
@@ -266,9 +267,14 @@ class Trainer:
             not any(p.requires_grad for p in part.parameters())
             for part in (model.lm, model.encoder)
         ]
-        return vision_flops(
+        flops = vision_flops(
             config.model, config.vision, config.data.seq_len, tokens_per_image, *frozen
-        ).stage_per_token
+        )
+        return (
+            flops.clip_stage_per_token
+            if config.vision.objective == "clip"
+            else flops.stage_per_token
+        )
 
     def _sum_over(self, value: torch.Tensor, *dims: str) -> torch.Tensor:
         """Sum ``value`` over the named mesh dimensions ("dp", "pp", "cp") that have > 1
