@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from verbs import exact_match_table, moegpt, save
+from verbs import device_tag, exact_match_table, moegpt, save
 
 from moegpt.config import Config, DataConfig, SourceConfig, TrainConfig, to_toml
 from moegpt.weights import load_model_config
@@ -79,14 +79,6 @@ def tune(model_dir: Path, work: Path, args: argparse.Namespace) -> dict:
         result[name] = json.loads(moegpt("eval", str(folder), *ask))
     result["seconds"] = time.perf_counter() - started
     return result
-
-
-def device_tag() -> str:
-    """``cpu``, or the GPU's model as a short name (``h100``)."""
-    if not torch.cuda.is_available():
-        return "cpu"
-    name = torch.cuda.get_device_name().lower()
-    return next((tag for tag in ("h200", "h100", "a100") if tag in name), "cuda")
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
-"""Both vision stages of configs/tiny-vision*.toml on CPU, end to end, and which start of the
-Flamingo stage is better: its image encoder trained from scratch inside it, or pretrained by
-the CLIP stage (a) and then frozen.
+"""Both vision stages of a recipe pair (configs/tiny-vision*.toml on CPU by default), end to
+end, and which start of the Flamingo stage is better: its image encoder trained from scratch
+inside it, or pretrained by the CLIP stage (a) and then frozen.
 
 For each, the Flamingo stage's report: each source's held-out caption loss before (gates
 closed: the language model alone) and after, after again with each row given another row's
@@ -12,6 +12,11 @@ it took; for the CLIP stage, its held-out contrastive loss before and after.
     moegpt quickstart --run-dir runs/tiny               # exports runs/tiny/export, the parent
     python benchmarks/tiny_vision.py --out benchmarks/results           # both starts
     python benchmarks/tiny_vision.py --starts clip                      # stage (a), then (b)
+    python benchmarks/tiny_vision.py --config configs/small-moe-vision.toml \
+        --clip-config configs/small-moe-vision-clip.toml --text-parent runs/small-moe/export \
+        --run-dir runs/small-moe-vision --starts clip --eval-items 1000  # GPU: small-moe's eyes
+
+Results: ``vision_stages-<recipe>-<device>.json`` and ``.txt`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from verbs import moegpt, save
+from verbs import device_tag, moegpt, save
 
 from moegpt.config import load_config
 from moegpt.data.mixture import IGNORE_INDEX, Mixture, MixtureLoader
@@ -190,8 +195,9 @@ def main() -> None:
         result["from_clip"] = flamingo_stage(args, args.run_dir + "-from-clip", overrides)
         lines += stage_lines("Flamingo stage, encoder from the CLIP stage", result["from_clip"])
     result["seconds"] = time.perf_counter() - started
-    lines.insert(0, f"vision stages on CPU ({result['seconds']:.0f} s in all)")
-    save(args.out, "tiny_vision-cpu", result, "\n".join(lines))
+    tag = device_tag()
+    lines.insert(0, f"vision stages of {args.config} on {tag} ({result['seconds']:.0f} s in all)")
+    save(args.out, f"vision_stages-{Path(args.config).stem}-{tag}", result, "\n".join(lines))
 
 
 if __name__ == "__main__":

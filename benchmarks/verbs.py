@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 
 def moegpt(*args: str) -> str:
     """Run a verb; its stdout (a failure stops the benchmark with the verb's error)."""
@@ -37,3 +39,11 @@ def exact_match_table(title: str, before: dict[str, Any], after: dict[str, Any])
         cells = "  ".join(f"{r['by_kind'][k]['accuracy']:>9.1%}" for k in kinds)
         lines.append(f"{name:<7}  {cells}  {r['accuracy']:>9.1%}")
     return "\n".join(lines)
+
+
+def device_tag() -> str:
+    """``cpu``, or the GPU's model as a short name (``h100``)."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name().lower()
+    return next((tag for tag in ("h200", "h100", "a100") if tag in name), "cuda")
