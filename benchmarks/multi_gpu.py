@@ -8,8 +8,9 @@
 2. planner agreement: each rank's parameter, gradient and optimizer bytes, and its peak
    memory, against `moegpt plan`'s per-GPU figures for the same layout;
 3. scaling: tokens/s and MFU of `--scaling-config` at 1, 2, 4, 8 GPUs (FSDP2 with expert
-   parallelism over the same ranks), weak (batch grows with the GPUs) and strong (fixed
-   global batch) scaling efficiency, and the all-to-all share of a profiled EP step;
+   parallelism over the same ranks, or at most `--scaling-ep` of them), weak (batch grows
+   with the GPUs) and strong (fixed global batch) scaling efficiency, and the all-to-all
+   share of a profiled EP step;
 4. context: context parallelism (ring attention) against one GPU, as in 1 (GPU only:
    PyTorch's ring attention runs on CUDA attention kernels);
 5. serving: tokens/s of the serving engine at tensor-parallel sizes N = 1, 2, 4, 8 (or
@@ -276,7 +277,7 @@ def scaling(args, root: Path, sizes: list[int]) -> list[dict[str, Any]]:
     top = max(sizes)
     rows = []
     for n in sizes:
-        ep = min(n, config.model.n_experts) if config.model.n_experts else 1
+        ep = min(n, config.model.n_experts, args.scaling_ep or n) if config.model.n_experts else 1
         layout = ["--parallel.dp_shard", str(n), "--parallel.ep", str(ep)] if n > 1 else []
         common = [*layout, "--train.compile", "false", "--train.warmup_steps", "1"]
         common += ["--train.steps", str(args.scaling_steps + 1)]  # the run is this short
@@ -409,6 +410,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--scaling-config", default="configs/small-moe.toml")
     parser.add_argument("--scaling-steps", type=int, default=12)
+    parser.add_argument(
+        "--scaling-ep",
+        type=int,
+        default=0,
+        help="most expert-parallel ranks in the scaling phase (default: every GPU); FSDP2 "
+        "still shards over all of them, so a smaller EP keeps the all-to-all among fewer",
+    )
     parser.add_argument(
         "--serving-configs", default="configs/small-moe.toml", help="comma-separated recipes"
     )

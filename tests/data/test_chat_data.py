@@ -125,7 +125,10 @@ def test_packed_and_unpacked_conversations_give_equal_losses_and_gradients(chat)
         alone_grads = grads
     assert packed > 0 and packed == pytest.approx(float(alone), rel=1e-5)
     for a, b in zip(packed_grads, alone_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        # fp32 sums in another order (packed matmuls against per-conversation ones, the CPU's
+        # threads): elementwise 1e-6 failed about one run in ten on single elements whose
+        # terms cancel, so the bound is on each tensor's relative error.
+        assert (a - b).norm() <= 1e-5 * b.norm(), float((a - b).norm() / b.norm())
 
 
 @pytest.mark.parametrize(("policy", "left_out"), [("truncate", 0), ("skip", 1)])
