@@ -32,12 +32,15 @@ def save(out: str, stem: str, result: dict[str, Any], table: str) -> None:
 
 
 def exact_match_table(title: str, before: dict[str, Any], after: dict[str, Any]) -> str:
-    """`moegpt eval --task instruct --json` results before and after tuning, by kind."""
+    """`moegpt eval --task instruct --json` results before and after tuning, by kind, with
+    the reference answers' mean loss where the results have it."""
     kinds = list(before["by_kind"])
-    lines = [title, "model    " + "  ".join(f"{k:>9}" for k in kinds) + "        all"]
+    header = "model    " + "  ".join(f"{k:>9}" for k in kinds) + "        all"
+    lines = [title, header + "  answer loss (nats a token)"]
     for name, r in (("before", before), ("after", after)):
         cells = "  ".join(f"{r['by_kind'][k]['accuracy']:>9.1%}" for k in kinds)
-        lines.append(f"{name:<7}  {cells}  {r['accuracy']:>9.1%}")
+        loss = f"{r['answer_loss']:>12.4f}" if "answer_loss" in r else f"{'-':>12}"
+        lines.append(f"{name:<7}  {cells}  {r['accuracy']:>9.1%}  {loss}")
     return "\n".join(lines)
 
 

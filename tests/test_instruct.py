@@ -100,3 +100,36 @@ def test_exact_match_by_kind_through_a_stand_in_engine(tmp_path: Path) -> None:
     assert json.loads(json.dumps(result.to_json()))["by_kind"]["summary"]["questions"] == 6
     assert run_instruct(Oracle(), instructions, limit=4, seed=0).accuracy() >= 0  # a sample
     assert sum(run_instruct(Oracle(), instructions, limit=4, seed=0).total.values()) == 4
+
+
+def test_answer_losses_equal_the_models_teacher_forced_loss(tmp_path: Path) -> None:
+    """Each reference answer's loss through the engine's prompt scoring equals the model's
+    own: the mean of -log p over the tokens the chat template marks for training (the
+    answer and its end of turn), computed here from one plain forward a conversation."""
+    import torch
+
+    import moegpt
+    from moegpt.config import ServeConfig
+    from moegpt.evals.instruct import answer_losses
+    from moegpt.serve.engine import Engine
+
+    folder = export_model(tmp_path, max_seq_len=256)
+    instructions = build_instructions([("stdlib/m.py", "m", SOURCE)])[:4]
+    with Engine.from_folder(folder, ServeConfig(max_batch_size=2)) as engine:
+        losses = answer_losses(engine, instructions)
+        template = engine.chat_template
+    model = moegpt.load(folder)
+    for instruction, loss in zip(instructions, losses, strict=True):
+        encoded = template.encode_with_labels(
+            [
+                {"role": "user", "content": instruction.question},
+                {"role": "assistant", "content": instruction.answer},
+            ]
+        )
+        ids = torch.tensor([encoded.ids])
+        with torch.no_grad():
+            logprobs = model(ids).logits[0].log_softmax(-1)
+        places = [p for p, trained in enumerate(encoded.labels) if trained]
+        expected = -sum(float(logprobs[p - 1, encoded.ids[p]]) for p in places) / len(places)
+        assert loss == pytest.approx(expected, rel=1e-4)
+    assert len(set(losses)) == len(losses)  # four different answers

@@ -546,7 +546,7 @@ def _instruct(args: argparse.Namespace) -> dict:
     engine = _eval_engine(args.model_dir)
     count = min(len(questions), args.limit)
     with stderr.status(f"instruct: {count} held-out questions through the engine"):
-        result = run_instruct(engine, questions, args.limit, args.seed)
+        result = run_instruct(engine, questions, args.limit, args.seed, score_answers=True)
     if not args.json:
         for kind in KINDS:
             print(
@@ -554,6 +554,8 @@ def _instruct(args: argparse.Namespace) -> dict:
                 f"({result.correct[kind]}/{result.total[kind]})"
             )
         print(f"{'all':<10} {result.accuracy():6.1%} exact match")
+        mean = sum(result.answer_loss) / len(result.answer_loss)
+        print(f"reference answers' loss {mean:.3f} nats a token (teacher-forced)")
     return result.to_json()
 
 

@@ -1,6 +1,8 @@
 """Held-out exact match on the standard-library instruction set (``moegpt eval --task
 instruct``): the questions about modules that the recipe's validation split holds out,
-answered greedily through the serving engine with the model's own chat template."""
+answered greedily through the serving engine with the model's own chat template; and each
+reference answer's loss under the model, teacher-forced, a graded measure beside exact
+match's all or nothing."""
 
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ class InstructResult:
     correct: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     total: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     examples: list[dict[str, str]] = field(default_factory=list)  # a wrong answer per kind
+    answer_loss: list[float] = field(default_factory=list)  # nats a token, per question asked
 
     def accuracy(self, kind: str | None = None) -> float:
         kinds = [kind] if kind else list(KINDS)
@@ -54,14 +57,27 @@ class InstructResult:
                 k: {"accuracy": self.accuracy(k), "questions": self.total[k]} for k in KINDS
             },
             "wrong_examples": self.examples,
+            **(
+                {
+                    "answer_loss": sum(self.answer_loss) / len(self.answer_loss),
+                    "answer_loss_per_question": self.answer_loss,
+                }
+                if self.answer_loss
+                else {}
+            ),
         }
 
 
 def run_instruct(
-    engine: Engine, instructions: list[Instruction], limit: int, seed: int
+    engine: Engine,
+    instructions: list[Instruction],
+    limit: int,
+    seed: int,
+    score_answers: bool = False,
 ) -> InstructResult:
     """Exact match (whitespace-stripped) of greedy answers to up to ``limit`` of
-    ``instructions`` (a seeded sample), all batched through the engine."""
+    ``instructions`` (a seeded sample), all batched through the engine; with
+    ``score_answers`` also each reference answer's loss (:func:`answer_losses`)."""
     template = engine.chat_template
     if template is None:
         raise UserError("MODEL_DIR: the instruct task needs the model's chat template")
@@ -90,4 +106,34 @@ def run_instruct(
                     "got": completion.text,
                 }
             )
+    if score_answers:
+        result.answer_loss = answer_losses(engine, chosen)
     return result
+
+
+def answer_losses(engine: Engine, instructions: list[Instruction]) -> list[float]:
+    """Each reference answer's mean negative log-likelihood a token under the model,
+    teacher-forced after its question: the tokens instruction tuning trains on (the answer
+    and its end of turn, as the chat template marks them), scored by the engine's prompt
+    log-probabilities in one batched pass. Two models compare question by question."""
+    template = engine.chat_template
+    if template is None:
+        raise UserError("MODEL_DIR: the instruct task needs the model's chat template")
+    params = SamplingParams(max_tokens=0, prompt_logprobs=True)
+    answers: dict[str, tuple[int, list[int]]] = {}  # request id -> (question, labelled places)
+    for i, instruction in enumerate(instructions):
+        encoded = template.encode_with_labels(
+            [
+                {"role": "user", "content": instruction.question},
+                {"role": "assistant", "content": instruction.answer},
+            ]
+        )
+        places = [p for p, trained in enumerate(encoded.labels) if trained]
+        answers[engine.add_request(encoded.ids, params)] = (i, places)
+    losses = [0.0] * len(instructions)
+    while engine.has_work():
+        for out in engine.step():
+            if out.prompt_logprobs is not None:  # [None, log p(token 1 | 0), ...]
+                i, places = answers.pop(out.request_id)
+                losses[i] = -sum(out.prompt_logprobs[p] for p in places) / len(places)
+    return losses
