@@ -54,7 +54,8 @@ def enable(group: dist.ProcessGroup, device: torch.device, dtype: torch.dtype) -
 
 
 def _route(x: torch.Tensor, group_name: str, ranks: int) -> str:
-    """ "one_shot", "two_shot" or "nccl" for ``x``, from its shape and dtype alone."""
+    """How ``x`` is summed ("one_shot", "two_shot" or "nccl"), from its shape and dtype
+    alone."""
     if (group_name, x.dtype) not in _buffers:
         return "nccl"
     nbytes = x.numel() * x.element_size()
