@@ -309,6 +309,11 @@ class VisionConfig(_Section):
     def patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
+    @property
+    def clip_stage(self) -> bool:
+        """Whether a run with this section trains the CLIP stage (a)."""
+        return self.enabled and self.objective == "clip"
+
 
 IMAGE_CORPORA = ("stdlib:rendered", "debian:fashion-mnist")
 # Corpora with a held-out split of their own: their val_fraction sizes it and splits nothing else
@@ -738,7 +743,7 @@ class Config:
             raise ConfigError(
                 f"vision.enabled: image_text source {images[0]!r} needs a model with vision"
             )
-        if self.vision.enabled and self.vision.objective == "clip" and not images:
+        if self.vision.clip_stage and not images:
             raise ConfigError(
                 "vision.objective: the clip stage learns from image_text sources, and "
                 "data.sources has none"

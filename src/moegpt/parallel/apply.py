@@ -63,7 +63,7 @@ def check_supported(config: Config) -> None:
             "parallel.zero1: the trainer runs ZeRO-1 with data parallelism only; with tp, pp "
             "or ep use parallel.dp_shard (FSDP2)"
         )
-    if config.vision.enabled and config.vision.objective == "clip" and p.tp > 1:
+    if config.vision.clip_stage and p.tp > 1:
         raise UserError(
             "parallel.tp: the CLIP stage trains only the image encoder, which tensor "
             "parallelism does not split; shard it with parallel.dp_shard (FSDP2)"

@@ -31,7 +31,7 @@ def freeze_patterns(config: Config) -> tuple[str, ...]:
     """The parameter-name patterns a run freezes: ``train.freeze``'s, and for the CLIP stage
     everything it does not train."""
     patterns = config.train.freeze
-    if config.vision.enabled and config.vision.objective == "clip":
+    if config.vision.clip_stage:
         patterns += tuple(p for p in CLIP_FROZEN if p not in patterns)
     return patterns
 

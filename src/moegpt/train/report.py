@@ -52,7 +52,7 @@ def summary(events: list[dict[str, Any]]) -> str:
 def _loss_unit(run_dir: Path) -> str:
     """What the run's loss is a mean over: label tokens, or images for the CLIP stage."""
     recipe = run_dir / "config.toml"  # the trainer's copy of the run's recipe
-    if recipe.is_file() and load_config(recipe).vision.objective == "clip":
+    if recipe.is_file() and load_config(recipe).vision.clip_stage:
         return "image"
     return "token"
 

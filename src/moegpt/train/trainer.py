@@ -270,11 +270,7 @@ class Trainer:
         flops = vision_flops(
             config.model, config.vision, config.data.seq_len, tokens_per_image, *frozen
         )
-        return (
-            flops.clip_stage_per_token
-            if config.vision.objective == "clip"
-            else flops.stage_per_token
-        )
+        return flops.clip_stage_per_token if config.vision.clip_stage else flops.stage_per_token
 
     def _sum_over(self, value: torch.Tensor, *dims: str) -> torch.Tensor:
         """Sum ``value`` over the named mesh dimensions ("dp", "pp", "cp") that have > 1
@@ -411,7 +407,7 @@ class Trainer:
         """What a batch's loss is the sum over: its label tokens, or for the CLIP stage its
         captioned images."""
         vision = self.config.vision
-        if vision.enabled and vision.objective == "clip":
+        if vision.clip_stage:
             ids = batch.get("document_ids")
             return caption_count(batch["input_ids"], vision.image_token_id, ids)
         return int((batch["labels"] != IGNORE_INDEX).sum())
@@ -565,7 +561,7 @@ class Trainer:
             total, count = self._sum_over(sums, "dp").tolist()
             if count:
                 results[f"{source.name}/loss"] = total / count
-                if not (self.config.vision.enabled and self.config.vision.objective == "clip"):
+                if not self.config.vision.clip_stage:
                     results[f"{source.name}/ppl"] = math.exp(min(total / count, 50))
         self.parts.train(True)
         return results
