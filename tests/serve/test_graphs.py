@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ from moegpt.model import Transformer
 from moegpt.model.moe import GroupedExperts
 from moegpt.serve.graphs import DecodeGraphs, batch_ladder, host_sync_reason, window_ladder
 from moegpt.serve.paged import PagedKVCache, PagedStep, SequenceSlice
+from moegpt.serve.table_rows import BlockTableRows
 from tests.conftest import small_config
 
 BLOCK = 4
@@ -50,6 +52,17 @@ def per_sequence_step(
     return out.logits[0]
 
 
+def padded_tables(
+    graphs: DecodeGraphs, tables: list[list[int]], q_len: int, context: int
+) -> np.ndarray:
+    """``tables`` padded to their bucket's window with the scratch block, as the runner's
+    :class:`BlockTableRows` gathers them."""
+    rows = BlockTableRows(fill=graphs.cache.scratch_block)
+    rows.apply((row, 0, tuple(table)) for row, table in enumerate(tables))
+    window = graphs.bucket(len(tables), q_len, context)[2]
+    return rows.gather(np.arange(len(tables)), window)
+
+
 @pytest.mark.parametrize("kv_heads", [1, 2])
 @pytest.mark.parametrize("q_len", [1, 3])
 def test_padded_block_table_step_equals_per_sequence_path(kv_heads: int, q_len: int) -> None:
@@ -77,9 +90,9 @@ def test_padded_block_table_step_equals_per_sequence_path(kv_heads: int, q_len: 
     logits = graphs.run(
         tokens=[t for seq in new for t in seq],
         positions=[p for cached in past for p in range(cached, cached + q_len)],
-        slot_mapping=[s for slots in new_slots for s in slots],
-        block_tables=tables,
-        context_lens=[cached + q_len for cached in past],
+        slot_mapping=np.array([s for slots in new_slots for s in slots]),
+        block_tables=padded_tables(graphs, tables, q_len, max(past) + q_len),
+        context_lens=np.array([cached + q_len for cached in past]),
         q_len=q_len,
     )
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
@@ -125,7 +138,7 @@ def test_buckets_pick_the_smallest_that_fits() -> None:
     assert not graphs.fits(1, 1, 33)  # too long
     assert not graphs.fits(1, 2, 10)  # no ladder for q_len 2
     with pytest.raises(ValueError, match="no bucket"):
-        graphs.run([1] * 9, [0] * 9, [0] * 9, [[0]] * 9, [1] * 9, q_len=1)
+        graphs.run([1] * 9, [0] * 9, np.zeros(9), np.zeros((9, 2)), np.ones(9), q_len=1)
 
 
 def test_compiled_step_matches_eager_and_compiles_once_across_buckets_and_layers() -> None:
@@ -157,9 +170,9 @@ def test_compiled_step_matches_eager_and_compiles_once_across_buckets_and_layers
         step = dict(
             tokens=torch.randint(97, (batch,)).tolist(),
             positions=[context - 1] * batch,
-            slot_mapping=[slots_of(t, context - 1, context)[0] for t in tables],
-            block_tables=tables,
-            context_lens=[context] * batch,
+            slot_mapping=np.array([slots_of(t, context - 1, context)[0] for t in tables]),
+            block_tables=padded_tables(eager, tables, 1, context),
+            context_lens=np.array([context] * batch),
             q_len=1,
         )
         want = eager.run(**step).float().clone()

@@ -37,10 +37,10 @@ def graph_forward(model: Transformer) -> ModelForward:
 def prefill(forward: ModelForward, prompts: list[list[int]]) -> list[list[int]]:
     """Prefill ``prompts`` into consecutive blocks; their block tables."""
     inp, tables, first = ModelInput(), [], 0
-    for prompt in prompts:
+    for row, prompt in enumerate(prompts):
         blocks = list(range(first, first + 4))  # room for 16 tokens
         first += 4
-        inp.sequences.append((len(inp.tokens), len(prompt), 0, blocks))
+        inp.add_sequence(len(prompt), 0, row, blocks)
         inp.tokens += prompt
         inp.positions += range(len(prompt))
         inp.logits_rows.append(len(inp.tokens) - 1)
@@ -51,9 +51,9 @@ def prefill(forward: ModelForward, prompts: list[list[int]]) -> list[list[int]]:
 
 def step_input(prompts: list[list[int]], tables: list[list[int]], new: list[list[int]]):
     inp = ModelInput()
-    for prompt, blocks, tokens in zip(prompts, tables, new, strict=True):
+    for row, (prompt, blocks, tokens) in enumerate(zip(prompts, tables, new, strict=True)):
         offset = len(inp.tokens)
-        inp.sequences.append((offset, len(tokens), len(prompt), blocks))
+        inp.add_sequence(len(tokens), len(prompt), row, blocks)
         inp.tokens += tokens
         inp.positions += range(len(prompt), len(prompt) + len(tokens))
         inp.logits_rows += range(offset, offset + len(tokens))

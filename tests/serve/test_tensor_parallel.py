@@ -31,9 +31,10 @@ def test_step_input_round_trips() -> None:
     inp = ModelInput(
         tokens=[5, 6, 7, 8],
         positions=[0, 1, 2, 9],
-        sequences=[(0, 3, 0, [16, 17, 18]), (3, 1, 9, list(range(40, 50)))],
+        sequences=[(0, 3, 0, 4), (3, 1, 9, 0)],
         copies=[(2, 7)],
         logits_rows=[2, 3],
+        tables=[(4, 0, (16, 17, 18)), (0, 2, tuple(range(40, 50))), (1, 3, ())],
     )
     assert unpack(pack(inp)) == (inp, [])
     assert unpack(pack(inp, [1, 3])) == (inp, [1, 3])
@@ -82,9 +83,9 @@ class _Recorder:
 
 def _channel_steps() -> list[tuple[ModelInput, tuple[list[int], torch.Tensor] | None]]:
     """A small step with a token patch, and a step too long for the first message."""
-    small = ModelInput([3, 4], [7, 9], [(0, 1, 7, [2]), (1, 1, 9, [5])], [], [0, 1])
-    blocks = list(range(FIRST_MESSAGE))
-    big = ModelInput([1] * 8, list(range(8)), [(0, 8, 0, blocks)], [(1, 2)], [7])
+    small = ModelInput([3, 4], [7, 9], [(0, 1, 7, 0), (1, 1, 9, 1)], [], [0, 1], [(1, 0, (5,))])
+    blocks = tuple(range(FIRST_MESSAGE))
+    big = ModelInput([1] * 8, list(range(8)), [(0, 8, 0, 0)], [(1, 2)], [7], [(0, 0, blocks)])
     return [(small, ([1], torch.tensor([42]))), (big, None)]
 
 

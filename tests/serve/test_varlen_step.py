@@ -55,20 +55,16 @@ def mixed_steps() -> list[ModelInput]:
     and a fresh prompt, each sequence in blocks that are not consecutive."""
     tables = [[7, 2, 9], [0, 5, 6], [3, 11, 4], [12, 1, 8]]
     first, second = ModelInput(), ModelInput()
-    for blocks, prompt in zip(
-        tables, ([5, 6, 7, 8, 9], [11, 12], [3, 1, 4, 1, 5, 9, 2]), strict=False
+    for row, (blocks, prompt) in enumerate(
+        zip(tables, ([5, 6, 7, 8, 9], [11, 12], [3, 1, 4, 1, 5, 9, 2]), strict=False)
     ):
-        first.sequences.append((len(first.tokens), len(prompt), 0, blocks))
+        first.add_sequence(len(prompt), 0, row, blocks)
         first.tokens += prompt
         first.positions += range(len(prompt))
         first.logits_rows += range(len(first.tokens) - len(prompt), len(first.tokens))
-    for blocks, past, new in (
-        (tables[0], 5, [20]),
-        (tables[2], 7, [21, 22, 23]),
-        (tables[3], 0, [4, 4, 2]),
-    ):
+    for row, past, new in ((0, 5, [20]), (2, 7, [21, 22, 23]), (3, 0, [4, 4, 2])):
         offset = len(second.tokens)
-        second.sequences.append((offset, len(new), past, blocks))
+        second.add_sequence(len(new), past, row, tables[row])
         second.tokens += new
         second.positions += range(past, past + len(new))
         second.logits_rows += range(offset, offset + len(new))

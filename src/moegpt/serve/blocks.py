@@ -67,6 +67,21 @@ class BlockTable:
     def __init__(self, allocator: BlockAllocator) -> None:
         self.allocator = allocator
         self.blocks: list[int] = []
+        # The runner's copy of the table (see ``changes``): its length, and how many of its
+        # leading blocks are still this table's.
+        self._sent = 0
+        self._synced = 0
+
+    def changes(self) -> tuple[int, tuple[int, ...]] | None:
+        """What changed since the last call, as (first changed block, the blocks from there to
+        the end), or None: a step's chunk carries it to the runner's copy of the table, so a
+        decode step sends a block once, not the whole table every step."""
+        length = len(self.blocks)
+        if self._synced == length == self._sent:
+            return None
+        first = self._synced
+        self._synced = self._sent = length
+        return first, tuple(self.blocks[first:])
 
     def slots(self, start: int, end: int) -> list[int]:
         size = self.allocator.block_size
@@ -97,6 +112,7 @@ class BlockTable:
                 fresh = self.allocator.allocate()
                 self.allocator.release(block)
                 self.blocks[index] = fresh
+                self._synced = min(self._synced, index)
                 copies.append((block, fresh))
         while len(self.blocks) < self.allocator.blocks_for(tokens):
             self.blocks.append(self.allocator.allocate())
@@ -109,6 +125,7 @@ class BlockTable:
         for block in self.blocks[keep:]:
             self.allocator.release(block)
         del self.blocks[keep:]
+        self._synced = min(self._synced, keep)
 
     def fork(self) -> BlockTable:
         other = BlockTable(self.allocator)
@@ -119,3 +136,4 @@ class BlockTable:
         for block in self.blocks:
             self.allocator.release(block)
         self.blocks = []
+        self._synced = 0

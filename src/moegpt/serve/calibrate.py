@@ -49,8 +49,8 @@ def step_shapes(
 
 def _synthetic_input(shape: list[tuple[int, int]], tables: list[BlockTable]) -> ModelInput:
     inp = ModelInput()
-    for (past, new), table in zip(shape, tables, strict=True):
-        inp.sequences.append((len(inp.tokens), new, past, list(table.blocks)))
+    for row, ((past, new), table) in enumerate(zip(shape, tables, strict=True)):
+        inp.add_sequence(new, past, row, table.blocks)
         inp.tokens += [0] * new
         inp.positions += list(range(past, past + new))
         inp.logits_rows.append(len(inp.tokens) - 1)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from itertools import chain
 
 import numpy as np
 import torch
@@ -187,7 +186,7 @@ class DecodeGraphs:
             for blocks in self.window_sizes
         ]
         for bucket in sorted(buckets, key=lambda b: (b[0] * b[1], b[2]), reverse=True):
-            inputs, _ = self._fill(bucket, [], [], [], [], [])  # padding rows only
+            inputs, _ = self._fill(bucket, [], [], [], np.empty((0, bucket[2])), [])  # padding
             # Lazy initialisation (cuBLAS workspaces, kernel loading) must happen outside the
             # capture, on a side stream as torch.cuda.graphs documents.
             side = torch.cuda.Stream()
@@ -205,9 +204,9 @@ class DecodeGraphs:
         self,
         tokens: list[int],
         positions: list[int],
-        slot_mapping: list[int],
-        block_tables: list[list[int]],
-        context_lens: list[int],
+        slot_mapping: np.ndarray,
+        block_tables: np.ndarray,
+        context_lens: np.ndarray,
         q_len: int,
         token_patch: tuple[list[int], torch.Tensor] | None = None,
     ) -> torch.Tensor:
@@ -215,8 +214,8 @@ class DecodeGraphs:
         rows ``b * q_len ..``; a view of a buffer the next run overwrites. ``token_patch``
         (rows, device tokens) overwrites tokens after the copy to the device.
 
-        ``context_lens`` count each sequence's keys with its new tokens; ``block_tables`` need
-        cover only those keys.
+        ``context_lens`` count each sequence's keys with its new tokens; ``block_tables``
+        (batch, the bucket's window blocks) name the scratch block past those keys.
         """
         batch = len(context_lens)
         bucket = self.bucket(batch, q_len, max(context_lens, default=0))
@@ -238,9 +237,9 @@ class DecodeGraphs:
         bucket: Bucket,
         tokens: list[int],
         positions: list[int],
-        slot_mapping: list[int],
-        block_tables: list[list[int]],
-        context_lens: list[int],
+        slot_mapping: np.ndarray | list[int],
+        block_tables: np.ndarray,
+        context_lens: np.ndarray | list[int],
         patch_rows: list[int] = (),
     ) -> tuple[StepInputs, torch.Tensor]:
         """Pack a step padded to ``bucket`` into staging, copy it to the device buffer in one
@@ -250,8 +249,7 @@ class DecodeGraphs:
 
         Padding rows are token 0 at position 0 writing the scratch block's first ``q_len``
         slots, with a context of ``q_len`` keys there: they attend to themselves only, so they
-        stay finite and never read a sequence's blocks. Table entries past a sequence's
-        blocks name the scratch block too (masked out).
+        stay finite and never read a sequence's blocks.
         """
         batch, q_len, blocks = bucket
         real, rows = len(tokens), batch * q_len
@@ -270,13 +268,8 @@ class DecodeGraphs:
         lens[: len(context_lens)] = context_lens
         lens[len(context_lens) :] = q_len
         tables = staged[3 * rows + batch : 3 * rows + batch * (1 + blocks)].reshape(batch, blocks)
-        tables[:] = scratch
-        lengths = np.array([min(len(table), blocks) for table in block_tables], dtype=np.int64)
-        entries = chain.from_iterable(table[:blocks] for table in block_tables)
-        real_tables = tables[: len(block_tables)]
-        real_tables[np.arange(blocks) < lengths[:, None]] = np.fromiter(
-            entries, dtype=np.int64, count=int(lengths.sum())
-        )
+        tables[: len(block_tables)] = block_tables
+        tables[len(block_tables) :] = scratch
         total = 3 * rows + batch * (1 + blocks)
         staged[total : total + len(patch_rows)] = patch_rows
         end = total + len(patch_rows)

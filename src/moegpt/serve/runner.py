@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.attention import sdpa_kernel
@@ -41,16 +42,25 @@ from moegpt.serve.paged import (
 from moegpt.serve.sampler import Draw, Proposal, Sampled, draw, verify_batch
 from moegpt.serve.sequence import SamplingParams
 from moegpt.serve.step import RunnerOutput, SchedulerOutput
+from moegpt.serve.table_rows import BlockTableRows, TableChange
 
 
 @dataclass
 class ModelInput:
     tokens: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
-    # per sequence: (offset in the packed batch, new tokens, tokens already cached, blocks)
-    sequences: list[tuple[int, int, int, Sequence[int]]] = field(default_factory=list)
+    # per sequence: (offset in the packed batch, new tokens, tokens already cached, the row
+    # of its block table in the forward's BlockTableRows)
+    sequences: list[tuple[int, int, int, int]] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)
     logits_rows: list[int] = field(default_factory=list)  # packed rows to return logits of
+    tables: list[TableChange] = field(default_factory=list)  # applied before the step runs
+
+    def add_sequence(self, new: int, past: int, row: int, blocks: Sequence[int]) -> None:
+        """Another sequence's slot in the batch, its whole block table sent with it (for
+        inputs built outside the runner: calibration, the draft model's)."""
+        self.sequences.append((len(self.tokens), new, past, row))
+        self.tables.append((row, 0, tuple(blocks)))
 
 
 # Packed rows whose token is not known on the host yet, and their tokens on the device.
@@ -99,6 +109,8 @@ class ModelForward:
         self.batch_invariant = batch_invariant
         self.graphs = graphs
         self.vision = vision
+        scratch = cache.scratch_block
+        self.tables = BlockTableRows(fill=0 if scratch is None else scratch)
 
     def close(self) -> None:
         """Destroy the decode graphs (before the process group goes: graphs that captured its
@@ -119,6 +131,7 @@ class ModelForward:
         """Logits (len(logits_rows), vocab) in fp32. ``patch`` overwrites tokens on the
         device (ones the previous step is still drawing); ``media`` are the sequences' images
         (a vision forward's, in ``inp.sequences`` order; None: none)."""
+        self.tables.apply(inp.tables)
         self.cache.copy_blocks(inp.copies)
         if not inp.tokens:
             return torch.empty(0)
@@ -140,19 +153,17 @@ class ModelForward:
         return q_len if every_row and fits else 0
 
     def _replay(self, inp: ModelInput, q_len: int, patch: TokenPatch | None) -> torch.Tensor:
-        assert self.graphs is not None
-        size = self.cache.block_size
-        slot_mapping = [
-            blocks[i // size] * size + i % size
-            for _, new, past, blocks in inp.sequences
-            for i in range(past, past + new)
-        ]
-        logits = self.graphs.run(
+        graphs = self.graphs
+        assert graphs is not None
+        _, news, pasts, rows = _columns(inp)
+        keys = pasts + news
+        window = graphs.bucket(len(rows), q_len, int(keys.max()))[2]
+        logits = graphs.run(
             inp.tokens,
             inp.positions,
-            slot_mapping,
-            [blocks for *_, blocks in inp.sequences],
-            [past + new for _, new, past, _ in inp.sequences],
+            self.tables.slots(rows, pasts, news, self.cache.block_size),
+            self.tables.gather(rows, window),
+            keys,
             q_len,
             patch,
         )
@@ -165,45 +176,43 @@ class ModelForward:
         media: list[VisualCache | None] | None = None,
     ) -> torch.Tensor:
         varlen = not self.batch_invariant and flash_applies(self.cache)
-        padded = not varlen and not self.batch_invariant
-        padded = padded and sum(new == 1 for _, new, _, _ in inp.sequences) > 1
-        slots: list[int] = []
-        new_slots: list[int] = []
-        singles: list[SequenceSlice] = []
-        decodes: list[list[int]] = [[], [], []]  # rows, starts, lengths
-        offsets: list[list[int]] = [[0], [0]]  # cumulative new tokens, cumulative keys
+        offsets, news, pasts, rows = _columns(inp)
+        keys = pasts + news
+        key_starts = np.cumsum(keys) - keys  # each sequence's first slot in the step's slots
         size = self.cache.block_size
-        for offset, new, past, blocks in inp.sequences:
-            seq_slots = [blocks[i // size] * size + i % size for i in range(past + new)]
-            if varlen:
-                offsets[0].append(offsets[0][-1] + new)
-                offsets[1].append(offsets[1][-1] + past + new)
-            elif padded and new == 1:
-                for column, value in zip(decodes, (offset, len(slots), past + 1), strict=True):
-                    column.append(value)
-            else:
-                singles.append(SequenceSlice(offset, new, past, len(slots)))
-            new_slots += seq_slots[past:]
-            slots += seq_slots
+        slots = self.tables.slots(rows, np.zeros_like(pasts), keys, size)
+        new_slots = self.tables.slots(rows, pasts, news, size)
+        # Without varlen attention, two decodes or more attend as one padded batch (unless
+        # batch-invariant), the rest sequence by sequence.
+        decoding = (news == 1) & (not varlen and not self.batch_invariant)
+        if decoding.sum() < 2:
+            decoding[:] = False
+        decodes = [offsets[decoding], key_starts[decoding], keys[decoding]]
+        alone = ~decoding & (not varlen)
+        columns = (c[alone].tolist() for c in (offsets, news, pasts, key_starts))
+        singles = [SequenceSlice(*values) for values in zip(*columns, strict=True)]
+        cumulative = [np.concatenate([[0], np.cumsum(c)]) for c in (news, keys)]
         # Everything the step needs on the device travels as one host-to-device copy.
         # (The patched rows too: a list index would be copied on its own, synchronously.)
         patch_rows, patch_values = patch if patch is not None else ([], None)
         parts = [inp.tokens, inp.positions, new_slots, slots, inp.logits_rows, patch_rows]
-        parts += [*decodes, *offsets] if varlen else decodes
-        flat = pinned_tensor([v for part in parts for v in part]).to(self.device, non_blocking=True)
-        tokens, positions, new_at, slots_at, logits_rows, patched, rows, starts, lengths, *cu = (
+        parts = [np.asarray(part, dtype=np.int64) for part in parts]
+        parts += [*decodes, *cumulative] if varlen else decodes
+        flat = pinned_tensor(np.concatenate(parts)).to(self.device, non_blocking=True)
+        tokens, positions, new_at, slots_at, logits_rows, patched, rows_at, starts, lengths, *cu = (
             flat.split([len(part) for part in parts])
         )
         if patch_values is not None:
             tokens[patched] = patch_values
         step: KVCacheLike
         if varlen:
-            news = [new for _, new, _, _ in inp.sequences]
-            longest = max(past + new for _, new, past, _ in inp.sequences)
             cu_q, cu_k = (c.to(torch.int32) for c in cu)
-            step = VarlenStep(self.cache, slots_at, new_at, cu_q, cu_k, max(news), longest)
+            step = VarlenStep(
+                self.cache, slots_at, new_at, cu_q, cu_k, int(news.max()), int(keys.max())
+            )
         else:
-            batch = DecodeBatch(rows, starts, lengths, max(decodes[2])) if padded else None
+            longest = int(decodes[2].max()) if decoding.any() else 0
+            batch = DecodeBatch(rows_at, starts, lengths, longest) if decoding.any() else None
             step = PagedStep(self.cache, slots_at, new_at, singles, batch)
         hooks = {}
         if self.vision is not None:
@@ -221,12 +230,18 @@ class ModelForward:
         return out.logits[0, logits_rows].float()
 
 
-def pinned_tensor(values: list[int]) -> torch.Tensor:
+def pinned_tensor(values: list[int] | np.ndarray) -> torch.Tensor:
     """``values`` as an int64 tensor in pinned memory where there is a GPU: copied to the
     device with ``non_blocking``, it neither waits for the device nor goes through a staging
     copy."""
-    tensor = torch.tensor(values, dtype=torch.int64)
+    tensor = torch.from_numpy(np.asarray(values, dtype=np.int64))
     return tensor.pin_memory() if torch.cuda.is_available() else tensor
+
+
+def _columns(inp: ModelInput) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``inp.sequences`` as four int64 arrays: offsets, new tokens, cached tokens, rows."""
+    offsets, news, pasts, rows = zip(*inp.sequences, strict=True)
+    return tuple(np.array(column, dtype=np.int64) for column in (offsets, news, pasts, rows))
 
 
 def context_limit(model: Transformer, config: ServeConfig) -> int:
@@ -382,7 +397,8 @@ class RunnerSequence:
     tokens: list[int]
     params: SamplingParams
     generator: torch.Generator | None
-    blocks: tuple[int, ...] = ()
+    row: int  # its block table's row in the forwards' BlockTableRows
+    blocks: list[int] = field(default_factory=list)  # its block table
     draft_computed: int = 0
     images: RequestImages | None = None  # shared by the samples of one request
     # with prompt_logprobs: prompt positions whose next token is still to score (a
@@ -449,10 +465,22 @@ class ModelRunner:
         self.vision = vision
         self.sequences: dict[int, RunnerSequence] = {}
         self._previous: Launched | None = None  # the last launched plain draw
+        self._free_rows: list[int] = []  # block table rows of sequences gone
+        self._rows_used = 0
 
-    def _take_in(self, out: SchedulerOutput) -> None:
+    def _row(self) -> int:
+        if self._free_rows:
+            return self._free_rows.pop()
+        self._rows_used += 1
+        return self._rows_used - 1
+
+    def _take_in(self, out: SchedulerOutput) -> list[TableChange]:
+        """Learn of new and finished sequences and of the step's block table changes (which
+        the forward's tables take in with the step)."""
         for seq_id in out.finished:
-            self.sequences.pop(seq_id, None)
+            gone = self.sequences.pop(seq_id, None)
+            if gone is not None:
+                self._free_rows.append(gone.row)
         for new in out.new:
             tokens = list(new.prompt)
             images = RequestImages(new.images) if new.images is not None else None
@@ -462,15 +490,20 @@ class ModelRunner:
             generator = None
             if new.seed is not None:
                 generator = torch.Generator(device=self.device).manual_seed(new.seed)
-            seq = RunnerSequence(tokens, new.params, generator, images=images)
+            seq = RunnerSequence(tokens, new.params, generator, self._row(), images=images)
             if new.params.prompt_logprobs and new.parent is None:
                 seq.unscored = range(len(new.prompt) - 1)  # the last one has no next token
             self.sequences[new.seq_id] = seq
+        changes = []
         for chunk in out.chunks:
             seq = self.sequences[chunk.seq_id]
-            seq.blocks = chunk.blocks
+            if chunk.table is not None:
+                first, blocks = chunk.table
+                seq.blocks[first:] = blocks
+                changes.append((seq.row, first, blocks))
             # a preempted sequence recomputes from ``start``: so does its draft cache
             seq.draft_computed = min(seq.draft_computed, chunk.start)
+        return changes
 
     def _propose(self, out: SchedulerOutput, result: RunnerOutput) -> dict[int, Proposal]:
         if self.proposer is None:
@@ -498,7 +531,7 @@ class ModelRunner:
         return images.visual
 
     def _model_input(
-        self, out: SchedulerOutput, proposals: dict[int, Proposal]
+        self, out: SchedulerOutput, proposals: dict[int, Proposal], tables: list[TableChange]
     ) -> tuple[
         ModelInput,
         dict[int, tuple[int, int]],
@@ -510,7 +543,7 @@ class ModelRunner:
         1, or 1 + k to verify k proposed tokens (a fork shares its parent's row); the
         packed rows whose token the previous step is still drawing, with where on the device
         it will be; the rows that score prompt tokens; and each packed sequence's images."""
-        inp = ModelInput(copies=out.copies)
+        inp = ModelInput(copies=out.copies, tables=tables)
         media: list[VisualCache | None] = []
         rows: dict[int, tuple[int, int]] = {}
         scoring = PromptRows()
@@ -534,7 +567,7 @@ class ModelRunner:
             inp.tokens += known + proposed
             inp.positions += range(chunk.start, end + len(proposed))
             new = chunk.length + len(proposed)
-            inp.sequences.append((offset, new, chunk.start, chunk.blocks))
+            inp.sequences.append((offset, new, chunk.start, seq.row))
             media.append(self._visual(seq) if vision else None)
             unscored = seq.unscored
             scored = range(max(chunk.start, unscored.start), min(end, unscored.stop))
@@ -560,10 +593,10 @@ class ModelRunner:
         """Start ``out`` on the device. A step that verifies proposals completes here (its
         acceptance needs the logits on the host); a plain step returns while its forward
         and draw run, its tokens on their way to the host."""
-        self._take_in(out)
+        tables = self._take_in(out)
         result = RunnerOutput()
         proposals = self._propose(out, result)
-        inp, rows, patch, scoring, media = self._model_input(out, proposals)
+        inp, rows, patch, scoring, media = self._model_input(out, proposals, tables)
         launched = Launched(out, len(inp.tokens))
         logits = self.forward(inp, patch, media if self.vision is not None else None)
         if scoring.counts:

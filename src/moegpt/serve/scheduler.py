@@ -259,8 +259,8 @@ class Scheduler:
         # A prompt scored alone (max_tokens 0) ends with its last chunk: nothing is drawn.
         sample = length == pending and seq.params.max_tokens > 0
         self._announce(out, seq)
-        blocks = tuple(seq.table.blocks)
-        out.add(ScheduledChunk(seq.seq_id, start, length, blocks, sample, n - length))
+        table = seq.table.changes()
+        out.add(ScheduledChunk(seq.seq_id, start, length, table, sample, n - length))
         seq.computed += length
         seq.in_flight += sample
         forks = []
@@ -270,8 +270,8 @@ class Scheduler:
             for index in range(1, seq.params.n):
                 child = self._fork(seq, index)
                 self._announce(out, child, parent=seq.seq_id)
-                blocks = tuple(child.table.blocks)
-                out.add(ScheduledChunk(child.seq_id, seq.computed, 0, blocks, True))
+                table = child.table.changes()
+                out.add(ScheduledChunk(child.seq_id, seq.computed, 0, table, True))
                 forks.append(child.seq_id)
         return forks
 

@@ -75,10 +75,9 @@ class DraftProposer:
                 seq = requests[i][0]
                 context = seq.tokens + tokens[i]
                 begin = seq.draft_computed if round_ == 0 else len(context) - 1
-                offset = len(inp.tokens)
+                inp.add_sequence(len(context) - begin, begin, seq.row, seq.blocks)
                 inp.tokens += context[begin:]
                 inp.positions += list(range(begin, len(context)))
-                inp.sequences.append((offset, len(context) - begin, begin, list(seq.blocks)))
                 inp.logits_rows.append(len(inp.tokens) - 1)
                 seq.draft_computed = len(context)
             logits = self.forward(inp)

@@ -36,14 +36,16 @@ class NewSequence:
 class ScheduledChunk(NamedTuple):
     """Run tokens ``start .. start + length`` of sequence ``seq_id`` (already in the runner's
     copy of its tokens), then, when ``sample``, draw its next token; the runner may first
-    propose up to ``lookahead`` tokens and verify them in the same forward. ``blocks`` is the
-    sequence's block table, with room for the proposals. (A named tuple: a step makes one
-    per sequence, and a frozen dataclass takes twice as long to build.)"""
+    propose up to ``lookahead`` tokens and verify them in the same forward. ``table`` is what
+    changed in the sequence's block table (which has room for the proposals) since the
+    runner last saw it: (first changed block, the blocks from there to the end), or None.
+    (A named tuple: a step makes one per sequence, and a frozen dataclass takes twice as long
+    to build.)"""
 
     seq_id: int
     start: int
     length: int
-    blocks: tuple[int, ...]
+    table: tuple[int, tuple[int, ...]] | None
     sample: bool
     lookahead: int = 0
 

@@ -56,35 +56,43 @@ FIRST_MESSAGE = 4096
 
 
 def pack(inp: ModelInput, patch_rows: list[int] = ()) -> torch.Tensor:
-    """``inp`` and the rows a token patch overwrites, as one int64 tensor: five counts, then
+    """``inp`` and the rows a token patch overwrites, as one int64 tensor: six counts, then
     each field."""
-    flat = [len(inp.tokens), len(inp.sequences), len(inp.copies), len(inp.logits_rows)]
-    flat += [len(patch_rows), *patch_rows]
+    counts = [inp.tokens, inp.sequences, inp.copies, inp.logits_rows, inp.tables, patch_rows]
+    flat = [len(field) for field in counts]
+    flat += patch_rows
     flat += inp.tokens + inp.positions
-    for offset, new, past, blocks in inp.sequences:
-        flat += [offset, new, past, len(blocks), *blocks]
+    for sequence in inp.sequences:
+        flat += sequence
     for source, dest in inp.copies:
         flat += [source, dest]
     flat += inp.logits_rows
+    for row, first, blocks in inp.tables:
+        flat += [row, first, len(blocks), *blocks]
     return torch.tensor(flat, dtype=torch.int64)
 
 
 def unpack(packed: torch.Tensor) -> tuple[ModelInput, list[int]]:
     """The step input and the patched rows of :func:`pack`."""
     flat = packed.tolist()
-    n_tokens, n_seqs, n_copies, n_rows, n_patched = flat[:5]
-    patch_rows = flat[5 : 5 + n_patched]
-    at = 5 + n_patched
+    n_tokens, n_seqs, n_copies, n_rows, n_tables, n_patched = flat[:6]
+    at = 6
+    patch_rows = flat[at : at + n_patched]
+    at += n_patched
     tokens, positions = flat[at : at + n_tokens], flat[at + n_tokens : at + 2 * n_tokens]
     at += 2 * n_tokens
-    sequences = []
-    for _ in range(n_seqs):
-        offset, new, past, n_blocks = flat[at : at + 4]
-        sequences.append((offset, new, past, flat[at + 4 : at + 4 + n_blocks]))
-        at += 4 + n_blocks
+    sequences = [tuple(flat[at + 4 * i : at + 4 * i + 4]) for i in range(n_seqs)]
+    at += 4 * n_seqs
     copies = [(flat[at + 2 * i], flat[at + 2 * i + 1]) for i in range(n_copies)]
     at += 2 * n_copies
-    return ModelInput(tokens, positions, sequences, copies, flat[at : at + n_rows]), patch_rows
+    logits_rows = flat[at : at + n_rows]
+    at += n_rows
+    tables = []
+    for _ in range(n_tables):
+        row, first, n_blocks = flat[at : at + 3]
+        tables.append((row, first, tuple(flat[at + 3 : at + 3 + n_blocks])))
+        at += 3 + n_blocks
+    return ModelInput(tokens, positions, sequences, copies, logits_rows, tables), patch_rows
 
 
 @dataclass(frozen=True)
