@@ -6,6 +6,9 @@ with the recipe generated from the converted model's own config.
     python benchmarks/smollm2_sft.py --steps 60 --out benchmarks/results            # CPU
     python benchmarks/smollm2_sft.py --models dense,upcycled --steps 200 --batch 32  # GPU
 
+A run of one model keeps the other's results saved with the same settings, so the two can be
+tuned in separate runs and still be compared.
+
 The held-out modules are those of configs/tiny-sft.toml's split (same source, seed and
 validation fraction), so the "before" figure is benchmarks/smollm2.py's. The question set is
 built from the running Python's standard library, so figures from another Python version are
@@ -110,9 +113,25 @@ def main() -> None:
         "python": sys.version.split()[0],
         "device": device_tag(),
     }
+    stem = f"smollm2-sft-{result['device']}"
     for name, folder in folders.items():
         result[name] = tune(folder, work, args)
-    save(args.out, f"smollm2-sft-{result['device']}", result, report(result))
+    result = with_earlier(Path(args.out) / f"{stem}.json", result)
+    save(args.out, stem, result, report(result))
+
+
+def with_earlier(saved: Path, result: dict) -> dict:
+    """``result`` plus the models of an earlier run saved at ``saved`` with the same settings
+    and not run now: on a CPU each model takes about an hour, so the dense and the upcycled
+    model may be tuned in separate runs and still be compared."""
+    if not saved.is_file():
+        return result
+    earlier = json.loads(saved.read_text())
+    settings = ("steps", "lr", "batch", "python", "device")
+    if any(earlier.get(key) != result[key] for key in settings):
+        return result
+    carried = {name: earlier[name] for name in MODELS if name in earlier and name not in result}
+    return {**result, **carried}
 
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:

@@ -94,6 +94,10 @@ def _rank(rank: int, port: int, layout: str, out: Path) -> None:
     grads = gradients(model)
     if rank == 0:
         torch.save({"loss": total, "grads": grads}, out / f"{layout}.pt")
+    # Every rank's collectives done before teardown: a gloo rank that tore down while its
+    # peer's last one was in flight once aborted ("terminate called without an active
+    # exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
