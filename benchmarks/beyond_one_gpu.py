@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from verbs import device_tag, moegpt, save
 
+from moegpt.console import human
 from moegpt.train.metrics import read_metrics
 
 PARTS = ("params", "grads", "optimizer")
@@ -33,7 +34,7 @@ PLANNED = {"params": "weights", "grads": "grads", "optimizer": "optimizer"}
 def table(result: dict) -> str:
     plan, ranks = result["plan_memory"], result["ranks"]
     lines = [
-        f"{result['config']} ({result['parameters'] / 1e9:.1f}B parameters) on {result['nproc']} "
+        f"{result['config']} ({human(result['parameters'])} parameters) on {result['nproc']} "
         f"x {result['device']}, {' '.join(result['layout']) or 'the recipe layout'}; "
         f"{result['steps']} steps",
         "per rank (GB)      plan  " + "  ".join(f"rank {r:>2}" for r in range(len(ranks))),
