@@ -22,7 +22,7 @@ import statistics
 from pathlib import Path
 
 import torch
-from verbs import device_tag, moegpt, save
+from verbs import device_tag, moegpt, moegpt_streamed, save
 
 from moegpt.console import human
 from moegpt.train.metrics import read_metrics
@@ -77,14 +77,14 @@ def main() -> None:
         parser.error("--steps must exceed --warmup")
     overrides = [*args.layout, f"--train.steps={args.steps}", "--train.log_every=1"]
     overrides += ["--train.eval_every=1000000", "--checkpoint.every=1000000"]
-    moegpt("prepare", "--config", args.config)
+    moegpt_streamed("prepare", "--config", args.config)
     plan = json.loads(
         moegpt("plan", "--config", args.config, "--gpu", args.gpu, "--json", *args.layout)
     )
     run = Path(args.run_dir)
     shutil.rmtree(run, ignore_errors=True)  # a fresh run, not a resumed one
     launch = ["--config", args.config, "--nproc", str(args.nproc), "--run-dir", str(run)]
-    moegpt("train", *launch, *overrides)
+    moegpt_streamed("train", *launch, *overrides)
     records = read_metrics(run)
     steps = [r for r in records if r.get("kind") == "train" and r["step"] > args.warmup]
     ranks = next(r["ranks"] for r in records if r.get("kind") == "ranks")

@@ -12,6 +12,14 @@ from typing import Any
 import torch
 
 
+def moegpt_streamed(*args: str) -> None:
+    """Run a long verb with its progress printed as it goes (a run cut short by a time limit
+    still shows how far it got)."""
+    done = subprocess.run([sys.executable, "-m", "moegpt.cli", *args], check=False)
+    if done.returncode:
+        raise SystemExit(f"moegpt {' '.join(args)} failed (exit {done.returncode})")
+
+
 def moegpt(*args: str) -> str:
     """Run a verb; its stdout (a failure stops the benchmark with the verb's error)."""
     done = subprocess.run(
