@@ -48,6 +48,9 @@ def step_shapes(
 
 
 def _synthetic_input(shape: list[tuple[int, int]], tables: list[BlockTable]) -> ModelInput:
+    """A step of ``shape`` over ``tables``, in the forward's block-table rows 0, 1, ...: it
+    runs at start-up, before a request holds any row (a request's first step sends its whole
+    table again anyway)."""
     inp = ModelInput()
     for row, ((past, new), table) in enumerate(zip(shape, tables, strict=True)):
         inp.add_sequence(new, past, row, table.blocks)
