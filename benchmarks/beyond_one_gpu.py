@@ -75,13 +75,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps <= args.warmup:
         parser.error("--steps must exceed --warmup")
+    run = Path(args.run_dir)
+    if run.exists() and any(run.iterdir()) and not (run / "metrics.jsonl").is_file():
+        parser.error(f"--run-dir {run}: exists and is not a training run; not removing it")
     overrides = [*args.layout, f"--train.steps={args.steps}", "--train.log_every=1"]
     overrides += ["--train.eval_every=1000000", "--checkpoint.every=1000000"]
     moegpt_streamed("prepare", "--config", args.config)
     plan = json.loads(
         moegpt("plan", "--config", args.config, "--gpu", args.gpu, "--json", *args.layout)
     )
-    run = Path(args.run_dir)
     shutil.rmtree(run, ignore_errors=True)  # a fresh run, not a resumed one
     launch = ["--config", args.config, "--nproc", str(args.nproc), "--run-dir", str(run)]
     moegpt_streamed("train", *launch, *overrides)

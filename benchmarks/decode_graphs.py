@@ -18,6 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn.attention import sdpa_kernel
 
@@ -32,6 +33,7 @@ from moegpt.serve.paged import (
     SequenceSlice,
     VarlenStep,
 )
+from moegpt.serve.table_rows import BlockTableRows
 
 DEVICE = torch.device("cuda")
 
@@ -47,6 +49,23 @@ def step_inputs(tables: list[list[int]], q_len: int, context: int, block: int) -
         block_tables=[t[: math.ceil(context / block)] for t in tables],
         context_lens=[context] * len(tables),
         q_len=q_len,
+    )
+
+
+def run_step(graphs: DecodeGraphs, step: dict) -> torch.Tensor:
+    """``graphs.run`` on a step of :func:`step_inputs`, its tables padded to the bucket's
+    window as the runner's :class:`BlockTableRows` gathers them."""
+    tables = step["block_tables"]
+    rows = BlockTableRows(fill=graphs.cache.scratch_block)
+    rows.apply((row, 0, tuple(table)) for row, table in enumerate(tables))
+    window = graphs.bucket(len(tables), step["q_len"], max(step["context_lens"]))[2]
+    return graphs.run(
+        step["tokens"],
+        step["positions"],
+        np.array(step["slot_mapping"]),
+        rows.gather(np.arange(len(tables)), window),
+        np.array(step["context_lens"]),
+        step["q_len"],
     )
 
 
@@ -89,7 +108,7 @@ def per_sequence_error(config: ModelConfig, block: int, q_lens: tuple[int, ...])
     for q_len in q_lens:
         step = step_inputs(tables, q_len, context, block)
         want = per_sequence_logits(model, cache, step)
-        errors[q_len] = relative_error(graphs.run(**step).float(), want)
+        errors[q_len] = relative_error(run_step(graphs, step).float(), want)
     return errors
 
 
@@ -189,7 +208,7 @@ def kernel_profile(graphs: DecodeGraphs, step: dict) -> dict:
     """Kernels one eager step launches and their summed GPU time: what a replay runs."""
     activities = [torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
-        graphs.run(**step)
+        run_step(graphs, step)
         torch.cuda.synchronize()
     ops = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
     return dict(
@@ -209,7 +228,7 @@ def median_ms(graphs: DecodeGraphs, inputs: dict, warmup: int, repeats: int) -> 
     for i in range(warmup + repeats):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        graphs.run(**inputs)
+        run_step(graphs, inputs)
         torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - start)
@@ -266,7 +285,7 @@ def main() -> None:
 
     # Compiled, the first run of each shape compiles: that time counts as start-up, not here.
     compile_started = time.perf_counter()
-    eager = {case: graphs.run(**inputs[case]).float().clone() for case in cases}
+    eager = {case: run_step(graphs, inputs[case]).float().clone() for case in cases}
     first_runs_s = time.perf_counter() - compile_started
     eager_ms = {case: median_ms(graphs, inputs[case], args.warmup, args.repeats) for case in cases}
 
@@ -281,7 +300,7 @@ def main() -> None:
     rows = []
     for case in cases:
         batch, q_len, context = case
-        got = graphs.run(**inputs[case]).float()
+        got = run_step(graphs, inputs[case]).float()
         error = relative_error(got, eager[case])
         graph_ms = median_ms(graphs, inputs[case], args.warmup, args.repeats)
         rows.append(
@@ -316,7 +335,7 @@ def main() -> None:
     # Last, on instances never captured (so they run eagerly) over the same model and cache.
     for case in ((1, 1, contexts[0]), (max(batches), 1, max(contexts))):
         profiled = DecodeGraphs(model, cache, case[0], config.max_seq_len, compile=args.compile)
-        profiled.run(**inputs[case])  # compiles, outside the profile
+        run_step(profiled, inputs[case])  # compiles, outside the profile
         result[f"batch_{case[0]}_context_{case[2]}_kernels"] = kernel_profile(
             profiled, inputs[case]
         )

@@ -98,6 +98,7 @@ def host_engine(config_path: str, batch: int, prompt_len: int) -> tuple[Engine, 
     def stand_in(inp, patch=None, media=None) -> torch.Tensor:
         if forward._uniform(inp):
             return forward(inp, patch)
+        forward.tables.apply(inp.tables)  # a prompt step's tables, as its forward would
         return torch.zeros(len(inp.logits_rows), vocab)
 
     engine.runner.forward = stand_in

@@ -145,6 +145,29 @@ def test_no_block_leaks_after_cancellations_and_preemptions(
         engine.step()
     assert engine.stats.preemptions > 0
     assert engine.allocator.used == 0 and engine.allocator.free == 40
+    # The runner forgets every sequence it is told has ended (the last ones are told with
+    # the next step), and so reuses their block-table rows: a row per live sequence at most.
+    runner = engine.runner
+    assert set(runner.sequences) == set(engine.scheduler._gone)
+    assert runner._rows_used - len(runner._free_rows) == len(runner.sequences)
+    assert runner._rows_used <= 2 * config.max_batch_size
+
+
+def test_sequences_that_end_before_a_step_with_nothing_to_run_are_forgotten(
+    model: Transformer,
+) -> None:
+    """With overlap, B ends while the step that ends A is in flight: the next step has nothing
+    to run, and its news of B's end must still reach the runner (else B's record and its
+    block-table row stay forever)."""
+    engine = Engine(model, config=ServeConfig(num_kv_blocks=64, overlap="on"))
+    engine.add_request([1, 2, 3], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    engine.add_request([1, 2, 3], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    while engine.has_work():
+        engine.step()
+    engine.add_request([4, 5], SamplingParams(max_tokens=1))
+    while engine.has_work():
+        engine.step()
+    assert set(engine.runner.sequences) == set(engine.scheduler._gone)
 
 
 @pytest.mark.parametrize("overlap", ["off", "on"])

@@ -451,7 +451,7 @@ def test_the_bound_holds_on_a_machine_whose_decode_time_is_a_staircase() -> None
     for batch in (1, 2, 4, 8, 16, 32, 64, 128, 256):
         step = SchedulerOutput()
         for i in range(batch):
-            step.add(ScheduledChunk(i, 100, 1, (), True))
+            step.add(ScheduledChunk(i, 100, 1, None, True))
         calibration.append((batch, step.keys, batch, 0, truth(step)))
     for chunk in (16, 128, 1024):
         calibration.append((chunk, chunk * chunk, 1, 1, 20e-3 + 1e-6 * chunk))

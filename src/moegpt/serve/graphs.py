@@ -215,7 +215,7 @@ class DecodeGraphs:
         (rows, device tokens) overwrites tokens after the copy to the device.
 
         ``context_lens`` count each sequence's keys with its new tokens; ``block_tables``
-        (batch, the bucket's window blocks) name the scratch block past those keys.
+        are (batch, the bucket's window blocks), entries past those keys masked out.
         """
         batch = len(context_lens)
         bucket = self.bucket(batch, q_len, max(context_lens, default=0))

@@ -335,7 +335,8 @@ class Scheduler:
             if target is not None and _decodes(out) and out.predicted_s > target:
                 # Only spending counts: time a step in flight may bank is not there yet.
                 self._committed[id(out)] = out.predicted_s - target
-        out.finished, self._gone = self._gone, []
+        if out.chunks:  # the runner hears of ended sequences only with a step it runs
+            out.finished, self._gone = self._gone, []
         return out
 
     # -- what came out -------------------------------------------------------------------
