@@ -191,13 +191,15 @@ class ModelForward:
         alone = ~decoding & (not varlen)
         columns = (c[alone].tolist() for c in (offsets, news, pasts, key_starts))
         singles = [SequenceSlice(*values) for values in zip(*columns, strict=True)]
-        cumulative = [np.concatenate([[0], np.cumsum(c)]) for c in (news, keys)]
         # Everything the step needs on the device travels as one host-to-device copy.
         # (The patched rows too: a list index would be copied on its own, synchronously.)
         patch_rows, patch_values = patch if patch is not None else ([], None)
         parts = [inp.tokens, inp.positions, new_slots, slots, inp.logits_rows, patch_rows]
         parts = [np.asarray(part, dtype=np.int64) for part in parts]
-        parts += [*decodes, *cumulative] if varlen else decodes
+        if varlen:  # cumulative new tokens and keys
+            parts += [*decodes, *(np.concatenate([[0], np.cumsum(c)]) for c in (news, keys))]
+        else:
+            parts += decodes
         flat = pinned_tensor(np.concatenate(parts)).to(self.device, non_blocking=True)
         tokens, positions, new_at, slots_at, logits_rows, patched, rows_at, starts, lengths, *cu = (
             flat.split([len(part) for part in parts])
