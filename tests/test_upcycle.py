@@ -86,3 +86,24 @@ def test_bad_upcycles_are_one_line(dense_folder: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="^--experts: an MoE needs at least 2"):
         upcycle(dense_folder, tmp_path / "bad", experts=1, top_k=1)
     assert not (tmp_path / "bad").exists() and not (tmp_path / "again").exists()
+
+
+def test_the_dense_original_drafts_for_its_upcycled_model(dense_folder: Path, tmp_path) -> None:
+    """Speculative serving with the dense parent as the draft: the output is the upcycled
+    model's own greedy output, and a draft that computes what the target computes has its
+    proposals accepted."""
+    from moegpt.config import ServeConfig
+    from moegpt.serve.engine import Engine
+    from moegpt.serve.sequence import SamplingParams
+
+    moe = moegpt.load(upcycle(dense_folder, tmp_path / "moe", experts=4, top_k=2))
+    dense = moegpt.load(dense_folder)
+    prompts = [[5, 9, 2, 7] * 3, [1, 2, 3], [40, 41, 42, 43, 44]]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    config = ServeConfig(num_kv_blocks=64, block_size=4)
+    alone = Engine(moe, config=config).generate(prompts, params)
+    engine = Engine(moe, config=ServeConfig(num_kv_blocks=64, block_size=4), draft=dense)
+    drafted = engine.generate(prompts, params)
+    assert [c[0].token_ids for c in drafted] == [c[0].token_ids for c in alone]
+    spec = engine.stats.spec
+    assert spec.proposed > 0 and spec.acceptance_rate > 0.9
