@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
-from verbs import moegpt, save
+from verbs import median_train_metrics, moegpt, moegpt_streamed, save
 
 from moegpt.config import load_config
-from moegpt.train.metrics import read_metrics
 
 # Each continuation: its rotary scaling on the plain mixture, and "yarn+long" as the recipe
 # has it, YaRN on data whose documents longer than the original context are read several
@@ -88,12 +86,6 @@ def evaluate(
     }
 
 
-def median_tokens_per_second(run: Path) -> float | None:
-    """The run's median training tokens/s, from its metrics.jsonl."""
-    rates = [e["tokens_per_second"] for e in read_metrics(run) if e.get("kind") == "train"]
-    return statistics.median(rates) if rates else None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", default="configs/tiny.toml", help="the pretraining recipe")
@@ -106,6 +98,20 @@ def main() -> None:
         default=",".join(VARIANTS),
         help=f"continuations to run, comma-separated (default all: {','.join(VARIANTS)}); "
         "fewer fit a GPU call of limited length",
+    )
+    parser.add_argument(
+        "--base-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of the pretraining run (repeatable), e.g. train.global_batch_size=64",
+    )
+    parser.add_argument(
+        "--long-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of every continuation (repeatable), e.g. train.global_batch_size=16",
     )
     parser.add_argument("--runs", default="runs/long-context", help="run directories go here")
     parser.add_argument("--out", default="benchmarks/results")
@@ -127,7 +133,9 @@ def main() -> None:
     base = Path(args.base).stem
     runs = Path(args.runs)
     # Run folders name what made them, so a changed setting never reuses an old run.
-    parent = runs / f"{base}-{args.base_steps or base_recipe.steps}"
+    parent = runs / "-".join([base, str(args.base_steps or base_recipe.steps), *args.base_set])
+    base_settings = [f"--{setting}" for setting in args.base_set]
+    long_settings = [f"--{setting}" for setting in args.long_set]
     started = time.perf_counter()
     moegpt("prepare", "--config", args.base)
     # One checkpoint a run, at its end (what export reads): 8 GB each at small-moe's size.
@@ -137,29 +145,42 @@ def main() -> None:
         if args.base_steps is not None:  # a brief pretraining warms up and decays in its steps
             warmup = min(base_recipe.warmup_steps, max(1, args.base_steps // 10))
             brief = [f"--train.steps={args.base_steps}", f"--train.warmup_steps={warmup}"]
-        moegpt("train", "--config", args.base, "--run-dir", str(parent), once, *brief)
+        moegpt_streamed(
+            "train", "--config", args.base, "--run-dir", str(parent), once, *brief, *base_settings
+        )
         moegpt("export", str(parent), str(parent / "export"))
     result = {"parent": evaluate(parent / "export", lengths[:1], args.trials, documents, stride)}
-    result["parent"]["tokens_per_second"] = median_tokens_per_second(parent)
+    result["parent"]["tokens_per_second"] = median_train_metrics(parent, "tokens_per_second")[
+        "tokens_per_second"
+    ]
     result["documents"], result["lengths"] = documents, lengths
     for variant in variants:
         settings = VARIANTS[variant]
-        run = runs / f"{parent.name}-{Path(args.long).stem}-{args.steps}-{variant}"
+        name = "-".join([parent.name, Path(args.long).stem, str(args.steps), *args.long_set])
+        run = runs / f"{name}-{variant}"
         overrides = [f"--train.init_from={parent / 'export'}", f"--train.steps={args.steps}"]
-        overrides += [once, *settings]
-        moegpt("train", "--config", args.long, "--run-dir", str(run), *overrides)
+        overrides += [once, *settings, *long_settings]
+        moegpt_streamed("train", "--config", args.long, "--run-dir", str(run), *overrides)
         if not (run / "export" / "model.safetensors").is_file():
             moegpt("export", str(run), str(run / "export"))
         result[variant] = evaluate(run / "export", lengths, args.trials, documents, stride)
-        result[variant]["tokens_per_second"] = median_tokens_per_second(run)
+        result[variant]["tokens_per_second"] = median_train_metrics(run, "tokens_per_second")[
+            "tokens_per_second"
+        ]
         print(f"{variant}: {result[variant]}", flush=True)
     result["seconds"] = time.perf_counter() - started
     result["steps"], result["trials"], result["variants"] = args.steps, args.trials, variants
     result["base_steps"] = args.base_steps or base_recipe.steps
+    result["base_settings"], result["long_settings"] = args.base_set, args.long_set
     result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
     kind = "cpu" if result["device"] == "cpu" else "gpu"
     save(args.out, f"long_context-{base}-{kind}", result, table(result, base))
+
+
+def settings(overrides: list[str] | None) -> str:
+    """Settings a run changed from its recipe, for the table's title."""
+    return f" with {', '.join(overrides)}" if overrides else ""
 
 
 def table(result: dict, base: str) -> str:
@@ -176,8 +197,9 @@ def table(result: dict, base: str) -> str:
 
     parent = result["parent"]
     lines = [
-        f"{base} ({first}-token pretraining, {result['base_steps']} steps) continued "
-        f"{result['steps']} steps at {last} tokens on {result['device']}; passkey "
+        f"{base} ({first}-token pretraining, {result['base_steps']} steps"
+        f"{settings(result.get('base_settings'))}) continued {result['steps']} steps at {last} "
+        f"tokens{settings(result.get('long_settings'))} on {result['device']}; passkey "
         f"{result['trials']} trials x 3 depths per length; perplexity of "
         f"{len(result['documents'])} held-out documents",
         row(

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from verbs import device_tag, moegpt, save
+from verbs import device_tag, median_train_metrics, moegpt, moegpt_streamed, save
 
 from moegpt.config import load_config
 from moegpt.data.mixture import IGNORE_INDEX, Mixture, MixtureLoader
@@ -76,7 +76,7 @@ def flamingo_stage(args: argparse.Namespace, run_dir: str, overrides: list[str])
     with tempfile.TemporaryDirectory() as tmp:
         before, _ = held_out_loss(args.config, Path(tmp) / "start", False, overrides)
     began = time.perf_counter()
-    moegpt("train", "--config", args.config, "--run-dir", run_dir, *overrides)
+    moegpt_streamed("train", "--config", args.config, "--run-dir", run_dir, *overrides)
     trained = time.perf_counter() - began
     after, trainer = held_out_loss(args.config, Path(run_dir), True, overrides)
     sources = [s.name for s in trainer.config.data.sources]
@@ -88,6 +88,7 @@ def flamingo_stage(args: argparse.Namespace, run_dir: str, overrides: list[str])
         "gates": gate_values(trainer.parts.models[0]),
         "after_with_other_rows_images": {s: caption_loss(trainer, s, True) for s in sources},
         "train_seconds": trained,
+        **median_train_metrics(Path(run_dir), "tokens_per_second", "mfu"),
     }
     export = Path(run_dir) / "export"
     moegpt("export", run_dir, str(export), "--force")
@@ -105,7 +106,7 @@ def clip_stage(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         before, _ = held_out_loss(args.clip_config, Path(tmp) / "start", resume=False)
     began = time.perf_counter()
-    moegpt("train", "--config", args.clip_config, "--run-dir", str(run_dir))
+    moegpt_streamed("train", "--config", args.clip_config, "--run-dir", str(run_dir))
     trained = time.perf_counter() - began
     after, trainer = held_out_loss(args.clip_config, run_dir, resume=True)
     moegpt("export", str(run_dir), str(run_dir / "export"), "--force")
@@ -118,11 +119,17 @@ def clip_stage(args: argparse.Namespace) -> dict:
     }
 
 
+def mfu(result: dict) -> str:
+    """The stage's median MFU, or n/a (CPU: no known peak)."""
+    return "n/a" if result.get("mfu") is None else f"{result['mfu']:.1%}"
+
+
 def stage_lines(name: str, result: dict) -> list[str]:
     sources = sorted({k.split("/")[0] for k in result["before"]})
     lines = [
         f"{name}: {result['steps']} steps, frozen {', '.join(result['frozen'])} "
-        f"(train {result['train_seconds']:.0f} s, eval {result['eval_seconds']:.0f} s)",
+        f"(train {result['train_seconds']:.0f} s, eval {result['eval_seconds']:.0f} s; "
+        f"{result.get('tokens_per_second') or 0:,.0f} tokens/s, MFU {mfu(result)})",
         "  held-out caption loss   " + "  ".join(f"{s:>9}" for s in sources),
     ]
     for label, scores in (("before (gates closed)", result["before"]), ("after", result["after"])):

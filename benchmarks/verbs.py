@@ -4,12 +4,15 @@ saving a result table as JSON and text."""
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from moegpt.train.metrics import read_metrics
 
 
 def moegpt_streamed(*args: str) -> None:
@@ -28,6 +31,18 @@ def moegpt(*args: str) -> str:
     if done.returncode:
         raise SystemExit(f"moegpt {' '.join(args)} failed:\n{done.stderr[-2000:]}")
     return done.stdout
+
+
+def median_train_metrics(run: Path, *keys: str) -> dict[str, float | None]:
+    """The medians of ``keys`` (``tokens_per_second``, ``mfu``) over a run's training records
+    in its metrics.jsonl (the median skips the first steps' compilation); None where no
+    record has a value."""
+    records = [e for e in read_metrics(run) if e.get("kind") == "train"]
+    medians: dict[str, float | None] = {}
+    for key in keys:
+        values = [e[key] for e in records if e.get(key) is not None]
+        medians[key] = statistics.median(values) if values else None
+    return medians
 
 
 def save(out: str, stem: str, result: dict[str, Any], table: str) -> None:
