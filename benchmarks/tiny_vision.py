@@ -57,6 +57,7 @@ def caption_loss(trainer: Trainer, source: str, swap_images: bool) -> float:
     model = trainer.parts.models[0].eval()
     total = count = 0.0
     for batch in loader:
+        batch = {name: tensor.to(trainer.device) for name, tensor in batch.items()}
         images = batch["images"]
         if swap_images:
             images = torch.roll(images, 1, dims=0)

@@ -1,6 +1,7 @@
-"""Apply a ``[parallel]`` layout to a freshly built model, in torchtitan's order: pipeline
-split, tensor and expert parallelism, activation checkpointing, compile, then data
-parallelism (FSDP2 or DDP for ZeRO-1). The model code itself stays free of parallelism.
+"""Apply a ``[parallel]`` layout to a freshly built model, in torchtitan's order but for
+checkpointing, which wraps the compiled blocks: pipeline split, tensor and expert
+parallelism, compile, activation checkpointing, then data parallelism (FSDP2 or DDP for
+ZeRO-1). The model code itself stays free of parallelism.
 """
 
 from __future__ import annotations
@@ -106,12 +107,16 @@ def parallelize(config: Config, dims: ParallelDims | None, device: torch.device)
         if dims is not None and (p.tp > 1 or p.ep > 1):
             for experts in [m for m in model.modules() if isinstance(m, GroupedExperts)]:
                 shard_experts(experts, dims)
-        if train.activation_checkpointing:
-            for name, block in list(lm.layers.items()):
-                lm.layers[name] = checkpoint_wrapper(block)
         if train.compile:
             for block in lm.layers.values():
                 block.compile()
+        if train.activation_checkpointing:
+            # Around the compiled block, so that dynamo never traces the checkpoint: traced
+            # inside it (torchtitan's order), torch 2.11 built an invalid graph for a small-moe
+            # block on an H200 ("Argument 'add_5' of Node 'output' does not belong to this
+            # Graph"). The recomputation reruns the compiled forward.
+            for name, block in list(lm.layers.items()):
+                lm.layers[name] = checkpoint_wrapper(block)
         if dims is not None and p.dp * p.cp > 1 and not p.zero1:
             bf16 = train.dtype == "bfloat16" and device.type == "cuda"
             mp = MixedPrecisionPolicy(
