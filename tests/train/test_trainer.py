@@ -346,3 +346,22 @@ def test_checkpoints_and_exports_follow_the_umask(tmp_path: Path) -> None:
     for path in [step, *step.rglob("*"), folder, *folder.iterdir()]:
         want = 0o750 if path.is_dir() else 0o640
         assert stat.S_IMODE(path.stat().st_mode) == want, path
+
+
+def test_a_non_finite_gradient_skips_the_update_and_names_its_parameter(
+    tmp_path: Path, prepared: Path
+) -> None:
+    logged: list[str] = []
+    trainer = Trainer(make_config(tmp_path, prepared, steps=4), tmp_path / "run", log=logged.append)
+    model = trainer.parts.models[0]
+    poisoned = dict(model.named_parameters())["layers.1.attention.wo.weight"]
+    hook = poisoned.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = iter(trainer.loader)
+    assert trainer.train_step(batches)["skipped"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert "step 1: non-finite gradient norm" in logged[-1]
+    assert "in layers.1.attention.wo.weight); update skipped" in logged[-1]
+    hook.remove()
+    assert not trainer.train_step(batches)["skipped"]
+    assert not torch.equal(before["layers.1.attention.wo.weight"], poisoned)

@@ -173,8 +173,11 @@ def clip_grad_norm(
         dist.all_reduce(total_sq, group=pp_group)
     total = total_sq.sqrt()
     if math.isfinite(max_norm):
+        # A non-finite norm would scale every gradient to NaN: leave them as they are (the
+        # caller skips the update) so that the ones that hold it can be named. No host sync.
+        scale_by = torch.where(total.isfinite(), total, torch.zeros_like(total))
         for params in by_layout.values():
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, scale_by)
     return total
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import re
 import signal
 import threading
 import time
@@ -504,7 +505,13 @@ class Trainer:
         loss_value, aux_value, norm = torch.cat([sums, grad_norm.reshape(1).float()]).tolist()
         skipped = not math.isfinite(norm)
         if skipped:  # a non-finite gradient would poison the weights and every checkpoint
-            self.log(f"step {self.step + 1}: non-finite gradient norm; update skipped")
+            where = non_finite_gradients(self.parts.models) if self.rank0 else []
+            shown = ", ".join(where[:3]) + (f" and {len(where) - 3} more" if len(where) > 3 else "")
+            shown = shown or "other ranks' shards"
+            self.log(
+                f"step {self.step + 1}: non-finite gradient norm (loss {loss_value:.4g}; "
+                f"in {shown}); update skipped"
+            )
         else:
             for opt in self.optimizers:
                 opt.step()
@@ -704,6 +711,21 @@ class Trainer:
             if metrics is not None:
                 metrics.close()
         return last
+
+
+def non_finite_gradients(models: list[torch.nn.Module]) -> list[str]:
+    """Parameters whose gradient (this rank's shard of it) holds a NaN or an infinity, by
+    their names in the model (wrappers' prefixes dropped): where a skipped update came from."""
+    names = []
+    for model in models:
+        for name, param in model.named_parameters():
+            grad = param.grad
+            if grad is None:
+                continue
+            local = grad.to_local() if isinstance(grad, DTensor) else grad
+            if not bool(torch.isfinite(local).all()):
+                names.append(re.sub(r"(_checkpoint_wrapped_module|_orig_mod)\.", "", name))
+    return names
 
 
 class StopSignals:
