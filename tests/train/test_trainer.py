@@ -361,7 +361,7 @@ def test_a_non_finite_gradient_skips_the_update_and_names_its_parameter(
     assert trainer.train_step(batches)["skipped"]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert "step 1: non-finite gradient norm" in logged[-1]
-    assert "in layers.1.attention.wo.weight); update skipped" in logged[-1]
+    assert "1 gradient, the latest in the model layers.1.attention.wo.weight)" in logged[-1]
     hook.remove()
     assert not trainer.train_step(batches)["skipped"]
     assert not torch.equal(before["layers.1.attention.wo.weight"], poisoned)

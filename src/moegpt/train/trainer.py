@@ -505,12 +505,17 @@ class Trainer:
         loss_value, aux_value, norm = torch.cat([sums, grad_norm.reshape(1).float()]).tolist()
         skipped = not math.isfinite(norm)
         if skipped:  # a non-finite gradient would poison the weights and every checkpoint
+            # Backward spreads a NaN to everything before where it arose: name the latest.
             where = non_finite_gradients(self.parts.models) if self.rank0 else []
-            shown = ", ".join(where[:3]) + (f" and {len(where) - 3} more" if len(where) > 3 else "")
-            shown = shown or "other ranks' shards"
+            found = (
+                f"{len(where)} gradient{'s' * (len(where) > 1)}, the latest in the model "
+                f"{where[-1]}"
+                if where
+                else "in other ranks' shards"
+            )
             self.log(
                 f"step {self.step + 1}: non-finite gradient norm (loss {loss_value:.4g}; "
-                f"in {shown}); update skipped"
+                f"{found}); update skipped"
             )
         else:
             for opt in self.optimizers:
@@ -715,7 +720,8 @@ class Trainer:
 
 def non_finite_gradients(models: list[torch.nn.Module]) -> list[str]:
     """Parameters whose gradient (this rank's shard of it) holds a NaN or an infinity, by
-    their names in the model (wrappers' prefixes dropped): where a skipped update came from."""
+    their names in the model (wrappers' prefixes dropped), in the model's order: where a
+    skipped update came from."""
     names = []
     for model in models:
         for name, param in model.named_parameters():
