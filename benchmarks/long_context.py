@@ -86,6 +86,11 @@ def evaluate(
     }
 
 
+def tokens_per_second(run: Path) -> float | None:
+    """The run's median training tokens/s."""
+    return median_train_metrics(run, "tokens_per_second")["tokens_per_second"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", default="configs/tiny.toml", help="the pretraining recipe")
@@ -150,9 +155,7 @@ def main() -> None:
         )
         moegpt("export", str(parent), str(parent / "export"))
     result = {"parent": evaluate(parent / "export", lengths[:1], args.trials, documents, stride)}
-    result["parent"]["tokens_per_second"] = median_train_metrics(parent, "tokens_per_second")[
-        "tokens_per_second"
-    ]
+    result["parent"]["tokens_per_second"] = tokens_per_second(parent)
     result["documents"], result["lengths"] = documents, lengths
     for variant in variants:
         settings = VARIANTS[variant]
@@ -164,9 +167,7 @@ def main() -> None:
         if not (run / "export" / "model.safetensors").is_file():
             moegpt("export", str(run), str(run / "export"))
         result[variant] = evaluate(run / "export", lengths, args.trials, documents, stride)
-        result[variant]["tokens_per_second"] = median_train_metrics(run, "tokens_per_second")[
-            "tokens_per_second"
-        ]
+        result[variant]["tokens_per_second"] = tokens_per_second(run)
         print(f"{variant}: {result[variant]}", flush=True)
     result["seconds"] = time.perf_counter() - started
     result["steps"], result["trials"], result["variants"] = args.steps, args.trials, variants
