@@ -1,6 +1,7 @@
 """Both vision stages of a recipe pair (configs/tiny-vision*.toml on CPU by default), end to
 end, and which start of the Flamingo stage is better: its image encoder trained from scratch
-inside it, or pretrained by the CLIP stage (a) and then frozen.
+inside it (scratch), pretrained by the CLIP stage (a) and then frozen (clip), or pretrained
+by the CLIP stage and trained on inside the Flamingo stage (clip-tuned).
 
 For each, the Flamingo stage's report: each source's held-out caption loss before (gates
 closed: the language model alone) and after, after again with each row given another row's
@@ -14,7 +15,12 @@ it took; for the CLIP stage, its held-out contrastive loss before and after.
     python benchmarks/tiny_vision.py --starts clip                      # stage (a), then (b)
     python benchmarks/tiny_vision.py --config configs/small-moe-vision.toml \
         --clip-config configs/small-moe-vision-clip.toml --text-parent runs/small-moe/export \
-        --run-dir runs/small-moe-vision --starts clip --eval-items 1000  # GPU: small-moe's eyes
+        --run-dir runs/small-moe-vision --starts scratch,clip,clip-tuned --concurrent \
+        --eval-items 1000                                               # GPU: small-moe's eyes
+
+``--concurrent`` runs the Flamingo stages at once, sharing the device: they are small enough
+that one alone leaves most of a GPU idle, but their tokens/s and MFU are then not each one's
+own (the report says so).
 
 Results: ``vision_stages-<recipe>-<device>.json`` and ``.txt`` under ``--out``.
 """
@@ -25,6 +31,7 @@ import argparse
 import json
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -157,6 +164,20 @@ def stage_lines(name: str, result: dict) -> list[str]:
     return lines
 
 
+# Each start of the Flamingo stage: its parent (the text model, or the CLIP stage's export),
+# what it freezes, its run folder's suffix and its report's title.
+STARTS = {
+    "scratch": ("text", "lm.*", "", "Flamingo stage, encoder from scratch"),
+    "clip": ("clip", "lm.*,encoder.*", "-from-clip", "Flamingo stage, encoder from the CLIP stage"),
+    "clip-tuned": (
+        "clip",
+        "lm.*",
+        "-from-clip-tuned",
+        "Flamingo stage, encoder from the CLIP stage and trained on",
+    ),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -166,8 +187,13 @@ def main() -> None:
     parser.add_argument(
         "--starts",
         default="scratch,clip",
-        help="the Flamingo stage's encoder: scratch (trained inside it), clip (stage (a) "
-        "first, then frozen), or both",
+        help="the Flamingo stage's encoder, comma-separated: scratch (trained inside it), clip "
+        "(stage (a) first, then frozen), clip-tuned (stage (a) first, then trained on)",
+    )
+    parser.add_argument(
+        "--concurrent",
+        action="store_true",
+        help="run the Flamingo stages at once on the one device (tokens/s and MFU are shared)",
     )
     parser.add_argument("--run-dir", default="runs/tiny-vision")
     parser.add_argument(
@@ -177,19 +203,18 @@ def main() -> None:
     parser.add_argument("--eval-items", type=int, default=200, help="held-out items per task")
     args = parser.parse_args()
     starts = args.starts.split(",")
-    if unknown := set(starts) - {"scratch", "clip"}:
+    if unknown := set(starts) - set(STARTS):
         raise SystemExit(f"--starts: unknown {', '.join(sorted(unknown))}")
     started = time.perf_counter()
     moegpt("prepare", "--config", args.config)
     result: dict = {"config": args.config, "prepare_seconds": time.perf_counter() - started}
+    result["concurrent"] = args.concurrent
     lines: list[str] = []
-    if "scratch" in starts:  # the recipe's parent is the CLIP stage's: start from text instead
-        scratch = ["--train.init_from", args.text_parent, "--train.freeze", "lm.*"]
-        result["scratch"] = flamingo_stage(args, args.run_dir, scratch)
-        lines += stage_lines("Flamingo stage, encoder from scratch", result["scratch"])
-    if "clip" in starts:
+    parents = {"text": args.text_parent}
+    if any(STARTS[start][0] == "clip" for start in starts):
         result["clip_stage"] = clip_stage(args)
         clip = result["clip_stage"]
+        parents["clip"] = clip["export"]
         sources = sorted({k.split("/")[0] for k in clip["before"]})
         lines.append(
             f"CLIP stage ({args.clip_config}): {clip['steps']} steps, train "
@@ -199,9 +224,18 @@ def main() -> None:
                 for s in sources
             )
         )
-        overrides = ["--train.init_from", clip["export"], "--train.freeze", "lm.*,encoder.*"]
-        result["from_clip"] = flamingo_stage(args, args.run_dir + "-from-clip", overrides)
-        lines += stage_lines("Flamingo stage, encoder from the CLIP stage", result["from_clip"])
+
+    def run(start: str) -> dict:
+        parent, frozen, suffix, _ = STARTS[start]
+        overrides = ["--train.init_from", parents[parent], "--train.freeze", frozen]
+        return flamingo_stage(args, args.run_dir + suffix, overrides)
+
+    with ThreadPoolExecutor(max_workers=len(starts) if args.concurrent else 1) as pool:
+        stages = dict(zip(starts, pool.map(run, starts), strict=True))
+    for start, stage in stages.items():
+        result[start] = stage
+        title = STARTS[start][3] + (" (stages run concurrently)" if args.concurrent else "")
+        lines += stage_lines(title, stage)
     result["seconds"] = time.perf_counter() - started
     tag = device_tag()
     lines.insert(0, f"vision stages of {args.config} on {tag} ({result['seconds']:.0f} s in all)")

@@ -225,6 +225,25 @@ def test_a_bad_budget_setting_is_one_line(long_context: Path, monkeypatch) -> No
     )
 
 
+def test_a_gpu_budget_is_a_share_of_free_memory_capped_by_its_setting(monkeypatch) -> None:
+    """Processes sharing one GPU each cap their cache with MOEGPT_GPU_KV_GIB; unset, a cache
+    takes 90% of the free memory (vLLM's default)."""
+    from moegpt.memory import GIB, kv_budget_bytes
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (80 * GIB, 141 * GIB))
+    monkeypatch.delenv("MOEGPT_GPU_KV_GIB", raising=False)
+    cuda = torch.device("cuda", 0)
+    assert kv_budget_bytes(cuda) == (72 * GIB, "90% of the free memory of cuda:0")
+    monkeypatch.setenv("MOEGPT_GPU_KV_GIB", "8")
+    assert kv_budget_bytes(cuda) == (8 * GIB, "MOEGPT_GPU_KV_GIB (8 GiB)")
+    monkeypatch.setenv("MOEGPT_GPU_KV_GIB", "100")  # more than there is: the share still holds
+    assert kv_budget_bytes(cuda)[0] == 72 * GIB
+    monkeypatch.setenv("MOEGPT_GPU_KV_GIB", "-1")
+    _one_line(
+        "^MOEGPT_GPU_KV_GIB: expected a positive number of GiB, got '-1'", kv_budget_bytes, cuda
+    )
+
+
 def test_generate_caps_its_cache_by_memory(long_context: Path, monkeypatch) -> None:
     monkeypatch.setenv("MOEGPT_CPU_KV_GIB", str(1 / 1024 / 64))  # 16 KiB: 128 tokens
     model = moegpt.load(long_context)

@@ -1,8 +1,10 @@
 """How much memory a KV cache may take, so a config's context length never sizes one alone.
 
-On a GPU the cache gets a share of the free device memory (as vLLM's gpu_memory_utilization);
-on CPU a share of the memory available to this process (MemAvailable, within its cgroup's
-limit), at most ``MOEGPT_CPU_KV_GIB`` GiB (default 4, as vLLM's VLLM_CPU_KVCACHE_SPACE).
+On a GPU the cache gets a share of the free device memory (as vLLM's gpu_memory_utilization),
+at most ``MOEGPT_GPU_KV_GIB`` GiB when that is set (so that several processes can share one
+device); on CPU a share of the memory available to this process (MemAvailable, within its
+cgroup's limit), at most ``MOEGPT_CPU_KV_GIB`` GiB (default 4, as vLLM's
+VLLM_CPU_KVCACHE_SPACE).
 """
 
 from __future__ import annotations
@@ -55,22 +57,32 @@ def host_available_bytes() -> int:
     return available
 
 
-def kv_budget_bytes(device: torch.device) -> tuple[int, str]:
-    """Bytes a KV cache on ``device`` may take, and a few words saying where that comes from."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * GPU_FRACTION), f"{GPU_FRACTION:.0%} of the free memory of {device}"
-    available = host_available_bytes()
-    setting = os.environ.get("MOEGPT_CPU_KV_GIB", str(CPU_DEFAULT_GIB))
+def _gib_setting(name: str, default: float | None) -> float | None:
+    """The environment's ``name`` in bytes (given in GiB), or ``default`` GiB when unset."""
+    setting = os.environ.get(name)
+    if setting is None:
+        return None if default is None else default * GIB
     try:
         cap = float(setting) * GIB
     except ValueError:
         cap = -1.0
     if not cap > 0:
-        raise UserError(f"MOEGPT_CPU_KV_GIB: expected a positive number of GiB, got {setting!r}")
-    if cap < available * CPU_FRACTION:
-        return int(cap), f"MOEGPT_CPU_KV_GIB ({cap / GIB:g} GiB)"
-    return int(available * CPU_FRACTION), f"{CPU_FRACTION:.0%} of the available host memory"
+        raise UserError(f"{name}: expected a positive number of GiB, got {setting!r}")
+    return cap
+
+
+def kv_budget_bytes(device: torch.device) -> tuple[int, str]:
+    """Bytes a KV cache on ``device`` may take, and a few words saying where that comes from."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        name, fraction, share = "MOEGPT_GPU_KV_GIB", GPU_FRACTION, f"the free memory of {device}"
+        available, cap = free, _gib_setting("MOEGPT_GPU_KV_GIB", None)
+    else:
+        name, fraction, share = "MOEGPT_CPU_KV_GIB", CPU_FRACTION, "the available host memory"
+        available, cap = host_available_bytes(), _gib_setting(name, CPU_DEFAULT_GIB)
+    if cap is not None and cap < available * fraction:
+        return int(cap), f"{name} ({cap / GIB:g} GiB)"
+    return int(available * fraction), f"{fraction:.0%} of {share}"
 
 
 def gib(n: float) -> str:

@@ -24,6 +24,7 @@ from torch.nn.attention import sdpa_kernel
 from moegpt.config import ServeConfig
 from moegpt.console import stderr
 from moegpt.errors import UserError
+from moegpt.memory import kv_budget_bytes
 from moegpt.model import Transformer
 from moegpt.model.attention import KVCacheLike
 from moegpt.model.vision import VisionLanguageModel
@@ -261,15 +262,14 @@ def context_limit(model: Transformer, config: ServeConfig) -> int:
 def default_num_blocks(
     model: Transformer, config: ServeConfig, dtype: torch.dtype, extra_token_bytes: int = 0
 ) -> int:
-    """Blocks for every sequence at its longest on CPU; on a GPU, 90% of the free memory,
-    shared with ``extra_token_bytes`` per token of another cache on the same block tables
-    (a draft model's)."""
+    """Blocks for every sequence at its longest on CPU; on a GPU, what the KV-cache budget
+    holds (:func:`moegpt.memory.kv_budget_bytes`), shared with ``extra_token_bytes`` per token
+    of another cache on the same block tables (a draft model's)."""
     token_bytes = bytes_per_token(model.config, dtype, config.tp) + extra_token_bytes
     block_bytes = token_bytes * config.block_size
     device = next(model.parameters()).device
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return max(int(free * 0.9) // block_bytes, 1)
+        return max(kv_budget_bytes(device)[0] // block_bytes, 1)
     return config.max_batch_size * -(-context_limit(model, config) // config.block_size)
 
 
