@@ -172,3 +172,30 @@ def test_vision_settings_are_validated_one_line_each() -> None:
         VisionConfig(width=30, heads=4)
     with pytest.raises(ConfigError, match="vision.resampler_latents: must be positive"):
         VisionConfig(resampler_latents=0)
+
+
+def test_masked_attention_never_runs_on_cudnn(monkeypatch) -> None:
+    """Every SDPA call given a mask (the cross-attention's media mask, the language model's
+    document mask) runs with cuDNN's kernel off: torch 2.11's cuDNN backward returns NaN
+    query gradients for some masked shapes on Hopper (pytorch/pytorch#196678). Unmasked calls
+    keep every kernel, and the setting does not outlive the call."""
+    calls: list[tuple[bool, bool]] = []
+    real = F.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        masked = kwargs.get("attn_mask") is not None or len(args) > 3
+        calls.append((masked, torch.backends.cuda.cudnn_sdp_enabled()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    model = VisionLanguageModel(Transformer(small_config()), VISION, IMAGE)
+    open_gates(model)
+    tokens = tokens_with_images([[0, 7], [3]])
+    document_ids = torch.tensor([[0] * 6 + [1] * 6, [0] * 12])
+    model(tokens, torch.randn(2, 2, 1, 8, 8), document_ids=document_ids).logits.sum().backward()
+    masked = [cudnn for is_masked, cudnn in calls if is_masked]
+    unmasked = [cudnn for is_masked, cudnn in calls if not is_masked]
+    n_xattn = len(model.xattn)
+    assert len(masked) == n_xattn + small_config().n_layers and not any(masked)
+    assert unmasked and all(unmasked)  # the encoder's and the resampler's attention
+    assert torch.backends.cuda.cudnn_sdp_enabled()

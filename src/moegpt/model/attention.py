@@ -7,6 +7,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moegpt.config import ModelConfig
 from moegpt.model.rope import apply_rope
@@ -17,6 +18,14 @@ def causal_mask(new_tokens: int, past_tokens: int, device: torch.device) -> torc
     query_pos = torch.arange(new_tokens, device=device).unsqueeze(1) + past_tokens
     key_pos = torch.arange(past_tokens + new_tokens, device=device).unsqueeze(0)
     return key_pos <= query_pos
+
+
+# Attention with an explicit mask does not run on cuDNN's kernel. Under torch 2.11 on Hopper
+# its backward returns NaN query gradients when a mask is given, the key length is 64 past a
+# multiple of 128 and a row's scores are all very negative (pytorch/pytorch#196678): the
+# vision stage's cross-attention, whose key length is 32 visual tokens times the batch's most
+# images, skipped updates for it. cuDNN also plans every new shape and mask on the host.
+NON_CUDNN_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
@@ -40,14 +49,22 @@ def prefix_attention(
     new, past = q.shape[2], k.shape[2] - q.shape[2]
     if mask is None and past and new > 1:
         mask = causal_mask(new, past, q.device)
+    if mask is not None:
+        return masked_attention(q, k, v, mask)
     return F.scaled_dot_product_attention(
-        q,
-        k,
-        v,
-        attn_mask=mask,
-        is_causal=mask is None and past == 0 and new > 1,
-        enable_gqa=k.shape[1] != q.shape[1],
+        q, k, v, is_causal=past == 0 and new > 1, enable_gqa=k.shape[1] != q.shape[1]
     )
+
+
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """SDPA with a boolean ``mask`` (True: may attend), on any kernel but cuDNN's (see
+    :data:`NON_CUDNN_BACKENDS`); ``k``/``v`` may have fewer heads than ``q``."""
+    with sdpa_kernel(NON_CUDNN_BACKENDS):
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1]
+        )
 
 
 class KVCacheLike(Protocol):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moegpt.config import ModelConfig, VisionConfig
+from moegpt.model.attention import masked_attention
 from moegpt.model.feed_forward import FeedForward
 from moegpt.model.transformer import ModelOutput, RMSNorm, Transformer
 
@@ -302,9 +303,7 @@ class GatedCrossAttentionBlock(nn.Module):
         q = _heads(self.q(self.attention_norm(x)), self.head_dim)
         # A token with no image yet would have an all-False row (a NaN softmax): let it see
         # every visual token, then zero what it got.
-        attended = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask | ~has_media[:, None, :, None]
-        )
+        attended = masked_attention(q, k, v, mask | ~has_media[:, None, :, None])
         attended = self.wo(_merge(attended)) * has_media.unsqueeze(-1).to(x.dtype)
         return x + torch.tanh(self.attention_gate) * attended
 

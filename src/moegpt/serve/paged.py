@@ -22,14 +22,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.nn.attention import SDPBackend
 
 from moegpt.config import ModelConfig
-from moegpt.model.attention import prefix_attention
+from moegpt.model.attention import NON_CUDNN_BACKENDS, prefix_attention
 
 # cuDNN attention builds a plan for every new shape and mask, milliseconds of host time per
 # call when each step's decode batch has a new longest context; the other kernels need none.
-SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+SDPA_BACKENDS = NON_CUDNN_BACKENDS
 
 
 def kv_heads_per_rank(config: ModelConfig, tp: int = 1) -> int:
