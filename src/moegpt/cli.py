@@ -477,6 +477,7 @@ SERVE_FLAGS = (
     "ngram",
     "speculation",
     "spec_tokens",
+    "dtype",
     "verify_weights",
 )
 

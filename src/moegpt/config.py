@@ -678,6 +678,12 @@ class ServeConfig(_Section):
     spec_tokens: int = _doc(4, "most tokens proposed per sequence and step")
     ngram_max: int = _doc(3, "longest n-gram prompt lookup matches")
     ngram_min: int = _doc(1, "shortest n-gram prompt lookup matches")
+    dtype: Literal["auto", "float32", "bfloat16"] = _doc(
+        "auto",
+        "precision of the served weights and KV cache: auto = bfloat16 on a GPU (a float32 "
+        "export is served in half precision, as vLLM's auto serves float32 checkpoints) and "
+        "the folder's own dtype on CPU, where bfloat16 matmuls are slow",
+    )
     verify_weights: bool = _doc(
         True,
         "check model.safetensors against the sha256 its config.json records before loading "

@@ -340,3 +340,29 @@ def test_a_step_that_fails_spends_no_slack(model: Transformer) -> None:
     while engine.has_work():
         engine.step()
     assert scheduler.banked() == scheduler.slack
+
+
+def test_serve_dtype_auto_serves_a_float32_export_in_bfloat16_on_a_gpu(text_model) -> None:
+    """vLLM's auto: a float32 checkpoint is served in half precision on a GPU; on CPU, where
+    bfloat16 matmuls are slow, the folder's own dtype. An explicit setting holds anywhere,
+    for the weights and the KV cache alike, and greedy decoding matches the model loaded in
+    that dtype directly."""
+    from moegpt.serve.engine import weights_dtype
+    from moegpt.weights import load
+
+    assert weights_dtype(ServeConfig(), "cuda") is torch.bfloat16
+    assert weights_dtype(ServeConfig(), "cpu") is None
+    assert weights_dtype(ServeConfig(dtype="float32"), "cuda") is torch.float32
+    auto = Engine.from_folder(text_model, ServeConfig(calibrate=False), device="cpu")
+    assert next(auto.model.parameters()).dtype is torch.float32
+    config = ServeConfig(dtype="bfloat16", calibrate=False)
+    engine = Engine.from_folder(text_model, config, device="cpu")
+    assert {p.dtype for p in engine.model.parameters()} == {torch.bfloat16}
+    assert engine.forward.cache.k.dtype is torch.bfloat16
+    prompt = [5, 9, 14, 3]
+    done = engine.generate([prompt], SamplingParams(max_tokens=6, temperature=0))[0][0]
+    model = load(text_model, dtype=torch.bfloat16)
+    tokens = torch.tensor([prompt])
+    for _ in range(6):
+        tokens = torch.cat([tokens, model(tokens).logits[:, -1:].argmax(-1)], dim=1)
+    assert done.token_ids == tokens[0, len(prompt) :].tolist()

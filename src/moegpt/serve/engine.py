@@ -82,6 +82,13 @@ def folder_chat_template(path: str | Path, tokenizer: Any) -> ChatTemplate | Non
     return ChatTemplate.from_folder(path, tokenizer) if tokenizer is not None else None
 
 
+def weights_dtype(config: ServeConfig, device: torch.device | str) -> torch.dtype | None:
+    """The dtype ``serve.dtype`` asks for on ``device``; None keeps the folder's own."""
+    if config.dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else None
+    return getattr(torch, config.dtype)
+
+
 def _dtype(model: Transformer) -> torch.dtype:
     return next(model.parameters()).dtype
 
@@ -250,12 +257,13 @@ class Engine:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         tokenizer, eos_id = folder_tokenizer(path)
         vision = None
-        verify = config.verify_weights if config is not None else True
+        settings = config or ServeConfig()
+        verify, dtype = settings.verify_weights, weights_dtype(settings, device)
         if load_vision_config(path).enabled:
-            vision = load_vision(path, device=device, verify=verify)
+            vision = load_vision(path, device=device, dtype=dtype, verify=verify)
             model = vision.lm
         else:
-            model = load(path, device=device, verify=verify)
+            model = load(path, device=device, dtype=dtype, verify=verify)
         draft = load_draft(path, config, model) if config is not None else None
         engine = cls(model, tokenizer, config, eos_id=eos_id, draft=draft, vision=vision)
         engine.chat_template = folder_chat_template(path, tokenizer)

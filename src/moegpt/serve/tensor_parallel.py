@@ -202,20 +202,22 @@ def load_sharded(
     timeout_s: float,
     verify: bool = True,
     custom_all_reduce: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> tuple[Transformer, TensorParallelGroups]:
     """This rank's shard of the exported model at ``path``. The model is built on the meta
     device and split with the training code's plan, on plain tensors
     (:func:`moegpt.parallel.serving.shard_for_serving`); then each rank reads from the file
     only the slices it holds (replicated tensors whole) straight onto ``device``, so no rank
     reads, or holds in host memory, a whole sharded tensor. ``custom_all_reduce``: sum small
-    activations through symmetric memory where the GPUs allow (:mod:`moegpt.parallel.symmetric`)."""
+    activations through symmetric memory where the GPUs allow (:mod:`moegpt.parallel.symmetric`);
+    ``dtype``: the weights' (None: the folder's own)."""
     from moegpt.serve.sharded_load import fill_shards
     from moegpt.weights import check_folder, refuse_vision
 
     if not launched_by_torchrun():
         raise UserError(f"serve.tp: {tp} ranks need torchrun (moegpt generate --tp starts it)")
     init_distributed(device, timeout_s)
-    folder = check_folder(path, verify=verify and dist.get_rank() == 0)  # one rank reads it all
+    folder = check_folder(path, dtype, verify and dist.get_rank() == 0)  # one rank reads it all
     refuse_vision(folder, "tensor-parallel serving")
     layout = ParallelConfig(tp=tp)
     try:

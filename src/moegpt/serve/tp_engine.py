@@ -26,7 +26,13 @@ from moegpt.config import ServeConfig
 from moegpt.errors import UserError
 from moegpt.parallel.launch import rank_env_defaults
 from moegpt.parallel.mesh import local_device
-from moegpt.serve.engine import Engine, folder_chat_template, folder_tokenizer, load_draft
+from moegpt.serve.engine import (
+    Engine,
+    folder_chat_template,
+    folder_tokenizer,
+    load_draft,
+    weights_dtype,
+)
 from moegpt.serve.runner import build_forward
 from moegpt.serve.tensor_parallel import follow, load_sharded
 
@@ -84,8 +90,15 @@ def open_tensor_parallel(
     """Every rank of a torchrun job calls this. Rank 0 gets the engine over its shard; the
     other ranks follow its steps and get None once rank 0 closes the engine."""
     started = time.perf_counter()
+    device = local_device()
     model, groups = load_sharded(
-        path, config.tp, local_device(), timeout_s, config.verify_weights, config.custom_all_reduce
+        path,
+        config.tp,
+        device,
+        timeout_s,
+        config.verify_weights,
+        config.custom_all_reduce,
+        weights_dtype(config, device),
     )
     if dist.get_rank() == 0:  # the draft, if any, runs on rank 0 alone
         tokenizer, eos_id = folder_tokenizer(path)
