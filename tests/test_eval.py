@@ -16,7 +16,14 @@ from PIL import Image
 import moegpt
 from moegpt.cli import main
 from moegpt.config import ServeConfig
-from moegpt.evals.passkey import ANSWER_TOKENS, answered, build_prompt, run_passkey
+from moegpt.errors import UserError
+from moegpt.evals.passkey import (
+    ANSWER_TOKENS,
+    CHAT_ANSWER_TOKENS,
+    answered,
+    build_prompt,
+    run_passkey,
+)
 from moegpt.evals.perplexity import Windows, perplexity
 from moegpt.serve.engine import Completion, Engine, folder_tokenizer
 from tests.serve.conftest import export_model
@@ -43,6 +50,36 @@ def test_passkey_prompts_fill_their_length_with_the_key_at_its_depth(
         assert "grass" not in text[:before]
     if depth == 1.0:
         assert "grass" not in text[before:]
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_chat_passkey_prompts_are_one_user_turn_within_their_length(
+    model_dir: Path, depth: float
+) -> None:
+    """With the folder's chat template the text is one user turn, rendered as the template
+    renders it, followed by the assistant's generation prompt; prompt and the longer answer
+    budget fit the length."""
+    engine = Engine.from_folder(model_dir, ServeConfig(calibrate=False), device="cpu")
+    template, tokenizer = engine.chat_template, engine.tokenizer
+    prompt = build_prompt(tokenizer, 220, depth, "27182", template)
+    assert 220 - CHAT_ANSWER_TOKENS - 3 <= len(prompt.token_ids) <= 220 - CHAT_ANSWER_TOKENS
+    text = tokenizer.decode(prompt.token_ids, skip_special_tokens=False)
+    content = text.split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
+    assert text.endswith("<|im_start|>assistant\n")
+    assert content.startswith("There is an important pass key") and content.count("27182") == 2
+    assert content.endswith("What is the pass key?")
+    rendered = template.encode([{"role": "user", "content": content}], add_generation_prompt=True)
+    assert rendered == prompt.token_ids
+
+
+def test_chat_passkey_needs_a_chat_template(model_dir: Path, tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (bare / name).write_bytes((model_dir / name).read_bytes())
+    engine = Engine.from_folder(bare, ServeConfig(calibrate=False), device="cpu")
+    with pytest.raises(UserError, match="^--chat: the model folder has no chat template"):
+        run_passkey(engine, [160], [0.5], trials=1, chat=True)
 
 
 def test_answers_are_exact_matches() -> None:

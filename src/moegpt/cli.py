@@ -647,7 +647,7 @@ def _passkey(args: argparse.Namespace, lengths: list[int]) -> dict:
     engine = _eval_engine(args.model_dir)
     cells = len(lengths) * len(depths) * args.trials
     with stderr.status(f"passkey: {cells} prompts through the engine"):
-        result = run_passkey(engine, lengths, depths, args.trials, args.seed)
+        result = run_passkey(engine, lengths, depths, args.trials, args.seed, args.chat)
     if not args.json:
         print(table(result))
     if args.plot:
@@ -1022,6 +1022,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--shots", default="0,4", help="classify: training canvases before each query (0,4)"
+    )
+    ev.add_argument(
+        "--chat",
+        action="store_true",
+        help="passkey: ask as a user turn of the model's chat template (instruction-tuned "
+        "models, as RULER asks them), the answer in the assistant's words within 32 tokens",
     )
     ev.add_argument("--json", action="store_true", help="print the results as JSON")
     ev.add_argument("--plot", metavar="PNG", help="passkey: save an accuracy heatmap")

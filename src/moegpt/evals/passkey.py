@@ -3,7 +3,10 @@
 
 Prompts are built in token ids, so each one fills its context length exactly: the prompt and
 the answer budget together are ``length`` tokens. They run on the serving engine, greedily,
-all at once (continuously batched), the way users serve the model.
+all at once (continuously batched), the way users serve the model. For an instruction-tuned
+model the text can travel as one user turn of its chat template (RULER does the same), and
+the assistant answers in its own words; either way the first 5-digit run of the answer must be
+the key.
 """
 
 from __future__ import annotations
@@ -11,9 +14,12 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moegpt.errors import UserError
+
+if TYPE_CHECKING:
+    from moegpt.chat import ChatTemplate
 
 INTRO = "There is an important pass key hidden inside a lot of irrelevant text. Find it.\n"
 FILLER = (
@@ -22,6 +28,8 @@ FILLER = (
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
 ANSWER_TOKENS = 8  # room for the key's digits and a space, whatever the tokenizer
+CHAT_QUESTION = " What is the pass key?"
+CHAT_ANSWER_TOKENS = 32  # an assistant's sentence around the key ("The pass key is 12345.")
 KEY = re.compile(r"\d{5}")
 
 
@@ -33,18 +41,42 @@ class PasskeyPrompt:
     token_ids: list[int]
 
 
-def build_prompt(tokenizer: Any, length: int, depth: float, key: str) -> PasskeyPrompt:
-    """The prompt of ``length - ANSWER_TOKENS`` tokens with ``key`` at ``depth``."""
-    intro, question = tokenizer.encode(INTRO).ids, tokenizer.encode(QUESTION).ids
-    needle = tokenizer.encode(NEEDLE.format(key=key)).ids
-    room = length - ANSWER_TOKENS - len(intro) - len(needle) - len(question)
-    if room < 0:
-        raise UserError(f"--lengths: {length} tokens cannot hold the passkey prompt")
+def answer_tokens(chat: bool) -> int:
+    """The answer's budget, inside each prompt's length."""
+    return CHAT_ANSWER_TOKENS if chat else ANSWER_TOKENS
+
+
+def build_prompt(
+    tokenizer: Any, length: int, depth: float, key: str, template: ChatTemplate | None = None
+) -> PasskeyPrompt:
+    """The prompt with ``key`` at ``depth``, of ``length`` tokens less the answer's budget;
+    with a chat ``template``, one user turn and the assistant's generation prompt."""
+    budget = length - answer_tokens(template is not None)
+    question = QUESTION if template is None else CHAT_QUESTION
+    parts = [tokenizer.encode(text).ids for text in (INTRO, NEEDLE.format(key=key), question)]
+    frame = 0 if template is None else len(_as_chat(template, []))
+    room = budget - frame - sum(len(part) for part in parts)
     sentence = tokenizer.encode(FILLER).ids
-    filler = (sentence * (room // len(sentence) + 1))[:room]
-    cut = round(depth * room)
-    ids = intro + filler[:cut] + needle + filler[cut:] + question
-    return PasskeyPrompt(length, depth, key, ids)
+    while True:
+        if room < 0:
+            raise UserError(f"--lengths: {length} tokens cannot hold the passkey prompt")
+        filler = (sentence * (room // len(sentence) + 1))[:room]
+        cut = round(depth * room)
+        ids = parts[0] + filler[:cut] + parts[1] + filler[cut:] + parts[2]
+        if template is None:
+            return PasskeyPrompt(length, depth, key, ids)
+        # A template encodes its turn's text afresh, so pieces may merge across their seams:
+        # shorten the filler by what the joined text gained over the budget.
+        ids = _as_chat(template, ids, tokenizer)
+        if len(ids) <= budget:
+            return PasskeyPrompt(length, depth, key, ids)
+        room -= len(ids) - budget
+
+
+def _as_chat(template: ChatTemplate, ids: list[int], tokenizer: Any = None) -> list[int]:
+    """``ids`` (decoded) as the one user turn of a conversation, ready for the answer."""
+    text = tokenizer.decode(ids, skip_special_tokens=False) if ids else ""
+    return template.encode([{"role": "user", "content": text}], add_generation_prompt=True)
 
 
 def answered(key: str, text: str) -> bool:
@@ -83,9 +115,15 @@ class PasskeyResult:
 
 
 def run_passkey(
-    engine: Any, lengths: list[int], depths: list[float], trials: int, seed: int = 0
+    engine: Any,
+    lengths: list[int],
+    depths: list[float],
+    trials: int,
+    seed: int = 0,
+    chat: bool = False,
 ) -> PasskeyResult:
-    """Every (length, depth, trial) prompt through ``engine`` greedily, in one batch."""
+    """Every (length, depth, trial) prompt through ``engine`` greedily, in one batch; with
+    ``chat``, each as a user turn of the engine's chat template."""
     from moegpt.serve.sequence import SamplingParams
 
     context = engine.model.config.max_seq_len
@@ -97,14 +135,17 @@ def run_passkey(
             )
     if engine.tokenizer is None:
         raise UserError("MODEL_DIR: the passkey task needs the model's tokenizer.json")
+    template = engine.chat_template if chat else None
+    if chat and template is None:
+        raise UserError("--chat: the model folder has no chat template (tokenizer_config.json)")
     rng = random.Random(seed)
     prompts = [
-        build_prompt(engine.tokenizer, n, d, f"{rng.randrange(10000, 100000)}")
+        build_prompt(engine.tokenizer, n, d, f"{rng.randrange(10000, 100000)}", template)
         for n in lengths
         for d in depths
         for _ in range(trials)
     ]
-    params = SamplingParams(max_tokens=ANSWER_TOKENS, temperature=0.0)
+    params = SamplingParams(max_tokens=answer_tokens(chat), temperature=0.0)
     outputs = engine.generate([p.token_ids for p in prompts], params)
     correct = [[0] * len(depths) for _ in lengths]
     examples: list[dict[str, Any]] = []
