@@ -4,16 +4,25 @@ original context, continued at 4x with each rotary scaling, then evaluated at ea
     python benchmarks/long_context.py --out benchmarks/results                       # CPU
     python benchmarks/long_context.py --base configs/small-moe.toml \
         --long configs/small-moe-long.toml --base-steps 600 --steps 200 --trials 10  # GPU
+    python benchmarks/long_context.py --parent runs/smollm2/moegpt --chat \
+        --long configs/smollm2-long.toml --steps 60 --variants yarn+long \
+        --documents torch:_torch_docs.py --documents torch:_tensor_docs.py  # GPU: 8k -> 32k
 
 Prepares the base recipe's corpus, trains and exports the base recipe once (``--base-steps``
-shortens it: "briefly pretrained"), then for none / linear / ntk / yarn runs the long recipe
+shortens it: "briefly pretrained"), or takes ``--parent``, a model folder trained elsewhere
+(SmolLM2-135M-Instruct converted by benchmarks/smollm2.py, pretrained at 8k on 2T tokens),
+then for none / linear / ntk / yarn runs the long recipe
 with that scaling (its factor from the original context; none keeps the plain rotations),
 and yarn once more with long documents upsampled as the recipe has it (yarn+long); exports
 each and evaluates it (a finished run is evaluated again, not retrained): passkey retrieval
-at the original context, twice it and the extended one, and sliding-window perplexity of
+at the original context, twice it and the extended one (``--chat``: asked through the
+model's chat template, for an instruction-tuned parent), and sliding-window perplexity of
 held-out long documents at the original and the extended context, beside the parent's at
-the original (the short-context regression). The table also gives the median training
-tokens/s of the base run and of each continuation. Everything goes through the `moegpt`
+the original (the short-context regression). The held-out documents are Debian's licence
+texts (3.5k and 11k tokens) unless ``--documents`` names others; ``torch:NAME`` is a file of
+the installed torch package, whose documentation modules (``_torch_docs.py``, 110k tokens)
+no recipe trains on and which every machine with moegpt has. The table also gives the median
+training tokens/s of the base run and of each continuation. Everything goes through the `moegpt`
 verbs, as a user would run them; the table is printed and saved as JSON and text.
 """
 
@@ -46,24 +55,13 @@ DOCUMENTS = ("/usr/share/common-licenses/GPL-3", "/usr/share/common-licenses/Apa
 
 
 def evaluate(
-    model: Path, lengths: list[int], trials: int, documents: list[str], stride: int
+    model: Path, lengths: list[int], trials: int, documents: list[str], stride: int, chat: bool
 ) -> dict:
     texts = [a for doc in documents for a in ("--text", doc)]
     joined = ",".join(str(n) for n in lengths)
+    ask = ["--depths", "0,50,100", "--trials", str(trials), *(["--chat"] if chat else [])]
     passkey = json.loads(
-        moegpt(
-            "eval",
-            str(model),
-            "--task",
-            "passkey",
-            "--lengths",
-            joined,
-            "--depths",
-            "0,50,100",
-            "--trials",
-            str(trials),
-            "--json",
-        )
+        moegpt("eval", str(model), "--task", "passkey", "--lengths", joined, *ask, "--json")
     )
     ppl_lengths = ",".join(str(n) for n in sorted({lengths[0], lengths[-1]}))
     ppl = json.loads(
@@ -95,6 +93,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", default="configs/tiny.toml", help="the pretraining recipe")
     parser.add_argument("--long", default="configs/tiny-long.toml", help="the continuation")
+    parser.add_argument(
+        "--parent",
+        metavar="DIR",
+        help="extend this model folder instead of pretraining --base (a converted or exported "
+        "model)",
+    )
     parser.add_argument("--base-steps", type=int, help="pretraining steps (default: recipe's)")
     parser.add_argument("--steps", type=int, default=100, help="continuation steps (100)")
     parser.add_argument("--trials", type=int, default=4, help="passkey prompts per cell (4)")
@@ -118,6 +122,16 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="a setting of every continuation (repeatable), e.g. train.global_batch_size=16",
     )
+    parser.add_argument(
+        "--chat", action="store_true", help="ask the passkey through the chat template"
+    )
+    parser.add_argument(
+        "--documents",
+        action="append",
+        metavar="FILE",
+        help="a held-out long document (repeatable; torch:NAME is a file of the torch "
+        "package); default: Debian's GPL-3 and Apache-2.0 licence texts",
+    )
     parser.add_argument("--runs", default="runs/long-context", help="run directories go here")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
@@ -125,58 +139,87 @@ def main() -> None:
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown or not variants:
         parser.error(f"--variants: {', '.join(unknown) or 'none'}; known: {', '.join(VARIANTS)}")
-    documents = [d for d in DOCUMENTS if Path(d).is_file()]
-    if not documents:
-        raise SystemExit(f"no held-out documents found ({', '.join(DOCUMENTS)})")
+    documents = held_out_documents(args.documents)
     long = load_config(args.long).model
     scaling = long.rope_scaling
     original = scaling.original_max_seq_len or int(long.max_seq_len / scaling.factor)
     # Passkey at the original context, twice it and the extended one (fewer when they meet).
     lengths = sorted({original, min(2 * original, long.max_seq_len), long.max_seq_len})
     stride = original // 2
-    base_recipe = load_config(args.base).train
-    base = Path(args.base).stem
     runs = Path(args.runs)
-    # Run folders name what made them, so a changed setting never reuses an old run.
-    parent = runs / "-".join([base, str(args.base_steps or base_recipe.steps), *args.base_set])
-    base_settings = [f"--{setting}" for setting in args.base_set]
     long_settings = [f"--{setting}" for setting in args.long_set]
     started = time.perf_counter()
-    moegpt("prepare", "--config", args.base)
     # One checkpoint a run, at its end (what export reads): 8 GB each at small-moe's size.
     once = "--checkpoint.every=0"
-    if not (parent / "export" / "model.safetensors").is_file():
-        brief = []
-        if args.base_steps is not None:  # a brief pretraining warms up and decays in its steps
-            warmup = min(base_recipe.warmup_steps, max(1, args.base_steps // 10))
-            brief = [f"--train.steps={args.base_steps}", f"--train.warmup_steps={warmup}"]
-        moegpt_streamed(
-            "train", "--config", args.base, "--run-dir", str(parent), once, *brief, *base_settings
-        )
-        moegpt("export", str(parent), str(parent / "export"))
-    result = {"parent": evaluate(parent / "export", lengths[:1], args.trials, documents, stride)}
-    result["parent"]["tokens_per_second"] = tokens_per_second(parent)
+    if args.parent:  # the long recipe's corpus, in the parent's tokens
+        moegpt("prepare", "--config", args.long, *long_settings)
+        base, base_steps, model = Path(args.parent).name, None, Path(args.parent)
+    else:
+        base, base_steps, model = pretrain(args, runs, once)
+    result = {"parent": evaluate(model, lengths[:1], args.trials, documents, stride, args.chat)}
+    if not args.parent:
+        result["parent"]["tokens_per_second"] = tokens_per_second(model.parent)
     result["documents"], result["lengths"] = documents, lengths
     for variant in variants:
         settings = VARIANTS[variant]
-        name = "-".join([parent.name, Path(args.long).stem, str(args.steps), *args.long_set])
+        # Run folders name what made them, so a changed setting never reuses an old run.
+        name = "-".join([base, Path(args.long).stem, str(args.steps), *args.long_set])
         run = runs / f"{name}-{variant}"
-        overrides = [f"--train.init_from={parent / 'export'}", f"--train.steps={args.steps}"]
+        overrides = [f"--train.init_from={model}", f"--train.steps={args.steps}"]
         overrides += [once, *settings, *long_settings]
         moegpt_streamed("train", "--config", args.long, "--run-dir", str(run), *overrides)
         if not (run / "export" / "model.safetensors").is_file():
             moegpt("export", str(run), str(run / "export"))
-        result[variant] = evaluate(run / "export", lengths, args.trials, documents, stride)
+        result[variant] = evaluate(
+            run / "export", lengths, args.trials, documents, stride, args.chat
+        )
         result[variant]["tokens_per_second"] = tokens_per_second(run)
         print(f"{variant}: {result[variant]}", flush=True)
     result["seconds"] = time.perf_counter() - started
     result["steps"], result["trials"], result["variants"] = args.steps, args.trials, variants
-    result["base_steps"] = args.base_steps or base_recipe.steps
+    result["parent_dir"], result["base_steps"] = args.parent, base_steps
     result["base_settings"], result["long_settings"] = args.base_set, args.long_set
+    result["chat"] = args.chat
     result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
     kind = "cpu" if result["device"] == "cpu" else "gpu"
     save(args.out, f"long_context-{base}-{kind}", result, table(result, base))
+
+
+def held_out_documents(names: list[str] | None) -> list[str]:
+    """Paths of the held-out documents: ``names`` (``torch:NAME`` inside the torch package),
+    else the Debian licence texts that exist here."""
+    if not names:
+        found = [d for d in DOCUMENTS if Path(d).is_file()]
+        if not found:
+            raise SystemExit(f"no held-out documents found ({', '.join(DOCUMENTS)})")
+        return found
+    paths = []
+    for name in names:
+        path = Path(torch.__file__).parent / name[6:] if name.startswith("torch:") else Path(name)
+        if not path.is_file():
+            raise SystemExit(f"--documents: {name} not found ({path})")
+        paths.append(str(path))
+    return paths
+
+
+def pretrain(args: argparse.Namespace, runs: Path, once: str) -> tuple[str, int, Path]:
+    """Prepare, train and export the base recipe (once); its name, steps and model folder."""
+    base_recipe = load_config(args.base).train
+    steps = args.base_steps or base_recipe.steps
+    run = runs / "-".join([Path(args.base).stem, str(steps), *args.base_set])
+    moegpt("prepare", "--config", args.base)
+    if not (run / "export" / "model.safetensors").is_file():
+        brief = []
+        if args.base_steps is not None:  # a brief pretraining warms up and decays in its steps
+            warmup = min(base_recipe.warmup_steps, max(1, args.base_steps // 10))
+            brief = [f"--train.steps={args.base_steps}", f"--train.warmup_steps={warmup}"]
+        base_settings = [f"--{setting}" for setting in args.base_set]
+        moegpt_streamed(
+            "train", "--config", args.base, "--run-dir", str(run), once, *brief, *base_settings
+        )
+        moegpt("export", str(run), str(run / "export"))
+    return Path(args.base).stem, steps, run / "export"
 
 
 def settings(overrides: list[str] | None) -> str:
@@ -194,14 +237,21 @@ def table(result: dict, base: str) -> str:
         return f"{label:<10}" + "".join(f"{cell:>14}" for cell in cells)
 
     def rate(r: dict) -> str:
-        return f"{r['tokens_per_second'] or 0:,.0f}"
+        return f"{r.get('tokens_per_second') or 0:,.0f}"
 
     parent = result["parent"]
+    if result.get("parent_dir"):
+        origin = f"{base} (the model folder {result['parent_dir']}, {first}-token context)"
+    else:
+        origin = (
+            f"{base} ({first}-token pretraining, {result['base_steps']} steps"
+            f"{settings(result.get('base_settings'))})"
+        )
+    asked = " through the chat template" if result.get("chat") else ""
     lines = [
-        f"{base} ({first}-token pretraining, {result['base_steps']} steps"
-        f"{settings(result.get('base_settings'))}) continued {result['steps']} steps at {last} "
+        f"{origin} continued {result['steps']} steps at {last} "
         f"tokens{settings(result.get('long_settings'))} on {result['device']}; passkey "
-        f"{result['trials']} trials x 3 depths per length; perplexity of "
+        f"{result['trials']} trials x 3 depths per length{asked}; perplexity of "
         f"{len(result['documents'])} held-out documents",
         row(
             "scaling",

@@ -59,12 +59,14 @@ def prefix_attention(
 def masked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    """SDPA with a boolean ``mask`` (True: may attend), on any kernel but cuDNN's (see
-    :data:`NON_CUDNN_BACKENDS`); ``k``/``v`` may have fewer heads than ``q``."""
+    """SDPA with a boolean ``mask`` (True: may attend), on a GPU on any kernel but cuDNN's
+    (see :data:`NON_CUDNN_BACKENDS`; elsewhere the caller's choice of kernels stands);
+    ``k``/``v`` may have fewer heads than ``q``."""
+    gqa = k.shape[1] != q.shape[1]
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     with sdpa_kernel(NON_CUDNN_BACKENDS):
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1]
-        )
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 class KVCacheLike(Protocol):
