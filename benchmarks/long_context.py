@@ -153,7 +153,8 @@ def main() -> None:
     once = "--checkpoint.every=0"
     if args.parent:  # the long recipe's corpus, in the parent's tokens
         moegpt("prepare", "--config", args.long, *long_settings)
-        base, base_steps, model = Path(args.parent).name, None, Path(args.parent)
+        model = Path(args.parent)
+        base, base_steps = "-".join(model.resolve().parts[-2:]), None  # smollm2-moegpt
     else:
         base, base_steps, model = pretrain(args, runs, once)
     result = {"parent": evaluate(model, lengths[:1], args.trials, documents, stride, args.chat)}
