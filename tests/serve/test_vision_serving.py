@@ -255,3 +255,20 @@ def test_generate_takes_images_from_files(vision_model: Path, tmp_path: Path, ca
     assert printed == "def f(x):" + engine.tokenizer.decode(want) + "\n"
     assert main([*base, "--prompt", "x", "--image", str(tmp_path / "missing.png")]) == 2
     assert "--image: " in capsys.readouterr().err
+
+
+def test_a_vision_model_serves_in_bfloat16(vision_model: Path) -> None:
+    """``serve.dtype = "bfloat16"`` (auto's choice on a GPU) casts the encoder, resampler and
+    cross-attention with the language model, and images travel in that dtype: the first
+    token's log-probabilities follow the bfloat16 model's own forward."""
+    config = ServeConfig(calibrate=False, dtype="bfloat16")
+    engine = Engine.from_folder(vision_model, config, device="cpu")
+    assert {p.dtype for p in engine.vision.parameters()} == {torch.bfloat16}
+    model = load_vision(vision_model, dtype=torch.bfloat16)
+    prompt = [model.image_token_id, *engine.tokenizer.encode("def f(x):").ids]
+    [got] = run(engine, [(prompt, [image(5)])], 1)
+    with torch.inference_mode():
+        logprobs = model(torch.tensor([prompt]), image(5)[None, None]).logits[0, -1].float()
+    logprobs = logprobs.log_softmax(-1)
+    token = int(logprobs.argmax())
+    assert got[0][0] == token and abs(got[0][1] - float(logprobs[token])) < 0.05
