@@ -155,16 +155,29 @@ def main() -> None:
         moegpt("prepare", "--config", args.long, *long_settings)
         model = Path(args.parent)
         base, base_steps = "-".join(model.resolve().parts[-2:]), None  # smollm2-moegpt
+        lineage = base
     else:
         base, base_steps, model = pretrain(args, runs, once)
-    result = {"parent": evaluate(model, lengths[:1], args.trials, documents, stride, args.chat)}
+        lineage = model.parent.name  # the pretraining run's folder: recipe, steps, settings
+    result: dict = {"steps": args.steps, "trials": args.trials, "variants": []}
+    result["parent_dir"], result["base_steps"] = args.parent, base_steps
+    result["base_settings"], result["long_settings"] = args.base_set, args.long_set
+    result["chat"], result["documents"], result["lengths"] = args.chat, documents, lengths
+    result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    stem = f"long_context-{base}-{'cpu' if result['device'] == 'cpu' else 'gpu'}"
+
+    def save_so_far() -> None:  # a run cut short by a time limit keeps what it measured
+        result["seconds"] = time.perf_counter() - started
+        save(args.out, stem, result, table(result, base))
+
+    result["parent"] = evaluate(model, lengths[:1], args.trials, documents, stride, args.chat)
     if not args.parent:
         result["parent"]["tokens_per_second"] = tokens_per_second(model.parent)
-    result["documents"], result["lengths"] = documents, lengths
+    save_so_far()
     for variant in variants:
         settings = VARIANTS[variant]
         # Run folders name what made them, so a changed setting never reuses an old run.
-        name = "-".join([base, Path(args.long).stem, str(args.steps), *args.long_set])
+        name = "-".join([lineage, Path(args.long).stem, str(args.steps), *args.long_set])
         run = runs / f"{name}-{variant}"
         overrides = [f"--train.init_from={model}", f"--train.steps={args.steps}"]
         overrides += [once, *settings, *long_settings]
@@ -175,16 +188,8 @@ def main() -> None:
             run / "export", lengths, args.trials, documents, stride, args.chat
         )
         result[variant]["tokens_per_second"] = tokens_per_second(run)
-        print(f"{variant}: {result[variant]}", flush=True)
-    result["seconds"] = time.perf_counter() - started
-    result["steps"], result["trials"], result["variants"] = args.steps, args.trials, variants
-    result["parent_dir"], result["base_steps"] = args.parent, base_steps
-    result["base_settings"], result["long_settings"] = args.base_set, args.long_set
-    result["chat"] = args.chat
-    result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-
-    kind = "cpu" if result["device"] == "cpu" else "gpu"
-    save(args.out, f"long_context-{base}-{kind}", result, table(result, base))
+        result["variants"].append(variant)
+        save_so_far()
 
 
 def held_out_documents(names: list[str] | None) -> list[str]:
