@@ -80,6 +80,9 @@ def evaluate(
     )
     return {
         "passkey": passkey["accuracy_by_length"],
+        # by length x depth, and one wrong answer per cell: where and how retrieval fails
+        "passkey_by_depth": passkey["accuracy"],
+        "passkey_wrong": passkey["wrong_examples"],
         "perplexity": {str(r["length"]): r["perplexity"] for r in ppl["results"]},
     }
 

@@ -13,7 +13,8 @@
 
 The held-out items are the recipe's own validation split, drawn as `moegpt prepare` draws
 them. The model runs without a cache (each new token recomputes the sequence): lines are at
-most 32 characters, and the serving engine takes no images yet.
+most 32 characters, so that costs little, and the measure stays independent of the serving
+engine it could otherwise share a bug with.
 """
 
 from __future__ import annotations
