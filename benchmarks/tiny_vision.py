@@ -30,7 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -79,8 +81,15 @@ def caption_loss(trainer: Trainer, source: str, swap_images: bool) -> float:
     return total / count
 
 
-def flamingo_stage(args: argparse.Namespace, run_dir: str, overrides: list[str]) -> dict:
-    """Train, evaluate and export the Flamingo stage with ``overrides`` to its recipe."""
+def flamingo_stage(
+    args: argparse.Namespace,
+    run_dir: str,
+    overrides: list[str],
+    result: dict,
+    progress: Callable[[], None],
+) -> None:
+    """Train, evaluate and export the Flamingo stage with ``overrides`` to its recipe, into
+    ``result``; ``progress`` saves it after training and after each evaluation."""
     with tempfile.TemporaryDirectory() as tmp:
         before, _ = held_out_loss(args.config, Path(tmp) / "start", False, overrides)
     began = time.perf_counter()
@@ -88,7 +97,7 @@ def flamingo_stage(args: argparse.Namespace, run_dir: str, overrides: list[str])
     trained = time.perf_counter() - began
     after, trainer = held_out_loss(args.config, Path(run_dir), True, overrides)
     sources = [s.name for s in trainer.config.data.sources]
-    result = {
+    result |= {
         "steps": trainer.config.train.steps,
         "frozen": list(trainer.config.train.freeze),
         "before": before,
@@ -98,14 +107,15 @@ def flamingo_stage(args: argparse.Namespace, run_dir: str, overrides: list[str])
         "train_seconds": trained,
         **median_train_metrics(Path(run_dir), "tokens_per_second", "mfu"),
     }
+    progress()
     export = Path(run_dir) / "export"
     moegpt("export", run_dir, str(export), "--force")
     began = time.perf_counter()
     common = ["--config", args.config, "--limit", str(args.eval_items), "--json"]
     for task in ("transcribe", "classify"):
         result[task] = json.loads(moegpt("eval", str(export), "--task", task, *common))[task]
-    result["eval_seconds"] = time.perf_counter() - began
-    return result
+        result["eval_seconds"] = time.perf_counter() - began
+        progress()
 
 
 def clip_stage(args: argparse.Namespace) -> dict:
@@ -136,7 +146,7 @@ def stage_lines(name: str, result: dict) -> list[str]:
     sources = sorted({k.split("/")[0] for k in result["before"]})
     lines = [
         f"{name}: {result['steps']} steps, frozen {', '.join(result['frozen'])} "
-        f"(train {result['train_seconds']:.0f} s, eval {result['eval_seconds']:.0f} s; "
+        f"(train {result['train_seconds']:.0f} s, eval {result.get('eval_seconds', 0):.0f} s; "
         f"{result.get('tokens_per_second') or 0:,.0f} tokens/s, MFU {mfu(result)})",
         "  held-out caption loss   " + "  ".join(f"{s:>9}" for s in sources),
     ]
@@ -146,12 +156,12 @@ def stage_lines(name: str, result: dict) -> list[str]:
     swapped = result["after_with_other_rows_images"]
     cells = "  ".join(f"{swapped[s]:>9.3f}" for s in sources)
     lines.append(f"  {'after, images swapped':<23} {cells}")
-    found = result["transcribe"]
-    lines.append(
-        f"  transcribe: character error rate {found['character_error_rate']:.1%} over "
-        f"{found['lines']} held-out lines ({found['exact_match']:.1%} exact)"
-    )
-    for shots in result["classify"]:
+    if found := result.get("transcribe"):
+        lines.append(
+            f"  transcribe: character error rate {found['character_error_rate']:.1%} over "
+            f"{found['lines']} held-out lines ({found['exact_match']:.1%} exact)"
+        )
+    for shots in result.get("classify", []):
         lines.append(
             f"  classify, {shots['shots']}-shot: accuracy {shots['accuracy']:.1%} over "
             f"{shots['items']} held-out items (chance 10%)"
@@ -225,21 +235,32 @@ def main() -> None:
             )
         )
 
-    def run(start: str) -> dict:
+    tag = device_tag()
+    saving = threading.Lock()  # concurrent stages report as they go
+
+    def report() -> None:
+        """Save what has been measured so far: a run cut short keeps its finished parts."""
+        with saving:
+            result["seconds"] = time.perf_counter() - started
+            table = [f"vision stages of {args.config} on {tag} ({result['seconds']:.0f} s)"]
+            table += lines
+            for start in (s for s in starts if "steps" in result.get(s, {})):
+                concurrently = " (stages run concurrently)" if args.concurrent else ""
+                table += stage_lines(STARTS[start][3] + concurrently, result[start])
+            stem = f"vision_stages-{Path(args.config).stem}-{tag}"
+            save(args.out, stem, result, "\n".join(table))
+
+    def run(start: str) -> None:
         parent, frozen, suffix, _ = STARTS[start]
         overrides = ["--train.init_from", parents[parent], "--train.freeze", frozen]
-        return flamingo_stage(args, args.run_dir + suffix, overrides)
+        result[start] = {}
+        flamingo_stage(args, args.run_dir + suffix, overrides, result[start], report)
 
+    if "clip_stage" in result:
+        report()
     with ThreadPoolExecutor(max_workers=len(starts) if args.concurrent else 1) as pool:
-        stages = dict(zip(starts, pool.map(run, starts), strict=True))
-    for start, stage in stages.items():
-        result[start] = stage
-        title = STARTS[start][3] + (" (stages run concurrently)" if args.concurrent else "")
-        lines += stage_lines(title, stage)
-    result["seconds"] = time.perf_counter() - started
-    tag = device_tag()
-    lines.insert(0, f"vision stages of {args.config} on {tag} ({result['seconds']:.0f} s in all)")
-    save(args.out, f"vision_stages-{Path(args.config).stem}-{tag}", result, "\n".join(lines))
+        for stage in [pool.submit(run, start) for start in starts]:
+            stage.result()  # raises a stage's failure
 
 
 if __name__ == "__main__":
