@@ -984,7 +984,8 @@ def build_parser() -> argparse.ArgumentParser:
         "per cell, answered greedily on the serving engine, exact match. perplexity: "
         "sliding-window perplexity of --text documents at each length (a window advances by "
         "--stride and scores only tokens the previous one did not). instruct: exact match on "
-        "the standard-library questions of the modules --config's split holds out, by kind. "
+        "the standard-library questions of the modules --config's split holds out, by kind, "
+        "and the reference answers' teacher-forced loss. "
         "transcribe (a vision model): character error rate of greedy transcriptions of the "
         "rendered lines --config's split holds out. classify (a vision model): accuracy of "
         "likelihood classification of the items of held-out Fashion-MNIST canvases, after "
@@ -1000,10 +1001,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--lengths", default="256,512,1024", help="context lengths in tokens (256,512,1024)"
     )
-    ev.add_argument("--depths", default="0,25,50,75,100", help="passkey depths in percent")
+    ev.add_argument(
+        "--depths", default="0,25,50,75,100", help="passkey depths in percent (0,25,50,75,100)"
+    )
     ev.add_argument("--trials", type=int, default=5, help="passkey prompts per cell (5)")
     ev.add_argument(
-        "--seed", type=int, default=0, help="seed of the passkeys and of the instruct sample (0)"
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the passkeys, the instruct sample and the classify shots (0)",
     )
     ev.add_argument("--text", action="append", help="perplexity: a document (repeatable)")
     ev.add_argument("--stride", type=int, help="perplexity: window step (half the shortest length)")
