@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from verbs import median_train_metrics, moegpt, moegpt_streamed, save
+from verbs import device_tag, median_train_metrics, moegpt, moegpt_streamed, save
 
 from moegpt.config import load_config
 
@@ -167,7 +167,7 @@ def main() -> None:
     result["base_settings"], result["long_settings"] = args.base_set, args.long_set
     result["chat"], result["documents"], result["lengths"] = args.chat, documents, lengths
     result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    stem = f"long_context-{base}-{'cpu' if result['device'] == 'cpu' else 'gpu'}"
+    stem = f"long_context-{base}-{device_tag()}"
 
     def save_so_far() -> None:  # a run cut short by a time limit keeps what it measured
         result["seconds"] = time.perf_counter() - started
