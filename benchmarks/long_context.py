@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from verbs import device_tag, median_train_metrics, moegpt, moegpt_streamed, save
+from verbs import device_tag, median_train_metrics, moegpt, moegpt_streamed, rate, save
 
 from moegpt.config import load_config
 
@@ -138,7 +138,7 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/long-context", help="run directories go here")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
-    variants = [v for v in args.variants.split(",") if v]
+    variants = list(dict.fromkeys(v for v in args.variants.split(",") if v))
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown or not variants:
         parser.error(f"--variants: {', '.join(unknown) or 'none'}; known: {', '.join(VARIANTS)}")
@@ -245,9 +245,6 @@ def table(result: dict, base: str) -> str:
     def row(label: str, cells: list[str]) -> str:
         return f"{label:<10}" + "".join(f"{cell:>14}" for cell in cells)
 
-    def rate(r: dict) -> str:
-        return f"{r.get('tokens_per_second') or 0:,.0f}"
-
     parent = result["parent"]
     if result.get("parent_dir"):
         origin = f"{base} (the model folder {result['parent_dir']}, {first}-token context)"
@@ -270,14 +267,14 @@ def table(result: dict, base: str) -> str:
             "parent",
             [f"{parent['passkey'][first]:.0%}"]
             + ["-"] * (len(lengths) - 1)
-            + [f"{parent['perplexity'][first]:.2f}", "-", rate(parent)],
+            + [f"{parent['perplexity'][first]:.2f}", "-", rate(parent.get("tokens_per_second"))],
         ),
     ]
     for variant in result.get("variants", VARIANTS):
         r = result[variant]
         passkey = [f"{r['passkey'][n]:.0%}" for n in lengths]
         ppl = [f"{r['perplexity'][first]:.2f}", f"{r['perplexity'][last]:.2f}"]
-        lines.append(row(variant, passkey + ppl + [rate(r)]))
+        lines.append(row(variant, passkey + ppl + [rate(r.get("tokens_per_second"))]))
     return "\n".join(lines)
 
 

@@ -28,16 +28,17 @@ Results: ``vision_stages-<recipe>-<device>.json`` and ``.txt`` under ``--out``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from verbs import device_tag, median_train_metrics, moegpt, moegpt_streamed, save
+from verbs import device_tag, median_train_metrics, moegpt, moegpt_streamed, rate, save
 
 from moegpt.config import load_config
 from moegpt.data.mixture import IGNORE_INDEX, Mixture, MixtureLoader
@@ -46,7 +47,7 @@ from moegpt.train.trainer import Trainer, lm_loss_sum
 
 
 def held_out_loss(
-    config_path: str, run_dir: Path, resume: bool, overrides: list[str] = ()
+    config_path: str, run_dir: Path, resume: bool, overrides: Sequence[str] = ()
 ) -> tuple[dict, Trainer]:
     """Per-source held-out loss of the run's newest checkpoint (``resume``), or of the model
     the stage starts from."""
@@ -56,58 +57,74 @@ def held_out_loss(
 
 
 @torch.no_grad()
-def caption_loss(trainer: Trainer, source: str, swap_images: bool) -> float:
-    """Mean held-out caption loss of ``source``; with ``swap_images`` each row gets the next
-    row's images (the same count of them where it can), so what the loss gains from the
-    right image shows up as the difference."""
+def image_dependence(trainer: Trainer, source: str) -> dict[str, float]:
+    """Held-out caption loss of ``source`` with each row's own images, and with each row
+    given the previous row's images instead (blank where that row had fewer), over the same
+    batches at the training's precision: what the loss gains from the right image is the
+    difference. Single-row batches have no other row and are left out of both."""
     config = trainer.config
     mixture = Mixture.open(config.data, split="val", source=source)
     loader = MixtureLoader(mixture, config.train.micro_batch_size, document_mask=True)
     model = trainer.parts.models[0].eval()
-    total = count = 0.0
+    sums = {"own": 0.0, "swapped": 0.0}
+    count = 0
     for batch in loader:
+        if len(batch["input_ids"]) < 2:
+            continue
         batch = {name: tensor.to(trainer.device) for name, tensor in batch.items()}
-        images = batch["images"]
-        if swap_images:
-            images = torch.roll(images, 1, dims=0)
-        out = model(
-            batch["input_ids"],
-            images,
-            positions=batch["positions"],
-            document_ids=batch["document_ids"],
-        )
-        total += float(lm_loss_sum(out.logits, batch["labels"]))
+        for key, images in (("own", batch["images"]), ("swapped", batch["images"].roll(1, 0))):
+            with trainer.autocast():
+                out = model(
+                    batch["input_ids"],
+                    images,
+                    positions=batch["positions"],
+                    document_ids=batch["document_ids"],
+                )
+            sums[key] += float(lm_loss_sum(out.logits.float(), batch["labels"]))
         count += int((batch["labels"] != IGNORE_INDEX).sum())
-    return total / count
+    if not count:
+        raise SystemExit(f"{source}: no held-out batch of two rows or more to swap images in")
+    return {key: total / count for key, total in sums.items()}
+
+
+def free_device_memory() -> None:
+    """Give dropped trainers' GPU memory back to the device (gc: a trainer's pipeline loss
+    refers back to it): each stage trains in a child process, outside this one's caching
+    allocator, beside its concurrent siblings."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def flamingo_stage(
     args: argparse.Namespace,
     run_dir: str,
     overrides: list[str],
-    result: dict,
-    progress: Callable[[], None],
+    progress: Callable[[dict], None],
 ) -> None:
-    """Train, evaluate and export the Flamingo stage with ``overrides`` to its recipe, into
-    ``result``; ``progress`` saves it after training and after each evaluation."""
+    """Train, evaluate and export the Flamingo stage with ``overrides`` to its recipe;
+    ``progress`` takes its results so far after training and after each evaluation."""
     with tempfile.TemporaryDirectory() as tmp:
         before, _ = held_out_loss(args.config, Path(tmp) / "start", False, overrides)
+    free_device_memory()
     began = time.perf_counter()
     moegpt_streamed("train", "--config", args.config, "--run-dir", run_dir, *overrides)
     trained = time.perf_counter() - began
     after, trainer = held_out_loss(args.config, Path(run_dir), True, overrides)
     sources = [s.name for s in trainer.config.data.sources]
-    result |= {
+    result = {
         "steps": trainer.config.train.steps,
         "frozen": list(trainer.config.train.freeze),
         "before": before,
         "after": after,
         "gates": gate_values(trainer.parts.models[0]),
-        "after_with_other_rows_images": {s: caption_loss(trainer, s, True) for s in sources},
+        "image_dependence": {s: image_dependence(trainer, s) for s in sources},
         "train_seconds": trained,
         **median_train_metrics(Path(run_dir), "tokens_per_second", "mfu"),
     }
-    progress()
+    del trainer
+    free_device_memory()
+    progress(dict(result))
     export = Path(run_dir) / "export"
     moegpt("export", run_dir, str(export), "--force")
     began = time.perf_counter()
@@ -115,7 +132,7 @@ def flamingo_stage(
     for task in ("transcribe", "classify"):
         result[task] = json.loads(moegpt("eval", str(export), "--task", task, *common))[task]
         result["eval_seconds"] = time.perf_counter() - began
-        progress()
+        progress(dict(result))
 
 
 def clip_stage(args: argparse.Namespace) -> dict:
@@ -123,13 +140,17 @@ def clip_stage(args: argparse.Namespace) -> dict:
     run_dir = Path(args.run_dir + "-clip")
     with tempfile.TemporaryDirectory() as tmp:
         before, _ = held_out_loss(args.clip_config, Path(tmp) / "start", resume=False)
+    free_device_memory()
     began = time.perf_counter()
     moegpt_streamed("train", "--config", args.clip_config, "--run-dir", str(run_dir))
     trained = time.perf_counter() - began
     after, trainer = held_out_loss(args.clip_config, run_dir, resume=True)
+    steps = trainer.config.train.steps
+    del trainer
+    free_device_memory()
     moegpt("export", str(run_dir), str(run_dir / "export"), "--force")
     return {
-        "steps": trainer.config.train.steps,
+        "steps": steps,
         "before": before,
         "after": after,
         "train_seconds": trained,
@@ -147,15 +168,16 @@ def stage_lines(name: str, result: dict) -> list[str]:
     lines = [
         f"{name}: {result['steps']} steps, frozen {', '.join(result['frozen'])} "
         f"(train {result['train_seconds']:.0f} s, eval {result.get('eval_seconds', 0):.0f} s; "
-        f"{result.get('tokens_per_second') or 0:,.0f} tokens/s, MFU {mfu(result)})",
+        f"{rate(result.get('tokens_per_second'))} tokens/s, MFU {mfu(result)})",
         "  held-out caption loss   " + "  ".join(f"{s:>9}" for s in sources),
     ]
     for label, scores in (("before (gates closed)", result["before"]), ("after", result["after"])):
         cells = "  ".join(f"{scores[f'{s}/loss']:>9.3f}" for s in sources)
         lines.append(f"  {label:<23} {cells}")
-    swapped = result["after_with_other_rows_images"]
-    cells = "  ".join(f"{swapped[s]:>9.3f}" for s in sources)
-    lines.append(f"  {'after, images swapped':<23} {cells}")
+    paired = result["image_dependence"]
+    for key, label in (("own", "after, whole split"), ("swapped", "  images swapped")):
+        cells = "  ".join(f"{paired[s][key]:>9.3f}" for s in sources)
+        lines.append(f"  {label:<23} {cells}")
     if found := result.get("transcribe"):
         lines.append(
             f"  transcribe: character error rate {found['character_error_rate']:.1%} over "
@@ -212,7 +234,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--eval-items", type=int, default=200, help="held-out items per task")
     args = parser.parse_args()
-    starts = args.starts.split(",")
+    starts = list(dict.fromkeys(s for s in args.starts.split(",") if s))
     if unknown := set(starts) - set(STARTS):
         raise SystemExit(f"--starts: unknown {', '.join(sorted(unknown))}")
     started = time.perf_counter()
@@ -244,7 +266,7 @@ def main() -> None:
             result["seconds"] = time.perf_counter() - started
             table = [f"vision stages of {args.config} on {tag} ({result['seconds']:.0f} s)"]
             table += lines
-            for start in (s for s in starts if "steps" in result.get(s, {})):
+            for start in (s for s in starts if s in result):
                 concurrently = " (stages run concurrently)" if args.concurrent else ""
                 table += stage_lines(STARTS[start][3] + concurrently, result[start])
             stem = f"vision_stages-{Path(args.config).stem}-{tag}"
@@ -253,14 +275,23 @@ def main() -> None:
     def run(start: str) -> None:
         parent, frozen, suffix, _ = STARTS[start]
         overrides = ["--train.init_from", parents[parent], "--train.freeze", frozen]
-        result[start] = {}
-        flamingo_stage(args, args.run_dir + suffix, overrides, result[start], report)
+
+        def progress(found: dict) -> None:
+            with saving:
+                result[start] = found
+            report()
+
+        flamingo_stage(args, args.run_dir + suffix, overrides, progress)
 
     if "clip_stage" in result:
         report()
     with ThreadPoolExecutor(max_workers=len(starts) if args.concurrent else 1) as pool:
         for stage in [pool.submit(run, start) for start in starts]:
-            stage.result()  # raises a stage's failure
+            try:
+                stage.result()
+            except BaseException:  # a stage's failure: queued stages would only delay it
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ saving a result table as JSON and text."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -46,12 +47,20 @@ def median_train_metrics(run: Path, *keys: str) -> dict[str, float | None]:
 
 
 def save(out: str, stem: str, result: dict[str, Any], table: str) -> None:
-    """Print ``table`` and write ``OUT/STEM.json`` and ``OUT/STEM.txt``."""
+    """Print ``table`` and write ``OUT/STEM.json`` and ``OUT/STEM.txt``, each whole or not
+    at all (benchmarks save as they go, and may be killed at any moment)."""
     print(table)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (folder / f"{stem}.txt").write_text(table + "\n")
+    for path, text in ((f"{stem}.json", json.dumps(result, indent=2)), (f"{stem}.txt", table)):
+        partial = folder / f".{path}.partial"
+        partial.write_text(text + "\n")
+        os.replace(partial, folder / path)
+
+
+def rate(tokens_per_second: float | None) -> str:
+    """A table's tokens/s cell: ``-`` where nothing was measured (a parent trained elsewhere)."""
+    return "-" if tokens_per_second is None else f"{tokens_per_second:,.0f}"
 
 
 def exact_match_table(title: str, before: dict[str, Any], after: dict[str, Any]) -> str:

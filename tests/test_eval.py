@@ -86,6 +86,15 @@ def test_answers_are_exact_matches() -> None:
     assert answered("31415", " 31415.")
     assert not answered("31415", " 31416. 31415")  # the first key-shaped answer counts
     assert not answered("31415", " three one four")
+    assert not answered("31415", " 314159")  # a longer number is not the key
+    assert not answered("31415", " 7 then 31415")  # the first number is the answer
+
+
+def test_repeated_lengths_and_depths_count_once(model_dir: Path) -> None:
+    engine = Engine.from_folder(model_dir, ServeConfig(calibrate=False), device="cpu")
+    result = run_passkey(engine, [160, 160], [0.5, 0.5], trials=2)
+    assert result.lengths == [160] and result.depths == [0.5]
+    assert all(0 <= cell <= 1 for row in result.to_json()["accuracy"] for cell in row)
 
 
 def test_passkey_cli_reports_json_and_a_heatmap(model_dir: Path, tmp_path: Path, capsys) -> None:
@@ -106,6 +115,19 @@ def test_lengths_past_the_context_fail_in_one_line(model_dir: Path, capsys) -> N
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and err[-1].startswith(
         "moegpt: error: --lengths: 512 exceeds the model's context"
+    )
+
+
+def test_a_document_with_nothing_to_score_fails_in_one_line(
+    model_dir: Path, tmp_path: Path, capsys
+) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    code = main(["eval", str(model_dir), "--task", "perplexity", "--text", str(empty)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        code != 0
+        and err[-1] == f"moegpt: error: --text: {empty} holds 0 tokens; it needs 2 or more"
     )
 
 

@@ -675,7 +675,10 @@ def _perplexity(args: argparse.Namespace, lengths: list[int]) -> dict:
         path = Path(name)
         if not path.is_file():
             raise UserError(f"--text: {path} not found")
-        documents.append(tokenizer.encode(path.read_text(encoding="utf-8", errors="replace")).ids)
+        ids = tokenizer.encode(path.read_text(encoding="utf-8", errors="replace")).ids
+        if len(ids) < 2:  # nothing to score: a perplexity of 1.0 would say the opposite
+            raise UserError(f"--text: {path} holds {len(ids)} tokens; it needs 2 or more")
+        documents.append(ids)
     engine = _eval_engine(args.model_dir)
     context = engine.model.config.max_seq_len
     if max(lengths) > context:

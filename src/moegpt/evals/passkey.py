@@ -5,7 +5,7 @@ Prompts are built in token ids, so each one fills its context length exactly: th
 the answer budget together are ``length`` tokens. They run on the serving engine, greedily,
 all at once (continuously batched), the way users serve the model. For an instruction-tuned
 model the text can travel as one user turn of its chat template (RULER does the same), and
-the assistant answers in its own words; either way the first 5-digit run of the answer must be
+the assistant answers in its own words; either way the first number in the answer must be
 the key.
 """
 
@@ -30,7 +30,7 @@ QUESTION = " What is the pass key? The pass key is"
 ANSWER_TOKENS = 8  # room for the key's digits and a space, whatever the tokenizer
 CHAT_QUESTION = " What is the pass key?"
 CHAT_ANSWER_TOKENS = 32  # an assistant's sentence around the key ("The pass key is 12345.")
-KEY = re.compile(r"\d{5}")
+NUMBER = re.compile(r"\d+")
 
 
 @dataclass
@@ -80,8 +80,9 @@ def _as_chat(template: ChatTemplate, ids: list[int], tokenizer: Any = None) -> l
 
 
 def answered(key: str, text: str) -> bool:
-    """Exact match: the first 5-digit run of the greedy continuation is the key."""
-    found = KEY.search(text)
+    """Exact match: the first number (run of digits) of the greedy continuation is the key,
+    so that 123456 does not pass for 12345."""
+    found = NUMBER.search(text)
     return found is not None and found.group() == key
 
 
@@ -126,6 +127,7 @@ def run_passkey(
     ``chat``, each as a user turn of the engine's chat template."""
     from moegpt.serve.sequence import SamplingParams
 
+    lengths, depths = list(dict.fromkeys(lengths)), list(dict.fromkeys(depths))  # one row each
     context = engine.model.config.max_seq_len
     for length in lengths:
         if length > context:

@@ -89,7 +89,7 @@ def edit_distance(a: str, b: str) -> int:
 def _special(tokenizer: Any, token: str) -> int:
     found = tokenizer.token_to_id(token)
     if found is None:
-        raise UserError(f"the model's tokenizer has no {token} token")
+        raise UserError(f"tokenizer.json: the model's tokenizer has no {token} token")
     return found
 
 

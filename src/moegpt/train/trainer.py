@@ -378,7 +378,8 @@ class Trainer:
         self.log(f"starting from {parent.path} (sha256 {parent.sha256[:12]})")
 
     # -- the loop ------------------------------------------------------------------------
-    def _autocast(self) -> Any:
+    def autocast(self) -> Any:
+        """The training forward's precision: bf16 autocast on a GPU when train.dtype asks."""
         bf16 = self.config.train.dtype == "bfloat16" and self.device.type == "cuda"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
 
@@ -393,7 +394,7 @@ class Trainer:
     def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
         """LM loss sum and model output of a device batch (inside its sequence shards)."""
         images = {"images": batch["images"]} if "images" in batch else {}
-        with self._autocast():
+        with self.autocast():
             out = self.parts.modules[0](
                 batch["input_ids"],
                 positions=batch.get("positions"),
@@ -470,7 +471,7 @@ class Trainer:
         args = (batch["input_ids"],) if 0 in self.parts.stage_ids else ()
         target = batch["labels"] if n_stages - 1 in self.parts.stage_ids else None
         run = self.pipeline.step if train else self.pipeline.eval
-        with self._autocast():
+        with self.autocast():
             run(*args, target=target, losses=losses, **kwargs)
 
     def train_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, Any]:
