@@ -8,6 +8,7 @@ import torch
 from moegpt.errors import UserError
 from moegpt.memory import gib, kv_budget_bytes
 from moegpt.model import KVCache, Transformer
+from moegpt.serve.sequence import GREEDY_BELOW
 
 
 @torch.no_grad()
@@ -38,7 +39,7 @@ def generate(
     out: list[int] = []
     while cache.seq_len + tokens.shape[1] <= length and len(out) < max_new_tokens:
         logits = model(tokens, cache=cache).logits[0, -1].float()
-        if temperature <= 0:
+        if temperature < GREEDY_BELOW:
             next_id = int(logits.argmax())
         else:
             values, indices = logits.topk(min(top_k, logits.numel()))

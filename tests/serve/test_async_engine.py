@@ -4,6 +4,8 @@ and a consumer that leaves early frees its blocks."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import pytest
 import torch
@@ -48,3 +50,45 @@ def test_concurrent_streams_and_early_exit(model: Transformer) -> None:
         assert engine.engine.allocator.used == 0 and not engine.engine.has_work()
     finally:
         engine.shutdown()
+
+
+def test_a_request_posted_during_a_failed_step_fails_with_it(model: Transformer) -> None:
+    """A step that raises ends every request with its error, including one whose submission
+    arrived while the step ran: it must not go on generating for nobody."""
+    engine = Engine(model, config=ServeConfig(num_kv_blocks=64, block_size=4))
+    entered, posted = threading.Event(), threading.Event()
+    steps = []
+
+    def failing_step() -> list:
+        steps.append(1)
+        entered.set()
+        posted.wait(timeout=10)
+        raise RuntimeError("the device fell over")
+
+    engine.step = failing_step
+    server = AsyncEngine(engine)
+    params = SamplingParams(max_tokens=40, temperature=0)
+
+    async def drain(stream) -> BaseException | None:
+        try:
+            async for _ in stream:
+                pass
+        except RuntimeError as e:
+            return e
+        return None
+
+    async def main() -> list:
+        first = asyncio.ensure_future(drain(server.stream([1, 2, 3], params)))
+        await asyncio.to_thread(entered.wait, 10)
+        second = asyncio.ensure_future(drain(server.stream([4, 5, 6], params)))
+        await asyncio.sleep(0)  # its submission is in the mailbox while the step runs
+        posted.set()
+        return await asyncio.gather(first, second)
+
+    try:
+        errors = asyncio.run(main())
+        assert [str(e) for e in errors] == ["the device fell over"] * 2
+        time.sleep(0.3)  # the engine thread would have taken the orphan in by now
+        assert len(steps) == 1 and not engine.has_work() and engine.allocator.used == 0
+    finally:
+        server.shutdown()

@@ -51,6 +51,15 @@ def test_batch_distribution_equals_each_row_alone() -> None:
         assert torch.allclose(row, distribution(original, params), atol=1e-6)
 
 
+def test_a_vanishing_temperature_is_greedy_not_nan() -> None:
+    logits = torch.tensor([[0.5, 2.0, -1.0], [3.0, 0.0, 1.0]])
+    params = [SamplingParams(temperature=1e-40), SamplingParams(temperature=1e-300, top_p=0.5)]
+    assert all(p.greedy for p in params)
+    probs = batch_distribution(logits, params)
+    assert torch.equal(probs, torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))
+    assert not SamplingParams(temperature=1e-3).greedy
+
+
 def test_samples_follow_the_distribution() -> None:
     """Every row of a mixed batch draws from its own distribution (chi-square)."""
     logits = torch.tensor([[1.0, 0.0, -0.5, 0.3, -2.0]] * len(MIXED))

@@ -95,6 +95,32 @@ def test_newest_running_sequence_is_preempted_and_comes_back_first() -> None:
     assert plan.finished == [old.seq_id]  # the runner hears that ``old`` is gone
 
 
+def test_a_preempted_sequence_recomputing_in_chunks_is_not_ended_at_its_prompt() -> None:
+    s = Scheduler(SchedulerConfig(max_tokens_per_step=8), BlockAllocator(4, 4))
+    seq = make(s, 8)
+    run(s)  # its prompt, and one token drawn
+    s._preempt(seq)
+    plan = run(s)  # recomputing: the first chunk ends exactly at the prompt's end
+    assert spans(plan) == [(0, 0, 8)] and not plan.chunks[0].sample
+    assert seq.status is Status.RUNNING and seq.output == [7]
+    plan = run(s)  # the drawn token is recomputed, and the sequence draws on
+    assert spans(plan) == [(0, 8, 1)] and seq.output == [7, 7]
+
+
+def test_preemption_stops_once_the_sequence_fits() -> None:
+    """Preempting a fork ends its share of the parent's last block: the parent then writes in
+    place and needs no copy, so it must not be preempted too."""
+    s = Scheduler(SchedulerConfig(), BlockAllocator(4, 4))
+    first = make(s, 7)
+    parent = make(s, 6, params=SamplingParams(n=2, max_tokens=100))
+    run(s)  # all four blocks in use; the fork shares both of the parent's
+    fork = next(q for q in s.running if q.request_id == parent.request_id and q.index == 1)
+    plan = run(s)
+    assert plan.preempted == [fork.seq_id]
+    assert [c.seq_id for c in plan.chunks] == [first.seq_id, parent.seq_id]
+    assert parent.status is Status.RUNNING and not plan.copies
+
+
 def test_abort_frees_blocks_everywhere() -> None:
     s = Scheduler(SchedulerConfig(max_tokens_per_step=8), BlockAllocator(8, 4))
     make(s, 8)

@@ -133,6 +133,9 @@ class AsyncEngine:
             if isinstance(item, tuple):
                 self.engine.finish(*item)
                 continue
+            if item.request_id not in self._streams:  # its stream ended before it ran
+                self._taken += 1
+                continue
             try:
                 self.engine.add_request(item.ids, item.params, item.request_id, item.images)
             except Exception as e:  # e.g. a request id already running: that stream fails
@@ -160,10 +163,12 @@ class AsyncEngine:
                 outputs = self.engine.step()
             except Exception as e:
                 # A failed step leaves its requests in an unknown state: end them all with
-                # the error (rather than failing again on every later step).
+                # the error (rather than failing again on every later step). Their streams
+                # go at once: one posted while the step ran is then never taken in.
                 for rid in list(self._streams):
                     self.engine.abort(rid)
                     self._deliver(rid, e)
+                    self._streams.pop(rid, None)
                 continue
             for out in outputs:
                 self._deliver(out.request_id, out)

@@ -218,7 +218,9 @@ class Engine:
                 self.forward, self.allocator, self.scheduler.config, self.max_context
             )
         self._requests: dict[str, int] = {}  # request id -> its samples not yet finished
-        self._seed_rng = torch.Generator().manual_seed(0)
+        # unseeded requests draw their seeds from here: from the OS, so no two runs repeat
+        self._seed_rng = torch.Generator()
+        self._seed_rng.seed()
         # Cache, graphs and calibration; ``from_folder`` adds the load.
         self.startup_seconds = time.perf_counter() - started
 

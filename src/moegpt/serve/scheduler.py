@@ -311,6 +311,8 @@ class Scheduler:
                 victim = self.running[-1]
                 self._preempt(victim)
                 out.preempted.append(victim.seq_id)
+                # a preempted fork no longer shares seq's last block: no copy needed then
+                needed = seq.table.extra_blocks(seq.computed, seq.computed + n)
             if seq.status is not Status.RUNNING:  # it was the newest: preempted itself
                 break
             keys += _keys(seq.computed, n)
@@ -357,7 +359,9 @@ class Scheduler:
             seq.prompt_logprobs += result.prompt_logprobs.get(chunk.seq_id, ())
             drawn = result.sampled.get(chunk.seq_id)
             if drawn is None:  # a prefill chunk, or a scored prompt's last
-                if chunk.start + chunk.length == len(seq.prompt) and not chunk.sample:
+                # (a preempted sequence recomputing past its prompt is not done there)
+                ends_prompt = chunk.start + chunk.length == len(seq.prompt)
+                if ends_prompt and not chunk.sample and seq.params.max_tokens == 0:
                     outputs.append(self._scored(seq, now))
                 continue
             seq.in_flight -= 1

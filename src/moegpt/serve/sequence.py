@@ -17,9 +17,13 @@ if TYPE_CHECKING:
 SEED_LIMIT = 2**63 - 1024
 
 
+GREEDY_BELOW = 1e-5  # temperatures this small sample the argmax anyway (vLLM's bound too)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens (OpenAI's names): temperature 0 is greedy; ``top_k`` 0 and
+    """How to pick tokens (OpenAI's names): a temperature below ``GREEDY_BELOW`` is greedy
+    (logits over a tiny temperature overflow to inf, and their softmax to NaN); ``top_k`` 0 and
     ``top_p`` 1 are off; ``seed`` makes sampling reproducible (with speculation, only with a
     fixed lookahead: adaptive lookahead depends on measured step times, and the proposals
     draw from the same generator); ``logprobs`` N returns each chosen token's log-probability
@@ -71,7 +75,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 class Status(enum.Enum):
