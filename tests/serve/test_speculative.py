@@ -57,7 +57,7 @@ def emitted_counts(rule, trials: int = 20000) -> tuple[torch.Tensor, torch.Tenso
     tokens, _ = rule(
         q.expand(trials, 3, 6),
         proposed,
-        torch.full((trials,), 2),
+        [2] * trials,
         p.expand(trials, 2, 6),
         [None] * trials,
     )
@@ -79,7 +79,7 @@ def test_point_mass_proposals_greedy_rows_and_ragged_lengths() -> None:
     greedy = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # argmax 1, 0, 2
     target = torch.stack([q, greedy, greedy, greedy])
     proposed = torch.tensor([[1, 1], [1, 0], [1, 2], [1, 9 % 3]])
-    lengths = torch.tensor([2, 2, 2, 1])  # the last proposes one token: its row 1 is the bonus
+    lengths = [2, 2, 2, 1]  # the last proposes one token: its row 1 is the bonus
     generators = [torch.Generator().manual_seed(1), None, None, None]
     tokens, accepted = accept(target, proposed, lengths, None, generators)
     # an n-gram proposal (point mass): token 1 has q = 1, kept; then token 1 has q = 0
@@ -88,6 +88,27 @@ def test_point_mass_proposals_greedy_rows_and_ragged_lengths() -> None:
     assert tokens[1].tolist() == [1, 0, 2] and accepted[1] == 2  # all kept, then the bonus
     assert tokens[2].tolist() == [1, 0, -1] and accepted[2] == 1  # rejected at 2: argmax 0
     assert tokens[3].tolist() == [1, 0, -1] and accepted[3] == 1  # its bonus is row 1's argmax
+
+
+def test_a_seeded_row_verifies_the_same_whatever_the_others_propose() -> None:
+    """A seeded row draws as many uniforms as it proposed, not as the batch's widest row:
+    its outcome and its generator's state after do not depend on its neighbours."""
+    torch.manual_seed(0)
+    q = torch.rand(2, 4, 6).softmax(dim=-1)
+    p = torch.rand(2, 3, 6).softmax(dim=-1)
+    proposed = torch.tensor([[2, 0, 0], [1, 4, 3]])
+    outcomes = []
+    for others in ([], [1], [3]):  # alone, beside a row of 1, beside a row of 3
+        rows, width = 1 + len(others), max([1, *others])
+        generator = torch.Generator().manual_seed(5)
+        generators = [generator, *[None] * len(others)]
+        target, drafts = q[:rows, : width + 1], p[:rows, :width]
+        tokens, accepted = accept(target, proposed[:rows, :width], [1, *others], drafts, generators)
+        state = generator.get_state()
+        outcomes.append((tokens[0, :2].tolist(), int(accepted[0]), state))
+    first = outcomes[0]
+    for tokens, accepted, state in outcomes[1:]:
+        assert (tokens, accepted) == first[:2] and torch.equal(state, first[2])
 
 
 def test_ngram_lookup_prefers_the_longest_latest_match() -> None:

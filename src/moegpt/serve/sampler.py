@@ -188,7 +188,7 @@ def race(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch
 def accept(
     target: torch.Tensor,
     proposed: torch.Tensor,
-    lengths: torch.Tensor,
+    row_lengths: list[int],
     proposal_probs: torch.Tensor | None,
     generators: list[torch.Generator | None],
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,8 +197,10 @@ def accept(
 
     ``target`` (S, K + 1, vocab) holds the target's sampling distributions q at the proposed
     positions and one past them; ``proposed`` (S, K) the proposed tokens, the first
-    ``lengths`` of each row real; ``proposal_probs`` (S, K, vocab) the distributions p they
-    were drawn from (None: point masses, as n-grams propose). Token x at position i is
+    ``row_lengths`` of each row real (a seeded row draws that many uniforms from its
+    generator, whatever the other rows propose, so that it reproduces); ``proposal_probs``
+    (S, K, vocab) the distributions p they were drawn from (None: point masses, as n-grams
+    propose). Token x at position i is
     accepted with probability min(1, q(x) / p(x)); at the first rejection a token is drawn
     from the normalised residual max(0, q - p) and the rest is discarded; if all pass, a
     bonus token is drawn from the row past them (Leviathan et al. 2023). Greedy rows (point
@@ -206,6 +208,7 @@ def accept(
     """
     rows, width = proposed.shape
     device = target.device
+    lengths = torch.tensor(row_lengths, device=device)
     real = torch.arange(width, device=device) < lengths[:, None]
     if proposal_probs is None:
         proposal_probs = F.one_hot(proposed, target.shape[-1]).to(target.dtype)
@@ -221,8 +224,9 @@ def accept(
     p_x = p[:, :width].gather(2, proposed[..., None]).squeeze(-1)
     uniform = torch.rand(rows, width, device=device)
     for i, generator in enumerate(generators):
-        if generator is not None:
-            uniform[i] = torch.rand(width, device=device, generator=generator)
+        if generator is not None and row_lengths[i]:
+            n = row_lengths[i]
+            uniform[i, :n] = torch.rand(n, device=device, generator=generator)
     kept = (uniform * p_x < q_x) & real
     accepted = kept.long().cumprod(dim=1).sum(dim=1)
     at = accepted[:, None, None].expand(rows, 1, target.shape[-1])
@@ -254,7 +258,7 @@ def verify_batch(
     )
     padded = [[*p.tokens, *[0] * (width - len(p.tokens))] for p in proposals]
     proposed = torch.tensor(padded, device=device)
-    lengths = torch.tensor([len(p.tokens) for p in proposals], device=device)
+    lengths = [len(p.tokens) for p in proposals]
     drawn = None
     if any(p.probs is not None for p in proposals):
         drawn = torch.zeros(rows, width, logits.shape[-1], device=device)
