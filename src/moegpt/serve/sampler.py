@@ -200,11 +200,10 @@ def accept(
     ``row_lengths`` of each row real (a seeded row draws that many uniforms from its
     generator, whatever the other rows propose, so that it reproduces); ``proposal_probs``
     (S, K, vocab) the distributions p they were drawn from (None: point masses, as n-grams
-    propose). Token x at position i is
-    accepted with probability min(1, q(x) / p(x)); at the first rejection a token is drawn
-    from the normalised residual max(0, q - p) and the rest is discarded; if all pass, a
-    bonus token is drawn from the row past them (Leviathan et al. 2023). Greedy rows (point
-    masses q) accept exactly the target's argmax tokens.
+    propose). Token x at position i is accepted with probability min(1, q(x) / p(x)); at the
+    first rejection a token is drawn from the normalised residual max(0, q - p) and the rest
+    is discarded; if all pass, a bonus token is drawn from the row past them (Leviathan et
+    al. 2023). Greedy rows (point masses q) accept exactly the target's argmax tokens.
     """
     rows, width = proposed.shape
     device = target.device
@@ -224,7 +223,7 @@ def accept(
     p_x = p[:, :width].gather(2, proposed[..., None]).squeeze(-1)
     uniform = torch.rand(rows, width, device=device)
     for i, generator in enumerate(generators):
-        if generator is not None and row_lengths[i]:
+        if generator is not None:
             n = row_lengths[i]
             uniform[i, :n] = torch.rand(n, device=device, generator=generator)
     kept = (uniform * p_x < q_x) & real
