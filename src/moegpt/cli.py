@@ -561,8 +561,10 @@ def _instruct(args: argparse.Namespace) -> dict:
 
 
 def _vision(args: argparse.Namespace) -> dict:
+    import torch
+
     from moegpt.evals.vision import classify, gate_values, held_out_items, transcribe
-    from moegpt.serve.engine import folder_tokenizer
+    from moegpt.serve.engine import folder_tokenizer, weights_dtype
     from moegpt.weights import load_vision
 
     if not args.config:
@@ -577,8 +579,11 @@ def _vision(args: argparse.Namespace) -> dict:
         shots = [-1]
     if not shots or min(shots) < 0:
         raise UserError(f"--shots: expected counts of 0 or more, got {args.shots!r}")
+    # Where and in what precision the engine would serve it: the GPU when there is one.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = weights_dtype(load_config().serve, device)
     with stderr.status(f"loading {args.model_dir}"):
-        model = load_vision(args.model_dir)
+        model = load_vision(args.model_dir, device=device, dtype=dtype)
     tokenizer, _ = folder_tokenizer(args.model_dir)
     if tokenizer is None:
         raise UserError(f"{args.model_dir}: the {args.task} task needs the model's tokenizer.json")
@@ -595,7 +600,7 @@ def _vision(args: argparse.Namespace) -> dict:
         raise UserError(
             f"--shots: {max(shots)} exceeds the {len(items.train_captions)} training canvases"
         )
-    result: dict = {"gates": gate_values(model)}
+    result: dict = {"device": device, "gates": gate_values(model)}
     if args.task == "transcribe":
         with stderr.status(f"transcribe: {len(items.captions)} held-out lines"):
             result["transcribe"] = found = transcribe(model, tokenizer, items)
