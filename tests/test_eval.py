@@ -131,6 +131,35 @@ def test_a_document_with_nothing_to_score_fails_in_one_line(
     )
 
 
+def test_eval_runs_the_engine_with_serve_overrides(
+    model_dir: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """``--serve.KEY=VALUE`` reaches the engine (here: prefill in chunks of 24 tokens), the
+    figures do not change with it, and a bad value is refused in one line."""
+    doc = tmp_path / "doc.txt"
+    doc.write_text("def f(x):\n    return x + 1\n" * 20)
+    seen: list[ServeConfig] = []
+    opened = Engine.from_folder
+    monkeypatch.setattr(
+        Engine, "from_folder", lambda path, config: seen.append(config) or opened(path, config)
+    )
+    args = ["eval", str(model_dir), "--task", "perplexity", "--text", str(doc), "--lengths", "96"]
+    results = []
+    for extra in ([], ["--serve.max_tokens_per_step=24"]):
+        assert main([*args, "--json", *extra]) in (0, None)
+        results.append(json.loads(capsys.readouterr().out)["results"][0])
+    assert [c.max_tokens_per_step for c in seen] == [ServeConfig().max_tokens_per_step, 24]
+    assert results[1]["tokens"] == results[0]["tokens"]
+    assert results[1]["perplexity"] == pytest.approx(results[0]["perplexity"], rel=1e-5)
+    assert main([*args, "--serve.max_tokens_per_step=0"]) != 0
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .startswith("moegpt: error: serve.max_tokens_per_step")
+    )
+
+
 def test_windows_score_every_token_once() -> None:
     for n, length, stride in [(10, 4, 2), (10, 4, 3), (3, 8, 4), (17, 5, 3)]:
         spans = Windows.of(n, length, stride).spans

@@ -543,8 +543,8 @@ def _instruct(args: argparse.Namespace) -> dict:
     if args.limit <= 0:
         raise UserError(f"--limit: must be positive, got {args.limit}")
     with stderr.status("building the standard-library instruction set"):
-        questions = held_out(stdlib_instructions(), load_config(args.config))
-    engine = _eval_engine(args.model_dir)
+        questions = held_out(stdlib_instructions(), _load(args))
+    engine = _eval_engine(args)
     count = min(len(questions), args.limit)
     with stderr.status(f"instruct: {count} held-out questions through the engine"):
         result = run_instruct(engine, questions, args.limit, args.seed, score_answers=True)
@@ -581,13 +581,13 @@ def _vision(args: argparse.Namespace) -> dict:
         raise UserError(f"--shots: expected counts of 0 or more, got {args.shots!r}")
     # Where and in what precision the engine would serve it: the GPU when there is one.
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = weights_dtype(load_config().serve, device)
+    config = _load(args)
+    dtype = weights_dtype(config.serve, device)
     with stderr.status(f"loading {args.model_dir}"):
         model = load_vision(args.model_dir, device=device, dtype=dtype)
     tokenizer, _ = folder_tokenizer(args.model_dir)
     if tokenizer is None:
         raise UserError(f"{args.model_dir}: the {args.task} task needs the model's tokenizer.json")
-    config = load_config(args.config)
     if config.vision.image_size != model.config.image_size:
         raise UserError(
             f"--config: vision.image_size {config.vision.image_size}, but the model reads "
@@ -628,14 +628,15 @@ def _vision(args: argparse.Namespace) -> dict:
     return result
 
 
-def _eval_engine(model_dir: str) -> Engine:
-    """The serving engine over ``model_dir`` at the default settings (no step-time
-    calibration: evaluations have no latency bound)."""
+def _eval_engine(args: argparse.Namespace) -> Engine:
+    """The serving engine over ``args.model_dir`` with the ``[serve]`` settings of
+    ``--config`` and the ``--serve.*`` overrides (no step-time calibration: evaluations have
+    no latency bound)."""
     from moegpt.serve.engine import Engine
 
-    serve = dataclasses.replace(load_config().serve, calibrate=False)
-    with stderr.status(f"loading {model_dir}"):
-        return Engine.from_folder(model_dir, serve)
+    serve = dataclasses.replace(_load(args).serve, calibrate=False)
+    with stderr.status(f"loading {args.model_dir}"):
+        return Engine.from_folder(args.model_dir, serve)
 
 
 def _passkey(args: argparse.Namespace, lengths: list[int]) -> dict:
@@ -649,7 +650,7 @@ def _passkey(args: argparse.Namespace, lengths: list[int]) -> dict:
         raise UserError(f"--depths: percentages from 0 to 100, got {args.depths!r}")
     if args.trials <= 0:
         raise UserError(f"--trials: must be positive, got {args.trials}")
-    engine = _eval_engine(args.model_dir)
+    engine = _eval_engine(args)
     cells = len(lengths) * len(depths) * args.trials
     with stderr.status(f"passkey: {cells} prompts through the engine"):
         result = run_passkey(engine, lengths, depths, args.trials, args.seed, args.chat)
@@ -684,7 +685,7 @@ def _perplexity(args: argparse.Namespace, lengths: list[int]) -> dict:
         if len(ids) < 2:  # nothing to score: a perplexity of 1.0 would say the opposite
             raise UserError(f"--text: {path} holds {len(ids)} tokens; it needs 2 or more")
         documents.append(ids)
-    engine = _eval_engine(args.model_dir)
+    engine = _eval_engine(args)
     context = engine.model.config.max_seq_len
     if max(lengths) > context:
         raise UserError(f"--lengths: {max(lengths)} exceeds the model's context ({context})")
@@ -997,7 +998,9 @@ def build_parser() -> argparse.ArgumentParser:
         "transcribe (a vision model): character error rate of greedy transcriptions of the "
         "rendered lines --config's split holds out. classify (a vision model): accuracy of "
         "likelihood classification of the items of held-out Fashion-MNIST canvases, after "
-        "--shots training canvases. Both also print the cross-attention gates.",
+        "--shots training canvases. Both also print the cross-attention gates. The engine "
+        "(and the vision tasks' dtype) takes --config's [serve] settings and --serve.KEY=VALUE "
+        "overrides, e.g. --serve.max_tokens_per_step=32768 to prefill long prompts whole.",
     )
     ev.add_argument("model_dir", metavar="MODEL_DIR", help="an exported model folder")
     ev.add_argument(
@@ -1045,7 +1048,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--json", action="store_true", help="print the results as JSON")
     ev.add_argument("--plot", metavar="PNG", help="passkey: save an accuracy heatmap")
-    ev.set_defaults(func=cmd_eval, takes_overrides=False)
+    ev.set_defaults(func=cmd_eval, takes_overrides=True)
 
     quick = verbs.add_parser(
         "quickstart",
