@@ -85,14 +85,30 @@ def test_a_vision_run_resumes_where_it_stopped(tmp_path, parent) -> None:
     prepare(config, log=lambda m: None)
     whole = Trainer(config, tmp_path / "whole", log=lambda m: None)
     whole.run(progress=False)
-    first = Trainer(recipe(tmp_path, init_from=str(parent), steps=2), tmp_path / "split")
-    first.log = lambda m: None
-    first.run(progress=False)
+    first = Trainer(config, tmp_path / "split", log=lambda m: None)
+    first.prepare()
+    batches = iter(first.loader)
+    for _ in range(2):
+        first.train_step(batches)
+    first.save()
     second = Trainer(config, tmp_path / "split", log=lambda m: None)
     second.run(progress=False)
     expected = whole.parts.models[0].state_dict()
     for name, tensor in second.parts.models[0].state_dict().items():
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_vision_run_refuses_other_vision_parts_on_resume(tmp_path, parent) -> None:
+    """Cross-attention every layer, then every other: half the trained blocks would be
+    dropped. Refused before the run's recorded config is touched."""
+    config = recipe(tmp_path, init_from=str(parent), steps=2)
+    prepare(config, log=lambda m: None)
+    Trainer(config, tmp_path / "run", log=lambda m: None).run(progress=False)
+    recorded = (tmp_path / "run" / "config.toml").read_bytes()
+    other = recipe(tmp_path, "--vision.xattn_every=2", init_from=str(parent), steps=2)
+    with pytest.raises(UserError, match=r"holds a run with a different \[vision\] section"):
+        Trainer(other, tmp_path / "run", log=lambda m: None).prepare()
+    assert (tmp_path / "run" / "config.toml").read_bytes() == recorded
 
 
 def test_the_image_token_must_be_the_tokenizers(tmp_path) -> None:

@@ -289,10 +289,14 @@ class CheckpointManager:
         _barrier()
 
     @staticmethod
-    def load(checkpoint: Checkpoint, tensors: dict[str, Any]) -> dict[str, Any]:
-        """Load tensors in place (DCP, read without unpickling) and return the trainer state."""
-        safe_dcp.load(tensors, checkpoint.path)
+    def trainer_state(checkpoint: Checkpoint) -> dict[str, Any]:
+        """The trainer state saved with ``checkpoint`` (step, data position, run settings)."""
         return json.loads((checkpoint.path / TRAINER_STATE).read_text())
+
+    @staticmethod
+    def load(checkpoint: Checkpoint, tensors: dict[str, Any]) -> None:
+        """Load tensors in place (DCP, read without unpickling)."""
+        safe_dcp.load(tensors, checkpoint.path)
 
 
 def _free_name(folder: Path, name: str) -> Path:

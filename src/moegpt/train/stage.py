@@ -26,7 +26,7 @@ from moegpt.config import ModelConfig, VisionConfig
 from moegpt.errors import UserError
 from moegpt.fileio import sha256_file, write_atomically
 from moegpt.model.vision import VisionLanguageModel, language_model
-from moegpt.weights import WEIGHTS_FILE, check_folder, is_model_folder
+from moegpt.weights import WEIGHTS_FILE, check_folder, is_model_folder, read_json, weight_problem
 
 PARENT_FILE = "parent.json"
 # [model] fields a continuation may change: the context, and losses that only shape training.
@@ -64,6 +64,9 @@ def load_parent(source: str | Path) -> Parent:
         checked = check_folder(path)
         weights = path / WEIGHTS_FILE
         state = load_file(weights)
+        for name, tensor in state.items():  # a NaN would train on as NaN losses
+            if (problem := weight_problem(tensor, tensor.dtype)[1]) is not None:
+                raise UserError(f"train.init_from: {weights}: tensor {name} has {problem}")
         return Parent(path, checked.config, state, sha256_file(weights), checked.vision)
     # A run directory: its newest complete checkpoint (imported here: export imports the
     # trainer, which imports this module).
@@ -116,7 +119,7 @@ def write_parent_record(run_dir: Path, parent: Parent) -> None:
 
 def read_parent_record(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / PARENT_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path) if path.is_file() else None
 
 
 def parent_state(

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
+    get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
     set_state_dict,
@@ -48,6 +49,7 @@ from moegpt.plan.flops import training_token_flops
 from moegpt.plan.schedule import Schedule, build_schedule
 from moegpt.plan.vision import vision_flops
 from moegpt.train.checkpoint import (
+    Checkpoint,
     CheckpointManager,
     from_rank0,
     is_rank0,
@@ -57,6 +59,7 @@ from moegpt.train.checkpoint import (
 from moegpt.train.loss import cross_entropy_sum
 from moegpt.train.metrics import MetricsWriter, device_peak_flops, router_health
 from moegpt.train.stage import (
+    PARENT_FILE,
     Parent,
     check_compatible,
     load_parent,
@@ -210,7 +213,6 @@ class Trainer:
                 f"train.steps: the run needs {self.schedule.total_sequences:,} sequences but the "
                 f"mixture holds {self.mixture.n_sequences:,} (lower train.steps or raise epochs)"
             )
-        self.parent = self._open_parent()
         self.parts: ModelParts = parallelize(config, dims, self.device)
         if patterns := freeze_patterns(config):
             frozen = human(self.parts.frozen)
@@ -303,8 +305,31 @@ class Trainer:
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "loader": self.loader.state_dict(),
+            "settings": self._trajectory(),
         }
         return self.checkpoints.save(self.step, self._tensor_state()[0], state)
+
+    def _trajectory(self) -> dict[str, Any]:
+        """The ``[train]`` settings a checkpoint records for its resumption."""
+        train = self.config.train
+        return {"train.steps": train.steps, "train.freeze": list(train.freeze)}
+
+    def _check_trajectory(self, checkpoint: Checkpoint, saved: dict[str, Any]) -> None:
+        """Refuse, in one line, a frozen set other than the one ``checkpoint`` was trained
+        with (which parameters have optimizer state follows it); say so when the run's length
+        changed (allowed, to extend or shorten a run: the schedule follows the new length).
+        Checkpoints from before the record pass."""
+        train = self.config.train
+        if "train.freeze" in saved and saved["train.freeze"] != list(train.freeze):
+            raise UserError(
+                f"train.freeze: {list(train.freeze)!r}, but {checkpoint.path} was trained with "
+                f"{saved['train.freeze']!r}; keep it to resume, or train into a new --run-dir"
+            )
+        if saved.get("train.steps", train.steps) != train.steps:
+            self.log(
+                f"train.steps: {train.steps}, where {checkpoint.path} was trained for "
+                f"{saved['train.steps']}; the learning-rate schedule follows the new length"
+            )
 
     def resume(self) -> bool:
         """Continue from the newest complete checkpoint, if any; say which. Refuses to start
@@ -319,8 +344,10 @@ class Trainer:
                     "train from step 0, or put a good checkpoint back"
                 )
             return False
+        state = self.checkpoints.trainer_state(checkpoint)
+        self._check_trajectory(checkpoint, state.get("settings", {}))
         tensors, parts = self._tensor_state()
-        state = self.checkpoints.load(checkpoint, tensors)
+        self.checkpoints.load(checkpoint, tensors)
         for (model_part, optim_part), model, opt in zip(
             parts, self.parts.models, self.optimizers, strict=True
         ):
@@ -361,18 +388,18 @@ class Trainer:
             raise UserError(problem)
         return parent
 
-    def start_from_parent(self) -> None:
+    def start_from_parent(self, parent: Parent) -> None:
         """Load the parent's weights into this rank's model parts (each part takes its own
         tensors, sharded as it is) and record the parent beside the checkpoints."""
-        parent = self.parent
-        assert parent is not None
         # Not strict: a text parent gives a vision model only its language model's weights.
         options = StateDictOptions(full_state_dict=True, strict=False)
-        for model, (model_part, _) in zip(self.parts.models, self._part_states(), strict=True):
-            vision = self.config.vision
-            image_id = vision.image_token_id if vision.enabled else None
-            state = parent_state(parent, list(model_part), image_id)
-            set_model_state_dict(model, state, options=options)
+        vision = self.config.vision
+        image_id = vision.image_token_id if vision.enabled else None
+        for model in self.parts.models:
+            # The model's names alone: asking for the optimizer's state too would initialise
+            # it with a step, and the fresh optimizer would start at Adam's step 2.
+            names = list(get_model_state_dict(model, options=STATE_DICT_OPTIONS))
+            set_model_state_dict(model, parent_state(parent, names, image_id), options=options)
         if self.rank0:
             write_parent_record(self.run_dir, parent)
         self.log(f"starting from {parent.path} (sha256 {parent.sha256[:12]})")
@@ -618,13 +645,14 @@ class Trainer:
             self.log(line)
 
     def prepare(self, resume: bool = True) -> None:
-        """Before the first step: keep the run's config beside its checkpoints, continue from
-        the newest checkpoint (``resume``), else start from ``train.init_from`` if set."""
+        """Before the first step: continue from the newest checkpoint (``resume``), else
+        start from ``train.init_from`` if set (a resumed run never reads its parent again),
+        and keep the run's config beside its checkpoints. The config is written only once
+        the run it describes has been accepted."""
         problem = None
         if self.rank0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             try:
-                _write_run_config(self.run_dir, self.config)
+                _check_run_config(self.run_dir, self.config)
             except UserError as e:
                 problem = str(e)
         problem = from_rank0(problem)  # every rank stops, none waits in a collective
@@ -638,9 +666,16 @@ class Trainer:
             )
         elif not resume:
             self.checkpoints.write_off_damaged()
-        if not resumed and self.parent is not None:
-            self.start_from_parent()
-        self.parent = None  # its tensors are in the model now, or were never needed
+        parent = None if resumed else self._open_parent()
+        if self.rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_atomically(
+                self.run_dir / RUN_CONFIG, to_toml(self.config, with_help=False).encode()
+            )
+            if not resumed and parent is None:  # an earlier attempt's, from another config
+                (self.run_dir / PARENT_FILE).unlink(missing_ok=True)
+        if parent is not None:
+            self.start_from_parent(parent)
 
     def _stop_signal(self, stops: StopSignals) -> int:
         """The signal that asked this run to stop (0: none), agreed by every rank: torchrun
@@ -768,19 +803,18 @@ def batch_rows(batch: dict[str, torch.Tensor], rows: int) -> Iterator[dict[str, 
         yield {k: v[start : start + rows] for k, v in batch.items()}
 
 
-def _write_run_config(run_dir: Path, config: Config) -> None:
-    """Keep the run's config beside its checkpoints; a resumed run must train the same model
-    on the same data."""
+def _check_run_config(run_dir: Path, config: Config) -> None:
+    """Refuse a config whose model, vision parts or data differ from those of the run the
+    directory already holds: a resumed run must train the same model on the same data."""
     path = run_dir / RUN_CONFIG
     if path.is_file():
         previous = load_config(path)
-        for section in ("model", "data"):
+        for section in ("model", "vision", "data"):
             if getattr(previous, section) != getattr(config, section):
                 raise UserError(
                     f"{path}: the run directory holds a run with a different [{section}] "
                     "section; use a new --run-dir or the same config"
                 )
-    write_atomically(path, to_toml(config, with_help=False).encode())
 
 
 def _progress(total: int, done: int, enabled: bool) -> Any:
