@@ -239,6 +239,22 @@ def test_late_prompt_jumps_the_bound_for_its_first_token() -> None:
     assert plan.over_bound == "time-to-first-token"
 
 
+def test_no_admission_past_the_batch_size_while_a_running_prompt_sits_out_a_step() -> None:
+    """A running prompt cut by the latency bound is not in the step, but still running: a
+    late arrival must not make running sequences outnumber max_batch_size (the engine keeps
+    room for that many requests' images)."""
+    clock = [0.0]
+    cost = StepCostModel(base=1e-3, per_token=1e-3, per_key=0.0)
+    config = SchedulerConfig(max_batch_size=3, tpot_s=4e-3, ttft_s=0.1)
+    s = Scheduler(config, BlockAllocator(64, 4), cost, clock=lambda: clock[0])
+    make(s, 1), make(s, 3), make(s, 40)
+    run(s)
+    make(s, 1, arrival=-1.0)  # waited 1 s for a 0.1 s target
+    for _ in range(5):
+        run(s)
+        assert len(s.running) <= config.max_batch_size
+
+
 def test_cost_model_fit_recovers_coefficients() -> None:
     truth = StepCostModel(2e-3, 5e-5, 1e-8, 3e-4, 1.5e-2)
     samples = [

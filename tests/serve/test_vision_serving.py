@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from moegpt.errors import UserError
 from moegpt.model import Transformer
 from moegpt.model.vision import VisionLanguageModel
 from moegpt.serve.engine import Engine
-from moegpt.serve.media import VisualCache
+from moegpt.serve.media import VisualCache, decode_image, image_bytes
 from moegpt.serve.sequence import SamplingParams
 from moegpt.weights import load_vision, save_model
 from tests.conftest import small_config, small_vision_config
@@ -158,6 +159,60 @@ def image_part(url: str) -> dict:
     return {"type": "image_url", "image_url": {"url": url}}
 
 
+def encoded(image: Image.Image, kind: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=kind, **options)
+    return buffer.getvalue()
+
+
+def broken_png() -> bytes:
+    """A PNG whose image-data chunk claims 16 bytes fewer than it holds: Pillow raises
+    SyntaxError on it, not OSError."""
+    data = bytearray(
+        encoded(Image.fromarray(np.arange(4096, dtype=np.uint8).reshape(64, 64)), "PNG")
+    )
+    at = data.index(b"IDAT") - 4
+    (length,) = struct.unpack(">I", data[at : at + 4])
+    data[at : at + 4] = struct.pack(">I", length - 16)
+    return bytes(data)
+
+
+def test_images_decode_as_a_viewer_shows_them() -> None:
+    """Transparency lies over white (the training images' background), EXIF orientation is
+    applied, a JPEG with extra pictures (MPO) reads as its first, and a broken PNG is one
+    line."""
+    glyph = np.zeros((16, 16), dtype=np.uint8)
+    alpha = np.zeros((16, 16), dtype=np.uint8)
+    alpha[4:12, 4:12] = 255  # black ink on a transparent page
+    page = Image.fromarray(np.stack([glyph, alpha], axis=-1), "LA")
+    grey = decode_image(encoded(page, "PNG"), 16, "image")
+    assert int(grey[0, 0]) == 255 and int(grey[8, 8]) == 0
+    top_dark = np.full((16, 16), 255, dtype=np.uint8)
+    top_dark[:8] = 0
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise: the dark half on the right
+    turned = decode_image(encoded(Image.fromarray(top_dark), "JPEG", exif=exif), 16, "image")
+    assert turned[:, 10:].float().mean() < 40 and turned[:, :6].float().mean() > 215
+    first, second = Image.fromarray(top_dark), Image.fromarray(255 - top_dark)
+    mpo = encoded(first, "MPO", save_all=True, append_images=[second])
+    assert Image.open(io.BytesIO(mpo)).format == "MPO"
+    assert torch.equal(
+        decode_image(mpo, 16, "image"), decode_image(encoded(first, "JPEG"), 16, "x")
+    )
+    with pytest.raises(SyntaxError):
+        Image.open(io.BytesIO(broken_png())).load()
+    with pytest.raises(UserError, match=r"^image: not an image that decodes \(SyntaxError\)$"):
+        decode_image(broken_png(), 16, "image")
+
+
+def test_data_urls_may_wrap_their_base64_and_capitalise_their_type() -> None:
+    png = encoded(Image.new("L", (4, 4)), "PNG")
+    wrapped = base64.encodebytes(png * 20).decode()  # 76-column lines
+    assert "\n" in wrapped
+    assert image_bytes("data:image/PNG;base64," + wrapped, "image") == png * 20
+    assert image_bytes("DATA:image/Jpeg;base64," + base64.b64encode(png).decode(), "x") == png
+
+
 def test_chat_image_parts_are_served_and_bad_ones_get_a_400(vision_model: Path) -> None:
     engine = Engine.from_folder(
         vision_model, ServeConfig(calibrate=False, max_images=2), device="cpu"
@@ -183,6 +238,10 @@ def test_chat_image_parts_are_served_and_bad_ones_get_a_400(vision_model: Path) 
                 "not an image that decodes",
             ),
             ("data:image/png;base64,%%%", "base64 is malformed"),
+            (
+                "data:image/png;base64," + base64.b64encode(broken_png()).decode(),
+                "not an image that decodes (SyntaxError)",
+            ),
             ("https://example.com/cat.png", "remote image URLs are not fetched"),
             ("data:text/plain;base64,aGk=", "expected a data:image/png;base64"),
         ]

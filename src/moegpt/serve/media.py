@@ -26,7 +26,11 @@ from moegpt.model.vision import VisionLanguageModel
 
 # Larger images are refused before decoding (a small file can decode to gigabytes).
 MAX_IMAGE_PIXELS = 4096 * 4096
-_DATA_URL = re.compile(r"data:image/(png|jpeg|jpg);base64,(.*)", re.DOTALL)
+# MIME types are case-insensitive; base64 may come wrapped in lines (RFC 2045's 76 columns).
+_DATA_URL = re.compile(r"(?i:data:image/(png|jpeg|jpg);base64,)(.*)", re.DOTALL)
+# Pillow's names for what a PNG or JPEG decodes as: MPO is a JPEG with extra pictures (a
+# phone's preview or depth map) after its first.
+FORMATS = ("PNG", "JPEG", "MPO")
 
 
 def image_bytes(url: str, field: str) -> bytes:
@@ -41,30 +45,37 @@ def image_bytes(url: str, field: str) -> bytes:
     if match is None:
         raise UserError(f"{field}: expected a data:image/png;base64,... or data:image/jpeg URL")
     try:
-        return base64.b64decode(match.group(2), validate=True)
+        return base64.b64decode(re.sub(r"\s+", "", match.group(2)), validate=True)
     except binascii.Error:
         raise UserError(f"{field}: the data URL's base64 is malformed") from None
 
 
 def decode_image(data: bytes, size: int, field: str) -> torch.Tensor:
-    """A PNG or JPEG as the model's input: grey, ``size`` x ``size``, uint8."""
-    from PIL import Image, UnidentifiedImageError
+    """A PNG or JPEG as the model's input: grey, ``size`` x ``size``, uint8, as a viewer
+    shows it (EXIF orientation applied, transparency over white, as the training images'
+    background is)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as image:
-            if image.format not in ("PNG", "JPEG"):
+            if image.format not in FORMATS:
                 raise UserError(f"{field}: a {image.format} image; send PNG or JPEG")
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise UserError(
                     f"{field}: {image.width}x{image.height} pixels exceed the "
                     f"{MAX_IMAGE_PIXELS:,} an image may have"
                 )
-            grey = image.convert("L").resize((size, size), Image.Resampling.BILINEAR)
+            upright = ImageOps.exif_transpose(image)
+            if upright.has_transparency_data:
+                rgba = upright.convert("RGBA")
+                upright = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+            grey = upright.convert("L").resize((size, size), Image.Resampling.BILINEAR)
     except Image.DecompressionBombError:  # Pillow's own limit, above ours: same answer
         raise UserError(
             f"{field}: more than the {MAX_IMAGE_PIXELS:,} pixels an image may have"
         ) from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    # SyntaxError: Pillow's word for a PNG whose chunks are broken
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise UserError(f"{field}: not an image that decodes ({type(e).__name__})") from None
     return torch.from_numpy(np.asarray(grey, dtype=np.uint8).copy())
 

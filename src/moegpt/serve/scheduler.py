@@ -319,6 +319,11 @@ class Scheduler:
             forked.update(self._place(out, seq, n))
             index += 1
         while self.waiting and not out.preempted:
+            # Running sequences this step skips (cut by the bound, or ending in flight) still
+            # hold their place: images kept and KV reserved for max_batch_size at most.
+            if len(self.running) >= self.config.max_batch_size:
+                out.limited_by = "batch size"
+                break
             seq = self.waiting[0]
             n = self._take(out, keys, seq, 0)
             if n == 0:
