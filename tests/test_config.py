@@ -340,3 +340,26 @@ def test_source_errors_name_the_entry(tmp_path: Path, toml, overrides, message) 
 
 def test_the_built_in_defaults_are_the_tiny_recipe() -> None:
     assert load_config(None) == load_config(TINY)
+
+
+@pytest.mark.parametrize(
+    "vision, parent",
+    [
+        ("tiny-vision", "tiny"),
+        ("tiny-vision-clip", "tiny"),
+        ("small-moe-vision", "small-moe"),
+        ("small-moe-vision-clip", "small-moe"),
+    ],
+)
+def test_vision_recipes_hold_out_lines_their_parent_never_trained_on(
+    vision: str, parent: str
+) -> None:
+    """Rendered lines are keyed by file, as the parent's code is (same seed): with a
+    val_fraction at most the parent's exclusion threshold, every held-out line comes from a
+    file the parent language model did not train on, so transcription cannot be recall."""
+    child = load_config(ROOT / "configs" / f"{vision}.toml").data
+    elder = load_config(ROOT / "configs" / f"{parent}.toml").data
+    (rendered,) = [s for s in child.sources if s.path == "stdlib:rendered"]
+    assert child.seed == elder.seed
+    assert 0 < rendered.val_fraction <= elder.exclude_below
+    assert {s.path for s in elder.sources} >= {"stdlib:code"}

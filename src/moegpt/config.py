@@ -318,10 +318,11 @@ class VisionConfig(_Section):
 IMAGE_CORPORA = ("stdlib:rendered", "debian:fashion-mnist")
 # Corpora with a held-out split of their own: their val_fraction sizes it and splits nothing else
 OWN_SPLIT_CORPORA = ("debian:fashion-mnist",)
+CONVERSATION_CORPUS = "stdlib:instruct"  # the built-in corpus of kind = "chat"
 BUILTIN_CORPORA = (
     "stdlib:code",
     "stdlib:text",
-    "stdlib:instruct",
+    CONVERSATION_CORPUS,
     "debian:wordnet",
     "debian:python-doc",
     "debian:gcide",
@@ -365,6 +366,15 @@ class SourceConfig(_Section):
             self._fail("name", f"must be non-empty letters, digits, - or _, got {self.name!r}")
         if not self.path:
             self._fail("path", "must name files, a folder or a built-in corpus")
+        conversations = self.path == CONVERSATION_CORPUS
+        if self.path in BUILTIN_CORPORA and conversations != (self.kind == "chat"):
+            self._fail(
+                "kind",
+                f'{self.path} holds conversations: use kind = "chat"'
+                if conversations
+                else f'"chat" reads conversations, and {self.path} holds none (the built-in '
+                f"conversations are {CONVERSATION_CORPUS})",
+            )
         self._positive("epochs")
         self._non_negative("weight")
         if not 0.0 <= self.val_fraction < 1.0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,22 @@ def test_inspect_counts_conversations_longer_than_a_sequence(tmp_path: Path, cap
     assert main(["data", "inspect", "--config", recipe, "--data.long_documents", "skip"]) == 0
     out = capsys.readouterr().out
     assert "1 longer than a sequence (128 tokens), left out (data.long_documents)" in out
+
+
+def test_a_conversation_with_nothing_to_train_on_is_named_by_its_line(tmp_path: Path) -> None:
+    lonely = json.dumps({"messages": [{"role": "user", "content": "Anyone there?"}]})
+    path = write_chat(tmp_path, n=30, extra=lonely + "\n")
+    with pytest.raises(UserError, match=rf"^{path}:31: chat_template: renders no assistant"):
+        prepare(chat_config(tmp_path, val_fraction=0.0), log=lambda m: None)
+
+
+def test_built_in_corpora_are_read_as_what_they_hold(tmp_path: Path) -> None:
+    """Conversations are kind = "chat" and nothing else is: a mismatch would crash on JSON
+    or train on raw JSON."""
+    write_chat(tmp_path)
+    said = 'data.sources[0].kind: "chat" reads conversations, and stdlib:text holds none'
+    with pytest.raises(ConfigError, match="^" + re.escape(said)):
+        chat_config(tmp_path, "--data.sources.0.path=stdlib:text")
+    said = 'data.sources[0].kind: stdlib:instruct holds conversations: use kind = "chat"'
+    with pytest.raises(ConfigError, match="^" + re.escape(said)):
+        load_config(None, ["--data.sources.0.path=stdlib:instruct"])  # kind "code"

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 from moegpt.cli import main
+from moegpt.config import load_config
+from moegpt.plan.schedule import build_schedule
 from tests.data.conftest import make_config
 
 
@@ -44,3 +46,16 @@ def test_inspect_reports_long_documents_of_a_context_extension(corpus: Path, cap
     out = capsys.readouterr().out
     assert "hold a document longer than the original context (16 tokens)" in out
     assert "documents over 16 tokens are read 3x per epoch" in out
+
+
+def test_inspect_counts_the_sequences_a_ramped_run_reads(corpus: Path, capsys) -> None:
+    """With a batch-size ramp a run reads fewer sequences than steps x the full batch."""
+    make_config(corpus)
+    recipe = str(corpus / "recipe.toml")
+    assert main(["prepare", "--config", recipe]) == 0
+    ramp = ["--train.steps=40", "--train.global_batch_size=8", "--train.micro_batch_size=2"]
+    ramp += ["--train.ramp_start_batch=2", "--train.ramp_increment=2", "--train.ramp_samples=120"]
+    assert main(["data", "inspect", "--config", recipe, "--json", *ramp]) == 0
+    run = json.loads(capsys.readouterr().out)["run"]
+    schedule = build_schedule(load_config(recipe, ramp).train)
+    assert run["sequences"] == schedule.total_sequences < 40 * 8

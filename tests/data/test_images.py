@@ -3,22 +3,27 @@ Fashion-MNIST canvases whose captions say where each item is, and rendered lines
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from moegpt.config import DataConfig, SourceConfig
 from moegpt.data.images import (
     FASHION_CLASSES,
     FASHION_MNIST,
     compose,
     fashion_canvases,
     fashion_mnist,
+    load_image_corpus,
     read_idx,
     render,
     short_lines,
 )
+from moegpt.data.prepare import corpus_split
+from moegpt.data.sources import stdlib_code
 from moegpt.errors import UserError
 
 
@@ -97,7 +102,28 @@ def test_short_lines_keep_their_module_and_skip_comments_and_repeats(tmp_path: P
     (tmp_path / "top.py").write_text("    return result\n")
     files = [tmp_path / "pkg" / "mod.py", tmp_path / "top.py"]
     assert short_lines(files, tmp_path, max_chars=32) == [
-        ("pkg.mod", "import os"),
-        ("pkg.mod", "x = compute(value)"),
-        ("top", "return result"),
+        ("stdlib/pkg/mod.py", "import os"),
+        ("stdlib/pkg/mod.py", "x = compute(value)"),
+        ("stdlib/top.py", "return result"),
     ]
+
+
+def test_rendered_lines_are_held_out_with_their_files_code() -> None:
+    """stdlib:rendered keys a line by its file, as stdlib:code and stdlib:text do: a recipe
+    mixing them never trains on the code of a file whose lines it holds out."""
+    rendered = load_image_corpus("stdlib:rendered", 400, 0.05, 32, 1234, "path")
+    code = stdlib_code()
+    assert set(rendered.keys) <= set(code.keys)
+    sources = (
+        SourceConfig(name="code", kind="code", path="stdlib:code", val_fraction=0.05),
+        SourceConfig(
+            name="lines", kind="image_text", path="stdlib:rendered", items=400, val_fraction=0.05
+        ),
+    )
+    data = dataclasses.replace(
+        DataConfig(), sources=sources, packing="documents", document_mask=True
+    )
+    code_train, _ = corpus_split(code, sources[0], data)
+    _, lines_val = corpus_split(rendered, sources[1], data)
+    held_out = {rendered.keys[i] for i in lines_val}
+    assert held_out and held_out.isdisjoint(code.keys[i] for i in code_train)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -11,8 +13,15 @@ import pytest
 
 from moegpt.config import load_config
 from moegpt.data.mixture import Mixture
-from moegpt.data.prepare import prepare
+from moegpt.data.prepare import (
+    check_held_out_keys,
+    fraction_above,
+    held_out_score,
+    prepare,
+    split_documents,
+)
 from moegpt.data.shards import read_manifest, write_manifest, write_shard
+from moegpt.data.sources import Corpus
 from moegpt.data.tokenizer import load_tokenizer
 from moegpt.errors import UserError
 from tests.data.conftest import document, make_config
@@ -187,3 +196,49 @@ def test_bad_folders_and_manifests_are_one_line(corpus: Path, tmp_path: Path) ->
     )
     with pytest.raises(UserError, match=r"data.sources\[0\] 'a': no documents"):
         prepare(empty, log=lambda m: None)
+
+
+def corpus_of(keys: list[str]) -> Corpus:
+    return Corpus([], lambda: [(key, f"document {i} of {key}") for i, key in enumerate(keys)])
+
+
+def test_a_source_that_selects_no_key_holds_out_every_document_of_its_lowest() -> None:
+    """A fraction too small for the source's keys still holds one key out, with all of its
+    documents: holding out one document of a key would train on its siblings."""
+    keys = [f"file{i}" for i in range(12) for _ in range(3)]  # three documents a key
+    scores = {key: held_out_score(key, 7) for key in keys}
+    train, val = split_documents(keys, 1e-9, 1e-9, 7)
+    lowest = min(scores, key=scores.get)
+    assert sorted(keys[i] for i in val) == [lowest] * 3
+    assert lowest not in {keys[i] for i in train} and len(train) == len(keys) - 3
+
+
+def test_a_key_one_source_holds_out_and_another_trains_on_is_refused(tmp_path: Path) -> None:
+    """Two sources of the same files: the first's tiny fraction holds out its lowest key,
+    which the second (holding out nothing) would train on. The refusal names the field and
+    the fraction that holds the key out of both."""
+    keys = [f"stdlib/m{i}.py" for i in range(40)]
+    config = make_config(tmp_path, "--data.seed=5")
+    data = config.data
+    first = dataclasses.replace(data.sources[0], name="code", val_fraction=1e-6)
+    second = dataclasses.replace(data.sources[0], name="text", val_fraction=0.0)
+    data = dataclasses.replace(data, sources=(first, second))
+    lowest = min(keys, key=lambda k: held_out_score(k, 5))
+    suggested = fraction_above(held_out_score(lowest, 5))
+    with pytest.raises(
+        UserError,
+        match=rf"^data.sources\[0\].val_fraction: 1e-06 holds out none of 'code''s documents, "
+        rf"so it holds out {re.escape(lowest)}, which 'text' trains on; {suggested} holds it",
+    ):
+        check_held_out_keys([(first, corpus_of(keys)), (second, corpus_of(keys))], data)
+    fixed = dataclasses.replace(first, val_fraction=suggested)
+    data = dataclasses.replace(data, sources=(fixed, second))
+    check_held_out_keys([(fixed, corpus_of(keys)), (second, corpus_of(keys))], data)
+    _, val = split_documents(keys, suggested, data.exclude_below, 5)
+    assert lowest in {keys[i] for i in val}
+
+
+def test_fraction_above_is_the_next_two_figure_decimal() -> None:
+    assert fraction_above(0.2213) == 0.23
+    assert fraction_above(0.23) == 0.24
+    assert fraction_above(0.000123) == 0.00013

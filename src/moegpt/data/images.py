@@ -115,21 +115,22 @@ def fashion_canvases(
 
 
 def short_lines(files: list[Path], root: Path, max_chars: int) -> list[tuple[str, str]]:
-    """(module, line) for each distinct line of code of ``files`` that is between 8 and
-    ``max_chars`` characters once stripped, in printable ASCII, and not a comment."""
-    from moegpt.data.instruct import module_name
+    """(key, line) for each distinct line of code of ``files`` that is between 8 and
+    ``max_chars`` characters once stripped, in printable ASCII, and not a comment; the key is
+    its file's, as stdlib:code and stdlib:text key the file (held out with them)."""
+    from moegpt.data.sources import stdlib_key
 
     seen: set[str] = set()
     lines = []
     for path in files:
-        module = module_name(path.relative_to(root))
+        key = stdlib_key(path, root)
         for raw in path.read_text(encoding="utf-8", errors="replace").splitlines():
             line = raw.strip()
             if not 8 <= len(line) <= max_chars or line.startswith("#") or line in seen:
                 continue
             if set(line) <= PRINTABLE:
                 seen.add(line)
-                lines.append((module, line))
+                lines.append((key, line))
     return lines
 
 
@@ -184,6 +185,9 @@ def rendered_lines(
 
 
 RENDERED_MAX_CHARS = 32
+# How rendered lines are keyed for the split, in their fingerprint: lines were keyed by module
+# name before, which no other source shares (prepared data from then is rebuilt).
+RENDERED_KEYS = "keyed-by-file"
 FASHION_ITEMS = 10_000  # canvases made when a source asks for 0 (all)
 
 
@@ -215,8 +219,8 @@ def load_image_corpus(
 
     ``stdlib:rendered``: ``items`` lines (0: all) of at most 32 characters, in a seeded order,
     drawn at a font size of a sixth of the image (lines that do not fit are left out), keyed
-    by module. ``debian:fashion-mnist``: ``items`` canvases (0: 10,000), the held-out share
-    made from the dataset's test images."""
+    by file as the other stdlib sources are. ``debian:fashion-mnist``: ``items`` canvases (0:
+    10,000), the held-out share made from the dataset's test images."""
     from moegpt.data.sources import (
         EXTRACTION_VERSION,
         files_fingerprint,
@@ -240,7 +244,7 @@ def load_image_corpus(
                 continue
             if items and len(made) == items:
                 break
-        fingerprint = files_fingerprint(files, f"{settings}:{font_name()}")
+        fingerprint = files_fingerprint(files, f"{settings}:{font_name()}:{RENDERED_KEYS}")
         return ImageCorpus(
             files,
             fingerprint,

@@ -12,6 +12,7 @@ from moegpt.console import human
 from moegpt.data.mixture import Mixture
 from moegpt.data.shards import read_manifest
 from moegpt.data.tokenizer import load_tokenizer
+from moegpt.plan.schedule import build_schedule
 
 
 def inspect_data(config: Config, samples: int = 2, sample_chars: int = 300) -> dict[str, Any]:
@@ -42,7 +43,7 @@ def inspect_data(config: Config, samples: int = 2, sample_chars: int = 300) -> d
                 "share": tokens / total_planned,
             }
         )
-    run_sequences = config.train.steps * config.train.global_batch_size
+    run_sequences = build_schedule(config.train).total_sequences  # the ramp included
     tokenizer = load_tokenizer(data_dir / manifest["tokenizer"]["file"])
     decoded = [
         tokenizer.decode(mixture.sequence(g)["input_ids"].tolist(), skip_special_tokens=False)[

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from moegpt.chat import TOKENIZER_CONFIG, ChatTemplate, chatml_tokenizer_config
+from moegpt.chat import TOKENIZER_CONFIG, ChatTemplate, TemplateError, chatml_tokenizer_config
 from moegpt.config import Config, DataConfig, SourceConfig
 from moegpt.console import progress, stderr
 from moegpt.data.images import ImageCorpus, load_image_corpus
@@ -99,6 +100,38 @@ def corpus_split(
     return split_documents(corpus.keys, source.val_fraction, data.exclude_below, data.seed)
 
 
+def fraction_above(score: float) -> float:
+    """The next two-significant-figure decimal above ``score``: a val_fraction that holds
+    out its key."""
+    digits = 1 - math.floor(math.log10(score)) if score > 0 else 2
+    return round((math.floor(score * 10**digits) + 1) / 10**digits, digits)
+
+
+def check_held_out_keys(
+    corpora: list[tuple[SourceConfig, Corpus | ImageCorpus]], data: DataConfig
+) -> None:
+    """Refuse a mixture in which a key one source holds out is trained on by another. Keys
+    below every source's ``exclude_below`` never are; the key a source holds out because its
+    val_fraction selected none (:func:`split_documents`) may be, and the fix is to ask for
+    it."""
+    splits = [
+        (source, corpus.keys, *corpus_split(corpus, source, data)) for source, corpus in corpora
+    ]
+    for i, (source, keys, _, val) in enumerate(splits):
+        held = {keys[v] for v in val}
+        for other, other_keys, train, _ in splits:
+            trained = held.intersection(other_keys[t] for t in train)
+            if other is source or not trained:
+                continue
+            key = min(trained)
+            score = held_out_score(key, data.seed)
+            raise UserError(
+                f"data.sources[{i}].val_fraction: {source.val_fraction} holds out none of "
+                f"{source.name!r}'s documents, so it holds out {key}, which {other.name!r} trains "
+                f"on; {fraction_above(score)} holds it out of every source"
+            )
+
+
 def held_out_score(key: str, seed: int) -> float:
     """A document's uniform [0, 1) draw for the validation split, from its key alone."""
     digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
@@ -114,12 +147,14 @@ def split_documents(
     its score is at least ``exclude_below`` (the largest fraction of any source): documents
     sharing a key across sources, like a stdlib file's code and its docstrings, are held out
     together, so no source's validation text ever appears in another's training data. A
-    source of two or more documents keeps at least one for validation when asked for any.
+    source whose ``fraction`` selects no key holds out its lowest-scoring key when it has two
+    keys or more (every document of it; :func:`check_held_out_keys` refuses a mixture in
+    which another source trains on that key).
     """
     scores = np.array([held_out_score(k, seed) for k in keys])
     val = np.flatnonzero(scores < fraction)
-    if fraction > 0 and not len(val) and len(keys) >= 2:
-        val = np.array([int(scores.argmin())])
+    if fraction > 0 and not len(val) and len(set(keys)) >= 2:
+        val = np.flatnonzero(scores == scores.min())
     train_mask = scores >= exclude_below
     train_mask[val] = False
     return np.flatnonzero(train_mask), val
@@ -281,12 +316,16 @@ def _conversation_text(document: str) -> str:
 
 
 def encode_conversations(
-    template: ChatTemplate, documents: list[str], label: str
+    template: ChatTemplate, documents: list[str], keys: list[str], label: str
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Each conversation's token ids and trained-on mask (its assistant turns)."""
+    """Each conversation's token ids and trained-on mask (its assistant turns); one that
+    cannot be rendered is named by its key (a JSONL file's ``path:line``)."""
     ids, masks = [], []
-    for document in progress(documents, label, len(documents)):
-        encoded = template.encode_with_labels(json.loads(document))
+    for document, key in progress(zip(documents, keys, strict=True), label, len(documents)):
+        try:
+            encoded = template.encode_with_labels(json.loads(document))
+        except TemplateError as e:
+            raise UserError(f"{key}: {e}") from None
         ids.append(np.asarray(encoded.ids, dtype=np.uint32))
         masks.append(np.asarray(encoded.labels, dtype=np.uint8))
     return ids, masks
@@ -343,6 +382,7 @@ def prepare(
         else:
             corpus = load_corpus(source, i)
         corpora.append((source, corpus))
+    check_held_out_keys(corpora, data)
 
     tokenizer_path, recipe = _tokenizer_for(config, data_dir, corpora, log)
     tok_sha = tokenizer_hash(tokenizer_path)
@@ -379,7 +419,9 @@ def prepare(
                     f"data.sources[{i}] {source.name!r}: conversations need a chat template, "
                     f"and {config_from} has none"
                 )
-            ids, masks = encode_conversations(template, documents, f"rendering {source.name}")
+            ids, masks = encode_conversations(
+                template, documents, corpus.keys, f"rendering {source.name}"
+            )
         else:
             ids = tokenize(documents, tokenizer_path, workers, f"tokenizing {source.name}")
         train, val = corpus_split(corpus, source, data)

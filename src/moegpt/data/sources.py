@@ -95,13 +95,15 @@ def _read_text(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 
 
-def _stdlib_key(path: Path) -> str:
-    return f"stdlib/{path.relative_to(stdlib_root())}"
+def stdlib_key(path: Path, root: Path | None = None) -> str:
+    """A standard-library file's key (its path under ``root``, the stdlib's by default):
+    every source drawn from one file shares it, so the file is held out by all or none."""
+    return f"stdlib/{path.relative_to(root or stdlib_root())}"
 
 
 def stdlib_code() -> Corpus:
     files = stdlib_python_files()
-    return Corpus(files, lambda: [(_stdlib_key(p), _read_text(p)) for p in files], "stdlib:code")
+    return Corpus(files, lambda: [(stdlib_key(p), _read_text(p)) for p in files], "stdlib:code")
 
 
 def module_docstrings(source: str) -> str:
@@ -130,7 +132,7 @@ def stdlib_text() -> Corpus:
 
     def read() -> list[tuple[str, str]]:
         topics = [(f"pydoc/{key}", pydoc_topics.topics[key]) for key in sorted(pydoc_topics.topics)]
-        return topics + [(_stdlib_key(p), module_docstrings(_read_text(p))) for p in files]
+        return topics + [(stdlib_key(p), module_docstrings(_read_text(p))) for p in files]
 
     return Corpus([Path(pydoc_topics.__file__), *files], read, "stdlib:text")
 
@@ -240,7 +242,7 @@ def stdlib_instructions() -> list[Instruction]:
     """The instruction set of the local standard library (see :mod:`moegpt.data.instruct`)."""
     root = stdlib_root()
     modules = [
-        (_stdlib_key(p), module_name(p.relative_to(root)), _read_text(p))
+        (stdlib_key(p), module_name(p.relative_to(root)), _read_text(p))
         for p in stdlib_python_files()
     ]
     return build_instructions(modules)
