@@ -23,7 +23,8 @@ texts (3.5k and 11k tokens) unless ``--documents`` names others; ``torch:NAME`` 
 the installed torch package, whose documentation modules (``_torch_docs.py``, 110k tokens)
 no recipe trains on and which every machine with moegpt has. The table also gives the median
 training tokens/s of the base run and of each continuation. Everything goes through the `moegpt`
-verbs, as a user would run them; the table is printed and saved as JSON and text.
+verbs, as a user would run them; the table is printed and saved as JSON and text, as
+``long_context-<base>-<steps>steps[-<each --long-set>]-<device>.*`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -167,7 +168,9 @@ def main() -> None:
     result["base_settings"], result["long_settings"] = args.base_set, args.long_set
     result["chat"], result["documents"], result["lengths"] = args.chat, documents, lengths
     result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    stem = f"long_context-{base}-{device_tag()}"
+    # What changes the figures names the file: a rerun with other settings keeps the last.
+    settings = "".join(f"-{setting}" for setting in args.long_set)
+    stem = f"long_context-{base}-{args.steps}steps{settings}-{device_tag()}"
 
     def save_so_far() -> None:  # a run cut short by a time limit keeps what it measured
         result["seconds"] = time.perf_counter() - started

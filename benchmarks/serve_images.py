@@ -11,13 +11,13 @@ per request).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from verbs import device_tag, save
 
 from moegpt.config import ServeConfig
 from moegpt.serve.engine import Engine
@@ -126,12 +126,8 @@ def main() -> None:
         f"one image     {result['one_image']['tokens_per_second']:>10,.1f} tokens/s "
         f"({ratio:.2f}x); encoding one request's image: {result['encode_ms_per_image']:.2f} ms",
     ]
-    print("\n".join(lines))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = f"{Path(args.model).parent.name or Path(args.model).name}-{engine.device.type}"
-    (out / f"serve_images-{tag}.json").write_text(json.dumps(result, indent=2))
-    (out / f"serve_images-{tag}.txt").write_text("\n".join(lines) + "\n")
+    tag = f"{Path(args.model).parent.name or Path(args.model).name}-{device_tag()}"
+    save(args.out, f"serve_images-{tag}", result, "\n".join(lines))
 
 
 if __name__ == "__main__":

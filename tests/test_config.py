@@ -343,23 +343,25 @@ def test_the_built_in_defaults_are_the_tiny_recipe() -> None:
 
 
 @pytest.mark.parametrize(
-    "vision, parent",
+    "stage, parent, path",
     [
-        ("tiny-vision", "tiny"),
-        ("tiny-vision-clip", "tiny"),
-        ("small-moe-vision", "small-moe"),
-        ("small-moe-vision-clip", "small-moe"),
+        ("tiny-vision", "tiny", "stdlib:rendered"),
+        ("tiny-vision-clip", "tiny", "stdlib:rendered"),
+        ("small-moe-vision", "small-moe", "stdlib:rendered"),
+        ("small-moe-vision-clip", "small-moe", "stdlib:rendered"),
+        ("tiny-sft", "tiny", "stdlib:instruct"),
     ],
 )
-def test_vision_recipes_hold_out_lines_their_parent_never_trained_on(
-    vision: str, parent: str
+def test_later_stages_hold_out_only_files_their_parent_never_trained_on(
+    stage: str, parent: str, path: str
 ) -> None:
-    """Rendered lines are keyed by file, as the parent's code is (same seed): with a
-    val_fraction at most the parent's exclusion threshold, every held-out line comes from a
-    file the parent language model did not train on, so transcription cannot be recall."""
-    child = load_config(ROOT / "configs" / f"{vision}.toml").data
+    """Rendered lines and instruct questions are keyed by file, as the parent's code and
+    docstrings are (same seed): with a val_fraction at most the parent's exclusion threshold,
+    everything a later stage evaluates on comes from files the parent language model did not
+    train on, so an answer cannot be recall."""
+    child = load_config(ROOT / "configs" / f"{stage}.toml").data
     elder = load_config(ROOT / "configs" / f"{parent}.toml").data
-    (rendered,) = [s for s in child.sources if s.path == "stdlib:rendered"]
+    (source,) = [s for s in child.sources if s.path == path]
     assert child.seed == elder.seed
-    assert 0 < rendered.val_fraction <= elder.exclude_below
-    assert {s.path for s in elder.sources} >= {"stdlib:code"}
+    assert 0 < source.val_fraction <= elder.exclude_below
+    assert {s.path for s in elder.sources} >= {"stdlib:code", "stdlib:text"}

@@ -160,6 +160,31 @@ def test_eval_runs_the_engine_with_serve_overrides(
     )
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lengths", "1"], "--lengths: a window of 1 token scores nothing; use 2 or more"),
+        (["--lengths", "64", "--stride", "-5"], "--stride: must be positive, got -5"),
+    ],
+)
+def test_perplexity_windows_that_score_nothing_are_refused(
+    model_dir: Path, tmp_path: Path, capsys, flags: list[str], message: str
+) -> None:
+    doc = tmp_path / "doc.txt"
+    doc.write_text("def f(x):\n    return x + 1\n" * 20)
+    assert main(["eval", str(model_dir), "--task", "perplexity", "--text", str(doc), *flags]) != 0
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"moegpt: error: {message}"
+
+
+def test_an_instruct_recipe_holding_out_nothing_is_one_line(model_dir: Path, capsys) -> None:
+    recipe = str(Path(__file__).resolve().parents[1] / "configs" / "tiny-sft.toml")
+    args = ["eval", str(model_dir), "--task", "instruct", "--config", recipe]
+    assert main([*args, "--data.sources.0.val_fraction=0"]) != 0
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"moegpt: error: --config: {recipe} holds out no stdlib:instruct questions"
+    )
+
+
 def test_windows_score_every_token_once() -> None:
     for n, length, stride in [(10, 4, 2), (10, 4, 3), (3, 8, 4), (17, 5, 3)]:
         spans = Windows.of(n, length, stride).spans

@@ -544,6 +544,8 @@ def _instruct(args: argparse.Namespace) -> dict:
         raise UserError(f"--limit: must be positive, got {args.limit}")
     with stderr.status("building the standard-library instruction set"):
         questions = held_out(stdlib_instructions(), _load(args))
+    if not questions:
+        raise UserError(f"--config: {args.config} holds out no stdlib:instruct questions")
     engine = _eval_engine(args)
     count = min(len(questions), args.limit)
     with stderr.status(f"instruct: {count} held-out questions through the engine"):
@@ -596,6 +598,11 @@ def _vision(args: argparse.Namespace) -> dict:
     path = "stdlib:rendered" if args.task == "transcribe" else "debian:fashion-mnist"
     with stderr.status(f"drawing the held-out items of {path}"):
         items = held_out_items(config, path, args.limit)
+    if len(items.captions) < args.limit:
+        stderr.print(
+            f"{path}: the recipe holds out {len(items.captions)} items (--limit {args.limit})",
+            highlight=False,
+        )
     if args.task == "classify" and max(shots) > len(items.train_captions):
         raise UserError(
             f"--shots: {max(shots)} exceeds the {len(items.train_captions)} training canvases"
@@ -670,7 +677,13 @@ def _perplexity(args: argparse.Namespace, lengths: list[int]) -> dict:
 
     if not args.text:
         raise UserError("--text: the perplexity task needs held-out documents (--text FILE)")
-    stride = args.stride or min(lengths) // 2 or 1
+    if min(lengths) < 2:
+        raise UserError(
+            f"--lengths: a window of {min(lengths)} token scores nothing; use 2 or more"
+        )
+    if args.stride is not None and args.stride <= 0:
+        raise UserError(f"--stride: must be positive, got {args.stride}")
+    stride = args.stride or min(lengths) // 2
     if stride > min(lengths):
         raise UserError(f"--stride: {stride} exceeds the shortest length ({min(lengths)})")
     tokenizer, _ = folder_tokenizer(args.model_dir)

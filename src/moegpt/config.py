@@ -382,8 +382,8 @@ class SourceConfig(_Section):
 
 
 DEFAULT_SOURCES = (
-    SourceConfig(name="code", kind="code", path="stdlib:code", epochs=4),
-    SourceConfig(name="text", kind="text", path="stdlib:text", epochs=2),
+    SourceConfig(name="code", kind="code", path="stdlib:code", epochs=4, val_fraction=0.05),
+    SourceConfig(name="text", kind="text", path="stdlib:text", epochs=2, val_fraction=0.05),
 )
 
 

@@ -8,10 +8,12 @@ from moegpt.config import ModelConfig
 from moegpt.errors import UserError
 from moegpt.plan.hardware import PRESETS, get_hardware
 from moegpt.plan.memory import (
+    LOSS_CHUNK_VALUES,
     TrainLayout,
     activation_bytes_per_token_layer,
     bubble_fraction,
     in_flight_microbatches,
+    logit_bytes,
     stage_params,
     training_memory,
 )
@@ -105,7 +107,7 @@ def test_activations_by_hand_and_recompute() -> None:
     assert full.activations == 4 * activation_bytes_per_token_layer(MOE, True) * 64
     saved = training_memory(MOE, TrainLayout(micro_batch=2, seq_len=32, recompute=True), 80e9)
     assert saved.activations == (4 * 2 * d + activation_bytes_per_token_layer(MOE, True)) * 64
-    assert saved.logits == full.logits == 14 * 64 * 1000
+    assert saved.logits == full.logits == logit_bytes(64 * 1000) == (4 + 12) * 64 * 1000
 
 
 @pytest.mark.parametrize(
@@ -133,7 +135,7 @@ def test_recompute_keeps_inputs_of_every_in_flight_micro_batch_and_one_block() -
     est = training_memory(DENSE, layout, 80e9)
     one_block = activation_bytes_per_token_layer(DENSE, False)
     assert est.activations == (2 * 64 * 2 * 8 + one_block) * 16  # 2 layers' inputs x 8, 1 block
-    assert est.logits == 14 * 16 * 1000
+    assert est.logits == logit_bytes(16 * 1000)
 
 
 def test_hsdp_shards_over_the_shard_group_only() -> None:
@@ -185,7 +187,7 @@ def test_context_parallel_divides_activations_and_logits_by_cp() -> None:
         == short.activations
         == 4 * (activation_bytes_per_token_layer(MOE, True) * 2 * 16)
     )
-    assert split.logits == short.logits == 14 * 2 * 16 * 1000
+    assert split.logits == short.logits == logit_bytes(2 * 16 * 1000)
     with pytest.raises(UserError, match="^parallel.cp: 3 does not divide data.seq_len"):
         training_memory(MOE, TrainLayout(seq_len=64, cp=3), 80e9)
 
@@ -223,3 +225,12 @@ def test_ring_attention_traffic_by_hand() -> None:
     assert ring.comm_seconds == pytest.approx(ring.bytes_per_step / h100.nvlink_bandwidth)
     assert ring.attention_seconds == pytest.approx(1000 * 1e9 / (h100.peak_bf16_flops * 0.5))
     assert ring.exposed_seconds == max(0.0, ring.comm_seconds - ring.attention_seconds)
+
+
+def test_the_loss_chunk_the_plan_charges_is_the_trainers() -> None:
+    """Beyond one chunk, a logit costs its bf16 value and bf16 gradient alone."""
+    from moegpt.train.loss import CHUNK_VALUES
+
+    assert LOSS_CHUNK_VALUES == CHUNK_VALUES
+    big = 10 * CHUNK_VALUES
+    assert logit_bytes(big) == 4 * big + 12 * CHUNK_VALUES

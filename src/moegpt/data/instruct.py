@@ -10,7 +10,8 @@ answers taken from their source, so a tuned model can be scored by exact match.
 Every question about a module carries that module's corpus key (``stdlib/<path>``, as
 ``stdlib:code`` and ``stdlib:text`` do), so the validation split holds whole modules out:
 their questions are never tuned on, and with the split's ``exclude_below`` their code and
-docstrings are not pre-trained on either.
+docstrings are not pre-trained on either in the same recipe; a parent pretrained by another
+recipe kept them out too if it held out at least as large a share with the same seed.
 """
 
 from __future__ import annotations

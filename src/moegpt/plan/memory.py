@@ -151,9 +151,16 @@ def activation_bytes_per_token_layer(c: ModelConfig, moe: bool) -> float:
     return attention + 6 * d + hidden
 
 
-# bf16 logits kept by the caller, the fp32 log-softmax saved by cross-entropy, and two fp32
-# gradients (of the log-softmax and of its input) alive together at the start of backward.
-LOGIT_BYTES = 2 + 4 + 4 + 4
+# The chunked loss (moegpt.train.loss) keeps the bf16 logits and writes their bf16 gradient;
+# alive together at the start of backward, beside one chunk's fp32 temporaries (its upcast
+# logits, softmax and one-hot, eager) of LOSS_CHUNK_VALUES each, whatever the vocabulary.
+LOGIT_BYTES = 2 + 2
+LOSS_CHUNK_VALUES = 1 << 26  # moegpt.train.loss.CHUNK_VALUES (a test keeps them equal)
+
+
+def logit_bytes(values: float) -> float:
+    """Peak bytes of the loss over ``values`` logits (the last pipeline stage's)."""
+    return LOGIT_BYTES * values + 3 * 4 * min(values, LOSS_CHUNK_VALUES)
 
 
 @dataclass(frozen=True)
@@ -269,7 +276,7 @@ def training_memory(c: ModelConfig, layout: TrainLayout, hbm_bytes: float) -> Me
                 grads=states[s].grads,
                 optimizer=states[s].optimizer,
                 activations=per_token * micro_tokens / layout.tp,
-                logits=LOGIT_BYTES * micro_tokens * c.vocab_size / layout.tp if last else 0.0,
+                logits=logit_bytes(micro_tokens * c.vocab_size / layout.tp) if last else 0.0,
                 gathered_weights=gathered,
                 hbm_bytes=hbm_bytes,
                 bubble=bubble,
