@@ -6,6 +6,8 @@ loader."""
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -61,10 +63,18 @@ def hf_model(tokenizer):
 
 
 def write_gguf(
-    path: Path, model, tokenizer, qtype=None, arch: str = "llama", pre: str | None = None
+    path: Path,
+    model,
+    tokenizer,
+    qtype=None,
+    arch: str = "llama",
+    pre: str | None = None,
+    metadata: Callable[[gguf.GGUFWriter], None] | None = None,
 ) -> Path:
     c = model.config
     writer = gguf.GGUFWriter(path, arch)
+    if metadata is not None:
+        metadata(writer)
     if pre is not None:
         writer.add_tokenizer_pre(pre)
     writer.add_context_length(c.max_position_embeddings)
@@ -192,3 +202,84 @@ def test_smollm_pre_tokenization_splits_every_digit(hf_model, tokenizer, tmp_pat
     with pytest.raises(UserError, match="pre-tokenizer 'falcon' is not rebuilt yet"):
         convert(tmp_path / "odd.gguf", tmp_path / "odd")
     assert not (tmp_path / "odd").exists()
+
+
+def scaled_llama(tokenizer, scaling: dict) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=tokenizer.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_parameters={**scaling, "rope_theta": 10000.0},
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def linear_keys(writer: gguf.GGUFWriter) -> None:
+    writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    writer.add_rope_scaling_factor(4.0)
+
+
+def yarn_keys(writer: gguf.GGUFWriter) -> None:
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(4.0)
+    writer.add_rope_scaling_orig_ctx_len(32)
+    writer.add_rope_scaling_yarn_beta_fast(16.0)
+    writer.add_rope_scaling_yarn_beta_slow(2.0)
+
+
+@pytest.mark.parametrize(
+    "scaling, keys",
+    [
+        ({"rope_type": "linear", "factor": 4.0}, linear_keys),
+        (
+            {
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 32,
+                "beta_fast": 16.0,
+                "beta_slow": 2.0,
+            },
+            yarn_keys,
+        ),
+    ],
+)
+def test_a_ggufs_rotary_scaling_comes_along(tokenizer, tmp_path: Path, scaling, keys) -> None:
+    """llama.cpp's rope.scaling.* keys become the model's rope_scaling: the same logits as
+    the Hugging Face model the file was written from, well past the original context."""
+    reference = scaled_llama(tokenizer, scaling)
+    path = write_gguf(tmp_path / "scaled.gguf", reference, tokenizer, metadata=keys)
+    convert(path, tmp_path / "m")
+    ours = moegpt.load(tmp_path / "m")
+    assert ours.config.rope_scaling.type == scaling["rope_type"]
+    ids = torch.randint(0, reference.config.vocab_size, (2, 120))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_scalings_moegpt_cannot_express_are_one_line(hf_model, tokenizer, tmp_path: Path):
+    def freqs(writer: gguf.GGUFWriter) -> None:  # llama.cpp's Llama 3.1: a factor per pair
+        writer.add_tensor("rope_freqs.weight", np.ones(8, dtype=np.float32))
+
+    def longrope(writer: gguf.GGUFWriter) -> None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+
+    def deepseek(writer: gguf.GGUFWriter) -> None:
+        yarn_keys(writer)
+        writer.add_rope_scaling_attn_factors(0.75)
+
+    for name, metadata, said in [
+        ("freqs", freqs, "per-frequency rotary factors (rope_freqs"),
+        ("longrope", longrope, "rotary scaling 'longrope' is not supported"),
+        ("deepseek", deepseek, "llama.rope.scaling.attn_factor = 0.75 has no moegpt"),
+    ]:
+        path = write_gguf(tmp_path / f"{name}.gguf", hf_model, tokenizer, metadata=metadata)
+        with pytest.raises(UserError, match=re.escape(said)):
+            convert(path, tmp_path / name)
+        assert not (tmp_path / name).exists()

@@ -236,6 +236,11 @@ class ModelConfig(_Section):
                 f"model.rope_scaling.original_max_seq_len: {original} exceeds "
                 f"model.max_seq_len ({self.max_seq_len})"
             )
+        kind = self.rope_scaling.type
+        if kind == "ntk" and self.head_dim <= 2:  # its base grows by factor^(d / (d - 2))
+            self._fail("rope_scaling", f"ntk needs a head_dim above 2, got {self.head_dim}")
+        if kind == "yarn" and self.rope_theta <= 1:  # its ramp divides by ln(theta)
+            self._fail("rope_theta", f"yarn needs a base above 1, got {self.rope_theta}")
 
     @property
     def head_dim(self) -> int:

@@ -122,11 +122,36 @@ class SafetensorsFolder:
         return str(self.get(first).dtype).removeprefix("torch.")
 
 
+# Rotary parameters of a Hugging Face config that are numbers (checked before any arithmetic).
+NUMERIC_ROPE_KEYS = {
+    "rope_theta",
+    "factor",
+    "original_max_position_embeddings",
+    "attention_factor",
+    "mscale",
+    "mscale_all_dim",
+    "beta_fast",
+    "beta_slow",
+    "low_freq_factor",
+    "high_freq_factor",
+    "partial_rotary_factor",
+}
+
+
 def _rope(hf: dict[str, Any], where: Path) -> tuple[float, RopeScaling]:
     """The rotary base and scaling of a Hugging Face config (``rope_parameters``, or the older
     ``rope_theta`` with ``rope_scaling``)."""
+    for key in ("rope_scaling", "rope_parameters"):
+        if hf.get(key) is not None and not isinstance(hf[key], dict):
+            raise UserError(f"{where}: {key} must be an object, got {hf[key]!r}")
     params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    for key in NUMERIC_ROPE_KEYS & params.keys():
+        if not isinstance(params[key], int | float) or isinstance(params[key], bool):
+            raise UserError(f"{where}: rope {key} must be a number, got {params[key]!r}")
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if not isinstance(theta, int | float) or isinstance(theta, bool):
+        raise UserError(f"{where}: rope_theta must be a number, got {theta!r}")
+    theta = float(theta)
     rope_type = params.get("rope_type", params.get("type", "default"))
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise UserError(f"{where}: partial_rotary_factor is not supported by moegpt")
@@ -170,6 +195,15 @@ def _rope(hf: dict[str, Any], where: Path) -> tuple[float, RopeScaling]:
         raise UserError(
             f"{where}: rope scaling converts to an invalid moegpt config ({e})"
         ) from None
+
+
+def hf_rope_scaling(rope: dict[str, Any]) -> dict[str, Any] | None:
+    """The older ``rope_scaling`` form of ``rope_parameters``: no base, the type under both
+    names; None for the plain rotary embedding."""
+    if rope["rope_type"] == "default":
+        return None
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return scaling | {"type": rope["rope_type"]}
 
 
 def hf_rope_parameters(config: ModelConfig) -> dict[str, Any]:
@@ -278,6 +312,8 @@ def hf_config_from_model(config: ModelConfig, arch: str, dtype: str) -> dict[str
         "rms_norm_eps": config.norm_eps,
         "rope_theta": rope["rope_theta"],
         "rope_parameters": rope,
+        # transformers before 5 and llama.cpp's converter read the older key
+        "rope_scaling": hf_rope_scaling(rope),
         "tie_word_embeddings": config.tie_embeddings,
         "initializer_range": config.init_std,
         "torch_dtype": dtype,

@@ -34,6 +34,9 @@ _CONFIG_KEYS = {
     "attention.layer_norm_rms_epsilon": "rms_norm_eps",
     "rope.freq_base": "rope_theta",
 }
+# llama.cpp's scaling keys that change the attention temperature beyond what Hugging Face's
+# yarn does (DeepSeek's), with the value that changes nothing.
+UNSUPPORTED_YARN_KEYS = {"attn_factor": 1.0, "yarn_log_multiplier": 0.0}
 _CONTROL = 3  # llama.cpp's token type of special (control) tokens
 # Mixtral's per-expert weight name: the layer's experts, the expert, and the weight (gguf maps
 # the stacked name without the expert)
@@ -99,7 +102,44 @@ class GGUFModel:
         head_dim = _value(self.reader, f"{self.arch}.rope.dimension_count")
         if head_dim is not None:
             config["head_dim"] = head_dim
+        if (scaling := self._rope_scaling()) is not None:
+            config["rope_scaling"] = scaling
         return config
+
+    def _rope_scaling(self) -> dict[str, Any] | None:
+        """The Hugging Face ``rope_scaling`` of llama.cpp's ``rope.scaling.*`` keys (or the
+        older ``rope.scale_linear``); a scaling moegpt cannot express exactly is refused."""
+        key = f"{self.arch}.rope.scaling"
+        if any(t.name == "rope_freqs.weight" for t in self.reader.tensors):
+            raise UserError(
+                f"{self.path}: per-frequency rotary factors (rope_freqs, as llama.cpp writes "
+                "Llama 3.1's scaling) are not converted yet; convert the Hugging Face "
+                "checkpoint instead"
+            )
+        kind = _value(self.reader, f"{key}.type") or "none"
+        factor = _value(self.reader, f"{key}.factor")
+        legacy = _value(self.reader, f"{self.arch}.rope.scale_linear")
+        if kind == "none" and legacy not in (None, 1.0):
+            kind, factor = "linear", legacy
+        if kind == "none":
+            return None
+        if kind not in ("linear", "yarn"):
+            raise UserError(f"{self.path}: rotary scaling {kind!r} is not supported by moegpt")
+        for unsupported, neutral in UNSUPPORTED_YARN_KEYS.items():
+            value = _value(self.reader, f"{key}.{unsupported}")
+            if value is not None and value != neutral:
+                raise UserError(
+                    f"{self.path}: {key}.{unsupported} = {value} has no moegpt equivalent"
+                )
+        scaling = {"rope_type": kind, "factor": factor}
+        if kind == "yarn":
+            scaling["original_max_position_embeddings"] = _value(
+                self.reader, f"{key}.original_context_length"
+            )
+            for name in ("beta_fast", "beta_slow"):
+                if (value := _value(self.reader, f"{key}.yarn_{name}")) is not None:
+                    scaling[name] = value
+        return scaling
 
     def __contains__(self, name: str) -> bool:
         expert = _EXPERT.fullmatch(name)

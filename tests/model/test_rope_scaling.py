@@ -5,7 +5,9 @@ attention factor of each type, equal logits past the original context after `moe
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,8 @@ import torch
 import moegpt
 from moegpt.cli import main
 from moegpt.config import ModelConfig, RopeScaling, load_config
-from moegpt.errors import ConfigError
+from moegpt.convert import convert
+from moegpt.errors import ConfigError, UserError
 from moegpt.model import Transformer
 from moegpt.model.kv_cache import KVCache
 from moegpt.model.rope import rope_cos_sin, rope_frequencies, rope_inverse_frequencies
@@ -149,6 +152,9 @@ def test_converted_models_equal_hf_past_the_original_context(
     again = type(reference).from_pretrained(back).config.rope_parameters
     for key, value in HF_SCALINGS[kind].items():
         assert again[key] == value, key
+    # ... also under the older key, which transformers 4 and llama.cpp's converter read
+    older = json.loads((back / "config.json").read_text())["rope_scaling"]
+    assert older == {**HF_SCALINGS[kind], "type": kind}
 
 
 def test_ntk_converts_to_hf_as_the_base_it_amounts_to(tmp_path: Path) -> None:
@@ -219,3 +225,36 @@ def test_bad_rope_scaling_values_name_their_field() -> None:
     assert error(type="cubic").startswith("model.rope_scaling.type: expected one of")
     assert error(factr=2).startswith("model.rope_scaling.factr: unknown key (did you mean")
     assert ModelConfig(rope_scaling="none").rope_scaling == RopeScaling()  # older folders
+
+
+@pytest.mark.parametrize(
+    "edit, said",
+    [
+        ({"rope_theta": "abc"}, "rope_theta must be a number, got 'abc'"),
+        ({"rope_parameters": [1, 2]}, "rope_parameters must be an object, got [1, 2]"),
+        (
+            {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "mscale": "1"}},
+            "rope mscale must be a number, got '1'",
+        ),
+    ],
+)
+def test_malformed_hf_rope_settings_are_one_line(tmp_path: Path, edit: dict, said: str) -> None:
+    hf_dir = tmp_path / "hf"
+    hf_model("llama", HF_SCALINGS["linear"]).save_pretrained(hf_dir)
+    config = json.loads((hf_dir / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    (hf_dir / "config.json").write_text(json.dumps(config | edit))
+    with pytest.raises(UserError, match="^" + re.escape(f"{hf_dir / 'config.json'}: {said}")):
+        convert(hf_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_scalings_that_cannot_compute_are_refused_by_the_config() -> None:
+    with pytest.raises(ConfigError, match="^model.rope_scaling: ntk needs a head_dim above 2"):
+        small_config(d_model=8, n_heads=4, rope_scaling=RopeScaling(type="ntk", factor=2.0))
+    with pytest.raises(ConfigError, match="^model.rope_theta: yarn needs a base above 1, got 1"):
+        small_config(
+            rope_theta=1.0,
+            max_seq_len=128,
+            rope_scaling=RopeScaling(type="yarn", factor=2.0, original_max_seq_len=64),
+        )
