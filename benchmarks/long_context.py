@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from moegpt.config import load_config
 # has it, YaRN on data whose documents longer than the original context are read several
 # times per epoch (data.long_doc_tokens, data.long_doc_repeat).
 PLAIN = "--data.long_doc_tokens=0"
+FILE_UNSAFE = re.compile(r"[^\w.-]+")  # in a setting, for the results' file name
 VARIANTS = {
     "none": ["--model.rope_scaling.type=none", "--model.rope_scaling.factor=1", PLAIN],
     "linear": ["--model.rope_scaling.type=linear", PLAIN],
@@ -169,7 +171,7 @@ def main() -> None:
     result["chat"], result["documents"], result["lengths"] = args.chat, documents, lengths
     result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     # What changes the figures names the file: a rerun with other settings keeps the last.
-    settings = "".join(f"-{setting}" for setting in args.long_set)
+    settings = "".join("-" + FILE_UNSAFE.sub("_", setting) for setting in args.long_set)
     stem = f"long_context-{base}-{args.steps}steps{settings}-{device_tag()}"
 
     def save_so_far() -> None:  # a run cut short by a time limit keeps what it measured
