@@ -44,8 +44,8 @@ def tokenizer():
     return train_tokenizer([source], vocab_size=384)
 
 
-@pytest.fixture(scope="module")
-def hf_model(tokenizer):
+def llama(tokenizer, rope: dict | None = None) -> torch.nn.Module:
+    """A small random Llama; ``rope``: its rotary scaling (Hugging Face's keys)."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=tokenizer.get_vocab_size(),
@@ -55,11 +55,16 @@ def hf_model(tokenizer):
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=128,
-        rope_theta=10000.0,
+        rope_parameters={"rope_type": "default", **(rope or {}), "rope_theta": 10000.0},
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
     )
     return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_model(tokenizer):
+    return llama(tokenizer)
 
 
 def write_gguf(
@@ -204,23 +209,6 @@ def test_smollm_pre_tokenization_splits_every_digit(hf_model, tokenizer, tmp_pat
     assert not (tmp_path / "odd").exists()
 
 
-def scaled_llama(tokenizer, scaling: dict) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=tokenizer.get_vocab_size(),
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rope_parameters={**scaling, "rope_theta": 10000.0},
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
-
-
 def linear_keys(writer: gguf.GGUFWriter) -> None:
     writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
     writer.add_rope_scaling_factor(4.0)
@@ -253,7 +241,7 @@ def yarn_keys(writer: gguf.GGUFWriter) -> None:
 def test_a_ggufs_rotary_scaling_comes_along(tokenizer, tmp_path: Path, scaling, keys) -> None:
     """llama.cpp's rope.scaling.* keys become the model's rope_scaling: the same logits as
     the Hugging Face model the file was written from, well past the original context."""
-    reference = scaled_llama(tokenizer, scaling)
+    reference = llama(tokenizer, scaling)
     path = write_gguf(tmp_path / "scaled.gguf", reference, tokenizer, metadata=keys)
     convert(path, tmp_path / "m")
     ours = moegpt.load(tmp_path / "m")
