@@ -305,16 +305,16 @@ class Trainer:
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "loader": self.loader.state_dict(),
-            "settings": self._trajectory(),
+            "settings": self._resume_settings(),
         }
         return self.checkpoints.save(self.step, self._tensor_state()[0], state)
 
-    def _trajectory(self) -> dict[str, Any]:
+    def _resume_settings(self) -> dict[str, Any]:
         """The ``[train]`` settings a checkpoint records for its resumption."""
         train = self.config.train
         return {"train.steps": train.steps, "train.freeze": list(train.freeze)}
 
-    def _check_trajectory(self, checkpoint: Checkpoint, saved: dict[str, Any]) -> None:
+    def _check_resume_settings(self, checkpoint: Checkpoint, saved: dict[str, Any]) -> None:
         """Refuse, in one line, a frozen set other than the one ``checkpoint`` was trained
         with (which parameters have optimizer state follows it); say so when the run's length
         changed (allowed, to extend or shorten a run: the schedule follows the new length).
@@ -345,7 +345,7 @@ class Trainer:
                 )
             return False
         state = self.checkpoints.trainer_state(checkpoint)
-        self._check_trajectory(checkpoint, state.get("settings", {}))
+        self._check_resume_settings(checkpoint, state.get("settings", {}))
         tensors, parts = self._tensor_state()
         self.checkpoints.load(checkpoint, tensors)
         for (model_part, optim_part), model, opt in zip(
