@@ -67,6 +67,7 @@ class Result:
     params: dict[str, torch.Tensor]
     eval: dict[str, float]
     initial: dict[str, torch.Tensor] | None = None  # before the first step, where recorded
+    aux_losses: list[float] | None = None  # the logged auxiliary loss of each step
 
 
 def _read(out: Path, config: Config) -> Result:
@@ -74,7 +75,9 @@ def _read(out: Path, config: Config) -> Result:
     params = load_file(out.with_suffix(".safetensors"))
     first = out.with_suffix(".initial.safetensors")
     initial = load_file(first) if first.is_file() else None
-    return Result(config, info["losses"], info["ranks"], params, info["eval"], initial)
+    return Result(
+        config, info["losses"], info["ranks"], params, info["eval"], initial, info["aux_losses"]
+    )
 
 
 def overrides(name: str) -> list[str]:

@@ -26,6 +26,10 @@ def assert_matches(result: Result, reference: Result) -> None:
     assert len(result.losses) == len(reference.losses) == STEPS
     for got, want in zip(result.losses, reference.losses, strict=True):
         assert got == pytest.approx(want, rel=1e-5)
+    # The logged auxiliary loss too (a pipeline's first step once counted its shape-inference
+    # forward on placeholder inputs: NaN)
+    for got, want in zip(result.aux_losses, reference.aux_losses, strict=True):
+        assert got == pytest.approx(want, rel=1e-5)
     assert relative_norm_difference(result.params, reference.params) < 1e-4
     assert result.eval.keys() == reference.eval.keys() and reference.eval
     for key, value in reference.eval.items():

@@ -68,6 +68,7 @@ def _run_job(job: dict[str, Any], distributed: bool) -> None:
     batches = iter(trainer.loader)
     steps = [_timed_step(trainer, batches) for _ in range(job["steps"])]
     losses = [s["loss"] for s in steps]
+    aux_losses = [s["aux_loss"] for s in steps]
     memory = trainer.rank_memory()
     share = all_to_all_share(trainer, batches) if job.get("profile") else None
     trainer.save()
@@ -76,6 +77,7 @@ def _run_job(job: dict[str, Any], distributed: bool) -> None:
     if trainer.rank0:
         out = Path(job["out"])
         record = {"losses": losses, "ranks": memory, "eval": scores, "all_to_all_share": share}
+        record["aux_losses"] = aux_losses
         record["tokens_per_second"] = [s.get("tokens_per_second") for s in steps]
         record["mfu"] = [s.get("mfu") for s in steps]
         out.with_suffix(".json").write_text(json.dumps(record))

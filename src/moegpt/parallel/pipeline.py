@@ -81,8 +81,16 @@ class StageModule(nn.Module):
         self.model = model
         self.n_moe_layers = max(n_moe_layers, 1)
         self.aux_weight = 0.0
-        self.aux_total = torch.zeros(())  # weighted auxiliary loss of the step, for the log
+        # Each forward's weighted auxiliary loss, for the log. The first step's list also
+        # holds the forward torch's PipelineStage runs on placeholder inputs to infer shapes
+        # (never backpropagated): a step's are its last ones (see :meth:`step_aux`).
+        self.aux_terms: list[torch.Tensor] = []
         self.last_stats: list = []
+
+    def step_aux(self, forwards: int) -> torch.Tensor:
+        """The summed auxiliary loss of the step's last ``forwards`` forwards (0 without)."""
+        terms = self.aux_terms[-forwards:] if forwards else []
+        return torch.stack(terms).sum() if terms else torch.zeros(())
 
     def forward(
         self,
@@ -95,7 +103,7 @@ class StageModule(nn.Module):
         if not out.moe_stats or not torch.is_grad_enabled():
             return out.logits
         aux = torch.stack([s.aux_loss for s in out.moe_stats]).sum() * self.aux_weight
-        self.aux_total = self.aux_total.to(aux.device) + aux.detach()
+        self.aux_terms.append(aux.detach())
         return _AttachAuxLoss.apply(out.logits, aux)
 
 

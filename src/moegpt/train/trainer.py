@@ -476,7 +476,7 @@ class Trainer:
         n_moe = self.parts.stages[0].n_moe_layers
         for stage in self.parts.stages:
             stage.aux_weight = 1.0 / (n_moe * micro_steps)
-            stage.aux_total = torch.zeros((), device=self.device)
+            stage.aux_terms = []
         self._label_tokens = label_tokens
         loss_sum = torch.zeros((), device=self.device)
         per_round = self.config.parallel.pp_microbatches
@@ -484,7 +484,9 @@ class Trainer:
             losses: list[torch.Tensor] = []
             self._run_pipeline(micro[r : r + per_round], losses, train=True)
             loss_sum = loss_sum + sum((x.detach().float() for x in losses), loss_sum.new_zeros(()))
-        aux_sum = sum((s.aux_total for s in self.parts.stages), torch.zeros((), device=self.device))
+        # Each stage runs one forward per micro-batch.
+        aux = [s.step_aux(len(micro)).to(self.device) for s in self.parts.stages]
+        aux_sum = sum(aux, torch.zeros((), device=self.device))
         self._last_stats = self.parts.stages[0].last_stats
         return loss_sum, aux_sum
 
