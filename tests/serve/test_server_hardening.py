@@ -384,6 +384,13 @@ BAD = [
     ("n true", {**GOOD, "n": True}, 400, "n"),
     ("prompt ids with a bool", {**GOOD, "prompt": [1, True]}, 400, "prompt"),
     ("include_usage 1", {**GOOD, "stream_options": {"include_usage": 1}}, 400, "stream_options"),
+    (
+        "stream_options without stream",
+        {**GOOD, "stream_options": {"include_usage": True}},
+        400,
+        "stream_options",
+    ),
+    ("echo, refused rather than ignored", {**GOOD, "echo": True}, 400, "echo"),
 ]
 
 
@@ -408,6 +415,7 @@ def test_bad_chat_requests_are_openai_errors(live: Live) -> None:
         ),
         ({"model": MODEL, "messages": [user], "logprobs": "true"}, "logprobs"),
         ({"model": MODEL, "messages": [user], "top_logprobs": True}, "top_logprobs"),
+        ({"model": MODEL, "messages": [user], "top_logprobs": 2}, "top_logprobs"),  # no logprobs
         ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, "messages"),
     ]:
         assert_openai_error(live.post("/v1/chat/completions", body), 400, param)

@@ -22,6 +22,8 @@ from pydantic import (
     Field,
     StringConstraints,
     Tag,
+    ValidationInfo,
+    field_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -85,6 +87,13 @@ class _Request(_Strict):
     seed: int | None = None
     stream_options: StreamOptions | None = None
 
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, options: StreamOptions | None, info: ValidationInfo) -> Any:
+        if options is not None and not info.data.get("stream"):
+            raise PydanticCustomError("invalid", "only allowed when stream is true")
+        return options
+
     def stops(self) -> tuple[str, ...]:
         return tuple(self.stop or ())
 
@@ -92,6 +101,16 @@ class _Request(_Strict):
 class CompletionRequest(_Request):
     prompt: Prompt
     logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, echo: bool) -> bool:
+        if echo:  # refused, not ignored: a scoring client would read the wrong numbers
+            raise PydanticCustomError(
+                "unsupported", "echoing the prompt is not supported; moegpt eval scores prompts"
+            )
+        return echo
 
 
 class ImageURL(_Strict):
@@ -122,6 +141,13 @@ class ChatRequest(_Request):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     max_completion_tokens: int | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top is not None and not info.data.get("logprobs"):
+            raise PydanticCustomError("invalid", "only allowed when logprobs is true")
+        return top
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
