@@ -153,5 +153,6 @@ def layout_runs(tmp_path_factory, prepared: Path) -> dict[str, Result]:
             parts[0].ranks,
             parts[-1].params,
             parts[-1].eval,
+            aux_losses=[aux for leg in parts for aux in leg.aux_losses],
         )
     return results
