@@ -21,6 +21,7 @@ from moegpt.data.tokenizer import IMAGE, train_tokenizer
 from moegpt.errors import UserError
 from moegpt.model import Transformer
 from moegpt.model.vision import VisionLanguageModel
+from moegpt.serve import media
 from moegpt.serve.engine import Engine
 from moegpt.serve.media import VisualCache, decode_image, image_bytes
 from moegpt.serve.sequence import SamplingParams
@@ -85,7 +86,12 @@ def run(
     return [got[i] for i in ids]
 
 
-def test_served_tokens_equal_the_no_cache_forward(vision_model: Path) -> None:
+@pytest.mark.parametrize("mask_entries", [media.MASK_ENTRIES, 1])
+def test_served_tokens_equal_the_no_cache_forward(
+    vision_model: Path, mask_entries: int, monkeypatch
+) -> None:
+    """All sequences with images cross-attend together, or (``mask_entries`` 1) each alone."""
+    monkeypatch.setattr(media, "MASK_ENTRIES", mask_entries)
     engine = Engine.from_folder(vision_model, ServeConfig(calibrate=False), device="cpu")
     model = load_vision(vision_model)
     marker = model.image_token_id
