@@ -101,6 +101,36 @@ def test_models_completions_and_streaming(client) -> None:
     assert "".join(c.choices[0].text for c in pieces) == choice.text
 
 
+def test_logprobs_offsets_and_bytes_hold_however_the_text_is_sent(client) -> None:
+    """Streamed completions give each token the ``text_offset`` the whole response does (text
+    held back for an incomplete character does not shift it), and chat's ``bytes`` are each
+    token's own, so they concatenate to the reply's UTF-8 even where a token holds part of a
+    character (the untrained model writes many)."""
+    ask = {"model": MODEL, "prompt": "x = '", "max_tokens": 40, "temperature": 1.0, "seed": 3}
+    whole = client.completions.create(**ask, logprobs=1).choices[0].logprobs
+    chunks = [
+        c.choices[0].logprobs for c in client.completions.create(**ask, logprobs=1, stream=True)
+    ]
+    assert [o for c in chunks if c for o in c.text_offset] == whole.text_offset
+    assert [t for c in chunks if c for t in c.tokens] == whole.tokens
+    assert whole.text_offset[1] == len(whole.tokens[0])
+    messages = [{"role": "user", "content": "x = '"}]
+    reply = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=40, temperature=1.0, seed=3, logprobs=True
+    ).choices[0]
+    raw = [bytes(entry.bytes) for entry in reply.logprobs.content]
+    assert any(_partial(piece) for piece in raw)
+    assert b"".join(raw).decode(errors="replace") == reply.message.content
+
+
+def _partial(raw: bytes) -> bool:
+    try:
+        raw.decode()
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
 def test_chat_n_samples_and_stops(client) -> None:
     messages = [
         {"role": "system", "content": "You write Python."},

@@ -56,6 +56,7 @@ from moegpt.serve.protocol import (
     error_body,
 )
 from moegpt.serve.sequence import SamplingParams
+from moegpt.serve.token_bytes import TokenBytes
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 GRACE_S = 30  # how long a SIGTERM waits for running requests
@@ -123,6 +124,7 @@ class OpenAIServer:
         self.rejected: Counter[str] = Counter()  # requests refused, by reason
         tokenizer = engine.engine.tokenizer
         self.encoder = PlainEncoder(tokenizer) if tokenizer is not None else None
+        self.token_bytes = TokenBytes(tokenizer) if tokenizer is not None else None
         self.chat_template = engine.engine.chat_template
         # chat replies stop at the template's end of turn
         self.chat_stop_ids = self.chat_template.end_of_turn_ids() if self.chat_template else ()
@@ -287,23 +289,28 @@ class OpenAIServer:
         tokenizer = self.engine.engine.tokenizer
         return tokenizer.decode([token]) if tokenizer is not None else str(token)
 
-    def completion_logprobs(self, entries: list[dict], offset: int) -> dict[str, Any]:
+    def completion_logprobs(self, entries: list[dict], offset: int) -> tuple[dict[str, Any], int]:
+        """Legacy completions' log-probabilities, and the offset the next token will have:
+        ``text_offset`` counts each token's text from ``offset`` on (0 at the completion's
+        start, however the text was split into chunks), as vLLM counts it."""
         tokens = [self.token_text(e["token"]) for e in entries]
-        offsets, at = [], offset
+        offsets = []
         for text in tokens:
-            offsets.append(at)
-            at += len(text)
-        return {
+            offsets.append(offset)
+            offset += len(text)
+        body = {
             "tokens": tokens,
             "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [{self.token_text(t): lp for t, lp in e["top"] or []} for e in entries],
             "text_offset": offsets,
         }
+        return body, offset
 
     def chat_logprobs(self, entries: list[dict]) -> dict[str, Any]:
         def one(token: int, logprob: float) -> dict[str, Any]:
             text = self.token_text(token)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+            raw = self.token_bytes(token) if self.token_bytes else text.encode()
+            return {"token": text, "logprob": logprob, "bytes": list(raw)}
 
         return {
             "content": [
@@ -341,7 +348,7 @@ class OpenAIServer:
                 {
                     "index": c.index,
                     "text": c.text,
-                    "logprobs": self.completion_logprobs(c.logprobs, 0)
+                    "logprobs": self.completion_logprobs(c.logprobs, 0)[0]
                     if req.logprobs is not None
                     else None,
                     "finish_reason": c.finish_reason,
@@ -385,7 +392,7 @@ class OpenAIServer:
         kind = "chat.completion.chunk" if chat else "text_completion"
         created = int(time.time())
         generated = 0
-        text_seen = dict.fromkeys(range(params.n), 0)
+        text_offset = dict.fromkeys(range(params.n), 0)  # where each choice's next token is
 
         def event(choices: list[dict], usage: dict | None = None) -> str:
             body = {"id": rid, "object": kind, "created": created, "model": self.model_name}
@@ -405,7 +412,7 @@ class OpenAIServer:
             async with aclosing(outputs) as stream:
                 async for out in stream:
                     generated += len(out.token_ids)
-                    yield event([self._chunk(req, out, text_seen)])
+                    yield event([self._chunk(req, out, text_offset)])
         except Exception as e:  # the engine failed: say so in the stream's own terms
             failure = error_body(f"internal error: {type(e).__name__}: {e}", "server_error")
             yield f"data: {json.dumps(failure)}\n\n"
@@ -415,20 +422,18 @@ class OpenAIServer:
         yield "data: [DONE]\n\n"
 
     def _chunk(
-        self, req: CompletionRequest | ChatRequest, out: RequestOutput, text_seen: dict[int, int]
+        self, req: CompletionRequest | ChatRequest, out: RequestOutput, text_offset: dict[int, int]
     ) -> dict[str, Any]:
         reason = out.finish_reason if out.finished else None
         if isinstance(req, ChatRequest):
             chunk: dict[str, Any] = {"index": out.index, "delta": {"content": out.text}}
             chunk["logprobs"] = self.chat_logprobs(out.logprobs) if req.logprobs else None
         else:
-            chunk = {"index": out.index, "text": out.text}
-            chunk["logprobs"] = (
-                self.completion_logprobs(out.logprobs, text_seen[out.index])
-                if req.logprobs is not None
-                else None
-            )
-        text_seen[out.index] += len(out.text)
+            chunk = {"index": out.index, "text": out.text, "logprobs": None}
+            if req.logprobs is not None:
+                chunk["logprobs"], text_offset[out.index] = self.completion_logprobs(
+                    out.logprobs, text_offset[out.index]
+                )
         chunk["finish_reason"] = reason
         return chunk
 
