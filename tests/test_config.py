@@ -319,6 +319,16 @@ def test_default_sources_are_stdlib_code_four_times_and_text_twice() -> None:
             [],
             "data.sources[0].val_fraction: must be in [0, 1), got 1.0",
         ),
+        (
+            '[[data.sources]]\nname = "a"\npath = "x"\ninterleave = 4\n',
+            [],
+            "data.sources[0].interleave: interleaves image_text items; this source is text",
+        ),
+        (
+            '[[data.sources]]\nname = "a"\npath = "x"\ninterleave = 0\n',
+            [],
+            "data.sources[0].interleave: must be",
+        ),
         ("[data]\nsources = 3\n", [], "data.sources: expected a list of tables, got 3"),
         (
             '[[data.sources]]\nname = "a"\npath = "x"\nweight = 2\n'

@@ -360,9 +360,18 @@ class SourceConfig(_Section):
     items: int = _doc(
         0, "image_text: how many images to make (0 = every rendered line, 10,000 canvases)"
     )
+    interleave: int = _doc(
+        1,
+        "image_text: items per episode: that many consecutive images with their captions share "
+        "one document (image, caption, image, caption, ...), Flamingo's interleaved few-shot "
+        "sequences; 1 = each item alone",
+    )
 
     def validate(self) -> None:
         self._non_negative("items")
+        self._positive("interleave")
+        if self.interleave > 1 and self.kind != "image_text":
+            self._fail("interleave", f"interleaves image_text items; this source is {self.kind}")
         if self.kind == "image_text" and self.path not in IMAGE_CORPORA:
             self._fail(
                 "path", f"image_text sources are {', '.join(IMAGE_CORPORA)}, not {self.path!r}"

@@ -19,16 +19,17 @@ from moegpt.data.prepare import prepare
 from moegpt.data.shards import open_split, read_manifest
 from moegpt.data.tokenizer import END_OF_TEXT, IMAGE, encode_documents, load_tokenizer
 from moegpt.errors import UserError
+from moegpt.model.vision import media_mask
 
 
-def recipe(root: Path, source: str, items: int, *extra: str):
+def recipe(root: Path, source: str, items: int, *extra: str, interleave: int = 1):
     path = root / "vision.toml"
     path.write_text(
         "[model]\nvocab_size = 400\n"
         f'[data]\nseq_len = 64\ndata_dir = "{root / "prepared"}"\nworkers = 1\n'
         'packing = "documents"\ndocument_mask = true\n'
         f'[[data.sources]]\nname = "images"\nkind = "image_text"\npath = "{source}"\n'
-        f"items = {items}\nval_fraction = 0.25\n"
+        f"items = {items}\nval_fraction = 0.25\ninterleave = {interleave}\n"
         "[vision]\nenabled = true\nimage_size = 32\nchannels = 1\n"
     )
     return load_config(path, list(extra))
@@ -112,6 +113,49 @@ def test_sequences_carry_their_documents_images_in_order(tmp_path: Path) -> None
     counts = (batch["input_ids"] == marker).sum(dim=1)
     assert batch["images"].shape == (3, int(counts.max()), 32, 32)
     assert batch["images"].dtype == torch.uint8
+
+
+@pytest.mark.parametrize("interleave", [1, 3])
+def test_interleaved_items_are_few_shot_episodes(tmp_path: Path, interleave: int) -> None:
+    """``interleave = 3``: image, caption, image, caption, ... in one document of up to three
+    items (positions running on, each caption seeing its own image), episodes never split
+    between sequences, and every training item still read once an epoch."""
+    config = recipe(tmp_path, "stdlib:rendered", 40, interleave=interleave)
+    prepare(config, log=lambda m: None)
+    mixture = Mixture.open(config.data)
+    tokenizer = load_tokenizer(Path(config.data.data_dir) / "tokenizer.json")
+    marker, eos = tokenizer.token_to_id(IMAGE), tokenizer.token_to_id(END_OF_TEXT)
+    made = load_image_corpus("stdlib:rendered", 40, 0.25, 32, config.data.seed, "test")
+    by_caption = {c: made.images[i] for i, c in enumerate(made.documents)}
+    seen: list[str] = []
+    sizes = []
+    for g in range(mixture.n_sequences):
+        row = mixture.sequence(g)
+        ids, documents = row["input_ids"], row["document_ids"]
+        batch = torch.from_numpy(ids)[None]
+        visible, _ = media_mask(
+            batch, marker, len(row["images"]), 1, torch.from_numpy(documents)[None]
+        )
+        used = ids != eos
+        for d in np.unique(documents[used]):
+            span = np.flatnonzero(documents == d)
+            assert np.array_equal(row["positions"][span], np.arange(len(span)))
+            markers = span[ids[span] == marker]
+            sizes.append(len(markers))
+            for m in markers:  # "<|image|> caption <eos> <eos>", seeing image number m
+                end = m + 1 + np.argmax(ids[m + 1 :] == eos)
+                seen.append(tokenizer.decode(ids[m + 1 : end].tolist()))
+                image = int(np.count_nonzero(ids[: m + 1] == marker)) - 1
+                assert np.array_equal(row["images"][image], by_caption[seen[-1]])
+                assert visible[0, 0, m + 1 : end + 1].nonzero()[:, 1].unique().tolist() == [image]
+                assert ids[end + 1] == eos
+    assert max(sizes) == interleave and min(sizes) >= 1
+    train = open_split(
+        Path(config.data.data_dir), read_manifest(Path(config.data.data_dir)), "images", "train"
+    )
+    assert sorted(seen) == sorted(
+        tokenizer.decode(train.document(i)[1:-1].tolist()) for i in range(train.documents)
+    )
 
 
 def test_a_dataset_with_its_own_test_split_does_not_shrink_other_sources(tmp_path) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from moegpt.data.mixture import IGNORE_INDEX, Mixture, MixtureLoader
+from moegpt.data.mixture import IGNORE_INDEX, Mixture, MixtureLoader, pack_documents
 from moegpt.data.prepare import prepare
 from moegpt.data.tokenizer import load_tokenizer
 from moegpt.errors import UserError
@@ -267,3 +267,19 @@ def test_long_doc_settings_are_validated() -> None:
         DataConfig(long_doc_repeat=0).validate()
     with pytest.raises(UserError, match="data.long_doc_tokens"):
         DataConfig(long_doc_tokens=-1).validate()
+
+
+def test_episodes_are_packed_whole_and_a_too_long_one_as_its_documents() -> None:
+    def packed(sizes: list[int], opens: list[int] | None) -> list[list[int]]:
+        where = None if opens is None else np.array(opens, bool)
+        result = pack_documents(np.array(sizes), 10, skip_long=False, opens=where)
+        return [result.documents_of(g).tolist() for g in range(result.n_sequences)]
+
+    # episodes [0] [1, 2] [3]: the second would not fit after the first, so it starts anew
+    assert packed([2, 5, 4, 3], [1, 1, 0, 1]) == [[0], [1, 2], [3]]
+    assert packed([2, 5, 4, 3], None) == [[0, 1], [2, 3]]
+    # [5, 6] is 18 tokens, more than a sequence: its documents go one by one
+    sizes, opens = [3, 3, 3, 4, 2, 9, 9, 1], [1, 0, 0, 1, 0, 1, 0, 1]
+    assert packed(sizes, opens) == [[0, 1, 2], [3, 4], [5], [6, 7]]
+    result = pack_documents(np.array(sizes), 10, skip_long=False, opens=np.array(opens, bool))
+    assert result.opens.tolist() == [1, 0, 0, 1, 0, 1, 1, 1]

@@ -40,6 +40,9 @@ class StreamPlan:
     doc_index: np.ndarray  # int64: its index in that source's split
     doc_start: np.ndarray  # int64: its first token's position in the stream
     length: int  # tokens in the stream, end-of-text included
+    # bool: the document opens an episode (the documents up to the next opener share one
+    # document id, see ``SourceConfig.interleave``); every document does without interleaving
+    doc_opens: np.ndarray
 
 
 def _epoch_order(
@@ -75,26 +78,39 @@ def plan_stream(
     shuffle: bool = True,
     long_doc_tokens: int = 0,
     long_doc_repeat: int = 1,
+    episodes: list[int] | None = None,
 ) -> StreamPlan:
     """Merge the sources' epoch-shuffled document orders into one stream (documents longer
-    than ``long_doc_tokens``, when set, ``long_doc_repeat`` times in each epoch)."""
-    sources, indices, finish = [], [], []
+    than ``long_doc_tokens``, when set, ``long_doc_repeat`` times in each epoch). A source
+    with ``episodes[s]`` k > 1 gives its documents in episodes of k consecutive ones (the last
+    may be shorter), which the merge keeps together: each episode is placed by the share of
+    the source its last document completes."""
+    episodes = episodes or [1] * len(splits)
+    sources, indices, finish, opens = [], [], [], []
     for s, (split, n_epochs, weight) in enumerate(zip(splits, epochs, weights, strict=True)):
         copies = _copies(split, long_doc_tokens, long_doc_repeat)
         order = _epoch_order(copies, n_epochs, seed, split.name, shuffle)
         sizes = split.doc_lengths[order] + 1  # + end-of-text
         planned = float(sizes.sum()) or 1.0
         share = weight if weight > 0 else planned  # default: sources finish together
-        finish.append(np.cumsum(sizes) / share)
+        done = np.cumsum(sizes) / share
+        k = episodes[s]
+        if k > 1 and len(done):  # an episode's documents all finish when its last does
+            last = np.minimum(np.arange(len(done)) // k * k + k - 1, len(done) - 1)
+            done = done[last]
+        finish.append(done)
+        opens.append(np.arange(len(order)) % k == 0)
         sources.append(np.full(len(order), s, dtype=np.int32))
         indices.append(order)
     doc_source = np.concatenate(sources) if sources else np.zeros(0, np.int32)
     doc_index = np.concatenate(indices) if indices else np.zeros(0, np.int64)
+    doc_opens = np.concatenate(opens) if opens else np.zeros(0, bool)
+    # lexsort is stable: documents of one episode (equal finish, same source) stay in order
     merged = np.lexsort((doc_source, np.concatenate(finish))) if finish else np.zeros(0, np.int64)
-    doc_source, doc_index = doc_source[merged], doc_index[merged]
+    doc_source, doc_index, doc_opens = doc_source[merged], doc_index[merged], doc_opens[merged]
     sizes = _sizes(splits, doc_source, doc_index)
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    return StreamPlan(doc_source, doc_index, starts[:-1], int(starts[-1]))
+    return StreamPlan(doc_source, doc_index, starts[:-1], int(starts[-1]), doc_opens)
 
 
 def _sizes(splits: list[SplitTokens], doc_source: np.ndarray, doc_index: np.ndarray) -> np.ndarray:
@@ -145,11 +161,14 @@ def _check_prepared_for(
 @dataclass(frozen=True)
 class PackedDocuments:
     """Whole documents packed greedily, in stream order, into sequences of ``seq_len``:
-    sequence g holds stream documents ``order[bounds[g]:bounds[g + 1]]``."""
+    sequence g holds stream documents ``order[bounds[g]:bounds[g + 1]]``. Episodes are packed
+    whole; ``opens`` says which stream documents open one (an episode longer than a sequence
+    is packed as its separate documents)."""
 
     order: np.ndarray  # the stream documents kept, in order
     bounds: np.ndarray  # each sequence's first position in ``order``, then the end
     over_length: int  # documents longer than a sequence (cut to it, or left out)
+    opens: np.ndarray  # bool per stream document
 
     @property
     def n_sequences(self) -> int:
@@ -159,21 +178,37 @@ class PackedDocuments:
         return self.order[self.bounds[g] : self.bounds[g + 1]]
 
 
-def pack_documents(sizes: np.ndarray, seq_len: int, skip_long: bool) -> PackedDocuments:
-    """Greedy packing of documents of ``sizes`` tokens (end-of-text included): a sequence
-    closes when the next document would not fit. A longer document fills a sequence alone,
-    cut to ``seq_len``, or with ``skip_long`` is left out."""
-    long = sizes > seq_len
-    order = np.flatnonzero(~long) if skip_long else np.arange(len(sizes))
-    fitted = np.minimum(sizes[order], seq_len).tolist()
-    bounds, used = [], seq_len
+def pack_documents(
+    sizes: np.ndarray, seq_len: int, skip_long: bool, opens: np.ndarray | None = None
+) -> PackedDocuments:
+    """Greedy packing of documents of ``sizes`` tokens (end-of-text included), episode by
+    episode (``opens``: where each starts; None: every document is one): a sequence closes
+    when the next episode would not fit. An episode longer than ``seq_len`` is packed as its
+    documents; a longer document fills a sequence alone, cut to ``seq_len``, or with
+    ``skip_long`` is left out."""
+    opens = np.ones(len(sizes), bool) if opens is None else opens.copy()
+    if len(sizes):
+        episode_of = np.cumsum(opens) - 1
+        too_long = np.add.reduceat(sizes, np.flatnonzero(opens)) > seq_len
+        opens |= too_long[episode_of]
+    firsts = np.flatnonzero(opens)
+    episode_of = np.cumsum(opens) - 1
+    episode_sizes = np.add.reduceat(sizes, firsts) if len(sizes) else np.zeros(0, np.int64)
+    long = episode_sizes > seq_len  # single documents now
+    kept = ~long if skip_long else np.ones(len(firsts), bool)
+    fitted = np.minimum(episode_sizes[kept], seq_len).tolist()
+    starts, used = [], seq_len
     for i, size in enumerate(fitted):
         if used + size > seq_len:
-            bounds.append(i)
+            starts.append(i)
             used = 0
         used += size
-    bounds.append(len(order))
-    return PackedDocuments(order, np.asarray(bounds, dtype=np.int64), int(long.sum()))
+    starts.append(len(fitted))
+    # episode boundaries as positions in the kept documents
+    documents = np.diff(np.append(firsts, len(sizes)))[kept]
+    bounds = np.concatenate([[0], np.cumsum(documents)])[starts]
+    order = np.flatnonzero(kept[episode_of]) if len(sizes) else np.zeros(0, np.int64)
+    return PackedDocuments(order, bounds.astype(np.int64), int(long.sum()), opens)
 
 
 class Mixture:
@@ -193,6 +228,7 @@ class Mixture:
         long_doc_repeat: int = 1,
         packing: str = "stream",
         long_documents: str = "truncate",
+        episodes: list[int] | None = None,
     ) -> None:
         self.splits = splits
         self.sources = sources
@@ -200,8 +236,9 @@ class Mixture:
         self.eos_id = eos_id
         self.epochs = epochs or [s.epochs for s in sources]
         weights = [s.weight for s in sources]
+        episodes = episodes or [1] * len(sources)
         self.plan = plan_stream(
-            splits, self.epochs, weights, seed, shuffle, long_doc_tokens, long_doc_repeat
+            splits, self.epochs, weights, seed, shuffle, long_doc_tokens, long_doc_repeat, episodes
         )
         self.packing = packing
         # Image-text sources give every sequence the images of its documents, in order.
@@ -209,7 +246,9 @@ class Mixture:
         self.packed: PackedDocuments | None = None
         if packing == "documents":
             sizes = np.diff(np.append(self.plan.doc_start, self.plan.length))
-            self.packed = pack_documents(sizes, seq_len, skip_long=long_documents == "skip")
+            self.packed = pack_documents(
+                sizes, seq_len, long_documents == "skip", self.plan.doc_opens
+            )
             self.n_sequences = self.packed.n_sequences
         else:
             # Windows of seq_len + 1 tokens overlapping by one: the last may be short (padded).
@@ -225,6 +264,7 @@ class Mixture:
                     [(s.name, s.weight) for s in sources],
                     *([long_doc_tokens, long_doc_repeat] if long_doc_tokens else []),
                     *([packing, long_documents] if packing != "stream" else []),
+                    *([episodes] if max(episodes, default=1) > 1 else []),
                 ]
             ).encode()
         ).hexdigest()[:16]
@@ -261,6 +301,7 @@ class Mixture:
             long_doc_repeat=data.long_doc_repeat,
             packing=data.packing,
             long_documents=data.long_documents,
+            episodes=[s.interleave for s in chosen],
         )
 
     def tokens_of(self, k: int) -> np.ndarray:
@@ -319,10 +360,14 @@ class Mixture:
 
     def _whole_documents(self, g: int) -> dict[str, np.ndarray]:
         """Sequence ``g`` of whole documents: each with its end-of-text, labelled only inside
-        itself (and, for a conversation, only on its assistant turns), padded to seq_len."""
+        itself (and, for a conversation, only on its assistant turns), padded to seq_len. The
+        documents of an episode share a document id, and their positions run on."""
         assert self.packed is not None
         inputs, labels, positions, documents, images = [], [], [], [], []
-        for n, k in enumerate(self.packed.documents_of(g)):
+        n, at = -1, 0
+        for k in self.packed.documents_of(g):
+            if self.packed.opens[k]:
+                n, at = n + 1, 0
             image = self.image_of(k)
             if image is not None:  # its <|image|> marker comes first: never cut off
                 images.append(image)
@@ -337,14 +382,15 @@ class Mixture:
             target = np.where(trained[1:], tokens[1:], IGNORE_INDEX)
             inputs.append(tokens)
             labels.append(np.append(target, IGNORE_INDEX))  # the last token predicts nothing
-            positions.append(np.arange(len(tokens)))
+            positions.append(np.arange(at, at + len(tokens)))
+            at += len(tokens)
             documents.append(np.full(len(tokens), n))
         used = sum(len(t) for t in inputs)
         pad = self.seq_len - used
         inputs.append(np.full(pad, self.eos_id))
         labels.append(np.full(pad, IGNORE_INDEX))
         positions.append(np.zeros(pad, np.int64))
-        documents.append(np.full(pad, len(documents)))
+        documents.append(np.full(pad, n + 1))
         sequence = {
             "input_ids": np.concatenate(inputs).astype(np.int64),
             "labels": np.concatenate(labels).astype(np.int64),

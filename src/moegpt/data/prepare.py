@@ -161,10 +161,11 @@ def split_documents(
 
 
 def shaping_settings(source: SourceConfig) -> dict[str, Any]:
-    """The source's settings that shape its documents: not epochs and weight, which only
-    steer the mixture, nor ``items`` outside image-text sources (so that text folders
-    prepared before the field existed stay up to date)."""
-    unused = ("epochs", "weight") + (() if source.kind == "image_text" else ("items",))
+    """The source's settings that shape its documents: not epochs, weight and interleave,
+    which only steer the mixture, nor ``items`` outside image-text sources (so that text
+    folders prepared before the field existed stay up to date)."""
+    unused = ("epochs", "weight", "interleave")
+    unused += () if source.kind == "image_text" else ("items",)
     return {k: v for k, v in asdict(source).items() if k not in unused}
 
 

@@ -7,7 +7,8 @@
   as Flamingo evaluates closed-set tasks: for each item the ten class names are scored as the
   continuation of its caption so far (``a `` for the first, ``a sneaker to the left of a ``
   for the second), and the most likely name is the answer. With ``shots``, that many training
-  canvases and their captions come first in the same sequence, each after its own image.
+  canvases and their captions come first in the same sequence, each after its own image, laid
+  out as the recipe's interleaved episodes (``interleave`` on a source) train them.
 - **gates**: tanh of each cross-attention block's attention and feed-forward gates, the share
   of the block that reaches the language model (0 when a block is closed).
 
@@ -150,8 +151,9 @@ def classify(
         first, relation, second = match.groups()
         picks = rng.choice(len(items.train_captions), size=shots, replace=False) if shots else []
         context = []
-        for i in picks:
-            context += [marker, *tokenizer.encode(items.train_captions[i]).ids, eos]
+        for i in picks:  # as a training episode holds each item: its document (marker,
+            # caption, end-of-text), then the end-of-text the packer closes every document with
+            context += [marker, *tokenizer.encode(items.train_captions[i]).ids, eos, eos]
         images = np.stack([*(items.train_images[i] for i in picks), image])
         context.append(marker)
         queries.append(Query(context, images, "a ", first))
