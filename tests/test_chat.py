@@ -138,3 +138,67 @@ def test_bad_templates_are_one_line(tokenizer: Tokenizer) -> None:
     refusing = "{{ raise_exception('only user turns') }}"
     with pytest.raises(TemplateError, match="^chat_template: only user turns"):
         ChatTemplate(refusing, tokenizer).encode(CONVERSATIONS[0])
+
+
+def sentencepiece_like() -> Tokenizer:
+    """A Metaspace tokenizer that prepends "▁" to the text's start only (Llama 3.2's and
+    Mistral's newer shape), with ChatML's special tokens."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    made = Tokenizer(models.BPE(unk_token="<unk>"))
+    made.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    made.decoder = decoders.Metaspace(prepend_scheme="first")
+    specials = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    text = "user system assistant What does len do? Counts. one word Identity and then"
+    made.train_from_iterator(
+        [text] * 20, trainers.BpeTrainer(vocab_size=200, special_tokens=specials)
+    )
+    return made
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+def test_text_after_a_special_token_is_not_the_texts_start(conversation: list) -> None:
+    made = sentencepiece_like()
+    theirs = hf(made, CHATML_TEMPLATE).apply_chat_template(
+        conversation, tokenize=True, return_dict=False
+    )
+    assert ChatTemplate(CHATML_TEMPLATE, made).encode(conversation) == list(theirs)
+    plain = ChatTemplate("{{ messages[0]['content'] }}<|im_end|>{{ messages[0]['content'] }}", made)
+    once = [{"role": "user", "content": "Counts"}]
+    assert plain.encode(once) == list(
+        hf(made, plain.source).apply_chat_template(once, tokenize=True, return_dict=False)
+    )
+
+
+def test_the_template_sees_what_transformers_gives_it(tokenizer: Tokenizer) -> None:
+    """No tools or documents (None), the special tokens map and not flags such as
+    add_eos_token, and transformers' tojson arguments."""
+    template = (
+        "{% if tools is not none %}[tools]{% endif %}{% if documents is not none %}[docs]"
+        "{% endif %}{% if add_eos_token %}[flag]{% endif %}{{ bos_token }}"
+        "{% for m in messages %}{{ m | tojson(ensure_ascii=False, sort_keys=True, "
+        "separators=(',', ':')) }}{% endfor %}"
+    )
+    config = {"chat_template": template, "bos_token": "<|endoftext|>", "add_eos_token": False}
+    ours = ChatTemplate.from_config(json.dumps(config).encode(), tokenizer, "tokenizer_config.json")
+    messages = [{"role": "user", "content": "é"}]
+    theirs = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, chat_template=template, bos_token="<|endoftext|>"
+    ).apply_chat_template(messages, tokenize=False)
+    assert (
+        ours is not None
+        and ours.render(messages) == theirs == '<|endoftext|>{"content":"é","role":"user"}'
+    )
+    bad = ChatTemplate("{{ messages | tojson(colour=1) }}", tokenizer)
+    with pytest.raises(TemplateError, match="^chat_template: .*colour"):
+        bad.render(messages)
+
+
+def test_a_conversation_may_open_with_the_assistant(tokenizer: Tokenizer) -> None:
+    greeting = [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Hi"}]
+    encoded = ChatTemplate(CHATML_TEMPLATE, tokenizer).encode_with_labels(greeting)
+    theirs = hf(tokenizer, CHATML_TAGGED).apply_chat_template(
+        greeting, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    assert encoded.ids == list(theirs["input_ids"])
+    assert encoded.labels == [bool(m) for m in theirs["assistant_masks"]]

@@ -49,6 +49,17 @@ IMAGE_PLACE = "\x00moegpt-image\x00"
 
 Message = Mapping[str, str]
 
+# The special tokens transformers hands a template (its special_tokens_map), by config key.
+SPECIAL_TOKEN_KEYS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
+
 
 class TemplateError(UserError):
     """A chat template that cannot render, or renders no usable assistant turn."""
@@ -58,8 +69,17 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(value: Any, indent: int | None = None) -> str:
-    return json.dumps(value, ensure_ascii=False, indent=indent)
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    """transformers' ``tojson``: not HTML-escaped (Jinja's own is), non-ASCII kept."""
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _environment() -> ImmutableSandboxedEnvironment:
@@ -98,6 +118,9 @@ class ChatTemplate:
         self.special = dict(special or {})
         self._plain = Tokenizer.from_str(tokenizer.to_str())
         self._plain.encode_special_tokens = True  # contents' special strings stay text
+        # A text run after a special token, encoded alone, would take the "▁" that a
+        # Metaspace pre-tokenizer with prepend_scheme "first" gives only the start of the text
+        self._continuing = _without_first_prepend(self._plain)
         added = tokenizer.get_added_tokens_decoder()
         self._special_ids = {t.content: i for i, t in added.items() if t.special}
         names = sorted(self._special_ids, key=len, reverse=True)  # longest match first
@@ -127,8 +150,10 @@ class ChatTemplate:
             return None
         if not isinstance(source, str):
             raise UserError(f"{where}: chat_template must be a string")
+        # transformers passes its special tokens map, not every *_token key (add_eos_token is
+        # a flag, and false would render as the string "False")
         special = {
-            k: _token_text(v) for k, v in config.items() if k.endswith("_token") and v is not None
+            k: _token_text(config[k]) for k in SPECIAL_TOKEN_KEYS if config.get(k) is not None
         }
         return cls(source, tokenizer, special)
 
@@ -139,14 +164,20 @@ class ChatTemplate:
             return self.template.render(
                 messages=[dict(m) for m in messages],
                 add_generation_prompt=add_generation_prompt,
+                tools=None,  # as transformers passes them when a request has none
+                documents=None,
                 **self.special,
             )
-        except jinja2.exceptions.TemplateError as e:
-            raise TemplateError(f"chat_template: {e}") from None
+        except (jinja2.exceptions.TemplateError, TypeError) as e:  # TypeError: a filter's
+            raise TemplateError(f"chat_template: {e}") from None  # arguments, say
 
     def encode(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> list[int]:
         """Token ids of the rendered conversation (contents' special strings as plain text)."""
         check_messages(messages)
+        return self._encode(messages, add_generation_prompt)
+
+    def _encode(self, messages: Sequence[Message], add_generation_prompt: bool) -> list[int]:
+        """:meth:`encode` of checked messages, or of none (the generation prompt alone)."""
         marked = [{**m, "content": _MARKER.format(i)} for i, m in enumerate(messages)]
         text = self.render(marked, add_generation_prompt)
         found = [int(i) for i in _MARKERS.findall(text)]
@@ -184,7 +215,17 @@ class ChatTemplate:
                 at = match.end()
             _append_text(pieces, template_text[at:])
         texts = [p for p in pieces if isinstance(p, str)]
-        encoded = iter(self._plain.encode_batch(texts, add_special_tokens=False))
+        if self._continuing is None or not texts:
+            encoded = iter(self._plain.encode_batch(texts, add_special_tokens=False))
+        else:  # only a run at the very start is the text's start
+            at_start = isinstance(pieces[0], str)
+            first = self._plain.encode_batch(texts[:1], add_special_tokens=False)
+            rest = self._continuing.encode_batch(texts[1:], add_special_tokens=False)
+            encoded = iter(
+                first + rest
+                if at_start
+                else self._continuing.encode_batch(texts, add_special_tokens=False)
+            )
         ids: list[int] = []
         for piece in pieces:
             ids += [piece] if isinstance(piece, int) else next(encoded).ids
@@ -207,8 +248,8 @@ class ChatTemplate:
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            before = self.encode(messages[:i], add_generation_prompt=True)
-            through = self.encode(messages[: i + 1])
+            before = self._encode(messages[:i], add_generation_prompt=True)
+            through = self._encode(messages[: i + 1], add_generation_prompt=False)
             if through[: len(before)] != before or ids[: len(through)] != through:
                 raise TemplateError(
                     f"chat_template: the rendering of messages[{i}] (assistant) changes the "
@@ -235,6 +276,26 @@ class ChatTemplate:
         last = max(p for p, trained in enumerate(encoded.labels) if trained)
         token = encoded.ids[last]
         return (token,) if token in self._special_ids.values() else ()
+
+
+def _without_first_prepend(tokenizer: Tokenizer) -> Tokenizer | None:
+    """A copy of ``tokenizer`` whose Metaspace pre-tokenizer never prepends "▁", where it
+    prepends one to the text's start only (``prepend_scheme = "first"``); None otherwise."""
+    spec = json.loads(tokenizer.to_str())
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    firsts = [
+        step
+        for step in steps
+        if step.get("type") == "Metaspace" and step.get("prepend_scheme") == "first"
+    ]
+    if not firsts:
+        return None
+    for step in firsts:
+        step["prepend_scheme"] = "never"
+    continuing = Tokenizer.from_str(json.dumps(spec))
+    continuing.encode_special_tokens = True
+    return continuing
 
 
 def _token_text(value: Any) -> str:
