@@ -778,6 +778,13 @@ class Config:
                 "vision.objective: the clip stage learns from image_text sources, and "
                 "data.sources has none"
             )
+        interleaved = [s.name for s in self.data.sources if s.interleave > 1]
+        if self.vision.clip_stage and interleaved:
+            raise ConfigError(
+                f"data.sources: {interleaved[0]!r} interleaves its items, but the clip stage "
+                "pairs each image with its caption alone (a caption's features would read the "
+                "captions before it): set interleave = 1"
+            )
         if self.vision.enabled and self.vision.image_token_id >= m.vocab_size:
             raise ConfigError(
                 f"vision.image_token_id: {self.vision.image_token_id} is not below "

@@ -22,14 +22,14 @@ from moegpt.errors import UserError
 from moegpt.model.vision import media_mask
 
 
-def recipe(root: Path, source: str, items: int, *extra: str, interleave: int = 1):
+def recipe(root: Path, source: str, items: int, *extra: str, interleave: int = 1, epochs: int = 1):
     path = root / "vision.toml"
     path.write_text(
         "[model]\nvocab_size = 400\n"
         f'[data]\nseq_len = 64\ndata_dir = "{root / "prepared"}"\nworkers = 1\n'
         'packing = "documents"\ndocument_mask = true\n'
         f'[[data.sources]]\nname = "images"\nkind = "image_text"\npath = "{source}"\n'
-        f"items = {items}\nval_fraction = 0.25\ninterleave = {interleave}\n"
+        f"items = {items}\nval_fraction = 0.25\ninterleave = {interleave}\nepochs = {epochs}\n"
         "[vision]\nenabled = true\nimage_size = 32\nchannels = 1\n"
     )
     return load_config(path, list(extra))
@@ -115,12 +115,17 @@ def test_sequences_carry_their_documents_images_in_order(tmp_path: Path) -> None
     assert batch["images"].dtype == torch.uint8
 
 
-@pytest.mark.parametrize("interleave", [1, 3])
-def test_interleaved_items_are_few_shot_episodes(tmp_path: Path, interleave: int) -> None:
-    """``interleave = 3``: image, caption, image, caption, ... in one document of up to three
+@pytest.mark.parametrize(("interleave", "epochs"), [(1, 1), (4, 2)])
+def test_interleaved_items_are_few_shot_episodes(
+    tmp_path: Path, interleave: int, epochs: int
+) -> None:
+    """``interleave = 4``: image, caption, image, caption, ... in one document of up to four
     items (positions running on, each caption seeing its own image), episodes never split
-    between sequences, and every training item still read once an epoch."""
-    config = recipe(tmp_path, "stdlib:rendered", 40, interleave=interleave)
+    between sequences nor epochs (30 items: none holds an item twice), and every training
+    item still read once an epoch."""
+    config = recipe(
+        tmp_path, "stdlib:rendered", 40, "--data.seq_len=256", interleave=interleave, epochs=epochs
+    )
     prepare(config, log=lambda m: None)
     mixture = Mixture.open(config.data)
     tokenizer = load_tokenizer(Path(config.data.data_dir) / "tokenizer.json")
@@ -142,6 +147,7 @@ def test_interleaved_items_are_few_shot_episodes(tmp_path: Path, interleave: int
             assert np.array_equal(row["positions"][span], np.arange(len(span)))
             markers = span[ids[span] == marker]
             sizes.append(len(markers))
+            episode = len(seen)
             for m in markers:  # "<|image|> caption <eos> <eos>", seeing image number m
                 end = m + 1 + np.argmax(ids[m + 1 :] == eos)
                 seen.append(tokenizer.decode(ids[m + 1 : end].tolist()))
@@ -149,13 +155,21 @@ def test_interleaved_items_are_few_shot_episodes(tmp_path: Path, interleave: int
                 assert np.array_equal(row["images"][image], by_caption[seen[-1]])
                 assert visible[0, 0, m + 1 : end + 1].nonzero()[:, 1].unique().tolist() == [image]
                 assert ids[end + 1] == eos
-    assert max(sizes) == interleave and min(sizes) >= 1
+            assert len(set(seen[episode:])) == len(markers)  # no item twice in an episode
     train = open_split(
         Path(config.data.data_dir), read_manifest(Path(config.data.data_dir)), "images", "train"
     )
-    assert sorted(seen) == sorted(
-        tokenizer.decode(train.document(i)[1:-1].tolist()) for i in range(train.documents)
-    )
+    items = [tokenizer.decode(train.document(i)[1:-1].tolist()) for i in range(train.documents)]
+    assert sorted(seen) == sorted(items * epochs)
+    # each epoch cut on its own: 30 items in 4s are seven episodes of 4 and one of 2
+    n = len(items)
+    per_epoch = [interleave] * (n // interleave) + ([n % interleave] if n % interleave else [])
+    assert sorted(sizes) == sorted(per_epoch * epochs)
+
+
+def test_the_clip_stage_does_not_interleave(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="data.sources: 'images' interleaves its items"):
+        recipe(tmp_path, "stdlib:rendered", 4, "--vision.objective", "clip", interleave=2)
 
 
 def test_a_dataset_with_its_own_test_split_does_not_shrink_other_sources(tmp_path) -> None:

@@ -94,12 +94,16 @@ def plan_stream(
         planned = float(sizes.sum()) or 1.0
         share = weight if weight > 0 else planned  # default: sources finish together
         done = np.cumsum(sizes) / share
-        k = episodes[s]
-        if k > 1 and len(done):  # an episode's documents all finish when its last does
-            last = np.minimum(np.arange(len(done)) // k * k + k - 1, len(done) - 1)
-            done = done[last]
+        # Episodes are cut within each epoch (the last one of an epoch may be shorter), so
+        # none holds an item twice; an episode's documents all finish when its last does.
+        k, per_epoch = episodes[s], max(int(copies.sum()), 1)
+        at = np.arange(len(order))
+        first = at - at % per_epoch % k
+        opens.append(at == first)
+        if k > 1 and len(done):
+            epoch_end = (at // per_epoch + 1) * per_epoch
+            done = done[np.minimum(first + k, epoch_end) - 1]
         finish.append(done)
-        opens.append(np.arange(len(order)) % k == 0)
         sources.append(np.full(len(order), s, dtype=np.int32))
         indices.append(order)
     doc_source = np.concatenate(sources) if sources else np.zeros(0, np.int32)
