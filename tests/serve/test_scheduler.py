@@ -506,3 +506,45 @@ def test_the_bound_holds_on_a_machine_whose_decode_time_is_a_staircase() -> None
         make(s, 128, params=SamplingParams(max_tokens=128))
     tpots = sorted(simulate(s, clock, overlap=True, truth=truth))
     assert tpots[int(0.99 * len(tpots))] <= 1.01 * target
+
+
+def test_a_scored_prompt_in_flight_does_not_hold_back_the_decodes_after_it() -> None:
+    """Overlap plans step k + 1 before step k is taken in: a max_tokens=0 prompt whose last
+    chunk is in flight has nothing to run, and the sequences after it still decode."""
+    s = Scheduler(SchedulerConfig(max_batch_size=8, max_tokens_per_step=64), BlockAllocator(64, 4))
+    make(s, 8, params=SamplingParams(max_tokens=0, prompt_logprobs=True))
+    make(s, 4)
+    assert spans(s.schedule()) == [(0, 0, 8), (1, 0, 4)]
+    ahead = s.schedule()  # planned while the first step runs
+    assert spans(ahead) == [(1, 4, 1)] and ahead.limited_by is None
+
+
+def test_the_samples_of_an_n_request_count_against_the_batch_size() -> None:
+    """An n = 2 prompt not yet forked (cut by the latency bound) holds two places: a late
+    arrival waits rather than leaving three requests' samples over max_batch_size."""
+    clock = [0.0]
+    cost = StepCostModel(base=1e-3, per_token=1e-3, per_key=0.0)
+    config = SchedulerConfig(max_batch_size=4, tpot_s=4e-3, ttft_s=0.1)
+    s = Scheduler(config, BlockAllocator(64, 4), cost, clock=lambda: clock[0])
+    make(s, 1), make(s, 3), make(s, 40, params=SamplingParams(max_tokens=100, n=2))
+    run(s)
+    late = make(s, 1, arrival=-1.0)  # waited 1 s for a 0.1 s target
+    for _ in range(12):
+        run(s)
+        assert len(s.running) <= config.max_batch_size
+    assert late.status is Status.WAITING
+
+
+def test_the_prompt_is_scored_once_for_its_samples() -> None:
+    s = Scheduler(SchedulerConfig(max_batch_size=8, max_tokens_per_step=64), BlockAllocator(64, 4))
+    make(s, 4, params=SamplingParams(max_tokens=2, n=2, temperature=1.0, prompt_logprobs=True))
+    out = s.schedule()
+    outputs = s.update(
+        out,
+        RunnerOutput(
+            sampled={c.seq_id: [Sampled(7)] for c in out.chunks if c.sample},
+            prompt_logprobs={0: [-1.0, -2.0, -3.0]},
+        ),
+    )
+    scored = {o.index: o.prompt_logprobs for o in outputs}
+    assert scored == {0: [None, -1.0, -2.0, -3.0], 1: None}

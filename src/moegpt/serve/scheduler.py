@@ -294,8 +294,10 @@ class Scheduler:
         forked: set[int] = set()
         while index < len(self.running):
             seq = self.running[index]
-            if seq.seq_id in forked or self._ends_in_flight(seq):
-                index += 1  # placed with its parent; or its draw in flight is its last
+            if seq.seq_id in forked or self._ends_in_flight(seq) or seq.pending == 0:
+                # placed with its parent; or its draw in flight is its last; or nothing to
+                # run (a scored prompt's last chunk in flight): the others still run
+                index += 1
                 continue
             n = self._take(out, keys, seq, wanted.get(seq.seq_id, 0))
             if n == 0 and out.limited_by == "latency bound":
@@ -318,13 +320,16 @@ class Scheduler:
             keys += _keys(seq.computed, n)
             forked.update(self._place(out, seq, n))
             index += 1
+        occupied = sum(map(_samples, self.running))
         while self.waiting and not out.preempted:
             # Running sequences this step skips (cut by the bound, or ending in flight) still
-            # hold their place: images kept and KV reserved for max_batch_size at most.
-            if len(self.running) >= self.config.max_batch_size:
+            # hold their place: images kept and KV reserved for max_batch_size at most, an
+            # n > 1 request's samples counted from its admission. (One with n above the
+            # limit is admitted alone, or it never would be.)
+            seq = self.waiting[0]
+            if occupied and occupied + _samples(seq) > self.config.max_batch_size:
                 out.limited_by = "batch size"
                 break
-            seq = self.waiting[0]
             n = self._take(out, keys, seq, 0)
             if n == 0:
                 break
@@ -334,6 +339,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
+            occupied += _samples(seq)
             keys += _keys(seq.computed, n)
             self._place(out, seq, n)  # its forks come after it: the running loop is done
         if self.cost is not None:
@@ -432,8 +438,11 @@ class Scheduler:
             completion_tokens=len(seq.output),
             time_to_first_token=now - seq.arrival if first else None,
             time_per_output_token=tpot,
+            # the request's prompt is scored once, by its first sample
             prompt_logprobs=(
-                [None, *seq.prompt_logprobs] if first and seq.params.prompt_logprobs else None
+                [None, *seq.prompt_logprobs]
+                if first and seq.params.prompt_logprobs and seq.index == 0
+                else None
             ),
         )
 
@@ -488,3 +497,10 @@ class Scheduler:
             self.headroom = max(0.5, self.headroom * 0.95)
         else:
             self.headroom = min(1.0, self.headroom * 1.005)
+
+
+def _samples(seq: Sequence) -> int:
+    """Sequences ``seq`` stands for in the batch: the first sample of an n > 1 request that
+    has not forked yet (no token drawn or in flight) brings its n - 1 forks with it."""
+    unforked = seq.index == 0 and not seq.output and not seq.in_flight
+    return seq.params.n if unforked else 1
