@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import torch
 
     from moegpt.serve.engine import Engine
+    from moegpt.serve.sequence import SamplingParams
 
 OVERRIDES_HELP = (
     "Any config field can be overridden after the options in dotted form, e.g. "
@@ -312,7 +313,31 @@ def cmd_generate(args: argparse.Namespace) -> int | None:
     serve = _serve_config(args)
     if serve.tp > 1 and not args.prompt:
         raise UserError("--prompt: a tensor-parallel run takes its prompts as flags")
+    _sampling(args)  # bad sampling flags fail before the model loads
     return _with_engine(args, serve, lambda engine: _generate(engine, args))
+
+
+def _sampling(args: argparse.Namespace, stop_token_ids: tuple[int, ...] = ()) -> SamplingParams:
+    """``generate``'s sampling flags as the engine's parameters; a bad value is one line
+    naming its flag (``--max-tokens``, not the parameter's field)."""
+    from moegpt.serve.sequence import SamplingParams
+
+    try:
+        return SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            n=args.n,
+            stop=tuple(args.stop or ()),
+            logprobs=args.logprobs,
+            ignore_eos=args.ignore_eos,
+            stop_token_ids=stop_token_ids,
+        )
+    except UserError as e:
+        field, _, why = str(e).partition(": ")
+        raise UserError(f"--{field.replace('_', '-')}: {why}") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int | None:
@@ -376,7 +401,6 @@ def _generate(engine: Engine, args: argparse.Namespace) -> None:
     from moegpt.chat import IMAGE_PLACE
     from moegpt.serve.output import OutputProcessor
     from moegpt.serve.prompts import PlainEncoder
-    from moegpt.serve.sequence import SamplingParams
 
     template = engine.chat_template
     if engine.tokenizer is None:  # the engine takes token ids; this verb takes text
@@ -386,18 +410,7 @@ def _generate(engine: Engine, args: argparse.Namespace) -> None:
         )
     if args.chat and template is None:
         raise UserError(f"--chat: {args.model_dir} has no chat template (tokenizer_config.json)")
-    params = SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        n=args.n,
-        stop=tuple(args.stop or ()),
-        logprobs=args.logprobs,
-        ignore_eos=args.ignore_eos,
-        stop_token_ids=template.end_of_turn_ids() if args.chat and template else (),
-    )
+    params = _sampling(args, template.end_of_turn_ids() if args.chat and template else ())
     stderr.print(f"engine: {engine.describe()}", highlight=False)
     # A piped prompt loses the one newline that ends its last line (`echo` adds it).
     prompts = args.prompt or [sys.stdin.read().removesuffix("\n").removesuffix("\r")]

@@ -182,6 +182,24 @@ def test_generate_cli_streams_tokens(tmp_path: Path, model: Transformer, capsys)
     assert "no tokenizer.json, so text cannot become tokens" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-tokens", "0"], "--max-tokens: must be >= 1"),
+        (["--top-p", "0"], "--top-p: must be in (0, 1]"),
+        (["--n", "0"], "--n: must be >= 1"),
+        (["--stop", ""], "--stop: stop strings must not be empty"),
+    ],
+)
+def test_generate_cli_names_a_bad_sampling_flag_before_loading(
+    tmp_path: Path, capsys, flags: list[str], message: str
+) -> None:
+    missing = tmp_path / "not-a-model"  # never opened: the flags are checked first
+    assert main(["generate", str(missing), "--prompt", "x", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "not-a-model" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_generate_cli_says_how_the_engine_started(text_model: Path, capsys) -> None:
     flags = ["--max-tokens", "4", "--temperature", "0", "--num-kv-blocks", "32"]
     assert main(["generate", str(text_model), "--prompt", "def", *flags]) == 0
