@@ -209,8 +209,35 @@ def test_sequences_pack_labels_and_document_positions(prepared) -> None:
         mixture.plan.length - 1
     )
     batch = next(iter(MixtureLoader(mixture, 2, document_mask=True)))
-    assert set(batch) == {"input_ids", "labels", "positions", "document_ids"}
-    assert batch["input_ids"].dtype == torch.long
+    assert set(batch) == {"input_ids", "labels", "padding", "positions", "document_ids"}
+    assert batch["input_ids"].dtype == torch.long and batch["padding"].dtype == torch.bool
+
+
+@pytest.mark.parametrize("packing", ["stream", "documents"])
+def test_padding_marks_the_tokens_that_only_fill_a_row(corpus: Path, packing: str) -> None:
+    """The inputs after a row's last real token (each labelled ignored and end-of-text), and
+    the whole of a padding row at the stream's end; nothing else."""
+    config = make_config(corpus, "--data.packing", packing, "--data.document_mask", "true")
+    prepare(config, log=lambda m: None)
+    mixture = Mixture.open(config.data)
+    padded = 0
+    for g in range(mixture.n_sequences):
+        seq = mixture.sequence(g)
+        pad = seq["padding"]
+        real = int((~pad).sum())
+        assert not pad[:real].any() and pad[real:].all()  # one run, at the end
+        assert (seq["input_ids"][pad] == mixture.eos_id).all()
+        assert (seq["labels"][pad] == IGNORE_INDEX).all() and real >= 1
+        if real < 16:  # a padded row's last real token predicts nothing
+            assert seq["labels"][real - 1] == IGNORE_INDEX
+        padded += pad.sum()
+    if packing == "stream":  # only the last window can be short: all but its last input
+        assert padded == max(16 * mixture.n_sequences - (mixture.plan.length - 1) - 1, 0)
+    else:
+        assert padded > 0  # not vacuous: rows of whole documents seldom fill up
+    rows = mixture.n_sequences + 1  # one padding row evens out the last batch
+    batches = list(MixtureLoader(mixture, rows, document_mask=True))
+    assert batches[-1]["padding"][-1].all()
 
 
 @pytest.mark.parametrize("span", [8, 12])

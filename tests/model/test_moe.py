@@ -206,3 +206,37 @@ def test_top_k_by_max_reductions_equals_topk_and_passes_the_same_gradient(k: int
     (grad,) = torch.autograd.grad((values * weights).sum(), logits, retain_graph=True)
     (want,) = torch.autograd.grad((want_values * weights).sum(), logits)
     torch.testing.assert_close(grad, want, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.25])
+def test_padding_is_routed_but_left_out_of_the_statistics_and_takes_slots_last(
+    capacity_factor: float,
+) -> None:
+    """Row 0 holds 4 tokens and 12 of padding (one token repeated, as a packer pads), row 1
+    16 tokens. The statistics equal those of the real tokens alone; under a capacity limit
+    the real tokens keep the slots they would have if the padding came after all of them."""
+    torch.manual_seed(3)
+    moe = MoE(small_config(n_experts=4, top_k=2, capacity_factor=capacity_factor))
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 16, 32)
+    x[0, 4:] = x[0, 3]
+    padding = torch.zeros(2, 16, dtype=torch.bool)
+    padding[0, 4:] = True
+    out, stats = moe(x, padding)
+    real = x[~padding]
+    alone = MoE(small_config(n_experts=4, top_k=2))
+    alone.load_state_dict(moe.state_dict())
+    _, want = alone(real[None])
+    for name in ("tokens_per_expert", "load_balance_loss", "z_loss", "aux_loss"):
+        torch.testing.assert_close(getattr(stats, name), getattr(want, name))
+    # the padding moved after every real token: same slots, same capacity
+    last = torch.cat([real, x[padding]])[None]
+    reordered, _ = moe(last)
+    torch.testing.assert_close(out[~padding], reordered[0, : len(real)])
+    if capacity_factor:
+        capacity = math.ceil(capacity_factor * 2 * 16 * 2 / 4)
+        kept = stats.tokens_per_expert.clamp(max=capacity).sum()
+        assert stats.dropped_fraction.item() == pytest.approx(1 - kept.item() / (20 * 2))
+    else:
+        assert stats.dropped_fraction.item() == 0.0

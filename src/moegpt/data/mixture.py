@@ -360,6 +360,7 @@ class Mixture:
             "labels": labels[: self.seq_len],
             "positions": pos[: self.seq_len],
             "document_ids": doc_ids[: self.seq_len],
+            "padding": np.arange(self.seq_len) >= self.seq_len + 1 - pad,
         }
 
     def _whole_documents(self, g: int) -> dict[str, np.ndarray]:
@@ -400,6 +401,7 @@ class Mixture:
             "labels": np.concatenate(labels).astype(np.int64),
             "positions": np.concatenate(positions).astype(np.int64),
             "document_ids": np.concatenate(documents).astype(np.int64),
+            "padding": np.arange(self.seq_len) >= used,
         }
         if self.image_size:
             size = self.image_size
@@ -489,6 +491,7 @@ class MixtureLoader:
             "labels": np.full(n, IGNORE_INDEX, dtype=np.int64),
             "positions": np.arange(n),
             "document_ids": np.zeros(n, dtype=np.int64),
+            "padding": np.ones(n, dtype=bool),
         }
         if size:
             row["images"] = np.zeros((0, size, size), np.uint8)
@@ -503,9 +506,10 @@ class MixtureLoader:
             rows = [self.mixture.sequence(g) for g in self._rank_slice(global_count)]
             rows += [self._padding_row()] * (self.batch_size - len(rows))
             self.consumed += global_count
-            keys = ("input_ids", "labels", "positions", "document_ids")
+            # padding: tokens that only fill a row (the MoE layers' statistics leave them out)
+            keys = ("input_ids", "labels", "padding", "positions", "document_ids")
             if not self.document_mask:
-                keys = keys[:2]
+                keys = keys[:3]
             batch = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in keys}
             if self.mixture.image_size:
                 batch["images"] = _stack_images([r["images"] for r in rows])

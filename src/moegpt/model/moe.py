@@ -26,6 +26,7 @@ class MoEStats:
 
     tokens_per_expert: torch.Tensor  # (n_experts,) routed slots per expert, before dropping
     dropped_fraction: torch.Tensor  # () share of routed slots dropped by the capacity limit
+    # (all four over the tokens that are not padding)
     load_balance_loss: torch.Tensor  # () E * sum_e f_e * P_e; 1.0 when perfectly balanced
     z_loss: torch.Tensor  # () mean over tokens of logsumexp(router logits)^2
     aux_loss: torch.Tensor  # () the two losses weighted by their coefficients
@@ -211,8 +212,14 @@ class MoE(nn.Module):
         self.router = Router(config)
         self.experts = GroupedExperts(config)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats | None]:
-        """The layer's output and its router statistics (None under inference mode)."""
+    def forward(
+        self, x: torch.Tensor, padding: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, MoEStats | None]:
+        """The layer's output and its router statistics (None under inference mode).
+
+        ``padding`` (x's leading shape, bool) marks tokens that only fill a row: they are
+        routed like the rest (their outputs are not trained on), but the statistics and losses
+        leave them out, and under a capacity limit they take an expert's slots last."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         n_tokens, k = x.shape[0], self.top_k
@@ -230,11 +237,19 @@ class MoE(nn.Module):
         flat_ids = expert_ids.reshape(-1)  # slot s belongs to token s // k
         counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device)
         counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
-        order = torch.argsort(flat_ids, stable=True)  # slots grouped by expert, token order kept
+        real = torch.ones(n_tokens, dtype=torch.bool, device=x.device)
+        if padding is not None:
+            real = ~padding.reshape(-1).to(x.device)
+        real_slots = real.repeat_interleave(k)
+        real_counts = torch.zeros_like(counts).scatter_add_(0, flat_ids, real_slots.long())
         if capped:
+            # slots grouped by expert, token order kept within each, padding after the rest
+            order = torch.argsort(flat_ids * 2 + (~real_slots).long(), stable=True)
             expert_out, kept = self._run_with_capacity(x, order, flat_ids, counts)
+            kept = torch.minimum(real_counts, kept)  # the padding goes first
         else:  # dropless; also at inference, where dropping would couple a batch's requests
-            expert_out, kept = self.experts(x[order // k], counts), counts
+            order = torch.argsort(flat_ids, stable=True)  # grouped by expert, in token order
+            expert_out, kept = self.experts(x[order // k], counts), real_counts
 
         # Combine: put each slot's weighted output back in slot order, sum over k.
         slots = expert_out.new_zeros(n_tokens * k, shape[-1], dtype=combine)
@@ -242,7 +257,7 @@ class MoE(nn.Module):
         out = slots.view(n_tokens, k, shape[-1]).sum(dim=1).to(x.dtype)
         if not torch.is_grad_enabled():  # serving: no losses, a few dozen fewer kernels
             return out.view(shape), None
-        return out.view(shape), self._stats(logits, probs, counts, kept, n_tokens)
+        return out.view(shape), self._stats(logits, probs, real_counts, kept, real)
 
     def _run_with_capacity(
         self, x: torch.Tensor, order: torch.Tensor, flat_ids: torch.Tensor, counts: torch.Tensor
@@ -272,16 +287,20 @@ class MoE(nn.Module):
         probs: torch.Tensor,
         counts: torch.Tensor,
         kept: torch.Tensor,
-        n_tokens: int,
+        real: torch.Tensor,
     ) -> MoEStats:
-        slots = max(n_tokens * self.top_k, 1)  # an empty batch reports zeros, not NaN
-        routed_fraction = counts.float() / slots  # f_e: no gradient (counts are discrete)
-        mean_prob = probs.sum(dim=0) / max(n_tokens, 1)  # P_e: the gradient path
+        """Over the ``real`` tokens (not padding): ``counts`` and ``kept`` are their slots."""
+        weight = real.to(probs.dtype)
+        # an empty batch (or all padding) reports zeros, not NaN; no host sync either way
+        tokens = weight.sum().clamp(min=1)
+        slots = tokens * self.top_k
+        routed_fraction = counts.to(probs.dtype) / slots  # f_e: no gradient (counts are discrete)
+        mean_prob = (probs * weight[:, None]).sum(dim=0) / tokens  # P_e: the gradient path
         load_balance = self.n_experts * (routed_fraction * mean_prob).sum()
-        z_loss = torch.logsumexp(logits, dim=-1).square().sum() / max(n_tokens, 1)
+        z_loss = (torch.logsumexp(logits, dim=-1).square() * weight).sum() / tokens
         return MoEStats(
             tokens_per_expert=counts.detach(),
-            dropped_fraction=1.0 - kept.sum().float() / slots,
+            dropped_fraction=(counts - kept).sum().to(probs.dtype) / slots,
             load_balance_loss=load_balance,
             z_loss=z_loss,
             aux_loss=self.aux_loss_coef * load_balance + self.z_loss_coef * z_loss,

@@ -51,10 +51,11 @@ class TransformerBlock(nn.Module):
         sin: torch.Tensor,
         cache: KVCacheLike | None = None,
         document_mask: torch.Tensor | None = None,
+        padding: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoEStats | None]:
         x = x + self.attention(self.attention_norm(x), cos, sin, cache, document_mask)
         if isinstance(self.ffn, MoE):
-            out, stats = self.ffn(self.ffn_norm(x))
+            out, stats = self.ffn(self.ffn_norm(x), padding)
             return x + out, stats
         return x + self.ffn(self.ffn_norm(x)), None
 
@@ -155,6 +156,7 @@ class Transformer(nn.Module):
         before_layer: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
         call_block: BlockCall | None = None,
         head: bool = True,
+        padding: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Logits for ``tokens`` (batch, seq); with ``head`` false, the final norm's output
         (batch, seq, d_model) in their place (a text tower's features).
@@ -162,7 +164,8 @@ class Transformer(nn.Module):
         ``positions`` (seq,) or (batch, seq) default to the cache's length onward (0 without a
         cache). With a cache, this step's keys and values are stored and the cache advanced.
         ``document_ids`` (batch, seq) keep packed documents from attending to each other
-        (pass positions that restart per document with them).
+        (pass positions that restart per document with them). ``padding`` (batch, seq) marks
+        tokens that only fill a row, which the MoE layers' statistics and losses leave out.
 
         A model built around this one (vision's cross-attention) may pass
         ``edit_embeddings(h)``, which returns the residual stream's start from the token
@@ -191,7 +194,7 @@ class Transformer(nn.Module):
             if before_layer is not None:
                 h = before_layer(int(index), h)
             if call_block is None:
-                h, layer_stats = block(h, cos, sin, cache, mask)
+                h, layer_stats = block(h, cos, sin, cache, mask, padding)
             else:
                 h, layer_stats = call_block(block, h, cos, sin, cache, mask)
             if layer_stats is not None:

@@ -402,6 +402,7 @@ class VisionLanguageModel(nn.Module):
         images: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
+        padding: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Logits for ``tokens`` (batch, seq) whose ``<|image|>`` tokens stand for ``images``
         (batch, images, C, H, W), or grey uint8 (batch, images, H, W), in order; a sequence
@@ -443,6 +444,7 @@ class VisionLanguageModel(nn.Module):
             document_ids=document_ids,
             edit_embeddings=lambda h: self.mark_images(tokens, h),
             before_layer=cross_attend,
+            padding=padding,
         )
 
     def contrastive(

@@ -20,7 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from moegpt.errors import UserError
 
 # The batch tensors that run along the sequence: (batch, seq) each.
-SEQUENCE_KEYS = ("input_ids", "labels", "positions")
+SEQUENCE_KEYS = ("input_ids", "labels", "positions", "padding")
 
 
 def check_device(cp: int, device: torch.device) -> None:
@@ -48,7 +48,7 @@ def sequence_shards(mesh: DeviceMesh | None, batch: dict[str, torch.Tensor]) -> 
         rows, seq = batch["input_ids"].shape
         device = batch["input_ids"].device
         batch["positions"] = torch.arange(seq, device=device).repeat(rows, 1)
-    buffers = [batch[k] for k in SEQUENCE_KEYS]
+    buffers = [batch[k] for k in SEQUENCE_KEYS if k in batch]
     # The full tensors are not needed afterwards: skip restoring them.
     with context_parallel(
         mesh, buffers=buffers, buffer_seq_dims=[1] * len(buffers), no_restore_buffers=set(buffers)

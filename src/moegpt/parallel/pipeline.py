@@ -97,8 +97,9 @@ class StageModule(nn.Module):
         x: torch.Tensor,
         positions: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
+        padding: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        out = self.model(x, positions=positions, document_ids=document_ids)
+        out = self.model(x, positions=positions, document_ids=document_ids, padding=padding)
         self.last_stats = out.moe_stats
         if not out.moe_stats or not torch.is_grad_enabled():
             return out.logits

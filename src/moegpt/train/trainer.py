@@ -426,6 +426,7 @@ class Trainer:
                 batch["input_ids"],
                 positions=batch.get("positions"),
                 document_ids=batch.get("document_ids"),
+                padding=batch.get("padding"),
                 **images,
             )
         if out.loss_sum is not None:  # the CLIP stage's own loss
@@ -495,7 +496,7 @@ class Trainer:
     ) -> None:
         assert self.pipeline is not None
         batch = self._to_device({k: torch.cat([b[k] for b in micro]) for k in micro[0]})
-        kwargs = {k: batch[k] for k in ("positions", "document_ids") if k in batch}
+        kwargs = {k: batch[k] for k in ("positions", "document_ids", "padding") if k in batch}
         n_stages = self.config.parallel.pp * self.config.parallel.stages_per_rank
         args = (batch["input_ids"],) if 0 in self.parts.stage_ids else ()
         target = batch["labels"] if n_stages - 1 in self.parts.stage_ids else None
