@@ -370,3 +370,35 @@ def test_a_non_finite_gradient_skips_the_update_and_names_its_parameter(
     hook.remove()
     assert not trainer.train_step(batches)["skipped"]
     assert not torch.equal(before["layers.1.attention.wo.weight"], poisoned)
+
+
+def test_evaluation_on_a_step_that_does_not_log_is_not_training_time(
+    tmp_path: Path, prepared: Path, monkeypatch
+) -> None:
+    """log_every 4, eval_every 6: the evaluation at step 6 (made to take 1 s) must not
+    land in the tokens/s of steps 7 and 8."""
+    config = make_config(
+        tmp_path,
+        prepared,
+        "--checkpoint.every=0",
+        steps=8,
+        log_every=4,
+        eval_every=6,
+        global_batch_size=4,
+    )
+    evaluate = Trainer.evaluate
+
+    def slow(self: Trainer) -> dict:
+        time.sleep(1.0)
+        return evaluate(self)
+
+    monkeypatch.setattr(Trainer, "evaluate", slow)
+    Trainer(config, tmp_path / "run", log=lambda m: None).run(progress=False)
+    rates = {
+        e["step"]: e["tokens_per_second"]
+        for e in read_metrics(tmp_path / "run")
+        if e["kind"] == "train"
+    }
+    steps_before = min(rates[5], rates[6])
+    # a step of 4 x 64 tokens takes milliseconds: 1 s inside the window would cut it tenfold
+    assert rates[8] > steps_before / 3, rates

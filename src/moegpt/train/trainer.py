@@ -739,14 +739,16 @@ class Trainer:
                     )
                     if logging and self.rank0:
                         bar.console.print(_log_line(self.step, self.schedule.steps, last))
+                    outside = time.perf_counter()
                     if train.eval_every and (self.step % train.eval_every == 0 or final):
                         scores = self.evaluate()
                         if metrics is not None:
                             metrics.write("eval", self.step, scores)
                             bar.console.print(_eval_line(self.step, scores), highlight=False)
                     saved = self.save() if (every and self.step % every == 0) or final else None
-                    if logging or final or (every and self.step % every == 0):
-                        # evaluation and saving are not training time
+                    # evaluation and saving are not training time, whichever step they fall on
+                    window_start += time.perf_counter() - outside
+                    if logging:
                         window_tokens, window_start = 0, time.perf_counter()
                     signum = self._stop_signal(stops)
                     if signum and not final:
