@@ -67,3 +67,16 @@ def test_flops_equal_the_counters(model_config, vision) -> None:
     per_block = [flops(lambda b=b: b(token, visual, mask, has_media)) for b in model.xattn.values()]
     # One token through every block: its own FLOPs plus the visual tokens' keys and values.
     assert sum(per_block) == predicted.xattn_per_token + predicted.visual_kv_per_image
+
+
+def test_a_frozen_language_model_saves_only_its_weight_gradients() -> None:
+    """Freezing the language model removes the weight-gradient matmuls (1x its matmuls); the
+    attention products have no weights, and their backward still runs."""
+    from moegpt.plan.flops import training_token_flops
+
+    m, v, seq = small_config(), small_vision_config(), 64
+    frozen = vision_flops(m, v, seq, tokens_per_image=10.0, lm_frozen=True)
+    trained = vision_flops(m, v, seq, tokens_per_image=10.0, lm_frozen=False)
+    token = training_token_flops(m, seq)
+    assert token.attention > 0
+    assert trained.stage_per_token - frozen.stage_per_token == pytest.approx(token.matmul)

@@ -100,7 +100,8 @@ def vision_flops(
     encoder_frozen: bool = True,
 ) -> VisionFlops:
     """Forward FLOPs of each part, and a training step's per text token. A frozen language
-    model still runs backward through its activations (2x forward instead of 3x); a frozen
+    model still runs backward through its activations: its matmuls cost 2x forward (no
+    weight gradients), its attention products, which have no weights, 3x as ever. A frozen
     encoder, first in line, runs forward only."""
     w, d, patches, latents = v.width, m.d_model, v.patches, v.resampler_latents
     encoder = patches * (
@@ -116,8 +117,9 @@ def vision_flops(
     blocks = xattn_blocks(m, v)
     visual_kv = blocks * 2 * latents * 2 * w * d
     xattn = blocks * (2 * (2 * d * d + ffn_params(m, m.ffn_hidden)) + 4 * d * latents)
-    forward = training_token_flops(m, seq_len).forward
-    lm = (2 if lm_frozen else 3) * forward
+    token = training_token_flops(m, seq_len)
+    forward = token.forward
+    lm = 2 * token.matmul + 3 * token.attention if lm_frozen else 3 * forward
     per_image = (1 if encoder_frozen else 3) * encoder + 3 * (resampler + visual_kv)
     # CLIP: the frozen language model runs forward only, without its head (its final states
     # are the caption's features); the encoder and the two projections train.
