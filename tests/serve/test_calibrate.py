@@ -21,12 +21,25 @@ def test_shapes_span_batches_and_chunks_within_the_cache() -> None:
     time: the step-time model prices a batch by the smallest measured one above it, so a
     bucket left out, 24 say, would be priced as 32's)."""
     config = SchedulerConfig(max_batch_size=48, max_tokens_per_step=512)
-    shapes = list(step_shapes(config, max_context=1024, capacity=4096))
+    shapes = list(step_shapes(config, max_context=1024, free_blocks=512, block_size=16))
     decode_batches = {len(s) for s in shapes if s[0][1] == 1}
     chunks = {s[0][1] for s in shapes if len(s) == 1 and s[0][0] == 0}
     assert decode_batches == {1, 2, 4, 8, 16, 24, 32, 48}
     assert chunks == {16, 32, 64, 128, 256, 512}
-    assert all(sum(past + new for past, new in s) <= 4096 for s in shapes)
+    # every sequence takes whole blocks: 24 decodes of 65 tokens need 5 blocks each
+    tight = list(step_shapes(config, max_context=256, free_blocks=100, block_size=16))
+    assert all(sum(-(-(past + new) // 16) for past, new in s) <= 100 for s in tight)
+    assert max(len(s) for s in tight) == 16
+
+
+def test_calibration_fits_a_tight_cache() -> None:
+    """An explicit small cache with a latency target: the engine starts (calibration never
+    asks for more blocks than there are)."""
+    torch.manual_seed(0)
+    model = Transformer(small_config(max_seq_len=256)).eval()
+    config = ServeConfig(num_kv_blocks=100, tpot_ms=50, max_batch_size=32)
+    engine = Engine(model, config=config)
+    assert engine.allocator.used == 0 and engine.scheduler.cost is not None
 
 
 class SleepingForward:

@@ -31,19 +31,23 @@ def _powers_of_two(limit: int) -> list[int]:
 
 
 def step_shapes(
-    config: SchedulerConfig, max_context: int, capacity: int
+    config: SchedulerConfig, max_context: int, free_blocks: int, block_size: int
 ) -> Iterator[list[tuple[int, int]]]:
     """Synthetic steps as lists of (tokens already cached, new tokens) per sequence, each
-    fitting ``capacity`` cached tokens."""
+    fitting ``free_blocks`` cache blocks (every sequence takes whole blocks)."""
+
+    def blocks(tokens: int) -> int:
+        return -(-tokens // block_size)
+
     contexts = sorted({min(64, max_context // 4), max_context // 2})
     # Decodes at the decode graphs' padded batch sizes: a decode step costs what its bucket
     # costs, and the step-time model prices a batch by the smallest measured one above it.
     for batch in batch_ladder(config.max_batch_size):
         for context in contexts:
-            if batch * (context + 1) <= capacity:
+            if batch * blocks(context + 1) <= free_blocks:
                 yield [(context, 1)] * batch
     for chunk in _powers_of_two(min(config.max_tokens_per_step, max_context - 1)):
-        if chunk >= 16 and chunk <= capacity:
+        if chunk >= 16 and blocks(chunk) <= free_blocks:
             yield [(0, chunk)]
 
 
@@ -100,9 +104,8 @@ def measure(
 ) -> list[Sample]:
     """Time each synthetic step (the fastest of ``repeats`` runs after a warm-up) in cache
     blocks borrowed from ``allocator`` and returned before this returns."""
-    capacity = allocator.free * allocator.block_size
     samples = []
-    for shape in step_shapes(config, max_context, capacity):
+    for shape in step_shapes(config, max_context, allocator.free, allocator.block_size):
         with _borrowed(allocator, shape) as inp:
             _run_and_sample(forward, inp)  # warm-up
             best = float("inf")
