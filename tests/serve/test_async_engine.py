@@ -92,3 +92,23 @@ def test_a_request_posted_during_a_failed_step_fails_with_it(model: Transformer)
         assert len(steps) == 1 and not engine.has_work() and engine.allocator.used == 0
     finally:
         server.shutdown()
+
+
+def test_a_prompt_scored_alone_may_fill_the_context(model: Transformer) -> None:
+    """max_tokens 0 leaves no room to need: streamed, as through generate, the prompt's
+    log-probabilities come back."""
+    ids = list(range(1, 65))  # the whole 64-token context
+    params = SamplingParams(max_tokens=0, prompt_logprobs=True)
+    plain = Engine(model, config=ServeConfig(num_kv_blocks=32))
+    plain.add_request(ids, params)
+    want = [o.prompt_logprobs for o in plain.step() if o.prompt_logprobs is not None]
+    engine = AsyncEngine(Engine(model, config=ServeConfig(num_kv_blocks=32)))
+
+    async def scored() -> list:
+        return [out.prompt_logprobs async for out in engine.stream(ids, params)]
+
+    try:
+        got = [p for p in asyncio.run(scored()) if p is not None]
+        assert got[0] == pytest.approx(want[0]) and len(got[0]) == 64
+    finally:
+        engine.shutdown()

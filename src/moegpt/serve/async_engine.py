@@ -58,7 +58,7 @@ class AsyncEngine:
         before anything is queued."""
         params = params or SamplingParams()
         ids = self.engine.encode(prompt)
-        self.engine.check_prompt(ids)
+        self.engine.check_prompt(ids, room=min(params.max_tokens, 1))  # 0: scored alone
         images = images or []
         self.engine.check_images(ids, images)
         rid = request_id or uuid.uuid4().hex
