@@ -13,7 +13,13 @@ from moegpt.config import ServeConfig
 from moegpt.model import Transformer
 from moegpt.serve.graphs import DecodeGraphs
 from moegpt.serve.paged import PagedKVCache
-from moegpt.serve.runner import ModelForward, ModelInput, capture_graphs, graph_q_lens
+from moegpt.serve.runner import (
+    ModelForward,
+    ModelInput,
+    capture_graphs,
+    graph_context,
+    graph_q_lens,
+)
 from tests.conftest import small_config
 
 BLOCK = 4
@@ -147,3 +153,14 @@ def test_close_destroys_the_graphs_without_the_cycle_collector(model) -> None:
     finally:
         gc.enable()
     assert len(destroyed) == 1
+
+
+def test_a_draft_shorter_than_the_served_context_gets_graphs_of_its_own_length() -> None:
+    """A 64-token draft beside a 128-token target: its graphs cover 64 tokens rather than
+    refusing serve.max_model_len (only the target must hold the served context)."""
+    draft = Transformer(small_config(max_seq_len=64))
+    config = ServeConfig(max_model_len=128)
+    assert graph_context(draft, config, cached_tokens=4096) == 64
+    assert graph_context(draft, config, cached_tokens=48) == 48
+    target = Transformer(small_config(max_seq_len=256))
+    assert graph_context(target, config, cached_tokens=4096) == 128

@@ -321,6 +321,14 @@ def graph_q_lens(config: ServeConfig) -> tuple[int, ...]:
     return (1, verify) if speculating and verify <= config.block_size else (1,)
 
 
+def graph_context(model: Transformer, config: ServeConfig, cached_tokens: int) -> int:
+    """The longest sequence ``model``'s decode graphs serve: the served context, within the
+    model's own (a draft may be shorter than its target: the lookahead policy never runs it
+    past its context) and what its cache holds."""
+    served = config.max_model_len or model.config.max_seq_len
+    return min(served, model.config.max_seq_len, cached_tokens)
+
+
 def capture_graphs(
     model: Transformer,
     cache: PagedKVCache,
@@ -332,7 +340,7 @@ def capture_graphs(
     compiled first; if that fails the graphs are captured uncompiled (one warning line).
     Tensor-parallel ranks capture together and fall back together (all of them or none run
     graphs, or their collectives would not pair up)."""
-    context = min(context_limit(model, config), cache.num_blocks * cache.block_size)
+    context = graph_context(model, config, cache.num_blocks * cache.block_size)
     q_lens = graph_q_lens(config)
     started = time.perf_counter()
     graphs = DecodeGraphs(model, cache, config.max_batch_size, context, q_lens, config.compile)
