@@ -548,3 +548,44 @@ def test_the_prompt_is_scored_once_for_its_samples() -> None:
     )
     scored = {o.index: o.prompt_logprobs for o in outputs}
     assert scored == {0: [None, -1.0, -2.0, -3.0], 1: None}
+
+
+def _best_nonnegative(a, y):
+    """The reference: least squares on every subset of columns, the best one whose solution
+    is non-negative (NNLS's optimum is one of them)."""
+    import itertools
+
+    import numpy as np
+
+    best, best_x = float("inf"), np.zeros(a.shape[1])
+    for size in range(a.shape[1] + 1):
+        for subset in itertools.combinations(range(a.shape[1]), size):
+            x = np.zeros(a.shape[1])
+            if subset:
+                x[list(subset)] = np.linalg.lstsq(a[:, list(subset)], y, rcond=None)[0]
+            residual = float(np.linalg.norm(a @ x - y))
+            if (x >= 0).all() and residual < best - 1e-12:
+                best, best_x = residual, x
+    return best_x
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_nnls_finds_the_best_non_negative_fit(seed: int) -> None:
+    import numpy as np
+
+    from moegpt.serve.cost import nnls
+
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(30, 4))
+    y = a @ rng.normal(size=4) + 0.1 * rng.normal(size=30)  # some true coefficients < 0
+    np.testing.assert_allclose(nnls(a, y), _best_nonnegative(a, y), atol=1e-9)
+
+
+def test_decodes_alone_fit_their_time_to_the_base_not_to_tokens() -> None:
+    """One-token decodes of one batch size cannot tell the base from tokens or sequences:
+    the fit keeps their time in the base rather than splitting it three ways (which priced
+    a 256-token prefill chunk at 0.86 s from 10 ms decodes)."""
+    fitted = StepCostModel.fit([(1, 100, 1, 0, 0.010)] * 64)
+    assert fitted.base == pytest.approx(0.010)
+    assert fitted.per_token == fitted.per_sequence == fitted.per_key == 0.0
+    assert fitted.predict(256, 256 * 128, 1, mixed=True) == pytest.approx(0.010)

@@ -61,9 +61,9 @@ class StepCostModel:
 
     @classmethod
     def fit(cls, samples: list[Sample]) -> StepCostModel:
-        """Non-negative least squares over measured steps (a coefficient that comes out
-        negative is dropped and the rest refitted), and each decode batch size's median
-        time over its latest ``DECODE_WINDOW`` samples (``samples`` in the order measured)."""
+        """The line by non-negative least squares over measured steps
+        (:func:`fit_step_law`), and each decode batch size's median time over its latest
+        ``DECODE_WINDOW`` samples (``samples`` in the order measured)."""
         decodes: defaultdict[int, list[float]] = defaultdict(list)
         for _, _, sequences, mixed, seconds in samples:
             if not mixed:
@@ -73,12 +73,53 @@ class StepCostModel:
         }
         a = np.array([[1.0, t, k, n, m] for t, k, n, m, _ in samples])
         y = np.array([s for *_, s in samples])
-        active = list(range(a.shape[1]))
-        coef = np.zeros(a.shape[1])
-        while active:
-            solution = np.linalg.lstsq(a[:, active], y, rcond=None)[0]
-            if (solution >= 0).all():
-                coef[active] = solution
+        return cls(*map(float, fit_step_law(a, y)), decode_seconds=decode_seconds)
+
+
+def fit_step_law(a: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Non-negative least squares of ``y`` on the columns of ``a`` (base, tokens, keys,
+    sequences, mixed), over the columns the samples can tell apart: a column that is a
+    combination of those before it (steps of one-token decodes have as many tokens as
+    sequences; steps all of one batch size have as many as the base) gets 0, so the time it
+    cannot be told from stays with the earlier column instead of being split among them."""
+    scale = np.linalg.norm(a, axis=0)
+    scale[scale == 0] = 1.0
+    unit = a / scale  # comparable columns: keys run to millions, the base is 1
+    kept: list[int] = []
+    for j in range(unit.shape[1]):
+        basis = unit[:, kept]
+        column = unit[:, j]
+        rest = column - basis @ np.linalg.lstsq(basis, column, rcond=None)[0] if kept else column
+        if np.linalg.norm(rest) > 1e-9:
+            kept.append(j)
+    coef = np.zeros(a.shape[1])
+    if kept:
+        coef[kept] = nnls(unit[:, kept], y)
+    return coef / scale
+
+
+def nnls(a: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Lawson and Hanson's active-set method: argmin ||a x - y|| subject to x >= 0, for
+    full-rank ``a`` of a few well-scaled columns."""
+    n = a.shape[1]
+    x = np.zeros(n)
+    passive = np.zeros(n, dtype=bool)
+    tolerance = 1e-12 * max(float(np.abs(a.T @ y).max(initial=0.0)), 1.0)
+    for _ in range(3 * n):
+        gradient = a.T @ (y - a @ x)
+        if passive.all() or gradient[~passive].max() <= tolerance:
+            break
+        passive[int(np.argmax(np.where(passive, -np.inf, gradient)))] = True
+        while True:
+            trial = np.zeros(n)
+            trial[passive] = np.linalg.lstsq(a[:, passive], y, rcond=None)[0]
+            if (trial[passive] > 0).all():
+                x = trial
                 break
-            active.pop(int(np.argmin(solution)))
-        return cls(*map(float, coef), decode_seconds=decode_seconds)
+            # step towards the trial until a coefficient reaches 0; release those that do
+            leaving = passive & (trial <= 0)
+            step = np.min(x[leaving] / (x[leaving] - trial[leaving]))
+            x = x + step * (trial - x)
+            passive &= x > tolerance
+            x[~passive] = 0.0
+    return x
