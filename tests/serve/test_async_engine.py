@@ -112,3 +112,65 @@ def test_a_prompt_scored_alone_may_fill_the_context(model: Transformer) -> None:
         assert got[0] == pytest.approx(want[0]) and len(got[0]) == 64
     finally:
         engine.shutdown()
+
+
+def test_a_step_that_leaves_the_ranks_out_of_step_stops_the_server(
+    model: Transformer, monkeypatch
+) -> None:
+    """Tensor-parallel ranks out of step cannot run another step: the request fails, the
+    server shuts down, and serve() raises (rank 0 exits, and torchrun stops the others)."""
+    import httpx
+
+    from moegpt.serve.server import listening_socket, serve
+
+    engine = Engine(model, config=ServeConfig(num_kv_blocks=32))
+
+    def lost() -> list:
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine, "step", lost)
+    monkeypatch.setattr(AsyncEngine, "_out_of_step", lambda self: True)
+    async_engine = AsyncEngine(engine)
+    sock = listening_socket("127.0.0.1", 0)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    ended: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            serve(async_engine, "m", sock, None)
+        except RuntimeError as e:
+            ended.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            assert httpx.get(f"{url}/health").status_code == 200
+            break
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+    body = {"model": "m", "prompt": [1, 2, 3], "max_tokens": 2}
+    failed = httpx.post(f"{url}/v1/completions", json=body, timeout=20)
+    assert failed.status_code == 500 and "device lost" in failed.text
+    thread.join(timeout=20)
+    assert not thread.is_alive() and "failed step: device lost" in str(ended[0])
+    with pytest.raises(RuntimeError, match="engine stopped after a failed step"):
+        async_engine.stream([1, 2], SamplingParams(max_tokens=1))
+
+
+def test_health_says_when_the_engine_stopped(model: Transformer) -> None:
+    from fastapi.testclient import TestClient
+
+    from moegpt.serve.server import build_app
+
+    async_engine = AsyncEngine(Engine(model, config=ServeConfig(num_kv_blocks=32)))
+    try:
+        client = TestClient(build_app(async_engine, "m"))
+        assert client.get("/health").json() == {"status": "ok"}
+        async_engine.dead = RuntimeError("device lost")
+        stopped = client.get("/health")
+        assert stopped.status_code == 503 and "device lost" in stopped.json()["error"]["message"]
+    finally:
+        async_engine.shutdown()

@@ -11,7 +11,7 @@ import asyncio
 import threading
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +36,10 @@ class AsyncEngine:
         self.engine = engine
         self._wake = threading.Event()
         self._stopping = False
+        # A failure the engine cannot step past (tensor-parallel ranks out of step): the
+        # engine thread ends, new requests are refused, and ``on_dead`` (a server's exit) runs.
+        self.dead: BaseException | None = None
+        self.on_dead: Callable[[], None] | None = None
         # submissions; request ids to abort; (request id, sample index) a stop string ended
         self._mailbox: deque[_Submission | str | tuple[str, int]] = deque()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -56,6 +60,8 @@ class AsyncEngine:
         """Outputs of one request as the engine produces them, until all ``n`` samples end.
         Call from a coroutine. A bad prompt (or images that do not match it) raises here,
         before anything is queued."""
+        if self.dead is not None:
+            raise RuntimeError(f"the engine stopped after a failed step: {self.dead}")
         params = params or SamplingParams()
         ids = self.engine.encode(prompt)
         self.engine.check_prompt(ids, room=min(params.max_tokens, 1))  # 0: scored alone
@@ -143,6 +149,19 @@ class AsyncEngine:
             finally:
                 self._taken += 1
 
+    def _out_of_step(self) -> bool:
+        """Whether a failed step left tensor-parallel ranks out of step: the followers wait
+        in a collective rank 0 will never join, so no later step can run."""
+        forward = self.engine.forward
+        return isinstance(forward, TensorParallelForward) and forward.failed is not None
+
+    def _die(self, error: BaseException) -> None:
+        self.dead = error
+        for rid in list(self._streams):  # posted after the step failed
+            self._deliver(rid, error)
+        if self.on_dead is not None:
+            self.on_dead()
+
     def _deliver(self, rid: str, item: RequestOutput | BaseException) -> None:
         target = self._streams.get(rid)
         if target is not None:
@@ -169,6 +188,9 @@ class AsyncEngine:
                     self.engine.abort(rid)
                     self._deliver(rid, e)
                     self._streams.pop(rid, None)
+                if self._out_of_step():
+                    self._die(e)
+                    return
                 continue
             for out in outputs:
                 self._deliver(out.request_id, out)

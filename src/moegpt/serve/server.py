@@ -627,8 +627,10 @@ def build_app(
         return error(500, f"internal error: {type(e).__name__}: {e}")
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> Response:
+        if engine.dead is not None:  # the process is on its way out (see serve)
+            return error(503, f"engine stopped after a failed step: {engine.dead}")
+        return JSONResponse({"status": "ok"})
 
     registry = CollectorRegistry()  # the app's own: many apps may live in one process
     registry.register(engine.metrics())
@@ -719,9 +721,22 @@ def serve(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_waiting: int = DEFAULT_MAX_WAITING,
 ) -> None:
-    """Serve on ``sock`` (:func:`listening_socket`) until SIGINT/SIGTERM."""
+    """Serve on ``sock`` (:func:`listening_socket`) until SIGINT/SIGTERM, or until the engine
+    stops after a step it cannot recover from (tensor-parallel ranks out of step): the server
+    then shuts down and this raises, so that the process exits with an error and torchrun
+    stops the other ranks rather than leaving them in a collective until its timeout."""
     import uvicorn
 
     app = build_app(engine, model_name, api_key, max_body_bytes, max_waiting)
     config = uvicorn.Config(app, timeout_graceful_shutdown=GRACE_S, log_level="warning")
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+
+    def stop() -> None:
+        server.should_exit = True  # read by uvicorn's main loop: set from any thread
+
+    engine.on_dead = stop
+    server.run(sockets=[sock])
+    if engine.dead is not None:
+        raise RuntimeError(
+            f"the engine stopped after a failed step: {engine.dead}"
+        ) from engine.dead
