@@ -25,7 +25,7 @@ def test_byte_level_tokens_concatenate_to_the_text() -> None:
     pieces = [token_bytes(i) for i in ids]
     assert b"".join(pieces) == TEXT.encode()
     # some token is part of a character: decoded alone it is U+FFFD, its bytes are its own
-    partial = [i for i, piece in zip(ids, pieces, strict=True) if not _valid_utf8(piece)]
+    partial = [i for i, piece in zip(ids, pieces, strict=True) if not valid_utf8(piece)]
     assert partial and all("\ufffd" in tokenizer.decode([i]) for i in partial)
     end = tokenizer.token_to_id(END_OF_TEXT)
     assert token_bytes(end) == END_OF_TEXT.encode()
@@ -45,7 +45,7 @@ def test_sentencepiece_byte_fallback_tokens() -> None:
     assert token_bytes(3) == b"\xe2"
 
 
-def _valid_utf8(raw: bytes) -> bool:
+def valid_utf8(raw: bytes) -> bool:
     try:
         raw.decode()
     except UnicodeDecodeError:
