@@ -208,7 +208,7 @@ def test_top_k_by_max_reductions_equals_topk_and_passes_the_same_gradient(k: int
     torch.testing.assert_close(grad, want, rtol=0, atol=1e-15)
 
 
-@pytest.mark.parametrize("capacity_factor", [0.0, 1.25])
+@pytest.mark.parametrize("capacity_factor", [0.0, 0.5, 1.25])
 def test_padding_is_routed_but_left_out_of_the_statistics_and_takes_slots_last(
     capacity_factor: float,
 ) -> None:
@@ -238,5 +238,6 @@ def test_padding_is_routed_but_left_out_of_the_statistics_and_takes_slots_last(
         capacity = math.ceil(capacity_factor * 2 * 16 * 2 / 4)
         kept = stats.tokens_per_expert.clamp(max=capacity).sum()
         assert stats.dropped_fraction.item() == pytest.approx(1 - kept.item() / (20 * 2))
+        assert (stats.dropped_fraction.item() > 0) == (capacity_factor < 1)  # 0.5 drops some
     else:
         assert stats.dropped_fraction.item() == 0.0

@@ -174,3 +174,61 @@ def test_health_says_when_the_engine_stopped(model: Transformer) -> None:
         assert stopped.status_code == 503 and "device lost" in stopped.json()["error"]["message"]
     finally:
         async_engine.shutdown()
+
+
+def test_a_request_tokenised_while_the_engine_dies_is_refused(
+    model: Transformer, monkeypatch
+) -> None:
+    """B passes the check before the engine dies and registers after: it is refused rather
+    than left waiting for an engine that will never answer."""
+    engine = Engine(model, config=ServeConfig(num_kv_blocks=32))
+    b_inside, died = threading.Event(), threading.Event()
+
+    def lost() -> list:
+        b_inside.wait(5)
+        raise RuntimeError("device lost")
+
+    encode = engine.encode
+
+    def slow(prompt: list[int]) -> list[int]:
+        if prompt == [7, 8]:  # B: still tokenising while the engine dies
+            b_inside.set()
+            died.wait(5)
+        return encode(prompt)
+
+    monkeypatch.setattr(engine, "step", lost)
+    monkeypatch.setattr(engine, "encode", slow)
+    monkeypatch.setattr(AsyncEngine, "_out_of_step", lambda self: True)
+    async_engine = AsyncEngine(engine)
+    async_engine.on_dead = died.set
+
+    async def answer(prompt: list[int]) -> str:
+        try:
+            return str([o async for o in async_engine.stream(prompt, SamplingParams(max_tokens=2))])
+        except RuntimeError as e:
+            return str(e)
+
+    async def main() -> list[str]:
+        first = asyncio.create_task(answer([1, 2, 3]))
+        await asyncio.sleep(0)  # A is posted and its step fails once B is inside
+        second = asyncio.create_task(answer([7, 8]))
+        return list(await asyncio.wait_for(asyncio.gather(first, second), 10))
+
+    got = asyncio.run(main())
+    assert got[0] == "device lost" and "engine stopped after a failed step" in got[1]
+
+
+def test_an_idle_server_whose_group_broke_stops(model: Transformer) -> None:
+    """The keep-alive a waiting rank 0 sends fails (a follower died): the engine stops at
+    once rather than at the next request."""
+    from moegpt.serve.tensor_parallel import TensorParallelForward
+
+    engine = Engine(model, config=ServeConfig(num_kv_blocks=32))
+    broken = TensorParallelForward.__new__(TensorParallelForward)  # no groups: none is used
+    broken.failed = RuntimeError("connection reset by follower")
+    broken.keep_alive = lambda: None
+    died = threading.Event()
+    async_engine = AsyncEngine(engine)
+    async_engine.on_dead = died.set
+    engine.forward = broken  # while the engine thread waits for work
+    assert died.wait(5) and "connection reset" in str(async_engine.dead)

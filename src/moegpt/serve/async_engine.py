@@ -70,6 +70,9 @@ class AsyncEngine:
         rid = request_id or uuid.uuid4().hex
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (asyncio.get_running_loop(), queue)
+        if self.dead is not None:  # it died while this was tokenised: _die may have missed it
+            self._streams.pop(rid, None)
+            raise RuntimeError(f"the engine stopped after a failed step: {self.dead}")
         self._posted += 1  # before the append: the engine thread may take it at once
         self._mailbox.append(_Submission(rid, ids, params, images))
         self._wake.set()
@@ -175,6 +178,10 @@ class AsyncEngine:
                 # An idle server's followers wait in a collective: keep it within its timeout.
                 if isinstance(self.engine.forward, TensorParallelForward):
                     self.engine.forward.keep_alive()
+                    if self._out_of_step():  # the group broke while idle
+                        assert self.engine.forward.failed is not None
+                        self._die(self.engine.forward.failed)
+                        return
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()
                 continue

@@ -466,7 +466,8 @@ class Trainer:
                 loss.backward()
             loss_sum = loss_sum + lm.detach() / label_tokens
             aux_sum = aux_sum + out.aux_loss.detach() * aux_weight
-            self._last_stats = out.moe_stats
+            if "padding" not in host_batch or not host_batch["padding"].all():
+                self._last_stats = out.moe_stats  # a row of padding alone has no statistics
         return loss_sum, aux_sum
 
     def _pipeline_rounds(
