@@ -28,4 +28,7 @@ def run_child(command: Sequence[str], env: Mapping[str, str] | None = None) -> i
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    return 128 + received[0] if status and received else status
+    if status and received:
+        return 128 + received[0]
+    # Popen reports a death by signal N as -N; a shell (and supervise's FINAL) says 128 + N
+    return 128 - status if status < 0 else status

@@ -199,7 +199,7 @@ def read_json(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: file not found")
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, or a byte that is not UTF-8
         raise UserError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object")

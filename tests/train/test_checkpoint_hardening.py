@@ -251,3 +251,69 @@ def test_resumed_run_has_one_metrics_row_per_step(tmp_path: Path, prepared: Path
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if r["kind"] == "train"]
     assert steps == list(range(1, 10))
+
+
+def test_a_manifest_that_is_not_utf8_is_set_aside(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, log=lambda m: None)
+    for step in (1, 2):
+        manager.save(step, {"x": torch.tensor([step])}, {"step": step})
+    manifest = tmp_path / "step-00000002" / MANIFEST
+    data = bytearray(manifest.read_bytes())
+    data[5] = 0xFF
+    manifest.write_bytes(bytes(data))
+    found = CheckpointManager(tmp_path, log=lambda m: None).latest()
+    assert found is not None and found.path.name == "step-00000001"
+    assert (tmp_path / "damaged" / "step-00000002").is_dir()
+
+
+def test_a_damaged_checkpoint_that_cannot_be_moved_is_skipped(tmp_path: Path, monkeypatch) -> None:
+    """A read-only run folder: the damaged newest checkpoint stays where it is, and the
+    previous one is used."""
+    manager = CheckpointManager(tmp_path, log=lambda m: None)
+    for step in (1, 2):
+        manager.save(step, {"x": torch.tensor([step])}, {"step": step})
+    (tmp_path / "step-00000002" / "trainer.json").write_text('{"step": 7}')
+
+    def read_only(self: Path, *args: object, **kwargs: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Path, "rename", read_only)
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    messages: list[str] = []
+    fresh = CheckpointManager(tmp_path, log=messages.append)
+    found = fresh.latest()
+    assert found is not None and found.path.name == "step-00000001"
+    assert fresh.latest() == found  # asked again: skipped, not re-verified into an error
+    assert any("left in place (Read-only file system)" in m for m in messages)
+    assert (tmp_path / "step-00000002").is_dir()
+
+
+def test_a_child_killed_by_sigterm_counts_as_a_stop() -> None:
+    import signal
+    import sys
+
+    from moegpt.children import run_child
+    from moegpt.train.supervisor import FINAL
+
+    kill = "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"
+    status = run_child([sys.executable, "-c", kill])
+    assert status == 128 + signal.SIGTERM and status in FINAL
+    assert run_child([sys.executable, "-c", "raise SystemExit(3)"]) == 3
+
+
+def test_config_json_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    from moegpt.errors import UserError
+    from moegpt.weights import read_json
+
+    (tmp_path / "config.json").write_bytes(b'{"a": "\xff"}')
+    with pytest.raises(UserError, match="config.json: not valid JSON"):
+        read_json(tmp_path / "config.json")
+
+
+def test_an_atomic_write_flushes_its_folder(tmp_path: Path, monkeypatch) -> None:
+    from moegpt import fileio
+
+    flushed: list[Path] = []
+    monkeypatch.setattr(fileio, "fsync_path", flushed.append)
+    fileio.write_atomically(tmp_path / "a.json", b"{}")
+    assert flushed == [tmp_path] and (tmp_path / "a.json").read_bytes() == b"{}"

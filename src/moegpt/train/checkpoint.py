@@ -81,6 +81,7 @@ class CheckpointManager:
         self.keep = keep
         self.log = log
         self._good: set[Path] = set()  # written or verified by this process
+        self._bad: set[Path] = set()  # found damaged and could not be moved aside
 
     @property
     def damaged_folder(self) -> Path:
@@ -224,10 +225,15 @@ class CheckpointManager:
                 self._set_aside(path, f"it has no {MANIFEST}")
 
     def _set_aside(self, path: Path, problem: str) -> None:
-        self.damaged_folder.mkdir(exist_ok=True)
-        target = _free_name(self.damaged_folder, path.name)
-        path.rename(target)
         self._good.discard(path)
+        try:
+            self.damaged_folder.mkdir(exist_ok=True)
+            target = _free_name(self.damaged_folder, path.name)
+            path.rename(target)
+        except OSError as e:  # a read-only run folder, say: skip it in this process only
+            self._bad.add(path)
+            self.log(f"checkpoint {path} is damaged ({problem}); left in place ({e.strerror})")
+            return
         self.log(f"checkpoint {path} is damaged ({problem}); moved it to {target}")
 
     def verify(self, checkpoint: Checkpoint) -> str | None:
@@ -248,7 +254,8 @@ class CheckpointManager:
                     or sha256_file(path) != expected["sha256"]
                 ):
                     return f"{name} does not match its checksum"
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        # ValueError: JSONDecodeError, and UnicodeDecodeError for a byte that is not UTF-8
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             return f"unreadable manifest ({type(e).__name__}: {e})"
         return None
 
@@ -256,6 +263,8 @@ class CheckpointManager:
         """Whether ``checkpoint`` is good; a damaged one is set aside."""
         if checkpoint.path in self._good:
             return True
+        if checkpoint.path in self._bad:
+            return False
         problem = self.verify(checkpoint)
         if problem is not None:
             self._set_aside(checkpoint.path, problem)
