@@ -317,3 +317,24 @@ def test_an_atomic_write_flushes_its_folder(tmp_path: Path, monkeypatch) -> None
     monkeypatch.setattr(fileio, "fsync_path", flushed.append)
     fileio.write_atomically(tmp_path / "a.json", b"{}")
     assert flushed == [tmp_path] and (tmp_path / "a.json").read_bytes() == b"{}"
+
+
+def test_the_kill_harness_sees_the_steps_a_resumed_attempt_redoes(tmp_path: Path) -> None:
+    """A resumed attempt cuts metrics.jsonl back and logs the steps after its checkpoint
+    again, below the old file's end: the harness still sees them (it watched the old file's
+    size before, and so killed later than it meant to, or never)."""
+    from moegpt.harness.faults import _last_step_of_attempt, _metrics_inode
+    from moegpt.train.metrics import MetricsWriter
+
+    first = MetricsWriter(tmp_path)
+    for step in range(1, 11):
+        first.write("train", step, {"loss": 1.0})
+    first.close()
+    launched = _metrics_inode(tmp_path)
+    assert _last_step_of_attempt(tmp_path, launched) == 0  # the old attempt's rows only
+    again = MetricsWriter(tmp_path, start_step=5)  # the relaunch resumes at step 5
+    assert _last_step_of_attempt(tmp_path, launched) == 5
+    for step in (6, 7):
+        again.write("train", step, {"loss": 1.0})
+    again.close()
+    assert _last_step_of_attempt(tmp_path, launched) == 7

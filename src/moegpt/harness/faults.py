@@ -18,22 +18,21 @@ from pathlib import Path
 from moegpt.config import load_config
 
 
-def _metrics_size(run_dir: Path) -> int:
+def _metrics_inode(run_dir: Path) -> int | None:
     path = run_dir / "metrics.jsonl"
-    return path.stat().st_size if path.is_file() else 0
+    return path.stat().st_ino if path.is_file() else None
 
 
-def _last_step_since(run_dir: Path, offset: int) -> int:
-    """The highest step logged after byte ``offset`` of metrics.jsonl (0 if none yet): what
-    the current attempt has done, not what earlier ones logged."""
+def _last_step_of_attempt(run_dir: Path, inode_at_launch: int | None) -> int:
+    """The highest step logged since the attempt began (0 if none yet). Every start rewrites
+    metrics.jsonl (a new file), cut back to the step it resumes from, before it logs: while
+    the file is the one found at launch, its rows are all earlier attempts'. After the
+    rewrite the kept rows end at the resumed step, which the attempt has reached."""
     path = run_dir / "metrics.jsonl"
-    if not path.is_file():
+    if not path.is_file() or path.stat().st_ino == inode_at_launch:
         return 0
-    with path.open("rb") as f:
-        f.seek(offset)
-        lines = f.read().decode(errors="replace").splitlines()
     steps = []
-    for line in lines:
+    for line in path.read_bytes().decode(errors="replace").splitlines():
         try:
             steps.append(json.loads(line)["step"])
         except (json.JSONDecodeError, KeyError):  # a line cut by a kill
@@ -54,9 +53,12 @@ def child_pids(pid: int) -> list[int]:
     return sorted(children)
 
 
-def wait_for_step(process: subprocess.Popen, run_dir: Path, step: int, offset: int = 0) -> None:
-    """Block until the run logs ``step`` (after byte ``offset`` of its metrics) or exits."""
-    while process.poll() is None and _last_step_since(run_dir, offset) < step:
+def wait_for_step(
+    process: subprocess.Popen, run_dir: Path, step: int, inode_at_launch: int | None = None
+) -> None:
+    """Block until the run started with metrics.jsonl at ``inode_at_launch`` (None: no such
+    file then) logs ``step``, or exits."""
+    while process.poll() is None and _last_step_of_attempt(run_dir, inode_at_launch) < step:
         time.sleep(0.01)
 
 
@@ -90,10 +92,10 @@ def train_with_kills(recipe: Path, run_dir: Path, kills: int, seed: int = 0) -> 
     targets = sorted(rng.sample(range(1, steps - 1), min(kills, steps - 2)))
     landed = 0
     while True:
-        offset = _metrics_size(run_dir)
+        inode = _metrics_inode(run_dir)
         process = launch_training(recipe, run_dir)
         if landed < len(targets):
-            wait_for_step(process, run_dir, targets[landed], offset)
+            wait_for_step(process, run_dir, targets[landed], inode)
             time.sleep(rng.uniform(0.0, 0.05))
             if process.poll() is None:
                 process.send_signal(signal.SIGKILL)
