@@ -107,3 +107,15 @@ def test_the_dense_original_drafts_for_its_upcycled_model(dense_folder: Path, tm
     assert [c[0].token_ids for c in drafted] == [c[0].token_ids for c in alone]
     spec = engine.stats.spec
     assert spec.proposed > 0 and spec.acceptance_rate > 0.9
+
+
+def test_the_upcycled_model_trains_from_the_dense_function(tmp_path: Path) -> None:
+    """In training mode too: a dense recipe's capacity_factor (meaningless for it) does not
+    make the experts drop tokens."""
+    torch.manual_seed(0)
+    dense = moegpt.Transformer(small_config(n_experts=0, n_layers=2, capacity_factor=1.0))
+    moe = upcycle_model(dense, experts=4, top_k=2)
+    assert moe.config.capacity_factor == 0.0
+    tokens = torch.randint(0, dense.config.vocab_size, (4, 32))
+    dense.train(), moe.train()
+    torch.testing.assert_close(moe(tokens).logits, dense(tokens).logits, rtol=1e-5, atol=1e-5)

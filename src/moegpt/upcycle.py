@@ -40,6 +40,9 @@ def upcycled_config(dense: ModelConfig, experts: int, top_k: int) -> ModelConfig
             expert_hidden=dense.ffn_hidden,
             first_k_dense=0,
             router_renormalize=True,  # identical experts then sum to the dense output
+            # dropless, so that training starts from the dense model's function too (a dense
+            # recipe's capacity_factor meant nothing; a continuation may set one)
+            capacity_factor=0.0,
         )
     except ConfigError as e:
         raise UserError(str(e)) from None
