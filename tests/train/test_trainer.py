@@ -30,7 +30,11 @@ def test_loss_falls(tmp_path: Path, prepared: Path) -> None:
     config = make_config(tmp_path, prepared, steps=80, global_batch_size=8, log_every=100)
     trainer = Trainer(config, tmp_path / "run", log=lambda m: None)
     trainer.run(progress=False)
-    losses = [e["loss"] for e in read_metrics(tmp_path / "run") if e["kind"] == "train"]
+    rows = [e for e in read_metrics(tmp_path / "run") if e["kind"] == "train"]
+    losses = [e["loss"] for e in rows]
+    # stream windows: every position has a next token to predict, but at the stream's end
+    assert all(e["label_tokens"] == e["tokens"] for e in rows[:-1])
+    assert 0 < rows[-1]["label_tokens"] <= rows[-1]["tokens"]
     start, end = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
     # Observed over seeds 0-2: 6.23 -> 5.40 (last 10 steps); ln(512) = 6.24 is the uniform start.
     assert start > 6.0 and end < start - 0.6, (start, end)

@@ -562,7 +562,9 @@ class Trainer:
             "batch_size": self.schedule.batch_size(self.step - 1),
             "grad_norm": norm,
             "skipped": skipped,
-            "tokens": tokens,
+            "tokens": tokens,  # positions run, padding included (what the hardware did)
+            # what the loss averaged over: the step's label tokens (the CLIP stage: captions)
+            "label_tokens": int(label_tokens),
             "tokens_seen": self.tokens_seen,
             "data_sha256": digest.hexdigest()[:16],
         }
