@@ -215,17 +215,12 @@ class ChatTemplate:
                 at = match.end()
             _append_text(pieces, template_text[at:])
         texts = [p for p in pieces if isinstance(p, str)]
-        if self._continuing is None or not texts:
-            encoded = iter(self._plain.encode_batch(texts, add_special_tokens=False))
-        else:  # only a run at the very start is the text's start
-            at_start = isinstance(pieces[0], str)
-            first = self._plain.encode_batch(texts[:1], add_special_tokens=False)
-            rest = self._continuing.encode_batch(texts[1:], add_special_tokens=False)
-            encoded = iter(
-                first + rest
-                if at_start
-                else self._continuing.encode_batch(texts, add_special_tokens=False)
-            )
+        starts = 1 if pieces and isinstance(pieces[0], str) else 0  # a run at the text's start
+        continuing = self._continuing or self._plain
+        encoded = iter(
+            self._plain.encode_batch(texts[:starts], add_special_tokens=False)
+            + continuing.encode_batch(texts[starts:], add_special_tokens=False)
+        )
         ids: list[int] = []
         for piece in pieces:
             ids += [piece] if isinstance(piece, int) else next(encoded).ids
