@@ -171,20 +171,24 @@ def _groups(
     """The step's sequences that have images, in packed order, in groups whose masks stay
     within :data:`MASK_ENTRIES` (a sequence larger than that alone is a group of its own)."""
     attending = sorted(
-        (offset, new, start, cache)
-        for offset, new, start, cache in slices
-        if cache is not None and cache.markers
+        (
+            (offset, new, start, cache)
+            for offset, new, start, cache in slices
+            if cache and cache.markers
+        ),
+        key=lambda member: member[0],
     )
     groups: list[list[tuple[int, int, int, VisualCache]]] = []
+    keys = 0  # the last group's visual tokens
     for member in attending:
-        if groups:
-            candidate = [*groups[-1], member]
-            rows = member[0] + member[1] - candidate[0][0]
-            keys = sum(len(c.markers) * c.latents for *_, c in candidate)
-            if rows * keys <= MASK_ENTRIES:
-                groups[-1] = candidate
-                continue
-        groups.append([member])
+        offset, new, _, cache = member
+        width = len(cache.markers) * cache.latents
+        if groups and (offset + new - groups[-1][0][0]) * (keys + width) <= MASK_ENTRIES:
+            groups[-1].append(member)
+            keys += width
+        else:
+            groups.append([member])
+            keys = width
     return [_group(members, device) for members in groups]
 
 
