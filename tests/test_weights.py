@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -83,3 +85,27 @@ def test_a_failed_write_leaves_the_previous_folder_intact(tmp_path: Path) -> Non
     assert sorted(p.name for p in dst.iterdir()) == before
     assert moegpt.load(dst).config == small_config()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+@pytest.mark.parametrize("killed", ["before the first rename", "between the renames", "after"])
+def test_a_write_killed_mid_swap_is_recovered_by_the_next(tmp_path: Path, killed: str) -> None:
+    """A SIGKILL skips the swap's own clean-up: the next write to the folder puts the user's
+    file back, restores what is missing and removes the leftovers before it writes."""
+    new = moegpt.save_model(moegpt.Transformer(small_config(n_layers=3)), tmp_path / "new")
+    root = tmp_path / "runs"
+    dst = moegpt.save_model(moegpt.Transformer(small_config()), root / "model")
+    (dst / "README.md").write_text("mine")
+    partial, old = root / ".model.partial-abc", root / ".model.old-def"
+    if killed == "after":  # the new model in place, the previous one not yet removed
+        os.rename(dst, old)
+        shutil.copytree(new, dst)
+        os.rename(old / "README.md", dst / "README.md")
+    else:  # the new model written, the user's file moved into it
+        shutil.copytree(new, partial)
+        os.rename(dst / "README.md", partial / "README.md")
+        if killed == "between the renames":  # the previous model set aside, none in place
+            os.rename(dst, old)
+    moegpt.save_model(moegpt.Transformer(small_config(n_layers=4)), dst, overwrite=True)
+    assert (dst / "README.md").read_text() == "mine"
+    assert moegpt.load(dst).config.n_layers == 4
+    assert sorted(p.name for p in root.iterdir()) == ["model"]

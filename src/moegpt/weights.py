@@ -73,13 +73,16 @@ def write_folder_atomically(
     """Run ``write(tmp_dir)`` beside ``dst`` and move the result into place only if it succeeds.
 
     Files are fsynced before the rename, so a crash leaves either the old model files or the
-    new ones, never a half-written checkpoint under the destination's name. ``overwrite``
+    new ones, never a half-written checkpoint under the destination's name (a kill in the
+    middle of a swap may leave it missing, with the old files set aside beside it: the next
+    write puts them back first, see :func:`_recover`). ``overwrite``
     replaces an existing model folder's own files (:data:`MODEL_FILES`, weight shards); any
     other file in it stays. A non-empty folder that is not a model folder is refused.
     """
     dst = Path(dst)
     if dst.is_symlink():
         raise UserError(f"{dst}: is a symlink; give the folder it points to")
+    _recover(dst)
     if dst.exists() and not dst.is_dir():
         raise UserError(f"{dst}: exists and is not a folder")
     existing = sorted(dst.iterdir()) if dst.exists() else []
@@ -108,6 +111,25 @@ def write_folder_atomically(
         if not any((tmp / name).exists() for name in kept):  # never delete what is not ours
             shutil.rmtree(tmp, ignore_errors=True)
     return dst
+
+
+def _recover(dst: Path) -> None:
+    """Undo what a killed write of ``dst`` left beside it (a kill skips the clean-up of
+    :func:`_swap_in`): with ``dst`` gone, the previous model comes back from its set-aside
+    copy; the user's files a swap had moved into the new model's folder go back to ``dst``;
+    then the leftover folders are removed (they hold model files only)."""
+    olds = sorted(dst.parent.glob(f".{dst.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    partials = list(dst.parent.glob(f".{dst.name}.partial-*"))
+    if not dst.exists() and olds:
+        os.rename(olds.pop(), dst)  # killed between the two renames of the swap
+    for partial in partials:
+        for path in partial.iterdir():
+            if not _model_own(path) and dst.is_dir() and not (dst / path.name).exists():
+                os.rename(path, dst / path.name)
+    for leftover in [*olds, *partials]:
+        shutil.rmtree(leftover, ignore_errors=True)
+    if olds or partials:
+        fsync_path(dst.parent)
 
 
 def _swap_in(tmp: Path, dst: Path, kept: list[str]) -> None:
