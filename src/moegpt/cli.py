@@ -151,7 +151,9 @@ def cmd_data_inspect(args: argparse.Namespace) -> None:
         fate = "cut to it" if whole["policy"] == "truncate" else "left out"
         stdout.print(
             f"whole documents per sequence: {whole['over_seq_len']:,} longer than a sequence "
-            f"({report['seq_len']} tokens), {fate} (data.long_documents)",
+            f"({report['seq_len']} tokens), {fate} (data.long_documents); "
+            f"{whole['padding_share']:.1%} of positions are padding; "
+            f"{whole['documents_per_episode']:.2f} documents an episode (interleave)",
             highlight=False,
         )
     for i, sample in enumerate(report["samples"]):

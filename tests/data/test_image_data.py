@@ -190,3 +190,26 @@ def test_recipes_that_cannot_use_images_are_refused(tmp_path: Path) -> None:
         recipe(tmp_path, "stdlib:code", 4)
     with pytest.raises(ConfigError, match="data.packing: image_text sources train on whole"):
         recipe(tmp_path, "stdlib:rendered", 4, "--data.packing", "stream")
+
+
+def test_data_inspect_reports_padding_and_episodes(tmp_path: Path) -> None:
+    """The report's padding share is the rows' padding masks' mean, and its documents an
+    episode what the rows' document ids hold."""
+    from moegpt.data.inspect import inspect_data
+
+    config = recipe(tmp_path, "stdlib:rendered", 40, "--data.seq_len=256", interleave=4)
+    prepare(config, log=lambda m: None)
+    whole = inspect_data(config)["whole_documents"]
+    mixture = Mixture.open(config.data)
+    rows = [mixture.sequence(g) for g in range(mixture.n_sequences)]
+    padding = np.concatenate([r["padding"] for r in rows])
+    assert whole["padding_share"] == pytest.approx(padding.mean())
+    tokenizer = load_tokenizer(Path(config.data.data_dir) / "tokenizer.json")
+    marker = tokenizer.token_to_id(IMAGE)
+    per_episode = [
+        int((r["input_ids"][r["document_ids"] == d] == marker).sum())
+        for r in rows
+        for d in np.unique(r["document_ids"][~r["padding"]])
+    ]
+    assert whole["documents_per_episode"] == pytest.approx(np.mean(per_episode))
+    assert 1 < whole["documents_per_episode"] <= 4

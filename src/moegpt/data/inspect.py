@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.table import Table
 
 from moegpt.config import Config
@@ -68,11 +69,26 @@ def inspect_data(config: Config, samples: int = 2, sample_chars: int = 300) -> d
         },
         "samples": decoded,
         "long_documents": _long_documents(config, mixture),
-        "whole_documents": (
-            {"over_seq_len": mixture.packed.over_length, "policy": config.data.long_documents}
-            if mixture.packed is not None
-            else None
-        ),
+        "whole_documents": _whole_documents(config, mixture),
+    }
+
+
+def _whole_documents(config: Config, mixture: Mixture) -> dict[str, Any] | None:
+    """For sequences of whole documents: how many documents are longer than a sequence,
+    the share of positions that are padding (compute that trains nothing), and the documents
+    an episode holds on average (1 without ``interleave``)."""
+    packed = mixture.packed
+    if packed is None:
+        return None
+    sizes = np.diff(np.append(mixture.plan.doc_start, mixture.plan.length))
+    used = int(np.minimum(sizes[packed.order], mixture.seq_len).sum())
+    positions = max(packed.n_sequences * mixture.seq_len, 1)
+    episodes = int(packed.opens[packed.order].sum())
+    return {
+        "over_seq_len": packed.over_length,
+        "policy": config.data.long_documents,
+        "padding_share": 1.0 - used / positions,
+        "documents_per_episode": len(packed.order) / max(episodes, 1),
     }
 
 
