@@ -60,8 +60,7 @@ class AsyncEngine:
         """Outputs of one request as the engine produces them, until all ``n`` samples end.
         Call from a coroutine. A bad prompt (or images that do not match it) raises here,
         before anything is queued."""
-        if self.dead is not None:
-            raise RuntimeError(f"the engine stopped after a failed step: {self.dead}")
+        self._check_alive()
         params = params or SamplingParams()
         ids = self.engine.encode(prompt)
         self.engine.check_prompt(ids, room=min(params.max_tokens, 1))  # 0: scored alone
@@ -72,7 +71,7 @@ class AsyncEngine:
         self._streams[rid] = (asyncio.get_running_loop(), queue)
         if self.dead is not None:  # it died while this was tokenised: _die may have missed it
             self._streams.pop(rid, None)
-            raise RuntimeError(f"the engine stopped after a failed step: {self.dead}")
+            self._check_alive()
         self._posted += 1  # before the append: the engine thread may take it at once
         self._mailbox.append(_Submission(rid, ids, params, images))
         self._wake.set()
@@ -151,6 +150,10 @@ class AsyncEngine:
                 self._deliver(item.request_id, e)
             finally:
                 self._taken += 1
+
+    def _check_alive(self) -> None:
+        if self.dead is not None:
+            raise RuntimeError(f"the engine stopped after a failed step: {self.dead}")
 
     def _out_of_step(self) -> bool:
         """Whether a failed step left tensor-parallel ranks out of step: the followers wait
