@@ -7,10 +7,12 @@
    bf16 one-GPU run is, see `bf16_within`);
 2. planner agreement: each rank's parameter, gradient and optimizer bytes, and its peak
    memory, against `moegpt plan`'s per-GPU figures for the same layout;
-3. scaling: tokens/s and MFU of `--scaling-config` at 1, 2, 4, 8 GPUs (FSDP2 with expert
-   parallelism over the same ranks, or at most `--scaling-ep` of them), weak (batch grows
-   with the GPUs) and strong (fixed global batch) scaling efficiency, and the all-to-all
-   share of a profiled EP step;
+3. scaling: tokens/s and MFU of `--scaling-config` at 1, 2, 4, 8 GPUs (or `--scaling-sizes`)
+   for each of `--scaling-layouts`: FSDP2 alone, and FSDP2 with expert parallelism over the
+   same ranks (or at most `--scaling-ep` of them); weak (batch grows with the GPUs) and strong
+   (fixed global batch) scaling efficiency against one GPU, blocks compiled as the recipes
+   train them (`--no-scaling-compile` for eager), and the all-to-all share of a profiled EP
+   step;
 4. context: context parallelism (ring attention) against one GPU, as in 1 (GPU only:
    PyTorch's ring attention runs on CUDA attention kernels);
 5. serving: tokens/s of the serving engine at tensor-parallel sizes N = 1, 2, 4, 8 (or
@@ -270,55 +272,76 @@ def planner_agreement(recipe: Path, overrides: list[str], ranks: list[dict], cud
     return out
 
 
-def scaling(args, root: Path, sizes: list[int]) -> list[dict[str, Any]]:
-    """Weak and strong scaling of the scaling config (FSDP2 + EP over the same ranks)."""
+def scaling_layouts(names: list[str], n: int, n_experts: int, most_ep: int) -> dict[str, list[str]]:
+    """The named layouts of ``n`` GPUs the scaling phase times: ``fsdp`` shards every weight
+    over all of them (each rank runs every expert on its own tokens), ``fsdp-ep`` also puts
+    each expert on ``n`` ranks (or ``most_ep``) and sends tokens to them (all-to-all)."""
+    out = {}
+    for name in names:
+        if name == "fsdp":
+            out[name] = ["--parallel.dp_shard", str(n)]
+        elif name == "fsdp-ep" and n_experts:
+            ep = min(n, n_experts, most_ep or n)
+            out[name] = ["--parallel.dp_shard", str(n), "--parallel.ep", str(ep)]
+        elif name != "fsdp-ep":
+            sys.exit(f"--scaling-layouts: unknown layout {name!r} (fsdp, fsdp-ep)")
+    return out
+
+
+def scaling(args, root: Path, sizes: list[int], top: int) -> list[dict[str, Any]]:
+    """Weak and strong scaling of the scaling config for each layout of ``--scaling-layouts``,
+    each against the same one-GPU run; the compile setting is the same for every run. Strong
+    scaling keeps the global batch of ``top`` GPUs (the machine's largest size), so that
+    calls which split the sizes between them measure the same thing."""
     config = load_config(args.scaling_config)
     micro = config.train.micro_batch_size
-    top = max(sizes)
     rows = []
-    for n in sizes:
-        ep = min(n, config.model.n_experts, args.scaling_ep or n) if config.model.n_experts else 1
-        layout = ["--parallel.dp_shard", str(n), "--parallel.ep", str(ep)] if n > 1 else []
-        common = [*layout, "--train.compile", "false", "--train.warmup_steps", "1"]
-        common += ["--train.steps", str(args.scaling_steps + 1)]  # the run is this short
-        weak = [*common, "--train.global_batch_size", str(n * micro)]
-        strong = [*common, "--train.global_batch_size", str(top * micro)]
-        jobs = [
-            job(
-                Path(args.scaling_config),
-                root,
-                f"weak-{n}",
-                weak,
-                args.scaling_steps,
-                profile=n > 1,
-            ),
-            job(Path(args.scaling_config), root, f"strong-{n}", strong, args.scaling_steps),
-        ]
-        run_jobs(n, jobs, root, f"scaling-{n}")
-        row: dict[str, Any] = {"gpus": n, "layout": " ".join(layout) or "one GPU"}
-        for kind in ("weak", "strong"):
-            record, _ = read(root, f"{kind}-{n}")
-            settled = record["tokens_per_second"][args.scaling_steps // 2 :]
-            row[f"{kind}_tokens_per_second"] = sorted(settled)[len(settled) // 2]
-            mfu = [m for m in record["mfu"][args.scaling_steps // 2 :] if m is not None]
-            row[f"{kind}_mfu"] = sorted(mfu)[len(mfu) // 2] if mfu else None
-            if kind == "weak":
-                row["all_to_all_share"] = record.get("all_to_all_share")
-        rows.append(row)
-        print(f"  scaling at {n} GPUs: {row}", flush=True)
-        # A later size may outrun the caller's time limit: keep what was measured.
-        partial = Path(args.out) / "multi_gpu-scaling-partial.json"
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps(rows, indent=2, default=str))
-    base = rows[0]
-    for row in rows:
-        n = row["gpus"]
-        row["weak_efficiency"] = row["weak_tokens_per_second"] / (
-            n * base["weak_tokens_per_second"]
+    for n in [1, *[m for m in sizes if m > 1]]:
+        names = args.scaling_layouts.split(",")
+        runs = (
+            {"one GPU": []}
+            if n == 1
+            else scaling_layouts(names, n, config.model.n_experts, args.scaling_ep)
         )
-        row["strong_efficiency"] = row["strong_tokens_per_second"] / (
-            n * base["strong_tokens_per_second"]
-        )
+        for name, layout in runs.items():
+            common = [*layout, "--train.compile", str(args.scaling_compile).lower()]
+            common += ["--train.warmup_steps", "1", "--train.steps", str(args.scaling_steps + 1)]
+            weak = [*common, "--train.global_batch_size", str(n * micro)]
+            strong = [*common, "--train.global_batch_size", str(top * micro)]
+            tag = f"{n}-{name.replace(' ', '-')}"
+            expert_parallel = "--parallel.ep" in layout
+            jobs = [
+                job(
+                    Path(args.scaling_config),
+                    root,
+                    f"weak-{tag}",
+                    weak,
+                    args.scaling_steps,
+                    profile=expert_parallel,
+                ),
+                job(Path(args.scaling_config), root, f"strong-{tag}", strong, args.scaling_steps),
+            ]
+            run_jobs(n, jobs, root, f"scaling-{tag}")
+            row: dict[str, Any] = {"gpus": n, "layout": name, "overrides": " ".join(layout)}
+            for kind in ("weak", "strong"):
+                record, _ = read(root, f"{kind}-{tag}")
+                settled = record["tokens_per_second"][args.scaling_steps // 2 :]
+                row[f"{kind}_tokens_per_second"] = sorted(settled)[len(settled) // 2]
+                mfu = [m for m in record["mfu"][args.scaling_steps // 2 :] if m is not None]
+                row[f"{kind}_mfu"] = sorted(mfu)[len(mfu) // 2] if mfu else None
+                if kind == "weak":
+                    row["all_to_all_share"] = record.get("all_to_all_share")
+            base = rows[0] if rows else row
+            for kind in ("weak", "strong"):
+                row[f"{kind}_efficiency"] = row[f"{kind}_tokens_per_second"] / (
+                    n * base[f"{kind}_tokens_per_second"]
+                )
+            rows.append(row)
+            print(f"  scaling at {n} GPUs, {name}: {row}", flush=True)
+            # A later size may outrun the caller's time limit: keep what was measured.
+            partial = Path(args.out) / "multi_gpu-scaling-partial.json"
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(rows, indent=2, default=str))
     return rows
 
 
@@ -418,6 +441,23 @@ def main() -> None:
         "still shards over all of them, so a smaller EP keeps the all-to-all among fewer",
     )
     parser.add_argument(
+        "--scaling-layouts",
+        default="fsdp,fsdp-ep",
+        help="comma-separated layouts the scaling phase times at each size: fsdp (FSDP2 over "
+        "every GPU) and fsdp-ep (FSDP2 with expert parallelism)",
+    )
+    parser.add_argument(
+        "--scaling-sizes",
+        help="comma-separated GPU counts the scaling phase runs (default 1, 2, 4, 8 <= ranks; "
+        "the one-GPU baseline always runs), to split the phase over several calls",
+    )
+    parser.add_argument(
+        "--scaling-compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compile each block, as the recipes train (every run, the baseline too)",
+    )
+    parser.add_argument(
         "--serving-configs", default="configs/small-moe.toml", help="comma-separated recipes"
     )
     parser.add_argument("--serving-tp", help="tensor-parallel sizes (default 1, 2, 4, 8 <= ranks)")
@@ -506,17 +546,29 @@ def main() -> None:
                         + f"  {verdict}"
                     )
         if "scaling" in phases:
-            result["scaling"] = scaling(args, root, sizes)
+            chosen = sizes
+            if args.scaling_sizes:
+                chosen = [int(n) for n in args.scaling_sizes.split(",")]
+                if any(n < 1 or n > args.ranks for n in chosen):
+                    sys.exit(f"--scaling-sizes: each size must be 1 to {args.ranks} (--ranks)")
+            result["scaling"] = scaling(args, root, chosen, max(sizes))
             print("scaling (weak: batch per GPU fixed; strong: global batch fixed):")
             for r in result["scaling"]:
                 mfu = f"{r['weak_mfu']:.1%}" if r["weak_mfu"] else "n/a"
                 share = r["all_to_all_share"]
                 print(
-                    f"  {r['gpus']} GPUs: weak {r['weak_tokens_per_second']:,.0f} tok/s "
+                    f"  {r['gpus']} GPUs, {r['layout']}: weak "
+                    f"{r['weak_tokens_per_second']:,.0f} tok/s "
                     f"({r['weak_efficiency']:.0%}, MFU {mfu}), strong "
                     f"{r['strong_tokens_per_second']:,.0f} tok/s ({r['strong_efficiency']:.0%})"
                     + (f", all-to-all {share:.1%} of the step" if share is not None else "")
                 )
+            for n in sorted({r["gpus"] for r in result["scaling"]} - {1}):
+                best = max(
+                    (r for r in result["scaling"] if r["gpus"] == n),
+                    key=lambda r: r["weak_tokens_per_second"],
+                )
+                print(f"  best at {n} GPUs: {best['layout']} ({best['weak_efficiency']:.0%} weak)")
         if "serving" in phases:
             result["serving"] = serving(args, root, sizes)
             print("serving (tokens/s: whole run, prompt step included / decoding alone):")
