@@ -329,6 +329,13 @@ def test_default_sources_are_stdlib_code_four_times_and_text_twice() -> None:
             [],
             "data.sources[0].interleave: must be",
         ),
+        (
+            '[[data.sources]]\nname = "a"\npath = "stdlib:packages"\n'
+            '[[data.sources]]\nname = "b"\npath = "stdlib:text"\n',
+            [],
+            "data.sources: stdlib:packages holds stdlib:code's files grouped by package; a "
+            "mixture with it takes no other stdlib source",
+        ),
         ("[data]\nsources = 3\n", [], "data.sources: expected a list of tables, got 3"),
         (
             '[[data.sources]]\nname = "a"\npath = "x"\nweight = 2\n'

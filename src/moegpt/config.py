@@ -324,8 +324,10 @@ IMAGE_CORPORA = ("stdlib:rendered", "debian:fashion-mnist")
 # Corpora with a held-out split of their own: their val_fraction sizes it and splits nothing else
 OWN_SPLIT_CORPORA = ("debian:fashion-mnist",)
 CONVERSATION_CORPUS = "stdlib:instruct"  # the built-in corpus of kind = "chat"
+PACKAGES_CORPUS = "stdlib:packages"  # stdlib:code's files, grouped by package
 BUILTIN_CORPORA = (
     "stdlib:code",
+    PACKAGES_CORPUS,
     "stdlib:text",
     CONVERSATION_CORPUS,
     "debian:wordnet",
@@ -462,6 +464,17 @@ class DataConfig(_Section):
                     "document_mask",
                     f"packed {what} must not attend to each other: set it to true",
                 )
+        paths = [s.path for s in self.sources]
+        if PACKAGES_CORPUS in paths and any(
+            p != PACKAGES_CORPUS and p.startswith("stdlib:") for p in paths
+        ):
+            # its documents are keyed by package, the others' by file: the held-out sets would
+            # differ, and a file held out of one source would be trained on in the other
+            self._fail(
+                "sources",
+                f"{PACKAGES_CORPUS} holds stdlib:code's files grouped by package; a mixture "
+                "with it takes no other stdlib source",
+            )
         weighted = [s.weight > 0 for s in self.sources]
         if any(weighted) and not all(weighted):
             self._fail("sources", "give every source a weight, or none (0 = by planned tokens)")

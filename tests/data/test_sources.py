@@ -9,7 +9,14 @@ import pytest
 
 from moegpt.config import SourceConfig
 from moegpt.data import sources
-from moegpt.data.sources import gcide_entries, load_corpus, module_docstrings, wordnet_glosses
+from moegpt.data.sources import (
+    gcide_entries,
+    import_order,
+    imported_modules,
+    load_corpus,
+    module_docstrings,
+    wordnet_glosses,
+)
 from moegpt.errors import UserError
 
 
@@ -66,6 +73,55 @@ def test_code_and_its_docstrings_share_keys() -> None:
     text = load_corpus(SourceConfig(name="t", path="stdlib:text"), 1)
     shared = set(code.keys) & set(text.keys)
     assert len(shared) > 300 and all(k.startswith("stdlib/") for k in shared)
+
+
+def test_imports_resolve_relative_levels() -> None:
+    source = (
+        "import os, pkg.a\nfrom . import b\nfrom .c import thing\nfrom ..up import x\n"
+        "from pkg.d import e\n"
+    )
+    found = imported_modules(source, "pkg.sub.mod", is_package=False)
+    assert {"os", "pkg.a", "pkg.sub", "pkg.sub.b", "pkg.sub.c", "pkg.sub.c.thing"} <= found
+    assert {"pkg.up", "pkg.up.x", "pkg.d", "pkg.d.e"} <= found
+    # in a package's __init__, "." is the package itself
+    assert "pkg.sub.b" in imported_modules("from .b import f", "pkg.sub", is_package=True)
+    assert imported_modules("from .... import deep", "pkg.mod", is_package=False) == set()
+    assert imported_modules("def (broken", "pkg", is_package=True) == set()
+
+
+def test_import_order_puts_definitions_first() -> None:
+    modules = {
+        "p": "from .api import run\n",
+        "p.api": "from p import core\nfrom .util import helper\n",
+        "p.core": "import p.util\n",
+        "p.util": "import os\n",
+        "p.cycle_a": "from . import cycle_b\n",
+        "p.cycle_b": "from . import cycle_a\n",
+    }
+    order = import_order(modules, packages={"p"})
+    # worked by hand: p needs api, which needs core (needs util) and util; the cycle is cut
+    # where it closes (b's import of a), in name order
+    assert order == ["p.util", "p.core", "p.api", "p", "p.cycle_b", "p.cycle_a"]
+
+
+def test_stdlib_packages_hold_every_code_file_once() -> None:
+    code = load_corpus(SourceConfig(name="c", path="stdlib:code"), 0)
+    packages = load_corpus(SourceConfig(name="p", path="stdlib:packages"), 0)
+    # every file of stdlib:code is in exactly one document, after its own path line
+    by_key = dict(zip(packages.keys, packages.documents, strict=True))
+    for key, text in zip(code.keys, code.documents, strict=True):
+        relative = key.removeprefix("stdlib/")
+        top = relative.split("/")[0]
+        if "/" not in relative:  # a top-level module: its own document, under its own key
+            assert by_key[key] == text
+            continue
+        assert f"# {relative}\n{text}" in by_key[f"stdlib/{top}/"]
+    json_files = [
+        line for line in by_key["stdlib/json/"].splitlines() if line.startswith("# json/")
+    ]
+    assert json_files.index("# json/scanner.py") < json_files.index("# json/decoder.py")
+    assert json_files.index("# json/decoder.py") < json_files.index("# json/__init__.py")
+    assert max(len(t) for t in packages.documents) > 200_000  # long documents, the point
 
 
 def test_stdlib_code_skips_test_folders() -> None:

@@ -4,6 +4,8 @@ Built-in corpora need no download:
 
 - ``stdlib:code``: every ``.py`` file of the running interpreter's standard library, minus
   test folders and installed packages (~12 MB on CPython 3.11); one document per file.
+- ``stdlib:packages``: the same files, one document per top-level package (its modules in
+  import order, each after a ``# path`` line): long documents for context extension.
 - ``stdlib:text``: English prose from the same installation: the pydoc topic pages
   (``pydoc_data``, ~0.5 MB) and each module's docstrings (module, classes, functions; read with
   ``ast``, never imported); one document per topic or module.
@@ -104,6 +106,96 @@ def stdlib_key(path: Path, root: Path | None = None) -> str:
 def stdlib_code() -> Corpus:
     files = stdlib_python_files()
     return Corpus(files, lambda: [(stdlib_key(p), _read_text(p)) for p in files], "stdlib:code")
+
+
+def imported_modules(source: str, name: str, is_package: bool) -> set[str]:
+    """The dotted names module ``name`` imports, relative imports resolved, each ``from X
+    import y`` also as ``X.y`` (it may be a submodule). A file that does not parse imports
+    nothing."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return set()
+    package = name.split(".") if is_package else name.split(".")[:-1]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                kept = len(package) - (node.level - 1)
+                if kept <= 0:
+                    continue
+                base = ".".join([*package[:kept], *([node.module] if node.module else [])])
+            else:
+                base = node.module or ""
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def import_order(sources: dict[str, str], packages: set[str]) -> list[str]:
+    """Module names of one package ordered so that each comes after the modules of the same
+    package it imports (a cycle is cut where it closes), ties in name order: definitions
+    before their uses, as repository-level code corpora order their files."""
+    deps = {
+        name: sorted(imported_modules(text, name, name in packages) & sources.keys() - {name})
+        for name, text in sources.items()
+    }
+    order: list[str] = []
+    state: dict[str, str] = {}  # "open" while its imports are placed, then "done"
+
+    def place(name: str) -> None:  # iterative depth-first search: packages nest deeply
+        stack = [(name, iter(deps[name]))]
+        state[name] = "open"
+        while stack:
+            current, pending = stack[-1]
+            following = next((d for d in pending if d not in state), None)
+            if following is None:
+                stack.pop()
+                state[current] = "done"
+                order.append(current)
+            else:
+                state[following] = "open"
+                stack.append((following, iter(deps[following])))
+
+    for name in sorted(sources):
+        if name not in state:
+            place(name)
+    return order
+
+
+def stdlib_packages() -> Corpus:
+    """One document per top-level package of the standard library: its files (tests left
+    out) in import order, each after a ``# path`` line; a top-level module on its own is a
+    document as in stdlib:code. Long documents whose parts refer to each other across tens of
+    thousands of tokens: the data a context extension learns to use its length from."""
+    files = stdlib_python_files()
+
+    def read() -> list[tuple[str, str]]:
+        root = stdlib_root()
+        groups: dict[str, list[Path]] = {}
+        for path in files:
+            top = path.relative_to(root).parts[0]
+            groups.setdefault(top, []).append(path)
+        documents = []
+        for top, members in sorted(groups.items()):
+            if len(members) == 1 and members[0].parent == root:  # a module, not a package
+                documents.append((stdlib_key(members[0]), _read_text(members[0])))
+                continue
+            by_name = {module_name(p.relative_to(root)): p for p in members}
+            texts = {name: _read_text(p) for name, p in by_name.items()}
+            packages = {
+                module_name(p.relative_to(root)) for p in members if p.name == "__init__.py"
+            }
+            parts = [
+                f"# {by_name[name].relative_to(root).as_posix()}\n{texts[name]}"
+                for name in import_order(texts, packages)
+            ]
+            documents.append((f"stdlib/{top}/", "\n\n".join(parts)))
+        return documents
+
+    return Corpus(files, read, "stdlib:packages")
 
 
 def module_docstrings(source: str) -> str:
@@ -259,6 +351,7 @@ def stdlib_instruct() -> Corpus:
 
 BUILTINS: dict[str, Callable[[], Corpus]] = {
     "stdlib:code": stdlib_code,
+    "stdlib:packages": stdlib_packages,
     "stdlib:text": stdlib_text,
     "stdlib:instruct": stdlib_instruct,
     "debian:wordnet": debian_wordnet,
