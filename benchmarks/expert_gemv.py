@@ -1,10 +1,14 @@
-"""A decode step's expert layers: the Triton per-row GEMV against the alternatives it replaced.
+"""A decode step's expert layers and dense projections: the Triton per-row GEMV against the
+alternatives it replaced.
 
 For a recipe's expert shapes (w1: (experts, hidden, d_model), w2: (experts, d_model, hidden)),
 at a few routed rows, times three ways of multiplying each row by its expert's matrix:
 - ``gather+bmm``: copy the routed experts' matrices, then a batched GEMV (the old path);
 - ``grouped_mm``: ``torch._grouped_mm`` over rows sorted by expert (the prefill path);
 - ``triton``: :func:`moegpt.model.expert_gemv.expert_gemv`, for each ``--blocks`` tiling.
+
+For the attention's fused Q/K/V (qkv) and output (wo) projections at the same rows, cuBLAS
+(``F.linear``) against the kernel's dense form (:func:`moegpt.model.expert_gemv.dense_gemv`).
 
 Each is checked against an fp32 reference, timed as the median of ``--repeats`` CUDA-graph
 replays of ``--inner`` calls, and reported with the bandwidth it achieves over the bytes it
@@ -63,6 +67,39 @@ def routed(rows: int, experts: int) -> torch.Tensor:
     )
 
 
+def measure_dense(
+    weight: torch.Tensor, rows: int, blocks: list[tuple[int, int]], inner: int, repeats: int
+) -> dict:
+    """A dense projection (out, in) at ``rows`` rows: cuBLAS (``F.linear``) against the
+    kernel's dense form for each tiling."""
+    n_out, n_in = weight.shape
+    x = torch.randn(rows, n_in, device=DEVICE, dtype=weight.dtype)
+    want = x.float() @ weight.float().T
+    needed = (n_out * n_in + rows * (n_in + n_out)) * weight.element_size()
+    ways: dict[str, Callable[[], torch.Tensor]] = {
+        "F.linear": lambda: torch.nn.functional.linear(x, weight)
+    }
+    for block_n, block_k in blocks:
+        ways[f"triton {block_n}x{block_k}"] = lambda n=block_n, k=block_k: tiled_dense(
+            x, weight, n, k
+        )
+    return {name: timed(fn, want, needed, inner, repeats) for name, fn in ways.items()}
+
+
+def timed(
+    fn: Callable[[], torch.Tensor], want: torch.Tensor, needed: int, inner: int, repeats: int
+) -> dict:
+    got = fn().float()
+    error = ((got - want).norm() / want.norm()).item()
+    ms = graph_ms(fn, inner, repeats)
+    return {"us": ms * 1e3, "gb_s": needed / ms / 1e6, "rel_error": error}
+
+
+def tiled_dense(x: torch.Tensor, weight: torch.Tensor, block_n: int, block_k: int) -> torch.Tensor:
+    kernel.BLOCK_N, kernel.BLOCK_K = block_n, block_k
+    return kernel.dense_gemv(x, weight)
+
+
 def measure(
     weight: torch.Tensor, rows: int, blocks: list[tuple[int, int]], inner: int, repeats: int
 ) -> dict:
@@ -78,17 +115,11 @@ def measure(
         "gather+bmm": lambda: torch.bmm(weight[ids], x.unsqueeze(-1)).squeeze(-1),
         "grouped_mm": lambda: torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets),
     }
-    result = {}
     for block_n, block_k in blocks:
         ways[f"triton {block_n}x{block_k}"] = lambda n=block_n, k=block_k: tiled(
             x, weight, ids, n, k
         )
-    for name, fn in ways.items():
-        got = fn().float()
-        error = ((got - want).norm() / want.norm()).item()
-        ms = graph_ms(fn, inner, repeats)
-        result[name] = {"us": ms * 1e3, "gb_s": needed / ms / 1e6, "rel_error": error}
-    return result
+    return {name: timed(fn, want, needed, inner, repeats) for name, fn in ways.items()}
 
 
 def tiled(
@@ -124,15 +155,20 @@ def main() -> None:
     ]
     for path in args.configs.split(","):
         model = load_config(path).model
+        heads = model.n_heads * model.head_dim
         shapes = {
             "w1": (model.n_experts, model.expert_hidden_size, model.d_model),
             "w2": (model.n_experts, model.d_model, model.expert_hidden_size),
+            # the attention's dense projections (serving fuses Q, K and V into one matrix)
+            "qkv": (heads + 2 * model.n_kv_heads * model.head_dim, model.d_model),
+            "wo": (model.d_model, heads),
         }
         for name, shape in shapes.items():
             weight = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16) * 0.02
+            how = measure_dense if len(shape) == 2 else measure
             for rows in (int(r) for r in args.rows.split(",")):
                 key = f"{Path(path).stem} {name} {tuple(shape)} rows {rows}"
-                report["rows"][key] = measure(weight, rows, blocks, args.inner, args.repeats)
+                report["rows"][key] = how(weight, rows, blocks, args.inner, args.repeats)
                 lines.append(key)
                 for way, m in report["rows"][key].items():
                     lines.append(

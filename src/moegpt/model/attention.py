@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moegpt.config import ModelConfig
+from moegpt.model.expert_gemv import dense_gemv, dense_gemv_applies
 from moegpt.model.rope import apply_rope
 
 
@@ -146,7 +147,9 @@ class Attention(nn.Module):
         # Head counts come from the projections' widths, not the config: under tensor
         # parallelism each rank's wq holds only its share of the heads.
         if self.qkv_weight is not None and not torch.is_grad_enabled():
-            projected = F.linear(x, self.qkv_weight).split(self.qkv_widths, dim=-1)
+            fused = self.qkv_weight
+            linear = dense_gemv if dense_gemv_applies(x, fused) else F.linear
+            projected = linear(x, fused).split(self.qkv_widths, dim=-1)
         else:
             projected = tuple(proj(x) for proj in (self.wq, self.wk, self.wv))
         q, k, v = (self._heads(p) for p in projected)
@@ -156,4 +159,7 @@ class Attention(nn.Module):
             out = cache.attend(self.layer_idx, q, k, v)
         else:
             out = prefix_attention(q, k, v, document_mask)
-        return self.wo(out.transpose(1, 2).reshape(batch, seq, q.shape[1] * self.head_dim))
+        out = out.transpose(1, 2).reshape(batch, seq, q.shape[1] * self.head_dim)
+        if dense_gemv_applies(out, self.wo.weight):
+            return dense_gemv(out, self.wo.weight)
+        return self.wo(out)  # the module's call: training's layouts hook into it

@@ -45,10 +45,11 @@ if triton is not None:
         stride_out,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        HAS_IDS: tl.constexpr,
     ):
         block = tl.program_id(0)
         row = tl.program_id(1)
-        expert = tl.load(ids_ptr + row).to(tl.int64)
+        expert = tl.load(ids_ptr + row).to(tl.int64) if HAS_IDS else 0
         outs = block * BLOCK_N + tl.arange(0, BLOCK_N)
         out_ok = outs < n_out
         w_rows = w_ptr + expert * stride_expert + outs[:, None].to(tl.int64) * stride_row
@@ -72,6 +73,26 @@ if triton is not None:
                 f"{tuple(expert_ids.shape)} do not match"
             )
         x, expert_ids = x.contiguous(), expert_ids.contiguous()  # the kernel reads rows densely
+        return _launch(x, weight, expert_ids, weight.stride(0), weight.stride(1))
+
+    @torch.library.triton_op("moegpt::dense_gemv", mutates_args=())
+    def _dense_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if weight.shape[1] != x.shape[1]:
+            raise ValueError(
+                f"dense_gemv: rows {tuple(x.shape)} and weight {tuple(weight.shape)} do not match"
+            )
+        x = x.contiguous()
+        # Every row reads the one matrix: no expert ids (the kernel skips their load).
+        return _launch(x, weight.unsqueeze(0), None, 0, weight.stride(0))
+
+    def _launch(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        expert_ids: torch.Tensor | None,
+        stride_expert: int,
+        stride_row: int,
+    ) -> torch.Tensor:
+        rows, n_in = x.shape
         n_out = weight.shape[1]
         out = x.new_empty(rows, n_out)
         # Output blocks on the first grid axis: CUDA caps the second at 65,535.
@@ -79,16 +100,17 @@ if triton is not None:
         torch.library.wrap_triton(_expert_gemv_kernel)[grid](
             x,
             weight,
-            expert_ids,
+            x if expert_ids is None else expert_ids,  # not read without ids
             out,
             n_out,
             n_in,
             x.stride(0),
-            weight.stride(0),
-            weight.stride(1),
+            stride_expert,
+            stride_row,
             out.stride(0),
             BLOCK_N=BLOCK_N,
             BLOCK_K=BLOCK_K,
+            HAS_IDS=expert_ids is not None,
         )
         return out
 
@@ -102,6 +124,33 @@ def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.dtype == weight.dtype
         and weight.stride(-1) == 1
     )
+
+
+# A decode step's dense projections (attention's Q/K/V and output, a dense feed-forward) run as
+# GEMVs up to this many rows: at one row cuBLAS read medium-moe's attention weights at about a
+# fifth of an H200's bandwidth (0.50 ms of a 1.87 ms step for 48 matmuls), while the kernel
+# reads a matrix at over half of it (benchmarks/expert_gemv.py, its dense rows).
+DENSE_GEMV_MAX_ROWS = 4
+
+
+def dense_gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x @ weight.T`` is a decode step's product for :func:`dense_gemv`: no gradient
+    wanted, at most :data:`DENSE_GEMV_MAX_ROWS` rows, and a plain CUDA weight (not a sharded
+    tensor subclass, whose layer must run as its module) that the kernel reads."""
+    return (
+        x.numel() <= DENSE_GEMV_MAX_ROWS * x.shape[-1]
+        and not torch.is_grad_enabled()
+        and type(weight) in (torch.Tensor, torch.nn.Parameter)
+        and kernel_applies(x, weight)
+    )
+
+
+def dense_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` ((..., in) by (out, in)) through the GEMV kernel; see
+    :func:`dense_gemv_applies`."""
+    rows = x.numel() // x.shape[-1]
+    out = _dense_gemv(x.reshape(rows, x.shape[-1]), weight)
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 def expert_gemv(x: torch.Tensor, weight: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moegpt.config import ModelConfig
+from moegpt.model.expert_gemv import dense_gemv, dense_gemv_applies
 
 
 def gated_activation(activation: str, project_in: Callable[[str], torch.Tensor]) -> torch.Tensor:
@@ -34,4 +35,10 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(gated_activation(self.activation, lambda name: getattr(self, name)(x)))
+        return self._project("w2", gated_activation(self.activation, lambda n: self._project(n, x)))
+
+    def _project(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        layer = getattr(self, name)
+        if dense_gemv_applies(x, layer.weight):  # a decode step's few rows
+            return dense_gemv(x, layer.weight)
+        return layer(x)  # the module's call: training's layouts hook into it
