@@ -127,10 +127,12 @@ def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 # A decode step's dense projections (attention's Q/K/V and output, a dense feed-forward) run as
-# GEMVs up to this many rows: at one row cuBLAS read medium-moe's attention weights at about a
-# fifth of an H200's bandwidth (0.50 ms of a 1.87 ms step for 48 matmuls), while the kernel
-# reads a matrix at over half of it (benchmarks/expert_gemv.py, its dense rows).
-DENSE_GEMV_MAX_ROWS = 4
+# GEMVs up to this many rows. On an H200 (benchmarks/results/expert_gemv-dense-h200.txt) cuBLAS
+# takes 7.4 us for one row of small-moe's (1024 x 1024) output projection, the kernel 2.6; at
+# medium-moe's 2048 wide the two are close (5.2 and 4.3 us) up to 2 rows, and from 4 rows
+# cuBLAS is faster (5.3 against 9.5 us for Q/K/V). Small-moe's batch-1 decode went from 1,145
+# to 1,209 tokens/s; medium-moe's stayed at 510-515.
+DENSE_GEMV_MAX_ROWS = 2
 
 
 def dense_gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
