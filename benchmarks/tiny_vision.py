@@ -252,7 +252,8 @@ def main() -> None:
             f"CLIP stage ({args.clip_config}): {clip['steps']} steps, train "
             f"{clip['train_seconds']:.0f} s; held-out contrastive loss per image "
             + ", ".join(
-                f"{s} {clip['before'][f'{s}/loss']:.3f} -> {clip['after'][f'{s}/loss']:.3f}"
+                f"{s} {clip['before'][f'{s}/loss']:.3f} -> {clip['after'][f'{s}/loss']:.3f} "
+                f"(chance {clip['after'][f'{s}/chance']:.3f})"
                 for s in sources
             )
         )

@@ -235,6 +235,17 @@ def test_the_clip_stage_trains_the_encoder_and_hands_it_to_the_flamingo_stage(
     assert any("frozen:" in line and "resampler.*" in line for line in lines)
     evaluated = trainer.evaluate()
     assert "rendered/loss" in evaluated and "rendered/ppl" not in evaluated
+    # chance: the loss of a uniform guess. Zeroed image features score every caption 0, which
+    # is that guess, so the loss must then equal it (ln of each micro-batch's images).
+    with torch.no_grad():
+        model = trainer.parts.models[0]
+        saved = model.clip.image_projection.weight.clone()
+        model.clip.image_projection.weight.zero_()
+        uniform = trainer.evaluate()
+        model.clip.image_projection.weight.copy_(saved)
+    for source in {k.split("/")[0] for k in evaluated}:
+        assert evaluated[f"{source}/chance"] == pytest.approx(uniform[f"{source}/loss"], rel=1e-5)
+        assert evaluated[f"{source}/chance"] > 1.0  # several images a micro-batch
     fresh = Trainer(recipe(tmp_path, *clip, init_from=str(parent)), tmp_path / "fresh")
     fresh.log = lambda m: None
     fresh.prepare(resume=False)

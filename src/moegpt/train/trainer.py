@@ -572,7 +572,10 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Held-out loss and perplexity per source: the first ``eval_batches`` micro-batches
-        of each source (all of them if 0), split over the data-parallel ranks."""
+        of each source (all of them if 0), split over the data-parallel ranks. The CLIP stage
+        reports its contrastive loss per image and, as ``chance``, the loss of a uniform guess
+        over the same micro-batches: ln of the images each holds (every other image of a
+        rank's micro-batch is a negative, so chance grows with the batch)."""
         self.parts.train(False)
         results = {}
         limit = self.config.train.eval_batches
@@ -587,13 +590,15 @@ class Trainer:
                 world_size=self.dp_size,
                 document_mask=self.config.data.document_mask,
             )
-            sums = torch.zeros(2, device=self.device)  # loss sum, label tokens
+            sums = torch.zeros(3, device=self.device)  # loss sum, label tokens, chance sum
             for batch in loader:
                 # about the same sequences at every layout: count the whole job's batches
                 started_at = loader.consumed - rows * self.dp_size
                 if limit and started_at >= limit * self.config.train.micro_batch_size:
                     break
-                sums[1] += self._loss_units(batch)
+                units = self._loss_units(batch)
+                sums[1] += units
+                sums[2] += units * math.log(max(units, 1))
                 if self.pipeline is not None:
                     losses: list[torch.Tensor] = []
                     micro = list(batch_rows(batch, self.config.train.micro_batch_size))
@@ -604,10 +609,12 @@ class Trainer:
                     with self._sequence_shards(batch):
                         sums[0] += self._forward(batch)[0]
             self._sum_over(sums[:1], "pp", "cp")
-            total, count = self._sum_over(sums, "dp").tolist()
+            total, count, chance = self._sum_over(sums, "dp").tolist()
             if count:
                 results[f"{source.name}/loss"] = total / count
-                if not self.config.vision.clip_stage:
+                if self.config.vision.clip_stage:
+                    results[f"{source.name}/chance"] = chance / count
+                else:
                     results[f"{source.name}/ppl"] = math.exp(min(total / count, 50))
         self.parts.train(True)
         return results
@@ -873,5 +880,6 @@ def _eval_line(step: int, scores: dict[str, float]) -> str:
     parts = []
     for s in sources:
         ppl = f" ppl {scores[f'{s}/ppl']:.1f}" if f"{s}/ppl" in scores else ""
-        parts.append(f"{s} loss {scores[f'{s}/loss']:.4f}{ppl}")
+        chance = f" (chance {scores[f'{s}/chance']:.2f})" if f"{s}/chance" in scores else ""
+        parts.append(f"{s} loss {scores[f'{s}/loss']:.4f}{ppl}{chance}")
     return f"eval @ {step}: " + ", ".join(parts)
