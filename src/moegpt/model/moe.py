@@ -2,7 +2,8 @@
 
 Dispatch never loops over tokens: routed (token, expert) slots are sorted by expert so each
 expert's tokens are one contiguous slice, all experts run as one grouped matrix multiply over
-those slices, and the results are scattered back and summed with the router weights.
+those slices, and the results are gathered back in token order and summed with the router
+weights (gathers both ways, forward and backward: the sort is a permutation).
 """
 
 from __future__ import annotations
@@ -45,6 +46,46 @@ def top_k(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids.append(index)
         probs = probs.scatter(-1, index, float("-inf"))  # the next pick excludes this one
     return torch.cat(values, dim=-1), torch.cat(ids, dim=-1)
+
+
+class _SortSlots(torch.autograd.Function):
+    """``x[order // k]``: each token's k slots, sorted by expert. Autograd would take the
+    backward of a gather with repeated indices as a scatter-add into zeros (atomics); knowing
+    that ``order`` is a permutation (``inverse`` undoes it), the gradient is a gather back to
+    slot order and a sum over each token's k slots."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int):
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x[order // k]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        by_slot = grad[inverse]
+        return by_slot.view(-1, ctx.k, grad.shape[-1]).sum(dim=1), None, None, None
+
+
+class _UnsortSlots(torch.autograd.Function):
+    """``y[inverse]``: rows sorted by expert back in slot order, a gather both ways (the
+    scatter ``out[order] = y`` would first fill a zeroed buffer)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor):
+        ctx.save_for_backward(order)
+        return y[inverse]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (order,) = ctx.saved_tensors
+        return grad[order], None, None
+
+
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """``inverse`` with ``inverse[order[i]] == i``."""
+    positions = torch.arange(order.numel(), device=order.device, dtype=order.dtype)
+    return torch.empty_like(order).scatter_(0, order, positions)
 
 
 class Router(nn.Module):
@@ -245,22 +286,30 @@ class MoE(nn.Module):
         if capped:
             # slots grouped by expert, token order kept within each, padding after the rest
             order = torch.argsort(flat_ids * 2 + (~real_slots).long(), stable=True)
-            expert_out, kept = self._run_with_capacity(x, order, flat_ids, counts)
+            inverse = inverse_permutation(order)
+            expert_out, kept = self._run_with_capacity(x, order, inverse, flat_ids, counts)
             kept = torch.minimum(real_counts, kept)  # the padding goes first
         else:  # dropless; also at inference, where dropping would couple a batch's requests
             order = torch.argsort(flat_ids, stable=True)  # grouped by expert, in token order
-            expert_out, kept = self.experts(x[order // k], counts), real_counts
+            inverse = inverse_permutation(order)
+            rows = _SortSlots.apply(x, order, inverse, k)
+            expert_out, kept = self.experts(rows, counts), real_counts
 
-        # Combine: put each slot's weighted output back in slot order, sum over k.
-        slots = expert_out.new_zeros(n_tokens * k, shape[-1], dtype=combine)
-        slots[order] = expert_out.to(combine) * weights.reshape(-1)[order].unsqueeze(-1)
-        out = slots.view(n_tokens, k, shape[-1]).sum(dim=1).to(x.dtype)
+        # Combine: each slot's output back in slot order, weighted, summed over the k slots.
+        by_slot = _UnsortSlots.apply(expert_out, order, inverse)
+        weighted = by_slot.to(combine) * weights.reshape(-1, 1)
+        out = weighted.view(n_tokens, k, shape[-1]).sum(dim=1).to(x.dtype)
         if not torch.is_grad_enabled():  # serving: no losses, a few dozen fewer kernels
             return out.view(shape), None
         return out.view(shape), self._stats(logits, probs, real_counts, kept, real)
 
     def _run_with_capacity(
-        self, x: torch.Tensor, order: torch.Tensor, flat_ids: torch.Tensor, counts: torch.Tensor
+        self,
+        x: torch.Tensor,
+        order: torch.Tensor,
+        inverse: torch.Tensor,
+        flat_ids: torch.Tensor,
+        counts: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Experts over a fixed (experts x capacity) buffer: each expert keeps its first
         ``capacity`` slots in token order; the rest go to a discarded row and come back as 0.
@@ -275,7 +324,7 @@ class MoE(nn.Module):
         trash = self.n_experts * capacity
         dest = torch.where(rank < capacity, sorted_ids * capacity + rank, trash)
         buffer = x.new_zeros(trash + 1, x.shape[-1])
-        buffer[dest] = x[order // self.top_k]
+        buffer[dest] = _SortSlots.apply(x, order, inverse, self.top_k)
         full = torch.full_like(counts, capacity)
         out = self.experts(buffer[:trash], full)
         out = torch.cat([out, out.new_zeros(1, out.shape[-1])])
