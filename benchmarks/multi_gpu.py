@@ -280,15 +280,15 @@ def scaling_layouts(names: list[str], n: int, n_experts: int, most_ep: int) -> d
     for name in names:
         if name == "fsdp":
             out[name] = ["--parallel.dp_shard", str(n)]
-        elif name == "fsdp-ep" and n_experts:
+        elif n_experts:  # fsdp-ep
             ep = min(n, n_experts, most_ep or n)
             out[name] = ["--parallel.dp_shard", str(n), "--parallel.ep", str(ep)]
-        elif name != "fsdp-ep":
-            sys.exit(f"--scaling-layouts: unknown layout {name!r} (fsdp, fsdp-ep)")
+        else:
+            print(f"  {name}: skipped, the scaling config has no experts", flush=True)
     return out
 
 
-def scaling(args, root: Path, sizes: list[int], top: int) -> list[dict[str, Any]]:
+def scaling(args, root: Path, sizes: list[int], top: int, tag: str) -> list[dict[str, Any]]:
     """Weak and strong scaling of the scaling config for each layout of ``--scaling-layouts``,
     each against the same one-GPU run; the compile setting is the same for every run. Strong
     scaling keeps the global batch of ``top`` GPUs (the machine's largest size), so that
@@ -339,7 +339,7 @@ def scaling(args, root: Path, sizes: list[int], top: int) -> list[dict[str, Any]
             rows.append(row)
             print(f"  scaling at {n} GPUs, {name}: {row}", flush=True)
             # A later size may outrun the caller's time limit: keep what was measured.
-            partial = Path(args.out) / "multi_gpu-scaling-partial.json"
+            partial = Path(args.out) / f"multi_gpu-scaling-partial{tag}.json"
             partial.parent.mkdir(parents=True, exist_ok=True)
             partial.write_text(json.dumps(rows, indent=2, default=str))
     return rows
@@ -490,6 +490,21 @@ def main() -> None:
     cuda = args.device == "cuda"
     phases = set(args.phases.split(","))
     sizes = [n for n in (1, 2, 4, 8) if n <= args.ranks]
+    # The phase's settings are checked before anything runs (the baseline takes minutes).
+    layout_names = args.scaling_layouts.split(",")
+    unknown = sorted(set(layout_names) - {"fsdp", "fsdp-ep"})
+    if unknown:
+        parser.error(f"--scaling-layouts: unknown layout(s) {', '.join(unknown)} (fsdp, fsdp-ep)")
+    chosen = sizes
+    if args.scaling_sizes:
+        chosen = [int(n) for n in args.scaling_sizes.split(",")]
+        if any(n < 1 or max(sizes) % n for n in chosen):
+            parser.error(
+                f"--scaling-sizes: each size must divide {max(sizes)}, the largest GPU count of "
+                "--ranks (strong scaling splits that many GPUs' batch over every size)"
+            )
+    # Calls that split the phase between them write files of their own.
+    tag = f"-scaling-{'-'.join(map(str, chosen))}" if args.scaling_sizes else ""
     result: dict[str, Any] = {"ranks": args.ranks, "device": args.device}
     if cuda:
         result["gpu"] = torch.cuda.get_device_name(0)
@@ -546,12 +561,7 @@ def main() -> None:
                         + f"  {verdict}"
                     )
         if "scaling" in phases:
-            chosen = sizes
-            if args.scaling_sizes:
-                chosen = [int(n) for n in args.scaling_sizes.split(",")]
-                if any(n < 1 or n > args.ranks for n in chosen):
-                    sys.exit(f"--scaling-sizes: each size must be 1 to {args.ranks} (--ranks)")
-            result["scaling"] = scaling(args, root, chosen, max(sizes))
+            result["scaling"] = scaling(args, root, chosen, max(sizes), tag)
             print("scaling (weak: batch per GPU fixed; strong: global batch fixed):")
             for r in result["scaling"]:
                 mfu = f"{r['weak_mfu']:.1%}" if r["weak_mfu"] else "n/a"
@@ -584,7 +594,7 @@ def main() -> None:
     result["seconds"] = time.perf_counter() - started
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"multi_gpu-{args.device}-{args.ranks}.json"
+    path = out / f"multi_gpu-{args.device}-{args.ranks}{tag}.json"
     path.write_text(json.dumps(result, indent=2, default=str))
     print(f"wrote {path} ({result['seconds']:.0f} s)")
 

@@ -16,9 +16,12 @@ prints each side's accuracy per cell, and how many answers name the same number.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import tempfile
 import time
+import types
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +33,35 @@ from moegpt.serve.engine import Completion, Engine
 
 
 class Recorded:
-    """An engine whose ``generate`` keeps each prompt's completion (everything else is the
-    engine's own), so that two engines' answers can be compared prompt by prompt."""
+    """An engine whose ``generate`` keeps each prompt's completion and the seconds it took
+    (everything else is the engine's own), so that two engines' answers can be compared
+    prompt by prompt and their times alike (loading and start-up left out of both)."""
 
     def __init__(self, engine: Any) -> None:
         self._engine = engine
         self.completions: list[Completion] = []
+        self.seconds = 0.0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
 
     def generate(self, prompts: list[list[int]], params: Any) -> list[list[Completion]]:
+        started = time.perf_counter()
         outputs = self._engine.generate(prompts, params)
+        self.seconds += time.perf_counter() - started
         self.completions += [completion for [completion] in outputs]
         return outputs
+
+
+@dataclass
+class Prompting:
+    """What both sides share to build the same prompts: the moegpt folder's tokenizer, chat
+    template and end-of-text id, and ``model.config`` (the context length)."""
+
+    tokenizer: Any
+    chat_template: Any
+    eos_id: int | None
+    model: Any
 
 
 class TransformersEngine:
@@ -52,7 +70,7 @@ class TransformersEngine:
     does. The tokenizer and chat template are the moegpt engine's, so the prompts are the
     same token ids."""
 
-    def __init__(self, folder: Path, like: Engine, device: torch.device) -> None:
+    def __init__(self, folder: Path, like: Prompting, device: torch.device) -> None:
         from transformers import AutoModelForCausalLM
 
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -117,19 +135,25 @@ def main() -> None:
     depths = [int(d) / 100 for d in args.depths.split(",")]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    started = time.perf_counter()
-    engine = Recorded(Engine.from_folder(args.model))
-    ours = run_passkey(engine, lengths, depths, args.trials, args.seed, args.chat)
-    moegpt_seconds = time.perf_counter() - started
-    arch = "mixtral" if engine.model.config.n_moe_layers else "llama"  # what convert writes
+    engine = Engine.from_folder(args.model)
+    ours_engine = Recorded(engine)
+    ours = run_passkey(ours_engine, lengths, depths, args.trials, args.seed, args.chat)
+    config = types.SimpleNamespace(config=engine.model.config)  # the config, not the weights
+    like = Prompting(engine.tokenizer, engine.chat_template, engine.eos_id, config)
+    # The engine's cache and graphs would leave transformers little room at 32k: free them.
+    engine.close()
+    del engine, ours_engine._engine
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     with tempfile.TemporaryDirectory() as tmp:
         folder = convert(Path(args.model), Path(tmp) / "hf")
-        reference = Recorded(TransformersEngine(folder, engine._engine, device))
-        started = time.perf_counter()
+        arch = json.loads((folder / "config.json").read_text())["model_type"]
+        reference = Recorded(TransformersEngine(folder, like, device))
         theirs = run_passkey(reference, lengths, depths, args.trials, args.seed, args.chat)
-        hf_seconds = time.perf_counter() - started
+    moegpt_seconds, hf_seconds = ours_engine.seconds, reference.seconds
 
-    pairs = list(zip(engine.completions, reference.completions, strict=True))
+    pairs = list(zip(ours_engine.completions, reference.completions, strict=True))
     same_number = sum(first_number(a.text) == first_number(b.text) for a, b in pairs)
     same_tokens = sum(a.token_ids == b.token_ids for a, b in pairs)
     name = Path(args.model).resolve().parent.name
@@ -146,8 +170,8 @@ def main() -> None:
             )
     print(
         f"same first number in {same_number}/{len(pairs)} answers, the same tokens in "
-        f"{same_tokens}/{len(pairs)} (engine {moegpt_seconds:.0f} s, transformers "
-        f"{hf_seconds:.0f} s)"
+        f"{same_tokens}/{len(pairs)} (generating: engine {moegpt_seconds:.0f} s, "
+        f"transformers {hf_seconds:.0f} s)"
     )
     if args.out:
         path = Path(args.out) / f"passkey_reference-{name}-{device.type}.json"

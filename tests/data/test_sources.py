@@ -81,8 +81,10 @@ def test_imports_resolve_relative_levels() -> None:
         "from pkg.d import e\n"
     )
     found = imported_modules(source, "pkg.sub.mod", is_package=False)
-    assert {"os", "pkg.a", "pkg.sub", "pkg.sub.b", "pkg.sub.c", "pkg.sub.c.thing"} <= found
+    assert {"os", "pkg.a", "pkg.sub.b", "pkg.sub.c", "pkg.sub.c.thing"} <= found
     assert {"pkg.up", "pkg.up.x", "pkg.d", "pkg.d.e"} <= found
+    # the packages that hold the module are not its imports (their __init__ imports it)
+    assert not {"pkg", "pkg.sub"} & found
     # in a package's __init__, "." is the package itself
     assert "pkg.sub.b" in imported_modules("from .b import f", "pkg.sub", is_package=True)
     assert imported_modules("from .... import deep", "pkg.mod", is_package=False) == set()
@@ -102,6 +104,15 @@ def test_import_order_puts_definitions_first() -> None:
     # worked by hand: p needs api, which needs core (needs util) and util; the cycle is cut
     # where it closes (b's import of a), in name order
     assert order == ["p.util", "p.core", "p.api", "p", "p.cycle_b", "p.cycle_a"]
+    # imports a module does not run when imported (in a function, for type checkers only)
+    # are not dependencies: counted, they would put b before a and d before c
+    deferred = {
+        "p.a": "def f():\n    from . import b\n",
+        "p.b": "from . import a\n",
+        "p.c": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import d\n",
+        "p.d": "try:\n    from . import c\nexcept ImportError:\n    pass\n",
+    }
+    assert import_order(deferred, packages=set()) == ["p.a", "p.b", "p.c", "p.d"]
 
 
 def test_stdlib_packages_hold_every_code_file_once() -> None:
@@ -112,10 +123,10 @@ def test_stdlib_packages_hold_every_code_file_once() -> None:
     for key, text in zip(code.keys, code.documents, strict=True):
         relative = key.removeprefix("stdlib/")
         top = relative.split("/")[0]
-        if "/" not in relative:  # a top-level module: its own document, under its own key
+        if "/" not in relative or top in sources.TABLE_PACKAGES:  # a document of its own
             assert by_key[key] == text
             continue
-        assert f"# {relative}\n{text}" in by_key[f"stdlib/{top}/"]
+        assert by_key[f"stdlib/{top}/"].count(f"# {relative}\n{text}") == 1
     json_files = [
         line for line in by_key["stdlib/json/"].splitlines() if line.startswith("# json/")
     ]

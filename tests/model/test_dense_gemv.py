@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moegpt.model import Transformer
+from moegpt.model import KVCache, Transformer
 from moegpt.model import expert_gemv as gemv
 from moegpt.model.attention import Attention
 from moegpt.model.feed_forward import FeedForward
@@ -56,6 +56,21 @@ def test_decode_rows_take_the_kernel_and_nothing_else_does(kernel_calls) -> None
     assert kernel_calls == []
 
 
+def test_hooks_of_a_layer_run_when_the_kernel_does(kernel_calls) -> None:
+    """Tensor-parallel serving sums a row-parallel layer's output in a forward hook: a
+    decode step through the kernel must still run it."""
+    config = small_config(n_heads=4, n_kv_heads=1)
+    attn, ffn = Attention(config, layer_idx=0), FeedForward(config, hidden=64)
+    attn.fuse_projections()
+    seen: list[str] = []
+    attn.wo.register_forward_hook(lambda *_: seen.append("wo"))
+    ffn.w2.register_forward_hook(lambda *_: seen.append("w2"))
+    with torch.inference_mode():
+        attn(torch.randn(1, 1, config.d_model), *rope_cos_sin(torch.arange(1), 8, 10000.0))
+        ffn(torch.randn(1, 1, config.d_model))
+    assert seen == ["wo", "w2"] and len(kernel_calls) == 5
+
+
 def test_sharded_weights_run_as_their_modules(kernel_calls) -> None:
     class Sharded(torch.Tensor):  # any tensor subclass (a DTensor) keeps its module's call
         pass
@@ -79,14 +94,21 @@ def test_dense_gemv_equals_cublas(rows: int, shape: tuple[int, int]) -> None:
 
 
 @pytest.mark.skipif(not GPU, reason="the Triton kernel runs on CUDA")
-def test_a_decode_step_with_the_kernel_equals_one_without(monkeypatch) -> None:
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cached_decode_steps_with_the_kernel_equal_the_full_forward(batch: int) -> None:
+    """A prompt, then one token at a time through the KV cache (rows through the kernel),
+    against one forward over the whole sequence (cuBLAS), for a dense and an MoE model."""
     torch.manual_seed(0)
-    model = Transformer(small_config(d_model=256, n_heads=4, n_kv_heads=1, n_experts=0))
-    model = model.to("cuda", torch.bfloat16).eval()
-    model.fuse_projections()
-    tokens = torch.randint(0, model.config.vocab_size, (1, 1), device="cuda")
-    with torch.inference_mode():
-        with_kernel = model(tokens).logits.float()
-        monkeypatch.setattr(gemv, "DENSE_GEMV_MAX_ROWS", 0)
-        without = model(tokens).logits.float()
-    assert ((with_kernel - without).norm() / without.norm()).item() < 1e-2
+    for experts in (0, 4):
+        config = small_config(d_model=256, n_heads=4, n_kv_heads=1, n_experts=experts)
+        model = Transformer(config).to("cuda", torch.bfloat16).eval()
+        model.fuse_projections()
+        tokens = torch.randint(0, config.vocab_size, (batch, 12), device="cuda")
+        cache = KVCache.for_model(model, batch_size=batch, max_len=16)
+        with torch.inference_mode():
+            full = model(tokens).logits.float()
+            steps = [model(tokens[:, :8], cache=cache).logits[:, -1:]]
+            steps += [model(tokens[:, i : i + 1], cache=cache).logits for i in range(8, 12)]
+        decoded = torch.cat(steps, dim=1).float()
+        want = full[:, 7:]
+        assert ((decoded - want).norm() / want.norm()).item() < 2e-2

@@ -108,30 +108,51 @@ def stdlib_code() -> Corpus:
     return Corpus(files, lambda: [(stdlib_key(p), _read_text(p)) for p in files], "stdlib:code")
 
 
+def _module_level(statements: list[ast.stmt]) -> Iterator[ast.Import | ast.ImportFrom]:
+    """The imports a module runs when it is imported: its body's, and those inside its
+    ``if``/``try``/``with`` blocks, but not a function's or class's (deferred, often to break
+    a cycle) nor an ``if TYPE_CHECKING:`` block's."""
+    for node in statements:
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            yield node
+        elif isinstance(node, ast.If):
+            if not (isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"):
+                yield from _module_level(node.body)
+            yield from _module_level(node.orelse)
+        elif isinstance(node, ast.Try):
+            for block in (node.body, node.orelse, node.finalbody):
+                yield from _module_level(block)
+            for handler in node.handlers:
+                yield from _module_level(handler.body)
+        elif isinstance(node, ast.With):
+            yield from _module_level(node.body)
+
+
 def imported_modules(source: str, name: str, is_package: bool) -> set[str]:
-    """The dotted names module ``name`` imports, relative imports resolved, each ``from X
-    import y`` also as ``X.y`` (it may be a submodule). A file that does not parse imports
-    nothing."""
+    """The dotted names module ``name`` imports when it is imported (module level), relative
+    imports resolved, each ``from X import y`` also as ``X.y`` (it may be a submodule). A
+    package ``X`` that contains ``name`` is not counted: its ``__init__`` usually imports
+    ``name`` itself. A file that does not parse imports nothing."""
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):
         return set()
     package = name.split(".") if is_package else name.split(".")[:-1]
     found: set[str] = set()
-    for node in ast.walk(tree):
+    for node in _module_level(tree.body):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                kept = len(package) - (node.level - 1)
-                if kept <= 0:
-                    continue
-                base = ".".join([*package[:kept], *([node.module] if node.module else [])])
-            else:
-                base = node.module or ""
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)
-    return found
+            continue
+        if node.level:
+            kept = len(package) - (node.level - 1)
+            if kept <= 0:
+                continue
+            base = ".".join([*package[:kept], *([node.module] if node.module else [])])
+        else:
+            base = node.module or ""
+        found.add(base)
+        found.update(f"{base}.{alias.name}" for alias in node.names)
+    return {module for module in found if not name.startswith(module + ".")}
 
 
 def import_order(sources: dict[str, str], packages: set[str]) -> list[str]:
@@ -165,11 +186,17 @@ def import_order(sources: dict[str, str], packages: set[str]) -> list[str]:
     return order
 
 
+# Packages of data tables rather than modules that use each other (codecs' mapping tables,
+# pydoc's topic texts): stdlib:packages keeps their files one a document, as stdlib:code does.
+TABLE_PACKAGES = frozenset({"encodings", "pydoc_data"})
+
+
 def stdlib_packages() -> Corpus:
     """One document per top-level package of the standard library: its files (tests left
-    out) in import order, each after a ``# path`` line; a top-level module on its own is a
-    document as in stdlib:code. Long documents whose parts refer to each other across tens of
-    thousands of tokens: the data a context extension learns to use its length from."""
+    out) in import order, each after a ``# path`` line; a top-level module on its own, and
+    each file of :data:`TABLE_PACKAGES`, is a document as in stdlib:code. Long documents
+    whose parts refer to each other across tens of thousands of tokens: the data a context
+    extension learns to use its length from."""
     files = stdlib_python_files()
 
     def read() -> list[tuple[str, str]]:
@@ -180,8 +207,9 @@ def stdlib_packages() -> Corpus:
             groups.setdefault(top, []).append(path)
         documents = []
         for top, members in sorted(groups.items()):
-            if len(members) == 1 and members[0].parent == root:  # a module, not a package
-                documents.append((stdlib_key(members[0]), _read_text(members[0])))
+            alone = len(members) == 1 and members[0].parent == root  # a module, not a package
+            if alone or top in TABLE_PACKAGES:
+                documents += [(stdlib_key(path), _read_text(path)) for path in members]
                 continue
             by_name = {module_name(p.relative_to(root)): p for p in members}
             texts = {name: _read_text(p) for name, p in by_name.items()}

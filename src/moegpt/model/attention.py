@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moegpt.config import ModelConfig
-from moegpt.model.expert_gemv import dense_gemv, dense_gemv_applies
+from moegpt.model.expert_gemv import DecodeLinear, dense_gemv
 from moegpt.model.rope import apply_rope
 
 
@@ -91,10 +91,10 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.head_dim = config.head_dim
-        self.wq = nn.Linear(config.d_model, config.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(config.n_heads * self.head_dim, config.d_model, bias=False)
+        self.wq = DecodeLinear(config.d_model, config.n_heads * self.head_dim)
+        self.wk = DecodeLinear(config.d_model, config.n_kv_heads * self.head_dim)
+        self.wv = DecodeLinear(config.d_model, config.n_kv_heads * self.head_dim)
+        self.wo = DecodeLinear(config.n_heads * self.head_dim, config.d_model)
         # After fuse_projections: wq, wk and wv as rows of one matrix (not in the state dict).
         self.register_buffer("qkv_weight", None, persistent=False)
         self.qkv_widths: tuple[int, int, int] = (0, 0, 0)
@@ -147,9 +147,7 @@ class Attention(nn.Module):
         # Head counts come from the projections' widths, not the config: under tensor
         # parallelism each rank's wq holds only its share of the heads.
         if self.qkv_weight is not None and not torch.is_grad_enabled():
-            fused = self.qkv_weight
-            linear = dense_gemv if dense_gemv_applies(x, fused) else F.linear
-            projected = linear(x, fused).split(self.qkv_widths, dim=-1)
+            projected = dense_gemv(x, self.qkv_weight).split(self.qkv_widths, dim=-1)
         else:
             projected = tuple(proj(x) for proj in (self.wq, self.wk, self.wv))
         q, k, v = (self._heads(p) for p in projected)
@@ -160,6 +158,4 @@ class Attention(nn.Module):
         else:
             out = prefix_attention(q, k, v, document_mask)
         out = out.transpose(1, 2).reshape(batch, seq, q.shape[1] * self.head_dim)
-        if dense_gemv_applies(out, self.wo.weight):
-            return dense_gemv(out, self.wo.weight)
-        return self.wo(out)  # the module's call: training's layouts hook into it
+        return self.wo(out)

@@ -13,6 +13,8 @@ Without Triton (CPU builds of PyTorch) or off CUDA, the gathered batched GEMV ru
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 try:
     import triton
@@ -129,30 +131,45 @@ def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 # A decode step's dense projections (attention's Q/K/V and output, a dense feed-forward) run as
 # GEMVs up to this many rows. On an H200 (benchmarks/results/expert_gemv-dense-h200.txt) cuBLAS
 # takes 7.4 us for one row of small-moe's (1024 x 1024) output projection, the kernel 2.6; at
-# medium-moe's 2048 wide the two are close (5.2 and 4.3 us) up to 2 rows, and from 4 rows
-# cuBLAS is faster (5.3 against 9.5 us for Q/K/V). Small-moe's batch-1 decode went from 1,145
-# to 1,209 tokens/s; medium-moe's stayed at 510-515.
+# medium-moe's 2048 wide the two are close (5.2 and 4.3 us) up to 2 rows, and at 4 rows
+# cuBLAS is faster there (5.3 against 9.5 us for Q/K/V) while the kernel still wins at
+# small-moe's width (3.4 against 7.0 us): 2 rows is where it wins or ties on both.
+# Small-moe's batch-1 decode went from 1,145 to 1,209 tokens/s; medium-moe's stayed at 510-515.
 DENSE_GEMV_MAX_ROWS = 2
 
 
 def dense_gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``x @ weight.T`` is a decode step's product for :func:`dense_gemv`: no gradient
     wanted, at most :data:`DENSE_GEMV_MAX_ROWS` rows, and a plain CUDA weight (not a sharded
-    tensor subclass, whose layer must run as its module) that the kernel reads."""
+    tensor subclass) that the kernel reads."""
     return (
-        x.numel() <= DENSE_GEMV_MAX_ROWS * x.shape[-1]
-        and not torch.is_grad_enabled()
-        and type(weight) in (torch.Tensor, torch.nn.Parameter)
+        not torch.is_grad_enabled()  # first: training never guards on the row count
+        and x.numel() <= DENSE_GEMV_MAX_ROWS * x.shape[-1]
+        and type(weight) in (torch.Tensor, nn.Parameter)
         and kernel_applies(x, weight)
     )
 
 
 def dense_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` ((..., in) by (out, in)) through the GEMV kernel; see
-    :func:`dense_gemv_applies`."""
+    """``x @ weight.T`` ((..., in) by (out, in)): through the GEMV kernel where
+    :func:`dense_gemv_applies`, else ``F.linear``."""
+    if not dense_gemv_applies(x, weight):
+        return F.linear(x, weight)
     rows = x.numel() // x.shape[-1]
     out = _dense_gemv(x.reshape(rows, x.shape[-1]), weight)
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+class DecodeLinear(nn.Linear):
+    """``nn.Linear`` (no bias) whose forward takes a decode step's few rows through the GEMV
+    kernel (:func:`dense_gemv`). The choice is made inside the module's call, so its hooks run
+    either way: tensor-parallel serving sums a row-parallel layer's output in one."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dense_gemv(x, self.weight)
 
 
 def expert_gemv(x: torch.Tensor, weight: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moegpt.config import ModelConfig
-from moegpt.model.expert_gemv import dense_gemv, dense_gemv_applies
+from moegpt.model.expert_gemv import DecodeLinear
 
 
 def gated_activation(activation: str, project_in: Callable[[str], torch.Tensor]) -> torch.Tensor:
@@ -29,16 +29,10 @@ class FeedForward(nn.Module):
     def __init__(self, config: ModelConfig, hidden: int) -> None:
         super().__init__()
         self.activation = config.activation
-        self.w1 = nn.Linear(config.d_model, hidden, bias=False)
+        self.w1 = DecodeLinear(config.d_model, hidden)
         if config.activation == "swiglu":
-            self.w3 = nn.Linear(config.d_model, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, config.d_model, bias=False)
+            self.w3 = DecodeLinear(config.d_model, hidden)
+        self.w2 = DecodeLinear(hidden, config.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._project("w2", gated_activation(self.activation, lambda n: self._project(n, x)))
-
-    def _project(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        layer = getattr(self, name)
-        if dense_gemv_applies(x, layer.weight):  # a decode step's few rows
-            return dense_gemv(x, layer.weight)
-        return layer(x)  # the module's call: training's layouts hook into it
+        return self.w2(gated_activation(self.activation, lambda name: getattr(self, name)(x)))

@@ -598,7 +598,8 @@ class Trainer:
                     break
                 units = self._loss_units(batch)
                 sums[1] += units
-                sums[2] += units * math.log(max(units, 1))
+                if self.config.vision.clip_stage:
+                    sums[2] += units * math.log(max(units, 1))
                 if self.pipeline is not None:
                     losses: list[torch.Tensor] = []
                     micro = list(batch_rows(batch, self.config.train.micro_batch_size))
