@@ -157,5 +157,4 @@ class Attention(nn.Module):
             out = cache.attend(self.layer_idx, q, k, v)
         else:
             out = prefix_attention(q, k, v, document_mask)
-        out = out.transpose(1, 2).reshape(batch, seq, q.shape[1] * self.head_dim)
-        return self.wo(out)
+        return self.wo(out.transpose(1, 2).reshape(batch, seq, q.shape[1] * self.head_dim))
