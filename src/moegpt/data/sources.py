@@ -164,24 +164,23 @@ def import_order(sources: dict[str, str], packages: set[str]) -> list[str]:
         for name, text in sources.items()
     }
     order: list[str] = []
-    state: dict[str, str] = {}  # "open" while its imports are placed, then "done"
+    seen: set[str] = set()  # placed, or on the path being placed (where a cycle is cut)
 
     def place(name: str) -> None:  # iterative depth-first search: packages nest deeply
         stack = [(name, iter(deps[name]))]
-        state[name] = "open"
+        seen.add(name)
         while stack:
             current, pending = stack[-1]
-            following = next((d for d in pending if d not in state), None)
+            following = next((d for d in pending if d not in seen), None)
             if following is None:
                 stack.pop()
-                state[current] = "done"
                 order.append(current)
             else:
-                state[following] = "open"
+                seen.add(following)
                 stack.append((following, iter(deps[following])))
 
     for name in sorted(sources):
-        if name not in state:
+        if name not in seen:
             place(name)
     return order
 
