@@ -142,11 +142,13 @@ def dense_gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``x @ weight.T`` is a decode step's product for :func:`dense_gemv`: no gradient
     wanted, at most :data:`DENSE_GEMV_MAX_ROWS` rows, and a plain CUDA weight (not a sharded
     tensor subclass) that the kernel reads."""
+    # The row count last: under torch.compile with dynamic shapes it is the one check that
+    # specialises a graph (at most 2 rows or more), so training and CPU steps never meet it.
     return (
-        not torch.is_grad_enabled()  # first: training never guards on the row count
-        and x.numel() <= DENSE_GEMV_MAX_ROWS * x.shape[-1]
-        and type(weight) in (torch.Tensor, nn.Parameter)
+        not torch.is_grad_enabled()
         and kernel_applies(x, weight)
+        and type(weight) in (torch.Tensor, nn.Parameter)
+        and x.numel() <= DENSE_GEMV_MAX_ROWS * x.shape[-1]
     )
 
 
