@@ -11,6 +11,7 @@ import torch
 
 from moegpt.model import Transformer
 from moegpt.model.moe import GroupedExperts
+from moegpt.serve import paged
 from moegpt.serve.graphs import DecodeGraphs, batch_ladder, host_sync_reason, window_ladder
 from moegpt.serve.paged import PagedKVCache, PagedStep, SequenceSlice
 from moegpt.serve.table_rows import BlockTableRows
@@ -63,9 +64,38 @@ def padded_tables(
     return rows.gather(np.arange(len(tables)), window)
 
 
+def reference_flash(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k):
+    """FlashAttention-2's variable-length contract, written out: sequence i's queries are rows
+    ``cu_q[i]:cu_q[i + 1]``, its keys the first ``seqused_k[i]`` rows from ``cu_k[i]``, causal
+    with the last query aligned to the last key used."""
+    assert max_q == int((cu_q[1:] - cu_q[:-1]).max()) and max_k == int((cu_k[1:] - cu_k[:-1]).max())
+    out = torch.empty_like(q)
+    group = q.shape[1] // k.shape[1]
+    for i in range(len(cu_q) - 1):
+        used = slice(int(cu_k[i]), int(cu_k[i]) + int(seqused_k[i]))
+        qs = q[cu_q[i] : cu_q[i + 1]]
+        ks = k[used].repeat_interleave(group, dim=1)
+        vs = v[used].repeat_interleave(group, dim=1)
+        n, m = qs.shape[0], ks.shape[0]
+        scores = torch.einsum("nhd,mhd->hnm", qs, ks) / math.sqrt(q.shape[-1])
+        query_pos = torch.arange(n).unsqueeze(1) + m - n
+        scores = scores.masked_fill(torch.arange(m).unsqueeze(0) > query_pos, float("-inf"))
+        out[cu_q[i] : cu_q[i + 1]] = torch.einsum("hnm,mhd->nhd", scores.softmax(-1), vs)
+    return out
+
+
+@pytest.mark.parametrize("flash", [False, True])
 @pytest.mark.parametrize("kv_heads", [1, 2])
 @pytest.mark.parametrize("q_len", [1, 3])
-def test_padded_block_table_step_equals_per_sequence_path(kv_heads: int, q_len: int) -> None:
+def test_padded_block_table_step_equals_per_sequence_path(
+    kv_heads: int, q_len: int, flash: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through SDPA under a mask (CPU), and with ``flash`` through the GPU's path (the window's
+    blocks gathered, offsets and key counts for FlashAttention), its kernel stood in for by
+    :func:`reference_flash`."""
+    if flash:
+        monkeypatch.setattr(paged, "flash_applies", lambda cache: True)
+        monkeypatch.setattr(paged, "flash_varlen", reference_flash)
     model = Transformer(small_config(n_kv_heads=kv_heads)).eval()
     reference = make_cache(model)
     past = [5, 11, 2]  # mixed contexts; 3 sequences pad to a batch of 4

@@ -106,12 +106,16 @@ def block_table_flash_attention(
     values: torch.Tensor,
     block_tables: torch.Tensor,
     key_counts: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
     q_len: int,
 ) -> torch.Tensor:
     """FlashAttention-2's variable-length kernel for ``q`` (batch * q_len, heads, d), token
     major, each sequence over the whole blocks its ``block_tables`` row names in ``keys``/
     ``values`` (blocks, block_size, kv_heads, d), up to its ``key_counts`` keys; causal aligns
-    its last query with its last key. Returns (batch * q_len, heads, d).
+    its last query with its last key. ``cu_q``/``cu_k`` (batch + 1,) int32 are the offsets of
+    each sequence's queries and gathered window (``q_len`` and the window apart; the step makes
+    them once for every layer). Returns (batch * q_len, heads, d).
 
     An opaque operator, so that a compiled step attends with exactly the uncompiled step's
     code (ATen's index kernel for the window gather, then this kernel), which the GPU
@@ -119,12 +123,10 @@ def block_table_flash_attention(
     inductor generate the gather, it was neither clearly faster nor slower (704 against 813
     tokens/s at batch 1, 57.5k against 52.2k at batch 256; two machines).
     """
-    batch, blocks = block_tables.shape
-    window = blocks * keys.shape[1]
-    starts = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
+    window = block_tables.shape[1] * keys.shape[1]
     k = keys[block_tables].flatten(0, 2).to(q.dtype)  # (batch * window, kv_heads, d)
     v = values[block_tables].flatten(0, 2).to(q.dtype)
-    return flash_varlen(q, k, v, starts * q_len, starts * window, q_len, window, key_counts)
+    return flash_varlen(q, k, v, cu_q, cu_k, q_len, window, key_counts)
 
 
 @block_table_flash_attention.register_fake
@@ -283,6 +285,8 @@ class BlockTableStep:
         self.flash = flash_applies(cache)
         if self.flash:
             self.key_counts = context_lens.to(torch.int32)
+            starts = torch.arange(block_tables.shape[0] + 1, dtype=torch.int32, device=device)
+            self.cu_q, self.cu_k = starts * q_len, starts * self.window
             return
         key_pos = torch.arange(self.window, device=device)
         newest = context_lens.unsqueeze(1) - q_len + torch.arange(q_len, device=device)
@@ -304,6 +308,8 @@ class BlockTableStep:
                 values.view(blocks),
                 self.block_tables,
                 self.key_counts,
+                self.cu_q,
+                self.cu_k,
                 self.q_len,
             )
             return out.unsqueeze(0).transpose(1, 2)
