@@ -11,6 +11,7 @@ from moegpt.model import KVCache, Transformer
 from moegpt.model import expert_gemv as gemv
 from moegpt.model.attention import Attention
 from moegpt.model.feed_forward import FeedForward
+from moegpt.model.moe import MoE
 from moegpt.model.rope import rope_cos_sin
 from tests.conftest import small_config
 
@@ -24,6 +25,7 @@ def kernel_calls(monkeypatch) -> list[tuple[int, tuple[int, ...]]]:
     calls: list[tuple[int, tuple[int, ...]]] = []
 
     def stand_in(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        assert x.dtype == weight.dtype
         calls.append((x.shape[0], tuple(weight.shape)))
         return F.linear(x, weight)
 
@@ -69,6 +71,14 @@ def test_hooks_of_a_layer_run_when_the_kernel_does(kernel_calls) -> None:
         attn(torch.randn(1, 1, config.d_model), *rope_cos_sin(torch.arange(1), 8, 10000.0))
         ffn(torch.randn(1, 1, config.d_model))
     assert seen == ["wo", "w2"] and len(kernel_calls) == 5
+
+
+def test_the_router_of_a_decode_step_takes_the_kernel_in_fp32(kernel_calls) -> None:
+    config = small_config(n_experts=4)
+    moe = MoE(config).to(torch.bfloat16)
+    with torch.inference_mode():
+        moe(torch.randn(1, 1, config.d_model, dtype=torch.bfloat16))
+    assert kernel_calls == [(1, (4, config.d_model))]  # the gate, in fp32 as routing wants
 
 
 def test_sharded_weights_run_as_their_modules(kernel_calls) -> None:
