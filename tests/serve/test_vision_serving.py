@@ -6,6 +6,7 @@ images), each request seeing only its own images; chat ``image_url`` parts becom
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import struct
 from pathlib import Path
@@ -303,6 +304,12 @@ def test_image_caches_are_kept_out_of_the_kv_cache_budget(vision_model: Path, mo
     # A cached image holds exactly what was reserved for it.
     cache = VisualCache.encode(model, image(1)[None], [0])
     assert cache.nbytes == per_image
+    # Overlapped, finished requests' images outlive the step that ends them while their
+    # successors encode theirs: room for twice the batch's.
+    roomy = dataclasses.replace(config, num_kv_blocks=0)
+    plain = Engine.from_folder(vision_model, dataclasses.replace(roomy, overlap="off"), "cpu")
+    overlapped = Engine.from_folder(vision_model, dataclasses.replace(roomy, overlap="on"), "cpu")
+    assert plain.image_cache_bytes == room and overlapped.image_cache_bytes == 2 * room
 
 
 def test_generate_takes_images_from_files(vision_model: Path, tmp_path: Path, capsys) -> None:

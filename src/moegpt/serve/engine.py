@@ -177,7 +177,11 @@ class Engine:
         self.image_cache_bytes = 0  # room for every running request's images
         if vision is not None:
             per_image = visual_bytes_per_image(vision)
-            self.image_cache_bytes = self.config.max_batch_size * self.config.max_images * per_image
+            # With overlap, a finished request's images stay alive until the step launched
+            # before its end was known has run, while the requests admitted in its place encode
+            # theirs: up to twice the batch's images at once.
+            requests = self.config.max_batch_size * (2 if self.overlap else 1)
+            self.image_cache_bytes = requests * self.config.max_images * per_image
         blocks, budget = kv_cache_blocks(model, self.config, draft_bytes, self.image_cache_bytes)
         sized = dataclasses.replace(self.config, num_kv_blocks=blocks)
         forward = build_forward(model, sized, tp and tp.device, draft_bytes, vision)
