@@ -16,6 +16,7 @@ from moegpt.serve.graphs import DecodeGraphs, batch_ladder, host_sync_reason, wi
 from moegpt.serve.paged import PagedKVCache, PagedStep, SequenceSlice
 from moegpt.serve.table_rows import BlockTableRows
 from tests.conftest import small_config
+from tests.serve.flash_reference import reference_flash
 
 BLOCK = 4
 BLOCKS = 24
@@ -62,26 +63,6 @@ def padded_tables(
     rows.apply((row, 0, tuple(table)) for row, table in enumerate(tables))
     window = graphs.bucket(len(tables), q_len, context)[2]
     return rows.gather(np.arange(len(tables)), window)
-
-
-def reference_flash(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k):
-    """FlashAttention-2's variable-length contract, written out: sequence i's queries are rows
-    ``cu_q[i]:cu_q[i + 1]``, its keys the first ``seqused_k[i]`` rows from ``cu_k[i]``, causal
-    with the last query aligned to the last key used."""
-    assert max_q == int((cu_q[1:] - cu_q[:-1]).max()) and max_k == int((cu_k[1:] - cu_k[:-1]).max())
-    out = torch.empty_like(q)
-    group = q.shape[1] // k.shape[1]
-    for i in range(len(cu_q) - 1):
-        used = slice(int(cu_k[i]), int(cu_k[i]) + int(seqused_k[i]))
-        qs = q[cu_q[i] : cu_q[i + 1]]
-        ks = k[used].repeat_interleave(group, dim=1)
-        vs = v[used].repeat_interleave(group, dim=1)
-        n, m = qs.shape[0], ks.shape[0]
-        scores = torch.einsum("nhd,mhd->hnm", qs, ks) / math.sqrt(q.shape[-1])
-        query_pos = torch.arange(n).unsqueeze(1) + m - n
-        scores = scores.masked_fill(torch.arange(m).unsqueeze(0) > query_pos, float("-inf"))
-        out[cu_q[i] : cu_q[i + 1]] = torch.einsum("hnm,mhd->nhd", scores.softmax(-1), vs)
-    return out
 
 
 @pytest.mark.parametrize("flash", [False, True])

@@ -1,13 +1,11 @@
 """The GPU's eager step (every sequence in one variable-length FlashAttention call per layer)
 packs rows, slots and offsets so that each sequence attends to exactly its own keys.
 
-FlashAttention has no CPU kernel, so the kernel is replaced by a reference written here from
-its documented contract; what is tested is the packing around it, against the per-sequence
-path (one SDPA call per sequence over its own slots)."""
+FlashAttention has no CPU kernel, so the kernel is replaced by a reference written from its
+documented contract (``tests/serve/flash_reference.py``); what is tested is the packing around
+it, against the per-sequence path (one SDPA call per sequence over its own slots)."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -17,26 +15,9 @@ from moegpt.serve import paged, runner
 from moegpt.serve.paged import PagedKVCache
 from moegpt.serve.runner import ModelForward, ModelInput
 from tests.conftest import small_config
+from tests.serve.flash_reference import reference_flash
 
 BLOCK = 4
-
-
-def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k=None):
-    """Causal attention per packed sequence, the last query aligned with the last key."""
-    assert seqused_k is None
-    assert max_q == int((cu_q[1:] - cu_q[:-1]).max()) and max_k == int((cu_k[1:] - cu_k[:-1]).max())
-    out = torch.empty_like(q)
-    group = q.shape[1] // k.shape[1]
-    for i in range(len(cu_q) - 1):
-        qs = q[cu_q[i] : cu_q[i + 1]]  # (n, heads, d)
-        ks = k[cu_k[i] : cu_k[i + 1]].repeat_interleave(group, dim=1)  # (m, heads, d)
-        vs = v[cu_k[i] : cu_k[i + 1]].repeat_interleave(group, dim=1)
-        n, m = qs.shape[0], ks.shape[0]
-        scores = torch.einsum("nhd,mhd->hnm", qs, ks) / math.sqrt(q.shape[-1])
-        query_pos = torch.arange(n).unsqueeze(1) + m - n
-        scores = scores.masked_fill(torch.arange(m).unsqueeze(0) > query_pos, float("-inf"))
-        out[cu_q[i] : cu_q[i + 1]] = torch.einsum("hnm,mhd->nhd", scores.softmax(-1), vs)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +62,7 @@ def test_one_varlen_call_equals_attention_per_sequence(
 
     def counted(*args, **kwargs):
         calls.append(1)
-        return reference_varlen(*args, **kwargs)
+        return reference_flash(*args, **kwargs)
 
     monkeypatch.setattr(runner, "flash_applies", lambda cache: True)
     monkeypatch.setattr(paged, "flash_varlen", counted)
