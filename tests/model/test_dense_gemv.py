@@ -1,5 +1,6 @@
-"""A decode step's dense projections through the GEMV kernel: which products take it (on CPU,
-with the kernel stood in for), and, on a GPU with Triton, that it equals cuBLAS."""
+"""A decode step's dense projections and SwiGLU experts through the GEMV kernel: which products
+take it (on CPU, with the kernel stood in for), and, on a GPU with Triton, that it equals
+cuBLAS and the unfused expert path."""
 
 from __future__ import annotations
 
@@ -81,6 +82,36 @@ def test_the_router_of_a_decode_step_takes_the_kernel_in_fp32(kernel_calls) -> N
     assert kernel_calls == [(1, (4, config.d_model))]  # the gate, in fp32 as routing wants
 
 
+def test_decode_experts_run_gate_up_and_activation_in_one_call(monkeypatch) -> None:
+    """A decode step's routed rows (in token order) take the gated kernel once for w1 and w3,
+    then the plain one for w2; the stand-ins compute what the kernels must."""
+    calls: list[str] = []
+
+    def gated(x, gate, up, ids):
+        calls.append("gated")
+        return F.silu(torch.bmm(gate[ids], x.unsqueeze(-1))) * torch.bmm(up[ids], x.unsqueeze(-1))
+
+    def plain(x, weight, ids):
+        calls.append("plain")
+        return torch.bmm(weight[ids], x.unsqueeze(-1)).squeeze(-1)
+
+    monkeypatch.setattr(gemv, "kernel_applies", lambda x, w: True)
+    monkeypatch.setattr(gemv, "_gated_expert_gemv", lambda *a: gated(*a).squeeze(-1), raising=False)
+    monkeypatch.setattr(gemv, "_expert_gemv", plain, raising=False)
+    monkeypatch.setattr(gemv, "_dense_gemv", F.linear, raising=False)  # the router's gate
+    moe = MoE(small_config(n_experts=4, top_k=2)).eval()
+    moe.experts.use_grouped_mm = True  # the decode path CUDA graphs capture
+    x = torch.randn(1, 1, 32)
+    with torch.inference_mode():
+        routed, _ = moe(x)
+        calls_routed = list(calls)
+        moe.experts.max_gathered_slots = 0  # the sorted, grouped path (no kernel)
+        monkeypatch.setattr(gemv, "kernel_applies", lambda x, w: False)
+        grouped, _ = moe(x)
+    assert calls_routed == ["gated", "plain"]
+    torch.testing.assert_close(routed, grouped, rtol=1e-5, atol=1e-6)
+
+
 def test_sharded_weights_run_as_their_modules(kernel_calls) -> None:
     class Sharded(torch.Tensor):  # any tensor subclass (a DTensor) keeps its module's call
         pass
@@ -100,6 +131,20 @@ def test_dense_gemv_equals_cublas(rows: int, shape: tuple[int, int]) -> None:
     x = torch.randn(rows, shape[1], device="cuda", dtype=torch.bfloat16)
     want = x.float() @ weight.float().T
     got = gemv.dense_gemv(x, weight).float()
+    assert ((got - want).norm() / want.norm()).item() < 1e-2
+
+
+@pytest.mark.skipif(not GPU, reason="the Triton kernel runs on CUDA")
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_gated_expert_gemv_equals_its_parts(rows: int) -> None:
+    torch.manual_seed(0)
+    gate, up = (torch.randn(8, 1000, 520, device="cuda", dtype=torch.bfloat16) * 0.05 for _ in "ab")
+    x = torch.randn(rows, 520, device="cuda", dtype=torch.bfloat16)
+    ids = torch.randint(0, 8, (rows,), device="cuda")
+    a = torch.einsum("soi,si->so", gate[ids].float(), x.float())
+    b = torch.einsum("soi,si->so", up[ids].float(), x.float())
+    want = F.silu(a) * b
+    got = gemv.gated_expert_gemv(x, gate, up, ids).float()
     assert ((got - want).norm() / want.norm()).item() < 1e-2
 
 

@@ -37,6 +37,7 @@ if triton is not None:
     def _expert_gemv_kernel(
         x_ptr,
         w_ptr,
+        up_ptr,
         ids_ptr,
         out_ptr,
         n_out,
@@ -48,20 +49,30 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         HAS_IDS: tl.constexpr,
+        GATED: tl.constexpr,
     ):
+        # GATED: silu(w x) * (up x), SwiGLU's hidden layer, from the two matrices' rows at once
+        # (up laid out as w); else w x. Sums in fp32, one rounding at the store.
         block = tl.program_id(0)
         row = tl.program_id(1)
         expert = tl.load(ids_ptr + row).to(tl.int64) if HAS_IDS else 0
         outs = block * BLOCK_N + tl.arange(0, BLOCK_N)
         out_ok = outs < n_out
-        w_rows = w_ptr + expert * stride_expert + outs[:, None].to(tl.int64) * stride_row
+        rows = expert * stride_expert + outs[:, None].to(tl.int64) * stride_row
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        up = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for start in range(0, n_in, BLOCK_K):
             cols = start + tl.arange(0, BLOCK_K)
             col_ok = cols < n_in
             x = tl.load(x_ptr + row * stride_x + cols, mask=col_ok, other=0.0).to(tl.float32)
-            w = tl.load(w_rows + cols[None, :], mask=out_ok[:, None] & col_ok[None, :], other=0.0)
+            tile = out_ok[:, None] & col_ok[None, :]
+            w = tl.load(w_ptr + rows + cols[None, :], mask=tile, other=0.0)
             acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+            if GATED:
+                u = tl.load(up_ptr + rows + cols[None, :], mask=tile, other=0.0)
+                up += tl.sum(u.to(tl.float32) * x[None, :], axis=1)
+        if GATED:
+            acc = acc * tl.sigmoid(acc) * up
         tl.store(out_ptr + row * stride_out + outs, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
 
     @torch.library.triton_op("moegpt::expert_gemv", mutates_args=())
@@ -76,6 +87,18 @@ if triton is not None:
             )
         x, expert_ids = x.contiguous(), expert_ids.contiguous()  # the kernel reads rows densely
         return _launch(x, weight, expert_ids, weight.stride(0), weight.stride(1))
+
+    @torch.library.triton_op("moegpt::gated_expert_gemv", mutates_args=())
+    def _gated_expert_gemv(
+        x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, expert_ids: torch.Tensor
+    ) -> torch.Tensor:
+        if gate.shape != up.shape or gate.stride() != up.stride():
+            raise ValueError(
+                f"gated_expert_gemv: gate {tuple(gate.shape)} and up {tuple(up.shape)} weights "
+                "must match in shape and layout"
+            )
+        x, expert_ids = x.contiguous(), expert_ids.contiguous()
+        return _launch(x, gate, expert_ids, gate.stride(0), gate.stride(1), up=up)
 
     @torch.library.triton_op("moegpt::dense_gemv", mutates_args=())
     def _dense_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -93,6 +116,7 @@ if triton is not None:
         expert_ids: torch.Tensor | None,
         stride_expert: int,
         stride_row: int,
+        up: torch.Tensor | None = None,
     ) -> torch.Tensor:
         rows, n_in = x.shape
         n_out = weight.shape[1]
@@ -102,6 +126,7 @@ if triton is not None:
         torch.library.wrap_triton(_expert_gemv_kernel)[grid](
             x,
             weight,
+            weight if up is None else up,  # read only when gated
             x if expert_ids is None else expert_ids,  # not read without ids
             out,
             n_out,
@@ -113,6 +138,7 @@ if triton is not None:
             BLOCK_N=BLOCK_N,
             BLOCK_K=BLOCK_K,
             HAS_IDS=expert_ids is not None,
+            GATED=up is not None,
         )
         return out
 
@@ -172,6 +198,17 @@ class DecodeLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dense_gemv(x, self.weight)
+
+
+def gated_expert_gemv(
+    x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, expert_ids: torch.Tensor
+) -> torch.Tensor:
+    """SwiGLU's hidden layer for each row ``x[s]``: silu(gate[e] x) * (up[e] x) with ``e =
+    expert_ids[s]`` ((experts, hidden, in) weights), one kernel where :func:`kernel_applies`
+    (both products and the activation, sums in fp32), else the two GEMVs and the activation."""
+    if kernel_applies(x, gate) and kernel_applies(x, up) and gate.stride() == up.stride():
+        return _gated_expert_gemv(x, gate, up, expert_ids)
+    return F.silu(expert_gemv(x, gate, expert_ids)) * expert_gemv(x, up, expert_ids)
 
 
 def expert_gemv(x: torch.Tensor, weight: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from moegpt.config import ModelConfig
-from moegpt.model.expert_gemv import dense_gemv, expert_gemv
+from moegpt.model.expert_gemv import dense_gemv, expert_gemv, gated_expert_gemv
 from moegpt.model.feed_forward import gated_activation
 
 
@@ -216,6 +216,9 @@ class GroupedExperts(nn.Module):
         if expert_ids is not None:  # per-row GEMVs in the rows' own order (routes_in_place)
             x = x.to(dtype)
             weights = {name: w.to(dtype) for name, w in weights.items()}
+            if self.activation == "swiglu":  # gate, up and activation in one kernel
+                hidden = gated_expert_gemv(x, weights["w1"], weights["w3"], expert_ids)
+                return expert_gemv(hidden, weights["w2"], expert_ids)
             return self._feed_forward(x, weights, lambda x, w: expert_gemv(x, w, expert_ids))
         assert counts is not None, "sorted rows need their counts per expert"
         grouped = self.wants_grouped_mm(x.device, dtype, weights["w1"])
