@@ -25,9 +25,12 @@ def kernel_calls(monkeypatch) -> list[tuple[int, tuple[int, ...]]]:
     rows and weight shape."""
     calls: list[tuple[int, tuple[int, ...]]] = []
 
-    def stand_in(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def stand_in(x: torch.Tensor, weight: torch.Tensor, fp32_out: bool) -> torch.Tensor:
         assert x.dtype == weight.dtype
         calls.append((x.shape[0], tuple(weight.shape)))
+        if fp32_out:
+            calls.append(("fp32 sums of", x.dtype))
+            return F.linear(x.float(), weight.float())
         return F.linear(x, weight)
 
     monkeypatch.setattr(gemv, "kernel_applies", lambda x, w: True)
@@ -78,8 +81,10 @@ def test_the_router_of_a_decode_step_takes_the_kernel_in_fp32(kernel_calls) -> N
     config = small_config(n_experts=4)
     moe = MoE(config).to(torch.bfloat16)
     with torch.inference_mode():
-        moe(torch.randn(1, 1, config.d_model, dtype=torch.bfloat16))
-    assert kernel_calls == [(1, (4, config.d_model))]  # the gate, in fp32 as routing wants
+        logits, *_ = moe.router(torch.randn(1, config.d_model, dtype=torch.bfloat16))
+    # the gate reads the bf16 rows and weights (no cast kernels) and keeps its sums in fp32
+    assert kernel_calls == [(1, (4, config.d_model)), ("fp32 sums of", torch.bfloat16)]
+    assert logits.dtype == torch.float32
 
 
 def test_decode_experts_run_gate_up_and_activation_in_one_call(monkeypatch) -> None:
@@ -98,7 +103,9 @@ def test_decode_experts_run_gate_up_and_activation_in_one_call(monkeypatch) -> N
     monkeypatch.setattr(gemv, "kernel_applies", lambda x, w: True)
     monkeypatch.setattr(gemv, "_gated_expert_gemv", lambda *a: gated(*a).squeeze(-1), raising=False)
     monkeypatch.setattr(gemv, "_expert_gemv", plain, raising=False)
-    monkeypatch.setattr(gemv, "_dense_gemv", F.linear, raising=False)  # the router's gate
+    monkeypatch.setattr(  # the router's gate
+        gemv, "_dense_gemv", lambda x, w, fp32: F.linear(x.float(), w.float()), raising=False
+    )
     moe = MoE(small_config(n_experts=4, top_k=2)).eval()
     moe.experts.use_grouped_mm = True  # the decode path CUDA graphs capture
     x = torch.randn(1, 1, 32)
@@ -123,8 +130,16 @@ def test_sharded_weights_run_as_their_modules(kernel_calls) -> None:
 
 
 @pytest.mark.skipif(not GPU, reason="the Triton kernel runs on CUDA")
+def test_the_kernel_leaves_float64_alone() -> None:
+    """It sums in fp32: a float64 model keeps cuBLAS's float64."""
+    x = torch.randn(1, 8, dtype=torch.float64, device="cuda")
+    assert not gemv.kernel_applies(x, torch.randn(4, 8, dtype=torch.float64, device="cuda"))
+    assert gemv.kernel_applies(x.float(), torch.randn(4, 8, device="cuda"))
+
+
+@pytest.mark.skipif(not GPU, reason="the Triton kernel runs on CUDA")
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
-@pytest.mark.parametrize("shape", [(2304, 2048), (1024, 1024), (1000, 520)])
+@pytest.mark.parametrize("shape", [(2304, 2048), (1024, 1024), (1001, 520)])
 def test_dense_gemv_equals_cublas(rows: int, shape: tuple[int, int]) -> None:
     torch.manual_seed(0)
     weight = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -132,13 +147,24 @@ def test_dense_gemv_equals_cublas(rows: int, shape: tuple[int, int]) -> None:
     want = x.float() @ weight.float().T
     got = gemv.dense_gemv(x, weight).float()
     assert ((got - want).norm() / want.norm()).item() < 1e-2
+    summed = gemv.dense_gemv(x, weight, fp32_out=True)
+    assert summed.dtype == torch.float32
+    assert ((summed - want).norm() / want.norm()).item() < 1e-5
 
 
 @pytest.mark.skipif(not GPU, reason="the Triton kernel runs on CUDA")
 @pytest.mark.parametrize("rows", [1, 2, 5])
-def test_gated_expert_gemv_equals_its_parts(rows: int) -> None:
+@pytest.mark.parametrize("fused", [False, True])
+def test_gated_expert_gemv_equals_its_parts(rows: int, fused: bool) -> None:
+    """Odd output counts (the row mask), and gate and up as slices of one tensor."""
     torch.manual_seed(0)
-    gate, up = (torch.randn(8, 1000, 520, device="cuda", dtype=torch.bfloat16) * 0.05 for _ in "ab")
+    if fused:
+        both = torch.randn(8, 2 * 1001, 520, device="cuda", dtype=torch.bfloat16) * 0.05
+        gate, up = both[:, :1001], both[:, 1001:]
+    else:
+        gate, up = (
+            torch.randn(8, 1001, 520, device="cuda", dtype=torch.bfloat16) * 0.05 for _ in "ab"
+        )
     x = torch.randn(rows, 520, device="cuda", dtype=torch.bfloat16)
     ids = torch.randint(0, 8, (rows,), device="cuda")
     a = torch.einsum("soi,si->so", gate[ids].float(), x.float())

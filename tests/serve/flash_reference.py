@@ -13,6 +13,9 @@ def reference_flash(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k=None):
     keys rows ``cu_k[i]:cu_k[i + 1]`` of ``k``/``v`` (keys, kv_heads, d), only the first
     ``seqused_k[i]`` of them if given; causal with the last query aligned to the last key
     used."""
+    # the kernel's input rules: int32 offsets and key counts, contiguous
+    for offsets in (cu_q, cu_k) if seqused_k is None else (cu_q, cu_k, seqused_k):
+        assert offsets.dtype == torch.int32 and offsets.is_contiguous()
     assert max_q == int((cu_q[1:] - cu_q[:-1]).max()) and max_k == int((cu_k[1:] - cu_k[:-1]).max())
     out = torch.empty_like(q)
     group = q.shape[1] // k.shape[1]

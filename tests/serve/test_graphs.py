@@ -152,10 +152,17 @@ def test_buckets_pick_the_smallest_that_fits() -> None:
         graphs.run([1] * 9, [0] * 9, np.zeros(9), np.zeros((9, 2)), np.ones(9), q_len=1)
 
 
-def test_compiled_step_matches_eager_and_compiles_once_across_buckets_and_layers() -> None:
+@pytest.mark.parametrize("flash", [False, True])
+def test_compiled_step_matches_eager_and_compiles_once_across_buckets_and_layers(
+    flash: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The compiled step (bf16: the grouped GEMM, as on a GPU) gives the uncompiled step's
     logits and writes the same keys and values into every layer; compiled by block, the
-    compilations grow neither with the buckets nor with depth."""
+    compilations grow neither with the buckets nor with depth. With ``flash``, through the
+    GPU's attention op (its kernel stood in for by the contract written out)."""
+    if flash:
+        monkeypatch.setattr(paged, "flash_applies", lambda cache: True)
+        monkeypatch.setattr(paged, "flash_varlen", reference_flash)
     torch._dynamo.reset()
     model = Transformer(small_config(n_layers=4)).to(torch.bfloat16).eval()
     for module in model.modules():

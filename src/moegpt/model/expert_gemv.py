@@ -29,6 +29,8 @@ except ImportError:  # CPU wheels of PyTorch ship without Triton
 # the grouped GEMM (benchmarks/expert_gemv.py, benchmarks/results/expert_gemv-h100.txt).
 BLOCK_N = 4
 BLOCK_K = 512
+# What the kernel reads: it sums in fp32, too coarse for a float64 model.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 if triton is not None:
@@ -97,18 +99,24 @@ if triton is not None:
                 f"gated_expert_gemv: gate {tuple(gate.shape)} and up {tuple(up.shape)} weights "
                 "must match in shape and layout"
             )
+        if gate.shape[2] != x.shape[1] or expert_ids.shape != (x.shape[0],):
+            raise ValueError(
+                f"gated_expert_gemv: rows {tuple(x.shape)}, weights {tuple(gate.shape)} and ids "
+                f"{tuple(expert_ids.shape)} do not match"
+            )
         x, expert_ids = x.contiguous(), expert_ids.contiguous()
         return _launch(x, gate, expert_ids, gate.stride(0), gate.stride(1), up=up)
 
     @torch.library.triton_op("moegpt::dense_gemv", mutates_args=())
-    def _dense_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _dense_gemv(x: torch.Tensor, weight: torch.Tensor, fp32_out: bool) -> torch.Tensor:
         if weight.shape[1] != x.shape[1]:
             raise ValueError(
                 f"dense_gemv: rows {tuple(x.shape)} and weight {tuple(weight.shape)} do not match"
             )
         x = x.contiguous()
         # Every row reads the one matrix: no expert ids (the kernel skips their load).
-        return _launch(x, weight.unsqueeze(0), None, 0, weight.stride(0))
+        out = x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32 if fp32_out else None)
+        return _launch(x, weight.unsqueeze(0), None, 0, weight.stride(0), out=out)
 
     def _launch(
         x: torch.Tensor,
@@ -117,10 +125,11 @@ if triton is not None:
         stride_expert: int,
         stride_row: int,
         up: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         rows, n_in = x.shape
         n_out = weight.shape[1]
-        out = x.new_empty(rows, n_out)
+        out = x.new_empty(rows, n_out) if out is None else out  # the store casts to its dtype
         # Output blocks on the first grid axis: CUDA caps the second at 65,535.
         grid = (triton.cdiv(n_out, BLOCK_N), rows)
         torch.library.wrap_triton(_expert_gemv_kernel)[grid](
@@ -150,6 +159,7 @@ def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.is_cuda
         and weight.is_cuda
         and x.dtype == weight.dtype
+        and x.dtype in KERNEL_DTYPES
         and weight.stride(-1) == 1
     )
 
@@ -178,13 +188,17 @@ def dense_gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def dense_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def dense_gemv(x: torch.Tensor, weight: torch.Tensor, fp32_out: bool = False) -> torch.Tensor:
     """``x @ weight.T`` ((..., in) by (out, in)): through the GEMV kernel where
-    :func:`dense_gemv_applies`, else ``F.linear``."""
+    :func:`dense_gemv_applies`, else ``F.linear``. ``fp32_out`` keeps the fp32 sums (the
+    kernel's, or ``F.linear``'s over fp32 operands) instead of rounding them to ``x``'s
+    dtype: a bf16 router's logits, exactly as from fp32 copies of its operands."""
     if not dense_gemv_applies(x, weight):
+        if fp32_out:
+            return F.linear(x.float(), weight.float())
         return F.linear(x, weight)
     rows = x.numel() // x.shape[-1]
-    out = _dense_gemv(x.reshape(rows, x.shape[-1]), weight)
+    out = _dense_gemv(x.reshape(rows, x.shape[-1]), weight, fp32_out)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 

@@ -13,10 +13,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moegpt.config import ModelConfig
-from moegpt.model.expert_gemv import dense_gemv, expert_gemv, gated_expert_gemv
+from moegpt.model.expert_gemv import (
+    dense_gemv,
+    dense_gemv_applies,
+    expert_gemv,
+    gated_expert_gemv,
+)
 from moegpt.model.feed_forward import gated_activation
 
 
@@ -106,8 +112,11 @@ class Router(nn.Module):
         # Routing decisions are sensitive to rounding: keep the gate in fp32 even under autocast
         # (and a float64 model in float64).
         dtype = torch.promote_types(x.dtype, torch.float32)
-        with torch.autocast(x.device.type, enabled=False):  # a decode step's rows: one GEMV
-            logits = dense_gemv(x.to(dtype), self.gate.weight.to(dtype))
+        with torch.autocast(x.device.type, enabled=False):
+            if dense_gemv_applies(x, self.gate.weight):  # a decode step: one GEMV, fp32 sums
+                logits = dense_gemv(x, self.gate.weight, fp32_out=True)
+            else:
+                logits = F.linear(x.to(dtype), self.gate.weight.to(dtype))
         probs = logits.softmax(dim=-1)
         weights, expert_ids = top_k(probs, self.top_k)
         if self.renormalize:

@@ -131,8 +131,9 @@ def block_table_flash_attention(
 
 @block_table_flash_attention.register_fake
 def _block_table_flash_attention_shape(q: torch.Tensor, *_: object) -> torch.Tensor:
-    """The output's shape for tracing: the queries' (the other inputs don't change it)."""
-    return q.new_empty(q.shape)
+    """The output for tracing: shaped and strided as the queries (as ATen's own meta of the
+    kernel makes it; the other inputs don't change it)."""
+    return torch.empty_like(q)
 
 
 class PagedKVCache:
