@@ -11,8 +11,8 @@
    for each of `--scaling-layouts`: FSDP2 alone, and FSDP2 with expert parallelism over the
    same ranks (or at most `--scaling-ep` of them); weak (batch grows with the GPUs) and strong
    (fixed global batch) scaling efficiency against one GPU, blocks compiled as the recipes
-   train them (`--no-scaling-compile` for eager), and the all-to-all share of a profiled EP
-   step;
+   train them (`--no-scaling-compile` for eager), and where a profiled multi-GPU step's
+   time goes: all-to-all, NCCL kernels, NCCL with no compute beside it, the GPU idle;
 4. context: context parallelism (ring attention) against one GPU, as in 1 (GPU only:
    PyTorch's ring attention runs on CUDA attention kernels);
 5. serving: tokens/s of the serving engine at tensor-parallel sizes N = 1, 2, 4, 8 (or
@@ -129,11 +129,14 @@ def job(recipe: Path, root: Path, name: str, overrides: list[str], steps: int, *
     }
 
 
+def read_record(root: Path, name: str) -> dict:
+    """A job's record: losses, step times, memory, profile."""
+    return json.loads((root / "out" / name).with_suffix(".json").read_text())
+
+
 def read(root: Path, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    out = root / "out" / name
-    return json.loads(out.with_suffix(".json").read_text()), load_file(
-        out.with_suffix(".safetensors")
-    )
+    """A job's record and its final parameters."""
+    return read_record(root, name), load_file((root / "out" / name).with_suffix(".safetensors"))
 
 
 def compare(a: tuple[dict, dict], b: tuple[dict, dict]) -> dict[str, float]:
@@ -288,6 +291,15 @@ def scaling_layouts(names: list[str], n: int, n_experts: int, most_ep: int) -> d
     return out
 
 
+# A profiled step's shares (moegpt.harness.jobs.communication_profile) kept in each row.
+PROFILE_SHARES = (
+    "all_to_all_share",
+    "communication_share",
+    "exposed_communication_share",
+    "idle_share",
+)
+
+
 def scaling(args, root: Path, sizes: list[int], top: int, tag: str) -> list[dict[str, Any]]:
     """Weak and strong scaling of the scaling config for each layout of ``--scaling-layouts``,
     each against the same one-GPU run; the compile setting is the same for every run. Strong
@@ -309,28 +321,23 @@ def scaling(args, root: Path, sizes: list[int], top: int, tag: str) -> list[dict
             weak = [*common, "--train.global_batch_size", str(n * micro)]
             strong = [*common, "--train.global_batch_size", str(top * micro)]
             tag = f"{n}-{name.replace(' ', '-')}"
-            expert_parallel = "--parallel.ep" in layout
+            recipe = Path(args.scaling_config)
             jobs = [
-                job(
-                    Path(args.scaling_config),
-                    root,
-                    f"weak-{tag}",
-                    weak,
-                    args.scaling_steps,
-                    profile=expert_parallel,
-                ),
-                job(Path(args.scaling_config), root, f"strong-{tag}", strong, args.scaling_steps),
+                job(recipe, root, f"weak-{tag}", weak, args.scaling_steps, profile=n > 1),
+                job(recipe, root, f"strong-{tag}", strong, args.scaling_steps),
             ]
+            for timed in jobs:
+                timed["timing"] = True
             run_jobs(n, jobs, root, f"scaling-{tag}")
             row: dict[str, Any] = {"gpus": n, "layout": name, "overrides": " ".join(layout)}
             for kind in ("weak", "strong"):
-                record, _ = read(root, f"{kind}-{tag}")
+                record = read_record(root, f"{kind}-{tag}")
                 settled = record["tokens_per_second"][args.scaling_steps // 2 :]
                 row[f"{kind}_tokens_per_second"] = sorted(settled)[len(settled) // 2]
                 mfu = [m for m in record["mfu"][args.scaling_steps // 2 :] if m is not None]
                 row[f"{kind}_mfu"] = sorted(mfu)[len(mfu) // 2] if mfu else None
                 if kind == "weak":
-                    row["all_to_all_share"] = record.get("all_to_all_share")
+                    row |= {share: record.get(share) for share in PROFILE_SHARES}
             base = rows[0] if rows else row
             for kind in ("weak", "strong"):
                 row[f"{kind}_efficiency"] = row[f"{kind}_tokens_per_second"] / (
@@ -343,6 +350,20 @@ def scaling(args, root: Path, sizes: list[int], top: int, tag: str) -> list[dict
             partial.parent.mkdir(parents=True, exist_ok=True)
             partial.write_text(json.dumps(rows, indent=2, default=str))
     return rows
+
+
+def profile_note(row: dict[str, Any]) -> str:
+    """A scaling row's profiled step in words (empty for the unprofiled one-GPU row)."""
+    if row.get("all_to_all_share") is None:
+        return ""
+    note = f"; profiled step: all-to-all {row['all_to_all_share']:.1%} of kernel time"
+    if row.get("communication_share") is not None:
+        note += (
+            f", NCCL running {row['communication_share']:.1%} of the step, "
+            f"{row['exposed_communication_share']:.1%} with no compute beside it, "
+            f"GPU idle {row['idle_share']:.1%}"
+        )
+    return note
 
 
 def random_model_folder(config_path: str, vocab: int, tokenizer: Path, folder: Path) -> Path:
@@ -565,13 +586,12 @@ def main() -> None:
             print("scaling (weak: batch per GPU fixed; strong: global batch fixed):")
             for r in result["scaling"]:
                 mfu = f"{r['weak_mfu']:.1%}" if r["weak_mfu"] else "n/a"
-                share = r["all_to_all_share"]
                 print(
                     f"  {r['gpus']} GPUs, {r['layout']}: weak "
                     f"{r['weak_tokens_per_second']:,.0f} tok/s "
                     f"({r['weak_efficiency']:.0%}, MFU {mfu}), strong "
                     f"{r['strong_tokens_per_second']:,.0f} tok/s ({r['strong_efficiency']:.0%})"
-                    + (f", all-to-all {share:.1%} of the step" if share is not None else "")
+                    + profile_note(r)
                 )
             for n in sorted({r["gpus"] for r in result["scaling"]} - {1}):
                 best = max(

@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moegpt.model.moe import MoE, top_k
+from moegpt.model.moe import GroupedExperts, MoE, top_k
 from tests.conftest import small_config
+
+CUDA = torch.cuda.is_available()
 
 
 def reference_moe(moe: MoE, x: torch.Tensor, capacity: int | None = None) -> torch.Tensor:
@@ -100,6 +102,25 @@ def test_grouped_mm_path_equals_loop_path() -> None:
     torch.testing.assert_close(gmm_out, loop_out, rtol=1e-5, atol=1e-6)
     for a, b in zip(gmm_grads, loop_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="GPU"))]
+)
+def test_compiled_grouped_experts_take_an_empty_buffer(device: str) -> None:
+    """An expert-parallel rank that receives no slots runs its experts on zero rows: compiled,
+    in bf16, the output is empty and the weights' gradients are zeros (on CUDA the compiled
+    grouped GEMM refused inductor's empty buffer, and a four-GPU run failed)."""
+    experts = GroupedExperts(small_config(n_experts=4, d_model=32)).to(device, torch.bfloat16)
+    experts.use_grouped_mm = True
+    x = torch.zeros(0, 32, device=device, dtype=torch.bfloat16, requires_grad=True)
+    counts = torch.zeros(4, dtype=torch.long, device=device)
+    out = torch.compile(experts, dynamic=True)(x, counts)
+    out.float().sum().backward()
+    assert out.shape == (0, 32)
+    assert x.grad.shape == (0, 32)
+    for weight in experts.weights().values():
+        assert torch.count_nonzero(weight.grad) == 0
 
 
 @pytest.mark.parametrize("capacity_factor", [0.5, 1.0, 1.25])

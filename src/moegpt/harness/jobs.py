@@ -1,8 +1,10 @@
 """Train several layouts in one torchrun job (one process-group start for all of them), or
 one in-process: what the parallel tests and `benchmarks/multi_gpu.py` compare. Each job
 resumes its run directory, trains a few steps, saves, and rank 0 writes the losses, each
-rank's state bytes (and peak device memory), the step times, the all-to-all share of a
-profiled step when asked, and the full final parameters.
+rank's state bytes (and peak device memory), the step times, a profiled step's communication
+when asked, and the full final parameters. A timing job (``"timing": true``, the scaling
+benchmark's) writes the losses, step times and profile alone: no checkpoint, evaluation or
+parameters, whose gathers and writes took longer than its steps.
 
     torchrun --nproc-per-node N -m moegpt.harness.jobs JOBS.json
     python -m moegpt.harness.jobs JOBS.json        # one process, no torchrun
@@ -67,24 +69,28 @@ def _run_job(job: dict[str, Any], distributed: bool) -> None:
     initial = full_parameters(trainer) if job.get("initial") else None
     batches = iter(trainer.loader)
     steps = [_timed_step(trainer, batches) for _ in range(job["steps"])]
-    losses = [s["loss"] for s in steps]
-    aux_losses = [s["aux_loss"] for s in steps]
-    memory = trainer.rank_memory()
-    share = all_to_all_share(trainer, batches) if job.get("profile") else None
-    trainer.save()
-    scores = trainer.evaluate()
-    params = full_parameters(trainer)
-    if trainer.rank0:
-        out = Path(job["out"])
-        record = {"losses": losses, "ranks": memory, "eval": scores, "all_to_all_share": share}
-        record["aux_losses"] = aux_losses
-        record["tokens_per_second"] = [s.get("tokens_per_second") for s in steps]
-        record["mfu"] = [s.get("mfu") for s in steps]
-        out.with_suffix(".json").write_text(json.dumps(record))
-        save_file({k: v.contiguous() for k, v in params.items()}, out.with_suffix(".safetensors"))
-        if initial is not None:
-            path = out.with_suffix(".initial.safetensors")
-            save_file({k: v.contiguous() for k, v in initial.items()}, path)
+    record: dict[str, Any] = {"losses": [s["loss"] for s in steps]}
+    record["aux_losses"] = [s["aux_loss"] for s in steps]
+    record["tokens_per_second"] = [s.get("tokens_per_second") for s in steps]
+    record["mfu"] = [s.get("mfu") for s in steps]
+    record["ranks"] = trainer.rank_memory()
+    if job.get("profile"):
+        record |= communication_profile(trainer, batches)
+    timing = job.get("timing", False)
+    if not timing:
+        trainer.save()
+        record["eval"] = trainer.evaluate()
+        params = full_parameters(trainer)
+    if not trainer.rank0:
+        return
+    out = Path(job["out"])
+    out.with_suffix(".json").write_text(json.dumps(record))
+    if timing:
+        return
+    save_file({k: v.contiguous() for k, v in params.items()}, out.with_suffix(".safetensors"))
+    if initial is not None:
+        path = out.with_suffix(".initial.safetensors")
+        save_file({k: v.contiguous() for k, v in initial.items()}, path)
 
 
 def _timed_step(trainer: Trainer, batches: Any) -> dict[str, Any]:
@@ -102,10 +108,15 @@ def _timed_step(trainer: Trainer, batches: Any) -> dict[str, Any]:
 EXCHANGE_NAMES = ("alltoall", "sendrecv")
 
 
-def all_to_all_share(trainer: Trainer, batches: Any) -> float:
-    """The share of one profiled training step's time spent in all-to-all exchanges (expert
-    parallelism's dispatch and combine), by the profiler's device time (host time on CPU).
-    With pipeline parallelism too, the stages' sends and receives are counted in it."""
+def communication_profile(trainer: Trainer, batches: Any) -> dict[str, float | None]:
+    """One profiled training step's communication, as shares of the step.
+
+    ``all_to_all_share``: all-to-all exchanges' (expert parallelism's dispatch and combine)
+    share of the summed kernel time (host op time on CPU). On a GPU, over the step's span on
+    this rank's device: ``communication_share``, the time any NCCL kernel runs;
+    ``exposed_communication_share``, the time one runs with no compute beside it (what
+    scaling loses to the network); ``idle_share``, the time no kernel runs (the host or a
+    peer holds the step up). None on CPU, where gloo works on the host."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = trainer.device.type == "cuda"
@@ -122,7 +133,47 @@ def all_to_all_share(trainer: Trainer, batches: Any) -> float:
         for e in events
         if any(name in e.key.lower().replace("_", "") for name in EXCHANGE_NAMES)
     )
-    return exchange / total if total else 0.0
+    out: dict[str, float | None] = {"all_to_all_share": exchange / total if total else 0.0}
+    out |= dict.fromkeys(("communication_share", "exposed_communication_share", "idle_share"))
+    if cuda:
+        device = torch.cuda.current_device()
+        kernels = [
+            e
+            for e in prof.profiler.kineto_results.events()
+            if e.device_type() == torch.autograd.DeviceType.CUDA and e.device_index() == device
+        ]
+        comm = [(e.start_ns(), e.end_ns()) for e in kernels if "nccl" in e.name().lower()]
+        compute = [(e.start_ns(), e.end_ns()) for e in kernels if "nccl" not in e.name().lower()]
+        out |= overlap_shares(comm, compute)
+    return out
+
+
+def union_length(intervals: list[tuple[int, int]]) -> int:
+    """The length of the union of ``(start, end)`` intervals."""
+    covered, reach = 0, None
+    for start, end in sorted(intervals):
+        if reach is None or start > reach:
+            covered += end - start
+            reach = end
+        elif end > reach:
+            covered += end - reach
+            reach = end
+    return covered
+
+
+def overlap_shares(comm: list[tuple[int, int]], compute: list[tuple[int, int]]) -> dict[str, float]:
+    """Communication's share of the span of all the intervals, the share where it runs with
+    no compute beside it, and the share where nothing runs."""
+    everything = comm + compute
+    if not everything:
+        return {"communication_share": 0.0, "exposed_communication_share": 0.0, "idle_share": 0.0}
+    span = max(end for _, end in everything) - min(start for start, _ in everything)
+    busy = union_length(everything)
+    return {
+        "communication_share": union_length(comm) / span,
+        "exposed_communication_share": (busy - union_length(compute)) / span,
+        "idle_share": (span - busy) / span,
+    }
 
 
 def main(jobs_file: str) -> None:

@@ -133,6 +133,12 @@ def grouped_linear(
     slow); as a tensor of int32 end offsets one ``torch._grouped_mm``.
     """
     if isinstance(groups, torch.Tensor):
+        if x.shape[0] == 0:
+            # An expert-parallel rank can receive no slots at all. Compiled, the CUDA kernel
+            # refuses the empty buffer inductor makes for it (strides (0, 1)); a plain product
+            # gives the same empty rows and zero gradients, and keeps x in the autograd graph
+            # (its backward all-to-all must still run on this rank).
+            return x @ weight[0].T
         return torch._grouped_mm(x, weight.transpose(-2, -1), offs=groups)
     chunks = x.split(groups)
     return torch.cat([chunk @ weight[e].T for e, chunk in enumerate(chunks)])
