@@ -38,15 +38,30 @@ def apply_fsdp(model: Transformer, dims: ParallelDims, mp_policy: MixedPrecision
     # Context-parallel ranks hold the same parameters and sum their gradients: FSDP shards
     # over them as over data-parallel ranks (EP and CP don't combine, so experts keep theirs).
     mesh = dp_mesh(dims, "dp_shard_cp" if c.cp > 1 else "dp_shard")
-    for block in model.layers.values():
+    blocks = list(model.layers.values())
+    for block in blocks:
+        # The backward starts with the last block: freeing its gathered weights after the
+        # forward would only gather them again at once (torchtitan keeps them too).
+        keep = block is blocks[-1]
         ignored = None
         if c.ep > 1:
             for experts in (m for m in block.modules() if isinstance(m, GroupedExperts)):
                 if c.dp_replicate * (c.dp_shard // c.ep) > 1:
-                    fully_shard(experts, mesh=dp_mesh(dims, "dp_shard_mod_ep"), mp_policy=mp_policy)
+                    fully_shard(
+                        experts,
+                        mesh=dp_mesh(dims, "dp_shard_mod_ep"),
+                        mp_policy=mp_policy,
+                        reshard_after_forward=not keep,
+                    )
                 else:
                     ignored = set(experts.parameters())
-        fully_shard(block, mesh=mesh, mp_policy=mp_policy, ignored_params=ignored)
+        fully_shard(
+            block,
+            mesh=mesh,
+            mp_policy=mp_policy,
+            ignored_params=ignored,
+            reshard_after_forward=not keep,
+        )
     fully_shard(model, mesh=mesh, mp_policy=mp_policy)
     sum_gradients(model)
 
