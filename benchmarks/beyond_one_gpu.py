@@ -78,12 +78,17 @@ def main() -> None:
     run = Path(args.run_dir)
     if run.exists() and any(run.iterdir()) and not (run / "metrics.jsonl").is_file():
         parser.error(f"--run-dir {run}: exists and is not a training run; not removing it")
-    overrides = [*args.layout, f"--train.steps={args.steps}", "--train.log_every=1"]
-    overrides += ["--train.eval_every=1000000", "--checkpoint.every=1000000"]
     moegpt_streamed("prepare", "--config", args.config)
     plan = json.loads(
         moegpt("plan", "--config", args.config, "--gpu", args.gpu, "--json", *args.layout)
     )
+    # Cut to a few steps, the run would warm up to the recipe's peak rate in them (the warm-up
+    # ends with the run), and xl-moe's router collapsed onto a few experts by step 4 at
+    # 1e-4. Its first steps run at the rates the recipe's own warm-up gives them instead.
+    rate = plan["learning_rate"]
+    lr = rate["peak"] * min(1.0, args.steps / max(rate["warmup_steps"], 1))
+    overrides = [*args.layout, f"--train.steps={args.steps}", "--train.log_every=1"]
+    overrides += ["--train.eval_every=1000000", "--checkpoint.every=1000000", f"--train.lr={lr}"]
     shutil.rmtree(run, ignore_errors=True)  # a fresh run, not a resumed one
     launch = ["--config", args.config, "--nproc", str(args.nproc), "--run-dir", str(run)]
     moegpt_streamed("train", *launch, *overrides)
