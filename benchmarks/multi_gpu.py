@@ -41,6 +41,7 @@ import gc
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -275,19 +276,28 @@ def planner_agreement(recipe: Path, overrides: list[str], ranks: list[dict], cud
     return out
 
 
+LAYOUT_NAME = re.compile(r"fsdp(-ep(\d*))?")
+
+
 def scaling_layouts(names: list[str], n: int, n_experts: int, most_ep: int) -> dict[str, list[str]]:
     """The named layouts of ``n`` GPUs the scaling phase times: ``fsdp`` shards every weight
-    over all of them (each rank runs every expert on its own tokens), ``fsdp-ep`` also puts
-    each expert on ``n`` ranks (or ``most_ep``) and sends tokens to them (all-to-all)."""
+    over all of them (each rank runs every expert on its own tokens); ``fsdp-ep`` also puts
+    each expert on ``n`` ranks (or ``most_ep``) and sends tokens to them (all-to-all), and
+    ``fsdp-epK`` on K of them (the all-to-all among fewer ranks; skipped where K exceeds
+    ``n``)."""
     out = {}
     for name in names:
-        if name == "fsdp":
+        match = LAYOUT_NAME.fullmatch(name)
+        assert match, name  # checked when the arguments were read
+        if match[1] is None:
             out[name] = ["--parallel.dp_shard", str(n)]
-        elif n_experts:  # fsdp-ep
-            ep = min(n, n_experts, most_ep or n)
-            out[name] = ["--parallel.dp_shard", str(n), "--parallel.ep", str(ep)]
-        else:
+        elif not n_experts:
             print(f"  {name}: skipped, the scaling config has no experts", flush=True)
+        elif match[2] and int(match[2]) > n:
+            print(f"  {name}: skipped at {n} GPUs", flush=True)
+        else:
+            ep = int(match[2]) if match[2] else min(n, n_experts, most_ep or n)
+            out[name] = ["--parallel.dp_shard", str(n), "--parallel.ep", str(ep)]
     return out
 
 
@@ -465,7 +475,8 @@ def main() -> None:
         "--scaling-layouts",
         default="fsdp,fsdp-ep",
         help="comma-separated layouts the scaling phase times at each size: fsdp (FSDP2 over "
-        "every GPU) and fsdp-ep (FSDP2 with expert parallelism)",
+        "every GPU), fsdp-ep (FSDP2 with expert parallelism over every GPU, or --scaling-ep) "
+        "and fsdp-epK (expert parallelism over K of them)",
     )
     parser.add_argument(
         "--scaling-sizes",
@@ -513,9 +524,21 @@ def main() -> None:
     sizes = [n for n in (1, 2, 4, 8) if n <= args.ranks]
     # The phase's settings are checked before anything runs (the baseline takes minutes).
     layout_names = args.scaling_layouts.split(",")
-    unknown = sorted(set(layout_names) - {"fsdp", "fsdp-ep"})
+    unknown = sorted(name for name in layout_names if not LAYOUT_NAME.fullmatch(name))
     if unknown:
-        parser.error(f"--scaling-layouts: unknown layout(s) {', '.join(unknown)} (fsdp, fsdp-ep)")
+        parser.error(
+            f"--scaling-layouts: unknown layout(s) {', '.join(unknown)} (fsdp, fsdp-ep, fsdp-epK)"
+        )
+    uneven = [
+        name
+        for name in layout_names
+        if (k := LAYOUT_NAME.fullmatch(name)[2]) and (int(k) < 2 or max(sizes) % int(k))
+    ]
+    if uneven:
+        parser.error(
+            f"--scaling-layouts: {', '.join(uneven)}: K must be at least 2 and divide "
+            f"{max(sizes)} GPUs"
+        )
     chosen = sizes
     if args.scaling_sizes:
         chosen = [int(n) for n in args.scaling_sizes.split(",")]
