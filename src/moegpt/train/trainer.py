@@ -231,7 +231,7 @@ class Trainer:
             document_mask=config.data.document_mask,
         )
         self.pipeline = None
-        self._label_tokens = 1.0  # the pipeline's loss divides by it
+        self._label_tokens: float | torch.Tensor = 1.0  # the pipeline's loss divides by it
         if self.parts.stages:
             self.pipeline = build_pipeline_schedule(
                 self.parts.modules,
@@ -451,7 +451,7 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _accumulate(
-        self, micro: list[dict[str, torch.Tensor]], label_tokens: float, micro_steps: int
+        self, micro: list[dict[str, torch.Tensor]], label_tokens: torch.Tensor, micro_steps: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward over this rank's micro-batches; (LM loss sum, aux share)."""
         loss_sum = aux_sum = torch.zeros((), device=self.device)
@@ -471,7 +471,7 @@ class Trainer:
         return loss_sum, aux_sum
 
     def _pipeline_rounds(
-        self, micro: list[dict[str, torch.Tensor]], label_tokens: float, micro_steps: int
+        self, micro: list[dict[str, torch.Tensor]], label_tokens: torch.Tensor, micro_steps: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The same through the pipeline, ``pp_microbatches`` micro-batches per round."""
         assert self.pipeline is not None
@@ -511,10 +511,11 @@ class Trainer:
         micro_steps = self.schedule.batch_size(self.step) // train.micro_batch_size
         micro = [next(batches) for _ in range(micro_steps // self.dp_size)]
         local_labels = sum(self._loss_units(b) for b in micro)
+        # Summed over the ranks on the device and read back with the step's other sums at its
+        # end: read here, it would hold the host until the last step's optimizer finished.
         label_tokens = self._sum_over(
             torch.tensor(float(local_labels), device=self.device), "dp"
-        ).item()
-        label_tokens = max(label_tokens, 1.0)
+        ).clamp(min=1.0)
         lr = self.schedule.lr(self.step)
         for opt in self.optimizers:
             # Gradients live until the next step begins (torchtitan's order), so the state
@@ -534,7 +535,9 @@ class Trainer:
         grad_norm = clip_grad_norm(self.parts.parameters(), max_norm, pp_group)
         sums = self._sum_over(torch.stack([loss_sum, aux_sum]).float(), "dp", "pp", "cp")
         # Sums stay on the device until here: one host sync besides the label count.
-        loss_value, aux_value, norm = torch.cat([sums, grad_norm.reshape(1).float()]).tolist()
+        loss_value, aux_value, norm, labels = torch.cat(
+            [sums, grad_norm.reshape(1).float(), label_tokens.reshape(1)]
+        ).tolist()
         skipped = not math.isfinite(norm)
         if skipped:  # a non-finite gradient would poison the weights and every checkpoint
             # Backward spreads a NaN to everything before where it arose: name the latest.
@@ -564,7 +567,7 @@ class Trainer:
             "skipped": skipped,
             "tokens": tokens,  # positions run, padding included (what the hardware did)
             # what the loss averaged over: the step's label tokens (the CLIP stage: captions)
-            "label_tokens": int(label_tokens),
+            "label_tokens": int(labels),
             "tokens_seen": self.tokens_seen,
             "data_sha256": digest.hexdigest()[:16],
         }
