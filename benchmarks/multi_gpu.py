@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from moegpt.config import load_config
+from moegpt.config import ConfigError, load_config
 from moegpt.data.tokenizer import load_tokenizer
 from moegpt.parallel.launch import GPU_ENV_DEFAULTS
 from moegpt.plan.memory import model_state_bytes, training_memory
@@ -327,6 +327,7 @@ def scaling(args, root: Path, sizes: list[int], top: int, tag: str) -> list[dict
         )
         for name, layout in runs.items():
             common = [*layout, "--train.compile", str(args.scaling_compile).lower()]
+            common += [f"--{setting}" for setting in args.scaling_set]
             common += ["--train.warmup_steps", "1", "--train.steps", str(args.scaling_steps + 1)]
             weak = [*common, "--train.global_batch_size", str(n * micro)]
             strong = [*common, "--train.global_batch_size", str(top * micro)]
@@ -479,6 +480,14 @@ def main() -> None:
         "and fsdp-epK (expert parallelism over K of them)",
     )
     parser.add_argument(
+        "--scaling-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config setting for every run of the scaling phase (repeatable), e.g. "
+        "parallel.reduce_dtype=bfloat16",
+    )
+    parser.add_argument(
         "--scaling-sizes",
         help="comma-separated GPU counts the scaling phase runs (default 1, 2, 4, 8 <= ranks; "
         "the one-GPU baseline always runs), to split the phase over several calls",
@@ -524,6 +533,10 @@ def main() -> None:
     sizes = [n for n in (1, 2, 4, 8) if n <= args.ranks]
     # The phase's settings are checked before anything runs (the baseline takes minutes).
     layout_names = args.scaling_layouts.split(",")
+    try:
+        load_config(args.scaling_config, [f"--{setting}" for setting in args.scaling_set])
+    except ConfigError as error:
+        parser.error(f"--scaling-set: {error}")
     unknown = sorted(name for name in layout_names if not LAYOUT_NAME.fullmatch(name))
     if unknown:
         parser.error(
@@ -549,7 +562,10 @@ def main() -> None:
             )
     # Calls that split the phase between them write files of their own.
     tag = f"-scaling-{'-'.join(map(str, chosen))}" if args.scaling_sizes else ""
+    tag += "".join(f"-{setting.replace('=', '-')}" for setting in args.scaling_set)
     result: dict[str, Any] = {"ranks": args.ranks, "device": args.device}
+    if args.scaling_set:
+        result["scaling_set"] = args.scaling_set
     if cuda:
         result["gpu"] = torch.cuda.get_device_name(0)
     started = time.perf_counter()

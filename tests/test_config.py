@@ -136,6 +136,10 @@ TINY = ROOT / "configs" / "tiny.toml"  # 6 heads, 1 KV head, 8 experts top-2, 4 
         ({"serve.tp": "4"}, "serve.tp: 4 does not divide model.n_heads (6)"),
         ({"serve.pp": "9"}, "serve.pp: 9 stages exceed model.n_layers (4)"),
         ({"parallel.pp_schedule": "zb"}, "parallel.pp_schedule: expected one of 'gpipe', "),
+        (
+            {"parallel.reduce_dtype": "float16"},
+            "parallel.reduce_dtype: expected one of 'float32', 'bfloat16'",
+        ),
         ({"model.n_layer": "3"}, "model.n_layer: unknown key (did you mean model.n_layers?)"),
         ({"modle.n_layers": "3"}, "modle: unknown section (did you mean model?)"),
     ],

@@ -588,6 +588,12 @@ class ParallelConfig(_Section):
         "(GPU only; data.seq_len must divide into 2 x cp chunks)",
     )
     timeout_s: float = _doc(600.0, "seconds a collective may wait before the job fails")
+    reduce_dtype: Literal["float32", "bfloat16"] = _doc(
+        "float32",
+        "dtype FSDP2 sums gradients in over data-parallel ranks when training in bfloat16 on "
+        "GPUs: bfloat16 halves the reduce-scatter's bytes (torchtitan's "
+        "mixed_precision_reduce); float32 sums as exactly as the ranks' shares allow",
+    )
 
     def validate(self) -> None:
         self._positive("dp_replicate", "dp_shard", "tp", "pp", "pp_microbatches", "ep", "cp")

@@ -76,6 +76,17 @@ def check_supported(config: Config) -> None:
         raise UserError("train.compile: not supported with parallel.zero1 (DDP) yet")
 
 
+def fsdp_precision(dtype: str, reduce_dtype: str, device: torch.device) -> MixedPrecisionPolicy:
+    """FSDP2's mixed precision: on GPUs a bfloat16 run gathers bfloat16 weights (fp32 master
+    weights stay sharded) and sums gradients in ``reduce_dtype``; elsewhere all stays fp32
+    (CPU bfloat16 matmuls are slow, and gloo's sums are the tests' exact reference)."""
+    if dtype != "bfloat16" or device.type != "cuda":
+        return MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16, reduce_dtype=getattr(torch, reduce_dtype)
+    )
+
+
 def parallelize(config: Config, dims: ParallelDims | None, device: torch.device) -> ModelParts:
     """Build the model on the meta device, lay it out, then materialise this rank's shards
     with the weights one process would hold (:func:`moegpt.parallel.init.materialize`).
@@ -118,10 +129,7 @@ def parallelize(config: Config, dims: ParallelDims | None, device: torch.device)
             for name, block in list(lm.layers.items()):
                 lm.layers[name] = checkpoint_wrapper(block)
         if dims is not None and p.dp * p.cp > 1 and not p.zero1:
-            bf16 = train.dtype == "bfloat16" and device.type == "cuda"
-            mp = MixedPrecisionPolicy(
-                param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32
-            )
+            mp = fsdp_precision(train.dtype, p.reduce_dtype, device)
             if vision:
                 apply_vision_fsdp(model, dims, mp)
             else:
