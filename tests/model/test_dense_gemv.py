@@ -1,8 +1,11 @@
 """A decode step's dense projections and SwiGLU experts through the GEMV kernel: which products
-take it (on CPU, with the kernel stood in for), and, on a GPU with Triton, that it equals
-cuBLAS and the unfused expert path."""
+take it (with the kernel stood in for), and that the kernel equals cuBLAS and the unfused
+expert path: on a GPU with Triton, or on the CPU through Triton's interpreter
+(``TRITON_INTERPRET=1``, which the test suite sets where there is no GPU)."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -17,6 +20,19 @@ from moegpt.model.rope import rope_cos_sin
 from tests.conftest import small_config
 
 GPU = torch.cuda.is_available() and gemv.triton is not None
+INTERPRETED = gemv.triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+# Where the kernel itself runs: a GPU, else the CPU through the interpreter, else nowhere.
+DEVICE = "cuda" if GPU else "cpu"
+needs_kernel = pytest.mark.skipif(
+    not (GPU or INTERPRETED), reason="the Triton kernel runs on CUDA or in its interpreter"
+)
+
+
+@pytest.fixture
+def kernel(monkeypatch) -> None:
+    """On the CPU, let the real kernel apply (through the interpreter), as it does on CUDA."""
+    if not GPU:
+        monkeypatch.setattr(gemv, "kernel_applies", gemv.kernel_reads)
 
 
 @pytest.fixture
@@ -129,44 +145,50 @@ def test_sharded_weights_run_as_their_modules(kernel_calls) -> None:
         assert gemv.dense_gemv_applies(torch.randn(1, 32), torch.randn(16, 32))
 
 
-@pytest.mark.skipif(not GPU, reason="the Triton kernel runs on CUDA")
+@needs_kernel
 def test_the_kernel_leaves_float64_alone() -> None:
     """It sums in fp32: a float64 model keeps cuBLAS's float64."""
-    x = torch.randn(1, 8, dtype=torch.float64, device="cuda")
-    assert not gemv.kernel_applies(x, torch.randn(4, 8, dtype=torch.float64, device="cuda"))
-    assert gemv.kernel_applies(x.float(), torch.randn(4, 8, device="cuda"))
+    x = torch.randn(1, 8, dtype=torch.float64, device=DEVICE)
+    assert not gemv.kernel_reads(x, torch.randn(4, 8, dtype=torch.float64, device=DEVICE))
+    assert gemv.kernel_reads(x.float(), torch.randn(4, 8, device=DEVICE))
 
 
-@pytest.mark.skipif(not GPU, reason="the Triton kernel runs on CUDA")
+@needs_kernel
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
-@pytest.mark.parametrize("shape", [(2304, 2048), (1024, 1024), (1001, 520)])
-def test_dense_gemv_equals_cublas(rows: int, shape: tuple[int, int]) -> None:
+# The interpreter runs each program in Python: on the CPU, the shapes that test the masks.
+@pytest.mark.parametrize(
+    "shape", [(2304, 2048), (1024, 1024), (1001, 520)] if GPU else [(1001, 520), (130, 72)]
+)
+def test_dense_gemv_equals_cublas(rows: int, shape: tuple[int, int], kernel) -> None:
     torch.manual_seed(0)
-    weight = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02
-    x = torch.randn(rows, shape[1], device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16) * 0.02
+    x = torch.randn(rows, shape[1], device=DEVICE, dtype=torch.bfloat16)
     want = x.float() @ weight.float().T
-    got = gemv.dense_gemv(x, weight).float()
+    with torch.inference_mode():  # a decode step's: training products never take the kernel
+        assert gemv.dense_gemv_applies(x, weight) == (rows <= gemv.DENSE_GEMV_MAX_ROWS)
+        got = gemv.dense_gemv(x, weight).float()
+        summed = gemv.dense_gemv(x, weight, fp32_out=True)
     assert ((got - want).norm() / want.norm()).item() < 1e-2
-    summed = gemv.dense_gemv(x, weight, fp32_out=True)
     assert summed.dtype == torch.float32
     assert ((summed - want).norm() / want.norm()).item() < 1e-5
 
 
-@pytest.mark.skipif(not GPU, reason="the Triton kernel runs on CUDA")
+@needs_kernel
 @pytest.mark.parametrize("rows", [1, 2, 5])
 @pytest.mark.parametrize("fused", [False, True])
-def test_gated_expert_gemv_equals_its_parts(rows: int, fused: bool) -> None:
+def test_gated_expert_gemv_equals_its_parts(rows: int, fused: bool, kernel) -> None:
     """Odd output counts (the row mask), and gate and up as slices of one tensor."""
     torch.manual_seed(0)
+    n_out, n_in = (1001, 520) if GPU else (131, 72)  # odd sizes; small for the interpreter
     if fused:
-        both = torch.randn(8, 2 * 1001, 520, device="cuda", dtype=torch.bfloat16) * 0.05
-        gate, up = both[:, :1001], both[:, 1001:]
+        both = torch.randn(8, 2 * n_out, n_in, device=DEVICE, dtype=torch.bfloat16) * 0.05
+        gate, up = both[:, :n_out], both[:, n_out:]
     else:
         gate, up = (
-            torch.randn(8, 1001, 520, device="cuda", dtype=torch.bfloat16) * 0.05 for _ in "ab"
+            torch.randn(8, n_out, n_in, device=DEVICE, dtype=torch.bfloat16) * 0.05 for _ in "ab"
         )
-    x = torch.randn(rows, 520, device="cuda", dtype=torch.bfloat16)
-    ids = torch.randint(0, 8, (rows,), device="cuda")
+    x = torch.randn(rows, n_in, device=DEVICE, dtype=torch.bfloat16)
+    ids = torch.randint(0, 8, (rows,), device=DEVICE)
     a = torch.einsum("soi,si->so", gate[ids].float(), x.float())
     b = torch.einsum("soi,si->so", up[ids].float(), x.float())
     want = F.silu(a) * b
@@ -174,17 +196,21 @@ def test_gated_expert_gemv_equals_its_parts(rows: int, fused: bool) -> None:
     assert ((got - want).norm() / want.norm()).item() < 1e-2
 
 
-@pytest.mark.skipif(not GPU, reason="the Triton kernel runs on CUDA")
+@needs_kernel
 @pytest.mark.parametrize("batch", [1, 2])
-def test_cached_decode_steps_with_the_kernel_equal_the_full_forward(batch: int) -> None:
+def test_cached_decode_steps_with_the_kernel_equal_the_full_forward(batch: int, kernel) -> None:
     """A prompt, then one token at a time through the KV cache (rows through the kernel),
     against one forward over the whole sequence (cuBLAS), for a dense and an MoE model."""
     torch.manual_seed(0)
     for experts in (0, 4):
-        config = small_config(d_model=256, n_heads=4, n_kv_heads=1, n_experts=experts)
-        model = Transformer(config).to("cuda", torch.bfloat16).eval()
+        width = 256 if GPU else 64  # the interpreter's programs run in Python
+        config = small_config(d_model=width, n_heads=4, n_kv_heads=1, n_experts=experts)
+        model = Transformer(config).to(DEVICE, torch.bfloat16).eval()
         model.fuse_projections()
-        tokens = torch.randint(0, config.vocab_size, (batch, 12), device="cuda")
+        for module in model.modules():  # as on CUDA in bf16: decode rows take the kernel
+            if hasattr(module, "use_grouped_mm"):
+                module.use_grouped_mm = True
+        tokens = torch.randint(0, config.vocab_size, (batch, 12), device=DEVICE)
         cache = KVCache.for_model(model, batch_size=batch, max_len=16)
         with torch.inference_mode():
             full = model(tokens).logits.float()

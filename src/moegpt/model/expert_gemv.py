@@ -152,16 +152,20 @@ if triton is not None:
         return out
 
 
-def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether :func:`expert_gemv` runs the Triton kernel for these operands."""
+def kernel_reads(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the kernel can read these operands wherever they are (Triton's interpreter runs
+    it on CPU tensors: the tests' way to check it without a GPU)."""
     return (
         triton is not None
-        and x.is_cuda
-        and weight.is_cuda
         and x.dtype == weight.dtype
         and x.dtype in KERNEL_DTYPES
         and weight.stride(-1) == 1
     )
+
+
+def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`expert_gemv` runs the Triton kernel for these operands."""
+    return x.is_cuda and weight.is_cuda and kernel_reads(x, weight)
 
 
 # A decode step's dense projections (attention's Q/K/V and output, a dense feed-forward) run as
