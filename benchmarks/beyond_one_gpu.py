@@ -84,7 +84,8 @@ def main() -> None:
     )
     # Cut to a few steps, the run would warm up to the recipe's peak rate in them (the warm-up
     # ends with the run), and xl-moe's router collapsed onto a few experts by step 4 at
-    # 1e-4. Its first steps run at the rates the recipe's own warm-up gives them instead.
+    # 1e-4. Its first steps run at the rates the recipe's own warm-up gives them instead
+    # (by steps: the recipe has no batch ramp, under which the warm-up counts sequences).
     rate = plan["learning_rate"]
     lr = rate["peak"] * min(1.0, args.steps / max(rate["warmup_steps"], 1))
     overrides = [*args.layout, f"--train.steps={args.steps}", "--train.log_every=1"]

@@ -534,7 +534,7 @@ def main() -> None:
     # The phase's settings are checked before anything runs (the baseline takes minutes).
     layout_names = args.scaling_layouts.split(",")
     try:
-        load_config(args.scaling_config, [f"--{setting}" for setting in args.scaling_set])
+        scaled = load_config(args.scaling_config, [f"--{s}" for s in args.scaling_set]).model
     except ConfigError as error:
         parser.error(f"--scaling-set: {error}")
     unknown = sorted(name for name in layout_names if not LAYOUT_NAME.fullmatch(name))
@@ -545,12 +545,13 @@ def main() -> None:
     uneven = [
         name
         for name in layout_names
-        if (k := LAYOUT_NAME.fullmatch(name)[2]) and (int(k) < 2 or max(sizes) % int(k))
+        if (k := LAYOUT_NAME.fullmatch(name)[2])
+        and (int(k) < 2 or max(sizes) % int(k) or scaled.n_experts % int(k))
     ]
     if uneven:
         parser.error(
-            f"--scaling-layouts: {', '.join(uneven)}: K must be at least 2 and divide "
-            f"{max(sizes)} GPUs"
+            f"--scaling-layouts: {', '.join(uneven)}: K must be at least 2 and divide both "
+            f"{max(sizes)} GPUs and the scaling config's {scaled.n_experts} experts"
         )
     chosen = sizes
     if args.scaling_sizes:
@@ -562,7 +563,7 @@ def main() -> None:
             )
     # Calls that split the phase between them write files of their own.
     tag = f"-scaling-{'-'.join(map(str, chosen))}" if args.scaling_sizes else ""
-    tag += "".join(f"-{setting.replace('=', '-')}" for setting in args.scaling_set)
+    tag += "".join("-" + re.sub(r"[^\w.]+", "-", setting) for setting in args.scaling_set)
     result: dict[str, Any] = {"ranks": args.ranks, "device": args.device}
     if args.scaling_set:
         result["scaling_set"] = args.scaling_set

@@ -36,3 +36,17 @@ def test_overlap_shares_of_a_step_without_communication() -> None:
     assert shares == pytest.approx(
         {"communication_share": 0.0, "exposed_communication_share": 0.0, "idle_share": 0.25}
     )
+
+
+def test_copies_are_busy_time_but_not_compute() -> None:
+    # NCCL 0-10 beside a copy 0-10 only: exposed; a copy 10-20 alone: busy, not idle
+    shares = overlap_shares(comm=[(0, 10)], compute=[(20, 40)], copies=[(0, 20)])
+    assert shares == pytest.approx(
+        {"communication_share": 0.25, "exposed_communication_share": 0.25, "idle_share": 0.0}
+    )
+
+
+def test_overlap_shares_of_an_empty_or_instant_step() -> None:
+    zero = {"communication_share": 0.0, "exposed_communication_share": 0.0, "idle_share": 0.0}
+    assert overlap_shares(comm=[], compute=[]) == zero
+    assert overlap_shares(comm=[(5, 5)], compute=[(5, 5)]) == zero

@@ -16,6 +16,7 @@ import gc
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -142,9 +143,13 @@ def communication_profile(trainer: Trainer, batches: Any) -> dict[str, float | N
             for e in prof.profiler.kineto_results.events()
             if e.device_type() == torch.autograd.DeviceType.CUDA and e.device_index() == device
         ]
-        comm = [(e.start_ns(), e.end_ns()) for e in kernels if "nccl" in e.name().lower()]
-        compute = [(e.start_ns(), e.end_ns()) for e in kernels if "nccl" not in e.name().lower()]
-        out |= overlap_shares(comm, compute)
+        spans: dict[str, list[tuple[int, int]]] = {"comm": [], "compute": [], "copies": []}
+        for e in kernels:
+            name = e.name().lower()
+            copy = name.startswith(("memcpy", "memset"))
+            kind = "comm" if "nccl" in name else "copies" if copy else "compute"
+            spans[kind].append((e.start_ns(), e.end_ns()))
+        out |= overlap_shares(spans["comm"], spans["compute"], spans["copies"])
     return out
 
 
@@ -161,18 +166,24 @@ def union_length(intervals: list[tuple[int, int]]) -> int:
     return covered
 
 
-def overlap_shares(comm: list[tuple[int, int]], compute: list[tuple[int, int]]) -> dict[str, float]:
-    """Communication's share of the span of all the intervals, the share where it runs with
-    no compute beside it, and the share where nothing runs."""
-    everything = comm + compute
-    if not everything:
+def overlap_shares(
+    comm: list[tuple[int, int]],
+    compute: list[tuple[int, int]],
+    copies: Sequence[tuple[int, int]] = (),
+) -> dict[str, float]:
+    """Over the span of all the intervals: communication's share, the share where it runs
+    with no compute beside it (copies, the copy engines' work, are not compute), and the
+    share where nothing runs."""
+    everything = [*comm, *compute, *copies]
+    span = max((end for _, end in everything), default=0)
+    span -= min((start for start, _ in everything), default=0)
+    if span <= 0:
         return {"communication_share": 0.0, "exposed_communication_share": 0.0, "idle_share": 0.0}
-    span = max(end for _, end in everything) - min(start for start, _ in everything)
-    busy = union_length(everything)
     return {
         "communication_share": union_length(comm) / span,
-        "exposed_communication_share": (busy - union_length(compute)) / span,
-        "idle_share": (span - busy) / span,
+        "exposed_communication_share": (union_length(comm + compute) - union_length(compute))
+        / span,
+        "idle_share": (span - union_length(everything)) / span,
     }
 
 

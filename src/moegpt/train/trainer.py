@@ -534,7 +534,7 @@ class Trainer:
         max_norm = train.grad_clip if train.grad_clip > 0 else math.inf
         grad_norm = clip_grad_norm(self.parts.parameters(), max_norm, pp_group)
         sums = self._sum_over(torch.stack([loss_sum, aux_sum]).float(), "dp", "pp", "cp")
-        # Sums stay on the device until here: one host sync besides the label count.
+        # Sums and the label count stay on the device until here: the step's one host sync.
         loss_value, aux_value, norm, labels = torch.cat(
             [sums, grad_norm.reshape(1).float(), label_tokens.reshape(1)]
         ).tolist()
