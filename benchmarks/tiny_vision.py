@@ -42,7 +42,7 @@ from verbs import device_tag, median_train_metrics, moegpt, moegpt_streamed, rat
 
 from moegpt.config import load_config
 from moegpt.data.mixture import IGNORE_INDEX, Mixture, MixtureLoader
-from moegpt.evals.vision import gate_values
+from moegpt.evals.vision import gate_values, per_class_line
 from moegpt.train.trainer import Trainer, lm_loss_sum
 
 
@@ -186,7 +186,8 @@ def stage_lines(name: str, result: dict) -> list[str]:
     for shots in result.get("classify", []):
         lines.append(
             f"  classify, {shots['shots']}-shot: accuracy {shots['accuracy']:.1%} over "
-            f"{shots['items']} held-out items (chance 10%)"
+            f"{shots['items']} held-out items (chance 10%); by class: "
+            + per_class_line(shots["per_class"])
         )
     gates = result["gates"]
     lines.append(

@@ -370,6 +370,8 @@ def test_the_built_in_defaults_are_the_tiny_recipe() -> None:
         ("tiny-vision-clip", "tiny", "stdlib:rendered"),
         ("small-moe-vision", "small-moe", "stdlib:rendered"),
         ("small-moe-vision-clip", "small-moe", "stdlib:rendered"),
+        ("small-moe-vision", "small-moe", "stdlib:rendered-words"),
+        ("small-moe-vision-clip", "small-moe", "stdlib:rendered-words"),
         ("tiny-sft", "tiny", "stdlib:instruct"),
     ],
 )

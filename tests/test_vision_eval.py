@@ -106,7 +106,12 @@ def test_classification_by_likelihood_picks_the_preferred_name(tokenizer, shots)
     model = Prefers(tokenizer, "a sneaker to the left of a sneaker above a sneaker")
     result = classify(model, tokenizer, train, shots=shots, seed=0)
     # The model always answers "sneaker": right for 2 of the 6 items.
-    assert result == {"items": 6, "accuracy": pytest.approx(2 / 6), "shots": shots}
+    assert result == {
+        "items": 6,
+        "accuracy": pytest.approx(2 / 6),
+        "shots": shots,
+        "per_class": {"dress": 0.0, "sneaker": 1.0, "bag": 0.0, "coat": 0.0},
+    }
     assert tokenizer.token_to_id(IMAGE) is not None
 
 

@@ -580,7 +580,13 @@ def _instruct(args: argparse.Namespace) -> dict:
 def _vision(args: argparse.Namespace) -> dict:
     import torch
 
-    from moegpt.evals.vision import classify, gate_values, held_out_items, transcribe
+    from moegpt.evals.vision import (
+        classify,
+        gate_values,
+        held_out_items,
+        per_class_line,
+        transcribe,
+    )
     from moegpt.serve.engine import folder_tokenizer, weights_dtype
     from moegpt.weights import load_vision
 
@@ -641,6 +647,7 @@ def _vision(args: argparse.Namespace) -> dict:
             result["classify"].append(found)
             if not args.json:
                 print(f"{count}-shot accuracy {found['accuracy']:.1%} over {found['items']} items")
+                print("  by class: " + per_class_line(found["per_class"]))
     if not args.json:
         for layer, gates in result["gates"].items():
             print(

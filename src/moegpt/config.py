@@ -320,7 +320,7 @@ class VisionConfig(_Section):
         return self.enabled and self.objective == "clip"
 
 
-IMAGE_CORPORA = ("stdlib:rendered", "debian:fashion-mnist")
+IMAGE_CORPORA = ("stdlib:rendered", "stdlib:rendered-words", "debian:fashion-mnist")
 # Corpora with a held-out split of their own: their val_fraction sizes it and splits nothing else
 OWN_SPLIT_CORPORA = ("debian:fashion-mnist",)
 CONVERSATION_CORPUS = "stdlib:instruct"  # the built-in corpus of kind = "chat"
@@ -360,13 +360,20 @@ class SourceConfig(_Section):
     )
     val_fraction: float = _doc(0.01, "share of the documents held out for validation")
     items: int = _doc(
-        0, "image_text: how many images to make (0 = every rendered line, 10,000 canvases)"
+        0,
+        "image_text: how many images to make (0 = every rendered line, 10,000 canvases; "
+        "stdlib:rendered-words needs a count)",
     )
     interleave: int = _doc(
         1,
         "image_text: items per episode: that many consecutive images with their captions share "
         "one document (image, caption, image, caption, ...), Flamingo's interleaved few-shot "
         "sequences; 1 = each item alone",
+    )
+    augment: bool = _doc(
+        False,
+        "debian:fashion-mnist: each training canvas's items mirrored left-right at random and "
+        "shifted by up to 2 pixels (held-out canvases stay as the dataset has them)",
     )
 
     def validate(self) -> None:
@@ -378,6 +385,10 @@ class SourceConfig(_Section):
             self._fail(
                 "path", f"image_text sources are {', '.join(IMAGE_CORPORA)}, not {self.path!r}"
             )
+        if self.augment and self.path != "debian:fashion-mnist":
+            self._fail("augment", f"augments debian:fashion-mnist's canvases, not {self.path!r}")
+        if self.path == "stdlib:rendered-words" and not self.items:
+            self._fail("items", "stdlib:rendered-words makes as many lines as asked: give a count")
         if not self.name or not all(ch.isalnum() or ch in "-_" for ch in self.name):
             self._fail("name", f"must be non-empty letters, digits, - or _, got {self.name!r}")
         if not self.path:

@@ -13,9 +13,16 @@ import pytest
 import torch
 
 from moegpt.config import ConfigError, load_config
-from moegpt.data.images import FASHION_MNIST, load_image_corpus
+from moegpt.data.images import (
+    FASHION_MNIST,
+    RENDERED_MAX_CHARS,
+    file_words,
+    load_image_corpus,
+    short_lines,
+    word_lines,
+)
 from moegpt.data.mixture import Mixture, MixtureLoader
-from moegpt.data.prepare import prepare
+from moegpt.data.prepare import corpus_split, prepare
 from moegpt.data.shards import open_split, read_manifest
 from moegpt.data.tokenizer import END_OF_TEXT, IMAGE, encode_documents, load_tokenizer
 from moegpt.errors import UserError
@@ -60,6 +67,44 @@ def test_rendered_lines_are_prepared_with_their_images(tmp_path: Path) -> None:
     logs: list[str] = []
     prepare(config, log=logs.append)
     assert "source 'images': up to date" in logs
+
+
+def test_word_lines_must_be_read_since_no_file_holds_them() -> None:
+    """stdlib:rendered-words: lines of 8 to 32 characters, every word from the one file the
+    line is keyed by, in an order no file has (so a language model that trained on the
+    stdlib cannot recall them), the same for the same seed."""
+    from moegpt.data.sources import stdlib_python_files, stdlib_root
+
+    files, root = stdlib_python_files()[:40], stdlib_root()
+    lines = word_lines(files, root, 2000, seed=3, max_chars=RENDERED_MAX_CHARS)
+    assert lines == word_lines(files, root, 2000, seed=3, max_chars=RENDERED_MAX_CHARS)
+    assert lines != word_lines(files, root, 2000, seed=4, max_chars=RENDERED_MAX_CHARS)
+    words = {key: set(found) for key, found in file_words(files, root, RENDERED_MAX_CHARS)}
+    assert len(lines) == 2000
+    for key, line in lines:
+        assert 8 <= len(line) <= RENDERED_MAX_CHARS
+        assert set(line.split(" ")) <= words[key], (key, line)
+    assert len({key for key, _ in lines}) > 20  # drawn across the files
+    assert len({line for _, line in lines}) > 0.95 * len(lines)
+    real = {line for _, line in short_lines(files, root, RENDERED_MAX_CHARS)}
+    assert sum(line in real for _, line in lines) < 0.05 * len(lines)  # single words only
+
+
+def test_word_lines_are_prepared_and_held_out_by_file(tmp_path: Path) -> None:
+    config = recipe(tmp_path, "stdlib:rendered-words", 60)
+    prepare(config, log=lambda m: None)
+    splits = read_manifest(Path(config.data.data_dir))["sources"]["images"]["splits"]
+    assert splits["train"]["documents"] + splits["val"]["documents"] == 60
+    made = load_image_corpus("stdlib:rendered-words", 60, 0.25, 32, config.data.seed, "test")
+    train, val = corpus_split(made, config.data.sources[0], config.data)
+    held = {made.keys[i] for i in val}
+    assert len(val) == splits["val"]["documents"] and held
+    assert held.isdisjoint(made.keys[i] for i in train)
+
+
+def test_word_lines_need_a_count(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"items: stdlib:rendered-words makes as many lines"):
+        recipe(tmp_path, "stdlib:rendered-words", 0)
 
 
 def test_a_damaged_image_file_is_caught_on_loading(tmp_path: Path) -> None:

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moegpt.config import DataConfig, SourceConfig
+from moegpt.config import ConfigError, DataConfig, SourceConfig
 from moegpt.data.images import (
     FASHION_CLASSES,
     FASHION_MNIST,
+    augmented,
     compose,
     fashion_canvases,
     fashion_mnist,
@@ -71,6 +72,57 @@ def test_canvases_are_reproducible_and_captioned_from_the_labels() -> None:
         shades = sorted(set(np.unique(item.image)) - {0})
         named = {FASHION_CLASSES[s // 10 - 1] for s in shades}
         assert all(name in item.caption for name in named) and len(named) == 2
+
+
+def test_an_augmented_item_is_the_item_mirrored_or_not_and_moved_at_most_two_pixels() -> None:
+    rng = np.random.default_rng(0)
+    item = np.zeros((12, 12), np.uint8)
+    item[2:10, 3:9] = rng.integers(1, 256, size=(8, 6))  # a black margin of 2 or more
+    views = np.random.default_rng(5)
+    seen = set()
+    for _ in range(1000):
+        view = augmented(item, views)
+        assert view.shape == item.shape and view.sum() == item.sum()  # nothing cut off
+        found = [
+            (mirrored, dy, dx)
+            for mirrored, source in ((False, item), (True, item[:, ::-1]))
+            for dy in range(-2, 3)
+            for dx in range(-2, 3)
+            if np.array_equal(np.roll(source, (dy, dx), axis=(0, 1)), view)
+        ]
+        assert found, "not a mirrored or shifted copy"
+        seen.update(found)
+    assert len(seen) == 50  # every mirroring and shift, each from -2 to 2, is drawn
+
+
+def test_augmenting_changes_the_pixels_and_keeps_the_pairs() -> None:
+    images = np.stack([np.pad(np.full((4, 4), 10 * (i + 1), np.uint8), 2) for i in range(10)])
+    images[:, 2, 2] = 255  # a corner mark, so that a mirrored item differs
+    labels = np.arange(10, dtype=np.uint8)
+    plain = list(fashion_canvases(images, labels, 30, seed=3, prefix="train"))
+    views = list(fashion_canvases(images, labels, 30, seed=3, prefix="train", augment=True))
+    assert [m.caption for m in plain] == [v.caption for v in views]
+    pairs = list(zip(plain, views, strict=True))
+    assert sum(not np.array_equal(m.image, v.image) for m, v in pairs) > 20
+    # the same pixels, moved
+    assert all(np.array_equal(np.sort(m.image, None), np.sort(v.image, None)) for m, v in pairs)
+
+
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="dataset-fashion-mnist not installed")
+def test_augmenting_leaves_the_held_out_canvases_as_the_dataset_has_them() -> None:
+    plain = load_image_corpus("debian:fashion-mnist", 200, 0.1, 32, 0, "test")
+    views = load_image_corpus("debian:fashion-mnist", 200, 0.1, 32, 0, "test", augment=True)
+    assert plain.documents == views.documents
+    assert np.array_equal(plain.held_out, views.held_out)
+    held = plain.held_out
+    assert np.array_equal(plain.images[held], views.images[held])
+    assert not np.array_equal(plain.images[~held], views.images[~held])
+    assert plain.fingerprint != views.fingerprint
+
+
+def test_augment_is_for_fashion_canvases_only() -> None:
+    with pytest.raises(ConfigError, match=r"augment: augments debian:fashion-mnist's canvases"):
+        SourceConfig(name="lines", kind="image_text", path="stdlib:rendered", augment=True)
 
 
 @pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="dataset-fashion-mnist not installed")

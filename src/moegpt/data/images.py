@@ -102,15 +102,38 @@ def compose(
     return canvas, f"a {names[0]} above a {names[1]}"
 
 
+def augmented(item: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``item`` mirrored left-right half the time and shifted by up to ``AUGMENT_SHIFT``
+    pixels each way, the uncovered edge filled with the dataset's black background: the
+    usual Fashion-MNIST augmentation, which gives an encoder more distinct views of the
+    60,000 training items than it can learn by heart."""
+    if rng.integers(2):
+        item = item[:, ::-1]
+    dy, dx = rng.integers(-AUGMENT_SHIFT, AUGMENT_SHIFT + 1, size=2)
+    padded = np.pad(item, AUGMENT_SHIFT)
+    rows, cols = item.shape
+    return padded[AUGMENT_SHIFT + dy :, AUGMENT_SHIFT + dx :][:rows, :cols]
+
+
 def fashion_canvases(
-    images: np.ndarray, labels: np.ndarray, count: int, seed: int, prefix: str
+    images: np.ndarray,
+    labels: np.ndarray,
+    count: int,
+    seed: int,
+    prefix: str,
+    augment: bool = False,
 ) -> Iterator[ImageText]:
-    """``count`` canvases of two items each, drawn from ``images`` with ``seed``."""
-    rng = np.random.default_rng(seed)
+    """``count`` canvases of two items each, drawn from ``images`` with ``seed``, each item
+    :func:`augmented` with ``augment`` (by a generator of its own: the same pairs either way)."""
+    rng, views = np.random.default_rng(seed), np.random.default_rng([seed, 1])
     for i in range(count):
         a, b = rng.choice(len(images), size=2, replace=False)
         names = (FASHION_CLASSES[labels[a]], FASHION_CLASSES[labels[b]])
-        image, caption = compose(images[a], images[b], names, horizontal=bool(rng.integers(2)))
+        horizontal = bool(rng.integers(2))
+        first, second = images[a], images[b]
+        if augment:
+            first, second = augmented(first, views), augmented(second, views)
+        image, caption = compose(first, second, names, horizontal)
         yield ImageText(f"{prefix}:{i}", image, caption)
 
 
@@ -131,6 +154,52 @@ def short_lines(files: list[Path], root: Path, max_chars: int) -> list[tuple[str
             if set(line) <= PRINTABLE:
                 seen.add(line)
                 lines.append((key, line))
+    return lines
+
+
+def file_words(files: list[Path], root: Path, max_chars: int) -> list[tuple[str, list[str]]]:
+    """(key, words) for each of ``files`` that has any: the whitespace-separated words of its
+    printable-ASCII lines, comments included, each at most ``max_chars`` long."""
+    from moegpt.data.sources import stdlib_key
+
+    found = []
+    for path in files:
+        words = [
+            word
+            for raw in path.read_text(encoding="utf-8", errors="replace").splitlines()
+            for word in raw.split()
+            if len(word) <= max_chars and set(word) <= PRINTABLE
+        ]
+        if words:
+            found.append((stdlib_key(path, root), words))
+    return found
+
+
+def word_lines(
+    files: list[Path], root: Path, count: int, seed: int, max_chars: int
+) -> list[tuple[str, str]]:
+    """``count`` lines of 8 to ``max_chars`` characters, each of words drawn at random from
+    one file (chosen in proportion to its words) and keyed by it.
+
+    Their order is no one's, so a language model cannot recall such a line from a glimpse of
+    it, as it can a line of the code it trained on: the model has to read every word. The
+    words themselves are real (identifiers, keywords, numbers, punctuation as the code spells
+    them), so the spelling a language model knows still helps."""
+    by_file = file_words(files, root, max_chars)
+    sizes = np.array([len(words) for _, words in by_file], np.float64)
+    rng = np.random.default_rng(seed)
+    lines = []
+    while len(lines) < count:
+        key, words = by_file[rng.choice(len(by_file), p=sizes / sizes.sum())]
+        target = int(rng.integers(8, max_chars + 1))
+        line = words[rng.integers(len(words))]
+        while len(line) < target:
+            word = words[rng.integers(len(words))]
+            if len(line) + 1 + len(word) > max_chars:
+                break
+            line += " " + word
+        if len(line) >= 8:
+            lines.append((key, line))
     return lines
 
 
@@ -185,10 +254,13 @@ def rendered_lines(
 
 
 RENDERED_MAX_CHARS = 32
+WORD_LINES_CORPUS = "stdlib:rendered-words"
+RENDERED_CORPORA = ("stdlib:rendered", WORD_LINES_CORPUS)
 # How rendered lines are keyed for the split, in their fingerprint: lines were keyed by module
 # name before, which no other source shares (prepared data from then is rebuilt).
 RENDERED_KEYS = "keyed-by-file"
 FASHION_ITEMS = 10_000  # canvases made when a source asks for 0 (all)
+AUGMENT_SHIFT = 2  # pixels each way a training item may move with augment = true
 
 
 @dataclass
@@ -213,14 +285,22 @@ def _resized(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def load_image_corpus(
-    path: str, items: int, val_fraction: float, image_size: int, seed: int, where: str
+    path: str,
+    items: int,
+    val_fraction: float,
+    image_size: int,
+    seed: int,
+    where: str,
+    augment: bool = False,
 ) -> ImageCorpus:
     """The items of the built-in image-text corpus ``path`` at ``image_size`` pixels.
 
     ``stdlib:rendered``: ``items`` lines (0: all) of at most 32 characters, in a seeded order,
     drawn at a font size of a sixth of the image (lines that do not fit are left out), keyed
-    by file as the other stdlib sources are. ``debian:fashion-mnist``: ``items`` canvases (0:
-    10,000), the held-out share made from the dataset's test images."""
+    by file as the other stdlib sources are. ``stdlib:rendered-words``: the same for ``items``
+    lines of words in a random order (:func:`word_lines`). ``debian:fashion-mnist``: ``items``
+    canvases (0: 10,000), the held-out share made from the dataset's test images, the
+    training share's items :func:`augmented` with ``augment``."""
     from moegpt.data.sources import (
         EXTRACTION_VERSION,
         files_fingerprint,
@@ -229,10 +309,16 @@ def load_image_corpus(
     )
 
     settings = f"{EXTRACTION_VERSION}:{path}:{items}:{image_size}:{seed}:{val_fraction}"
-    if path == "stdlib:rendered":
+    settings += ":augment" if augment else ""
+    if path in RENDERED_CORPORA:
         files = stdlib_python_files()
-        lines = short_lines(files, stdlib_root(), RENDERED_MAX_CHARS)
-        order = np.random.default_rng(seed).permutation(len(lines))
+        if path == WORD_LINES_CORPUS:
+            # a few more than asked, for the lines too long for the image to be left out
+            lines = word_lines(files, stdlib_root(), items + items // 8, seed, RENDERED_MAX_CHARS)
+            order = np.arange(len(lines))
+        else:
+            lines = short_lines(files, stdlib_root(), RENDERED_MAX_CHARS)
+            order = np.random.default_rng(seed).permutation(len(lines))
         font_size = max(6, image_size // 6)
         made = []
         for i in order:
@@ -261,7 +347,8 @@ def load_image_corpus(
     parts = []
     for split, n, salt in (("train", count - held, 0), ("test", held, 1)):
         images, labels = fashion_mnist(split)
-        parts += list(fashion_canvases(images, labels, n, seed + salt, split))
+        trained = augment and split == "train"
+        parts += list(fashion_canvases(images, labels, n, seed + salt, split, trained))
     files = [FASHION_MNIST / name for pair in FASHION_FILES.values() for name in pair]
     return ImageCorpus(
         files,

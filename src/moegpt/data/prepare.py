@@ -162,10 +162,11 @@ def split_documents(
 
 def shaping_settings(source: SourceConfig) -> dict[str, Any]:
     """The source's settings that shape its documents: not epochs, weight and interleave,
-    which only steer the mixture, nor ``items`` outside image-text sources (so that text
-    folders prepared before the field existed stay up to date)."""
+    which only steer the mixture, nor ``items`` outside image-text sources nor ``augment``
+    while off (so that folders prepared before those fields existed stay up to date)."""
     unused = ("epochs", "weight", "interleave")
     unused += () if source.kind == "image_text" else ("items",)
+    unused += () if source.augment else ("augment",)
     return {k: v for k, v in asdict(source).items() if k not in unused}
 
 
@@ -378,7 +379,13 @@ def prepare(
             size = config.vision.image_size
             with stderr.status(f"drawing {source.name}'s images ({source.path})"):
                 corpus: Corpus | ImageCorpus = load_image_corpus(
-                    source.path, source.items, source.val_fraction, size, data.seed, where
+                    source.path,
+                    source.items,
+                    source.val_fraction,
+                    size,
+                    data.seed,
+                    where,
+                    source.augment,
                 )
         else:
             corpus = load_corpus(source, i)
