@@ -19,6 +19,7 @@ from moegpt.evals.vision import (
     classify,
     edit_distance,
     name_scores,
+    per_class_line,
     transcribe,
 )
 
@@ -110,8 +111,16 @@ def test_classification_by_likelihood_picks_the_preferred_name(tokenizer, shots)
         "items": 6,
         "accuracy": pytest.approx(2 / 6),
         "shots": shots,
-        "per_class": {"dress": 0.0, "sneaker": 1.0, "bag": 0.0, "coat": 0.0},
+        "per_class": {
+            "dress": {"accuracy": 0.0, "items": 1},
+            "sneaker": {"accuracy": 1.0, "items": 2},
+            "bag": {"accuracy": 0.0, "items": 2},
+            "coat": {"accuracy": 0.0, "items": 1},
+        },
     }
+    assert per_class_line(result["per_class"]) == (
+        "dress 0% of 1, coat 0% of 1, bag 0% of 2, sneaker 100% of 2"
+    )
     assert tokenizer.token_to_id(IMAGE) is not None
 
 

@@ -580,6 +580,7 @@ def _instruct(args: argparse.Namespace) -> dict:
 def _vision(args: argparse.Namespace) -> dict:
     import torch
 
+    from moegpt.config import FASHION_CORPUS, RENDERED_CORPUS
     from moegpt.evals.vision import (
         classify,
         gate_values,
@@ -616,7 +617,7 @@ def _vision(args: argparse.Namespace) -> dict:
             f"--config: vision.image_size {config.vision.image_size}, but the model reads "
             f"{model.config.image_size}-pixel images"
         )
-    path = "stdlib:rendered" if args.task == "transcribe" else "debian:fashion-mnist"
+    path = RENDERED_CORPUS if args.task == "transcribe" else FASHION_CORPUS
     with stderr.status(f"drawing the held-out items of {path}"):
         items = held_out_items(config, path, args.limit)
     if len(items.captions) < args.limit:

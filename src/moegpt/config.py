@@ -320,9 +320,12 @@ class VisionConfig(_Section):
         return self.enabled and self.objective == "clip"
 
 
-IMAGE_CORPORA = ("stdlib:rendered", "stdlib:rendered-words", "debian:fashion-mnist")
+RENDERED_CORPUS = "stdlib:rendered"  # lines of the stdlib's code, to transcribe
+WORD_LINES_CORPUS = "stdlib:rendered-words"  # its files' words in a random order
+FASHION_CORPUS = "debian:fashion-mnist"
+IMAGE_CORPORA = (RENDERED_CORPUS, WORD_LINES_CORPUS, FASHION_CORPUS)
 # Corpora with a held-out split of their own: their val_fraction sizes it and splits nothing else
-OWN_SPLIT_CORPORA = ("debian:fashion-mnist",)
+OWN_SPLIT_CORPORA = (FASHION_CORPUS,)
 CONVERSATION_CORPUS = "stdlib:instruct"  # the built-in corpus of kind = "chat"
 PACKAGES_CORPUS = "stdlib:packages"  # stdlib:code's files, grouped by package
 BUILTIN_CORPORA = (
@@ -362,7 +365,7 @@ class SourceConfig(_Section):
     items: int = _doc(
         0,
         "image_text: how many images to make (0 = every rendered line, 10,000 canvases; "
-        "stdlib:rendered-words needs a count)",
+        f"{WORD_LINES_CORPUS} needs a count)",
     )
     interleave: int = _doc(
         1,
@@ -372,7 +375,7 @@ class SourceConfig(_Section):
     )
     augment: bool = _doc(
         False,
-        "debian:fashion-mnist: each training canvas's items mirrored left-right at random and "
+        f"{FASHION_CORPUS}: each training canvas's items mirrored left-right at random and "
         "shifted by up to 2 pixels (held-out canvases stay as the dataset has them)",
     )
 
@@ -385,10 +388,14 @@ class SourceConfig(_Section):
             self._fail(
                 "path", f"image_text sources are {', '.join(IMAGE_CORPORA)}, not {self.path!r}"
             )
-        if self.augment and self.path != "debian:fashion-mnist":
-            self._fail("augment", f"augments debian:fashion-mnist's canvases, not {self.path!r}")
-        if self.path == "stdlib:rendered-words" and not self.items:
-            self._fail("items", "stdlib:rendered-words makes as many lines as asked: give a count")
+        if self.path in IMAGE_CORPORA and self.kind != "image_text":
+            self._fail("kind", f'{self.path} holds images with captions: kind = "image_text"')
+        if self.augment and self.path != FASHION_CORPUS:
+            self._fail(
+                "augment", f"only {FASHION_CORPUS}'s canvases are augmented, not {self.path}'s"
+            )
+        if self.path == WORD_LINES_CORPUS and not self.items:
+            self._fail("items", f"{WORD_LINES_CORPUS} makes as many lines as asked: give a count")
         if not self.name or not all(ch.isalnum() or ch in "-_" for ch in self.name):
             self._fail("name", f"must be non-empty letters, digits, - or _, got {self.name!r}")
         if not self.path:

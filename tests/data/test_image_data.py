@@ -6,13 +6,14 @@ out; and a recipe that cannot use images is refused in one line."""
 from __future__ import annotations
 
 import dataclasses
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from moegpt.config import ConfigError, load_config
+from moegpt.config import ConfigError, SourceConfig, load_config
 from moegpt.data.images import (
     FASHION_MNIST,
     RENDERED_MAX_CHARS,
@@ -22,7 +23,7 @@ from moegpt.data.images import (
     word_lines,
 )
 from moegpt.data.mixture import Mixture, MixtureLoader
-from moegpt.data.prepare import corpus_split, prepare
+from moegpt.data.prepare import held_out_score, prepare
 from moegpt.data.shards import open_split, read_manifest
 from moegpt.data.tokenizer import END_OF_TEXT, IMAGE, encode_documents, load_tokenizer
 from moegpt.errors import UserError
@@ -76,9 +77,13 @@ def test_word_lines_must_be_read_since_no_file_holds_them() -> None:
     from moegpt.data.sources import stdlib_python_files, stdlib_root
 
     files, root = stdlib_python_files()[:40], stdlib_root()
-    lines = word_lines(files, root, 2000, seed=3, max_chars=RENDERED_MAX_CHARS)
-    assert lines == word_lines(files, root, 2000, seed=3, max_chars=RENDERED_MAX_CHARS)
-    assert lines != word_lines(files, root, 2000, seed=4, max_chars=RENDERED_MAX_CHARS)
+
+    def draw(count: int, seed: int) -> list[tuple[str, str]]:
+        return list(islice(word_lines(files, root, seed, RENDERED_MAX_CHARS), count))
+
+    lines = draw(2000, seed=3)
+    assert lines == draw(2000, seed=3) and lines != draw(2000, seed=4)
+    assert draw(500, seed=3) == lines[:500]  # more lines asked for keep the first ones
     words = {key: set(found) for key, found in file_words(files, root, RENDERED_MAX_CHARS)}
     assert len(lines) == 2000
     for key, line in lines:
@@ -87,24 +92,49 @@ def test_word_lines_must_be_read_since_no_file_holds_them() -> None:
     assert len({key for key, _ in lines}) > 20  # drawn across the files
     assert len({line for _, line in lines}) > 0.95 * len(lines)
     real = {line for _, line in short_lines(files, root, RENDERED_MAX_CHARS)}
-    assert sum(line in real for _, line in lines) < 0.05 * len(lines)  # single words only
+    # a line of a file can come out again only by chance, one of a single word mostly
+    assert sum(line in real for _, line in lines) < 0.05 * len(lines)
 
 
 def test_word_lines_are_prepared_and_held_out_by_file(tmp_path: Path) -> None:
+    """The prepared shards hold every line asked for, each beside its own image, and no file
+    has lines on both sides of the split: held-out files are those the key split holds out."""
     config = recipe(tmp_path, "stdlib:rendered-words", 60)
+    data_dir = Path(config.data.data_dir)
     prepare(config, log=lambda m: None)
-    splits = read_manifest(Path(config.data.data_dir))["sources"]["images"]["splits"]
-    assert splits["train"]["documents"] + splits["val"]["documents"] == 60
+    manifest = read_manifest(data_dir)
+    tokenizer = load_tokenizer(data_dir / "tokenizer.json")
     made = load_image_corpus("stdlib:rendered-words", 60, 0.25, 32, config.data.seed, "test")
-    train, val = corpus_split(made, config.data.sources[0], config.data)
-    held = {made.keys[i] for i in val}
-    assert len(val) == splits["val"]["documents"] and held
-    assert held.isdisjoint(made.keys[i] for i in train)
+    key_of = dict(zip(made.documents, made.keys, strict=True))
+    keys = {}
+    for split in ("train", "val"):
+        opened = open_split(data_dir, manifest, "images", split)
+        captions = [
+            tokenizer.decode(opened.document(i)[1:-1].tolist()) for i in range(opened.documents)
+        ]
+        for i, caption in enumerate(captions):
+            assert np.array_equal(opened.image(i), made.images[made.documents.index(caption)])
+        keys[split] = {key_of[c] for c in captions}
+    assert sum(len(v) for v in keys.values()) <= 60 and keys["val"]
+    assert keys["train"].isdisjoint(keys["val"])
+    assert all(held_out_score(k, config.data.seed) < 0.25 for k in keys["val"])
+    assert all(held_out_score(k, config.data.seed) >= 0.25 for k in keys["train"])
 
 
-def test_word_lines_need_a_count(tmp_path: Path) -> None:
+def test_word_lines_need_a_count_and_an_image_they_fit(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"items: stdlib:rendered-words makes as many lines"):
         recipe(tmp_path, "stdlib:rendered-words", 0)
+    with pytest.raises(
+        UserError, match=r"test: only [\d,]+ of 80 lines of stdlib:rendered-words fit"
+    ):
+        load_image_corpus("stdlib:rendered-words", 20, 0.25, 12, 0, "test")
+
+
+def test_image_corpora_are_image_text_sources(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match=r"kind: stdlib:rendered-words holds images with captions"
+    ):
+        SourceConfig(name="w", kind="text", path="stdlib:rendered-words", items=5)
 
 
 def test_a_damaged_image_file_is_caught_on_loading(tmp_path: Path) -> None:

@@ -121,7 +121,9 @@ def test_augmenting_leaves_the_held_out_canvases_as_the_dataset_has_them() -> No
 
 
 def test_augment_is_for_fashion_canvases_only() -> None:
-    with pytest.raises(ConfigError, match=r"augment: augments debian:fashion-mnist's canvases"):
+    with pytest.raises(
+        ConfigError, match=r"augment: only debian:fashion-mnist's canvases are augmented"
+    ):
         SourceConfig(name="lines", kind="image_text", path="stdlib:rendered", augment=True)
 
 

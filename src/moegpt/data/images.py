@@ -3,11 +3,13 @@
 - **Rendered text**: short lines of the standard library's code drawn with Pillow (a Debian
   DejaVu font when installed, else Pillow's own), captioned with the line itself. The task is
   to transcribe them: the seed's "rendered LaTeX/text" data and its purpose, agents that read
-  what is in images. Each line keeps its module, so held-out modules are never trained on.
+  what is in images. Each line keeps its file's key, so held-out files are never trained on.
+- **Word lines**: the same, but each line is one file's words in a random order, which no
+  language model can recall from a glimpse and which must therefore be read.
 - **Fashion-MNIST** from Debian's ``dataset-fashion-mnist`` (70,000 28x28 grey images of ten
   kinds of clothing, MIT): two items composed onto one canvas side by side or stacked and
   captioned with where each is ("a sneaker to the left of a bag"), so a caption cannot be
-  guessed without the image.
+  guessed without the image; training items optionally mirrored and shifted.
 
 Images are grey ``uint8`` arrays (height, width); captions are plain text.
 """
@@ -15,13 +17,15 @@ Images are grey ``uint8`` arrays (height, width); captions are plain text.
 from __future__ import annotations
 
 import gzip
+import itertools
 import string
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from moegpt.config import FASHION_CORPUS, RENDERED_CORPUS, WORD_LINES_CORPUS
 from moegpt.errors import UserError
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -104,9 +108,10 @@ def compose(
 
 def augmented(item: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """``item`` mirrored left-right half the time and shifted by up to ``AUGMENT_SHIFT``
-    pixels each way, the uncovered edge filled with the dataset's black background: the
-    usual Fashion-MNIST augmentation, which gives an encoder more distinct views of the
-    60,000 training items than it can learn by heart."""
+    pixels each way, the uncovered edge filled with the dataset's black background and the
+    pixels shifted out lost (as a padded random crop loses them): the usual Fashion-MNIST
+    augmentation, which gives an encoder more distinct views of the 60,000 training items
+    than it can learn by heart."""
     if rng.integers(2):
         item = item[:, ::-1]
     dy, dx = rng.integers(-AUGMENT_SHIFT, AUGMENT_SHIFT + 1, size=2)
@@ -125,7 +130,8 @@ def fashion_canvases(
 ) -> Iterator[ImageText]:
     """``count`` canvases of two items each, drawn from ``images`` with ``seed``, each item
     :func:`augmented` with ``augment`` (by a generator of its own: the same pairs either way)."""
-    rng, views = np.random.default_rng(seed), np.random.default_rng([seed, 1])
+    rng = np.random.default_rng(seed)
+    views = np.random.default_rng([seed, 1])
     for i in range(count):
         a, b = rng.choice(len(images), size=2, replace=False)
         names = (FASHION_CLASSES[labels[a]], FASHION_CLASSES[labels[b]])
@@ -176,21 +182,23 @@ def file_words(files: list[Path], root: Path, max_chars: int) -> list[tuple[str,
 
 
 def word_lines(
-    files: list[Path], root: Path, count: int, seed: int, max_chars: int
-) -> list[tuple[str, str]]:
-    """``count`` lines of 8 to ``max_chars`` characters, each of words drawn at random from
-    one file (chosen in proportion to its words) and keyed by it.
+    files: list[Path], root: Path, seed: int, max_chars: int
+) -> Iterator[tuple[str, str]]:
+    """Endless (key, line): lines of 8 to ``max_chars`` characters, each of words drawn at
+    random from one file (chosen in proportion to its words) and keyed by it. The first n
+    lines are the same whatever is read after them.
 
     Their order is no one's, so a language model cannot recall such a line from a glimpse of
     it, as it can a line of the code it trained on: the model has to read every word. The
     words themselves are real (identifiers, keywords, numbers, punctuation as the code spells
-    them), so the spelling a language model knows still helps."""
+    them, and the comments' and docstrings' prose), drawn as often as the files use them, so
+    the spelling a language model knows still helps."""
     by_file = file_words(files, root, max_chars)
     sizes = np.array([len(words) for _, words in by_file], np.float64)
+    share = sizes / sizes.sum()
     rng = np.random.default_rng(seed)
-    lines = []
-    while len(lines) < count:
-        key, words = by_file[rng.choice(len(by_file), p=sizes / sizes.sum())]
+    while True:
+        key, words = by_file[rng.choice(len(by_file), p=share)]
         target = int(rng.integers(8, max_chars + 1))
         line = words[rng.integers(len(words))]
         while len(line) < target:
@@ -199,8 +207,7 @@ def word_lines(
                 break
             line += " " + word
         if len(line) >= 8:
-            lines.append((key, line))
-    return lines
+            yield key, line
 
 
 def load_font(size: int):  # -> ImageFont.FreeTypeFont | ImageFont.ImageFont
@@ -254,8 +261,14 @@ def rendered_lines(
 
 
 RENDERED_MAX_CHARS = 32
-WORD_LINES_CORPUS = "stdlib:rendered-words"
-RENDERED_CORPORA = ("stdlib:rendered", WORD_LINES_CORPUS)
+RENDERED_CORPORA = (RENDERED_CORPUS, WORD_LINES_CORPUS)
+# How each corpus is made, in its fingerprint: change one when changing what it makes, so that
+# prepared data from before is rebuilt rather than reused
+WORD_LINES_VERSION = "word-lines-1"
+AUGMENT_VERSION = "mirror-shift-1"
+# stdlib:rendered-words draws at most this many lines per item asked for, for the lines that
+# do not fit the image; an image that fits fewer is refused
+WORD_LINES_TRIES = 4
 # How rendered lines are keyed for the split, in their fingerprint: lines were keyed by module
 # name before, which no other source shares (prepared data from then is rebuilt).
 RENDERED_KEYS = "keyed-by-file"
@@ -309,27 +322,31 @@ def load_image_corpus(
     )
 
     settings = f"{EXTRACTION_VERSION}:{path}:{items}:{image_size}:{seed}:{val_fraction}"
-    settings += ":augment" if augment else ""
+    settings += f":{AUGMENT_VERSION}:{AUGMENT_SHIFT}" if augment else ""
     if path in RENDERED_CORPORA:
         files = stdlib_python_files()
+        lines: Iterable[tuple[str, str]]
         if path == WORD_LINES_CORPUS:
-            # a few more than asked, for the lines too long for the image to be left out
-            lines = word_lines(files, stdlib_root(), items + items // 8, seed, RENDERED_MAX_CHARS)
-            order = np.arange(len(lines))
+            settings += f":{WORD_LINES_VERSION}"
+            drawn = word_lines(files, stdlib_root(), seed, RENDERED_MAX_CHARS)
+            lines = itertools.islice(drawn, WORD_LINES_TRIES * items)
         else:
-            lines = short_lines(files, stdlib_root(), RENDERED_MAX_CHARS)
-            order = np.random.default_rng(seed).permutation(len(lines))
+            found = short_lines(files, stdlib_root(), RENDERED_MAX_CHARS)
+            lines = (found[i] for i in np.random.default_rng(seed).permutation(len(found)))
         font_size = max(6, image_size // 6)
         made = []
-        for i in order:
+        for key, line in lines:
             try:
-                made.append(
-                    ImageText(lines[i][0], render(lines[i][1], image_size, font_size), lines[i][1])
-                )
+                made.append(ImageText(key, render(line, image_size, font_size), line))
             except ValueError:  # too long for this image at this font size
                 continue
             if items and len(made) == items:
                 break
+        if path == WORD_LINES_CORPUS and len(made) < items:
+            raise UserError(
+                f"{where}: only {len(made):,} of {WORD_LINES_TRIES * items:,} lines of "
+                f"{path} fit a {image_size}-pixel image (vision.image_size), {items:,} asked"
+            )
         fingerprint = files_fingerprint(files, f"{settings}:{font_name()}:{RENDERED_KEYS}")
         return ImageCorpus(
             files,
@@ -340,15 +357,15 @@ def load_image_corpus(
             if made
             else np.zeros((0, image_size, image_size), np.uint8),
         )
-    if path != "debian:fashion-mnist":
+    if path != FASHION_CORPUS:
         raise UserError(f"{where}: unknown image-text corpus {path!r}")
     count = items or FASHION_ITEMS
     held = round(count * val_fraction)
     parts = []
     for split, n, salt in (("train", count - held, 0), ("test", held, 1)):
         images, labels = fashion_mnist(split)
-        trained = augment and split == "train"
-        parts += list(fashion_canvases(images, labels, n, seed + salt, split, trained))
+        views = augment and split == "train"
+        parts += list(fashion_canvases(images, labels, n, seed + salt, split, augment=views))
     files = [FASHION_MNIST / name for pair in FASHION_FILES.values() for name in pair]
     return ImageCorpus(
         files,

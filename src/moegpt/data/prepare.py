@@ -385,7 +385,7 @@ def prepare(
                     size,
                     data.seed,
                     where,
-                    source.augment,
+                    augment=source.augment,
                 )
         else:
             corpus = load_corpus(source, i)

@@ -8,7 +8,9 @@
   continuation of its caption so far (``a `` for the first, ``a sneaker to the left of a ``
   for the second), and the most likely name is the answer. With ``shots``, that many training
   canvases and their captions come first in the same sequence, each after its own image, laid
-  out as the recipe's interleaved episodes (``interleave`` on a source) train them.
+  out as the recipe's interleaved episodes (``interleave`` on a source) train them (with
+  ``augment`` on the source, those training canvases are augmented as trained; the query
+  never is). The accuracy is also given per class, with each class's count.
 - **gates**: tanh of each cross-attention block's attention and feed-forward gates, the share
   of the block that reaches the language model (0 when a block is closed).
 
@@ -61,7 +63,7 @@ def held_out_items(config: Config, path: str, limit: int) -> HeldOut:
         config.vision.image_size,
         config.data.seed,
         "--config",
-        source.augment,
+        augment=source.augment,
     )
     train, val = corpus_split(corpus, source, config.data)
     if not len(val):
@@ -174,17 +176,20 @@ def classify(
         # which kinds of clothing the errors are (the dataset's shirts, T-shirts, pullovers
         # and coats are known to be confused with each other)
         "per_class": {
-            name: sum(by_class[name]) / len(by_class[name])
+            name: {
+                "accuracy": sum(by_class[name]) / len(by_class[name]),
+                "items": len(by_class[name]),
+            }
             for name in FASHION_CLASSES
             if name in by_class
         },
     }
 
 
-def per_class_line(per_class: dict[str, float]) -> str:
+def per_class_line(per_class: dict[str, dict[str, float]]) -> str:
     """:func:`classify`'s accuracy per class, worst first, on one line."""
-    worst_first = sorted(per_class.items(), key=lambda item: item[1])
-    return ", ".join(f"{name} {accuracy:.0%}" for name, accuracy in worst_first)
+    worst_first = sorted(per_class.items(), key=lambda item: item[1]["accuracy"])
+    return ", ".join(f"{name} {c['accuracy']:.0%} of {c['items']:.0f}" for name, c in worst_first)
 
 
 def name_scores(
