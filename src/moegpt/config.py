@@ -613,6 +613,13 @@ class ParallelConfig(_Section):
         "mixed_precision_reduce); float32 sums as exactly as the ranks' shares allow",
     )
 
+    reshard_after_forward: bool = _doc(
+        True,
+        "FSDP2: free each block's gathered weights after its forward and gather them again "
+        "for its backward (ZeRO-3); false keeps them until the backward, one all-gather a "
+        "block a step instead of two for a whole bf16 copy of the weights on every rank",
+    )
+
     def validate(self) -> None:
         self._positive("dp_replicate", "dp_shard", "tp", "pp", "pp_microbatches", "ep", "cp")
         self._positive("timeout_s")

@@ -29,6 +29,7 @@ PP2 = ["--parallel.pp", "2", "--parallel.pp_microbatches", "2"]
 LAYOUTS: dict[str, tuple[int, list[str]]] = {
     "fsdp2": (2, ["--parallel.dp_shard", "2"]),
     "fsdp2-recompute": (2, ["--parallel.dp_shard", "2", "--train.activation_checkpointing=true"]),
+    "fsdp2-keep": (2, ["--parallel.dp_shard", "2", "--parallel.reshard_after_forward=false"]),
     "zero1": (2, ["--parallel.dp_replicate", "2", "--parallel.zero1", "true"]),
     "tp2": (2, ["--parallel.tp", "2"]),
     "pp2-gpipe": (2, [*PP2, "--parallel.pp_schedule", "gpipe"]),

@@ -145,6 +145,26 @@ def test_hsdp_shards_over_the_shard_group_only() -> None:
     assert hsdp.weights == pytest.approx(4 * psi / 4) and fsdp.weights == pytest.approx(4 * psi / 8)
 
 
+def test_fsdp_keeping_gathered_weights_holds_every_layers_bf16_copy() -> None:
+    """parallel.reshard_after_forward = false: each layer's gathered bf16 weights stay from
+    its forward to its backward, so at the turn the whole model is held in bf16 (2 bytes a
+    parameter), against two layers' worth (the current one and the prefetch) otherwise."""
+    from moegpt.config import load_config
+    from moegpt.plan.plan import PlanOptions, train_layout
+
+    whole = 2 * param_breakdown(DENSE).total
+    freed = training_memory(DENSE, TrainLayout(dp=4, zero_stage=3, seq_len=8), 80e9)
+    kept = training_memory(
+        DENSE, TrainLayout(dp=4, zero_stage=3, seq_len=8, keep_gathered=True), 80e9
+    )
+    assert kept.gathered_weights == pytest.approx(whole)
+    assert freed.gathered_weights == pytest.approx(whole * 2 / DENSE.n_layers)
+    assert kept.total - freed.total == pytest.approx(whole - freed.gathered_weights)
+    overrides = ["--parallel.dp_shard", "2", "--parallel.reshard_after_forward=false"]
+    layout, _ = train_layout(load_config("configs/tiny.toml", overrides), PlanOptions())
+    assert layout.keep_gathered and layout.zero_stage == 3
+
+
 def test_gqa_kv_heads_per_tensor_parallel_rank() -> None:
     from moegpt.plan.memory import kv_heads_per_rank
 

@@ -41,8 +41,9 @@ def apply_fsdp(model: Transformer, dims: ParallelDims, mp_policy: MixedPrecision
     blocks = list(model.layers.values())
     for block in blocks:
         # The backward starts with the last block: freeing its gathered weights after the
-        # forward would only gather them again at once (torchtitan keeps them too).
-        keep = block is blocks[-1]
+        # forward would only gather them again at once (torchtitan keeps them too). With
+        # parallel.reshard_after_forward = false every block keeps its own.
+        keep = block is blocks[-1] or not c.reshard_after_forward
         ignored = None
         if c.ep > 1:
             for experts in (m for m in block.modules() if isinstance(m, GroupedExperts)):

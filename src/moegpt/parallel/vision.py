@@ -43,6 +43,11 @@ def apply_vision_fsdp(
     apply_fsdp(model.lm, dims, mp_policy)
     mesh = dp_mesh(dims, "dp_shard")
     for part in [*model.xattn.values(), model.encoder, model.resampler]:
-        fully_shard(part, mesh=mesh, mp_policy=mp_policy)
+        fully_shard(
+            part,
+            mesh=mesh,
+            mp_policy=mp_policy,
+            reshard_after_forward=dims.config.reshard_after_forward,
+        )
     fully_shard(model, mesh=mesh, mp_policy=mp_policy)
     sum_gradients(model)

@@ -50,6 +50,7 @@ class TrainLayout:
     recompute: bool = False
     states: str = "fsdp-fp32-master"
     shard_group: int = 0  # ranks ZeRO shards over (HSDP: dp_shard of dp, x cp); 0 = all of dp
+    keep_gathered: bool = False  # ZeRO-3 with each layer's gathered weights kept for backward
 
     def validate(self, c: ModelConfig) -> None:
         for name in ("tp", "pp", "dp", "ep", "cp", "micro_batch", "seq_len", "pp_microbatches"):
@@ -268,8 +269,10 @@ def training_memory(c: ModelConfig, layout: TrainLayout, hbm_bytes: float) -> Me
         last = s == layout.pp - 1
         gathered = 0.0
         if z == 3 and params.layers:
-            # Two layers' unsharded bf16 weights in flight (the current one and the prefetch).
-            gathered = 2 * 2 * (params.shared + params.experts) / params.layers
+            # Two layers' unsharded bf16 weights in flight (the current one and the prefetch),
+            # or every layer's when each keeps its own from its forward to its backward.
+            layers_held = params.layers if layout.keep_gathered else 2
+            gathered = layers_held * 2 * (params.shared + params.experts) / params.layers
         estimates.append(
             MemoryEstimate(
                 weights=states[s].weights,

@@ -115,6 +115,7 @@ def train_layout(config: Config, opts: PlanOptions) -> tuple[TrainLayout, int]:
         recompute=train.activation_checkpointing if opts.recompute is None else opts.recompute,
         states=opts.states,
         shard_group=shard_group,
+        keep_gathered=not par.reshard_after_forward,
     )
     return layout, gpus
 
