@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from verbs import device_tag, median_train_metrics, moegpt, moegpt_streamed, rate, save
 
-from moegpt.config import load_config
+from moegpt.config import WORD_LINES_CORPUS, load_config
 from moegpt.data.mixture import IGNORE_INDEX, Mixture, MixtureLoader
 from moegpt.evals.vision import gate_values, per_class_line
 from moegpt.train.trainer import Trainer, lm_loss_sum
@@ -129,8 +129,12 @@ def flamingo_stage(
     moegpt("export", run_dir, str(export), "--force")
     began = time.perf_counter()
     common = ["--config", args.config, "--limit", str(args.eval_items), "--json"]
-    for task in ("transcribe", "classify"):
-        result[task] = json.loads(moegpt("eval", str(export), "--task", task, *common))[task]
+    tasks = [("transcribe", "transcribe", []), ("classify", "classify", [])]
+    if any(s.path == WORD_LINES_CORPUS for s in load_config(args.config).data.sources):
+        tasks.insert(1, ("transcribe_words", "transcribe", ["--lines", "words"]))
+    for key, task, extra in tasks:
+        found = moegpt("eval", str(export), "--task", task, *common, *extra)
+        result[key] = json.loads(found)[task]
         result["eval_seconds"] = time.perf_counter() - began
         progress(dict(result))
 
@@ -178,11 +182,12 @@ def stage_lines(name: str, result: dict) -> list[str]:
     for key, label in (("own", "after, whole split"), ("swapped", "  images swapped")):
         cells = "  ".join(f"{paired[s][key]:>9.3f}" for s in sources)
         lines.append(f"  {label:<23} {cells}")
-    if found := result.get("transcribe"):
-        lines.append(
-            f"  transcribe: character error rate {found['character_error_rate']:.1%} over "
-            f"{found['lines']} held-out lines ({found['exact_match']:.1%} exact)"
-        )
+    for key, what in (("transcribe", "lines"), ("transcribe_words", "word lines")):
+        if found := result.get(key):
+            lines.append(
+                f"  transcribe: character error rate {found['character_error_rate']:.1%} over "
+                f"{found['lines']} held-out {what} ({found['exact_match']:.1%} exact)"
+            )
     for shots in result.get("classify", []):
         lines.append(
             f"  classify, {shots['shots']}-shot: accuracy {shots['accuracy']:.1%} over "

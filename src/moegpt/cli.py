@@ -580,7 +580,7 @@ def _instruct(args: argparse.Namespace) -> dict:
 def _vision(args: argparse.Namespace) -> dict:
     import torch
 
-    from moegpt.config import FASHION_CORPUS, RENDERED_CORPUS
+    from moegpt.config import FASHION_CORPUS, RENDERED_CORPUS, WORD_LINES_CORPUS
     from moegpt.evals.vision import (
         classify,
         gate_values,
@@ -617,7 +617,9 @@ def _vision(args: argparse.Namespace) -> dict:
             f"--config: vision.image_size {config.vision.image_size}, but the model reads "
             f"{model.config.image_size}-pixel images"
         )
-    path = RENDERED_CORPUS if args.task == "transcribe" else FASHION_CORPUS
+    path = FASHION_CORPUS
+    if args.task == "transcribe":
+        path = RENDERED_CORPUS if args.lines == "code" else WORD_LINES_CORPUS
     with stderr.status(f"drawing the held-out items of {path}"):
         items = held_out_items(config, path, args.limit)
     if len(items.captions) < args.limit:
@@ -1075,6 +1077,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--shots", default="0,4", help="classify: training canvases before each query (0,4)"
+    )
+    ev.add_argument(
+        "--lines",
+        choices=["code", "words"],
+        default="code",
+        help="transcribe: the held-out lines of the recipe's stdlib:rendered source (code, as "
+        "written) or of its stdlib:rendered-words source (words in a random order, which "
+        "must be read: no recall helps)",
     )
     ev.add_argument(
         "--chat",

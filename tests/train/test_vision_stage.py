@@ -157,6 +157,9 @@ def test_a_vision_run_exports_and_starts_the_next_stage(tmp_path, parent, capsys
     assert len(found["gates"]) == config.model.n_layers  # a block before every layer
     assert main(args) == 2
     assert "--config: the transcribe task needs the vision recipe" in capsys.readouterr().err
+    assert main([*args, "--lines", "words", "--config", str(tmp_path / "vision.toml")]) == 2
+    error = capsys.readouterr().err  # --lines words reads the recipe's word lines
+    assert "--config: the recipe has no image_text source 'stdlib:rendered-words'" in error
     assert main(["eval", str(parent), *args[2:], "--config", str(tmp_path / "vision.toml")]) == 2
     assert "a language model; this needs a vision model's folder" in capsys.readouterr().err
 
