@@ -285,7 +285,7 @@ def test_a_clip_stage_after_a_clip_stage_keeps_its_heads_width(tmp_path, parent)
     with pytest.raises(UserError, match="vision.clip_dim: 64 differs from 128 in train.init"):
         Trainer(wider, tmp_path / "wider", log=lambda m: None).prepare(resume=False)
     with pytest.raises(ConfigError, match="vision.objective: the clip stage learns from"):
-        recipe(tmp_path, *clip, "--data.sources.0.kind", "text")
+        recipe(tmp_path, *clip, "--data.sources.0.kind=text", "--data.sources.0.path=stdlib:code")
 
 
 def test_the_clip_stage_refuses_tensor_parallelism(tmp_path, parent) -> None:
