@@ -252,14 +252,6 @@ def render(text: str, image_size: int, font_size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def rendered_lines(
-    lines: list[tuple[str, str]], image_size: int, font_size: int
-) -> Iterator[ImageText]:
-    """Each (module, line) drawn, captioned with the line itself."""
-    for module, line in lines:
-        yield ImageText(module, render(line, image_size, font_size), line)
-
-
 RENDERED_MAX_CHARS = 32
 RENDERED_CORPORA = (RENDERED_CORPUS, WORD_LINES_CORPUS)
 # How each corpus is made, in its fingerprint: change one when changing what it makes, so that
