@@ -288,3 +288,42 @@ def test_data_inspect_reports_padding_and_episodes(tmp_path: Path) -> None:
     ]
     assert whole["documents_per_episode"] == pytest.approx(np.mean(per_episode))
     assert 1 < whole["documents_per_episode"] <= 4
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "stdlib:rendered",
+        "stdlib:rendered-words",
+        pytest.param(
+            "debian:fashion-mnist",
+            marks=pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="no Fashion-MNIST"),
+        ),
+    ],
+)
+def test_held_out_items_read_back_from_the_shards_equal_those_drawn_again(
+    tmp_path: Path, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The evaluations read a prepared recipe's held-out items back from its shards (drawing
+    250,000 lines again took minutes) and get what drawing them again gives; a folder
+    prepared with other settings is not read, and the items are drawn again."""
+    from moegpt.evals import vision
+
+    config = recipe(tmp_path, path, 60)
+    drawn = vision.held_out_items(config, path, 8)  # nothing prepared yet: drawn
+    prepare(config, log=lambda m: None)
+    calls = []
+    draw = vision.load_image_corpus
+    monkeypatch.setattr(
+        vision, "load_image_corpus", lambda *a, **k: calls.append(a) or draw(*a, **k)
+    )
+    read = vision.held_out_items(config, path, 8)
+    assert not calls  # read back, not drawn
+    assert read.captions == drawn.captions and np.array_equal(read.images, drawn.images)
+    assert len(read.train_captions) == len(drawn.train_captions) == len(read.train_images)
+    for i in (0, len(drawn.train_captions) - 1):
+        assert read.train_captions[i] == drawn.train_captions[i]
+        assert np.array_equal(read.train_images[i], drawn.train_images[i])
+    other = recipe(tmp_path, path, 40)  # the same folder, prepared for 60 items
+    vision.held_out_items(other, path, 8)
+    assert len(calls) == 1

@@ -14,8 +14,9 @@
 - **gates**: tanh of each cross-attention block's attention and feed-forward gates, the share
   of the block that reaches the language model (0 when a block is closed).
 
-The held-out items are the recipe's own validation split, drawn as `moegpt prepare` draws
-them. The model runs without a cache (each new token recomputes the sequence): lines are at
+The held-out items are the recipe's own validation split: read back from its prepared data
+folder when that holds the source with the recipe's settings, else drawn as `moegpt
+prepare` draws them. The model runs without a cache (each new token recomputes the sequence): lines are at
 most 32 characters, so that costs little, and the measure stays independent of the serving
 engine it could otherwise share a bug with.
 """
@@ -23,7 +24,9 @@ engine it could otherwise share a bug with.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,8 +34,9 @@ import torch
 
 from moegpt.config import Config, SourceConfig
 from moegpt.data.images import FASHION_CLASSES, ImageCorpus, load_image_corpus
-from moegpt.data.prepare import corpus_split
-from moegpt.data.tokenizer import END_OF_TEXT, IMAGE
+from moegpt.data.prepare import corpus_split, source_settings
+from moegpt.data.shards import SplitTokens, open_split, read_manifest
+from moegpt.data.tokenizer import END_OF_TEXT, IMAGE, load_tokenizer
 from moegpt.errors import UserError
 from moegpt.model.vision import VisionLanguageModel
 
@@ -45,17 +49,51 @@ class HeldOut:
 
     images: np.ndarray  # (n, size, size) uint8
     captions: list[str]
-    train_images: np.ndarray
-    train_captions: list[str]
+    train_images: Sequence[np.ndarray]
+    train_captions: Sequence[str]
+
+
+class _PreparedCaptions(Sequence[str]):
+    """The captions of a prepared image-text split, decoded on demand from each document's
+    tokens (``<|image|>``, the caption, end-of-text)."""
+
+    def __init__(self, split: SplitTokens, tokenizer: Any) -> None:
+        self.split, self.tokenizer = split, tokenizer
+
+    def __len__(self) -> int:
+        return self.split.documents
+
+    def __getitem__(self, i: int) -> str:  # type: ignore[override]
+        return self.tokenizer.decode(self.split.document(int(i))[1:-1].tolist())
+
+
+class _PreparedImages(Sequence[np.ndarray]):
+    """The images of a prepared image-text split, read on demand."""
+
+    def __init__(self, split: SplitTokens) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return self.split.documents
+
+    def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
+        image = self.split.image(int(i))
+        assert image is not None  # an image-text split has one a document
+        return image
 
 
 def held_out_items(config: Config, path: str, limit: int) -> HeldOut:
     """The first ``limit`` held-out items of the recipe's ``path`` image-text source, split
-    exactly as `moegpt prepare` splits it."""
+    exactly as `moegpt prepare` splits it: read back from the recipe's prepared data folder
+    when it holds the source prepared with these settings (instant, where drawing 250,000
+    lines again takes minutes), else drawn again."""
     sources = [s for s in config.data.sources if s.kind == "image_text" and s.path == path]
     if not sources:
         raise UserError(f"--config: the recipe has no image_text source {path!r}")
     source: SourceConfig = sources[0]
+    prepared = _prepared_items(config, source, limit)
+    if prepared is not None:
+        return prepared
     corpus: ImageCorpus = load_image_corpus(
         path,
         source.items,
@@ -74,6 +112,34 @@ def held_out_items(config: Config, path: str, limit: int) -> HeldOut:
         [corpus.documents[i] for i in val],
         corpus.images[train],
         [corpus.documents[i] for i in train],
+    )
+
+
+def _prepared_items(config: Config, source: SourceConfig, limit: int) -> HeldOut | None:
+    """:func:`held_out_items` from the shards `moegpt prepare` wrote (validation documents in
+    the order the split drew them, each file checked against the manifest), or None when the
+    data folder has no manifest or holds the source with other settings."""
+    data_dir = Path(config.data.data_dir)
+    try:
+        manifest = read_manifest(data_dir)
+    except UserError:
+        return None
+    entry = manifest["sources"].get(source.name)
+    settings = source_settings(source, config.data.seed, config.data.exclude_below)
+    if entry is None or entry.get("settings") != settings:
+        return None
+    tokenizer = load_tokenizer(data_dir / manifest["tokenizer"]["file"])
+    val = open_split(data_dir, manifest, source.name, "val")
+    if not val.documents:
+        raise UserError(f"--config: source {source.name!r} holds out no items (val_fraction)")
+    train = open_split(data_dir, manifest, source.name, "train")
+    count = min(limit, val.documents)
+    images, captions = _PreparedImages(val), _PreparedCaptions(val, tokenizer)
+    return HeldOut(
+        np.stack([images[i] for i in range(count)]),
+        [captions[i] for i in range(count)],
+        _PreparedImages(train),
+        _PreparedCaptions(train, tokenizer),
     )
 
 
