@@ -321,9 +321,10 @@ def test_held_out_items_read_back_from_the_shards_equal_those_drawn_again(
     assert not calls  # read back, not drawn
     assert read.captions == drawn.captions and np.array_equal(read.images, drawn.images)
     assert len(read.train_captions) == len(drawn.train_captions) == len(read.train_images)
-    for i in (0, len(drawn.train_captions) - 1):
+    for i in (0, len(drawn.train_captions) - 1, -2):
         assert read.train_captions[i] == drawn.train_captions[i]
         assert np.array_equal(read.train_images[i], drawn.train_images[i])
+    assert list(read.train_captions) == list(drawn.train_captions)  # and iteration ends
     other = recipe(tmp_path, path, 40)  # the same folder, prepared for 60 items
     vision.held_out_items(other, path, 8)
     assert len(calls) == 1

@@ -16,9 +16,9 @@
 
 The held-out items are the recipe's own validation split: read back from its prepared data
 folder when that holds the source with the recipe's settings, else drawn as `moegpt
-prepare` draws them. The model runs without a cache (each new token recomputes the sequence): lines are at
-most 32 characters, so that costs little, and the measure stays independent of the serving
-engine it could otherwise share a bug with.
+prepare` draws them. The model runs without a cache (each new token recomputes the
+sequence): lines are at most 32 characters, so that costs little, and the measure stays
+independent of the serving engine it could otherwise share a bug with.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class _PreparedCaptions(Sequence[str]):
         return self.split.documents
 
     def __getitem__(self, i: int) -> str:  # type: ignore[override]
-        return self.tokenizer.decode(self.split.document(int(i))[1:-1].tolist())
+        return self.tokenizer.decode(self.split.document(_index(i, len(self)))[1:-1].tolist())
 
 
 class _PreparedImages(Sequence[np.ndarray]):
@@ -77,9 +77,16 @@ class _PreparedImages(Sequence[np.ndarray]):
         return self.split.documents
 
     def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
-        image = self.split.image(int(i))
+        image = self.split.image(_index(i, len(self)))
         assert image is not None  # an image-text split has one a document
         return image
+
+
+def _index(i: int, length: int) -> int:
+    """``i`` as a list takes it (negative from the end), or IndexError."""
+    if not -length <= i < length:
+        raise IndexError(f"item {i} of {length}")
+    return int(i) % length
 
 
 def held_out_items(config: Config, path: str, limit: int) -> HeldOut:
