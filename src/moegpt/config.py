@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import tomllib
 import typing
 from collections.abc import Mapping, Sequence
@@ -446,10 +447,17 @@ class DataConfig(_Section):
     long_documents: Literal["truncate", "skip"] = _doc(
         "truncate", "packing = documents: a document longer than seq_len is cut to it or left out"
     )
-    workers: int = _doc(0, "tokenizer worker processes for `moegpt prepare`; 0 = one per core")
+    workers: int = _doc(
+        0, "worker processes of `moegpt prepare` (tokenizing, drawing lines); 0 = one per core"
+    )
     sources: tuple[SourceConfig, ...] = _doc(
         DEFAULT_SOURCES, "the mixture: [[data.sources]] tables (default: stdlib code x4, text x2)"
     )
+
+    @property
+    def worker_processes(self) -> int:
+        """``workers``, with 0 as one per core."""
+        return self.workers or os.cpu_count() or 1
 
     @property
     def exclude_below(self) -> float:

@@ -74,6 +74,31 @@ def test_canvases_are_reproducible_and_captioned_from_the_labels() -> None:
         assert all(name in item.caption for name in named) and len(named) == 2
 
 
+@pytest.mark.parametrize("path", ["stdlib:rendered", "stdlib:rendered-words"])
+def test_lines_drawn_by_worker_processes_are_those_one_process_draws(path: str) -> None:
+    """Two processes, chunk by chunk in order, a few chunks ahead: the same lines with the
+    same images, stopping at ``items`` (2,500 spans three chunks and part of a fourth)."""
+    one = load_image_corpus(path, 2500, 0.1, 32, 0, "test")
+    two = load_image_corpus(path, 2500, 0.1, 32, 0, "test", workers=2)
+    assert len(one.documents) == 2500
+    assert one.documents == two.documents and one.keys == two.keys
+    assert np.array_equal(one.images, two.images)
+
+
+def test_drawing_stops_at_the_lines_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    from moegpt.data import images
+
+    drawn: list[int] = []
+    real = images._draw_chunk
+    monkeypatch.setattr(
+        images, "_draw_chunk", lambda lines, *a: drawn.append(len(lines)) or real(lines, *a)
+    )
+    lines = [(f"k{i}", f"line {i:05d}") for i in range(100_000)]
+    made = images.draw_lines(lines, 1500, 32, 1, 1500, "test")
+    assert [m.caption for m in made] == [line for _, line in lines[:1500]]
+    assert drawn == [images.DRAW_CHUNK, images.DRAW_CHUNK]  # not the other 97,952 lines
+
+
 def test_an_augmented_item_is_the_item_mirrored_or_not_and_moved_at_most_two_pixels() -> None:
     rng = np.random.default_rng(0)
     item = np.zeros((12, 12), np.uint8)

@@ -19,13 +19,17 @@ from __future__ import annotations
 import gzip
 import itertools
 import string
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from moegpt.config import FASHION_CORPUS, RENDERED_CORPUS, WORD_LINES_CORPUS
+from moegpt.console import progress
 from moegpt.errors import UserError
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -210,6 +214,74 @@ def word_lines(
             yield key, line
 
 
+def _draw_chunk(
+    lines: list[tuple[str, str]], image_size: int, font_size: int
+) -> list[np.ndarray | None]:
+    """Each line drawn, or None where it does not fit the image: one worker's share."""
+    drawn: list[np.ndarray | None] = []
+    for _, line in lines:
+        try:
+            drawn.append(render(line, image_size, font_size))
+        except ValueError:  # too long for this image at this font size
+            drawn.append(None)
+    return drawn
+
+
+def _chunked(lines: Iterable[tuple[str, str]]) -> Iterator[list[tuple[str, str]]]:
+    it = iter(lines)
+    while chunk := list(itertools.islice(it, DRAW_CHUNK)):
+        yield chunk
+
+
+def _drawn_in_order(
+    pool: ProcessPoolExecutor,
+    ahead: int,
+    chunks: Iterator[list[tuple[str, str]]],
+    size: int,
+    font: int,
+) -> Iterator[tuple[list[tuple[str, str]], list[np.ndarray | None]]]:
+    """(chunk, its drawings) in order, ``ahead`` chunks at most in the pool: no more are
+    drawn than the caller reads, so a source that stops at ``items`` stops drawing there."""
+    pending: deque = deque()
+    for chunk in chunks:
+        pending.append((chunk, pool.submit(_draw_chunk, chunk, size, font)))
+        if len(pending) >= ahead:
+            done, future = pending.popleft()
+            yield done, future.result()
+    while pending:
+        done, future = pending.popleft()
+        yield done, future.result()
+
+
+def draw_lines(
+    lines: Iterable[tuple[str, str]],
+    items: int,
+    image_size: int,
+    workers: int,
+    expected: int,
+    label: str,
+) -> list[ImageText]:
+    """The first ``items`` (0: all) of ``lines`` (key, text) that fit the image, drawn at a
+    font size of a sixth of it by ``workers`` processes, in order (the same images as one
+    process draws), with a progress bar over the ``expected`` lines."""
+    font_size = max(6, image_size // 6)
+    made: list[ImageText] = []
+    with ExitStack() as stack:
+        chunks = _chunked(lines)
+        if workers > 1:
+            pool = stack.enter_context(ProcessPoolExecutor(workers))
+            results = _drawn_in_order(pool, 2 * workers, chunks, image_size, font_size)
+        else:
+            results = ((chunk, _draw_chunk(chunk, image_size, font_size)) for chunk in chunks)
+        for chunk, drawn in progress(results, label, -(-expected // DRAW_CHUNK)):
+            for (key, line), image in zip(chunk, drawn, strict=True):
+                if image is not None:
+                    made.append(ImageText(key, image, line))
+                if items and len(made) == items:
+                    return made
+    return made
+
+
 def load_font(size: int):  # -> ImageFont.FreeTypeFont | ImageFont.ImageFont
     """A monospaced DejaVu font when Debian's fonts are installed, else Pillow's own."""
     from PIL import ImageFont
@@ -261,6 +333,7 @@ AUGMENT_VERSION = "mirror-shift-1"
 # stdlib:rendered-words draws at most this many lines per item asked for, for the lines that
 # do not fit the image; an image that fits fewer is refused
 WORD_LINES_TRIES = 4
+DRAW_CHUNK = 1024  # lines a drawing worker takes at a time
 # How rendered lines are keyed for the split, in their fingerprint: lines were keyed by module
 # name before, which no other source shares (prepared data from then is rebuilt).
 RENDERED_KEYS = "keyed-by-file"
@@ -297,6 +370,7 @@ def load_image_corpus(
     seed: int,
     where: str,
     augment: bool = False,
+    workers: int = 1,
 ) -> ImageCorpus:
     """The items of the built-in image-text corpus ``path`` at ``image_size`` pixels.
 
@@ -305,7 +379,8 @@ def load_image_corpus(
     by file as the other stdlib sources are. ``stdlib:rendered-words``: the same for ``items``
     lines of words in a random order (:func:`word_lines`). ``debian:fashion-mnist``: ``items``
     canvases (0: 10,000), the held-out share made from the dataset's test images, the
-    training share's items :func:`augmented` with ``augment``."""
+    training share's items :func:`augmented` with ``augment``. Lines are drawn by
+    ``workers`` processes."""
     from moegpt.data.sources import (
         EXTRACTION_VERSION,
         files_fingerprint,
@@ -321,19 +396,12 @@ def load_image_corpus(
         if path == WORD_LINES_CORPUS:
             settings += f":{WORD_LINES_VERSION}"
             drawn = word_lines(files, stdlib_root(), seed, RENDERED_MAX_CHARS)
-            lines = itertools.islice(drawn, WORD_LINES_TRIES * items)
+            lines, expected = itertools.islice(drawn, WORD_LINES_TRIES * items), items
         else:
             found = short_lines(files, stdlib_root(), RENDERED_MAX_CHARS)
             lines = (found[i] for i in np.random.default_rng(seed).permutation(len(found)))
-        font_size = max(6, image_size // 6)
-        made = []
-        for key, line in lines:
-            try:
-                made.append(ImageText(key, render(line, image_size, font_size), line))
-            except ValueError:  # too long for this image at this font size
-                continue
-            if items and len(made) == items:
-                break
+            expected = min(items, len(found)) if items else len(found)
+        made = draw_lines(lines, items, image_size, workers, expected, f"drawing {path}")
         if path == WORD_LINES_CORPUS and len(made) < items:
             raise UserError(
                 f"{where}: only {len(made):,} of {WORD_LINES_TRIES * items:,} lines of "

@@ -368,7 +368,7 @@ def prepare(
         )
     except UserError:
         previous = {}  # unreadable, edited or inconsistent: rebuild everything, trust nothing
-    workers = data.workers or os.cpu_count() or 1
+    workers = data.worker_processes
     exclude_below = data.exclude_below
 
     corpora: list[tuple[SourceConfig, Corpus | ImageCorpus]] = []
@@ -386,6 +386,7 @@ def prepare(
                     data.seed,
                     where,
                     augment=source.augment,
+                    workers=workers,
                 )
         else:
             corpus = load_corpus(source, i)

@@ -109,6 +109,7 @@ def held_out_items(config: Config, path: str, limit: int) -> HeldOut:
         config.data.seed,
         "--config",
         augment=source.augment,
+        workers=config.data.worker_processes,
     )
     train, val = corpus_split(corpus, source, config.data)
     if not len(val):
