@@ -589,7 +589,7 @@ def _vision(args: argparse.Namespace) -> dict:
         transcribe,
     )
     from moegpt.serve.engine import folder_tokenizer, weights_dtype
-    from moegpt.weights import load_vision
+    from moegpt.weights import check_folder, load_vision
 
     if not args.config:
         raise UserError(
@@ -607,21 +607,22 @@ def _vision(args: argparse.Namespace) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = _load(args)
     dtype = weights_dtype(config.serve, device)
+    vision = check_folder(args.model_dir, verify=False).vision
+    if vision is not None and config.vision.image_size != vision.image_size:
+        raise UserError(
+            f"--config: vision.image_size {config.vision.image_size}, but the model reads "
+            f"{vision.image_size}-pixel images"
+        )
+    path = FASHION_CORPUS
+    if args.task == "transcribe":
+        path = RENDERED_CORPUS if args.lines == "code" else WORD_LINES_CORPUS
+    # Before the model is on the GPU: drawing them again starts worker processes.
+    items = held_out_items(config, path, args.limit)
     with stderr.status(f"loading {args.model_dir}"):
         model = load_vision(args.model_dir, device=device, dtype=dtype)
     tokenizer, _ = folder_tokenizer(args.model_dir)
     if tokenizer is None:
         raise UserError(f"{args.model_dir}: the {args.task} task needs the model's tokenizer.json")
-    if config.vision.image_size != model.config.image_size:
-        raise UserError(
-            f"--config: vision.image_size {config.vision.image_size}, but the model reads "
-            f"{model.config.image_size}-pixel images"
-        )
-    path = FASHION_CORPUS
-    if args.task == "transcribe":
-        path = RENDERED_CORPUS if args.lines == "code" else WORD_LINES_CORPUS
-    with stderr.status(f"drawing the held-out items of {path}"):
-        items = held_out_items(config, path, args.limit)
     if len(items.captions) < args.limit:
         stderr.print(
             f"{path}: the recipe holds out {len(items.captions)} items (--limit {args.limit})",

@@ -327,4 +327,6 @@ def test_held_out_items_read_back_from_the_shards_equal_those_drawn_again(
     assert list(read.train_captions) == list(drawn.train_captions)  # and iteration ends
     other = recipe(tmp_path, path, 40)  # the same folder, prepared for 60 items
     vision.held_out_items(other, path, 8)
-    assert len(calls) == 1
+    larger = recipe(tmp_path, path, 60, "--vision.image_size=48")  # prepared at 32 pixels
+    assert vision.held_out_items(larger, path, 8).images.shape[1:] == (48, 48)
+    assert len(calls) == 2

@@ -94,7 +94,7 @@ def test_drawing_stops_at_the_lines_asked_for(monkeypatch: pytest.MonkeyPatch) -
         images, "_draw_chunk", lambda lines, *a: drawn.append(len(lines)) or real(lines, *a)
     )
     lines = [(f"k{i}", f"line {i:05d}") for i in range(100_000)]
-    made = images.draw_lines(lines, 1500, 32, 1, 1500, "test")
+    made = images.draw_lines(lines, items=1500, image_size=32, workers=1, expected=1500)
     assert [m.caption for m in made] == [line for _, line in lines[:1500]]
     assert drawn == [images.DRAW_CHUNK, images.DRAW_CHUNK]  # not the other 97,952 lines
 

@@ -18,18 +18,19 @@ from __future__ import annotations
 
 import gzip
 import itertools
+import multiprocessing
 import string
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from moegpt.config import FASHION_CORPUS, RENDERED_CORPUS, WORD_LINES_CORPUS
-from moegpt.console import progress
+from moegpt.config import IMAGE_CORPORA, RENDERED_CORPUS, WORD_LINES_CORPUS
+from moegpt.console import progress, stderr
 from moegpt.errors import UserError
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -54,6 +55,7 @@ FONT_CANDIDATES = (  # Debian's fonts-dejavu-core: monospaced, so lines wrap pre
     Path("/usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf"),
 )
 PRINTABLE = set(string.ascii_letters + string.digits + string.punctuation + " ")
+DRAW_CHUNK = 1024  # lines a drawing worker takes at a time
 
 
 @dataclass(frozen=True)
@@ -242,7 +244,7 @@ def _drawn_in_order(
 ) -> Iterator[tuple[list[tuple[str, str]], list[np.ndarray | None]]]:
     """(chunk, its drawings) in order, ``ahead`` chunks at most in the pool: no more are
     drawn than the caller reads, so a source that stops at ``items`` stops drawing there."""
-    pending: deque = deque()
+    pending: deque[tuple[list[tuple[str, str]], Future[list[np.ndarray | None]]]] = deque()
     for chunk in chunks:
         pending.append((chunk, pool.submit(_draw_chunk, chunk, size, font)))
         if len(pending) >= ahead:
@@ -255,26 +257,33 @@ def _drawn_in_order(
 
 def draw_lines(
     lines: Iterable[tuple[str, str]],
+    *,
     items: int,
     image_size: int,
     workers: int,
-    expected: int,
-    label: str,
+    expected: int | None,
 ) -> list[ImageText]:
     """The first ``items`` (0: all) of ``lines`` (key, text) that fit the image, drawn at a
-    font size of a sixth of it by ``workers`` processes, in order (the same images as one
-    process draws), with a progress bar over the ``expected`` lines."""
+    font size of a sixth of it by up to ``workers`` processes, in order (the same images as
+    one process draws), with a progress bar over chunks of the ``expected`` lines (None:
+    unknown). The workers start from a fresh interpreter (forkserver), never a fork of a
+    process that may hold a GPU context or a console lock."""
     font_size = max(6, image_size // 6)
     made: list[ImageText] = []
+    chunks = None if expected is None else -(-expected // DRAW_CHUNK)
+    workers = min(workers, chunks or workers)
     with ExitStack() as stack:
-        chunks = _chunked(lines)
+        batches = _chunked(lines)
         if workers > 1:
-            pool = stack.enter_context(ProcessPoolExecutor(workers))
-            results = _drawn_in_order(pool, 2 * workers, chunks, image_size, font_size)
+            context = multiprocessing.get_context("forkserver")
+            pool = ProcessPoolExecutor(workers, mp_context=context)
+            # an early stop at ``items`` drops the look-ahead chunks not yet started
+            stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+            results = _drawn_in_order(pool, 2 * workers, batches, image_size, font_size)
         else:
-            results = ((chunk, _draw_chunk(chunk, image_size, font_size)) for chunk in chunks)
-        for chunk, drawn in progress(results, label, -(-expected // DRAW_CHUNK)):
-            for (key, line), image in zip(chunk, drawn, strict=True):
+            results = ((batch, _draw_chunk(batch, image_size, font_size)) for batch in batches)
+        for batch, drawn in progress(results, f"drawing {image_size}-pixel lines", chunks):
+            for (key, line), image in zip(batch, drawn, strict=True):
                 if image is not None:
                     made.append(ImageText(key, image, line))
                 if items and len(made) == items:
@@ -333,7 +342,6 @@ AUGMENT_VERSION = "mirror-shift-1"
 # stdlib:rendered-words draws at most this many lines per item asked for, for the lines that
 # do not fit the image; an image that fits fewer is refused
 WORD_LINES_TRIES = 4
-DRAW_CHUNK = 1024  # lines a drawing worker takes at a time
 # How rendered lines are keyed for the split, in their fingerprint: lines were keyed by module
 # name before, which no other source shares (prepared data from then is rebuilt).
 RENDERED_KEYS = "keyed-by-file"
@@ -362,6 +370,36 @@ def _resized(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR), np.uint8)
 
 
+def image_corpus_files(path: str) -> list[Path]:
+    """The files the built-in image-text corpus ``path`` is made from."""
+    from moegpt.data.sources import stdlib_python_files
+
+    if path in RENDERED_CORPORA:
+        return stdlib_python_files()
+    return [FASHION_MNIST / name for pair in FASHION_FILES.values() for name in pair]
+
+
+def image_corpus_fingerprint(
+    path: str,
+    items: int,
+    val_fraction: float,
+    image_size: int,
+    seed: int,
+    augment: bool = False,
+) -> str:
+    """What :func:`load_image_corpus` makes from these settings, without making it: its files
+    (sizes and times) and everything that decides how items are drawn."""
+    from moegpt.data.sources import EXTRACTION_VERSION, files_fingerprint
+
+    settings = f"{EXTRACTION_VERSION}:{path}:{items}:{image_size}:{seed}:{val_fraction}"
+    settings += f":{AUGMENT_VERSION}:{AUGMENT_SHIFT}" if augment else ""
+    if path == WORD_LINES_CORPUS:
+        settings += f":{WORD_LINES_VERSION}"
+    if path in RENDERED_CORPORA:
+        settings += f":{font_name()}:{RENDERED_KEYS}"
+    return files_fingerprint(image_corpus_files(path), settings)
+
+
 def load_image_corpus(
     path: str,
     items: int,
@@ -379,35 +417,33 @@ def load_image_corpus(
     by file as the other stdlib sources are. ``stdlib:rendered-words``: the same for ``items``
     lines of words in a random order (:func:`word_lines`). ``debian:fashion-mnist``: ``items``
     canvases (0: 10,000), the held-out share made from the dataset's test images, the
-    training share's items :func:`augmented` with ``augment``. Lines are drawn by
+    training share's items :func:`augmented` with ``augment``. Lines are drawn by up to
     ``workers`` processes."""
-    from moegpt.data.sources import (
-        EXTRACTION_VERSION,
-        files_fingerprint,
-        stdlib_python_files,
-        stdlib_root,
-    )
+    from moegpt.data.sources import stdlib_root
 
-    settings = f"{EXTRACTION_VERSION}:{path}:{items}:{image_size}:{seed}:{val_fraction}"
-    settings += f":{AUGMENT_VERSION}:{AUGMENT_SHIFT}" if augment else ""
+    if path not in IMAGE_CORPORA:
+        raise UserError(f"{where}: unknown image-text corpus {path!r}")
+    files = image_corpus_files(path)
+    fingerprint = image_corpus_fingerprint(path, items, val_fraction, image_size, seed, augment)
     if path in RENDERED_CORPORA:
-        files = stdlib_python_files()
         lines: Iterable[tuple[str, str]]
+        expected: int | None
         if path == WORD_LINES_CORPUS:
-            settings += f":{WORD_LINES_VERSION}"
             drawn = word_lines(files, stdlib_root(), seed, RENDERED_MAX_CHARS)
-            lines, expected = itertools.islice(drawn, WORD_LINES_TRIES * items), items
+            # how many are read to make ``items`` depends on how many fit: no total
+            lines, expected = itertools.islice(drawn, WORD_LINES_TRIES * items), None
         else:
             found = short_lines(files, stdlib_root(), RENDERED_MAX_CHARS)
             lines = (found[i] for i in np.random.default_rng(seed).permutation(len(found)))
             expected = min(items, len(found)) if items else len(found)
-        made = draw_lines(lines, items, image_size, workers, expected, f"drawing {path}")
+        made = draw_lines(
+            lines, items=items, image_size=image_size, workers=workers, expected=expected
+        )
         if path == WORD_LINES_CORPUS and len(made) < items:
             raise UserError(
                 f"{where}: only {len(made):,} of {WORD_LINES_TRIES * items:,} lines of "
                 f"{path} fit a {image_size}-pixel image (vision.image_size), {items:,} asked"
             )
-        fingerprint = files_fingerprint(files, f"{settings}:{font_name()}:{RENDERED_KEYS}")
         return ImageCorpus(
             files,
             fingerprint,
@@ -417,19 +453,17 @@ def load_image_corpus(
             if made
             else np.zeros((0, image_size, image_size), np.uint8),
         )
-    if path != FASHION_CORPUS:
-        raise UserError(f"{where}: unknown image-text corpus {path!r}")
     count = items or FASHION_ITEMS
     held = round(count * val_fraction)
     parts = []
-    for split, n, salt in (("train", count - held, 0), ("test", held, 1)):
-        images, labels = fashion_mnist(split)
-        views = augment and split == "train"
-        parts += list(fashion_canvases(images, labels, n, seed + salt, split, augment=views))
-    files = [FASHION_MNIST / name for pair in FASHION_FILES.values() for name in pair]
+    with stderr.status(f"composing {count:,} canvases ({path})"):
+        for split, n, salt in (("train", count - held, 0), ("test", held, 1)):
+            images, labels = fashion_mnist(split)
+            views = augment and split == "train"
+            parts += list(fashion_canvases(images, labels, n, seed + salt, split, augment=views))
     return ImageCorpus(
         files,
-        files_fingerprint(files, settings),
+        fingerprint,
         [p.key for p in parts],
         [p.caption for p in parts],
         np.stack([_resized(p.image, image_size) for p in parts]),

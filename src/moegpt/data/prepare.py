@@ -377,17 +377,17 @@ def prepare(
         if source.kind == "image_text":
             where = f"data.sources[{i}].path"
             size = config.vision.image_size
-            with stderr.status(f"drawing {source.name}'s images ({source.path})"):
-                corpus: Corpus | ImageCorpus = load_image_corpus(
-                    source.path,
-                    source.items,
-                    source.val_fraction,
-                    size,
-                    data.seed,
-                    where,
-                    augment=source.augment,
-                    workers=workers,
-                )
+            # (a progress bar or status line of its own: rich shows one live display at once)
+            corpus: Corpus | ImageCorpus = load_image_corpus(
+                source.path,
+                source.items,
+                source.val_fraction,
+                size,
+                data.seed,
+                where,
+                augment=source.augment,
+                workers=workers,
+            )
         else:
             corpus = load_corpus(source, i)
         corpora.append((source, corpus))

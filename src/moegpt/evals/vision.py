@@ -33,7 +33,12 @@ import numpy as np
 import torch
 
 from moegpt.config import Config, SourceConfig
-from moegpt.data.images import FASHION_CLASSES, ImageCorpus, load_image_corpus
+from moegpt.data.images import (
+    FASHION_CLASSES,
+    ImageCorpus,
+    image_corpus_fingerprint,
+    load_image_corpus,
+)
 from moegpt.data.prepare import corpus_split, source_settings
 from moegpt.data.shards import SplitTokens, open_split, read_manifest
 from moegpt.data.tokenizer import END_OF_TEXT, IMAGE, load_tokenizer
@@ -92,8 +97,8 @@ def _index(i: int, length: int) -> int:
 def held_out_items(config: Config, path: str, limit: int) -> HeldOut:
     """The first ``limit`` held-out items of the recipe's ``path`` image-text source, split
     exactly as `moegpt prepare` splits it: read back from the recipe's prepared data folder
-    when it holds the source prepared with these settings (instant, where drawing 250,000
-    lines again takes minutes), else drawn again."""
+    when it holds the source made from the same files with the same settings (seconds,
+    where drawing 250,000 lines again takes minutes), else drawn again."""
     sources = [s for s in config.data.sources if s.kind == "image_text" and s.path == path]
     if not sources:
         raise UserError(f"--config: the recipe has no image_text source {path!r}")
@@ -126,7 +131,7 @@ def held_out_items(config: Config, path: str, limit: int) -> HeldOut:
 def _prepared_items(config: Config, source: SourceConfig, limit: int) -> HeldOut | None:
     """:func:`held_out_items` from the shards `moegpt prepare` wrote (validation documents in
     the order the split drew them, each file checked against the manifest), or None when the
-    data folder has no manifest or holds the source with other settings."""
+    data folder has no manifest or holds the source made otherwise."""
     data_dir = Path(config.data.data_dir)
     try:
         manifest = read_manifest(data_dir)
@@ -134,8 +139,16 @@ def _prepared_items(config: Config, source: SourceConfig, limit: int) -> HeldOut
         return None
     entry = manifest["sources"].get(source.name)
     settings = source_settings(source, config.data.seed, config.data.exclude_below)
-    if entry is None or entry.get("settings") != settings:
-        return None
+    made_from = image_corpus_fingerprint(
+        source.path,
+        source.items,
+        source.val_fraction,
+        config.vision.image_size,
+        config.data.seed,
+        source.augment,
+    )
+    if entry is None or (entry.get("settings"), entry.get("fingerprint")) != (settings, made_from):
+        return None  # prepared otherwise (another image size, font or Python's files)
     tokenizer = load_tokenizer(data_dir / manifest["tokenizer"]["file"])
     val = open_split(data_dir, manifest, source.name, "val")
     if not val.documents:
